@@ -1,0 +1,118 @@
+"""The one exception hierarchy of spotstart, and the CLI exit code of each leaf.
+
+    SpotstartError                      exit 1  (unexpected; a bug or an unclassified failure)
+    +-- UsageError                      exit 2  bad URL, bad flag, bad config
+    +-- NotFound                        exit 3  bucket, object, prefix or file does not exist
+    +-- AccessDenied                    exit 4  401/403 from the store
+    |   +-- CredentialsNotFound         exit 4  no credentials anywhere in the cloud's chain
+    +-- EndpointUnreachable             exit 5  DNS failure, connection refused, TLS failure
+    +-- IntegrityError                  exit 6  checksum or size mismatch that survived refetching
+    |   +-- ObjectChanged               exit 6  the object was replaced while being read
+    +-- RetriesExceeded                 exit 7  transient errors (5xx, 429, resets) past the budget
+    |   +-- TransferStalled             exit 7  no bytes for longer than the stall timeout
+    +-- LocalIOError                    exit 8  the destination cannot be written
+        +-- DiskFull                    exit 9  ENOSPC / EDQUOT on the destination
+
+Messages name the object, the cause and the fix, on one line.
+"""
+
+from __future__ import annotations
+
+
+class SpotstartError(Exception):
+    """Root of every error spotstart raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(SpotstartError):
+    """The request itself is wrong: a malformed URL, flag or config."""
+
+    exit_code = 2
+
+
+class NotFound(SpotstartError):
+    """The bucket, object, prefix or local path does not exist."""
+
+    exit_code = 3
+
+
+class AccessDenied(SpotstartError):
+    """The store refused the credentials it was given (401/403)."""
+
+    exit_code = 4
+
+
+class CredentialsNotFound(AccessDenied):
+    """No credentials were found and the store does not allow anonymous reads."""
+
+
+class EndpointUnreachable(SpotstartError):
+    """The endpoint could not be reached at all: DNS, refused connection, TLS."""
+
+    exit_code = 5
+
+
+class IntegrityError(SpotstartError):
+    """The bytes received do not match the object's size or checksum, even after refetching."""
+
+    exit_code = 6
+
+
+class ObjectChanged(IntegrityError):
+    """The object's version changed while it was being read."""
+
+
+class TransientError(SpotstartError):
+    """A failure worth retrying (5xx, 429, reset, short body). Internal: retried, then wrapped."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class RetriesExceeded(SpotstartError):
+    """Transient failures continued past the retry budget; ``last`` is the final one."""
+
+    exit_code = 7
+
+    def __init__(self, message: str, last: BaseException | None = None) -> None:
+        super().__init__(message)
+        self.last = last
+
+
+class TransferStalled(RetriesExceeded):
+    """A stream delivered no bytes for longer than the stall timeout, on every attempt."""
+
+
+class StallDetected(TransientError):
+    """One stream stalled; internal, retried like any transient failure."""
+
+
+class LocalIOError(SpotstartError):
+    """The destination cannot be written (permissions, not a directory, I/O error)."""
+
+    exit_code = 8
+
+
+class DiskFull(LocalIOError):
+    """The destination file system is out of space or quota."""
+
+    exit_code = 9
+
+
+EXIT_CODES: dict[str, int] = {
+    "ok": 0,
+    "error": SpotstartError.exit_code,
+    "usage": UsageError.exit_code,
+    "not_found": NotFound.exit_code,
+    "access_denied": AccessDenied.exit_code,
+    "unreachable": EndpointUnreachable.exit_code,
+    "integrity": IntegrityError.exit_code,
+    "retries_exceeded": RetriesExceeded.exit_code,
+    "local_io": LocalIOError.exit_code,
+    "disk_full": DiskFull.exit_code,
+    "interrupted": 130,
+}

@@ -1,0 +1,54 @@
+"""The destination's index of completed files (``DEST/.spotstart/index.json``): which object
+version each local file holds. A rerun whose object version, size and local file match copies
+nothing. A file changed locally (size or mtime) is fetched again."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+INDEX_DIR = ".spotstart"
+INDEX_NAME = "index.json"
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    source: str
+    version: str
+    size: int
+    mtime_ns: int
+
+
+class CacheIndex:
+    """Loaded once per fetch; saved atomically after each completed file."""
+
+    def __init__(self, dest: Path) -> None:
+        self.path = dest / INDEX_DIR / INDEX_NAME
+        self.entries: dict[str, CacheEntry] = {}
+        try:
+            raw = json.loads(self.path.read_text())
+            self.entries = {k: CacheEntry(**v) for k, v in raw.get("files", {}).items()}
+        except (FileNotFoundError, json.JSONDecodeError, TypeError, ValueError):
+            self.entries = {}
+
+    def is_current(self, rel: str, source: str, version: str, size: int, local: Path) -> bool:
+        entry = self.entries.get(rel)
+        if entry is None or (entry.source, entry.version, entry.size) != (source, version, size):
+            return False
+        try:
+            st = local.stat()
+        except FileNotFoundError:
+            return False
+        return st.st_size == size and st.st_mtime_ns == entry.mtime_ns
+
+    def record(self, rel: str, source: str, version: str, size: int, local: Path) -> None:
+        self.entries[rel] = CacheEntry(source, version, size, local.stat().st_mtime_ns)
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(INDEX_NAME + ".tmp")
+        body = {"version": 1, "files": {k: asdict(v) for k, v in sorted(self.entries.items())}}
+        tmp.write_text(json.dumps(body, indent=1))
+        os.replace(tmp, self.path)

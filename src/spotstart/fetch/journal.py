@@ -1,0 +1,163 @@
+"""The on-disk state of one file in progress: a preallocated ``.spotstart.part`` written at
+offsets, and a ``.spotstart.journal`` of finished chunks with their CRC-32C. A chunk enters
+the journal only after its bytes were written (and, with fsync on, made durable), so a rerun
+after kill -9 or power loss resumes from it and never trusts bytes that were not written.
+The final name appears only by atomic rename after verification."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from spotstart.errors import DiskFull, LocalIOError
+
+PART_SUFFIX = ".spotstart.part"
+JOURNAL_SUFFIX = ".spotstart.journal"
+
+
+@dataclass(frozen=True)
+class JournalHeader:
+    """Identifies what a part file holds; a mismatch means start over."""
+
+    source: str
+    size: int
+    version: str
+    chunk_bytes: int
+
+
+def local_error(path: Path | str, exc: OSError, doing: str) -> LocalIOError:
+    """Translate an OSError on the destination into ours, naming the path and the fix."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(
+            f"{path}: no space left on device while {doing}; free space and rerun "
+            "(finished chunks are kept only when the file system still has room)"
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return LocalIOError(f"{path}: cannot write ({os.strerror(exc.errno)}) while {doing}")
+    return LocalIOError(f"{path}: {exc.strerror or exc} while {doing}")
+
+
+class PartFile:
+    """A destination file in progress."""
+
+    def __init__(self, final: Path, header: JournalHeader, *, fsync: bool) -> None:
+        self.final = final
+        self.part = final.with_name(final.name + PART_SUFFIX)
+        self.journal_path = final.with_name(final.name + JOURNAL_SUFFIX)
+        self.header = header
+        self.fsync = fsync
+        self.fd = -1
+        self._journal: int = -1
+        self.done: dict[int, int] = {}  # chunk index -> crc32c, durable
+
+    def open(self) -> dict[int, int]:
+        """Open (resuming when the journal matches) and preallocate. Returns finished chunks."""
+        try:
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            resumed = self._load_journal()
+            if not resumed:
+                for p in (self.part, self.journal_path):
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+            self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
+            if not resumed:
+                self._preallocate()
+                self._journal = os.open(
+                    self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
+                )
+                head = json.dumps(self.header.__dict__, sort_keys=True) + "\n"
+                os.write(self._journal, head.encode())
+            else:
+                self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            self.close()
+            raise local_error(self.part, exc, "creating the part file") from exc
+        return dict(self.done)
+
+    def _preallocate(self) -> None:
+        size = self.header.size
+        if size == 0:
+            return
+        try:
+            # Reserve every block now: a full disk fails here, before any byte is fetched.
+            os.posix_fallocate(self.fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                os.ftruncate(self.fd, size)
+            else:
+                raise
+
+    def _load_journal(self) -> bool:
+        try:
+            lines = self.journal_path.read_text().splitlines()
+            part_size = self.part.stat().st_size
+        except (FileNotFoundError, UnicodeDecodeError):
+            return False
+        if not lines or part_size != self.header.size:
+            return False
+        try:
+            head = json.loads(lines[0])
+        except json.JSONDecodeError:
+            return False
+        if head != self.header.__dict__:
+            return False
+        for line in lines[1:]:
+            fields = line.split()
+            if len(fields) != 2:
+                continue  # torn last line after a crash
+            try:
+                self.done[int(fields[0])] = int(fields[1], 16)
+            except ValueError:
+                continue
+        return True
+
+    def commit(self, chunks: dict[int, int]) -> None:
+        """Make written chunks durable, then record them (group commit)."""
+        if not chunks:
+            return
+        try:
+            if self.fsync:
+                os.fdatasync(self.fd)
+            os.write(self._journal, "".join(f"{i} {c:08x}\n" for i, c in chunks.items()).encode())
+            if self.fsync:
+                os.fsync(self._journal)
+        except OSError as exc:
+            raise local_error(self.part, exc, "recording progress") from exc
+        self.done.update(chunks)
+
+    def finish(self) -> None:
+        """Durable data, atomic rename to the final name, journal removed."""
+        try:
+            if self.fsync:
+                os.fsync(self.fd)
+            os.replace(self.part, self.final)
+            if self.fsync:
+                dfd = os.open(self.final.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dfd)
+                finally:
+                    os.close(dfd)
+        except OSError as exc:
+            raise local_error(self.final, exc, "finishing the file") from exc
+        finally:
+            self.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.journal_path.unlink()
+
+    def discard(self) -> None:
+        """Remove every trace (integrity failure, disk full): nothing half-done remains."""
+        self.close()
+        for p in (self.part, self.journal_path):
+            with contextlib.suppress(FileNotFoundError):
+                p.unlink()
+
+    def close(self) -> None:
+        for fd in (self.fd, self._journal):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.fd = self._journal = -1

@@ -1,0 +1,46 @@
+"""Storage backends behind one seam (:class:`~spotstart.store.base.RangeSource`)."""
+
+from __future__ import annotations
+
+from spotstart.errors import UsageError
+from spotstart.store._http import HttpOptions
+from spotstart.store.base import Checksums, ObjectInfo, RangeSource, Sink
+from spotstart.store.url import StorageURL, parse_url
+
+__all__ = [
+    "Checksums",
+    "HttpOptions",
+    "ObjectInfo",
+    "RangeSource",
+    "Sink",
+    "StorageURL",
+    "open_source",
+    "parse_url",
+]
+
+
+def open_source(
+    url: StorageURL, options: HttpOptions, *, endpoint: str | None = None
+) -> RangeSource:
+    """The backend for ``url``. ``endpoint`` overrides the store's endpoint (S3-compatible
+    stores, emulators)."""
+    if url.scheme == "gs":
+        from spotstart.store.gcs import GCSSource
+
+        return GCSSource(url.bucket, options, endpoint=endpoint)
+    if url.scheme == "s3":
+        from spotstart.store.s3 import S3Source
+
+        return S3Source(url.bucket, options, endpoint=endpoint)
+    if url.scheme in ("http", "https"):
+        from spotstart.store.http import HttpSource
+
+        return HttpSource(url.key, options)
+    if url.scheme == "file":
+        from spotstart.store.local import LocalSource
+
+        return LocalSource("/")
+    raise UsageError(
+        f"{url}: {url.scheme}:// is not supported yet (see README, 'Not yet'); "
+        "copy with azcopy or use gs://, s3://, http(s)://, file://"
+    )

@@ -1,0 +1,77 @@
+"""The one storage seam: every backend (gs, s3, http, file, memory) implements :class:`RangeSource`.
+
+Backends translate their own failures into :mod:`spotstart.errors` here, at the seam, so the
+fetch engine above only ever sees our exceptions. Not a general object-store client: read-only.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+# A sink receives the body of a ranged read piece by piece, in order; awaiting it is the
+# backpressure (the disk writer's bounded queue).
+Sink = Callable[[bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class Checksums:
+    """Whole-object checksums the store vouches for. ``crc32c`` is the unsigned CRC-32C of the
+    whole object; ``md5`` the raw 16-byte digest (S3 single-part ETag, GCS md5Hash)."""
+
+    crc32c: int | None = None
+    md5: bytes | None = None
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        return tuple(k for k, v in (("crc32c", self.crc32c), ("md5", self.md5)) if v is not None)
+
+    @staticmethod
+    def from_goog_hash(header: str) -> Checksums:
+        """Parse GCS ``x-goog-hash: crc32c=AAAAAA==,md5=...`` (base64, big-endian crc)."""
+        crc: int | None = None
+        md5: bytes | None = None
+        for part in header.split(","):
+            name, _, value = part.strip().partition("=")
+            if name == "crc32c" and value:
+                crc = int.from_bytes(base64.b64decode(value + "=" * (-len(value) % 4)), "big")
+            elif name == "md5" and value:
+                md5 = base64.b64decode(value + "=" * (-len(value) % 4))
+        return Checksums(crc, md5)
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One object: its key, size and version (GCS generation, S3/HTTP ETag, file mtime)."""
+
+    key: str
+    size: int
+    version: str
+    checksums: Checksums = field(default_factory=Checksums)
+
+
+class RangeSource(Protocol):
+    """Read-only access to one bucket (or one URL, or one directory)."""
+
+    @property
+    def display(self) -> str:
+        """How to name this source in messages, e.g. ``gs://bucket``."""
+        ...
+
+    async def stat(self, key: str) -> ObjectInfo:
+        """Size, version and checksums of ``key``; :class:`NotFound` if absent."""
+        ...
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        """Every object whose key starts with ``prefix`` (may be empty)."""
+        ...
+
+    async def read(self, obj: ObjectInfo, start: int, length: int, sink: Sink) -> None:
+        """Stream bytes ``[start, start+length)`` of exactly version ``obj.version`` into
+        ``sink``. Raises :class:`TransientError` (retry), :class:`ObjectChanged`, or a fatal
+        error. A short body is a :class:`TransientError`; the caller counts bytes."""
+        ...
+
+    async def close(self) -> None: ...

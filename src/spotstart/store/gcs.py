@@ -1,0 +1,186 @@
+"""Google Cloud Storage through its JSON API: listing and metadata with crc32c/md5/generation,
+media downloads pinned to a generation. Credentials the way Google's own libraries find them
+(google.auth.default: GOOGLE_APPLICATION_CREDENTIALS, gcloud ADC, GCE metadata server);
+``STORAGE_EMULATOR_HOST`` points at an emulator and implies anonymous access, as in
+google-cloud-storage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from spotstart.errors import CredentialsNotFound, NotFound, SpotstartError
+from spotstart.store import _http
+from spotstart.store.base import Checksums, ObjectInfo, Sink
+
+DEFAULT_ENDPOINT = "https://storage.googleapis.com"
+READ_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
+_CRED_HINT = (
+    "; set GOOGLE_APPLICATION_CREDENTIALS to a service-account JSON or run "
+    "`gcloud auth application-default login`"
+)
+
+
+def resolve_endpoint(explicit: str | None, env: Mapping[str, str]) -> tuple[str, bool]:
+    """(base URL, anonymous?) from --endpoint, STORAGE_EMULATOR_HOST or the default."""
+    if explicit:
+        return explicit.rstrip("/"), False
+    emu = env.get("STORAGE_EMULATOR_HOST")
+    if emu:
+        base = emu if "://" in emu else f"http://{emu}"
+        return base.rstrip("/"), True
+    return DEFAULT_ENDPOINT, False
+
+
+class _Token:
+    """Bearer tokens from google-auth, refreshed off the event loop before they expire."""
+
+    def __init__(self, credentials: Any) -> None:
+        self._creds = credentials
+        self._lock = asyncio.Lock()
+
+    async def header(self) -> dict[str, str]:
+        async with self._lock:
+            expiry = getattr(self._creds, "expiry", None)
+            fresh = self._creds.token and (expiry is None or expiry.timestamp() - time.time() > 300)
+            if not fresh:
+                import google.auth.transport.requests
+
+                request = google.auth.transport.requests.Request()
+                await asyncio.to_thread(self._creds.refresh, request)
+        return {"Authorization": f"Bearer {self._creds.token}"}
+
+
+def _load_credentials() -> Any | None:
+    import google.auth
+    import google.auth.exceptions
+
+    try:
+        creds, _project = google.auth.default(scopes=[READ_SCOPE])
+    except google.auth.exceptions.DefaultCredentialsError:
+        return None
+    return creds
+
+
+class GCSSource:
+    """One GCS bucket."""
+
+    def __init__(
+        self,
+        bucket: str,
+        options: _http.HttpOptions,
+        *,
+        endpoint: str | None = None,
+        env: Mapping[str, str] | None = None,
+        anonymous: bool | None = None,
+    ) -> None:
+        self.bucket = bucket
+        self._options = options
+        self._base, emulator = resolve_endpoint(endpoint, os.environ if env is None else env)
+        self._anonymous = emulator if anonymous is None else anonymous
+        self._token: _Token | None = None
+        self._creds_checked = False
+        self._session = _http.make_session(options)
+
+    @property
+    def display(self) -> str:
+        return f"gs://{self.bucket}"
+
+    async def _auth(self) -> dict[str, str]:
+        if self._anonymous:
+            return {}
+        if not self._creds_checked:
+            creds = await asyncio.to_thread(_load_credentials)
+            self._creds_checked = True
+            self._token = _Token(creds) if creds is not None else None
+        if self._token is None:
+            return {}  # anonymous: works for public buckets; a 401/403 names the fix
+        try:
+            return await self._token.header()
+        except Exception as exc:  # google-auth raises many types; all mean "no usable token"
+            raise CredentialsNotFound(
+                f"{self.display}: cannot get a token: {exc}{_CRED_HINT}"
+            ) from exc
+
+    def _hint(self) -> str:
+        return _CRED_HINT if (self._token is None and not self._anonymous) else ""
+
+    def _object_url(self, key: str) -> str:
+        return f"{self._base}/storage/v1/b/{quote(self.bucket, safe='')}/o/{quote(key, safe='')}"
+
+    async def stat(self, key: str) -> ObjectInfo:
+        what = f"gs://{self.bucket}/{key}"
+        _, _, body = await _http.request_json_or_text(
+            self._session,
+            "GET",
+            self._object_url(key),
+            await self._auth(),
+            what,
+            hint=self._hint(),
+        )
+        return _object_info(json.loads(body))
+
+    async def list(self, prefix: str) -> list[ObjectInfo]:
+        out: list[ObjectInfo] = []
+        token: str | None = None
+        what = f"gs://{self.bucket}/{prefix}"
+        while True:
+            params = {
+                "prefix": prefix,
+                "maxResults": "1000",
+                "fields": "items(name,size,generation,crc32c,md5Hash),nextPageToken",
+            }
+            if token:
+                params["pageToken"] = token
+            url = f"{self._base}/storage/v1/b/{quote(self.bucket, safe='')}/o?{urlencode(params)}"
+            try:
+                _, _, body = await _http.request_json_or_text(
+                    self._session, "GET", url, await self._auth(), what, hint=self._hint()
+                )
+            except NotFound as exc:
+                raise NotFound(f"gs://{self.bucket}: bucket not found") from exc
+            page = json.loads(body)
+            out.extend(_object_info(item) for item in page.get("items", []))
+            token = page.get("nextPageToken")
+            if not token:
+                return out
+
+    async def read(self, obj: ObjectInfo, start: int, length: int, sink: Sink) -> None:
+        url = f"{self._object_url(obj.key)}?alt=media&generation={obj.version}"
+        await _http.stream_range(
+            self._session,
+            url,
+            await self._auth(),
+            start,
+            length,
+            obj.size,
+            sink,
+            f"gs://{self.bucket}/{obj.key}",
+            self._options,
+            hint=self._hint(),
+        )
+
+    async def close(self) -> None:
+        await self._session.close()
+
+
+def _object_info(item: Mapping[str, Any]) -> ObjectInfo:
+    try:
+        crc = item.get("crc32c")
+        md5 = item.get("md5Hash")
+        header = ",".join(
+            p for p in (f"crc32c={crc}" if crc else "", f"md5={md5}" if md5 else "") if p
+        )
+        return ObjectInfo(
+            key=str(item["name"]),
+            size=int(item["size"]),
+            version=str(item.get("generation", "")),
+            checksums=Checksums.from_goog_hash(header) if header else Checksums(),
+        )
+    except (KeyError, ValueError) as exc:
+        raise SpotstartError(f"malformed GCS object metadata: {exc}") from exc
