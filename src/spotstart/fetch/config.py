@@ -19,6 +19,8 @@ class FetchConfig:
     - ``concurrency``: fixed number of concurrent streams; ``None`` starts at
       ``concurrency_initial`` and grows by half while aggregate throughput grows by more than
       ``growth_threshold``, up to ``concurrency_max``; it halves on throttling (429/503).
+    - ``endpoint``/``anonymous``: talk to another endpoint (S3-compatible store, emulator);
+      send unsigned requests (public buckets) instead of looking for credentials.
     """
 
     chunk_bytes: int | None = None
@@ -36,6 +38,7 @@ class FetchConfig:
     verify_passes: int = 2
     fsync: bool = True
     endpoint: str | None = None
+    anonymous: bool = False
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     use_cache: bool = True

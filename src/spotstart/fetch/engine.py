@@ -543,7 +543,7 @@ async def fetch_async(
     options = HttpOptions(
         stall_timeout_s=cfg.stall_timeout_s, connect_timeout_s=cfg.connect_timeout_s
     )
-    source = open_source(url, options, endpoint=cfg.endpoint)
+    source = open_source(url, options, endpoint=cfg.endpoint, anonymous=cfg.anonymous)
     dest_path = Path(os.path.abspath(dest))  # noqa: ASYNC240 (no I/O: string arithmetic)
     try:
         fetcher = Fetcher(source, url, dest_path, cfg, progress or NullProgress())

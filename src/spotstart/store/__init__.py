@@ -20,18 +20,22 @@ __all__ = [
 
 
 def open_source(
-    url: StorageURL, options: HttpOptions, *, endpoint: str | None = None
+    url: StorageURL,
+    options: HttpOptions,
+    *,
+    endpoint: str | None = None,
+    anonymous: bool = False,
 ) -> RangeSource:
     """The backend for ``url``. ``endpoint`` overrides the store's endpoint (S3-compatible
     stores, emulators)."""
     if url.scheme == "gs":
         from spotstart.store.gcs import GCSSource
 
-        return GCSSource(url.bucket, options, endpoint=endpoint)
+        return GCSSource(url.bucket, options, endpoint=endpoint, anonymous=anonymous or None)
     if url.scheme == "s3":
         from spotstart.store.s3 import S3Source
 
-        return S3Source(url.bucket, options, endpoint=endpoint)
+        return S3Source(url.bucket, options, endpoint=endpoint, anonymous=anonymous)
     if url.scheme in ("http", "https"):
         from spotstart.store.http import HttpSource
 

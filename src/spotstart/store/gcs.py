@@ -62,7 +62,10 @@ def _load_credentials() -> Any | None:
 
     try:
         creds, _project = google.auth.default(scopes=[READ_SCOPE])
-    except google.auth.exceptions.DefaultCredentialsError:
+    except google.auth.exceptions.DefaultCredentialsError as exc:
+        if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            # Asked for explicitly and broken: say so rather than silently go anonymous.
+            raise CredentialsNotFound(f"GOOGLE_APPLICATION_CREDENTIALS: {exc}") from exc
         return None
     return creds
 

@@ -44,6 +44,7 @@ class S3Source:
         endpoint: str | None = None,
         region: str | None = None,
         env: Mapping[str, str] | None = None,
+        anonymous: bool = False,
     ) -> None:
         import botocore.session
 
@@ -63,7 +64,7 @@ class S3Source:
         self._options = options if options.ca_bundle or not ca else _with_ca(options, ca)
         self._session = _http.make_session(self._options)
         self._credentials: Any = None
-        self._creds_checked = False
+        self._creds_checked = anonymous
         self._creds_lock = asyncio.Lock()
 
     @property
@@ -81,7 +82,7 @@ class S3Source:
     async def _signed(self, method: str, url: str, extra: Mapping[str, str]) -> dict[str, str]:
         async with self._creds_lock:
             if not self._creds_checked:
-                self._credentials = await asyncio.to_thread(self._botocore.get_credentials)
+                self._credentials = await asyncio.to_thread(self._load_credentials)
                 self._creds_checked = True
         headers = dict(extra)
         headers["x-amz-content-sha256"] = EMPTY_SHA256
@@ -94,6 +95,14 @@ class S3Source:
         request = AWSRequest(method=method, url=url, headers=headers)
         S3SigV4Auth(frozen, "s3", self._region).add_auth(request)
         return dict(request.headers.items())
+
+    def _load_credentials(self) -> Any:
+        import botocore.exceptions
+
+        try:
+            return self._botocore.get_credentials()
+        except botocore.exceptions.BotoCoreError as exc:  # e.g. a profile that doesn't exist
+            raise CredentialsNotFound(f"{self.display}: {exc}") from exc
 
     def _hint(self) -> str:
         return _CRED_HINT if self._credentials is None else ""

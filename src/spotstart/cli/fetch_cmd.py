@@ -1,0 +1,135 @@
+"""`spotstart fetch SRC DEST`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+from rich.console import Console
+
+from spotstart.cli.progress import LineProgress, RichProgress
+from spotstart.errors import UsageError
+from spotstart.fetch import FetchConfig, FetchReport, NullProgress, ProgressListener, fetch
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgG]?)(i?)[bB]?")
+
+
+def parse_size(text: str) -> int:
+    """``16M``/``16MiB`` -> 16 MiB; ``500k`` -> 500 KiB; plain numbers are bytes."""
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise UsageError(f"{text!r}: not a size (examples: 8M, 16MiB, 1G, 4194304)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "fetch",
+        help="copy an object or prefix to a local directory at the link's limit",
+        description="Copy SRC (gs://B/P, s3://B/P, http(s)://..., file://, a path) into "
+        "directory DEST with many parallel ranged reads, verified, resumable and cached.",
+    )
+    p.add_argument("src")
+    p.add_argument("dest")
+    p.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="only keys matching GLOB (repeatable), e.g. '*.safetensors'",
+    )
+    p.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="skip keys matching GLOB (repeatable)",
+    )
+    p.add_argument("--endpoint", help="store endpoint URL (S3-compatible stores, emulators)")
+    p.add_argument(
+        "--anonymous",
+        "--no-sign-request",
+        action="store_true",
+        help="send unsigned requests (public buckets); skip credential lookup",
+    )
+    p.add_argument("--concurrency", type=int, help="fixed number of streams (default: auto)")
+    p.add_argument("--max-concurrency", type=int, default=64, help="ceiling for auto (64)")
+    p.add_argument("--chunk-size", type=parse_size, help="bytes per ranged read (default: auto)")
+    p.add_argument("--retries", type=int, default=8, help="attempts per chunk (8)")
+    p.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=20.0,
+        help="seconds without a byte before a stream is replaced (20)",
+    )
+    p.add_argument("--no-fsync", action="store_true", help="skip fsync (faster, not durable)")
+    p.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="fetch even when DEST already holds the same object version",
+    )
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    out.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> FetchConfig:
+    if args.concurrency is not None and args.concurrency < 1:
+        raise UsageError("--concurrency must be >= 1")
+    if args.retries < 1:
+        raise UsageError("--retries must be >= 1")
+    return FetchConfig(
+        chunk_bytes=args.chunk_size,
+        concurrency=args.concurrency,
+        concurrency_max=args.max_concurrency,
+        max_attempts=args.retries,
+        stall_timeout_s=args.stall_timeout,
+        fsync=not args.no_fsync,
+        use_cache=not args.no_cache,
+        endpoint=args.endpoint,
+        anonymous=args.anonymous,
+        include=tuple(args.include),
+        exclude=tuple(args.exclude),
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    err = Console(stderr=True)
+    progress: ProgressListener
+    if args.json or args.quiet:
+        progress = NullProgress()
+        report = fetch(args.src, args.dest, config, progress=progress)
+    elif err.is_terminal:
+        with RichProgress(err, "fetch") as bar:
+            report = fetch(args.src, args.dest, config, progress=bar)
+    else:
+        report = fetch(args.src, args.dest, config, progress=LineProgress(err))
+    if args.json:
+        json.dump(report.to_json(), sys.stdout)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        print_summary(Console(), report)
+    return 0
+
+
+def print_summary(console: Console, r: FetchReport) -> None:
+    if r.files_fetched == 0:
+        console.print(
+            f"[green]{r.dest}: all {r.files_total} files already current "
+            f"({r.bytes_cached / 1e6:.1f} MB), nothing copied[/green]"
+        )
+        return
+    verified = ", ".join(f"{k} x{v}" for k, v in sorted(r.verified.items())) or "size"
+    resumed = f", {r.bytes_resumed / 1e6:.1f} MB resumed" if r.bytes_resumed else ""
+    cached = f", {r.files_cached} files already current" if r.files_cached else ""
+    console.print(
+        f"[green]fetched {r.files_fetched} files, {r.bytes_transferred / 1e6:.1f} MB in "
+        f"{r.seconds:.2f}s = {r.mb_per_s:.1f} MB/s[/green]{resumed}{cached}; "
+        f"{r.retries} retries, verified: {verified}; streams {r.concurrency_final}, "
+        f"chunks {r.chunk_bytes >> 20} MiB"
+    )
