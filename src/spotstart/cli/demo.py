@@ -78,15 +78,15 @@ def run(args: argparse.Namespace) -> int:
         f"of {args.per_conn_mbps:g} MB/s per connection, {args.aggregate_mbps:g} MB/s in all, "
         f"{args.latency_ms:g} ms to first byte"
     )
-    options = StorageEmulatorOptions(data_dir=work / "cloud", link=link)
+    options = StorageEmulatorOptions(data_dir=work / "cloud", link=link, buckets=("models",))
     with StorageEmulator(options) as emu:
         objects = {f"llama-demo/{name}": src_dir / name for name in sizes}
         if args.store == "gs":
             emu.seed_gcs("models", objects)
-            url, endpoint = "gs://models/llama-demo/", emu.gcs_endpoint
+            url, endpoint = "gs://models/llama-demo/", emu.gcs.endpoint
         else:
             emu.seed_s3("models", objects)
-            url, endpoint = "s3://models/llama-demo/", emu.s3_endpoint
+            url, endpoint = "s3://models/llama-demo/", emu.s3.endpoint
         env_creds = emu.env_for_s3() if args.store == "s3" else {}
         base = FetchConfig(endpoint=endpoint, anonymous=args.store == "gs")
         _export_creds(env_creds)

@@ -65,7 +65,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         default=20.0,
         help="seconds without a byte before a stream is replaced (20)",
     )
-    p.add_argument("--no-fsync", action="store_true", help="skip fsync (faster, not durable)")
+    p.add_argument(
+        "--fsync",
+        action="store_true",
+        help="make every chunk durable against power loss before journaling it",
+    )
     p.add_argument(
         "--no-cache",
         action="store_true",
@@ -88,7 +92,7 @@ def config_from_args(args: argparse.Namespace) -> FetchConfig:
         concurrency_max=args.max_concurrency,
         max_attempts=args.retries,
         stall_timeout_s=args.stall_timeout,
-        fsync=not args.no_fsync,
+        fsync=args.fsync,
         use_cache=not args.no_cache,
         endpoint=args.endpoint,
         anonymous=args.anonymous,

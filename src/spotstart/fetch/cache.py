@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class CacheIndex:
     def __init__(self, dest: Path) -> None:
         self.path = dest / INDEX_DIR / INDEX_NAME
         self.entries: dict[str, CacheEntry] = {}
+        self._lock = threading.Lock()  # files finish concurrently; saves run on threads
         try:
             raw = json.loads(self.path.read_text())
             self.entries = {k: CacheEntry(**v) for k, v in raw.get("files", {}).items()}
@@ -44,11 +46,14 @@ class CacheIndex:
         return st.st_size == size and st.st_mtime_ns == entry.mtime_ns
 
     def record(self, rel: str, source: str, version: str, size: int, local: Path) -> None:
-        self.entries[rel] = CacheEntry(source, version, size, local.stat().st_mtime_ns)
+        entry = CacheEntry(source, version, size, local.stat().st_mtime_ns)
+        with self._lock:
+            self.entries[rel] = entry
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(INDEX_NAME + ".tmp")
-        body = {"version": 1, "files": {k: asdict(v) for k, v in sorted(self.entries.items())}}
-        tmp.write_text(json.dumps(body, indent=1))
-        os.replace(tmp, self.path)
+        with self._lock:
+            body = {"version": 1, "files": {k: asdict(v) for k, v in sorted(self.entries.items())}}
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f"{INDEX_NAME}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(body, indent=1))
+            os.replace(tmp, self.path)

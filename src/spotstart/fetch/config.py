@@ -19,13 +19,17 @@ class FetchConfig:
     - ``concurrency``: fixed number of concurrent streams; ``None`` starts at
       ``concurrency_initial`` and grows by half while aggregate throughput grows by more than
       ``growth_threshold``, up to ``concurrency_max``; it halves on throttling (429/503).
+    - ``fsync``: make data durable against power loss (fdatasync before journaling, fsync before
+      the rename). Off by default: the journal only lists chunks whose writes completed, which
+      is enough to resume after the process is killed (the page cache survives), and a spot
+      node's local NVMe does not survive the node. Costs ~30% of throughput here.
     - ``endpoint``/``anonymous``: talk to another endpoint (S3-compatible store, emulator);
       send unsigned requests (public buckets) instead of looking for credentials.
     """
 
     chunk_bytes: int | None = None
     concurrency: int | None = None
-    concurrency_initial: int = 8
+    concurrency_initial: int = 16
     concurrency_max: int = 64
     growth_threshold: float = 0.08
     probe_interval_s: float = 0.5
@@ -36,7 +40,7 @@ class FetchConfig:
     stall_timeout_s: float = 20.0
     connect_timeout_s: float = 10.0
     verify_passes: int = 2
-    fsync: bool = True
+    fsync: bool = False
     endpoint: str | None = None
     anonymous: bool = False
     include: tuple[str, ...] = ()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import random
 import shutil
@@ -83,6 +84,7 @@ class _File:
     bytes_resumed: int = 0
     verified: tuple[str, ...] = ()
     finishing: bool = False
+    md5: _OrderedMd5 | None = None
 
 
 @dataclass
@@ -91,6 +93,81 @@ class _Counters:
     retries: int = 0
     stalls: int = 0
     refetched_chunks: int = 0
+
+
+class _OrderedMd5:
+    """MD5 must see bytes in order, but chunks finish out of order: hash each finished run of
+    consecutive chunks from the part file (page cache) on a thread while the rest downloads,
+    so only the tail of the last file is hashed after its last byte arrives."""
+
+    def __init__(self, chunks: list[planning.Chunk]) -> None:
+        self.chunks = chunks
+        self.next = 0
+        self.hash = hashlib.md5()
+        self.task: asyncio.Task[None] | None = None
+
+    def kick(self, fd: int, done: dict[int, int]) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run(fd, done))
+
+    async def _run(self, fd: int, done: dict[int, int]) -> None:
+        while self.next < len(self.chunks) and self.chunks[self.next].index in done:
+            ch = self.chunks[self.next]
+            await asyncio.to_thread(self._hash_range, fd, ch.start, ch.length)
+            self.next += 1
+
+    def _hash_range(self, fd: int, start: int, length: int) -> None:
+        done = 0
+        while done < length:
+            data = os.pread(fd, min(8 << 20, length - done), start + done)
+            if not data:
+                raise OSError(f"part file shorter than expected at {start + done}")
+            self.hash.update(data)
+            done += len(data)
+
+    async def digest(self, fd: int, done: dict[int, int]) -> bytes:
+        if self.task is not None:
+            await self.task
+        await self._run(fd, done)
+        return self.hash.digest()
+
+
+class _ChunkWriter:
+    """Receives one attempt's body pieces: CRC as they come, coalesced into writes of
+    ``COALESCE_BYTES`` (one hand-off to the writer per 4 MiB, not per socket read)."""
+
+    COALESCE_BYTES = 4 << 20
+
+    def __init__(self, fetcher: Fetcher, f: _File, fd: int, start: int) -> None:
+        self.fetcher = fetcher
+        self.file = f
+        self.fd = fd
+        self.offset = start
+        self.crc = 0
+        self.written = 0
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.writes: list[asyncio.Future[None]] = []
+
+    async def receive(self, piece: bytes) -> None:
+        self.crc = crc32c(piece, self.crc)
+        self.pending.append(piece)
+        self.pending_bytes += len(piece)
+        n = len(piece)
+        self.written += n
+        self.fetcher.counters.bytes_transferred += n
+        self.file.bytes_transferred += n
+        self.fetcher.progress.on_bytes(n)
+        if self.pending_bytes >= self.COALESCE_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        self.pending, self.pending_bytes = [], 0
+        self.writes.append(await self.fetcher.writer.write(self.fd, self.offset, data))
+        self.offset += len(data)
 
 
 class Fetcher:
@@ -314,6 +391,9 @@ class Fetcher:
         f.part = PartFile(f.final, header, fsync=self.config.fsync)
         done = f.part.open()
         f.crcs.update(done)
+        if f.info.checksums.crc32c is None and f.info.checksums.md5 is not None:
+            f.md5 = _OrderedMd5(f.chunks)
+            f.md5.kick(f.part.fd, f.crcs)
         f.bytes_resumed = sum(f.chunks[i].length for i in done if i < len(f.chunks))
         f.remaining = len(f.chunks) - len([i for i in done if i < len(f.chunks)])
         if f.bytes_resumed:
@@ -373,6 +453,8 @@ class Fetcher:
                     f.crcs[ch.index] = crc
                     f.uncommitted[ch.index] = crc
                     f.remaining -= 1
+                    if f.md5 is not None and f.part is not None:
+                        f.md5.kick(f.part.fd, f.crcs)
                 self.controller.observe(loop.time(), self.counters.bytes_transferred)
         except BaseException as exc:
             for t in list(running) + list(finishing):
@@ -417,26 +499,15 @@ class Fetcher:
         attempt = 0
         while True:
             attempt += 1
-            crc = 0
-            written = 0
-            writes: list[asyncio.Future[None]] = []
-
-            async def sink(piece: bytes, writes: list[asyncio.Future[None]] = writes) -> None:
-                nonlocal crc, written
-                crc = crc32c(piece, crc)
-                writes.append(await self.writer.write(fd, ch.start + written, piece))
-                written += len(piece)
-                self.counters.bytes_transferred += len(piece)
-                f.bytes_transferred += len(piece)
-                self.progress.on_bytes(len(piece))
-
+            chunk = _ChunkWriter(self, f, fd, ch.start)
             try:
-                await self.source.read(f.info, ch.start, ch.length, sink)
-                await self._settle(writes, f)
-                return crc
+                await self.source.read(f.info, ch.start, ch.length, chunk.receive)
+                await chunk.flush()
+                await self._settle(chunk.writes, f)
+                return chunk.crc
             except (TransientError, EndpointUnreachable) as exc:
-                await asyncio.gather(*writes, return_exceptions=True)
-                self.progress.on_bytes(-written)
+                await asyncio.gather(*chunk.writes, return_exceptions=True)
+                self.progress.on_bytes(-chunk.written)
                 if isinstance(exc, StallDetected):
                     self.counters.stalls += 1
                 if "HTTP 429" in str(exc) or "HTTP 503" in str(exc):
@@ -470,7 +541,10 @@ class Fetcher:
         """Verify, refetching chunks on a mismatch; then rename into place."""
         assert f.part is not None
         for pass_no in range(self.config.verify_passes + 1):
-            ok, kinds, detail = await asyncio.to_thread(self._verify, f)
+            streamed = None
+            if pass_no == 0 and f.md5 is not None:
+                streamed = await f.md5.digest(f.part.fd, f.crcs)
+            ok, kinds, detail = await asyncio.to_thread(self._verify, f, streamed)
             if ok:
                 f.verified = kinds
                 break
@@ -490,7 +564,7 @@ class Fetcher:
         await asyncio.to_thread(cache.save)
         self.progress.on_file_done(f.rel, cached=False)
 
-    def _verify(self, f: _File) -> tuple[bool, tuple[str, ...], str]:
+    def _verify(self, f: _File, md5: bytes | None = None) -> tuple[bool, tuple[str, ...], str]:
         assert f.part is not None
         size = os.fstat(f.part.fd).st_size
         if size != f.info.size:
@@ -502,7 +576,7 @@ class Fetcher:
                 return False, (), f"crc32c mismatch (got {got:08x}, want {sums.crc32c:08x})"
             return True, ("size", "crc32c"), ""
         if sums.md5 is not None:
-            got_md5 = md5_of_range(f.part.fd, f.info.size)
+            got_md5 = md5 if md5 is not None else md5_of_range(f.part.fd, f.info.size)
             if got_md5 != sums.md5:
                 return False, (), f"md5 mismatch (got {got_md5.hex()}, want {sums.md5.hex()})"
             return True, ("size", "md5"), ""

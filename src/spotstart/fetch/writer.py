@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 
@@ -14,26 +15,36 @@ class DiskWriter:
     def __init__(self, queue_bytes: int, threads: int = 2) -> None:
         self._limit = queue_bytes
         self._queued = 0
-        self._cond = asyncio.Condition()
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="spotstart-writer")
 
     async def write(self, fd: int, offset: int, data: bytes) -> asyncio.Future[None]:
         """Queue a write; returns a future that completes when the bytes are in the file."""
         n = len(data)
-        async with self._cond:
-            # A single piece larger than the limit still goes through, alone.
-            await self._cond.wait_for(lambda: self._queued == 0 or self._queued + n <= self._limit)
-            self._queued += n
         loop = asyncio.get_running_loop()
+        # A single piece larger than the limit still goes through, alone.
+        if self._waiters or (self._queued and self._queued + n > self._limit):
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._waiters.append((n, waiter))
+            await waiter  # _release admits us and accounts our bytes
+        else:
+            self._queued += n
         inner: Future[None] = self._pool.submit(_pwrite_all, fd, data, offset)
-        outer = asyncio.wrap_future(inner, loop=loop)
-        outer.add_done_callback(lambda _f: loop.create_task(self._release(n)))
-        return outer
+        inner.add_done_callback(lambda _f: loop.call_soon_threadsafe(self._release, n))
+        return asyncio.wrap_future(inner, loop=loop)
 
-    async def _release(self, n: int) -> None:
-        async with self._cond:
-            self._queued -= n
-            self._cond.notify_all()
+    def _release(self, n: int) -> None:
+        self._queued -= n
+        while self._waiters:
+            size, waiter = self._waiters[0]
+            if waiter.cancelled():
+                self._waiters.popleft()
+                continue
+            if self._queued and self._queued + size > self._limit:
+                break
+            self._waiters.popleft()
+            self._queued += size
+            waiter.set_result(None)
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
