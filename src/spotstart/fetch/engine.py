@@ -133,8 +133,8 @@ class _OrderedMd5:
 
 
 class _ChunkWriter:
-    """Receives one attempt's body pieces: CRC as they come, coalesced into writes of
-    ``COALESCE_BYTES`` (one hand-off to the writer per 4 MiB, not per socket read)."""
+    """Receives one attempt's body pieces: CRC as they come, handed to the writer in batches
+    of ``COALESCE_BYTES`` (one hand-off and one pwritev per 4 MiB, not per socket read)."""
 
     COALESCE_BYTES = 4 << 20
 
@@ -164,10 +164,10 @@ class _ChunkWriter:
     async def flush(self) -> None:
         if not self.pending:
             return
-        data = self.pending[0] if len(self.pending) == 1 else b"".join(self.pending)
+        pieces, n = self.pending, self.pending_bytes
         self.pending, self.pending_bytes = [], 0
-        self.writes.append(await self.fetcher.writer.write(self.fd, self.offset, data))
-        self.offset += len(data)
+        self.writes.append(await self.fetcher.writer.write(self.fd, self.offset, pieces))
+        self.offset += n
 
 
 class Fetcher:
