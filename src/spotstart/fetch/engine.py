@@ -85,6 +85,8 @@ class _File:
     verified: tuple[str, ...] = ()
     finishing: bool = False
     md5: _OrderedMd5 | None = None
+    # Serialises journal commits (commit loop) with the final commit + rename (_finish).
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
 @dataclass
@@ -484,11 +486,16 @@ class Fetcher:
             f.part.close()
 
     async def _commit_loop(self, files: list[_File]) -> None:
-        """Group commit: every second, make finished chunks durable and journal them."""
+        """Group commit: every second, journal finished chunks (made durable first if
+        fsync is on)."""
         while True:
             await asyncio.sleep(1.0)
             for f in files:
-                if f.part is not None and f.uncommitted and f.part.fd >= 0:
+                if f.part is None or not f.uncommitted:
+                    continue
+                async with f.lock:
+                    if f.part.fd < 0 or f.finishing:
+                        continue
                     batch, f.uncommitted = f.uncommitted, {}
                     await asyncio.to_thread(f.part.commit, batch)
 
@@ -556,10 +563,11 @@ class Fetcher:
                 )
             self.progress.on_message(f"{f.rel}: {detail}; refetching to find the bad chunk")
             await self._refetch_all(f)
-        if f.uncommitted:
-            batch, f.uncommitted = f.uncommitted, {}
-            await asyncio.to_thread(f.part.commit, batch)
-        await asyncio.to_thread(f.part.finish)
+        async with f.lock:
+            if f.uncommitted:
+                batch, f.uncommitted = f.uncommitted, {}
+                await asyncio.to_thread(f.part.commit, batch)
+            await asyncio.to_thread(f.part.finish)
         cache.record(f.rel, f.display, f.info.version, f.info.size, f.final)
         await asyncio.to_thread(cache.save)
         self.progress.on_file_done(f.rel, cached=False)

@@ -148,7 +148,7 @@ class S3Source:
             try:
                 _, _, body = await self._request("GET", self._url("", query), what, {})
             except NotFound as exc:
-                raise NotFound(f"s3://{self.bucket}: bucket not found ({exc})") from exc
+                raise NotFound(f"s3://{self.bucket}: bucket not found") from exc
             root = ET.fromstring(body)
             for c in root.iter(f"{_NS}Contents"):
                 key = c.findtext(f"{_NS}Key", "")
