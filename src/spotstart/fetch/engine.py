@@ -12,7 +12,7 @@ import random
 import shutil
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,8 +32,9 @@ from spotstart.errors import (
 from spotstart.fetch import plan as planning
 from spotstart.fetch.cache import INDEX_DIR, CacheIndex
 from spotstart.fetch.config import FetchConfig, FetchReport, FileResult
-from spotstart.fetch.journal import JournalHeader, PartFile, local_error
-from spotstart.fetch.verify import combine_chunk_crcs, crc32c, md5_of_range
+from spotstart.fetch.journal import PART_SUFFIX, JournalHeader, local_error
+from spotstart.fetch.target import DiskTarget, FileTarget
+from spotstart.fetch.verify import combine_chunk_crcs, crc32c
 from spotstart.fetch.writer import DiskWriter
 from spotstart.store import HttpOptions, ObjectInfo, RangeSource, StorageURL, open_source, parse_url
 
@@ -72,11 +73,12 @@ class _File:
 
     info: ObjectInfo
     rel: str
-    final: Path
     display: str
     chunks: list[planning.Chunk]
     chunk_bytes: int
-    part: PartFile | None = None
+    make_target: Callable[[_File], FileTarget]
+    on_done: Callable[[_File], None] | None = None
+    target: FileTarget | None = None
     crcs: dict[int, int] = field(default_factory=dict)
     uncommitted: dict[int, int] = field(default_factory=dict)
     remaining: int = 0
@@ -108,29 +110,24 @@ class _OrderedMd5:
         self.hash = hashlib.md5()
         self.task: asyncio.Task[None] | None = None
 
-    def kick(self, fd: int, done: dict[int, int]) -> None:
+    def kick(self, target: FileTarget, done: dict[int, int]) -> None:
         if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self._run(fd, done))
+            self.task = asyncio.create_task(self._run(target, done))
 
-    async def _run(self, fd: int, done: dict[int, int]) -> None:
+    async def _run(self, target: FileTarget, done: dict[int, int]) -> None:
         while self.next < len(self.chunks) and self.chunks[self.next].index in done:
             ch = self.chunks[self.next]
-            await asyncio.to_thread(self._hash_range, fd, ch.start, ch.length)
+            await asyncio.to_thread(self._hash_range, target, ch.start, ch.length)
             self.next += 1
 
-    def _hash_range(self, fd: int, start: int, length: int) -> None:
-        done = 0
-        while done < length:
-            data = os.pread(fd, min(8 << 20, length - done), start + done)
-            if not data:
-                raise OSError(f"part file shorter than expected at {start + done}")
-            self.hash.update(data)
-            done += len(data)
+    def _hash_range(self, target: FileTarget, start: int, length: int) -> None:
+        for off in range(start, start + length, 8 << 20):
+            self.hash.update(target.read(off, min(8 << 20, start + length - off)))
 
-    async def digest(self, fd: int, done: dict[int, int]) -> bytes:
+    async def digest(self, target: FileTarget, done: dict[int, int]) -> bytes:
         if self.task is not None:
             await self.task
-        await self._run(fd, done)
+        await self._run(target, done)
         return self.hash.digest()
 
 
@@ -140,10 +137,10 @@ class _ChunkWriter:
 
     COALESCE_BYTES = 4 << 20
 
-    def __init__(self, fetcher: Fetcher, f: _File, fd: int, start: int) -> None:
+    def __init__(self, fetcher: Fetcher, f: _File, target: FileTarget, start: int) -> None:
         self.fetcher = fetcher
         self.file = f
-        self.fd = fd
+        self.target = target
         self.offset = start
         self.crc = 0
         self.written = 0
@@ -168,7 +165,7 @@ class _ChunkWriter:
             return
         pieces, n = self.pending, self.pending_bytes
         self.pending, self.pending_bytes = [], 0
-        self.writes.append(await self.fetcher.writer.write(self.fd, self.offset, pieces))
+        self.writes.append(await self.target.write(self.offset, pieces))
         self.offset += n
 
 
@@ -296,10 +293,11 @@ class Fetcher:
                 _File(
                     info,
                     safe,
-                    final,
                     display,
                     planning.plan_chunks(info.size, chunk_bytes),
                     chunk_bytes,
+                    make_target=self._disk_target(final),
+                    on_done=self._record(cache, final),
                 )
             )
         need = sum(f.info.size for f in files)
@@ -308,13 +306,13 @@ class Fetcher:
         for r in results:
             self.progress.on_file_done(Path(r.path).name, cached=True)
         try:
-            await self._transfer(files, cache)
+            await self.transfer(files)
         finally:
             self.writer.close()
         results.extend(
             FileResult(
                 f.info.key,
-                str(f.final),
+                str(self.dest / f.rel),
                 f.info.size,
                 f.bytes_transferred,
                 f.bytes_resumed,
@@ -374,13 +372,23 @@ class Fetcher:
         except OSError as exc:
             raise local_error(self.dest, exc, "creating DEST") from exc
 
+    def _disk_target(self, final: Path) -> Callable[[_File], FileTarget]:
+        def make(f: _File) -> FileTarget:
+            header = JournalHeader(f.display, f.info.size, f.info.version, f.chunk_bytes)
+            return DiskTarget(final, header, self.writer, fsync=self.config.fsync)
+
+        return make
+
+    def _record(self, cache: CacheIndex, final: Path) -> Callable[[_File], None]:
+        def done(f: _File) -> None:
+            cache.record(f.rel, f.display, f.info.version, f.info.size, final)
+            cache.save()
+
+        return done
+
     def _check_free_space(self, files: list[_File], need: int) -> None:
         # Parts already on disk were preallocated: only new files need room.
-        fresh = sum(
-            f.info.size
-            for f in files
-            if not f.final.with_name(f.final.name + ".spotstart.part").exists()
-        )
+        fresh = sum(f.info.size for f in files if not (self.dest / (f.rel + PART_SUFFIX)).exists())
         free = shutil.disk_usage(self.dest).free
         if fresh > free:
             raise DiskFull(
@@ -389,13 +397,15 @@ class Fetcher:
             )
 
     def _open(self, f: _File) -> None:
-        header = JournalHeader(f.display, f.info.size, f.info.version, f.chunk_bytes)
-        f.part = PartFile(f.final, header, fsync=self.config.fsync)
-        done = f.part.open()
+        f.target = f.make_target(f)
+        try:
+            done = f.target.open()
+        except OSError as exc:
+            raise local_error(self.dest / f.rel, exc, "preparing the destination") from exc
         f.crcs.update(done)
         if f.info.checksums.crc32c is None and f.info.checksums.md5 is not None:
             f.md5 = _OrderedMd5(f.chunks)
-            f.md5.kick(f.part.fd, f.crcs)
+            f.md5.kick(f.target, f.crcs)
         f.bytes_resumed = sum(f.chunks[i].length for i in done if i < len(f.chunks))
         f.remaining = len(f.chunks) - len([i for i in done if i < len(f.chunks)])
         if f.bytes_resumed:
@@ -412,7 +422,8 @@ class Fetcher:
                 if ch.index not in f.crcs:
                     yield f, ch
 
-    async def _transfer(self, files: list[_File], cache: CacheIndex) -> None:
+    async def transfer(self, files: list[_File]) -> None:
+        """Fetch, verify and finish every file: one concurrency limit, one retry policy."""
         loop = asyncio.get_running_loop()
         running: dict[asyncio.Task[Any], tuple[_File, planning.Chunk]] = {}
         finishing: set[asyncio.Task[Any]] = set()
@@ -434,9 +445,9 @@ class Fetcher:
                     running[task] = (f, ch)
                 # Files fully resumed from their journal have nothing to fetch.
                 for f in files:
-                    if f.part is not None and f.remaining == 0 and not f.finishing:
+                    if f.target is not None and f.remaining == 0 and not f.finishing:
                         f.finishing = True
-                        finishing.add(asyncio.create_task(self._finish(f, cache)))
+                        finishing.add(asyncio.create_task(self._finish(f)))
                 if not running and exhausted and not finishing:
                     break
                 waitables: set[asyncio.Task[Any]] = set(running) | finishing
@@ -455,8 +466,8 @@ class Fetcher:
                     f.crcs[ch.index] = crc
                     f.uncommitted[ch.index] = crc
                     f.remaining -= 1
-                    if f.md5 is not None and f.part is not None:
-                        f.md5.kick(f.part.fd, f.crcs)
+                    if f.md5 is not None and f.target is not None:
+                        f.md5.kick(f.target, f.crcs)
                 self.controller.observe(loop.time(), self.counters.bytes_transferred)
         except BaseException as exc:
             for t in list(running) + list(finishing):
@@ -475,15 +486,15 @@ class Fetcher:
         """Leave resumable state for transient failures and interrupts; remove everything
         for failures a rerun would only repeat (integrity) or that need the space (disk)."""
         for f in files:
-            if f.part is None or f.part.fd < 0:
+            if f.target is None or not f.target.is_open:
                 continue
             if isinstance(exc, IntegrityError | DiskFull):
-                f.part.discard()
+                f.target.discard()
                 continue
             with contextlib.suppress(SpotstartError):
-                f.part.commit(f.uncommitted)
+                f.target.commit(f.uncommitted)
             f.uncommitted = {}
-            f.part.close()
+            f.target.close()
 
     async def _commit_loop(self, files: list[_File]) -> None:
         """Group commit: every second, journal finished chunks (made durable first if
@@ -491,22 +502,22 @@ class Fetcher:
         while True:
             await asyncio.sleep(1.0)
             for f in files:
-                if f.part is None or not f.uncommitted:
+                if f.target is None or not f.uncommitted:
                     continue
                 async with f.lock:
-                    if f.part.fd < 0 or f.finishing:
+                    if not f.target.is_open or f.finishing:
                         continue
                     batch, f.uncommitted = f.uncommitted, {}
-                    await asyncio.to_thread(f.part.commit, batch)
+                    await asyncio.to_thread(f.target.commit, batch)
 
     async def _fetch_chunk(self, f: _File, ch: planning.Chunk) -> int:
         """Fetch one chunk with bounded retries; returns its CRC-32C."""
-        assert f.part is not None
-        fd = f.part.fd
+        target = f.target
+        assert target is not None
         attempt = 0
         while True:
             attempt += 1
-            chunk = _ChunkWriter(self, f, fd, ch.start)
+            chunk = _ChunkWriter(self, f, target, ch.start)
             try:
                 await self.source.read(f.info, ch.start, ch.length, chunk.receive)
                 await chunk.flush()
@@ -530,7 +541,7 @@ class Fetcher:
         try:
             await asyncio.gather(*writes)
         except OSError as exc:
-            raise local_error(f.final, exc, "writing") from exc
+            raise local_error(self.dest / f.rel, exc, "writing") from exc
 
     def _exhausted(
         self, f: _File, ch: planning.Chunk, attempts: int, exc: BaseException
@@ -544,19 +555,20 @@ class Fetcher:
             f"{where}: gave up after {attempts} attempts; last error: {exc}", exc
         )
 
-    async def _finish(self, f: _File, cache: CacheIndex) -> None:
-        """Verify, refetching chunks on a mismatch; then rename into place."""
-        assert f.part is not None
+    async def _finish(self, f: _File) -> None:
+        """Verify, refetching chunks on a mismatch; then publish (rename into place)."""
+        target = f.target
+        assert target is not None
         for pass_no in range(self.config.verify_passes + 1):
             streamed = None
             if pass_no == 0 and f.md5 is not None:
-                streamed = await f.md5.digest(f.part.fd, f.crcs)
+                streamed = await f.md5.digest(target, f.crcs)
             ok, kinds, detail = await asyncio.to_thread(self._verify, f, streamed)
             if ok:
                 f.verified = kinds
                 break
             if pass_no == self.config.verify_passes:
-                f.part.discard()
+                target.discard()
                 raise IntegrityError(
                     f"{f.display}: {detail} after {pass_no + 1} attempts; the object may be "
                     "changing while read, or the network corrupts data"
@@ -566,15 +578,15 @@ class Fetcher:
         async with f.lock:
             if f.uncommitted:
                 batch, f.uncommitted = f.uncommitted, {}
-                await asyncio.to_thread(f.part.commit, batch)
-            await asyncio.to_thread(f.part.finish)
-        cache.record(f.rel, f.display, f.info.version, f.info.size, f.final)
-        await asyncio.to_thread(cache.save)
+                await asyncio.to_thread(target.commit, batch)
+            await asyncio.to_thread(target.finish)
+        if f.on_done is not None:
+            await asyncio.to_thread(f.on_done, f)
         self.progress.on_file_done(f.rel, cached=False)
 
     def _verify(self, f: _File, md5: bytes | None = None) -> tuple[bool, tuple[str, ...], str]:
-        assert f.part is not None
-        size = os.fstat(f.part.fd).st_size
+        assert f.target is not None
+        size = f.target.stored_size()
         if size != f.info.size:
             return False, (), f"size {size} != {f.info.size}"
         sums = f.info.checksums
@@ -584,7 +596,7 @@ class Fetcher:
                 return False, (), f"crc32c mismatch (got {got:08x}, want {sums.crc32c:08x})"
             return True, ("size", "crc32c"), ""
         if sums.md5 is not None:
-            got_md5 = md5 if md5 is not None else md5_of_range(f.part.fd, f.info.size)
+            got_md5 = md5 if md5 is not None else _md5_of(f.target, f.info.size)
             if got_md5 != sums.md5:
                 return False, (), f"md5 mismatch (got {got_md5.hex()}, want {sums.md5.hex()})"
             return True, ("size", "md5"), ""
@@ -603,6 +615,13 @@ class Fetcher:
                 f.uncommitted[ch.index] = crc
 
         await asyncio.gather(*(one(ch) for ch in f.chunks))
+
+
+def _md5_of(target: FileTarget, size: int) -> bytes:
+    h = hashlib.md5()
+    for off in range(0, size, 8 << 20):
+        h.update(target.read(off, min(8 << 20, size - off)))
+    return h.digest()
 
 
 async def fetch_async(

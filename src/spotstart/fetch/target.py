@@ -1,0 +1,95 @@
+"""Where one object's bytes land. The scheduler only knows this protocol: a local file
+(``DiskTarget``: part file, journal, atomic rename) for ``fetch``, tensors in memory for
+``load`` (spotstart.weights), or both at once for a write-through cache."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Protocol
+
+from spotstart.fetch.journal import JournalHeader, PartFile
+from spotstart.fetch.writer import DiskWriter
+
+
+class FileTarget(Protocol):
+    """Receives the chunks of one object, in any order, and commits it when verified."""
+
+    def open(self) -> dict[int, int]:
+        """Prepare; return {chunk index: crc32c} of chunks already held (resume)."""
+        ...
+
+    @property
+    def is_open(self) -> bool: ...
+
+    async def write(self, offset: int, pieces: list[bytes]) -> asyncio.Future[None]:
+        """Store consecutive ``pieces`` at object offset ``offset``; the future completes
+        when they are stored. Awaiting the call itself is the backpressure."""
+        ...
+
+    def read(self, offset: int, length: int) -> bytes:
+        """Bytes already stored (for MD5 verification)."""
+        ...
+
+    def stored_size(self) -> int: ...
+
+    def commit(self, chunks: dict[int, int]) -> None:
+        """Record finished chunks (journal) so a rerun can resume."""
+        ...
+
+    def finish(self) -> None:
+        """The object is verified: publish it (rename, hand tensors over)."""
+        ...
+
+    def discard(self) -> None:
+        """Remove every trace: the bytes must never be mistaken for the object."""
+        ...
+
+    def close(self) -> None:
+        """Release resources, keeping resumable state."""
+        ...
+
+
+class DiskTarget:
+    """A local file: preallocated part file + journal, atomic rename on finish."""
+
+    def __init__(
+        self, final: Path, header: JournalHeader, writer: DiskWriter, *, fsync: bool
+    ) -> None:
+        self.part = PartFile(final, header, fsync=fsync)
+        self.writer = writer
+
+    def open(self) -> dict[int, int]:
+        return self.part.open()
+
+    @property
+    def is_open(self) -> bool:
+        return self.part.fd >= 0
+
+    async def write(self, offset: int, pieces: list[bytes]) -> asyncio.Future[None]:
+        return await self.writer.write(self.part.fd, offset, pieces)
+
+    def read(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        while len(out) < length:
+            data = os.pread(self.part.fd, length - len(out), offset + len(out))
+            if not data:
+                raise OSError(f"{self.part.part}: shorter than expected at {offset + len(out)}")
+            out += data
+        return bytes(out)
+
+    def stored_size(self) -> int:
+        return os.fstat(self.part.fd).st_size
+
+    def commit(self, chunks: dict[int, int]) -> None:
+        self.part.commit(chunks)
+
+    def finish(self) -> None:
+        self.part.finish()
+
+    def discard(self) -> None:
+        self.part.discard()
+
+    def close(self) -> None:
+        self.part.close()
