@@ -71,7 +71,10 @@ class DiskTarget:
         return await self.writer.write(self.part.fd, offset, pieces)
 
     def read(self, offset: int, length: int) -> bytes:
-        out = bytearray()
+        first = os.pread(self.part.fd, length, offset)
+        if len(first) == length:
+            return first  # the usual case: no extra copy
+        out = bytearray(first)
         while len(out) < length:
             data = os.pread(self.part.fd, length - len(out), offset + len(out))
             if not data:
