@@ -12,10 +12,10 @@ import random
 import shutil
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from spotstart.errors import (
     DiskFull,
@@ -37,6 +37,8 @@ from spotstart.fetch.target import DiskTarget, FileTarget
 from spotstart.fetch.verify import combine_chunk_crcs, crc32c
 from spotstart.fetch.writer import DiskWriter
 from spotstart.store import HttpOptions, ObjectInfo, RangeSource, StorageURL, open_source, parse_url
+
+T = TypeVar("T")
 
 
 class ProgressListener(Protocol):
@@ -68,16 +70,17 @@ class NullProgress:
 
 
 @dataclass
-class _File:
-    """A file being fetched: plan, part file and per-chunk CRCs."""
+class TransferFile:
+    """One object being transferred: its chunk plan, its target, per-chunk CRCs. Build with
+    :meth:`Fetcher.plan_file`."""
 
     info: ObjectInfo
     rel: str
     display: str
     chunks: list[planning.Chunk]
     chunk_bytes: int
-    make_target: Callable[[_File], FileTarget]
-    on_done: Callable[[_File], None] | None = None
+    make_target: Callable[[TransferFile], FileTarget]
+    on_done: Callable[[TransferFile], None] | None = None
     target: FileTarget | None = None
     crcs: dict[int, int] = field(default_factory=dict)
     uncommitted: dict[int, int] = field(default_factory=dict)
@@ -137,7 +140,7 @@ class _ChunkWriter:
 
     COALESCE_BYTES = 4 << 20
 
-    def __init__(self, fetcher: Fetcher, f: _File, target: FileTarget, start: int) -> None:
+    def __init__(self, fetcher: Fetcher, f: TransferFile, target: FileTarget, start: int) -> None:
         self.fetcher = fetcher
         self.file = f
         self.target = target
@@ -243,12 +246,12 @@ class Fetcher:
 
         return list(await asyncio.gather(*(one(o) for o in infos)))
 
-    async def _with_retries(self, call: object, what: str) -> ObjectInfo:
+    async def _with_retries(self, call: Callable[[], Awaitable[T]], what: str) -> T:
         attempt = 0
         while True:
             attempt += 1
             try:
-                return await call()  # type: ignore[operator,no-any-return]
+                return await call()
             except (TransientError, EndpointUnreachable) as exc:
                 if attempt >= min(4, self.config.max_attempts):
                     if isinstance(exc, EndpointUnreachable):
@@ -259,16 +262,62 @@ class Fetcher:
                     self.policy.delay_s(attempt, self.rng, getattr(exc, "retry_after_s", None))
                 )
 
+    # -- building blocks for other parts (spotstart.weights) ---------------------------------
+    def plan_file(
+        self,
+        info: ObjectInfo,
+        rel: str,
+        make_target: Callable[[TransferFile], FileTarget],
+        on_done: Callable[[TransferFile], None] | None = None,
+    ) -> TransferFile:
+        """A :class:`TransferFile` for ``info`` with this run's chunk size policy."""
+        chunk_bytes = planning.choose_chunk_bytes(
+            info.size, self.controller.target, self.config.chunk_bytes
+        )
+        display = (
+            f"{self.url.scheme}://{self.url.bucket}/{info.key}" if self.url.bucket else info.key
+        )
+        return TransferFile(
+            info,
+            rel,
+            display,
+            planning.plan_chunks(info.size, chunk_bytes),
+            chunk_bytes,
+            make_target=make_target,
+            on_done=on_done,
+        )
+
+    async def read_bytes(self, info: ObjectInfo, start: int, length: int) -> bytes:
+        """A small ranged read (a header, an index file) with the same retry policy."""
+        length = max(0, min(length, info.size - start))
+        if length == 0:
+            return b""
+
+        async def once() -> bytes:
+            out: list[bytes] = []
+
+            async def sink(piece: bytes) -> None:
+                out.append(piece)
+
+            await self.source.read(info, start, length, sink)
+            return b"".join(out)
+
+        return await self._with_retries(once, info.key)
+
+    def close(self) -> None:
+        """Stop the writer threads."""
+        self.writer.close()
+
     # -- running -----------------------------------------------------------------------
     async def run(self) -> FetchReport:
         t0 = time.monotonic()
         try:
-            objects = await self._with_retries_list()
+            objects = await self._with_retries(self.resolve, str(self.url))
         except EndpointUnreachable as exc:
             raise EndpointUnreachable(f"{exc}; check the endpoint URL and network") from exc
         self._check_dest()
         cache = CacheIndex(self.dest)
-        files: list[_File] = []
+        files: list[TransferFile] = []
         results: list[FileResult] = []
         bytes_cached = 0
         for info, rel in objects:
@@ -290,7 +339,7 @@ class Fetcher:
                 info.size, self.controller.target, self.config.chunk_bytes
             )
             files.append(
-                _File(
+                TransferFile(
                     info,
                     safe,
                     display,
@@ -348,22 +397,6 @@ class Fetcher:
             files=tuple(sorted(results, key=lambda r: r.key)),
         )
 
-    async def _with_retries_list(self) -> list[tuple[ObjectInfo, str]]:
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                return await self.resolve()
-            except (TransientError, EndpointUnreachable) as exc:
-                if attempt >= min(4, self.config.max_attempts):
-                    if isinstance(exc, EndpointUnreachable):
-                        raise
-                    raise RetriesExceeded(f"{self.url}: {exc}", exc) from exc
-                self.counters.retries += 1
-                await asyncio.sleep(
-                    self.policy.delay_s(attempt, self.rng, getattr(exc, "retry_after_s", None))
-                )
-
     def _check_dest(self) -> None:
         if self.dest.exists() and not self.dest.is_dir():
             raise UsageError(f"{self.dest}: DEST must be a directory")
@@ -372,21 +405,21 @@ class Fetcher:
         except OSError as exc:
             raise local_error(self.dest, exc, "creating DEST") from exc
 
-    def _disk_target(self, final: Path) -> Callable[[_File], FileTarget]:
-        def make(f: _File) -> FileTarget:
+    def _disk_target(self, final: Path) -> Callable[[TransferFile], FileTarget]:
+        def make(f: TransferFile) -> FileTarget:
             header = JournalHeader(f.display, f.info.size, f.info.version, f.chunk_bytes)
             return DiskTarget(final, header, self.writer, fsync=self.config.fsync)
 
         return make
 
-    def _record(self, cache: CacheIndex, final: Path) -> Callable[[_File], None]:
-        def done(f: _File) -> None:
+    def _record(self, cache: CacheIndex, final: Path) -> Callable[[TransferFile], None]:
+        def done(f: TransferFile) -> None:
             cache.record(f.rel, f.display, f.info.version, f.info.size, final)
             cache.save()
 
         return done
 
-    def _check_free_space(self, files: list[_File], need: int) -> None:
+    def _check_free_space(self, files: list[TransferFile], need: int) -> None:
         # Parts already on disk were preallocated: only new files need room.
         fresh = sum(f.info.size for f in files if not (self.dest / (f.rel + PART_SUFFIX)).exists())
         free = shutil.disk_usage(self.dest).free
@@ -396,7 +429,7 @@ class Fetcher:
                 "free space or choose another DEST"
             )
 
-    def _open(self, f: _File) -> None:
+    def _open(self, f: TransferFile) -> None:
         f.target = f.make_target(f)
         try:
             done = f.target.open()
@@ -414,7 +447,7 @@ class Fetcher:
                 f"{f.rel}: resuming, {f.bytes_resumed / 1e6:.0f} MB already on disk"
             )
 
-    def _pending(self, files: list[_File]) -> Iterator[tuple[_File, planning.Chunk]]:
+    def _pending(self, files: list[TransferFile]) -> Iterator[tuple[TransferFile, planning.Chunk]]:
         """Chunks to fetch, file by file; files are opened (and resumed) as reached."""
         for f in files:
             self._open(f)
@@ -422,13 +455,13 @@ class Fetcher:
                 if ch.index not in f.crcs:
                     yield f, ch
 
-    async def transfer(self, files: list[_File]) -> None:
+    async def transfer(self, files: list[TransferFile]) -> None:
         """Fetch, verify and finish every file: one concurrency limit, one retry policy."""
         loop = asyncio.get_running_loop()
-        running: dict[asyncio.Task[Any], tuple[_File, planning.Chunk]] = {}
+        running: dict[asyncio.Task[Any], tuple[TransferFile, planning.Chunk]] = {}
         finishing: set[asyncio.Task[Any]] = set()
         pending = self._pending(files)
-        lookahead: deque[tuple[_File, planning.Chunk]] = deque()
+        lookahead: deque[tuple[TransferFile, planning.Chunk]] = deque()
         exhausted = False
         committer = asyncio.create_task(self._commit_loop(files))
         try:
@@ -482,7 +515,7 @@ class Fetcher:
         with contextlib.suppress(asyncio.CancelledError):
             await committer
 
-    def _abandon(self, files: list[_File], exc: BaseException) -> None:
+    def _abandon(self, files: list[TransferFile], exc: BaseException) -> None:
         """Leave resumable state for transient failures and interrupts; remove everything
         for failures a rerun would only repeat (integrity) or that need the space (disk)."""
         for f in files:
@@ -496,7 +529,7 @@ class Fetcher:
             f.uncommitted = {}
             f.target.close()
 
-    async def _commit_loop(self, files: list[_File]) -> None:
+    async def _commit_loop(self, files: list[TransferFile]) -> None:
         """Group commit: every second, journal finished chunks (made durable first if
         fsync is on)."""
         while True:
@@ -510,7 +543,7 @@ class Fetcher:
                     batch, f.uncommitted = f.uncommitted, {}
                     await asyncio.to_thread(f.target.commit, batch)
 
-    async def _fetch_chunk(self, f: _File, ch: planning.Chunk) -> int:
+    async def _fetch_chunk(self, f: TransferFile, ch: planning.Chunk) -> int:
         """Fetch one chunk with bounded retries; returns its CRC-32C."""
         target = f.target
         assert target is not None
@@ -537,14 +570,14 @@ class Fetcher:
                 self.progress.on_retry(f.display, str(exc), delay)
                 await asyncio.sleep(delay)
 
-    async def _settle(self, writes: list[asyncio.Future[None]], f: _File) -> None:
+    async def _settle(self, writes: list[asyncio.Future[None]], f: TransferFile) -> None:
         try:
             await asyncio.gather(*writes)
         except OSError as exc:
             raise local_error(self.dest / f.rel, exc, "writing") from exc
 
     def _exhausted(
-        self, f: _File, ch: planning.Chunk, attempts: int, exc: BaseException
+        self, f: TransferFile, ch: planning.Chunk, attempts: int, exc: BaseException
     ) -> SpotstartError:
         where = f"{f.display} bytes {ch.start}-{ch.start + ch.length - 1}"
         if isinstance(exc, StallDetected):
@@ -555,7 +588,7 @@ class Fetcher:
             f"{where}: gave up after {attempts} attempts; last error: {exc}", exc
         )
 
-    async def _finish(self, f: _File) -> None:
+    async def _finish(self, f: TransferFile) -> None:
         """Verify, refetching chunks on a mismatch; then publish (rename into place)."""
         target = f.target
         assert target is not None
@@ -584,7 +617,9 @@ class Fetcher:
             await asyncio.to_thread(f.on_done, f)
         self.progress.on_file_done(f.rel, cached=False)
 
-    def _verify(self, f: _File, md5: bytes | None = None) -> tuple[bool, tuple[str, ...], str]:
+    def _verify(
+        self, f: TransferFile, md5: bytes | None = None
+    ) -> tuple[bool, tuple[str, ...], str]:
         assert f.target is not None
         size = f.target.stored_size()
         if size != f.info.size:
@@ -602,7 +637,7 @@ class Fetcher:
             return True, ("size", "md5"), ""
         return True, ("size",), ""
 
-    async def _refetch_all(self, f: _File) -> None:
+    async def _refetch_all(self, f: TransferFile) -> None:
         """Fetch every chunk again; those whose CRC changed were the bad ones."""
         sem = asyncio.Semaphore(max(1, self.controller.target))
 
@@ -667,4 +702,12 @@ def fetch(
     return asyncio.run(fetch_async(src, dest, config, progress=progress))
 
 
-__all__ = ["INDEX_DIR", "Fetcher", "NullProgress", "ProgressListener", "fetch", "fetch_async"]
+__all__ = [
+    "INDEX_DIR",
+    "Fetcher",
+    "NullProgress",
+    "ProgressListener",
+    "TransferFile",
+    "fetch",
+    "fetch_async",
+]
