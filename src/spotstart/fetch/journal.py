@@ -107,8 +107,8 @@ class PartFile:
             return False
         for line in lines[1:]:
             fields = line.split()
-            if len(fields) != 2:
-                continue  # torn last line after a crash
+            if len(fields) != 2 or len(fields[1]) != 8:
+                continue  # a line torn by a crash: that chunk is simply fetched again
             try:
                 self.done[int(fields[0])] = int(fields[1], 16)
             except ValueError:

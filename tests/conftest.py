@@ -1,0 +1,142 @@
+"""Shared fixtures: an isolated environment (no cloud credentials, no metadata servers: no
+test ever sends a packet beyond 127.0.0.1), one emulated cloud for the whole run, and a way to
+run the CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from spotstart.emulate.link import LinkConfig
+from spotstart.emulate.storage import StorageEmulator, StorageEmulatorOptions
+
+BUCKET = "models"
+
+# Credential chains probe cloud metadata servers (169.254.169.254): point them nowhere.
+ISOLATED_ENV = {
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
+    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
+    "GCE_METADATA_HOST": "127.0.0.1:9",
+    "GCE_METADATA_IP": "127.0.0.1:9",
+    "NO_GCE_CHECK": "True",
+    "CLOUDSDK_CONFIG": "/nonexistent/gcloud",
+}
+CLEARED = (
+    "AWS_PROFILE",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "STORAGE_EMULATOR_HOST",
+    "AWS_CA_BUNDLE",
+)
+
+
+def isolated_environ() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    env.update(ISOLATED_ENV)
+    return env
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in CLEARED:
+        monkeypatch.delenv(key, raising=False)
+    for key, value in ISOLATED_ENV.items():
+        monkeypatch.setenv(key, value)
+
+
+@pytest.fixture(scope="session")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StorageEmulator]:
+    """One emulated cloud for the run: a fast link (tests check behaviour, not speed)."""
+    options = StorageEmulatorOptions(
+        data_dir=tmp_path_factory.mktemp("cloud"),
+        link=LinkConfig(per_conn_bytes_per_s=None, first_byte_latency_s=0.0),
+        buckets=(BUCKET,),
+    )
+    with StorageEmulator(options) as emu:
+        yield emu
+
+
+@pytest.fixture
+def clean_cloud(cloud: StorageEmulator) -> Iterator[StorageEmulator]:
+    """The cloud with no faults, zeroed stats and a fast link before and after the test."""
+    fast = LinkConfig(per_conn_bytes_per_s=None, first_byte_latency_s=0.0)
+    cloud.clear_faults()
+    cloud.set_link(fast)
+    cloud.reset_stats()
+    yield cloud
+    cloud.clear_faults()
+    cloud.set_link(fast)
+
+
+@pytest.fixture
+def s3_env(cloud: StorageEmulator, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = cloud.env_for_s3()
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
+@pytest.fixture
+def gcs_env(cloud: StorageEmulator, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = {"STORAGE_EMULATOR_HOST": cloud.gcs.endpoint}
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", cloud.gcs.endpoint)
+    return env
+
+
+@dataclass(frozen=True)
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(
+    args: list[str], env: Mapping[str, str] | None = None, timeout_s: float = 120
+) -> CliResult:
+    """Run `spotstart ARGS` in a subprocess, as a user would."""
+    full_env = isolated_environ()
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "spotstart.cli.main", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def spawn_cli(args: list[str], env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
+    full_env = isolated_environ()
+    full_env.update(env or {})
+    return subprocess.Popen(
+        [sys.executable, "-m", "spotstart.cli.main", *args],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file under root (relative paths), skipping spotstart's own state."""
+    import hashlib
+
+    out = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if path.is_file() and not rel.startswith(".spotstart"):
+            out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
