@@ -118,6 +118,14 @@ def run_cli(
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
 
+def error_line(stderr: str) -> str:
+    """The error a failed command printed: exactly one line, the last one."""
+    lines = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("spotstart: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], stderr
+    return errors[0]
+
+
 def spawn_cli(args: list[str], env: Mapping[str, str] | None = None) -> subprocess.Popen[str]:
     full_env = isolated_environ()
     full_env.update(env or {})

@@ -48,6 +48,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="GLOB",
         help="skip keys matching GLOB (repeatable)",
     )
+    add_transfer_flags(p)
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    out.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
+    p.set_defaults(run=run)
+
+
+def add_transfer_flags(p: argparse.ArgumentParser) -> None:
+    """The flags every transferring command shares (fetch, load)."""
     p.add_argument("--endpoint", help="store endpoint URL (S3-compatible stores, emulators)")
     p.add_argument(
         "--anonymous",
@@ -75,10 +84,6 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="fetch even when DEST already holds the same object version",
     )
-    out = p.add_mutually_exclusive_group()
-    out.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    out.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
-    p.set_defaults(run=run)
 
 
 def config_from_args(args: argparse.Namespace) -> FetchConfig:
@@ -103,7 +108,7 @@ def config_from_args(args: argparse.Namespace) -> FetchConfig:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    err = Console(stderr=True)
+    err = Console(stderr=True, soft_wrap=True)
     progress: ProgressListener
     if args.json or args.quiet:
         progress = NullProgress()

@@ -31,9 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     err = Console(stderr=True, highlight=False)
     try:
+        args = parser.parse_args(argv)
         return int(args.run(args))
     except SpotstartError as exc:
         err.print(f"[red]spotstart: error:[/red] {escape(str(exc))}", soft_wrap=True)

@@ -1,0 +1,169 @@
+"""Faults injected by the link emulator between fetch and real servers, a killed process, a
+full disk."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from spotstart import FetchConfig, fetch
+from spotstart.emulate.link import FaultRule, LinkConfig
+from spotstart.emulate.storage import StorageEmulator
+from spotstart.errors import DiskFull, IntegrityError, RetriesExceeded
+from tests.conftest import BUCKET, error_line, run_cli, spawn_cli
+
+MiB = 1 << 20
+QUICK = FetchConfig(chunk_bytes=MiB, concurrency=4, backoff_base_s=0.01, backoff_cap_s=0.05)
+
+
+@pytest.fixture
+def obj(clean_cloud: StorageEmulator, gcs_env: dict[str, str], s3_env: dict[str, str]) -> bytes:
+    data = os.urandom(6 * MiB)
+    clean_cloud.seed_gcs(BUCKET, {"faults/w.bin": data})
+    clean_cloud.seed_s3(BUCKET, {"faults/w.bin": data})
+    return data
+
+
+@pytest.mark.parametrize("store", ["gs", "s3"])
+def test_resets_and_503_bursts_are_survived_with_retries(
+    store: str, obj: bytes, clean_cloud: StorageEmulator, tmp_path: Path
+) -> None:
+    clean_cloud.set_faults(
+        [
+            FaultRule(kind="reset", count=2, after_bytes=200_000, ranged_only=True),
+            FaultRule(kind="status", status=503, count=3, ranged_only=True, retry_after_s=0),
+            FaultRule(kind="status", status=429, count=1, ranged_only=True),
+        ]
+    )
+    report = fetch(f"{store}://{BUCKET}/faults/w.bin", tmp_path, QUICK)
+    assert (tmp_path / "w.bin").read_bytes() == obj
+    assert report.retries >= 6
+
+
+def test_corrupted_body_is_detected_by_crc32c_and_refetched(
+    obj: bytes, clean_cloud: StorageEmulator, tmp_path: Path
+) -> None:
+    clean_cloud.set_faults([FaultRule(kind="corrupt", at_byte=12345, count=1, ranged_only=True)])
+    report = fetch(f"gs://{BUCKET}/faults/w.bin", tmp_path, QUICK)
+    assert (tmp_path / "w.bin").read_bytes() == obj
+    assert report.refetched_chunks == 1
+
+
+@pytest.mark.parametrize("store", ["gs", "s3"])
+def test_persistent_corruption_fails_with_exit_6_and_no_file(
+    store: str,
+    obj: bytes,
+    clean_cloud: StorageEmulator,
+    tmp_path: Path,
+    s3_env: dict[str, str],
+    gcs_env: dict[str, str],
+) -> None:
+    clean_cloud.set_faults([FaultRule(kind="corrupt", at_byte=7, count=10_000, ranged_only=True)])
+    env = {**s3_env, **gcs_env}
+    res = run_cli(
+        ["fetch", f"{store}://{BUCKET}/faults/w.bin", str(tmp_path), "--chunk-size", "1M"], env
+    )
+    assert res.code == IntegrityError.exit_code, res.stderr
+    assert "mismatch" in error_line(res.stderr)
+    assert not [p for p in tmp_path.iterdir() if p.is_file()]
+    with pytest.raises(IntegrityError):
+        fetch(f"{store}://{BUCKET}/faults/w.bin", tmp_path, QUICK)
+
+
+def test_persistent_truncation_exhausts_retries_without_a_final_file(
+    obj: bytes, clean_cloud: StorageEmulator, tmp_path: Path
+) -> None:
+    clean_cloud.set_faults(
+        [FaultRule(kind="truncate", after_bytes=1000, count=10_000, ranged_only=True)]
+    )
+    cfg = FetchConfig(chunk_bytes=MiB, concurrency=2, max_attempts=3, backoff_base_s=0.01)
+    with pytest.raises(RetriesExceeded, match=r"body ended|gave up"):
+        fetch(f"gs://{BUCKET}/faults/w.bin", tmp_path, cfg)
+    assert not (tmp_path / "w.bin").exists()
+
+
+def test_stalled_stream_is_replaced(
+    obj: bytes, clean_cloud: StorageEmulator, tmp_path: Path
+) -> None:
+    clean_cloud.set_faults(
+        [FaultRule(kind="stall", after_bytes=50_000, seconds=60, count=1, ranged_only=True)]
+    )
+    cfg = FetchConfig(chunk_bytes=MiB, concurrency=4, stall_timeout_s=1.0, backoff_base_s=0.01)
+    report = fetch(f"gs://{BUCKET}/faults/w.bin", tmp_path, cfg)
+    assert (tmp_path / "w.bin").read_bytes() == obj
+    assert report.stalls == 1
+
+
+def _wait_for(predicate, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def test_rerun_after_kill_9_resumes_and_fetches_fewer_bytes(
+    clean_cloud: StorageEmulator, gcs_env: dict[str, str], tmp_path: Path
+) -> None:
+    data = os.urandom(48 * MiB)
+    clean_cloud.seed_gcs(BUCKET, {"kill/w.bin": data})
+    clean_cloud.set_link(LinkConfig(per_conn_bytes_per_s=4e6, first_byte_latency_s=0.0))
+    args = [
+        "fetch",
+        f"gs://{BUCKET}/kill/w.bin",
+        str(tmp_path),
+        "--chunk-size",
+        "2M",
+        "--concurrency",
+        "2",
+        "--json",
+    ]
+    proc = spawn_cli(args, gcs_env)
+    journal = tmp_path / "w.bin.spotstart.journal"
+
+    def two_chunks_journaled() -> bool:
+        return journal.exists() and len(journal.read_text().splitlines()) >= 3
+
+    try:
+        _wait_for(two_chunks_journaled, 60, "journaled chunks")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+    assert not (tmp_path / "w.bin").exists()
+    assert (tmp_path / "w.bin.spotstart.part").exists()
+    clean_cloud.set_link(LinkConfig(per_conn_bytes_per_s=None, first_byte_latency_s=0.0))
+    res = run_cli(args, gcs_env)
+    assert res.code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["bytes_resumed"] >= 4 * MiB
+    assert report["bytes_transferred"] <= len(data) - report["bytes_resumed"]
+    assert (tmp_path / "w.bin").read_bytes() == data
+    assert not journal.exists()
+
+
+def test_full_disk_is_a_clear_error_with_no_final_file(
+    obj: bytes, tmp_path: Path, gcs_env: dict[str, str]
+) -> None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        res = run_cli(["fetch", f"gs://{BUCKET}/faults/w.bin", str(mnt / "d")], gcs_env)
+        assert res.code == DiskFull.exit_code, res.stderr
+        assert "space" in error_line(res.stderr)
+        assert not (mnt / "d" / "w.bin").exists()
+        assert not (mnt / "d" / "w.bin.spotstart.part").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
