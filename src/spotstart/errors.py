@@ -11,7 +11,8 @@
     +-- RetriesExceeded                 exit 7  transient errors (5xx, 429, resets) past the budget
     |   +-- TransferStalled             exit 7  no bytes for longer than the stall timeout
     +-- LocalIOError                    exit 8  the destination cannot be written
-        +-- DiskFull                    exit 9  ENOSPC / EDQUOT on the destination
+    |   +-- DiskFull                    exit 9  ENOSPC / EDQUOT on the destination
+    +-- InvalidCheckpoint               exit 10 malformed checkpoint: header, offsets, dtype, index
 
 Messages name the object, the cause and the fix, on one line.
 """
@@ -103,6 +104,12 @@ class DiskFull(LocalIOError):
     exit_code = 9
 
 
+class InvalidCheckpoint(SpotstartError):
+    """The checkpoint is malformed: header, offsets, dtype, index."""
+
+    exit_code = 10
+
+
 EXIT_CODES: dict[str, int] = {
     "ok": 0,
     "error": SpotstartError.exit_code,
@@ -114,5 +121,6 @@ EXIT_CODES: dict[str, int] = {
     "retries_exceeded": RetriesExceeded.exit_code,
     "local_io": LocalIOError.exit_code,
     "disk_full": DiskFull.exit_code,
+    "invalid_checkpoint": InvalidCheckpoint.exit_code,
     "interrupted": 130,
 }

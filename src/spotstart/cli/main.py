@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from spotstart import __version__
-from spotstart.cli import demo, emulate_cmd, fetch_cmd
+from spotstart.cli import demo, emulate_cmd, fetch_cmd, load_cmd
 from spotstart.errors import EXIT_CODES, SpotstartError
 
 EPILOG = "exit codes: " + ", ".join(f"{v} {k}" for k, v in EXIT_CODES.items())
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spotstart {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     fetch_cmd.add_parser(sub)
+    load_cmd.add_parser(sub)
     demo.add_parser(sub)
     emulate_cmd.add_parser(sub)
     return parser

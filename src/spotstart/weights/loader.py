@@ -1,0 +1,543 @@
+"""Loading safetensors checkpoints into torch tensors while the bytes still arrive.
+
+Each shard's header comes from one small ranged read; then every destination tensor is
+allocated up front (one flat buffer per shard, tensors are views into it) and the fetch
+engine fills it from concurrent ranged reads, through a bounded queue of copies: memory beyond
+the tensors themselves stays at ``FetchConfig.write_queue_bytes`` plus the streams' socket
+buffers. With ``cache_dir`` every byte is also written through to local disk (verified,
+atomic), and a later load of the same object versions reads the local copy instead.
+Not a model-building library: it returns tensors or fills a module you built."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spotstart.errors import InvalidCheckpoint, NotFound, UsageError
+from spotstart.fetch import FetchConfig, NullProgress, ProgressListener
+from spotstart.fetch.cache import CacheIndex
+from spotstart.fetch.engine import Fetcher, TransferFile
+from spotstart.fetch.journal import JournalHeader
+from spotstart.fetch.target import DiskTarget, FileTarget
+from spotstart.store import HttpOptions, ObjectInfo, open_source, parse_url
+from spotstart.weights import format as fmt
+
+if TYPE_CHECKING:
+    import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+HEADER_PROBE_BYTES = 1 << 20  # one read gets the header of nearly every real shard
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What one load did. ``seconds`` runs from the first request to the last tensor ready."""
+
+    source: str
+    device: str
+    files: int
+    tensors: int
+    bytes_total: int
+    bytes_transferred: int
+    bytes_from_cache: int
+    seconds: float
+    mb_per_s: float
+    retries: int
+    verified: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise UsageError("spotstart load needs PyTorch: pip install 'spotstart[torch]'") from exc
+    return torch
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name; InvalidCheckpoint if torch lacks it."""
+    torch = _torch()
+    table = {
+        "BOOL": "bool",
+        "U8": "uint8",
+        "I8": "int8",
+        "I16": "int16",
+        "U16": "uint16",
+        "I32": "int32",
+        "U32": "uint32",
+        "I64": "int64",
+        "U64": "uint64",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "F32": "float32",
+        "F64": "float64",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "F8_E8M0": "float8_e8m0fnu",
+    }
+    attr = table.get(name)
+    dtype = getattr(torch, attr, None) if attr else None
+    if dtype is None:
+        raise InvalidCheckpoint(
+            f"dtype {name} has no torch equivalent in torch {torch.__version__}"
+        )
+    return dtype  # type: ignore[no-any-return]
+
+
+def parse_device(device: str) -> torch.device:
+    torch = _torch()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"{device!r}: not a device (use cpu, cuda, cuda:N)") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"{device}: CUDA is not available on this machine (no GPU or no "
+            "CUDA build of torch); load to cpu instead"
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise UsageError(f"{device}: only cpu and cuda devices are supported")
+    return dev  # type: ignore[no-any-return]
+
+
+class ShardTarget:
+    """A shard's bytes in memory: the data region lands in one flat uint8 buffer (pinned
+    host memory staged to the GPU when the device is CUDA); the header bytes are skipped. A
+    :class:`DiskTarget` may ride along (write-through cache)."""
+
+    def __init__(
+        self,
+        fetcher: Fetcher | None,
+        header: fmt.SafetensorsHeader,
+        device: torch.device,
+        disk: DiskTarget | None,
+        prefix: bytes,
+    ) -> None:
+        torch = _torch()
+        self.fetcher = fetcher
+        self.header = header
+        self.prefix = prefix[: header.data_start]  # length word + JSON header, for MD5
+        self.device = device
+        self.disk = disk
+        self.flat = torch.empty(header.data_bytes, dtype=torch.uint8, device=device)
+        self._host = None if device.type == "cpu" else _Staging(device)
+        self._view = self.flat.numpy() if device.type == "cpu" else None
+        self.finished = False
+
+    def open(self) -> dict[int, int]:
+        # Resuming into memory is impossible; the disk copy restarts too so both agree.
+        if self.disk is not None:
+            self.disk.part.discard()
+            self.disk.open()
+        return {}
+
+    @property
+    def is_open(self) -> bool:
+        return not self.finished
+
+    async def write(self, offset: int, pieces: list[bytes]) -> asyncio.Future[None]:
+        n = sum(len(p) for p in pieces)
+        futures: list[asyncio.Future[None]] = []
+        if self.disk is not None:
+            futures.append(await self.disk.write(offset, pieces))
+        assert self.fetcher is not None
+        futures.append(await self.fetcher.writer.submit(n, self._copy, offset, pieces))
+        return asyncio.ensure_future(_all(futures))
+
+    def _copy(self, offset: int, pieces: list[bytes]) -> None:
+        import numpy as np
+
+        start = self.header.data_start
+        pos = offset
+        for piece in pieces:
+            lo = max(pos, start)
+            hi = pos + len(piece)
+            if hi > lo:
+                src = np.frombuffer(piece, dtype=np.uint8)[lo - pos :]
+                if self._view is not None:
+                    self._view[lo - start : hi - start] = src  # numpy copies without the GIL
+                else:
+                    assert self._host is not None
+                    self._host.copy(self.flat, lo - start, src)
+            pos = hi
+
+    def read(self, offset: int, length: int) -> bytes:
+        if self.disk is not None:
+            return self.disk.read(offset, length)
+        start = self.header.data_start
+        out = self.prefix[offset : min(offset + length, start)] if offset < start else b""
+        lo, hi = max(offset, start) - start, offset + length - start
+        if hi > lo:
+            out += self.flat[lo:hi].cpu().numpy().tobytes()
+        return out
+
+    def fill_from_file(self, path: Path, threads: int = 4) -> None:
+        """Read the data region of a local copy straight into the buffer (preadv into the
+        tensor memory: no intermediate copy on CPU)."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        start, size = self.header.data_start, self.header.data_bytes
+        piece = 16 << 20
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            host = (
+                self.flat
+                if self.device.type == "cpu"
+                else _torch().empty(size, dtype=_torch().uint8, pin_memory=True)
+            )
+            view = memoryview(host.numpy())
+
+            def one(off: int) -> None:
+                n = min(piece, size - off)
+                got = os.preadv(fd, [view[off : off + n]], start + off)
+                if got != n:
+                    raise InvalidCheckpoint(f"{path}: shorter than its header says (truncated)")
+
+            with ThreadPoolExecutor(threads) as pool:
+                list(pool.map(one, range(0, size, piece)))
+            if host is not self.flat:
+                self.flat.copy_(host)
+        finally:
+            os.close(fd)
+        self.finished = True
+
+    def stored_size(self) -> int:
+        return self.header.data_start + self.header.data_bytes
+
+    def commit(self, chunks: dict[int, int]) -> None:
+        if self.disk is not None:
+            self.disk.commit(chunks)
+
+    def finish(self) -> None:
+        if self._host is not None:
+            self._host.drain()
+        if self.disk is not None:
+            self.disk.finish()
+        self.finished = True
+
+    def discard(self) -> None:
+        if self.disk is not None:
+            self.disk.discard()
+        self.finished = True
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+
+async def _all(futures: list[asyncio.Future[None]]) -> None:
+    await asyncio.gather(*futures)
+
+
+class _Staging:
+    """Host -> GPU copies through pinned buffers, overlapped on a side stream. Called on the
+    writer's threads; each copy waits for its own event before its buffer is reused."""
+
+    def __init__(self, device: torch.device) -> None:
+        torch = _torch()
+        self.torch = torch
+        self.stream = torch.cuda.Stream(device=device)
+        self.events: list[Any] = []
+
+    def copy(self, flat: torch.Tensor, at: int, src: Any) -> None:
+        torch = self.torch
+        pinned = torch.empty(len(src), dtype=torch.uint8, pin_memory=True)
+        pinned.numpy()[:] = src
+        with torch.cuda.stream(self.stream):
+            flat[at : at + len(src)].copy_(pinned, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        event.synchronize()  # bounded: the pinned buffer is free again when this returns
+
+    def drain(self) -> None:
+        self.stream.synchronize()
+
+
+def _tensors_of(target: ShardTarget, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+    th = _torch()
+    out: dict[str, torch.Tensor] = {}
+    for spec in target.header.tensors:
+        tdt = torch_dtype(spec.dtype)
+        raw = target.flat[spec.begin : spec.end]
+        item = th.empty((), dtype=tdt).element_size()
+        if spec.begin % item:
+            raw = raw.clone()  # misaligned in the file: one copy of this tensor only
+        t = raw.view(tdt).reshape(spec.shape)
+        if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+            t = t.to(dtype)
+        out[spec.name] = t
+    return out
+
+
+@dataclass
+class _Shard:
+    info: ObjectInfo
+    rel: str
+    header: fmt.SafetensorsHeader | None = None
+    prefix: bytes = b""
+    target: ShardTarget | None = None
+
+
+class Loader:
+    """One load. Use :func:`load` / :func:`load_async` / :func:`load_into`."""
+
+    def __init__(
+        self,
+        src: str,
+        device: str = "cpu",
+        dtype: torch.dtype | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        config: FetchConfig | None = None,
+        progress: ProgressListener | None = None,
+    ) -> None:
+        self.url = parse_url(src)
+        self.device = parse_device(device)
+        self.dtype = dtype
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.config = config or FetchConfig()
+        self.progress = progress or NullProgress()
+
+    async def run(self) -> tuple[dict[str, torch.Tensor], LoadReport]:
+        t0 = time.monotonic()
+        cfg = self.config
+        options = HttpOptions(
+            stall_timeout_s=cfg.stall_timeout_s, connect_timeout_s=cfg.connect_timeout_s
+        )
+        source = open_source(self.url, options, endpoint=cfg.endpoint, anonymous=cfg.anonymous)
+        dest = self.cache_dir or Path(os.devnull)
+        fetcher = Fetcher(source, self.url, dest, cfg, self.progress)
+        try:
+            shards, index = await self._resolve(fetcher)
+            tensors, report = await self._load(fetcher, shards, index, t0)
+        finally:
+            fetcher.close()
+            await source.close()
+        return tensors, report
+
+    async def _resolve(self, fetcher: Fetcher) -> tuple[list[_Shard], fmt.ShardIndex | None]:
+        url = self.url
+        key = url.key.lstrip("/") if url.scheme == "file" else url.key
+        if url.scheme in ("http", "https"):
+            info = await fetcher.source.stat(url.key)
+            return [_Shard(info, url.key.split("?")[0].rsplit("/", 1)[-1])], None
+        if key.endswith(".safetensors"):
+            info = await fetcher.source.stat(key)
+            return [_Shard(info, key.rsplit("/", 1)[-1])], None
+        prefix = key
+        if key.endswith(INDEX_NAME):
+            prefix = key[: -len(INDEX_NAME)]
+        elif key and not key.endswith("/"):
+            prefix = key + "/"
+        objects = {o.key: o for o in await fetcher.source.list(prefix)}
+        if not objects:
+            raise NotFound(f"{url}: no such object or prefix")
+        index_obj = objects.get(prefix + INDEX_NAME)
+        if index_obj is not None:
+            raw = await fetcher.read_bytes(index_obj, 0, index_obj.size)
+            index = fmt.parse_index(raw, f"{url.scheme}://{url.bucket}/{index_obj.key}")
+            names = sorted(set(index.weight_map.values()))
+            missing = [n for n in names if prefix + n not in objects]
+            if missing:
+                raise InvalidCheckpoint(
+                    f"{index_obj.key}: names shard {missing[0]} which is missing from {url}"
+                )
+            return [_Shard(objects[prefix + n], n) for n in names], index
+        shards = [
+            _Shard(o, k[len(prefix) :])
+            for k, o in sorted(objects.items())
+            if k.endswith(".safetensors") and "/" not in k[len(prefix) :]
+        ]
+        if not shards:
+            raise NotFound(f"{url}: no .safetensors files and no {INDEX_NAME}")
+        return shards, None
+
+    def _name(self, shard: _Shard) -> str:
+        text = str(self.url)
+        return text if text.endswith(shard.rel) else f"{text.rstrip('/')}/{shard.rel}"
+
+    async def _header(self, fetcher: Fetcher, shard: _Shard) -> None:
+        name = self._name(shard)
+        probe = await fetcher.read_bytes(shard.info, 0, HEADER_PROBE_BYTES)
+        n = fmt.header_length(probe, shard.info.size, name)
+        if len(probe) < 8 + n:
+            probe += await fetcher.read_bytes(shard.info, len(probe), 8 + n - len(probe))
+        shard.header = fmt.parse_header(probe[8 : 8 + n], shard.info.size, name)
+        shard.prefix = probe[: 8 + n]
+
+    def _local_path(self, shard: _Shard, cache: CacheIndex | None) -> Path | None:
+        """The local file to read instead of the network: a file:// source itself, or a
+        current copy in ``cache_dir``."""
+        if self.url.scheme == "file":
+            return Path("/" + shard.info.key.lstrip("/"))
+        if cache is None or self.cache_dir is None:
+            return None
+        path = self.cache_dir / shard.rel
+        display = (
+            f"{self.url.scheme}://{self.url.bucket}/{shard.info.key}"
+            if self.url.bucket
+            else shard.info.key
+        )
+        if cache.is_current(shard.rel, display, shard.info.version, shard.info.size, path):
+            return path
+        return None
+
+    async def _load(
+        self, fetcher: Fetcher, shards: list[_Shard], index: fmt.ShardIndex | None, t0: float
+    ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+        cache = CacheIndex(self.cache_dir) if self.cache_dir is not None else None
+        local = {s.rel: self._local_path(s, cache) for s in shards}
+        await asyncio.gather(*(self._header(fetcher, s) for s in shards))
+        if index is not None:
+            fmt.check_shards(index, {s.rel: s.header for s in shards if s.header is not None})
+        names: set[str] = set()
+        for s in shards:
+            assert s.header is not None
+            for spec in s.header.tensors:
+                if spec.name in names:
+                    raise InvalidCheckpoint(f"{s.rel}: tensor {spec.name} appears in two shards")
+                names.add(spec.name)
+        total = sum(s.info.size for s in shards)
+        self.progress.on_start(files_total=len(shards), bytes_total=total, bytes_done=0)
+        remote = [s for s in shards if local[s.rel] is None]
+        from_disk = [s for s in shards if local[s.rel] is not None]
+        files = [
+            fetcher.plan_file(s.info, s.rel, self._make_target(fetcher, s), self._on_done(cache))
+            for s in remote
+        ]
+
+        async def read_local(s: _Shard) -> None:
+            assert s.header is not None
+            s.target = ShardTarget(None, s.header, self.device, None, s.prefix)
+            path = local[s.rel]
+            assert path is not None
+            await asyncio.to_thread(s.target.fill_from_file, path)
+            self.progress.on_bytes(s.info.size)
+            self.progress.on_file_done(s.rel, cached=self.url.scheme != "file")
+
+        await asyncio.gather(fetcher.transfer(files), *(read_local(s) for s in from_disk))
+        tensors: dict[str, torch.Tensor] = {}
+        for s in shards:
+            assert s.target is not None
+            tensors.update(_tensors_of(s.target, self.dtype))
+        seconds = time.monotonic() - t0
+        c = fetcher.counters
+        verified: dict[str, int] = {}
+        for f in files:
+            for kind in f.verified:
+                verified[kind] = verified.get(kind, 0) + 1
+        report = LoadReport(
+            source=str(self.url),
+            device=str(self.device),
+            files=len(shards),
+            tensors=len(tensors),
+            bytes_total=total,
+            bytes_transferred=c.bytes_transferred,
+            bytes_from_cache=sum(s.info.size for s in from_disk),
+            seconds=round(seconds, 3),
+            mb_per_s=round(total / seconds / 1e6, 1) if seconds > 0 else 0.0,
+            retries=c.retries,
+            verified=verified,
+        )
+        return tensors, report
+
+    def _make_target(self, fetcher: Fetcher, shard: _Shard) -> Callable[[TransferFile], FileTarget]:
+        def make(f: TransferFile) -> FileTarget:
+            assert shard.header is not None
+            disk = None
+            if self.cache_dir is not None:
+                header = JournalHeader(f.display, f.info.size, f.info.version, f.chunk_bytes)
+                disk = DiskTarget(
+                    self.cache_dir / shard.rel, header, fetcher.writer, fsync=self.config.fsync
+                )
+            shard.target = ShardTarget(fetcher, shard.header, self.device, disk, shard.prefix)
+            return shard.target
+
+        return make
+
+    def _on_done(self, cache: CacheIndex | None) -> Callable[[TransferFile], None] | None:
+        if cache is None or self.cache_dir is None:
+            return None
+        cache_dir = self.cache_dir
+
+        def done(f: TransferFile) -> None:
+            cache.record(f.rel, f.display, f.info.version, f.info.size, cache_dir / f.rel)
+            cache.save()
+
+        return done
+
+
+async def load_async(
+    src: str,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    config: FetchConfig | None = None,
+    progress: ProgressListener | None = None,
+) -> tuple[dict[str, torch.Tensor], LoadReport]:
+    """Load every tensor of a safetensors checkpoint (one file, a sharded checkpoint with
+    ``model.safetensors.index.json``, or a prefix holding one) from any source ``fetch``
+    takes. Returns the tensors and a :class:`LoadReport`."""
+    return await Loader(src, device, dtype, cache_dir, config, progress).run()
+
+
+def load(
+    src: str,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    config: FetchConfig | None = None,
+) -> dict[str, torch.Tensor]:
+    """Synchronous :func:`load_async` returning only the tensors.
+
+    Example::
+
+        state = spotstart.load("gs://my-models/llama-3-8b/", device="cuda",
+                               cache_dir="/nvme/llama")
+    """
+    tensors, _ = asyncio.run(load_async(src, device, dtype, cache_dir, config))
+    return tensors
+
+
+def load_into(
+    module: torch.nn.Module,
+    src: str,
+    strict: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None,
+    config: FetchConfig | None = None,
+    device: str | None = None,
+) -> LoadReport:
+    """Fill ``module`` (built on the meta device, or anywhere) with the checkpoint's tensors
+    without a second copy: the loaded tensors become the parameters (``assign=True``).
+
+    Example::
+
+        with torch.device("meta"):
+            model = MyModel(config)
+        spotstart.load_into(model, "s3://models/my-model/")
+    """
+    target_device = device
+    if target_device is None:
+        params = list(module.parameters())
+        target_device = (
+            "cpu" if not params or params[0].device.type == "meta" else str(params[0].device)
+        )
+    tensors, report = asyncio.run(load_async(src, target_device, None, cache_dir, config))
+    try:
+        module.load_state_dict(tensors, strict=strict, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise InvalidCheckpoint(
+            f"{src}: does not fit the module: {' '.join(x.strip() for x in first)[:500]}"
+        ) from exc
+    return report
+
+
+__all__ = ["LoadReport", "Loader", "load", "load_async", "load_into"]
