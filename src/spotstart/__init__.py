@@ -5,6 +5,17 @@ The public API is what ``__all__`` lists; everything else is internal.
 
 from spotstart.errors import SpotstartError
 from spotstart.fetch import FetchConfig, FetchReport, fetch, fetch_async
+from spotstart.weights.loader import LoadReport, load, load_async, load_into
 
-__all__ = ["FetchConfig", "FetchReport", "SpotstartError", "fetch", "fetch_async"]
+__all__ = [
+    "FetchConfig",
+    "FetchReport",
+    "LoadReport",
+    "SpotstartError",
+    "fetch",
+    "fetch_async",
+    "load",
+    "load_async",
+    "load_into",
+]
 __version__ = "0.1.0"

@@ -238,24 +238,37 @@ async def _all(futures: list[asyncio.Future[None]]) -> None:
 
 
 class _Staging:
-    """Host -> GPU copies through pinned buffers, overlapped on a side stream. Called on the
-    writer's threads; each copy waits for its own event before its buffer is reused."""
+    """Host -> GPU copies through a small pool of pinned buffers on a side stream, so the
+    copy of one batch overlaps the network reads of the next. Called on the writer's threads;
+    a buffer goes back to the pool once its copy's event has completed, which bounds pinned
+    memory to ``buffers x buffer_bytes``."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, buffers: int = 4, buffer_bytes: int = 8 << 20) -> None:
+        import queue
+
         torch = _torch()
         self.torch = torch
         self.stream = torch.cuda.Stream(device=device)
-        self.events: list[Any] = []
+        self.buffer_bytes = buffer_bytes
+        self.pool: queue.Queue[Any] = queue.Queue()
+        for _ in range(buffers):
+            self.pool.put(torch.empty(buffer_bytes, dtype=torch.uint8, pin_memory=True))
 
     def copy(self, flat: torch.Tensor, at: int, src: Any) -> None:
         torch = self.torch
-        pinned = torch.empty(len(src), dtype=torch.uint8, pin_memory=True)
-        pinned.numpy()[:] = src
-        with torch.cuda.stream(self.stream):
-            flat[at : at + len(src)].copy_(pinned, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        event.synchronize()  # bounded: the pinned buffer is free again when this returns
+        for off in range(0, len(src), self.buffer_bytes):
+            part = src[off : off + self.buffer_bytes]
+            n = len(part)
+            pinned = self.pool.get()
+            try:
+                pinned.numpy()[:n] = part
+                with torch.cuda.stream(self.stream):
+                    flat[at + off : at + off + n].copy_(pinned[:n], non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(self.stream)
+                event.synchronize()
+            finally:
+                self.pool.put(pinned)
 
     def drain(self) -> None:
         self.stream.synchronize()
