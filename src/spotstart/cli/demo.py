@@ -120,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         t = time.monotonic()
         r3 = fetch(url, dest, base, progress=NullProgress())
         rows.append(("again (cached)", time.monotonic() - t, 0.0))
+        load_note = _demo_load(console, err, url, base, rows)
         stats = emu.stats()
 
     table = Table(
@@ -140,10 +141,40 @@ def run(args: argparse.Namespace) -> int:
         f"copied {r3.bytes_transferred} bytes ({r3.files_cached} files already current); "
         f"link carried {stats.get('body_bytes_down', 0) / 1e6:.0f} MB of bodies in all"
     )
+    console.print(load_note)
     console.print(f"data kept in {work}" if args.workdir else "")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _demo_load(
+    console: Console,
+    err: Console,
+    url: str,
+    config: FetchConfig,
+    rows: list[tuple[str, float, float]],
+) -> str:
+    """Step 7: the same checkpoint straight into torch tensors, if torch is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        return (
+            "(install spotstart[torch] to also see `spotstart load` fill tensors as bytes arrive)"
+        )
+    import asyncio
+
+    from spotstart.weights.loader import load_async
+
+    console.print("7. spotstart load: the same checkpoint into torch tensors while it arrives:")
+    if err.is_terminal:
+        with RichProgress(err, "load") as bar:
+            tensors, report = asyncio.run(load_async(url, config=config, progress=bar))
+    else:
+        tensors, report = asyncio.run(load_async(url, config=config))
+    rows.append(("spotstart load (cpu)", report.seconds, report.mb_per_s))
+    total_mb = sum(t.numel() * t.element_size() for t in tensors.values()) / 1e6
+    return f"load: {report.tensors} tensors ({total_mb:.0f} MB) ready in {report.seconds:.2f}s"
 
 
 def _export_creds(env: dict[str, str]) -> None:
