@@ -36,6 +36,10 @@ def open_source(
         from spotstart.store.s3 import S3Source
 
         return S3Source(url.bucket, options, endpoint=endpoint, anonymous=anonymous)
+    if url.scheme == "az":
+        from spotstart.store.azure import AzureSource
+
+        return AzureSource(url.bucket, options, endpoint=endpoint, anonymous=anonymous)
     if url.scheme in ("http", "https"):
         from spotstart.store.http import HttpSource
 
@@ -46,5 +50,5 @@ def open_source(
         return LocalSource("/")
     raise UsageError(
         f"{url}: {url.scheme}:// is not supported yet (see README, 'Not yet'); "
-        "copy with azcopy or use gs://, s3://, http(s)://, file://"
+        "use gs://, s3://, az://, http(s)://, file://"
     )
