@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class CacheIndex:
         self.path = dest / INDEX_DIR / INDEX_NAME
         self.entries: dict[str, CacheEntry] = {}
         self._lock = threading.Lock()  # files finish concurrently; saves run on threads
+        self._saved_at = -1e9
         try:
             raw = json.loads(self.path.read_text())
             self.entries = {k: CacheEntry(**v) for k, v in raw.get("files", {}).items()}
@@ -50,8 +52,14 @@ class CacheIndex:
         with self._lock:
             self.entries[rel] = entry
 
-    def save(self) -> None:
+    def save(self, min_interval_s: float = 0.0) -> None:
+        """Write the index atomically; skipped when the last save is younger than
+        ``min_interval_s`` (the caller saves once more at the end)."""
+        now = time.monotonic()
         with self._lock:
+            if min_interval_s and now - self._saved_at < min_interval_s:
+                return
+            self._saved_at = now
             body = {"version": 1, "files": {k: asdict(v) for k, v in sorted(self.entries.items())}}
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_name(f"{INDEX_NAME}.{os.getpid()}.tmp")

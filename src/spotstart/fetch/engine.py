@@ -358,6 +358,9 @@ class Fetcher:
             await self.transfer(files)
         finally:
             self.writer.close()
+            if files:
+                with contextlib.suppress(OSError):  # never mask the error that got us here
+                    cache.save()
         results.extend(
             FileResult(
                 f.info.key,
@@ -415,7 +418,9 @@ class Fetcher:
     def _record(self, cache: CacheIndex, final: Path) -> Callable[[TransferFile], None]:
         def done(f: TransferFile) -> None:
             cache.record(f.rel, f.display, f.info.version, f.info.size, final)
-            cache.save()
+            # Rewriting the index after every file is quadratic for big trees: at most once
+            # a second here, and once more when the run ends.
+            cache.save(min_interval_s=1.0)
 
         return done
 
