@@ -1,0 +1,176 @@
+"""`spotstart plan run|sweep`: replay fleet policies on spot traces; thin shell over
+`spotstart.fleet`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from spotstart.errors import UsageError
+
+if TYPE_CHECKING:
+    from spotstart.fleet import PlanConfig
+
+DEFAULT_COLD_STARTS = "30,120,300,1080"
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="cost and availability of spot fleet policies, replayed on real traces",
+        description="Replay fleet policies (on-demand, spot, SpotHedge, warm_hedge...) on spot "
+        "capacity traces and report availability and cost relative to all-on-demand.",
+    )
+    psub = p.add_subparsers(dest="plan_command", required=True)
+    run_p = psub.add_parser("run", help="every policy of the config on its trace")
+    _common(run_p)
+    run_p.add_argument("--plot", metavar="PNG", help="write ready replicas and cost over time")
+    run_p.add_argument("--html", metavar="HTML", help="write a self-contained HTML report")
+    run_p.set_defaults(run=run)
+    sweep_p = psub.add_parser("sweep", help="availability and cost vs cold start and zones")
+    _common(sweep_p)
+    sweep_p.add_argument(
+        "--cold-starts",
+        default=DEFAULT_COLD_STARTS,
+        metavar="S,S,...",
+        help=f"cold-start seconds to try ({DEFAULT_COLD_STARTS})",
+    )
+    sweep_p.add_argument(
+        "--zones", metavar="K,K,...", help="zone counts to try (first K zones; default 1..all)"
+    )
+    sweep_p.add_argument("--plot", metavar="PNG", help="write the sweep figure")
+    sweep_p.set_defaults(run=sweep)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="fleet YAML (see examples/fleet.yaml)")
+    p.add_argument("--traces-dir", help="folder of spot traces (overrides traces_dir)")
+    p.add_argument(
+        "--policy", action="append", default=[], metavar="NAME", help="only these policies"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
+
+
+def _fleet() -> None:
+    """numpy, matplotlib and pyyaml come with the ``plan`` extra: import them only when used,
+    so that `spotstart` itself starts without them."""
+    try:
+        import matplotlib  # noqa: F401
+        import numpy  # noqa: F401
+        import yaml  # type: ignore[import-untyped,unused-ignore]  # noqa: F401
+    except ImportError as exc:
+        raise UsageError(
+            f"spotstart plan needs {exc.name}: pip install 'spotstart[plan]'"
+        ) from None
+
+
+def _load(args: argparse.Namespace) -> PlanConfig:
+    _fleet()
+    from spotstart.fleet import ConfigError, PlanConfig, load_config
+
+    plan = load_config(args.config, args.traces_dir)
+    if args.policy:
+        known = dict(plan.policies)
+        from spotstart.fleet.policies import POLICIES
+
+        for name in args.policy:
+            if name not in POLICIES:
+                raise ConfigError(
+                    f"--policy {name!r}: unknown; choose one of {', '.join(POLICIES)}"
+                )
+        plan = PlanConfig(
+            plan.spec,
+            plan.capacity,
+            plan.target,
+            tuple((n, known.get(n, {})) for n in args.policy),
+            plan.source,
+            plan.zone_traces,
+        )
+    return plan
+
+
+def _numbers(text: str, flag: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(
+            f"{flag} {text!r}: expected comma-separated numbers, e.g. 30,120"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise UsageError(f"{flag} {text!r}: expected positive numbers")
+    return values
+
+
+def run(args: argparse.Namespace) -> int:
+    plan = _load(args)
+    from spotstart.fleet import render, run_plan
+
+    runs = run_plan(plan)
+
+    title = f"{plan.source}: {len(plan.spec.zones)} zones, {plan.capacity.shape[1]} ticks"
+    if args.plot:
+        render.write_bytes(args.plot, render.runs_figure_png(runs, title))
+    if args.html:
+        render.write_bytes(args.html, render.html_report(runs, title))
+    if args.json:
+        json.dump(
+            {"config": plan.source, "runs": [r.summary() for r in runs]}, sys.stdout, indent=2
+        )
+        sys.stdout.write("\n")
+        return 0
+    table = Table(title=title)
+    rows = render.run_rows(runs)
+    for key in rows[0]:
+        table.add_column(key, justify="left" if key == "policy" else "right")
+    for row in rows:
+        table.add_row(*row.values())
+    Console().print(table)
+    return 0
+
+
+def sweep(args: argparse.Namespace) -> int:
+    plan = _load(args)
+    cold = _numbers(args.cold_starts, "--cold-starts")
+    zones = (
+        [int(v) for v in _numbers(args.zones, "--zones")]
+        if args.zones
+        else list(range(1, len(plan.spec.zones) + 1))
+    )
+    if any(k > len(plan.spec.zones) for k in zones):
+        raise UsageError(f"--zones {args.zones}: the config has {len(plan.spec.zones)} zones")
+    from spotstart.fleet.sweep import sweep_cold_start, sweep_zones
+
+    points = sweep_cold_start(plan, cold) + sweep_zones(plan, zones)
+    if args.plot:
+        from spotstart.fleet import render
+
+        render.write_bytes(args.plot, render.sweep_figure_png(points, plan.source))
+    if args.json:
+        out: list[dict[str, Any]] = [vars(p) for p in points]
+        json.dump({"config": plan.source, "points": out}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    console = Console()
+    for axis, label in (("cold_start_s", "cold start (s)"), ("zones", "zones")):
+        pts = [p for p in points if p.axis == axis]
+        values = list(dict.fromkeys(p.value for p in pts))
+        table = Table(title=f"availability/cost vs {label} (cost: share of all-on-demand)")
+        table.add_column("policy")
+        for v in values:
+            table.add_column(f"{v:g}", justify="right")
+        for policy in dict.fromkeys(p.policy for p in pts):
+            cells = {p.value: p for p in pts if p.policy == policy}
+            table.add_row(
+                policy,
+                *(
+                    f"{cells[v].availability * 100:.2f}%/{cells[v].cost_relative:.2f}"
+                    for v in values
+                ),
+            )
+        console.print(table)
+    return 0

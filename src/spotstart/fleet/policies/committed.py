@@ -1,0 +1,31 @@
+"""Committed-use baseline plus spot burst: ``committed`` discounted nodes always on, the rest
+of the target on spot spread over zones."""
+
+from __future__ import annotations
+
+from spotstart.fleet.model import Action, FleetState, Launch, ReplicaKind
+from spotstart.fleet.policies.base import alive, release_newest
+from spotstart.fleet.policies.spread import spot_failed_everywhere, spread_launches
+
+
+class CommittedBaseline:
+    """Use every committed node the fleet pays for; cover the rest with spread spot."""
+
+    name = "committed_burst"
+
+    def decide(self, state: FleetState) -> list[Action]:
+        committed = alive(state, ReplicaKind.COMMITTED)
+        spot = alive(state, ReplicaKind.SPOT)
+        actions: list[Action] = []
+        if state.round == 0:
+            zone = min(state.zones, key=lambda z: z.on_demand_per_hour).name
+            actions += [
+                Launch(ReplicaKind.COMMITTED, (zone,))
+                for _ in range(state.committed_replicas - len(committed))
+            ]
+        gap = max(0, state.target_replicas - state.committed_replicas) - len(spot)
+        if gap < 0:
+            actions += release_newest(spot, -gap)
+        elif not spot_failed_everywhere(state):
+            actions += spread_launches(state, gap)
+        return actions

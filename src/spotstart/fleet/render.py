@@ -1,0 +1,135 @@
+"""Figures and the self-contained HTML report of `spotstart plan` (matplotlib, Agg backend).
+Output only; nothing here decides anything. Needs the ``plan`` extra."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from spotstart.fleet.simulator import FleetRun
+from spotstart.fleet.sweep import SweepPoint
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def run_rows(runs: Sequence[FleetRun]) -> list[dict[str, str]]:
+    """The report table, formatted: one row per policy."""
+    rows = []
+    for r in runs:
+        rows.append(
+            {
+                "policy": r.policy,
+                "avail": f"{r.availability * 100:.3f}%",
+                "cost/OD": f"{r.cost_relative:.3f}",
+                "spot h": f"{r.spot_replica_hours:.0f}",
+                "OD h": f"{r.on_demand_replica_hours:.0f}",
+                "commit h": f"{r.committed_replica_hours:.0f}",
+                "preempt": str(r.preemptions),
+                "below": f"{r.time_below_target_s / 3600:.2f} h",
+            }
+        )
+    return rows
+
+
+def runs_figure_png(runs: Sequence[FleetRun], title: str = "") -> bytes:
+    """PNG bytes: ready replicas (with the target) and cumulative cost over time, per policy."""
+    plt = _pyplot()
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
+    for r in runs:
+        hours = np.arange(len(r.ready_replicas)) * (r.horizon_s / len(r.ready_replicas)) / 3600
+        ax1.plot(hours, r.ready_replicas, lw=0.7, label=r.policy, drawstyle="steps-post")
+        cum = np.cumsum(r.cost_per_tick) / max(r.reference_cost, 1e-12)
+        ax2.plot(hours, cum, lw=1.2, label=f"{r.policy} ({r.cost_relative:.2f})")
+    if runs:
+        r0 = runs[0]
+        t_hours = np.arange(len(r0.target_replicas)) * (r0.horizon_s / len(r0.target_replicas))
+        ax1.plot(t_hours / 3600, r0.target_replicas, "k--", lw=1, label="target")
+    ax1.set_ylabel("ready replicas")
+    ax1.legend(fontsize=7, ncol=4, loc="upper right")
+    ax2.set_ylabel("cumulative cost / all-on-demand total")
+    ax2.set_xlabel("hours")
+    ax2.legend(fontsize=7, ncol=2, loc="upper left")
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def sweep_figure_png(points: Sequence[SweepPoint], title: str = "") -> bytes:
+    """PNG bytes: availability and relative cost versus each swept axis, one line per policy."""
+    plt = _pyplot()
+    axes_names = sorted({p.axis for p in points})
+    fig, axes = plt.subplots(
+        2, max(1, len(axes_names)), figsize=(6 * max(1, len(axes_names)), 7), squeeze=False
+    )
+    for col, axis in enumerate(axes_names):
+        pts = [p for p in points if p.axis == axis]
+        for policy in dict.fromkeys(p.policy for p in pts):
+            xs = [p.value for p in pts if p.policy == policy]
+            axes[0][col].plot(
+                xs,
+                [p.availability * 100 for p in pts if p.policy == policy],
+                marker="o",
+                label=policy,
+            )
+            axes[1][col].plot(
+                xs, [p.cost_relative for p in pts if p.policy == policy], marker="o", label=policy
+            )
+        axes[0][col].set_ylabel("availability (%)")
+        axes[1][col].set_ylabel("cost / all-on-demand")
+        axes[1][col].set_xlabel("cold start (s)" if axis == "cold_start_s" else "zones")
+        if axis == "cold_start_s":
+            axes[0][col].set_xscale("log")
+            axes[1][col].set_xscale("log")
+        axes[0][col].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def html_report(runs: Sequence[FleetRun], title: str = "spotstart plan") -> str:
+    """One self-contained HTML page (figure inlined as base64): the table and the figure."""
+    rows = run_rows(runs)
+    head = "".join(f"<th>{html.escape(k)}</th>" for k in (rows[0] if rows else {}))
+    body = "".join(
+        "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row.values()) + "</tr>"
+        for row in rows
+    )
+    png = base64.b64encode(runs_figure_png(runs, title)).decode()
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;"
+        "text-align:right}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1><table><tr>{head}</tr>{body}</table>"
+        f"<p><img alt='ready replicas and cost over time' src='data:image/png;base64,{png}'>"
+        "</p></body></html>"
+    )
+
+
+def write_bytes(path: str | Path, data: bytes | str) -> None:
+    """Write a report file, creating its directory."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(data, str):
+        p.write_text(data)
+    else:
+        p.write_bytes(data)

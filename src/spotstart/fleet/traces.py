@@ -1,0 +1,117 @@
+"""Spot-capacity traces: read the public JSON files, synthesise capacity, and put traces of
+different tick sizes and lengths on one honest common grid. Reading files is the only I/O."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from spotstart.fleet.errors import ConfigError
+
+IntArray = npt.NDArray[np.int64]
+
+
+@dataclass(frozen=True, eq=False)
+class CapacityTrace:
+    """Spot nodes obtainable in one zone per tick (``k > 0``: capacity available)."""
+
+    name: str
+    tick_seconds: float
+    capacity: IntArray
+
+    @property
+    def duration_s(self) -> float:
+        return self.tick_seconds * len(self.capacity)
+
+
+def load_trace(path: str | Path, name: str | None = None) -> CapacityTrace:
+    """Read one ``{"metadata": {"gap_seconds": N}, "data": [k0, k1, ...]}`` file.
+
+    Example: ``load_trace(traces_dir / "gcp-a100-spothedge/us-east1-b_a100_40gb_8.json")``.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: trace file not found; check traces_dir / --traces-dir")
+    try:
+        doc = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{p}: not a readable JSON trace ({exc})") from None
+    if not isinstance(doc, dict) or "data" not in doc or "metadata" not in doc:
+        raise ConfigError(f"{p}: expected keys 'metadata' and 'data' in a spot trace")
+    gap = doc["metadata"].get("gap_seconds") if isinstance(doc["metadata"], dict) else None
+    if not isinstance(gap, int | float) or isinstance(gap, bool) or gap <= 0:
+        raise ConfigError(f"{p}: metadata.gap_seconds must be a positive number, got {gap!r}")
+    data = doc["data"]
+    if not isinstance(data, list) or not data:
+        raise ConfigError(f"{p}: empty trace (no 'data' samples); pick another file")
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data):
+        raise ConfigError(f"{p}: 'data' must hold non-negative integers (nodes obtainable)")
+    return CapacityTrace(name or p.stem, float(gap), np.asarray(data, dtype=np.int64))
+
+
+def resample_min(trace: CapacityTrace, tick_seconds: float) -> CapacityTrace:
+    """Re-grid onto ``tick_seconds`` >= the trace's tick, taking the *minimum* capacity of
+    every sample overlapping each new window: a zone counts as up for a window only if it was
+    up throughout, so coarsening never invents capacity (it can only hide short recoveries)."""
+    if tick_seconds < trace.tick_seconds:
+        raise ConfigError(
+            f"{trace.name}: cannot resample a {trace.tick_seconds:g} s trace to a finer "
+            f"{tick_seconds:g} s tick; use a tick >= the coarsest trace tick"
+        )
+    if tick_seconds == trace.tick_seconds:
+        return trace
+    n_out = int(trace.duration_s // tick_seconds)
+    if n_out == 0:
+        raise ConfigError(f"{trace.name}: shorter than one {tick_seconds:g} s tick")
+    src = trace.capacity
+    k = np.arange(n_out)
+    starts = np.floor(k * tick_seconds / trace.tick_seconds + 1e-9).astype(np.int64)
+    ends = np.ceil((k + 1) * tick_seconds / trace.tick_seconds - 1e-9).astype(np.int64)
+    ends = np.minimum(ends, len(src))
+    out = np.array([src[a:b].min() for a, b in zip(starts, ends, strict=True)], dtype=np.int64)
+    return CapacityTrace(trace.name, float(tick_seconds), out)
+
+
+def align(
+    traces: Sequence[CapacityTrace], tick_seconds: float | None = None
+) -> tuple[float, IntArray]:
+    """Stack traces into one (zones x ticks) matrix on the coarsest tick (or ``tick_seconds``),
+    truncated to the shortest trace: only the window every zone was measured in is replayed."""
+    if not traces:
+        raise ConfigError("no zones: give at least one zone with a trace or a synthetic model")
+    tick = max(t.tick_seconds for t in traces) if tick_seconds is None else float(tick_seconds)
+    grid = [resample_min(t, tick) for t in traces]
+    n = min(len(g.capacity) for g in grid)
+    return tick, np.stack([g.capacity[:n] for g in grid])
+
+
+def synthetic_trace(
+    name: str,
+    *,
+    ticks: int,
+    tick_seconds: float,
+    mean_up_hours: float,
+    mean_down_hours: float,
+    nodes: int = 1,
+    seed: int = 0,
+) -> CapacityTrace:
+    """A two-state (up/down) Markov capacity model with exponential sojourns; deterministic for
+    a seed. Up means ``nodes`` obtainable, down means none."""
+    if mean_up_hours <= 0 or mean_down_hours <= 0 or ticks <= 0 or nodes < 0:
+        raise ConfigError(f"{name}: synthetic model needs positive means, ticks and nodes >= 0")
+    rng = np.random.default_rng(seed)
+    p_fail = 1.0 - math.exp(-tick_seconds / (mean_up_hours * 3600.0))
+    p_recover = 1.0 - math.exp(-tick_seconds / (mean_down_hours * 3600.0))
+    u = rng.random(ticks)
+    out = np.empty(ticks, dtype=np.int64)
+    up = True
+    for i in range(ticks):
+        out[i] = nodes if up else 0
+        up = (u[i] >= p_fail) if up else (u[i] < p_recover)
+    return CapacityTrace(name, float(tick_seconds), out)

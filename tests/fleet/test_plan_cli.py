@@ -1,0 +1,123 @@
+"""`spotstart plan run|sweep` as a user runs it (the parser built here, as main() builds it)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import yaml  # type: ignore[import-untyped,unused-ignore]
+
+from spotstart.cli import plan_cmd
+from spotstart.fleet import ConfigError
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="spotstart")
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan_cmd.add_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.run(args))
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    zones = [
+        {
+            "name": f"s{i}",
+            "synthetic": {"mean_up_hours": 6, "mean_down_hours": 1, "hours": 48, "seed": i},
+        }
+        for i in range(3)
+    ]
+    cfg = tmp_path / "fleet.yaml"
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "zones": zones,
+                "target": {"replicas": 2},
+                "policies": ["on_demand", "spothedge", "warm_hedge"],
+            }
+        )
+    )
+    return cfg
+
+
+def test_plan_run_prints_json_and_writes_png_and_html(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    png, page = tmp_path / "out.png", tmp_path / "out.html"
+    assert (
+        run_cli(
+            [
+                "plan",
+                "run",
+                "--config",
+                str(config),
+                "--json",
+                "--plot",
+                str(png),
+                "--html",
+                str(page),
+            ]
+        )
+        == 0
+    )
+    out = json.loads(capsys.readouterr().out)
+    assert [r["policy"] for r in out["runs"]] == ["on_demand", "spothedge", "warm_hedge"]
+    assert out["runs"][0]["availability"] == 1.0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = page.read_text()
+    assert "data:image/png;base64," in text and "warm_hedge" in text and "src='http" not in text
+
+
+def test_plan_run_prints_a_table(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run_cli(["plan", "run", "--config", str(config), "--policy", "on_demand"]) == 0
+    assert "on_demand" in capsys.readouterr().out
+
+
+def test_plan_sweep_covers_cold_starts_and_zone_counts(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    png = tmp_path / "sweep.png"
+    assert (
+        run_cli(
+            [
+                "plan",
+                "sweep",
+                "--config",
+                str(config),
+                "--cold-starts",
+                "30,1080",
+                "--json",
+                "--plot",
+                str(png),
+            ]
+        )
+        == 0
+    )
+    points = json.loads(capsys.readouterr().out)["points"]
+    assert {(p["axis"], p["value"]) for p in points} == {
+        ("cold_start_s", 30.0),
+        ("cold_start_s", 1080.0),
+        ("zones", 1),
+        ("zones", 2),
+        ("zones", 3),
+    }
+    assert png.exists()
+    assert run_cli(["plan", "sweep", "--config", str(config), "--zones", "1,3"]) == 0
+    assert "availability/cost vs zones" in capsys.readouterr().out
+
+
+def test_unknown_policy_flag_is_a_config_error(config: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown"):
+        run_cli(["plan", "run", "--config", str(config), "--policy", "cheapest"])
+
+
+def test_importing_the_command_does_not_import_numpy() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, spotstart.cli.plan_cmd; print('numpy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
