@@ -12,11 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from spotstart.emulate.link import LinkConfig
 from spotstart.emulate.storage import StorageEmulator, StorageEmulatorOptions
 
 BUCKET = "models"
+
+# No wall-clock limits in tests (STYLE.md): hypothesis' per-example deadline is one, and it
+# fails on a busy 2-core machine. Per-test timeouts (pytest-timeout) still bound a hang.
+settings.register_profile("spotstart", deadline=None, print_blob=True)
+settings.load_profile("spotstart")
 
 # Credential chains probe cloud metadata servers (169.254.169.254): point them nowhere.
 ISOLATED_ENV = {
@@ -27,6 +33,8 @@ ISOLATED_ENV = {
     "GCE_METADATA_IP": "127.0.0.1:9",
     "NO_GCE_CHECK": "True",
     "CLOUDSDK_CONFIG": "/nonexistent/gcloud",
+    "SPOTSTART_AZURE_METADATA_URL": "http://127.0.0.1:9",
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT": "http://127.0.0.1:9",
 }
 CLEARED = (
     "AWS_PROFILE",
@@ -77,6 +85,18 @@ def clean_cloud(cloud: StorageEmulator) -> Iterator[StorageEmulator]:
     yield cloud
     cloud.clear_faults()
     cloud.set_link(fast)
+
+
+@pytest.fixture(autouse=True)
+def _no_faults_leak(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Whatever a test did to the shared cloud (faults, a slow link), the next test starts
+    clean, even when the test failed half-way or used ``cloud`` directly."""
+    yield
+    if "cloud" in request.fixturenames:
+        emu: StorageEmulator = request.getfixturevalue("cloud")
+        emu.clear_faults()
+        emu.set_link(LinkConfig(per_conn_bytes_per_s=None, first_byte_latency_s=0.0))
+        emu.reset_stats()
 
 
 @pytest.fixture

@@ -10,7 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from spotstart.errors import IntegrityError, RetriesExceeded, TransientError, UsageError
+from spotstart.errors import (
+    EndpointUnreachable,
+    IntegrityError,
+    ObjectChanged,
+    RetriesExceeded,
+    StallDetected,
+    TransferStalled,
+    TransientError,
+    UsageError,
+)
 from spotstart.fetch import FetchConfig, FetchReport, NullProgress
 from spotstart.fetch.engine import Fetcher
 from spotstart.fetch.journal import JOURNAL_SUFFIX, PART_SUFFIX
@@ -201,3 +210,137 @@ def test_memory_stays_bounded_by_the_writer_queue(tmp_path: Path) -> None:
 
     assert asyncio.run(scenario()) <= 4 * MiB
     assert (tmp_path / "w").read_bytes()[5 * MiB : 6 * MiB] == blob(MiB, 5)
+
+
+class Recorder(NullProgress):
+    """Progress events as a test sees them."""
+
+    def __init__(self) -> None:
+        self.net_bytes = 0
+        self.retry_delays: list[float] = []
+
+    def on_bytes(self, n: int) -> None:
+        self.net_bytes += n
+
+    def on_retry(self, what: str, error: str, delay_s: float) -> None:
+        self.retry_delays.append(delay_s)
+
+
+def test_progress_is_rolled_back_for_bytes_fetched_again(tmp_path: Path) -> None:
+    data = blob(4 * MiB)
+
+    def fault(key: str, start: int, length: int, attempt: int) -> bytes | None:
+        if attempt == 0 and start in (0, 2 * MiB):
+            return data[start : start + length // 3]  # a short body: retried from scratch
+        return None
+
+    progress = Recorder()
+    fetcher = Fetcher(
+        MemorySource({"m/x": data}, fault=fault),
+        StorageURL("gs", "bkt", "m/"),
+        tmp_path,
+        FAST,
+        progress,
+    )
+    report = asyncio.run(fetcher.run())
+    assert report.retries == 2
+    assert report.bytes_transferred > len(data)  # the wire saw the discarded bytes too
+    assert progress.net_bytes == len(data)  # the bar never counts a byte twice
+
+
+def test_server_retry_after_is_honoured(tmp_path: Path) -> None:
+    def fault(key: str, start: int, length: int, attempt: int) -> bytes | None:
+        if attempt == 0 and start == 0:
+            raise TransientError("HTTP 503 Slow Down", retry_after_s=0.05)
+        return None
+
+    progress = Recorder()
+    fetcher = Fetcher(
+        MemorySource({"m/x": blob(2 * MiB)}, fault=fault),
+        StorageURL("gs", "bkt", "m/"),
+        tmp_path,
+        FAST,  # backoff ceiling 0.01 s: only Retry-After can make the delay 0.05 s
+        progress,
+    )
+    asyncio.run(fetcher.run())
+    assert progress.retry_delays == [pytest.approx(0.05)]
+
+
+def test_stream_that_stalls_on_every_attempt_is_transfer_stalled_and_resumable(
+    tmp_path: Path,
+) -> None:
+    data = blob(3 * MiB)
+
+    def fault(key: str, start: int, length: int, attempt: int) -> bytes | None:
+        if start == 2 * MiB:
+            raise StallDetected("no bytes for 1s")
+        return None
+
+    config = FetchConfig(chunk_bytes=MiB, concurrency=1, max_attempts=3, backoff_base_s=0.001)
+    with pytest.raises(TransferStalled, match="stalled on all 3 attempts") as caught:
+        run(MemorySource({"m/x": data}, fault=fault), tmp_path, config)
+    assert caught.value.exit_code == 7
+    assert not (tmp_path / "x").exists()
+    # A transient failure keeps the finished chunks for the next run.
+    assert (tmp_path / f"x{JOURNAL_SUFFIX}").exists()
+    report = run(MemorySource({"m/x": data}), tmp_path, config)
+    assert report.bytes_resumed == 2 * MiB
+    assert (tmp_path / "x").read_bytes() == data
+
+
+def test_object_replaced_mid_read_is_object_changed_and_leaves_nothing(tmp_path: Path) -> None:
+    data = blob(4 * MiB)
+    source = MemorySource({"m/x": data})
+
+    def fault(key: str, start: int, length: int, attempt: int) -> bytes | None:
+        if start == 2 * MiB:
+            source.objects["m/x"] = blob(4 * MiB, 9)  # someone uploads a new version
+        return None
+
+    source.fault = fault
+    config = FetchConfig(chunk_bytes=MiB, concurrency=1)
+    with pytest.raises(ObjectChanged):
+        run(source, tmp_path, config)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == []
+
+
+def test_unreachable_endpoint_mid_transfer_is_reported_after_retries(tmp_path: Path) -> None:
+    def fault(key: str, start: int, length: int, attempt: int) -> bytes | None:
+        raise EndpointUnreachable("cannot connect: connection refused")
+
+    config = FetchConfig(chunk_bytes=MiB, concurrency=1, max_attempts=2, backoff_base_s=0.001)
+    with pytest.raises(EndpointUnreachable, match="after 2 attempts"):
+        run(MemorySource({"m/x": blob(MiB)}, fault=fault), tmp_path, config)
+    assert not (tmp_path / "x").exists()
+
+
+def test_objects_without_checksums_are_verified_by_size_only(tmp_path: Path) -> None:
+    data = blob(MiB + 1)
+    report = run(MemorySource({"m/x": data}, checksums=False), tmp_path)
+    assert report.verified == {"size": 1}
+    assert (tmp_path / "x").read_bytes() == data
+
+
+@pytest.mark.parametrize("bad_key", ["m/../escape", "m/a/../../escape"])
+def test_keys_escaping_dest_are_refused_before_writing(tmp_path: Path, bad_key: str) -> None:
+    dest = tmp_path / "dest"
+    with pytest.raises(UsageError, match="inside DEST"):
+        run(MemorySource({bad_key: b"evil", "m/ok": b"ok"}), dest)
+    assert not (tmp_path / "escape").exists()
+    assert not (dest / "ok").exists()
+
+
+def test_single_object_url_lands_under_its_base_name(tmp_path: Path) -> None:
+    data = blob(2 * MiB + 3)
+    source = MemorySource({"m/sub/w.bin": data, "m/sub/w.bin.other": b"no"})
+    report = run(source, tmp_path, prefix="m/sub/w.bin")
+    assert report.files_total == 1
+    assert (tmp_path / "w.bin").read_bytes() == data
+
+
+def test_two_keys_that_map_to_one_local_file_are_refused_before_writing(tmp_path: Path) -> None:
+    source = MemorySource({"m/a": blob(2 * MiB, 1), "m//a": blob(2 * MiB, 2)})
+    with pytest.raises(UsageError, match="both map to"):
+        run(source, tmp_path)
+    assert source.reads == []
+    assert not (tmp_path / "a").exists()

@@ -46,13 +46,15 @@ def test_resets_and_503_bursts_are_survived_with_retries(
     assert report.retries >= 6
 
 
-def test_corrupted_body_is_detected_by_crc32c_and_refetched(
-    obj: bytes, clean_cloud: StorageEmulator, tmp_path: Path
+@pytest.mark.parametrize(("store", "checksum"), [("gs", "crc32c"), ("s3", "md5")])
+def test_corrupted_body_is_detected_by_checksum_and_refetched(
+    store: str, checksum: str, obj: bytes, clean_cloud: StorageEmulator, tmp_path: Path
 ) -> None:
     clean_cloud.set_faults([FaultRule(kind="corrupt", at_byte=12345, count=1, ranged_only=True)])
-    report = fetch(f"gs://{BUCKET}/faults/w.bin", tmp_path, QUICK)
+    report = fetch(f"{store}://{BUCKET}/faults/w.bin", tmp_path, QUICK)
     assert (tmp_path / "w.bin").read_bytes() == obj
     assert report.refetched_chunks == 1
+    assert report.verified == {"size": 1, checksum: 1}
 
 
 @pytest.mark.parametrize("store", ["gs", "s3"])
@@ -165,5 +167,110 @@ def test_full_disk_is_a_clear_error_with_no_final_file(
         assert "space" in error_line(res.stderr)
         assert not (mnt / "d" / "w.bin").exists()
         assert not (mnt / "d" / "w.bin.spotstart.part").exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_persistent_truncation_exits_7_with_one_line_and_no_final_file(
+    obj: bytes, clean_cloud: StorageEmulator, tmp_path: Path, s3_env: dict[str, str]
+) -> None:
+    clean_cloud.set_faults(
+        [FaultRule(kind="truncate", after_bytes=1000, count=10_000, ranged_only=True)]
+    )
+    args = ["fetch", f"s3://{BUCKET}/faults/w.bin", str(tmp_path), "--chunk-size", "1M"]
+    res = run_cli([*args, "--retries", "2"], s3_env)
+    assert res.code == RetriesExceeded.exit_code, res.stderr
+    assert "gave up after 2 attempts" in error_line(res.stderr)
+    assert not (tmp_path / "w.bin").exists()
+
+
+def test_stalled_stream_is_replaced_when_stall_timeout_is_short(
+    obj: bytes, clean_cloud: StorageEmulator, tmp_path: Path, s3_env: dict[str, str]
+) -> None:
+    clean_cloud.set_faults(
+        [FaultRule(kind="stall", after_bytes=10_000, seconds=120, count=2, ranged_only=True)]
+    )
+    args = ["fetch", f"s3://{BUCKET}/faults/w.bin", str(tmp_path), "--chunk-size", "1M"]
+    res = run_cli([*args, "--stall-timeout", "1", "--json"], s3_env)
+    assert res.code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["stalls"] == 2 and report["retries"] >= 2
+    assert (tmp_path / "w.bin").read_bytes() == obj
+
+
+def test_http_source_survives_resets_and_503s(
+    obj: bytes, clean_cloud: StorageEmulator, tmp_path: Path
+) -> None:
+    clean_cloud.set_faults(
+        [
+            FaultRule(kind="reset", count=2, after_bytes=100_000, ranged_only=True),
+            FaultRule(kind="status", status=503, count=2, ranged_only=True),
+        ]
+    )
+    report = fetch(f"{clean_cloud.http_base}/{BUCKET}/faults/w.bin", tmp_path, QUICK)
+    assert (tmp_path / "w.bin").read_bytes() == obj
+    assert report.retries >= 4
+
+
+def test_interrupt_exits_130_and_the_rerun_resumes(
+    clean_cloud: StorageEmulator, gcs_env: dict[str, str], tmp_path: Path
+) -> None:
+    data = os.urandom(24 * MiB)
+    clean_cloud.seed_gcs(BUCKET, {"int/w.bin": data})
+    clean_cloud.set_link(LinkConfig(per_conn_bytes_per_s=4e6, first_byte_latency_s=0.0))
+    args = ["fetch", f"gs://{BUCKET}/int/w.bin", str(tmp_path), "--chunk-size", "1M"]
+    args += ["--concurrency", "2", "--json"]
+    proc = spawn_cli(args, gcs_env)
+    journal = tmp_path / "w.bin.spotstart.journal"
+    try:
+        _wait_for(
+            lambda: journal.exists() and len(journal.read_text().splitlines()) >= 2,
+            60,
+            "a journaled chunk",
+        )
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert not (tmp_path / "w.bin").exists()
+    clean_cloud.set_link(LinkConfig(per_conn_bytes_per_s=None, first_byte_latency_s=0.0))
+    res = run_cli(args, gcs_env)
+    assert res.code == 0, res.stderr
+    report = json.loads(res.stdout)
+    assert report["bytes_resumed"] >= MiB
+    assert report["bytes_transferred"] == len(data) - report["bytes_resumed"]
+    assert (tmp_path / "w.bin").read_bytes() == data
+
+
+def _small_tmpfs(where: Path, size: str) -> Path:
+    where.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    return where
+
+
+def test_disk_filling_up_after_the_space_check_is_disk_full_and_cleans_up(
+    obj: bytes, tmp_path: Path, gcs_env: dict[str, str]
+) -> None:
+    # A part file left by an older run passes the free-space check (its blocks were counted
+    # as reserved) but belongs to another version: preallocating the new one hits ENOSPC.
+    mnt = _small_tmpfs(tmp_path / "small", "2m")
+    try:
+        dest = mnt / "d"
+        dest.mkdir()
+        (dest / "w.bin.spotstart.part").write_bytes(b"old")
+        res = run_cli(["fetch", f"gs://{BUCKET}/faults/w.bin", str(dest)], gcs_env)
+        assert res.code == DiskFull.exit_code, res.stderr
+        assert "no space left" in error_line(res.stderr)
+        assert sorted(p.name for p in dest.iterdir() if p.name != ".spotstart") == []
     finally:
         subprocess.run(["umount", str(mnt)], check=False)

@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from spotstart.fetch.cache import CacheIndex
 from spotstart.fetch.journal import JournalHeader, PartFile
 
@@ -73,3 +77,79 @@ def test_corrupt_cache_index_is_ignored(tmp_path: Path) -> None:
     (tmp_path / ".spotstart").mkdir()
     (tmp_path / ".spotstart" / "index.json").write_text("{not json")
     assert CacheIndex(tmp_path).entries == {}
+
+
+def test_a_line_torn_by_a_crash_is_not_spliced_onto_the_next_record(tmp_path: Path) -> None:
+    part = PartFile(tmp_path / "f", header(size=200), fsync=False)
+    part.open()
+    part.commit({0: 0xAAAAAAAA})
+    part.close()
+    with open(part.journal_path, "a") as f:
+        f.write("1")  # the first byte of "12 ...": the process died here
+    resumed = PartFile(tmp_path / "f", header(size=200), fsync=False)
+    assert resumed.open() == {0: 0xAAAAAAAA}
+    resumed.commit({5: 0x0BADF00D})
+    resumed.close()
+    # Not "15 0badf00d": chunk 15 was never written and must not be trusted.
+    again = PartFile(tmp_path / "f", header(size=200), fsync=False)
+    assert again.open() == {0: 0xAAAAAAAA, 5: 0x0BADF00D}
+    again.close()
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    before=st.dictionaries(st.integers(0, 999), st.integers(0, 2**32 - 1), max_size=20),
+    after=st.dictionaries(st.integers(0, 999), st.integers(0, 2**32 - 1), max_size=20),
+    torn=st.tuples(st.integers(0, 999), st.integers(0, 2**32 - 1), st.integers(0, 10)),
+)
+def test_resume_after_any_torn_write_trusts_exactly_the_committed_chunks(
+    tmp_path_factory: pytest.TempPathFactory,
+    before: dict[int, int],
+    after: dict[int, int],
+    torn: tuple[int, int, int],
+) -> None:
+    d = tmp_path_factory.mktemp("j")
+    part = PartFile(d / "f", header(size=10_000), fsync=False)
+    part.open()
+    part.commit(before)
+    part.close()
+    index, crc, cut = torn
+    line = f"{index} {crc:08x}\n"
+    with open(part.journal_path, "a") as f:
+        f.write(line[: min(cut, len(line) - 1)])  # any strict prefix of a record
+    resumed = PartFile(d / "f", header(size=10_000), fsync=False)
+    assert resumed.open() == before
+    resumed.commit(after)
+    resumed.close()
+    again = PartFile(d / "f", header(size=10_000), fsync=False)
+    assert again.open() == {**before, **after}
+    again.close()
+
+
+def test_journal_of_a_part_file_with_the_wrong_size_starts_over(tmp_path: Path) -> None:
+    part = PartFile(tmp_path / "f", header(size=100), fsync=False)
+    part.open()
+    part.commit({0: 1, 1: 2})
+    part.close()
+    os.truncate(part.part, 50)  # the part file is not what the journal describes
+    again = PartFile(tmp_path / "f", header(size=100), fsync=False)
+    assert again.open() == {}
+    assert again.part.stat().st_size == 100
+    again.close()
+
+
+def test_cache_entries_survive_a_reload_and_a_missing_file_is_not_current(
+    tmp_path: Path,
+) -> None:
+    for name in ("a", "b"):
+        (tmp_path / name).write_bytes(name.encode())
+    idx = CacheIndex(tmp_path)
+    idx.record("a", "s3://b/a", "e1", 1, tmp_path / "a")
+    idx.record("b", "s3://b/b", "e2", 1, tmp_path / "b")
+    idx.save()
+    (tmp_path / "b").unlink()
+    fresh = CacheIndex(tmp_path)
+    assert set(fresh.entries) == {"a", "b"}
+    assert fresh.is_current("a", "s3://b/a", "e1", 1, tmp_path / "a")
+    assert not fresh.is_current("b", "s3://b/b", "e2", 1, tmp_path / "b")
+    assert not list((tmp_path / ".spotstart").glob("*.tmp"))

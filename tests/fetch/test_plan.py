@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fnmatch
+import posixpath
 import random
+from pathlib import PurePosixPath
 
 import pytest
 from hypothesis import given
@@ -120,3 +123,104 @@ def test_retry_after_is_honoured_but_bounded() -> None:
     assert p.delay_s(1, random.Random(1), retry_after_s=1e6) == 12.0
     assert not p.should_retry(p.max_attempts)
     assert p.should_retry(p.max_attempts - 1)
+
+
+@given(rel=st.text(alphabet="ab./\\", max_size=24))
+def test_any_key_maps_inside_dest_or_is_refused(rel: str) -> None:
+    try:
+        out = safe_relative_path(rel)
+    except ValueError:
+        return
+    parts = out.split("/")
+    assert not out.startswith("/")
+    assert all(p not in ("", ".", "..") for p in parts)
+    dest = PurePosixPath("/dest")
+    assert posixpath.normpath(dest / out).startswith("/dest/")
+
+
+@pytest.mark.parametrize("bad", ["/../etc/passwd", "a/b/../../../c", "..", "./"])
+def test_absolute_and_parent_escapes_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match="inside DEST"):
+        safe_relative_path(bad)
+
+
+KEY = st.text(alphabet="ab/.xyz", min_size=1, max_size=12)
+
+
+@given(
+    keys=st.lists(KEY, max_size=20, unique=True),
+    include=st.lists(st.sampled_from(["*.x", "a*", "*/*", "b"]), max_size=2),
+    exclude=st.lists(st.sampled_from(["*.y", "z*", "a/*"]), max_size=2),
+)
+def test_select_keys_keeps_only_admitted_keys_under_the_prefix(
+    keys: list[str], include: list[str], exclude: list[str]
+) -> None:
+    prefix = "p/"
+    full = [prefix + k for k in keys] + ["other/" + k for k in keys]
+    got = select_keys([k for k in full if k.startswith(prefix)], prefix, tuple(include), ())
+    got_ex = select_keys([k for k in full if k.startswith(prefix)], prefix, (), tuple(exclude))
+    for key, rel in got + got_ex:
+        assert key == prefix + rel and rel and not key.endswith("/")
+    for _key, rel in got:
+        name = rel.rsplit("/", 1)[-1]
+        assert not include or any(
+            fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in include
+        )
+    for _key, rel in got_ex:
+        name = rel.rsplit("/", 1)[-1]
+        assert not any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in exclude)
+    # Nothing admitted is lost: without filters every non-directory key comes back.
+    everything = select_keys([prefix + k for k in keys], prefix, (), ())
+    assert [k for k, _ in everything] == [prefix + k for k in keys if not k.endswith("/")]
+
+
+def test_directory_placeholders_and_the_prefix_itself_are_skipped() -> None:
+    assert select_keys(["m/", "m/d/", "m/d/x"], "m/", (), ()) == [("m/d/x", "d/x")]
+
+
+@given(
+    steps=st.lists(
+        st.tuples(st.floats(0.0, 2.0), st.integers(0, 10**9), st.booleans()), max_size=40
+    ),
+    initial=st.integers(1, 64),
+    maximum=st.integers(1, 64),
+)
+def test_controller_target_stays_between_one_and_the_maximum(
+    steps: list[tuple[float, int, bool]], initial: int, maximum: int
+) -> None:
+    c = ConcurrencyController(initial, maximum)
+    t, done = 0.0, 0
+    for dt, nbytes, throttle in steps:
+        t += dt
+        done += nbytes
+        before = c.target
+        now = c.throttled() if throttle else c.observe(t, done)
+        assert 1 <= now <= maximum
+        if throttle:
+            assert now <= before
+
+
+def test_controller_uses_injected_time_and_ignores_windows_shorter_than_the_interval() -> None:
+    c = ConcurrencyController(8, 64, interval_s=0.5)
+    c.observe(100.0, 0)
+    assert c.observe(100.1, 10**12) == 8  # too short a window to judge
+    assert c.observe(100.2, 2 * 10**12) == 8
+
+
+@given(retry_after=st.floats(0, 1000), attempt=st.integers(1, 20), seed=st.integers(0, 99))
+def test_retry_after_is_a_floor_capped_at_six_backoff_ceilings(
+    retry_after: float, attempt: int, seed: int
+) -> None:
+    p = RetryPolicy(base_s=0.1, cap_s=2.0)
+    d = p.delay_s(attempt, random.Random(seed), retry_after_s=retry_after)
+    assert min(retry_after, 12.0) <= d <= max(min(retry_after, 12.0), 2.0)
+
+
+@given(target=st.integers(1, 64), bursts=st.integers(1, 8))
+def test_throttling_halves_down_to_a_floor_of_four_streams(target: int, bursts: int) -> None:
+    c = ConcurrencyController(target, 64)
+    for _ in range(bursts):
+        before = c.target
+        after = c.throttled()
+        assert after == (before if before <= 4 else max(4, before // 2))
+    assert c.target >= min(target, 4)

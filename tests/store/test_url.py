@@ -65,3 +65,27 @@ def test_goog_hash_header_gives_crc32c_and_md5() -> None:
     assert sums.md5 == hashlib.md5(data).digest()
     assert sums.kinds == ("crc32c", "md5")
     assert Checksums.from_goog_hash("crc32c=" + crc).md5 is None
+
+
+@pytest.mark.parametrize(
+    "header",
+    ["", "unknown=abc", "crc32c=", "md5=", " , ,"],
+)
+def test_goog_hash_without_usable_hashes_gives_no_checksums(header: str) -> None:
+    assert Checksums.from_goog_hash(header) == Checksums()
+
+
+def test_goog_hash_order_and_spacing_do_not_matter() -> None:
+    data = b"x" * 1000
+    crc = base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+    md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+    sums = Checksums.from_goog_hash(f"md5={md5}, crc32c={crc}")
+    assert (sums.crc32c, sums.md5) == (google_crc32c.value(data), hashlib.md5(data).digest())
+
+
+@pytest.mark.parametrize(
+    ("text", "display"),
+    [("gs://models/llama/", "gs://models/llama/"), ("s3://bkt/k", "s3://bkt/k")],
+)
+def test_urls_print_as_the_user_wrote_them(text: str, display: str) -> None:
+    assert str(parse_url(text)) == display

@@ -320,11 +320,18 @@ class Fetcher:
         files: list[TransferFile] = []
         results: list[FileResult] = []
         bytes_cached = 0
+        claimed: dict[str, str] = {}  # local path -> the key that lands there
         for info, rel in objects:
             try:
                 safe = planning.safe_relative_path(rel)
             except ValueError as exc:
                 raise UsageError(f"{self.source.display}/{info.key}: {exc}") from exc
+            if safe in claimed:  # "m/a" and "m//a" are two objects but one local file
+                raise UsageError(
+                    f"{self.source.display}: keys {claimed[safe]!r} and {info.key!r} both map "
+                    f"to {self.dest / safe}; exclude one with --exclude"
+                )
+            claimed[safe] = info.key
             final = self.dest / safe
             display = (
                 f"{self.url.scheme}://{self.url.bucket}/{info.key}" if self.url.bucket else info.key

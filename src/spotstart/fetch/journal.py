@@ -53,9 +53,11 @@ class PartFile:
         self.fd = -1
         self._journal: int = -1
         self.done: dict[int, int] = {}  # chunk index -> crc32c, durable
+        self._intact_bytes = 0  # journal length up to its last complete line
 
     def open(self) -> dict[int, int]:
         """Open (resuming when the journal matches) and preallocate. Returns finished chunks."""
+        resumed = False
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
             resumed = self._load_journal()
@@ -73,8 +75,16 @@ class PartFile:
                 os.write(self._journal, head.encode())
             else:
                 self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
+                # Drop a line torn by a crash: appending after it would splice the next
+                # record onto the fragment ("1" + "5 0badf00d" reads as chunk 15).
+                os.ftruncate(self._journal, self._intact_bytes)
         except OSError as exc:
-            self.close()
+            # A fresh part file that could not be set up (ENOSPC while preallocating) must
+            # not stay behind: a rerun would take it for reserved space.
+            if resumed:
+                self.close()
+            else:
+                self.discard()
             raise local_error(self.part, exc, "creating the part file") from exc
         return dict(self.done)
 
@@ -93,10 +103,14 @@ class PartFile:
 
     def _load_journal(self) -> bool:
         try:
-            lines = self.journal_path.read_text().splitlines()
+            raw = self.journal_path.read_bytes()
+            lines = raw.decode().splitlines()
             part_size = self.part.stat().st_size
         except (FileNotFoundError, UnicodeDecodeError):
             return False
+        self._intact_bytes = raw.rfind(b"\n") + 1
+        if not raw.endswith(b"\n"):
+            lines = lines[:-1]  # the torn last line
         if not lines or part_size != self.header.size:
             return False
         try:

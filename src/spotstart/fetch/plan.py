@@ -136,7 +136,8 @@ class ConcurrencyController:
     def throttled(self) -> int:
         """A 429/503 was seen: back off multiplicatively and stop growing."""
         if not self.fixed:
-            self.target = max(1, self.target // 2) if self.target > 4 else self.target
+            # Halve, but never below 4 streams (5-7 go to 4, not to 2-3).
+            self.target = max(4, self.target // 2) if self.target > 4 else self.target
             self._growing = False
         return self.target
 

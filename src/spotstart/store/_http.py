@@ -162,7 +162,7 @@ async def stream_range(
         async with asyncio.timeout(options.stall_timeout_s) as deadline:
             async with session.get(url, headers=hdrs) as resp:
                 await raise_for_status(resp, what, hint=hint)
-                _check_range_answer(resp, start, length, total_size, what)
+                _check_range_answer(resp, start, length, total_size, what, hdrs.get("If-Range"))
                 while True:
                     piece = await resp.content.readany()
                     if not piece:
@@ -189,7 +189,12 @@ async def stream_range(
 
 
 def _check_range_answer(
-    resp: aiohttp.ClientResponse, start: int, length: int, total_size: int, what: str
+    resp: aiohttp.ClientResponse,
+    start: int,
+    length: int,
+    total_size: int,
+    what: str,
+    pinned: str | None = None,
 ) -> None:
     if resp.status == 206:
         m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
@@ -206,6 +211,14 @@ def _check_range_answer(
             )
         return
     if resp.status == 200:
+        # If-Range answered with a whole body of another version: the object was replaced,
+        # which is not the same as a server that ignores Range.
+        now = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+        if pinned and now and now.removeprefix("W/") != pinned.removeprefix("W/"):
+            raise ObjectChanged(
+                f"{what}: the object changed while being read (now {now}, was {pinned}); "
+                "rerun to fetch the new version"
+            )
         if start == 0 and length == total_size:
             return
         raise RangeNotSupported(f"{what}: server ignored the Range header (HTTP 200)")
