@@ -15,7 +15,6 @@ import pytest
 
 from spotstart import FetchConfig, fetch
 from spotstart.emulate.storage import StorageEmulator
-from spotstart.errors import SpotstartError
 from tests.conftest import BUCKET, tree_digest
 
 MiB = 1 << 20
@@ -197,12 +196,6 @@ def test_object_within_one_chunk_is_fetched_from_a_server_without_range_support(
     assert (tmp_path / "d" / "small.bin").read_bytes() == data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=SpotstartError,
-    reason="BUG: store/_http.py RangeNotSupported promises a single-stream fallback that the "
-    "engine does not implement; the fetch fails with 'server ignored the Range header'",
-)
 def test_server_that_ignores_range_is_read_as_one_stream(
     plain_http_server: tuple[str, Path], tmp_path: Path
 ) -> None:

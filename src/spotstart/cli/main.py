@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from spotstart import __version__
-from spotstart.cli import demo, emulate_cmd, fetch_cmd, load_cmd
+from spotstart.cli import demo, emulate_cmd, fetch_cmd, guard_cmd, load_cmd, plan_cmd
 from spotstart.errors import EXIT_CODES, SpotstartError
 
 EPILOG = "exit codes: " + ", ".join(f"{v} {k}" for k, v in EXIT_CODES.items())
@@ -25,6 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     fetch_cmd.add_parser(sub)
     load_cmd.add_parser(sub)
+    guard_cmd.add_parser(sub)
+    plan_cmd.add_parser(sub)
     demo.add_parser(sub)
     emulate_cmd.add_parser(sub)
     return parser

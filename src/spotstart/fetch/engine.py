@@ -22,6 +22,7 @@ from spotstart.errors import (
     EndpointUnreachable,
     IntegrityError,
     NotFound,
+    ObjectChanged,
     RetriesExceeded,
     SpotstartError,
     StallDetected,
@@ -89,6 +90,7 @@ class TransferFile:
     bytes_resumed: int = 0
     verified: tuple[str, ...] = ()
     finishing: bool = False
+    changed: bool = False  # the object was replaced while being read
     md5: _OrderedMd5 | None = None
     # Serialises journal commits (commit loop) with the final commit + rename (_finish).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -271,9 +273,7 @@ class Fetcher:
         on_done: Callable[[TransferFile], None] | None = None,
     ) -> TransferFile:
         """A :class:`TransferFile` for ``info`` with this run's chunk size policy."""
-        chunk_bytes = planning.choose_chunk_bytes(
-            info.size, self.controller.target, self.config.chunk_bytes
-        )
+        chunk_bytes = self._chunk_bytes(info)
         display = (
             f"{self.url.scheme}://{self.url.bucket}/{info.key}" if self.url.bucket else info.key
         )
@@ -285,6 +285,13 @@ class Fetcher:
             chunk_bytes,
             make_target=make_target,
             on_done=on_done,
+        )
+
+    def _chunk_bytes(self, info: ObjectInfo) -> int:
+        if not info.ranges:
+            return max(1, info.size)  # one stream: the server answers ranges with 200
+        return planning.choose_chunk_bytes(
+            info.size, self.controller.target, self.config.chunk_bytes
         )
 
     async def read_bytes(self, info: ObjectInfo, start: int, length: int) -> bytes:
@@ -342,9 +349,7 @@ class Fetcher:
                 bytes_cached += info.size
                 results.append(FileResult(info.key, str(final), info.size, 0, 0, True, ()))
                 continue
-            chunk_bytes = planning.choose_chunk_bytes(
-                info.size, self.controller.target, self.config.chunk_bytes
-            )
+            chunk_bytes = self._chunk_bytes(info)
             files.append(
                 TransferFile(
                     info,
@@ -365,7 +370,7 @@ class Fetcher:
             await self.transfer(files)
         finally:
             self.writer.close()
-            if files:
+            if any(f.verified for f in files):
                 with contextlib.suppress(OSError):  # never mask the error that got us here
                     cache.save()
         results.extend(
@@ -533,7 +538,8 @@ class Fetcher:
         for f in files:
             if f.target is None or not f.target.is_open:
                 continue
-            if isinstance(exc, IntegrityError | DiskFull):
+            # A full disk: give the space back. A replaced object: its bytes are worthless.
+            if isinstance(exc, DiskFull) or f.changed:
                 f.target.discard()
                 continue
             with contextlib.suppress(SpotstartError):
@@ -568,6 +574,9 @@ class Fetcher:
                 await chunk.flush()
                 await self._settle(chunk.writes, f)
                 return chunk.crc
+            except ObjectChanged:
+                f.changed = True
+                raise
             except (TransientError, EndpointUnreachable) as exc:
                 await asyncio.gather(*chunk.writes, return_exceptions=True)
                 self.progress.on_bytes(-chunk.written)

@@ -226,5 +226,5 @@ def _check_range_answer(
 
 
 class RangeNotSupported(SpotstartError):
-    """The server answered a ranged GET with the whole body; the fetcher falls back to one
-    sequential stream for this object."""
+    """The server answered a ranged GET with the whole body although it advertised ranges
+    (objects from servers that do not advertise them are planned as one stream)."""

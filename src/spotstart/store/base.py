@@ -44,12 +44,15 @@ class Checksums:
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One object: its key, size and version (GCS generation, S3/HTTP ETag, file mtime)."""
+    """One object: its key, size and version (GCS generation, S3/HTTP ETag, file mtime).
+    ``ranges`` is False for an http server that does not advertise byte ranges: such an
+    object is read as one stream."""
 
     key: str
     size: int
     version: str
     checksums: Checksums = field(default_factory=Checksums)
+    ranges: bool = True
 
 
 class RangeSource(Protocol):

@@ -49,7 +49,12 @@ class HttpSource:
         checksums = Checksums()
         if "x-goog-hash" in headers:
             checksums = Checksums.from_goog_hash(headers["x-goog-hash"])
-        return ObjectInfo(key=key, size=int(size), version=version, checksums=checksums)
+        # RFC 9110 14.3: a server that supports ranges may say so; one answering the probe
+        # with 206 has shown it. Without either, ranged reads would be answered with 200.
+        ranges = "bytes" in headers.get("Accept-Ranges", "").lower() or "Content-Range" in headers
+        return ObjectInfo(
+            key=key, size=int(size), version=version, checksums=checksums, ranges=ranges
+        )
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
         return [await self.stat(self.url)]

@@ -65,6 +65,7 @@ class S3Source:
         self._session = _http.make_session(self._options)
         self._credentials: Any = None
         self._creds_checked = anonymous
+        self._anonymous = anonymous
         self._creds_lock = asyncio.Lock()
 
     @property
@@ -105,6 +106,8 @@ class S3Source:
             raise CredentialsNotFound(f"{self.display}: {exc}") from exc
 
     def _hint(self) -> str:
+        if self._anonymous:
+            return "; the request was unsigned (--anonymous): drop it to use credentials"
         return _CRED_HINT if self._credentials is None else ""
 
     async def _request(
@@ -116,7 +119,7 @@ class S3Source:
                 self._session, method, url, headers, what, hint=self._hint()
             )
         except SpotstartError as exc:
-            if self._credentials is None and "access denied" in str(exc):
+            if self._credentials is None and not self._anonymous and "access denied" in str(exc):
                 raise CredentialsNotFound(str(exc)) from exc
             raise
 

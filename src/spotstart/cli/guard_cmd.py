@@ -1,0 +1,222 @@
+"""`spotstart guard --upstream URL --listen HOST:PORT [-- CMD ...]`: drain an inference server
+before its spot VM or pod goes away."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from urllib.parse import urlsplit
+
+from spotstart.errors import UsageError
+from spotstart.guard.drain import DrainConfig
+from spotstart.guard.notice import NoticeWatcher
+from spotstart.guard.proxy import ProxyConfig
+from spotstart.guard.run import GuardConfig, run_guard
+
+log = logging.getLogger("spotstart.guard")
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:8080`` for IPv6); port 0 picks a free one (logged)."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 0.0.0.0:8080")
+    return host.strip("[]"), int(port)
+
+
+def parse_signal(text: str) -> signal.Signals:
+    """``TERM``, ``SIGTERM`` or ``15``."""
+    name = text.upper()
+    try:
+        if name.isdigit():
+            return signal.Signals(int(name))
+        return signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+    except (KeyError, ValueError):
+        raise UsageError(
+            f"--stop-signal {text!r}: not a signal (examples: TERM, INT, 15)"
+        ) from None
+
+
+def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "guard",
+        help="proxy an inference server and drain it before a preemption",
+        description="Reverse-proxy an HTTP inference server (vLLM, TGI, Triton...). On a "
+        "preemption notice (cloud metadata, or SIGTERM as Kubernetes sends it) turn unready at "
+        "once, answer new requests 503 + Retry-After, let in-flight requests and streams finish "
+        "until deadline - safety margin, stop the server and exit before the deadline. With "
+        "'-- CMD ...', start and supervise the server too.",
+    )
+    p.add_argument(
+        "--upstream", required=True, metavar="URL", help="the server, e.g. http://127.0.0.1:8000"
+    )
+    p.add_argument(
+        "--listen",
+        required=True,
+        type=parse_listen,
+        metavar="HOST:PORT",
+        help="where clients and probes connect, e.g. 0.0.0.0:8080 in a pod (port 0: any free)",
+    )
+    p.add_argument(
+        "--cloud",
+        choices=("auto", "gce", "aws", "azure", "none"),
+        default="auto",
+        help="which metadata server to watch for notices (auto)",
+    )
+    p.add_argument("--metadata-url", metavar="URL", help="metadata endpoint (emulators, tests)")
+    p.add_argument(
+        "--safety-margin",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="be done this long before the deadline (5)",
+    )
+    p.add_argument(
+        "--early-signals",
+        choices=("drain", "warn"),
+        default="drain",
+        help="what rebalance/maintenance notices do (drain)",
+    )
+    p.add_argument(
+        "--stop-signal",
+        type=parse_signal,
+        default=signal.SIGTERM,
+        metavar="SIG",
+        help="signal that stops the server (TERM)",
+    )
+    p.add_argument(
+        "--stop-grace",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="time the server gets to exit before SIGKILL (10)",
+    )
+    p.add_argument(
+        "--termination-window",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="deadline after SIGTERM: the pod's terminationGracePeriodSeconds (30)",
+    )
+    p.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="keep answering 503 at least this long after a notice (0)",
+    )
+    p.add_argument(
+        "--retry-after",
+        type=int,
+        default=1,
+        metavar="S",
+        help="Retry-After on 503s during a drain (1)",
+    )
+    p.add_argument(
+        "--health-path",
+        default="/health",
+        metavar="PATH",
+        help="upstream health path polled for /readyz ('' = none) (/health)",
+    )
+    p.add_argument(
+        "--health-interval", type=float, default=1.0, metavar="S", help="upstream poll period (1)"
+    )
+    p.add_argument("--readyz-path", default="/readyz", metavar="PATH")
+    p.add_argument("--livez-path", default="/livez", metavar="PATH")
+    p.add_argument("--metrics-path", default="/metrics", metavar="PATH")
+    p.add_argument(
+        "--on-notice",
+        metavar="CMD",
+        help="shell command run on a notice (SPOTSTART_NOTICE_* in its env)",
+    )
+    p.add_argument("--webhook", metavar="URL", help="POST the notice as JSON to URL")
+    p.add_argument("--hook-timeout", type=float, default=5.0, metavar="S")
+    p.add_argument(
+        "server",
+        nargs=argparse.REMAINDER,
+        metavar="-- CMD ...",
+        help="start and supervise this server",
+    )
+    p.set_defaults(run=run)
+
+
+def config_from_args(args: argparse.Namespace) -> GuardConfig:
+    server = list(args.server)
+    if server and server[0] == "--":
+        server = server[1:]
+    elif server:
+        raise UsageError(f"unexpected arguments {server!r}: put the server command after '--'")
+    upstream = urlsplit(args.upstream)
+    if upstream.scheme not in ("http", "https") or not upstream.netloc:
+        raise UsageError(f"--upstream {args.upstream!r}: expected http://HOST:PORT")
+    for flag, value in (
+        ("--safety-margin", args.safety_margin),
+        ("--stop-grace", args.stop_grace),
+        ("--linger", args.linger),
+        ("--termination-window", args.termination_window),
+    ):
+        if value < 0:
+            raise UsageError(f"{flag} must be >= 0")
+    host, port = args.listen
+    return GuardConfig(
+        proxy=ProxyConfig(
+            upstream=args.upstream,
+            listen_host=host,
+            listen_port=port,
+            readyz_path=args.readyz_path,
+            livez_path=args.livez_path,
+            metrics_path=args.metrics_path,
+            health_path=args.health_path or None,
+            health_interval_s=args.health_interval,
+        ),
+        drain=DrainConfig(
+            safety_margin_s=args.safety_margin,
+            stop_grace_s=args.stop_grace,
+            supervising=bool(server),
+            early_signals=args.early_signals,
+            linger_s=args.linger,
+            retry_after_s=args.retry_after,
+        ),
+        server_argv=tuple(server),
+        stop_signal=args.stop_signal,
+        termination_window_s=args.termination_window,
+        on_notice_cmd=args.on_notice,
+        webhook_url=args.webhook,
+        hook_timeout_s=args.hook_timeout,
+    )
+
+
+async def build_watchers(args: argparse.Namespace) -> list[NoticeWatcher]:
+    """The cloud's metadata watcher (``--cloud auto`` probes GCE, AWS and Azure at once). SIGTERM
+    is left to the guard itself: it forwards signals and treats a second one as "stop now"."""
+    from spotstart.guard.watchers.detect import CLOUDS, detect_cloud, make_watchers
+
+    cloud: str | None = args.cloud
+    if cloud == "none":
+        return []
+    if cloud == "auto":
+        endpoints = dict.fromkeys(CLOUDS, args.metadata_url) if args.metadata_url else None
+        cloud = await detect_cloud(endpoints=endpoints)
+        log.info("cloud: %s", cloud or "none detected; watching SIGTERM only")
+    watchers = make_watchers(
+        cloud, args.metadata_url, time.monotonic, grace_s=args.termination_window
+    )
+    return [w for w in watchers if w.name != "signal"]
+
+
+async def _main(args: argparse.Namespace, config: GuardConfig) -> int:
+    return await run_guard(config, await build_watchers(args), time.monotonic)
+
+
+def run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("spotstart guard: %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    return asyncio.run(_main(args, config))

@@ -1,0 +1,257 @@
+"""The guard's drain state machine: what to do with requests and the supervised server while a
+preemption notice counts down. Pure: no sockets, no signals, no clock reads of its own (the clock
+is injected); guard/proxy.py, guard/supervise.py and guard/run.py carry out its commands.
+
+Stages, as kopf's ``running.py`` does them: signal (a notice) -> flag (unready, new requests
+rejected at once) -> grace (in-flight requests run until ``drain_until``) -> cancel (requests
+still running then are cut and counted as dropped) -> stop the supervised server (stop signal,
+then SIGKILL at ``stop_by``) -> DONE, always before ``notice.deadline - safety_margin_s``.
+
+Example::
+
+    ctl = DrainController(DrainConfig(safety_margin_s=5), clock=time.monotonic)
+    if ctl.try_accept():           # SERVING: count it in flight
+        ...; ctl.finish()
+    ctl.on_notice(notice)          # DRAINING: ready is False from here on
+    for command in ctl.tick(): ... # CANCEL_IN_FLIGHT, STOP_SERVER, KILL_SERVER, EXIT
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from spotstart.guard.notice import PreemptionNotice
+
+Clock = Callable[[], float]
+
+KILL_WAIT_S = 1.0  # after SIGKILL, how long to wait for the reap before leaving regardless
+
+
+class Phase(enum.Enum):
+    SERVING = "serving"
+    DRAINING = "draining"
+    STOPPING = "stopping"
+    DONE = "done"
+
+
+class Command(enum.Enum):
+    """What the I/O layer must do now, in this order."""
+
+    CANCEL_IN_FLIGHT = "cancel_in_flight"  # cut the requests still running (they are dropped)
+    STOP_SERVER = "stop_server"  # send the stop signal to the supervised server
+    KILL_SERVER = "kill_server"  # its grace is over: SIGKILL
+    EXIT = "exit"  # the guard is done; exit with ``exit_code``
+
+
+@dataclass(frozen=True)
+class DrainConfig:
+    """How a drain spends the notice window.
+
+    The window ``deadline - now`` minus ``safety_margin_s`` is the budget; with a supervised
+    server, ``min(stop_grace_s, budget / 2)`` of it is kept for stopping the server and the rest
+    lets in-flight requests finish. ``linger_s`` keeps answering 503 (instead of vanishing) for at
+    least that long after a notice, so load balancers see the guard unready before it is gone.
+    """
+
+    safety_margin_s: float = 5.0
+    stop_grace_s: float = 10.0
+    supervising: bool = False
+    early_signals: Literal["drain", "warn"] = "drain"
+    linger_s: float = 0.0
+    retry_after_s: int = 1  # clients should retry elsewhere now: this replica will not be back
+
+
+@dataclass(frozen=True)
+class DrainCounters:
+    """Requests seen by the guard. ``drained``: completed after a notice; ``dropped``: cut at the
+    drain deadline; ``failed``: ended by an upstream or client error (not by the drain)."""
+
+    accepted: int
+    in_flight: int
+    drained: int
+    rejected: int
+    dropped: int
+    failed: int
+
+
+@dataclass(frozen=True)
+class NoticeDecision:
+    """What a notice did: ``action`` is "drain" (started a drain), "tighten" (an earlier deadline
+    for a running drain), "warn" (an early signal under ``early_signals="warn"``) or "ignore"."""
+
+    action: Literal["drain", "tighten", "warn", "ignore"]
+    notice: PreemptionNotice
+    drain_until: float | None
+    stop_by: float | None
+    unready_after_s: float  # clock time from notice.received_at to the guard turning unready
+
+
+class DrainController:
+    """The state machine. Not thread-safe: call it from one event loop."""
+
+    def __init__(self, config: DrainConfig, clock: Clock) -> None:
+        self.config = config
+        self._clock = clock
+        self.phase = Phase.SERVING
+        self.upstream_healthy = not config.supervising
+        self.notice: PreemptionNotice | None = None
+        self.drain_started_at: float | None = None
+        self.drain_until: float | None = None
+        self.linger_until: float | None = None
+        self.stop_by: float | None = None
+        self.server_exit_code: int | None = None
+        self.crashed = False
+        self.server_stuck = False
+        self._stop_sent = False
+        self._kill_sent = False
+        self._accepted = self._in_flight = self._drained = 0
+        self._rejected = self._dropped = self._failed = 0
+
+    def now(self) -> float:
+        """The injected clock's time (the I/O layer schedules ``next_wakeup()`` against it)."""
+        return self._clock()
+
+    # -- readiness and requests ------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.phase is Phase.SERVING and self.upstream_healthy and not self.crashed
+
+    @property
+    def counters(self) -> DrainCounters:
+        return DrainCounters(
+            accepted=self._accepted,
+            in_flight=self._in_flight,
+            drained=self._drained,
+            rejected=self._rejected,
+            dropped=self._dropped,
+            failed=self._failed,
+        )
+
+    def set_upstream_health(self, healthy: bool) -> None:
+        self.upstream_healthy = healthy
+
+    def try_accept(self) -> bool:
+        """A new request: True (count it in flight) while SERVING, else False (answer 503)."""
+        if self.phase is Phase.SERVING and not self.crashed:
+            self._accepted += 1
+            self._in_flight += 1
+            return True
+        self._rejected += 1
+        return False
+
+    def finish(self, outcome: Literal["ok", "failed", "cut"] = "ok") -> None:
+        """An accepted request ended: "ok" completed, "failed" by an error, "cut" by the drain."""
+        self._in_flight -= 1
+        if outcome == "cut":
+            self._dropped += 1
+        elif outcome == "failed":
+            self._failed += 1
+        elif self.notice is not None:
+            self._drained += 1
+
+    @property
+    def retry_after_s(self) -> int:
+        return self.config.retry_after_s
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def on_notice(self, notice: PreemptionNotice) -> NoticeDecision:
+        now = self._clock()
+        unready_after = max(0.0, now - notice.received_at)
+        if notice.kind.is_early_signal and self.config.early_signals == "warn":
+            return NoticeDecision("warn", notice, self.drain_until, self.stop_by, unready_after)
+        drain_until, stop_by = self._plan(notice, now)
+        if self.phase is Phase.SERVING:
+            self.phase = Phase.DRAINING
+            self.notice = notice
+            self.drain_started_at = now
+            self.drain_until, self.stop_by = drain_until, stop_by
+            self.linger_until = min(now + self.config.linger_s, drain_until)
+            return NoticeDecision("drain", notice, drain_until, stop_by, unready_after)
+        if (
+            self.phase is Phase.DRAINING
+            and self.drain_until is not None
+            and (drain_until < self.drain_until)
+        ):
+            self.drain_until, self.stop_by = drain_until, stop_by
+            self.linger_until = min(self.linger_until or now, drain_until)
+            return NoticeDecision("tighten", notice, drain_until, stop_by, 0.0)
+        return NoticeDecision("ignore", notice, self.drain_until, self.stop_by, 0.0)
+
+    def stop_now(self) -> None:
+        """Skip what is left of the grace (a second SIGTERM/SIGINT): cut and stop at once."""
+        now = self._clock()
+        if self.phase is Phase.SERVING:
+            self.phase = Phase.DRAINING
+            self.drain_started_at = now
+        if self.phase is Phase.DRAINING:
+            self.drain_until = self.linger_until = now
+            self.stop_by = now + min(self.config.stop_grace_s, 1.0)
+
+    def on_server_exit(self, code: int) -> None:
+        """The supervised server exited (``code``: its exit status, 128+N for signal N)."""
+        self.server_exit_code = code
+        if not self._stop_sent:
+            self.crashed = True  # it was not asked to stop
+        if self.phase in (Phase.SERVING, Phase.DRAINING, Phase.STOPPING):
+            self.phase = Phase.DONE
+
+    @property
+    def exit_code(self) -> int:
+        """0 after a planned stop; the server's own status when it exited unasked (non-zero
+        for a crash: a clean exit 0 unasked is passed on as 0, like an init process); 1 when
+        the server could not be reaped even after SIGKILL."""
+        if self.crashed and self.server_exit_code is not None:
+            return self.server_exit_code
+        return 1 if self.server_stuck else 0
+
+    # -- time ------------------------------------------------------------------------------------
+
+    def tick(self) -> list[Command]:
+        """Advance with the clock; returns the commands to carry out now, in order."""
+        now = self._clock()
+        commands: list[Command] = []
+        if self.phase is Phase.DRAINING:
+            assert self.drain_until is not None and self.linger_until is not None
+            idle = self._in_flight == 0 and now >= self.linger_until
+            if idle or now >= self.drain_until:
+                if self._in_flight > 0:
+                    commands.append(Command.CANCEL_IN_FLIGHT)
+                self.phase = Phase.STOPPING
+                if self.stop_by is None or self.stop_by < now:
+                    self.stop_by = now
+        if self.phase is Phase.STOPPING:
+            if not self.config.supervising:
+                self.phase = Phase.DONE
+            elif not self._stop_sent:
+                self._stop_sent = True
+                commands.append(Command.STOP_SERVER)
+            elif not self._kill_sent and self.stop_by is not None and now >= self.stop_by:
+                self._kill_sent = True
+                commands.append(Command.KILL_SERVER)
+            elif self._kill_sent and self.stop_by is not None and now >= self.stop_by + KILL_WAIT_S:
+                self.server_stuck = True  # not even SIGKILL reaped it (D state): leave anyway
+                self.phase = Phase.DONE
+        if self.phase is Phase.DONE:
+            commands.append(Command.EXIT)
+        return commands
+
+    def next_wakeup(self) -> float | None:
+        """The clock time at which ``tick()`` has something to do unless an event comes first."""
+        if self.phase is Phase.DRAINING:
+            assert self.drain_until is not None and self.linger_until is not None
+            if self._in_flight == 0:
+                return self.linger_until
+            return self.drain_until
+        if self.phase is Phase.STOPPING and self.stop_by is not None:
+            return self.stop_by + (KILL_WAIT_S if self._kill_sent else 0.0)
+        return None
+
+    def _plan(self, notice: PreemptionNotice, now: float) -> tuple[float, float]:
+        budget = max(0.0, notice.deadline - self.config.safety_margin_s - now)
+        grace = min(self.config.stop_grace_s, budget / 2) if self.config.supervising else 0.0
+        return now + budget - grace, now + budget

@@ -1,0 +1,78 @@
+"""The guard's Prometheus metrics, on a registry of its own (several guards can live in one test
+process). Request counters are read from the DrainController at scrape time, so there is one
+bookkeeping only; histograms are observed by the proxy."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from spotstart.guard.drain import DrainController
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+# notice-to-unready is in-process bookkeeping (microseconds to a few ms): fine buckets
+_UNREADY_BUCKETS = (0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _ControllerCollector(Collector):
+    def __init__(self, controller: DrainController) -> None:
+        self._controller = controller
+
+    def collect(self) -> Iterable[Metric]:
+        c = self._controller.counters
+        for name, value, doc in (
+            ("accepted", c.accepted, "requests accepted and forwarded upstream"),
+            ("drained", c.drained, "accepted requests that completed after a notice"),
+            ("rejected", c.rejected, "requests answered 503 because the guard was draining"),
+            ("dropped", c.dropped, "in-flight requests cut at the drain deadline"),
+            ("failed", c.failed, "accepted requests ended by an upstream or client error"),
+        ):
+            yield CounterMetricFamily(f"spotstart_guard_requests_{name}", doc, value=value)
+        yield GaugeMetricFamily(
+            "spotstart_guard_in_flight", "requests being served now", value=c.in_flight
+        )
+        yield GaugeMetricFamily(
+            "spotstart_guard_ready",
+            "1 while /readyz answers 200",
+            value=int(self._controller.ready),
+        )
+
+
+class GuardMetrics:
+    """Every metric of one guard; ``render()`` is the /metrics body."""
+
+    def __init__(self, controller: DrainController) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_ControllerCollector(controller))
+        self.notices = Counter(
+            "spotstart_guard_notices",
+            "preemption notices received",
+            ["source", "kind", "action"],
+            registry=self.registry,
+        )
+        self.notice_to_unready = Histogram(
+            "spotstart_guard_notice_to_unready_seconds",
+            "time from a watcher receiving a notice to the guard reporting unready",
+            buckets=_UNREADY_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_latency = Histogram(
+            "spotstart_guard_upstream_latency_seconds",
+            "time from forwarding a request to receiving the upstream's response headers",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.upstream_health_checks = Counter(
+            "spotstart_guard_upstream_health_checks",
+            "upstream health polls by result",
+            ["result"],
+            registry=self.registry,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,274 @@
+"""Wire the guard together: notice watchers and signals -> DrainController -> proxy, supervised
+server and hooks. The one loop here carries out the controller's commands; it decides nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from spotstart.guard.drain import Clock, Command, DrainConfig, DrainController
+from spotstart.guard.metrics import GuardMetrics
+from spotstart.guard.notice import NoticeKind, NoticeWatcher, PreemptionNotice
+from spotstart.guard.proxy import GuardProxy, ProxyConfig
+from spotstart.guard.supervise import Supervisor, describe_exit, exit_status
+
+log = logging.getLogger("spotstart.guard")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Everything one guard does. ``termination_window_s``: how long after SIGTERM the node or
+    pod is really gone (Kubernetes' terminationGracePeriodSeconds, 30 by default)."""
+
+    proxy: ProxyConfig
+    drain: DrainConfig = field(default_factory=DrainConfig)
+    server_argv: tuple[str, ...] = ()
+    stop_signal: int = signal.SIGTERM
+    termination_window_s: float = 30.0
+    on_notice_cmd: str | None = None
+    webhook_url: str | None = None
+    hook_timeout_s: float = 5.0
+
+
+def notice_env(notice: PreemptionNotice, now: float) -> dict[str, str]:
+    """The environment an ``--on-notice`` command gets (also the webhook's JSON fields)."""
+    return {
+        "SPOTSTART_NOTICE_KIND": notice.kind.value,
+        "SPOTSTART_NOTICE_SOURCE": notice.source,
+        "SPOTSTART_NOTICE_WINDOW_S": f"{notice.window_s:.3f}",
+        "SPOTSTART_NOTICE_DEADLINE_IN_S": f"{notice.deadline - now:.3f}",
+        "SPOTSTART_NOTICE_DEADLINE_UNIX": f"{time.time() + notice.deadline - now:.3f}",
+        "SPOTSTART_NOTICE_DETAIL": json.dumps(notice.detail, sort_keys=True),
+        "SPOTSTART_HOSTNAME": socket.gethostname(),
+    }
+
+
+class _Guard:
+    def __init__(self, config: GuardConfig, watchers: Sequence[NoticeWatcher], clock: Clock):
+        self.config = config
+        self.watchers = list(watchers)
+        self.clock = clock
+        self.controller = DrainController(config.drain, clock)
+        self.metrics = GuardMetrics(self.controller)
+        self.changed = asyncio.Event()
+        self.proxy = GuardProxy(
+            config.proxy, self.controller, self.metrics, clock, self.changed.set
+        )
+        self.supervisor = Supervisor(config.server_argv) if config.server_argv else None
+        self.signals_seen = 0
+        self.background: set[asyncio.Task[None]] = set()
+
+    # -- events ----------------------------------------------------------------------------------
+
+    def on_notice(self, notice: PreemptionNotice) -> None:
+        decision = self.controller.on_notice(notice)
+        self.changed.set()
+        m = self.metrics
+        m.notices.labels(notice.source, notice.kind.value, decision.action).inc()
+        now = self.clock()
+        if decision.action == "drain":
+            m.notice_to_unready.observe(decision.unready_after_s)
+            log.warning(
+                "%s notice from %s: unready now; in-flight requests may run %.1fs, "
+                "deadline in %.1fs",
+                notice.kind.value,
+                notice.source,
+                (decision.drain_until or now) - now,
+                notice.deadline - now,
+            )
+            self._spawn(self._run_hooks(notice))
+        elif decision.action == "warn":
+            log.warning(
+                "%s notice from %s (early signal, --early-signals warn): still serving",
+                notice.kind.value,
+                notice.source,
+            )
+            self._spawn(self._run_hooks(notice))
+        elif decision.action == "tighten":
+            log.warning("%s notice from %s moves the deadline earlier", notice.kind, notice.source)
+
+    def on_signal(self, sig: signal.Signals) -> None:
+        if sig is signal.SIGHUP:
+            if self.supervisor is not None:
+                log.info("forwarding SIGHUP to the server")
+                self.supervisor.send(sig)
+            return
+        self.signals_seen += 1
+        if self.signals_seen > 1:
+            log.warning("second %s: skipping the rest of the drain", sig.name)
+            self.controller.stop_now()
+            self.changed.set()
+            return
+        now = self.clock()
+        self.on_notice(
+            PreemptionNotice(
+                kind=NoticeKind.TERMINATION,
+                source="signal",
+                received_at=now,
+                deadline=now + self.config.termination_window_s,
+                detail={"signal": sig.name},
+            )
+        )
+
+    def _spawn(self, coro: object) -> None:
+        assert asyncio.iscoroutine(coro)
+        task: asyncio.Task[None] = asyncio.create_task(coro)
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+    async def _watch(self, watcher: NoticeWatcher) -> None:
+        try:
+            async for notice in watcher.watch():
+                self.on_notice(notice)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a broken watcher must not take the guard down
+            log.error("watcher %s failed: %s: %s", watcher.name, type(exc).__name__, exc)
+
+    async def _reap(self) -> None:
+        assert self.supervisor is not None
+        returncode = await self.supervisor.wait()
+        self.controller.on_server_exit(exit_status(returncode))
+        if self.controller.crashed:
+            log.error(
+                "server exited unexpectedly: %s; guard unready, exiting with %d",
+                describe_exit(returncode),
+                self.controller.exit_code,
+            )
+        else:
+            log.info("server stopped: %s", describe_exit(returncode))
+        self.changed.set()
+
+    # -- hooks -----------------------------------------------------------------------------------
+
+    async def _run_hooks(self, notice: PreemptionNotice) -> None:
+        env = notice_env(notice, self.clock())
+        jobs = []
+        if self.config.on_notice_cmd:
+            jobs.append(self._run_command(self.config.on_notice_cmd, env))
+        if self.config.webhook_url:
+            jobs.append(self._post_webhook(self.config.webhook_url, env))
+        await asyncio.gather(*jobs)
+
+    async def _run_command(self, cmd: str, env: dict[str, str]) -> None:
+        proc = await asyncio.create_subprocess_shell(cmd, env={**os.environ, **env})
+        try:
+            code = await asyncio.wait_for(proc.wait(), self.config.hook_timeout_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+            log.error(
+                "--on-notice %r: still running after %.1fs; killed", cmd, self.config.hook_timeout_s
+            )
+            return
+        if code != 0:
+            log.error("--on-notice %r failed: %s", cmd, describe_exit(code))
+
+    async def _post_webhook(self, url: str, env: dict[str, str]) -> None:
+        body = {k.removeprefix("SPOTSTART_").lower(): v for k, v in env.items()}
+        body["detail"] = json.loads(env["SPOTSTART_NOTICE_DETAIL"])
+        timeout = aiohttp.ClientTimeout(total=self.config.hook_timeout_s)
+        try:
+            async with (
+                aiohttp.ClientSession(timeout=timeout) as session,
+                session.post(url, json=body) as resp,
+            ):
+                if resp.status >= 400:
+                    log.error("--webhook %s answered %d", url, resp.status)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.error("--webhook %s failed: %s: %s", url, type(exc).__name__, exc)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        await self.proxy.start()
+        p = self.config.proxy
+        log.info(
+            "guard listening on http://%s:%d -> %s",
+            p.listen_host,
+            self.proxy.bound_port,
+            p.upstream,
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.add_signal_handler(sig, self.on_signal, sig)
+        tasks = [asyncio.create_task(self._watch(w)) for w in self.watchers]
+        try:
+            if self.supervisor is not None:
+                await self.supervisor.start()
+                tasks.append(asyncio.create_task(self._reap()))
+            await self._loop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            for task in tasks:
+                task.cancel()
+            if self.supervisor is not None and self.supervisor.running:
+                self.supervisor.kill()  # no-op after a clean stop; never leave it orphaned
+            await self.proxy.close()
+            if self.background:  # hooks get what is left of their own timeout, no more
+                await asyncio.wait(set(self.background), timeout=0.5)
+                for task in set(self.background):
+                    task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        c = self.controller.counters
+        log.info(
+            "guard done: %d accepted, %d drained, %d rejected, %d dropped, %d failed; exit %d",
+            c.accepted,
+            c.drained,
+            c.rejected,
+            c.dropped,
+            c.failed,
+            self.controller.exit_code,
+        )
+        return self.controller.exit_code
+
+    async def _loop(self) -> None:
+        while True:
+            self.changed.clear()
+            for command in self.controller.tick():
+                if command is Command.CANCEL_IN_FLIGHT:
+                    n = self.controller.counters.in_flight
+                    log.warning("drain deadline reached: cutting %d in-flight requests", n)
+                    await self.proxy.cancel_in_flight()
+                elif command is Command.STOP_SERVER and self.supervisor is not None:
+                    log.info(
+                        "stopping server with %s", signal.Signals(self.config.stop_signal).name
+                    )
+                    self.supervisor.send(self.config.stop_signal)
+                elif command is Command.KILL_SERVER and self.supervisor is not None:
+                    log.warning("server still running at its stop deadline: SIGKILL")
+                    self.supervisor.kill()
+                elif command is Command.EXIT:
+                    if self.controller.server_stuck:
+                        log.error("server not reaped even after SIGKILL; leaving it behind")
+                    return
+            wake = self.controller.next_wakeup()
+            timeout = None if wake is None else max(0.0, wake - self.clock())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout)
+
+
+async def run_guard(
+    config: GuardConfig,
+    watchers: Sequence[NoticeWatcher] = (),
+    clock: Clock = time.monotonic,
+) -> int:
+    """Run the guard until a notice has been drained (or the server died); returns the exit code.
+
+    Example::
+
+        code = asyncio.run(run_guard(GuardConfig(ProxyConfig("http://127.0.0.1:8000"))))
+    """
+    return await _Guard(config, watchers, clock).run()
