@@ -1,0 +1,231 @@
+"""Medians, ratios and the printed/written forms of a fetch benchmark (rich table, markdown, JSON).
+
+Pure over the run records; the only I/O is the printing and file writing at the bottom.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One tool, one repeat."""
+
+    tool: str
+    repeat: int
+    ok: bool
+    wall_s: float
+    cpu_s: float
+    bytes_total: int
+    link_bytes_down: int  # every byte the link relayed to the tool (headers, TLS included)
+    link_body_bytes_down: int  # HTTP body bytes (0 over TLS, which the relay cannot parse)
+    requests: int  # HTTP requests seen by the link (0 over TLS)
+    connections: int
+    max_concurrent_connections: int
+    returncode: int | None
+    error: str
+    note: str
+    tool_report: Mapping[str, Any] | None  # ours: the --json summary
+    load_1m: float  # machine load average when the run started (other work on the box)
+    stderr_tail: str  # what the tool printed last (how it copied, or why it failed)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_total / self.wall_s / 1e6 if self.wall_s > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class ToolSummary:
+    tool: str
+    concurrency: str
+    runs: int
+    ok_runs: int
+    wall_s: float | None  # medians over ok runs
+    mb_per_s: float | None
+    of_cap: float | None
+    cpu_s_per_gb: float | None
+    link_bytes_ratio: float | None  # bytes the link relayed / data-set bytes
+    max_conns: int | None
+    requests: int | None
+    ours_over_this: float | None  # spotstart gs:// MB/s divided by this tool's MB/s
+    error: str
+    notes: str  # distinct notes of its runs (what the tool said, extra files, our own report)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarize(
+    records: Sequence[RunRecord],
+    tools: Sequence[tuple[str, str]],
+    cap_bytes_per_s: float | None,
+    reference: str,
+) -> list[ToolSummary]:
+    """One row per (tool name, concurrency note), in the order given."""
+    rows: list[ToolSummary] = []
+    for name, concurrency in tools:
+        runs = [r for r in records if r.tool == name]
+        good = [r for r in runs if r.ok]
+        wall = _median([r.wall_s for r in good])
+        total = good[0].bytes_total if good else 0
+        mbps = total / wall / 1e6 if wall else None
+        errors = sorted({r.error for r in runs if not r.ok and r.error})
+        rows.append(
+            ToolSummary(
+                tool=name,
+                concurrency=concurrency,
+                runs=len(runs),
+                ok_runs=len(good),
+                wall_s=wall,
+                mb_per_s=mbps,
+                of_cap=mbps * 1e6 / cap_bytes_per_s if mbps and cap_bytes_per_s else None,
+                cpu_s_per_gb=_median([r.cpu_s / (r.bytes_total / 1e9) for r in good]),
+                link_bytes_ratio=_median([r.link_bytes_down / r.bytes_total for r in good]),
+                max_conns=max((r.max_concurrent_connections for r in good), default=None),
+                requests=int(m) if (m := _median([r.requests for r in good])) else None,
+                ours_over_this=None,
+                error=errors[0] if errors else "",
+                notes=" | ".join(dict.fromkeys(r.note for r in runs if r.note))[:700],
+            )
+        )
+    ref = next((r for r in rows if r.tool == reference), None)
+    if ref is None or ref.mb_per_s is None:
+        return rows
+    ref_mbps = ref.mb_per_s
+    return [
+        ToolSummary(**{**asdict(r), "ours_over_this": ref_mbps / r.mb_per_s}) if r.mb_per_s else r
+        for r in rows
+    ]
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+COLUMNS = (
+    "Tool",
+    "Runs ok",
+    "Median s",
+    "MB/s",
+    "x cap",
+    "CPU s/GB",
+    "Link bytes / data",
+    "Max conns",
+    "spotstart gs:// / this",
+)
+
+
+def table_cells(row: ToolSummary) -> list[str]:
+    if row.ok_runs == 0:
+        why = row.error.splitlines()[0][:90] if row.error else "failed"
+        return [row.tool, f"0/{row.runs}", "FAILED", why, "", "", "", "", ""]
+    return [
+        row.tool,
+        f"{row.ok_runs}/{row.runs}",
+        _fmt(row.wall_s, ".2f"),
+        _fmt(row.mb_per_s, ".0f"),
+        _fmt(row.of_cap, ".2f"),
+        _fmt(row.cpu_s_per_gb, ".1f"),
+        _fmt(row.link_bytes_ratio, ".3f"),
+        str(row.max_conns) if row.max_conns is not None else "-",
+        _fmt(row.ours_over_this, ".2f", "x"),
+    ]
+
+
+def environment_lines(env: Mapping[str, Any]) -> list[str]:
+    link = env["link"]
+    ceil = env.get("ceilings", [])
+    lines = [
+        f"Data set: {env['files']} files, {env['bytes_total'] / 1e6:.0f} MB "
+        f"({env['shards']} x {env['shard_bytes'] / 1e6:.0f} MB shards + 3 JSON files), "
+        f"{env['repeats']} repeats, medians, page cache dropped before each run: "
+        f"{env['drop_caches']}",
+        f"Link: {_rate(link['per_conn_bytes_per_s'])} per connection, "
+        f"{link['first_byte_latency_s'] * 1000:.0f} ms first byte, "
+        f'aggregate cap {_rate(link["aggregate_bytes_per_s"])} ("x cap" divides by this)',
+    ]
+    lines += [
+        f"Emulator check: {c['label']}: {c['mb_per_s']:.0f} MB/s ({c['streams']} curl "
+        f"streams to /dev/null)"
+        for c in ceil
+    ]
+    loads = [r for r in env.get("load_1m_at_runs", [])]
+    if loads:
+        lines.append(
+            f"Load average (1 min) at run starts: median {statistics.median(loads):.1f}, "
+            f"max {max(loads):.1f} on {env['cores']} cores (shared machine: other work adds noise)"
+        )
+    lines.append(
+        f"Machine: {env['cpu_model']}, {env['cores']} cores, {env['mem_gb']:.0f} GB, "
+        f"kernel {env['kernel']}, Python {env['python']}"
+    )
+    lines += [f"{name}: {version}" for name, version in env["versions"].items()]
+    return lines
+
+
+def _rate(value: float | None) -> str:
+    return "uncapped" if value is None else f"{value / 1e6:.0f} MB/s"
+
+
+def print_rich(rows: Sequence[ToolSummary], env: Mapping[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=160)
+    table = Table(title="spotstart fetch vs rivals (same emulator, same link)")
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "Tool" else "right")
+    for row in rows:
+        table.add_row(*table_cells(row))
+    console.print(table)
+    for line in environment_lines(env):
+        console.print(line, highlight=False, markup=False)
+
+
+def markdown(
+    rows: Sequence[ToolSummary], env: Mapping[str, Any], invocations: Mapping[str, str]
+) -> str:
+    out = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row in rows:
+        cells = [c.replace("|", "\\|") for c in table_cells(row)]
+        out.append("| " + " | ".join(cells) + " |")
+    out.append("")
+    out += [f"- {line}" for line in environment_lines(env)]
+    out += ["", "Invocations (DEST is a fresh empty directory each run):", ""]
+    for row in rows:
+        out.append(f"- {row.tool} ({row.concurrency}): `{invocations.get(row.tool, '?')}`")
+    noted = [r for r in rows if r.notes]
+    if noted:
+        out += ["", "Notes (per tool, distinct over runs):", ""]
+        out += [f"- {r.tool}: {r.notes}".replace("\n", " ") for r in noted]
+    failed = [r for r in rows if r.ok_runs < r.runs and r.error]
+    if failed:
+        out += ["", "Failures:", ""]
+        out += [f"- {r.tool}: {r.error.strip()[:600]}".replace("\n", " / ") for r in failed]
+    return "\n".join(out) + "\n"
+
+
+def write_results(
+    path_json: Path,
+    path_md: Path,
+    records: Sequence[RunRecord],
+    rows: Sequence[ToolSummary],
+    env: Mapping[str, Any],
+    invocations: Mapping[str, str],
+) -> None:
+    path_json.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "environment": env,
+        "summary": [asdict(r) for r in rows],
+        "runs": [asdict(r) for r in records],
+        "invocations": invocations,
+    }
+    path_json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    path_md.write_text(markdown(rows, env, invocations))
