@@ -9,13 +9,14 @@ import logging
 import signal
 import sys
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from spotstart.errors import UsageError
-from spotstart.guard.drain import DrainConfig
-from spotstart.guard.notice import NoticeWatcher
-from spotstart.guard.proxy import ProxyConfig
-from spotstart.guard.run import GuardConfig, run_guard
+
+if TYPE_CHECKING:  # the proxy pulls in aiohttp.web and prometheus: only when guard runs
+    from spotstart.guard.notice import NoticeWatcher
+    from spotstart.guard.run import GuardConfig
 
 log = logging.getLogger("spotstart.guard")
 
@@ -145,6 +146,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def config_from_args(args: argparse.Namespace) -> GuardConfig:
+    from spotstart.guard.drain import DrainConfig
+    from spotstart.guard.proxy import ProxyConfig
+    from spotstart.guard.run import GuardConfig
+
     server = list(args.server)
     if server and server[0] == "--":
         server = server[1:]
@@ -209,6 +214,8 @@ async def build_watchers(args: argparse.Namespace) -> list[NoticeWatcher]:
 
 
 async def _main(args: argparse.Namespace, config: GuardConfig) -> int:
+    from spotstart.guard.run import run_guard
+
     return await run_guard(config, await build_watchers(args), time.monotonic)
 
 
