@@ -126,8 +126,7 @@ class _OrderedMd5:
             self.next += 1
 
     def _hash_range(self, target: FileTarget, start: int, length: int) -> None:
-        for off in range(start, start + length, 8 << 20):
-            self.hash.update(target.read(off, min(8 << 20, start + length - off)))
+        _hash_target(self.hash, target, start, length)
 
     async def digest(self, target: FileTarget, done: dict[int, int]) -> bytes:
         if self.task is not None:
@@ -274,18 +273,19 @@ class Fetcher:
     ) -> TransferFile:
         """A :class:`TransferFile` for ``info`` with this run's chunk size policy."""
         chunk_bytes = self._chunk_bytes(info)
-        display = (
-            f"{self.url.scheme}://{self.url.bucket}/{info.key}" if self.url.bucket else info.key
-        )
         return TransferFile(
             info,
             rel,
-            display,
+            self.display_of(info),
             planning.plan_chunks(info.size, chunk_bytes),
             chunk_bytes,
             make_target=make_target,
             on_done=on_done,
         )
+
+    def display_of(self, info: ObjectInfo) -> str:
+        """How ``info`` is named in messages, journals and the cache: its full URL."""
+        return f"{self.url.scheme}://{self.url.bucket}/{info.key}" if self.url.bucket else info.key
 
     def _chunk_bytes(self, info: ObjectInfo) -> int:
         if not info.ranges:
@@ -340,29 +340,17 @@ class Fetcher:
                 )
             claimed[safe] = info.key
             final = self.dest / safe
-            display = (
-                f"{self.url.scheme}://{self.url.bucket}/{info.key}" if self.url.bucket else info.key
-            )
             if self.config.use_cache and cache.is_current(
-                safe, display, info.version, info.size, final
+                safe, self.display_of(info), info.version, info.size, final
             ):
                 bytes_cached += info.size
                 results.append(FileResult(info.key, str(final), info.size, 0, 0, True, ()))
                 continue
-            chunk_bytes = self._chunk_bytes(info)
             files.append(
-                TransferFile(
-                    info,
-                    safe,
-                    display,
-                    planning.plan_chunks(info.size, chunk_bytes),
-                    chunk_bytes,
-                    make_target=self._disk_target(final),
-                    on_done=self._record(cache, final),
-                )
+                self.plan_file(info, safe, self._disk_target(final), self._record(cache, final))
             )
         need = sum(f.info.size for f in files)
-        self._check_free_space(files, need)
+        self._check_free_space(files)
         self.progress.on_start(files_total=len(objects), bytes_total=need, bytes_done=0)
         for r in results:
             self.progress.on_file_done(Path(r.path).name, cached=True)
@@ -386,10 +374,7 @@ class Fetcher:
             for f in files
         )
         seconds = time.monotonic() - t0
-        verified: dict[str, int] = {}
-        for f in files:
-            for kind in f.verified:
-                verified[kind] = verified.get(kind, 0) + 1
+        verified = count_verified(files)
         c = self.counters
         return FetchReport(
             source=str(self.url),
@@ -436,7 +421,7 @@ class Fetcher:
 
         return done
 
-    def _check_free_space(self, files: list[TransferFile], need: int) -> None:
+    def _check_free_space(self, files: list[TransferFile]) -> None:
         # Parts already on disk were preallocated: only new files need room.
         fresh = sum(f.info.size for f in files if not (self.dest / (f.rel + PART_SUFFIX)).exists())
         free = shutil.disk_usage(self.dest).free
@@ -673,11 +658,25 @@ class Fetcher:
         await asyncio.gather(*(one(ch) for ch in f.chunks))
 
 
+def _hash_target(h: Any, target: FileTarget, start: int, length: int) -> None:
+    """Feed bytes ``[start, start+length)`` of a target to hash ``h``, 8 MiB at a time."""
+    for off in range(start, start + length, 8 << 20):
+        h.update(target.read(off, min(8 << 20, start + length - off)))
+
+
 def _md5_of(target: FileTarget, size: int) -> bytes:
     h = hashlib.md5()
-    for off in range(0, size, 8 << 20):
-        h.update(target.read(off, min(8 << 20, size - off)))
+    _hash_target(h, target, 0, size)
     return h.digest()
+
+
+def count_verified(files: list[TransferFile]) -> dict[str, int]:
+    """How many files each kind of check (size, crc32c, md5) verified."""
+    verified: dict[str, int] = {}
+    for f in files:
+        for kind in f.verified:
+            verified[kind] = verified.get(kind, 0) + 1
+    return verified
 
 
 async def fetch_async(
@@ -729,6 +728,7 @@ __all__ = [
     "NullProgress",
     "ProgressListener",
     "TransferFile",
+    "count_verified",
     "fetch",
     "fetch_async",
 ]

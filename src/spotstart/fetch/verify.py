@@ -1,11 +1,8 @@
-"""Checksum arithmetic for verification: CRC-32C combination (so per-chunk CRCs computed as
-bytes arrive give the whole-object CRC without rereading) and the in-order MD5 that S3 ETags
-need. Pure except for the MD5 reader, which preads finished ranges of the part file."""
+"""Checksum arithmetic for verification: CRC-32C and its combination, so per-chunk CRCs
+computed as bytes arrive give the whole-object CRC without rereading. Pure. (The in-order MD5
+that S3 ETags need reads through the target: see engine._OrderedMd5.)"""
 
 from __future__ import annotations
-
-import hashlib
-import os
 
 import google_crc32c
 
@@ -66,16 +63,3 @@ def combine_chunk_crcs(crcs_and_lengths: list[tuple[int, int]]) -> int:
     for i, (crc, length) in enumerate(crcs_and_lengths):
         total = crc if i == 0 else crc32c_combine(total, crc, length)
     return total
-
-
-def md5_of_range(fd: int, size: int, piece: int = 8 << 20) -> bytes:
-    """MD5 of the first ``size`` bytes of an open file (pread, page-cache speed)."""
-    h = hashlib.md5()
-    done = 0
-    while done < size:
-        data = os.pread(fd, min(piece, size - done), done)
-        if not data:
-            break
-        h.update(data)
-        done += len(data)
-    return h.digest()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from spotstart.errors import InvalidCheckpoint, NotFound, UsageError
 from spotstart.fetch import FetchConfig, NullProgress, ProgressListener
 from spotstart.fetch.cache import CacheIndex
-from spotstart.fetch.engine import Fetcher, TransferFile
+from spotstart.fetch.engine import Fetcher, TransferFile, count_verified
 from spotstart.fetch.journal import JournalHeader
 from spotstart.fetch.target import DiskTarget, FileTarget
 from spotstart.store import HttpOptions, ObjectInfo, open_source, parse_url
@@ -385,7 +385,7 @@ class Loader:
         shard.header = fmt.parse_header(probe[8 : 8 + n], shard.info.size, name)
         shard.prefix = probe[: 8 + n]
 
-    def _local_path(self, shard: _Shard, cache: CacheIndex | None) -> Path | None:
+    def _local_path(self, fetcher: Fetcher, shard: _Shard, cache: CacheIndex | None) -> Path | None:
         """The local file to read instead of the network: a file:// source itself, or a
         current copy in ``cache_dir``."""
         if self.url.scheme == "file":
@@ -393,12 +393,9 @@ class Loader:
         if cache is None or self.cache_dir is None:
             return None
         path = self.cache_dir / shard.rel
-        display = (
-            f"{self.url.scheme}://{self.url.bucket}/{shard.info.key}"
-            if self.url.bucket
-            else shard.info.key
-        )
-        if cache.is_current(shard.rel, display, shard.info.version, shard.info.size, path):
+        if cache.is_current(
+            shard.rel, fetcher.display_of(shard.info), shard.info.version, shard.info.size, path
+        ):
             return path
         return None
 
@@ -406,7 +403,7 @@ class Loader:
         self, fetcher: Fetcher, shards: list[_Shard], index: fmt.ShardIndex | None, t0: float
     ) -> tuple[dict[str, torch.Tensor], LoadReport]:
         cache = CacheIndex(self.cache_dir) if self.cache_dir is not None else None
-        local = {s.rel: self._local_path(s, cache) for s in shards}
+        local = {s.rel: self._local_path(fetcher, s, cache) for s in shards}
         await asyncio.gather(*(self._header(fetcher, s) for s in shards))
         if index is not None:
             fmt.check_shards(index, {s.rel: s.header for s in shards if s.header is not None})
@@ -442,10 +439,7 @@ class Loader:
             tensors.update(_tensors_of(s.target, self.dtype))
         seconds = time.monotonic() - t0
         c = fetcher.counters
-        verified: dict[str, int] = {}
-        for f in files:
-            for kind in f.verified:
-                verified[kind] = verified.get(kind, 0) + 1
+        verified = count_verified(files)
         report = LoadReport(
             source=str(self.url),
             device=str(self.device),
