@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
 
+from spotstart.emulate.crosscheck import GcsEmulator, MotoS3, Nginx, S3rver
 from spotstart.emulate.link import LinkConfig
 from spotstart.emulate.storage import StorageEmulator, StorageEmulatorOptions
 
@@ -168,3 +169,108 @@ def tree_digest(root: Path) -> dict[str, str]:
         if path.is_file() and not rel.startswith(".spotstart"):
             out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Every implementation of each protocol the test run starts: fetch and load are run against
+# each (tests/fetch/test_crosscheck.py, tests/weights/test_crosscheck.py).
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Store:
+    """One server speaking one protocol, as a test sees it: seed objects, then fetch URLs."""
+
+    name: str
+    scheme: str  # s3, gs, http, https
+    env: dict[str, str]
+    seed: Callable[[dict[str, bytes]], None]
+    base: str  # URL of the bucket / document root, no trailing slash
+
+    def url(self, key: str) -> str:
+        return f"{self.base}/{key}"
+
+
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    server = MotoS3(tmp_path_factory.mktemp("moto"), (BUCKET,))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+S3RVER_BIN = Path(__file__).parent / "node" / "node_modules" / ".bin" / "s3rver"
+
+
+@pytest.fixture(scope="session")
+def s3rver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3rver]:
+    server = S3rver(tmp_path_factory.mktemp("s3rver"), (BUCKET,), S3RVER_BIN)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
+    server = GcsEmulator(tmp_path_factory.mktemp("gcpemu"), (BUCKET,))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
+    server = Nginx(tmp_path_factory.mktemp("nginx"))
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+STORE_NAMES = (
+    "seaweedfs",
+    "moto",
+    "s3rver",
+    "fake-gcs",
+    "gcp-storage-emulator",
+    "nginx",
+    "nginx-tls",
+)
+
+
+@pytest.fixture(params=STORE_NAMES)
+def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Store:
+    """Each server of the run in turn, its environment set for this test."""
+    name: str = request.param
+    if name in ("seaweedfs", "fake-gcs"):
+        emu: StorageEmulator = request.getfixturevalue("clean_cloud")
+        if name == "seaweedfs":
+            st = Store(
+                name, "s3", emu.env_for_s3(), lambda o: emu.seed_s3(BUCKET, o), f"s3://{BUCKET}"
+            )
+        else:
+            env = {"STORAGE_EMULATOR_HOST": emu.gcs.endpoint}
+            st = Store(name, "gs", env, lambda o: emu.seed_gcs(BUCKET, o), f"gs://{BUCKET}")
+    elif name in ("moto", "s3rver"):
+        m: MotoS3 | S3rver = request.getfixturevalue(name)
+        st = Store(name, "s3", m.env(), lambda o: m.seed(BUCKET, o), f"s3://{BUCKET}")
+    elif name == "gcp-storage-emulator":
+        g: GcsEmulator = request.getfixturevalue("gcs_emulator")
+        st = Store(name, "gs", g.env(), lambda o: g.seed(BUCKET, o), f"gs://{BUCKET}")
+    else:
+        n: Nginx = request.getfixturevalue("nginx")
+        tls = name == "nginx-tls"
+        env = {"SSL_CERT_FILE": str(n.cert_path)} if tls else {}
+        st = Store(
+            name, "https" if tls else "http", env, n.seed, n.tls_endpoint if tls else n.endpoint
+        )
+    for key, value in st.env.items():
+        monkeypatch.setenv(key, value)
+    return st

@@ -13,6 +13,8 @@
     +-- LocalIOError                    exit 8  the destination cannot be written
     |   +-- DiskFull                    exit 9  ENOSPC / EDQUOT on the destination
     +-- InvalidCheckpoint               exit 10 malformed checkpoint: header, offsets, dtype, index
+    +-- ProtocolError                   exit 11 the server broke its protocol (a 200 to a ranged
+                                                read, a listing that is not S3 XML)
 
 Messages name the object, the cause and the fix, on one line.
 """
@@ -65,13 +67,22 @@ class ObjectChanged(IntegrityError):
 
 
 class TransientError(SpotstartError):
-    """A failure worth retrying (5xx, 429, reset, short body). Internal: retried, then wrapped."""
+    """A failure worth retrying (5xx, 429, reset, short body). Internal: retried, then wrapped.
+    ``status`` is the HTTP status when there was one; ``throttled`` is True for the answers that
+    ask a client to slow down (429, 503), which the concurrency controller acts on."""
 
     exit_code = 7
 
-    def __init__(self, message: str, *, retry_after_s: float | None = None) -> None:
+    def __init__(
+        self, message: str, *, retry_after_s: float | None = None, status: int | None = None
+    ) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+        self.status = status
+
+    @property
+    def throttled(self) -> bool:
+        return self.status in (429, 503)
 
 
 class RetriesExceeded(SpotstartError):
@@ -110,6 +121,12 @@ class InvalidCheckpoint(SpotstartError):
     exit_code = 10
 
 
+class ProtocolError(SpotstartError):
+    """The server answered against its protocol's spec in a way retrying would not mend."""
+
+    exit_code = 11
+
+
 EXIT_CODES: dict[str, int] = {
     "ok": 0,
     "error": SpotstartError.exit_code,
@@ -122,5 +139,6 @@ EXIT_CODES: dict[str, int] = {
     "local_io": LocalIOError.exit_code,
     "disk_full": DiskFull.exit_code,
     "invalid_checkpoint": InvalidCheckpoint.exit_code,
+    "protocol": ProtocolError.exit_code,
     "interrupted": 130,
 }

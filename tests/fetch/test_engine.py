@@ -22,7 +22,7 @@ from spotstart.errors import (
 )
 from spotstart.fetch import FetchConfig, FetchReport, NullProgress
 from spotstart.fetch.engine import Fetcher
-from spotstart.fetch.journal import JOURNAL_SUFFIX, PART_SUFFIX
+from spotstart.fetch.layout import PART_SUFFIX, work_paths
 from spotstart.store import StorageURL
 from spotstart.store.memory import MemorySource
 
@@ -140,7 +140,7 @@ def test_rerun_after_interruption_resumes_without_refetching_done_chunks(tmp_pat
     config = FetchConfig(chunk_bytes=MiB, concurrency=1)
     with pytest.raises(UsageError):
         run(MemorySource({"m/x": data}, fault=fault), tmp_path, config)
-    assert (tmp_path / f"x{JOURNAL_SUFFIX}").exists()
+    assert work_paths(tmp_path, "x")[1].exists()
     assert not (tmp_path / "x").exists()
     second = MemorySource({"m/x": data})
     report = run(second, tmp_path, config)
@@ -282,7 +282,7 @@ def test_stream_that_stalls_on_every_attempt_is_transfer_stalled_and_resumable(
     assert caught.value.exit_code == 7
     assert not (tmp_path / "x").exists()
     # A transient failure keeps the finished chunks for the next run.
-    assert (tmp_path / f"x{JOURNAL_SUFFIX}").exists()
+    assert work_paths(tmp_path, "x")[1].exists()
     report = run(MemorySource({"m/x": data}), tmp_path, config)
     assert report.bytes_resumed == 2 * MiB
     assert (tmp_path / "x").read_bytes() == data
@@ -324,7 +324,7 @@ def test_objects_without_checksums_are_verified_by_size_only(tmp_path: Path) -> 
 @pytest.mark.parametrize("bad_key", ["m/../escape", "m/a/../../escape"])
 def test_keys_escaping_dest_are_refused_before_writing(tmp_path: Path, bad_key: str) -> None:
     dest = tmp_path / "dest"
-    with pytest.raises(UsageError, match="inside DEST"):
+    with pytest.raises(UsageError, match="escape DEST"):
         run(MemorySource({bad_key: b"evil", "m/ok": b"ok"}), dest)
     assert not (tmp_path / "escape").exists()
     assert not (dest / "ok").exists()
@@ -340,7 +340,7 @@ def test_single_object_url_lands_under_its_base_name(tmp_path: Path) -> None:
 
 def test_two_keys_that_map_to_one_local_file_are_refused_before_writing(tmp_path: Path) -> None:
     source = MemorySource({"m/a": blob(2 * MiB, 1), "m//a": blob(2 * MiB, 2)})
-    with pytest.raises(UsageError, match="both map to"):
+    with pytest.raises(UsageError, match="lands on the same path as"):
         run(source, tmp_path)
     assert source.reads == []
     assert not (tmp_path / "a").exists()

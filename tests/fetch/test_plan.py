@@ -11,14 +11,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from spotstart.fetch.layout import normalize
 from spotstart.fetch.plan import (
     DEFAULT_CHUNK,
     MIN_CHUNK,
     ConcurrencyController,
     RetryPolicy,
     choose_chunk_bytes,
+    part_boundaries,
     plan_chunks,
-    safe_relative_path,
     select_keys,
 )
 
@@ -35,6 +36,36 @@ def test_plan_chunks_covers_every_byte_exactly_once(size: int, chunk: int) -> No
         assert 0 < c.length <= chunk
         pos += c.length
     assert pos == size
+
+
+@given(
+    size=st.integers(0, 1 << 20),
+    chunk=st.integers(1, 1 << 18),
+    cuts=st.lists(st.integers(-5, (1 << 20) + 5), max_size=8),
+)
+def test_aligned_plan_covers_every_byte_and_never_straddles_a_part_boundary(
+    size: int, chunk: int, cuts: list[int]
+) -> None:
+    chunks = plan_chunks(size, max(chunk, size // 2000 + 1), boundaries=cuts)
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert sum(c.length for c in chunks) == size
+    pos = 0
+    for c in chunks:
+        assert c.start == pos and c.length > 0
+        assert not any(c.start < b < c.start + c.length for b in cuts)
+        pos += c.length
+
+
+def test_part_boundaries_are_cumulative_part_ends() -> None:
+    assert part_boundaries((8, 8, 3)) == (8, 16)
+    assert part_boundaries((5,)) == ()
+    assert [(c.start, c.length) for c in plan_chunks(19, 6, part_boundaries((8, 8, 3)))] == [
+        (0, 6),
+        (6, 2),
+        (8, 6),
+        (14, 2),
+        (16, 3),
+    ]
 
 
 def test_plan_chunks_rejects_nonsense() -> None:
@@ -70,11 +101,11 @@ def test_select_keys_applies_globs_to_relative_paths_and_base_names() -> None:
 @pytest.mark.parametrize("bad", ["../x", "a/../../x", "", "/", "./.."])
 def test_keys_that_would_escape_dest_are_refused(bad: str) -> None:
     with pytest.raises(ValueError):
-        safe_relative_path(bad)
+        normalize(bad)
 
 
-def test_safe_relative_path_normalises_harmless_forms() -> None:
-    assert safe_relative_path("/a//b/./c") == "a/b/c"
+def test_normalize_drops_harmless_empty_and_dot_segments() -> None:
+    assert normalize("/a//b/./c") == "a/b/c"
 
 
 def test_controller_grows_while_throughput_grows_and_stops_on_plateau() -> None:
@@ -128,7 +159,7 @@ def test_retry_after_is_honoured_but_bounded() -> None:
 @given(rel=st.text(alphabet="ab./\\", max_size=24))
 def test_any_key_maps_inside_dest_or_is_refused(rel: str) -> None:
     try:
-        out = safe_relative_path(rel)
+        out = normalize(rel)
     except ValueError:
         return
     parts = out.split("/")
@@ -140,8 +171,8 @@ def test_any_key_maps_inside_dest_or_is_refused(rel: str) -> None:
 
 @pytest.mark.parametrize("bad", ["/../etc/passwd", "a/b/../../../c", "..", "./"])
 def test_absolute_and_parent_escapes_are_refused(bad: str) -> None:
-    with pytest.raises(ValueError, match="inside DEST"):
-        safe_relative_path(bad)
+    with pytest.raises(ValueError, match=r"DEST|names no file"):
+        normalize(bad)
 
 
 KEY = st.text(alphabet="ab/.xyz", min_size=1, max_size=12)

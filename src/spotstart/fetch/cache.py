@@ -11,7 +11,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-INDEX_DIR = ".spotstart"
+from spotstart.fetch.layout import STATE_DIR
+
+INDEX_DIR = STATE_DIR
+
 INDEX_NAME = "index.json"
 
 

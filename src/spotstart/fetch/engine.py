@@ -21,8 +21,10 @@ from spotstart.errors import (
     DiskFull,
     EndpointUnreachable,
     IntegrityError,
+    LocalIOError,
     NotFound,
     ObjectChanged,
+    ProtocolError,
     RetriesExceeded,
     SpotstartError,
     StallDetected,
@@ -30,14 +32,16 @@ from spotstart.errors import (
     TransientError,
     UsageError,
 )
+from spotstart.fetch import layout
 from spotstart.fetch import plan as planning
 from spotstart.fetch.cache import INDEX_DIR, CacheIndex
 from spotstart.fetch.config import FetchConfig, FetchReport, FileResult
-from spotstart.fetch.journal import PART_SUFFIX, JournalHeader, local_error
+from spotstart.fetch.journal import JournalHeader, local_error
 from spotstart.fetch.target import DiskTarget, FileTarget
 from spotstart.fetch.verify import combine_chunk_crcs, crc32c
 from spotstart.fetch.writer import DiskWriter
 from spotstart.store import HttpOptions, ObjectInfo, RangeSource, StorageURL, open_source, parse_url
+from spotstart.units import format_bytes
 
 T = TypeVar("T")
 
@@ -107,12 +111,17 @@ class _Counters:
 class _OrderedMd5:
     """MD5 must see bytes in order, but chunks finish out of order: hash each finished run of
     consecutive chunks from the part file (page cache) on a thread while the rest downloads,
-    so only the tail of the last file is hashed after its last byte arrives."""
+    so only the tail of the last file is hashed after its last byte arrives. With ``parts``
+    (an S3 multipart ETag) each part is hashed on its own and the digest is the MD5 of the
+    parts' digests; chunks never straddle a part (see plan.plan_chunks)."""
 
-    def __init__(self, chunks: list[planning.Chunk]) -> None:
+    def __init__(self, chunks: list[planning.Chunk], parts: tuple[int, ...] = ()) -> None:
         self.chunks = chunks
         self.next = 0
         self.hash = hashlib.md5()
+        self.part_ends = set(planning.part_boundaries(parts)) if parts else set()
+        self.per_part = bool(parts)
+        self.part_digests: list[bytes] = []
         self.task: asyncio.Task[None] | None = None
 
     def kick(self, target: FileTarget, done: dict[int, int]) -> None:
@@ -123,6 +132,9 @@ class _OrderedMd5:
         while self.next < len(self.chunks) and self.chunks[self.next].index in done:
             ch = self.chunks[self.next]
             await asyncio.to_thread(self._hash_range, target, ch.start, ch.length)
+            if ch.start + ch.length in self.part_ends:
+                self.part_digests.append(self.hash.digest())
+                self.hash = hashlib.md5()
             self.next += 1
 
     def _hash_range(self, target: FileTarget, start: int, length: int) -> None:
@@ -132,6 +144,8 @@ class _OrderedMd5:
         if self.task is not None:
             await self.task
         await self._run(target, done)
+        if self.per_part:
+            return hashlib.md5(b"".join([*self.part_digests, self.hash.digest()])).digest()
         return self.hash.digest()
 
 
@@ -231,17 +245,27 @@ class Fetcher:
             raise NotFound(f"{url}: no such object or prefix")
         if not selected:
             raise NotFound(f"{url}: {len(objects)} objects, none matched --include/--exclude")
-        infos = [by_key[k] for k, _ in selected]
-        infos = await self._refine(infos)
+        infos = await self.complete([by_key[k] for k, _ in selected])
         return list(zip(infos, [rel for _, rel in selected], strict=True))
 
-    async def _refine(self, infos: list[ObjectInfo]) -> list[ObjectInfo]:
-        """Listings without checksums (S3): ask HEAD of each object, a few at a time."""
-        if self.url.scheme != "s3":
-            return infos
+    async def stat(self, key: str) -> ObjectInfo:
+        """``source.stat(key)`` under this run's retry policy."""
+        return await self._with_retries(lambda: self.source.stat(key), key)
+
+    async def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """``source.list(prefix)`` under this run's retry policy (entries may need
+        :meth:`complete`)."""
+        return await self._with_retries(lambda: self.source.list(prefix), prefix)
+
+    async def complete(self, infos: list[ObjectInfo]) -> list[ObjectInfo]:
+        """Objects as ``stat`` describes them, checksums included: entries of a listing that
+        carries none (``needs_stat``, S3) are asked for with HEAD, a few at a time. Fetch and
+        load call this for every listed object, so both verify the same checksums."""
         sem = asyncio.Semaphore(16)
 
         async def one(o: ObjectInfo) -> ObjectInfo:
+            if not o.needs_stat:
+                return o
             async with sem:
                 return await self._with_retries(lambda: self.source.stat(o.key), o.key)
 
@@ -277,7 +301,7 @@ class Fetcher:
             info,
             rel,
             self.display_of(info),
-            planning.plan_chunks(info.size, chunk_bytes),
+            planning.plan_chunks(info.size, chunk_bytes, planning.part_boundaries(info.parts)),
             chunk_bytes,
             make_target=make_target,
             on_done=on_done,
@@ -322,23 +346,21 @@ class Fetcher:
             objects = await self._with_retries(self.resolve, str(self.url))
         except EndpointUnreachable as exc:
             raise EndpointUnreachable(f"{exc}; check the endpoint URL and network") from exc
+        placed = self.place(objects)
         self._check_dest()
+        blocked = layout.check_against_disk(self.dest, [rel for _, rel in placed])
+        if blocked:
+            rel, why = blocked[0]
+            more = f" (and {len(blocked) - 1} more)" if len(blocked) > 1 else ""
+            raise LocalIOError(
+                f"{self.dest}: cannot place {rel}: {why}{more}; move it away or choose another "
+                "DEST (nothing was fetched)"
+            )
         cache = CacheIndex(self.dest)
         files: list[TransferFile] = []
         results: list[FileResult] = []
         bytes_cached = 0
-        claimed: dict[str, str] = {}  # local path -> the key that lands there
-        for info, rel in objects:
-            try:
-                safe = planning.safe_relative_path(rel)
-            except ValueError as exc:
-                raise UsageError(f"{self.source.display}/{info.key}: {exc}") from exc
-            if safe in claimed:  # "m/a" and "m//a" are two objects but one local file
-                raise UsageError(
-                    f"{self.source.display}: keys {claimed[safe]!r} and {info.key!r} both map "
-                    f"to {self.dest / safe}; exclude one with --exclude"
-                )
-            claimed[safe] = info.key
+        for info, safe in placed:
             final = self.dest / safe
             if self.config.use_cache and cache.is_current(
                 safe, self.display_of(info), info.version, info.size, final
@@ -397,6 +419,17 @@ class Fetcher:
             files=tuple(sorted(results, key=lambda r: r.key)),
         )
 
+    def place(self, objects: list[tuple[ObjectInfo, str]]) -> list[tuple[ObjectInfo, str]]:
+        """(object, local path under DEST) for each object, or :class:`UsageError` before any
+        byte moves when the names cannot each have a path of their own (see layout.place)."""
+        try:
+            placements = layout.place((info.key, rel) for info, rel in objects)
+        except layout.UnsafeNames as exc:
+            raise UsageError(
+                f"{self.url}: {exc}; nothing was fetched (leave such objects out with --exclude)"
+            ) from exc
+        return [(info, p.rel) for (info, _), p in zip(objects, placements, strict=True)]
+
     def _check_dest(self) -> None:
         if self.dest.exists() and not self.dest.is_dir():
             raise UsageError(f"{self.dest}: DEST must be a directory")
@@ -408,7 +441,8 @@ class Fetcher:
     def _disk_target(self, final: Path) -> Callable[[TransferFile], FileTarget]:
         def make(f: TransferFile) -> FileTarget:
             header = JournalHeader(f.display, f.info.size, f.info.version, f.chunk_bytes)
-            return DiskTarget(final, header, self.writer, fsync=self.config.fsync)
+            work = layout.work_paths(self.dest, f.rel)
+            return DiskTarget(final, header, self.writer, fsync=self.config.fsync, work=work)
 
         return make
 
@@ -423,12 +457,14 @@ class Fetcher:
 
     def _check_free_space(self, files: list[TransferFile]) -> None:
         # Parts already on disk were preallocated: only new files need room.
-        fresh = sum(f.info.size for f in files if not (self.dest / (f.rel + PART_SUFFIX)).exists())
+        fresh = sum(
+            f.info.size for f in files if not layout.work_paths(self.dest, f.rel)[0].exists()
+        )
         free = shutil.disk_usage(self.dest).free
         if fresh > free:
             raise DiskFull(
-                f"{self.dest}: needs {fresh / 1e9:.2f} GB, only {free / 1e9:.2f} GB free; "
-                "free space or choose another DEST"
+                f"{self.dest}: needs {format_bytes(fresh)}, only {format_bytes(free)} free "
+                f"({fresh - free:,} bytes short); free space or choose another DEST"
             )
 
     def _open(self, f: TransferFile) -> None:
@@ -438,8 +474,12 @@ class Fetcher:
         except OSError as exc:
             raise local_error(self.dest / f.rel, exc, "preparing the destination") from exc
         f.crcs.update(done)
-        if f.info.checksums.crc32c is None and f.info.checksums.md5 is not None:
+        sums = f.info.checksums
+        if sums.crc32c is None and sums.md5 is not None:
             f.md5 = _OrderedMd5(f.chunks)
+        elif sums.crc32c is None and sums.md5_of_parts is not None and f.info.parts:
+            f.md5 = _OrderedMd5(f.chunks, f.info.parts)
+        if f.md5 is not None:
             f.md5.kick(f.target, f.crcs)
         f.bytes_resumed = sum(f.chunks[i].length for i in done if i < len(f.chunks))
         f.remaining = len(f.chunks) - len([i for i in done if i < len(f.chunks)])
@@ -523,8 +563,9 @@ class Fetcher:
         for f in files:
             if f.target is None or not f.target.is_open:
                 continue
-            # A full disk: give the space back. A replaced object: its bytes are worthless.
-            if isinstance(exc, DiskFull) or f.changed:
+            # A full disk: give the space back. A replaced object: its bytes are worthless. A
+            # server that broke the protocol: a rerun must not trust what it sent.
+            if isinstance(exc, DiskFull | ProtocolError) or f.changed:
                 f.target.discard()
                 continue
             with contextlib.suppress(SpotstartError):
@@ -567,7 +608,7 @@ class Fetcher:
                 self.progress.on_bytes(-chunk.written)
                 if isinstance(exc, StallDetected):
                     self.counters.stalls += 1
-                if "HTTP 429" in str(exc) or "HTTP 503" in str(exc):
+                if isinstance(exc, TransientError) and exc.throttled:
                     self.controller.throttled()
                 if not self.policy.should_retry(attempt):
                     raise self._exhausted(f, ch, attempt, exc) from exc
@@ -632,15 +673,20 @@ class Fetcher:
             return False, (), f"size {size} != {f.info.size}"
         sums = f.info.checksums
         if sums.crc32c is not None:
-            got = combine_chunk_crcs([(f.crcs[c.index], c.length) for c in f.chunks])
-            if got != sums.crc32c:
-                return False, (), f"crc32c mismatch (got {got:08x}, want {sums.crc32c:08x})"
-            return True, ("size", "crc32c"), ""
-        if sums.md5 is not None:
-            got_md5 = md5 if md5 is not None else _md5_of(f.target, f.info.size)
-            if got_md5 != sums.md5:
-                return False, (), f"md5 mismatch (got {got_md5.hex()}, want {sums.md5.hex()})"
-            return True, ("size", "md5"), ""
+            return _check_crc32c(f, sums.crc32c)
+        if sums.md5 is not None or (sums.md5_of_parts is not None and f.info.parts):
+            want = sums.md5 if sums.md5 is not None else sums.md5_of_parts
+            assert want is not None
+            kind = "md5" if sums.md5 is not None else "md5-of-parts"
+            if md5 is not None:
+                got_md5 = md5
+            elif sums.md5 is not None:
+                got_md5 = _md5_of(f.target, f.info.size)
+            else:
+                got_md5 = _md5_of_parts(f.target, f.info.parts)
+            if got_md5 != want:
+                return False, (), f"{kind} mismatch (got {got_md5.hex()}, want {want.hex()})"
+            return True, ("size", kind), ""
         return True, ("size",), ""
 
     async def _refetch_all(self, f: TransferFile) -> None:
@@ -668,6 +714,51 @@ def _md5_of(target: FileTarget, size: int) -> bytes:
     h = hashlib.md5()
     _hash_target(h, target, 0, size)
     return h.digest()
+
+
+def _md5_of_parts(target: FileTarget, parts: tuple[int, ...]) -> bytes:
+    """An S3 multipart ETag's digest: MD5 of the concatenated per-part MD5s."""
+    digests, at = [], 0
+    for n in parts:
+        h = hashlib.md5()
+        _hash_target(h, target, at, n)
+        digests.append(h.digest())
+        at += n
+    return hashlib.md5(b"".join(digests)).digest()
+
+
+def part_crc32cs(
+    chunks: list[planning.Chunk], crcs: dict[int, int], parts: tuple[int, ...]
+) -> list[int]:
+    """Each part's CRC-32C, combined from the CRCs of the chunks inside it (chunks are planned
+    so that none straddles a part)."""
+    out: list[int] = []
+    i = 0
+    for n in parts:
+        end = (chunks[i].start if i < len(chunks) else 0) + n
+        group: list[tuple[int, int]] = []
+        while i < len(chunks) and chunks[i].start < end:
+            group.append((crcs[chunks[i].index], chunks[i].length))
+            i += 1
+        out.append(combine_chunk_crcs(group))
+    return out
+
+
+def _check_crc32c(f: TransferFile, want: int) -> tuple[bool, tuple[str, ...], str]:
+    """Whole-object and/or composite (S3 multipart) CRC-32C, as the store's scope says."""
+    scope = f.info.checksums.crc32c_scope
+    whole = composite = None
+    if scope in ("object", "either"):
+        whole = combine_chunk_crcs([(f.crcs[c.index], c.length) for c in f.chunks])
+        if whole == want:
+            return True, ("size", "crc32c"), ""
+    if scope in ("parts", "either") and f.info.parts:
+        per_part = part_crc32cs(f.chunks, f.crcs, f.info.parts)
+        composite = crc32c(b"".join(c.to_bytes(4, "big") for c in per_part))
+        if composite == want:
+            return True, ("size", "crc32c-composite"), ""
+    got = " / ".join(f"{v:08x}" for v in (whole, composite) if v is not None) or "nothing"
+    return False, (), f"crc32c mismatch (got {got}, want {want:08x})"
 
 
 def count_verified(files: list[TransferFile]) -> dict[str, int]:

@@ -1,5 +1,6 @@
-"""The on-disk state of one file in progress: a preallocated ``.spotstart.part`` written at
-offsets, and a ``.spotstart.journal`` of finished chunks with their CRC-32C. A chunk enters
+"""The on-disk state of one file in progress: a preallocated part file written at offsets, and a
+journal of finished chunks with their CRC-32C, both in DEST's own state directory
+(``DEST/.spotstart/parts/``, see layout.py) where no object name reaches. A chunk enters
 the journal only after its bytes were written (and, with fsync on, made durable), so a rerun
 after kill -9 or power loss resumes from it and never trusts bytes that were not written.
 The final name appears only by atomic rename after verification."""
@@ -14,9 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spotstart.errors import DiskFull, LocalIOError
-
-PART_SUFFIX = ".spotstart.part"
-JOURNAL_SUFFIX = ".spotstart.journal"
+from spotstart.fetch.layout import work_paths
 
 
 @dataclass(frozen=True)
@@ -38,16 +37,25 @@ def local_error(path: Path | str, exc: OSError, doing: str) -> LocalIOError:
         )
     if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return LocalIOError(f"{path}: cannot write ({os.strerror(exc.errno)}) while {doing}")
+    if exc.errno == errno.ENAMETOOLONG:
+        return LocalIOError(f"{path}: name too long for this file system while {doing}")
     return LocalIOError(f"{path}: {exc.strerror or exc} while {doing}")
 
 
 class PartFile:
-    """A destination file in progress."""
+    """A destination file in progress. ``work``: its (part file, journal) paths; by default
+    those of ``final`` in the state directory of its own directory."""
 
-    def __init__(self, final: Path, header: JournalHeader, *, fsync: bool) -> None:
+    def __init__(
+        self,
+        final: Path,
+        header: JournalHeader,
+        *,
+        fsync: bool,
+        work: tuple[Path, Path] | None = None,
+    ) -> None:
         self.final = final
-        self.part = final.with_name(final.name + PART_SUFFIX)
-        self.journal_path = final.with_name(final.name + JOURNAL_SUFFIX)
+        self.part, self.journal_path = work or work_paths(final.parent, final.name)
         self.header = header
         self.fsync = fsync
         self.fd = -1
@@ -60,6 +68,7 @@ class PartFile:
         resumed = False
         try:
             self.final.parent.mkdir(parents=True, exist_ok=True)
+            self.part.parent.mkdir(parents=True, exist_ok=True)
             resumed = self._load_journal()
             if not resumed:
                 for p in (self.part, self.journal_path):

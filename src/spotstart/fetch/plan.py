@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 MiB = 1 << 20
@@ -39,15 +40,37 @@ def choose_chunk_bytes(size: int, concurrency: int, requested: int | None = None
     return max(MIN_CHUNK, min(DEFAULT_CHUNK, per_stream))
 
 
-def plan_chunks(size: int, chunk_bytes: int) -> list[Chunk]:
-    """Cover ``[0, size)`` with chunks of ``chunk_bytes`` (the last may be shorter).
-    A zero-byte object has no chunks."""
+def plan_chunks(size: int, chunk_bytes: int, boundaries: Sequence[int] = ()) -> list[Chunk]:
+    """Cover ``[0, size)`` with chunks of at most ``chunk_bytes``, none straddling one of
+    ``boundaries`` (offsets where a multipart upload's parts meet, so per-part checksums can be
+    combined from per-chunk ones). A zero-byte object has no chunks.
+
+    >>> [(c.start, c.length) for c in plan_chunks(10, 4, boundaries=(5,))]
+    [(0, 4), (4, 1), (5, 4), (9, 1)]
+    """
     if size < 0 or chunk_bytes <= 0:
         raise ValueError("size must be >= 0 and chunk_bytes > 0")
-    return [
-        Chunk(i, start, min(chunk_bytes, size - start))
-        for i, start in enumerate(range(0, size, chunk_bytes))
-    ]
+    cuts = sorted({b for b in boundaries if 0 < b < size} | {size})
+    out: list[Chunk] = []
+    start = 0
+    for end in cuts:
+        for at in range(start, end, chunk_bytes):
+            out.append(Chunk(len(out), at, min(chunk_bytes, end - at)))
+        start = end
+    return out
+
+
+def part_boundaries(parts: Sequence[int]) -> tuple[int, ...]:
+    """Offsets where consecutive parts of the given sizes meet.
+
+    >>> part_boundaries((5, 5, 2))
+    (5, 10)
+    """
+    out, at = [], 0
+    for n in parts[:-1]:
+        at += n
+        out.append(at)
+    return tuple(out)
 
 
 def select_keys(
@@ -72,14 +95,6 @@ def select_keys(
             continue
         out.append((key, rel))
     return out
-
-
-def safe_relative_path(rel: str) -> str:
-    """Refuse object keys that would escape DEST (``../``, absolute paths)."""
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    if not parts or any(p == ".." for p in parts):
-        raise ValueError(f"object key {rel!r} does not map to a path inside DEST")
-    return "/".join(parts)
 
 
 class ConcurrencyController:

@@ -55,9 +55,15 @@ class DiskTarget:
     """A local file: preallocated part file + journal, atomic rename on finish."""
 
     def __init__(
-        self, final: Path, header: JournalHeader, writer: DiskWriter, *, fsync: bool
+        self,
+        final: Path,
+        header: JournalHeader,
+        writer: DiskWriter,
+        *,
+        fsync: bool,
+        work: tuple[Path, Path] | None = None,
     ) -> None:
-        self.part = PartFile(final, header, fsync=fsync)
+        self.part = PartFile(final, header, fsync=fsync, work=work)
         self.writer = writer
 
     def open(self) -> dict[int, int]:

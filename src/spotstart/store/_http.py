@@ -12,12 +12,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import aiohttp
+import yarl
 
 from spotstart.errors import (
     AccessDenied,
     EndpointUnreachable,
     NotFound,
     ObjectChanged,
+    ProtocolError,
     SpotstartError,
     StallDetected,
     TransientError,
@@ -41,10 +43,28 @@ class HttpOptions:
     ca_bundle: str | None = None
 
 
+# RFC 3986 section 2: what may stand in a URL as it is sent (unreserved, reserved, '%').
+_URL_CHARS = frozenset(
+    "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~:/?#[]@!$&'()*+,;=%"
+)
+
+
+def wire_url(url: str) -> yarl.URL:
+    """``url`` exactly as it must go on the wire. yarl would otherwise normalise it (decode
+    ``%2F`` in query strings, collapse ``/./`` and ``/../``), which breaks SigV4 signatures and
+    asks for another key. A URL that is not already encoded (a space, non-ASCII) is encoded."""
+    if _URL_CHARS.issuperset(url):
+        return yarl.URL(url, encoded=True)
+    return yarl.URL(url)
+
+
 def make_session(options: HttpOptions) -> aiohttp.ClientSession:
-    ssl_ctx: ssl.SSLContext | bool = True
+    # A context of our own per session (not aiohttp's, made at import): SSL_CERT_FILE and
+    # SSL_CERT_DIR are read when the source opens, as OpenSSL's default paths are.
     if options.ca_bundle and os.path.exists(options.ca_bundle):
         ssl_ctx = ssl.create_default_context(cafile=options.ca_bundle)
+    else:
+        ssl_ctx = ssl.create_default_context()
     connector = aiohttp.TCPConnector(limit=0, ssl=ssl_ctx, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(
         total=None, connect=options.connect_timeout_s, sock_connect=options.connect_timeout_s
@@ -81,7 +101,9 @@ async def raise_for_status(resp: aiohttp.ClientResponse, what: str, *, hint: str
     suffix = f" ({detail})" if detail else ""
     if status in RETRYABLE_STATUS:
         raise TransientError(
-            f"{what}: HTTP {status} {resp.reason}{suffix}", retry_after_s=_retry_after(resp)
+            f"{what}: HTTP {status} {resp.reason}{suffix}",
+            retry_after_s=_retry_after(resp),
+            status=status,
         )
     if status == 404:
         raise NotFound(f"{what}: not found (HTTP 404){suffix}")
@@ -127,10 +149,31 @@ async def request_json_or_text(
 ) -> tuple[int, Mapping[str, str], bytes]:
     """A small request whose whole body is wanted (listing, stat). Raises our errors."""
     try:
-        async with session.request(method, url, headers=dict(headers)) as resp:
+        async with session.request(method, wire_url(url), headers=dict(headers)) as resp:
             await raise_for_status(resp, what, hint=hint)
             body = await resp.read()
             return resp.status, resp.headers, body
+    except SpotstartError:
+        raise
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise translate_client_error(exc, what) from exc
+
+
+async def probe_range(
+    session: aiohttp.ClientSession, url: str, what: str, validator: str = ""
+) -> tuple[int, Mapping[str, str]]:
+    """GET the first byte with a Range header (pinned with If-Range to ``validator`` when
+    given): (status, headers). 206 means the server honours ranges; a 200 is the whole body,
+    which is not read (the connection is dropped)."""
+    headers = {"Range": "bytes=0-0", "Accept-Encoding": "identity"}
+    if validator:
+        headers["If-Range"] = validator
+    try:
+        async with session.get(wire_url(url), headers=headers) as resp:
+            await raise_for_status(resp, what)
+            if resp.status == 206:
+                await resp.content.read(16)
+            return resp.status, resp.headers
     except SpotstartError:
         raise
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -160,7 +203,7 @@ async def stream_range(
     loop = asyncio.get_running_loop()
     try:
         async with asyncio.timeout(options.stall_timeout_s) as deadline:
-            async with session.get(url, headers=hdrs) as resp:
+            async with session.get(wire_url(url), headers=hdrs) as resp:
                 await raise_for_status(resp, what, hint=hint)
                 _check_range_answer(resp, start, length, total_size, what, hdrs.get("If-Range"))
                 while True:
@@ -221,10 +264,8 @@ def _check_range_answer(
             )
         if start == 0 and length == total_size:
             return
-        raise RangeNotSupported(f"{what}: server ignored the Range header (HTTP 200)")
-    raise SpotstartError(f"{what}: unexpected HTTP {resp.status} for a ranged read")
-
-
-class RangeNotSupported(SpotstartError):
-    """The server answered a ranged GET with the whole body although it advertised ranges
-    (objects from servers that do not advertise them are planned as one stream)."""
+        raise ProtocolError(
+            f"{what}: the server answered a ranged read with the whole body (HTTP 200) although "
+            "it honoured ranges before; nothing was kept, rerun (or report the server)"
+        )
+    raise ProtocolError(f"{what}: unexpected HTTP {resp.status} for a ranged read")

@@ -256,7 +256,7 @@ def translate_error(exc: BaseException, what: str, hint: str = "") -> SpotstartE
         shown = status or (403 if isinstance(exc, PermissionDeniedError) else 401)
         return AccessDenied(f"{what}: access denied (HTTP {shown}){code}{hint}")
     if status is not None and (status in RETRYABLE_STATUS or status >= 500):
-        return TransientError(f"{what}: HTTP {status}{code}")
+        return TransientError(f"{what}: HTTP {status}{code}", status=status)
     if status is not None:
         return SpotstartError(f"{what}: unexpected HTTP {status}{code}: {first}")
     if "kind: Connect" in text or "dns error" in text or "tcp connect error" in text:

@@ -9,24 +9,41 @@ from __future__ import annotations
 import base64
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 # A sink receives the body of a ranged read piece by piece, in order; awaiting it is the
 # backpressure (the disk writer's bounded queue).
 Sink = Callable[[bytes], Awaitable[None]]
 
 
+CrcScope = Literal["object", "parts", "either"]
+
+
 @dataclass(frozen=True)
 class Checksums:
-    """Whole-object checksums the store vouches for. ``crc32c`` is the unsigned CRC-32C of the
-    whole object; ``md5`` the raw 16-byte digest (S3 single-part ETag, GCS md5Hash)."""
+    """Checksums the store vouches for.
+
+    ``crc32c``: unsigned CRC-32C. ``crc32c_scope`` says of what: ``"object"`` the whole body
+    (GCS; S3 FULL_OBJECT), ``"parts"`` the CRC-32C of the concatenated big-endian CRC-32Cs of
+    each part (S3 multipart COMPOSITE), ``"either"`` a multipart S3 object whose server did not
+    say (``x-amz-checksum-type`` absent): either one matching proves the bytes.
+    ``md5``: raw 16-byte digest of the body (S3 single-part ETag, GCS md5Hash).
+    ``md5_of_parts``: an S3 multipart ETag ``"<hex>-N"``, the MD5 of the concatenated per-part
+    MD5 digests. Per-part checks need :attr:`ObjectInfo.parts`.
+    """
 
     crc32c: int | None = None
     md5: bytes | None = None
+    crc32c_scope: CrcScope = "object"
+    md5_of_parts: bytes | None = None
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        return tuple(k for k, v in (("crc32c", self.crc32c), ("md5", self.md5)) if v is not None)
+        return tuple(
+            k
+            for k, v in (("crc32c", self.crc32c), ("md5", self.md5 or self.md5_of_parts))
+            if v is not None
+        )
 
     @staticmethod
     def from_goog_hash(header: str) -> Checksums:
@@ -45,14 +62,18 @@ class Checksums:
 @dataclass(frozen=True)
 class ObjectInfo:
     """One object: its key, size and version (GCS generation, S3/HTTP ETag, file mtime).
-    ``ranges`` is False for an http server that does not advertise byte ranges: such an
-    object is read as one stream."""
+    ``ranges`` is False for an http server that does not honour byte ranges: such an
+    object is read as one stream. ``needs_stat``: this came from a listing that does not carry
+    the object's checksums (S3 ListObjectsV2); ``stat(key)`` gives them. ``parts``: the sizes of
+    the parts of a multipart upload, in order, when per-part checksums are to be verified."""
 
     key: str
     size: int
     version: str
     checksums: Checksums = field(default_factory=Checksums)
     ranges: bool = True
+    needs_stat: bool = False
+    parts: tuple[int, ...] = ()
 
 
 class RangeSource(Protocol):

@@ -13,11 +13,13 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from spotstart.errors import CredentialsNotFound, NotFound, SpotstartError
+from spotstart.errors import CredentialsNotFound, NotFound, ProtocolError, SpotstartError
 from spotstart.store import _http
-from spotstart.store.base import Checksums, ObjectInfo, Sink
+from spotstart.store.base import Checksums, CrcScope, ObjectInfo, Sink
 
-_NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
+# S3 allows 10,000 parts; asking each part's size is one HEAD each: beyond this many parts the
+# object is verified by size (and the other checksums) only.
+MAX_PARTS_LOOKED_UP = 2000
 _CRED_HINT = (
     "; no AWS credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, "
     "or run on an instance with a role"
@@ -128,16 +130,43 @@ class S3Source:
         _, headers, _ = await self._request(
             "HEAD", self._url(key), what, {"x-amz-checksum-mode": "ENABLED"}
         )
-        return ObjectInfo(
-            key=key,
-            size=int(headers.get("Content-Length", "0")),
-            version=headers.get("ETag", ""),
-            checksums=_checksums(
-                headers.get("ETag", ""),
-                headers.get("x-amz-checksum-crc32c"),
-                encrypted=_etag_not_md5(headers),
-            ),
+        etag = headers.get("ETag", "")
+        sums, n_parts = _checksums(
+            etag,
+            headers.get("x-amz-checksum-crc32c"),
+            headers.get("x-amz-checksum-type"),
+            encrypted=_etag_not_md5(headers),
         )
+        size = int(headers.get("Content-Length", "0"))
+        parts: tuple[int, ...] = ()
+        if n_parts > 1 and (sums.crc32c_scope != "object" or sums.md5_of_parts is not None):
+            parts = await self._part_sizes(key, n_parts, size)
+            sums = _without_part_checks(sums) if not parts else sums
+        return ObjectInfo(key=key, size=size, version=etag, checksums=sums, parts=parts)
+
+    async def _part_sizes(self, key: str, n_parts: int, size: int) -> tuple[int, ...]:
+        """Each part's size from ``HEAD ?partNumber=N``; () when the server does not answer it
+        or the sizes do not add up (then no per-part check). Not pinned with If-Match: servers
+        differ on which ETag a part answers to; the reads themselves are pinned."""
+        if n_parts > MAX_PARTS_LOOKED_UP:
+            return ()
+        sem = asyncio.Semaphore(16)
+        what = f"s3://{self.bucket}/{key}"
+
+        async def one(n: int) -> int:
+            async with sem:
+                _, headers, _ = await self._request(
+                    "HEAD", self._url(key, f"partNumber={n}"), what, {}
+                )
+                return int(headers.get("Content-Length", "-1"))
+
+        try:
+            sizes = tuple(await asyncio.gather(*(one(n) for n in range(1, n_parts + 1))))
+        except (SpotstartError, ValueError):
+            return ()
+        if any(p <= 0 for p in sizes) or sum(sizes) != size:
+            return ()
+        return sizes
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
         out: list[ObjectInfo] = []
@@ -152,15 +181,8 @@ class S3Source:
                 _, _, body = await self._request("GET", self._url("", query), what, {})
             except NotFound as exc:
                 raise NotFound(f"s3://{self.bucket}: bucket not found") from exc
-            root = ET.fromstring(body)
-            for c in root.iter(f"{_NS}Contents"):
-                key = c.findtext(f"{_NS}Key", "")
-                etag = c.findtext(f"{_NS}ETag", "")
-                # No checksums from a listing: the ETag is an MD5 only when the object is
-                # not SSE-KMS/SSE-C encrypted, which only HEAD tells (see stat).
-                out.append(ObjectInfo(key, int(c.findtext(f"{_NS}Size", "0")), etag))
-            truncated = root.findtext(f"{_NS}IsTruncated", "false") == "true"
-            token = root.findtext(f"{_NS}NextContinuationToken")
+            page, truncated, token = parse_list_page(body, what)
+            out.extend(page)
             if not truncated or not token:
                 return out
 
@@ -187,6 +209,42 @@ class S3Source:
         await self._session.close()
 
 
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _child_text(el: ET.Element, name: str) -> str | None:
+    for child in el:
+        if _local(child.tag) == name:
+            return child.text or ""
+    return None
+
+
+def parse_list_page(body: bytes, what: str) -> tuple[list[ObjectInfo], bool, str | None]:
+    """One ListObjectsV2 page: (objects, IsTruncated, NextContinuationToken). Elements are
+    matched by local name: S3-compatible servers vary (or omit) the XML namespace.
+
+    No checksums from a listing: the ETag is an MD5 only when the object is not SSE-KMS/SSE-C
+    encrypted, which only HEAD tells; every object is marked ``needs_stat``."""
+    try:
+        root = ET.fromstring(body)
+    except ET.ParseError as exc:
+        raise ProtocolError(f"{what}: the listing is not XML ({exc})") from exc
+    if _local(root.tag) != "ListBucketResult":
+        raise ProtocolError(f"{what}: expected a ListBucketResult, got <{_local(root.tag)}>")
+    out = []
+    for c in root:
+        if _local(c.tag) != "Contents":
+            continue
+        key = _child_text(c, "Key")
+        size = _child_text(c, "Size")
+        if key is None or size is None or not size.isdigit():
+            raise ProtocolError(f"{what}: a listed object lacks Key or Size")
+        out.append(ObjectInfo(key, int(size), _child_text(c, "ETag") or "", needs_stat=True))
+    truncated = (_child_text(root, "IsTruncated") or "false").strip().lower() == "true"
+    return out, truncated, _child_text(root, "NextContinuationToken")
+
+
 def _with_ca(options: _http.HttpOptions, ca: str) -> _http.HttpOptions:
     from dataclasses import replace
 
@@ -200,17 +258,54 @@ def _etag_not_md5(headers: Mapping[str, str]) -> bool:
     }
 
 
-def _checksums(etag: str, crc_b64: str | None, *, encrypted: bool = False) -> Checksums:
-    """An S3 ETag is the hex MD5 of the body only for single-part, non-KMS uploads: 32 hex
-    digits with no '-N' suffix. x-amz-checksum-crc32c is whole-object unless it has '-N'."""
-    md5: bytes | None = None
-    e = etag.strip('"')
-    if not encrypted and len(e) == 32 and all(ch in "0123456789abcdef" for ch in e.lower()):
-        md5 = bytes.fromhex(e)
+def _hex_md5(text: str) -> bytes | None:
+    if len(text) == 32 and all(ch in "0123456789abcdef" for ch in text.lower()):
+        return bytes.fromhex(text)
+    return None
+
+
+def _checksums(
+    etag: str, crc_b64: str | None, crc_type: str | None = None, *, encrypted: bool = False
+) -> tuple[Checksums, int]:
+    """(checksums, number of parts) from HEAD's headers.
+
+    An S3 ETag is the hex MD5 of the body for single-part, non-KMS uploads; ``"<hex>-N"`` for
+    a multipart upload (the MD5 of the N parts' MD5s). ``x-amz-checksum-crc32c`` is of the whole
+    object for ``x-amz-checksum-type: FULL_OBJECT``, of the parts' CRCs for ``COMPOSITE`` (AWS
+    then writes it ``"<b64>-N"``); servers that send no type leave a multipart value ambiguous.
+    """
+    e = etag.strip('"').removeprefix("W/").strip('"')
+    hex_part, dash, count = e.partition("-")
+    n_parts = int(count) if dash and count.isdigit() else 0
+    md5 = md5_parts = None
+    if not encrypted:
+        if not dash:
+            md5 = _hex_md5(e)
+        elif n_parts:
+            md5_parts = _hex_md5(hex_part)
     crc: int | None = None
-    if crc_b64 and "-" not in crc_b64:
+    scope: CrcScope = "object"
+    if crc_b64:
+        value, crc_dash, crc_count = crc_b64.strip().partition("-")
         try:
-            crc = int.from_bytes(base64.b64decode(crc_b64), "big")
+            raw = base64.b64decode(value, validate=True)
         except ValueError:
-            crc = None
-    return Checksums(crc, md5)
+            raw = b""
+        if len(raw) == 4:
+            crc = int.from_bytes(raw, "big")
+        kind = (crc_type or "").strip().upper()
+        if crc_dash or kind == "COMPOSITE":
+            scope = "parts"
+            if crc_count.isdigit():
+                n_parts = n_parts or int(crc_count)
+        elif kind == "FULL_OBJECT" or not n_parts:
+            scope = "object"
+        else:
+            scope = "either"
+    return Checksums(crc, md5, scope, md5_parts), n_parts
+
+
+def _without_part_checks(sums: Checksums) -> Checksums:
+    """What is left to check when the part sizes are unknown: an ambiguous multipart CRC is
+    dropped too (taking it for a whole-object CRC would fail good bytes)."""
+    return Checksums(None, sums.md5)

@@ -201,6 +201,9 @@ def _load_json(raw: bytes, name: str, what: str) -> Any:
         raise InvalidCheckpoint(f"{name}: {what} is not valid JSON ({detail})") from exc
 
 
+INT64_MAX = (1 << 63) - 1
+
+
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -222,6 +225,13 @@ def _tensor_entry(name: str, tensor: str, entry: object, data_start: int) -> Ten
     if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
         raise InvalidCheckpoint(
             f"{where}: bad shape {shape!r}; a shape is a list of non-negative integers"
+        )
+    # safetensors' reference checks the element count with overflow-checked u64 arithmetic;
+    # torch needs every dimension (and the strides built from them) to fit an int64. A zero
+    # dimension does not excuse a huge one beside it.
+    if any(d > INT64_MAX for d in shape) or math.prod(d for d in shape if d) > INT64_MAX:
+        raise InvalidCheckpoint(
+            f"{where}: shape {shape!r} overflows 64-bit sizes; no tensor has such a shape"
         )
     offsets = entry["data_offsets"]
     if (

@@ -11,15 +11,17 @@ Not a model-building library: it returns tensors or fills a module you built."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urljoin, urlsplit
 
 from spotstart.errors import InvalidCheckpoint, NotFound, UsageError
-from spotstart.fetch import FetchConfig, NullProgress, ProgressListener
+from spotstart.fetch import FetchConfig, NullProgress, ProgressListener, layout
 from spotstart.fetch.cache import CacheIndex
 from spotstart.fetch.engine import Fetcher, TransferFile, count_verified
 from spotstart.fetch.journal import JournalHeader
@@ -49,6 +51,7 @@ class LoadReport:
     mb_per_s: float
     retries: int
     verified: dict[str, int] = field(default_factory=dict)
+    refetched_chunks: int = 0
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -329,6 +332,8 @@ class Loader:
         fetcher = Fetcher(source, self.url, dest, cfg, self.progress)
         try:
             shards, index = await self._resolve(fetcher)
+            if self.cache_dir is not None:
+                self._place_in_cache(shards, self.cache_dir)
             tensors, report = await self._load(fetcher, shards, index, t0)
         finally:
             fetcher.close()
@@ -336,41 +341,79 @@ class Loader:
         return tensors, report
 
     async def _resolve(self, fetcher: Fetcher) -> tuple[list[_Shard], fmt.ShardIndex | None]:
+        """The shards to load and the index that names them (if any): a ``.safetensors``
+        object, an ``*.index.json`` (shards relative to it, for every store), or a prefix
+        holding a ``model.safetensors.index.json`` or else top-level ``*.safetensors``. Every
+        shard is described as ``stat`` does (checksums too), as fetch does."""
         url = self.url
-        key = url.key.lstrip("/") if url.scheme == "file" else url.key
         if url.scheme in ("http", "https"):
-            info = await fetcher.source.stat(url.key)
-            return [_Shard(info, url.key.split("?")[0].rsplit("/", 1)[-1])], None
+            path = urlsplit(url.key).path
+            info = await fetcher.stat(url.key)
+            if path.endswith(".index.json"):
+                return await self._from_index(fetcher, info, lambda n: urljoin(url.key, quote(n)))
+            return [_Shard(info, path.rstrip("/").rsplit("/", 1)[-1] or "model.safetensors")], None
+        key = url.key.lstrip("/") if url.scheme == "file" else url.key
         if key.endswith(".safetensors"):
-            info = await fetcher.source.stat(key)
-            return [_Shard(info, key.rsplit("/", 1)[-1])], None
-        prefix = key
-        if key.endswith(INDEX_NAME):
-            prefix = key[: -len(INDEX_NAME)]
-        elif key and not key.endswith("/"):
-            prefix = key + "/"
-        objects = {o.key: o for o in await fetcher.source.list(prefix)}
+            return [_Shard(await fetcher.stat(key), key.rsplit("/", 1)[-1])], None
+        if key.endswith(".index.json"):
+            base = key[: key.rfind("/") + 1]
+            return await self._from_index(fetcher, await fetcher.stat(key), lambda n: base + n)
+        prefix = key if not key or key.endswith("/") else key + "/"
+        objects = {o.key: o for o in await fetcher.list_objects(prefix)}
         if not objects:
             raise NotFound(f"{url}: no such object or prefix")
         index_obj = objects.get(prefix + INDEX_NAME)
         if index_obj is not None:
-            raw = await fetcher.read_bytes(index_obj, 0, index_obj.size)
-            index = fmt.parse_index(raw, f"{url.scheme}://{url.bucket}/{index_obj.key}")
-            names = sorted(set(index.weight_map.values()))
-            missing = [n for n in names if prefix + n not in objects]
-            if missing:
-                raise InvalidCheckpoint(
-                    f"{index_obj.key}: names shard {missing[0]} which is missing from {url}"
-                )
-            return [_Shard(objects[prefix + n], n) for n in names], index
-        shards = [
-            _Shard(o, k[len(prefix) :])
+            return await self._from_index(fetcher, index_obj, lambda n: prefix + n, objects)
+        listed = [
+            (o, k[len(prefix) :])
             for k, o in sorted(objects.items())
             if k.endswith(".safetensors") and "/" not in k[len(prefix) :]
         ]
-        if not shards:
+        if not listed:
             raise NotFound(f"{url}: no .safetensors files and no {INDEX_NAME}")
-        return shards, None
+        infos = await fetcher.complete([o for o, _ in listed])
+        return [_Shard(i, rel) for i, (_, rel) in zip(infos, listed, strict=True)], None
+
+    async def _from_index(
+        self,
+        fetcher: Fetcher,
+        index_obj: ObjectInfo,
+        shard_key: Callable[[str], str],
+        listed: dict[str, ObjectInfo] | None = None,
+    ) -> tuple[list[_Shard], fmt.ShardIndex]:
+        raw = await fetcher.read_bytes(index_obj, 0, index_obj.size)
+        index = fmt.parse_index(raw, fetcher.display_of(index_obj))
+        names = sorted(set(index.weight_map.values()))
+
+        async def one(name: str) -> ObjectInfo:
+            key = shard_key(name)
+            if listed is not None:
+                if key in listed:
+                    return listed[key]
+            else:
+                with contextlib.suppress(NotFound):
+                    return await fetcher.stat(key)
+            raise InvalidCheckpoint(
+                f"{fetcher.display_of(index_obj)}: names shard {name} which is missing "
+                f"from {self.url}"
+            )
+
+        infos = await fetcher.complete(list(await asyncio.gather(*(one(n) for n in names))))
+        return [_Shard(i, n) for i, n in zip(infos, names, strict=True)], index
+
+    def _place_in_cache(self, shards: list[_Shard], cache_dir: Path) -> None:
+        """Shard names come from a listing or an index: untrusted. Each needs a path of its
+        own in ``cache_dir``, away from spotstart's working files (see fetch.layout)."""
+        try:
+            placed = layout.place((s.info.key, s.rel) for s in shards)
+        except layout.UnsafeNames as exc:
+            raise UsageError(f"{self.url}: {exc}; cannot cache it in {cache_dir}") from exc
+        blocked = layout.check_against_disk(cache_dir, [p.rel for p in placed])
+        if blocked:
+            raise UsageError(f"{cache_dir}: cannot place {blocked[0][0]}: {blocked[0][1]}")
+        for shard, p in zip(shards, placed, strict=True):
+            shard.rel = p.rel
 
     def _name(self, shard: _Shard) -> str:
         text = str(self.url)
@@ -452,6 +495,7 @@ class Loader:
             mb_per_s=round(total / seconds / 1e6, 1) if seconds > 0 else 0.0,
             retries=c.retries,
             verified=verified,
+            refetched_chunks=c.refetched_chunks,
         )
         return tensors, report
 
@@ -462,7 +506,11 @@ class Loader:
             if self.cache_dir is not None:
                 header = JournalHeader(f.display, f.info.size, f.info.version, f.chunk_bytes)
                 disk = DiskTarget(
-                    self.cache_dir / shard.rel, header, fetcher.writer, fsync=self.config.fsync
+                    self.cache_dir / shard.rel,
+                    header,
+                    fetcher.writer,
+                    fsync=self.config.fsync,
+                    work=layout.work_paths(self.cache_dir, shard.rel),
                 )
             shard.target = ShardTarget(fetcher, shard.header, self.device, disk, shard.prefix)
             return shard.target

@@ -1,0 +1,139 @@
+"""S3 multipart objects: composite CRC-32C (x-amz-checksum-type COMPOSITE) and "<md5>-N" ETags are
+verified part by part, on moto (which keeps multipart uploads as S3 does), fetch and load alike,
+also through a link that flips a byte."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import google_crc32c
+import pytest
+
+from spotstart import FetchConfig, fetch
+from spotstart.emulate.crosscheck import MotoS3
+from spotstart.emulate.link import FaultRule, LinkConfig
+from spotstart.emulate.proxy import LinkEmulator
+from spotstart.errors import IntegrityError
+from spotstart.store.s3 import _checksums
+from tests.conftest import BUCKET
+
+MiB = 1 << 20
+CFG = FetchConfig(chunk_bytes=3 * MiB, concurrency=4, backoff_base_s=0.01)
+
+
+def b64crc(data: bytes) -> str:
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
+
+
+def upload_multipart(moto: MotoS3, key: str, parts: list[bytes], *, crc: bool) -> None:
+    client = moto.client()
+    extra = {"ChecksumAlgorithm": "CRC32C"} if crc else {}
+    up = client.create_multipart_upload(Bucket=BUCKET, Key=key, **extra)
+    done = []
+    for n, body in enumerate(parts, 1):
+        kw = {"ChecksumCRC32C": b64crc(body)} if crc else {}
+        r = client.upload_part(
+            Bucket=BUCKET, Key=key, UploadId=up["UploadId"], PartNumber=n, Body=body, **kw
+        )
+        done.append({"PartNumber": n, "ETag": r["ETag"], **kw})
+    client.complete_multipart_upload(
+        Bucket=BUCKET, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": done}
+    )
+
+
+@pytest.fixture
+def moto_link(moto: MotoS3, monkeypatch: pytest.MonkeyPatch) -> Iterator[LinkEmulator]:
+    """moto behind a link emulator (fault injection); the S3 endpoint points at the proxy."""
+    with LinkEmulator(LinkConfig(per_conn_bytes_per_s=None, first_byte_latency_s=0.0)) as link:
+        proxy = link.open_proxy(("127.0.0.1", moto.port), http=True, flavor="s3")
+        for key, value in moto.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{proxy.port}")
+        yield link
+
+
+# Parts of unequal sizes (S3 allows any size >= 5 MiB but the last) and a chunk size that does
+# not divide them: chunks must be cut at the part boundaries.
+PARTS = [5 * MiB + 1, 6 * MiB, 123_457]
+
+
+def part_bodies(tag: str) -> list[bytes]:
+    return [
+        hashlib.sha256(f"{tag}{i}".encode()).digest() * (n // 32) + b"x" * (n % 32)
+        for i, n in enumerate(PARTS)
+    ]
+
+
+def test_composite_crc32c_of_a_multipart_object_is_verified_per_part(
+    moto: MotoS3, moto_link: LinkEmulator, tmp_path: Path
+) -> None:
+    parts = part_bodies("composite")
+    upload_multipart(moto, "mp/crc.bin", parts, crc=True)
+    report = fetch(f"s3://{BUCKET}/mp/crc.bin", tmp_path, CFG)
+    assert (tmp_path / "crc.bin").read_bytes() == b"".join(parts)
+    assert report.verified == {"size": 1, "crc32c-composite": 1}
+    assert report.refetched_chunks == 0
+
+
+def test_multipart_etag_is_verified_as_the_md5_of_the_parts_md5s(
+    moto: MotoS3, moto_link: LinkEmulator, tmp_path: Path
+) -> None:
+    parts = part_bodies("etag")
+    upload_multipart(moto, "mp/etag.bin", parts, crc=False)
+    report = fetch(f"s3://{BUCKET}/mp/etag.bin", tmp_path, CFG)
+    assert (tmp_path / "etag.bin").read_bytes() == b"".join(parts)
+    assert report.verified == {"size": 1, "md5-of-parts": 1}
+
+
+@pytest.mark.parametrize("crc", [True, False])
+def test_a_flipped_byte_in_a_multipart_object_is_refetched_then_fails_loudly(
+    crc: bool, moto: MotoS3, moto_link: LinkEmulator, tmp_path: Path
+) -> None:
+    parts = part_bodies(f"flip{crc}")
+    key = f"mp/flip-{crc}.bin"
+    upload_multipart(moto, key, parts, crc=crc)
+    corrupt = FaultRule(kind="corrupt", at_byte=1000, method="GET", ranged_only=True)
+    moto_link.set_faults([corrupt])
+    report = fetch(f"s3://{BUCKET}/{key}", tmp_path / "once", CFG)
+    assert (tmp_path / "once" / f"flip-{crc}.bin").read_bytes() == b"".join(parts)
+    assert report.refetched_chunks == 1
+    moto_link.set_faults([FaultRule(**{**corrupt.to_dict(), "count": 1000})])
+    with pytest.raises(IntegrityError, match="mismatch"):
+        fetch(f"s3://{BUCKET}/{key}", tmp_path / "always", CFG)
+    assert not any(
+        p.is_file() for p in (tmp_path / "always").rglob("*") if ".spotstart" not in p.parts
+    )
+
+
+@pytest.mark.parametrize(
+    ("etag", "crc", "ctype", "scope", "n_parts"),
+    [
+        ('"' + "a" * 32 + '"', "AAAAAQ==", None, "object", 0),
+        ('"' + "a" * 32 + '"', "AAAAAQ==", "FULL_OBJECT", "object", 0),
+        ('"' + "a" * 32 + '-3"', "AAAAAQ==-3", "COMPOSITE", "parts", 3),  # AWS
+        ('"' + "a" * 32 + '-3"', "AAAAAQ==", "COMPOSITE", "parts", 3),
+        ('"' + "a" * 32 + '-3"', "AAAAAQ==", "FULL_OBJECT", "object", 3),  # CRC64NVME-style
+        ('"' + "a" * 32 + '-3"', "AAAAAQ==", None, "either", 3),  # moto, older servers
+    ],
+)
+def test_s3_checksum_headers_say_what_the_crc_covers(
+    etag: str, crc: str, ctype: str | None, scope: str, n_parts: int
+) -> None:
+    sums, n = _checksums(etag, crc, ctype)
+    assert sums.crc32c == 1 and sums.crc32c_scope == scope and n == n_parts
+    assert (sums.md5 is None) == bool(n_parts)
+    assert (sums.md5_of_parts is not None) == bool(n_parts)
+
+
+def test_an_encrypted_objects_etag_is_not_taken_for_an_md5() -> None:
+    sums, _ = _checksums('"' + "b" * 32 + '"', None, None, encrypted=True)
+    assert sums.md5 is None and sums.crc32c is None
+
+
+def test_random_bytes_are_not_a_crc() -> None:
+    sums, _ = _checksums('"x"', base64.b64encode(os.urandom(8)).decode(), None)
+    assert sums.crc32c is None
