@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -168,6 +169,24 @@ def test_full_disk_is_a_clear_error_with_no_final_file(
         assert "space" in error_line(res.stderr)
         assert not (mnt / "d" / "w.bin").exists()
         assert not work_paths(mnt / "d", "w.bin")[0].exists()
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize(("size", "tmpfs"), [(21_000_000, "20m"), (30_000_000, "20m")])
+def test_disk_full_message_tells_the_two_sizes_apart(
+    size: int, tmpfs: str, clean_cloud: StorageEmulator, tmp_path: Path, gcs_env: dict[str, str]
+) -> None:
+    clean_cloud.seed_gcs(BUCKET, {f"df/{size}.bin": b"\0" * size})
+    mnt = _small_tmpfs(tmp_path / "small", tmpfs)
+    try:
+        res = run_cli(["fetch", f"gs://{BUCKET}/df/{size}.bin", str(mnt / "d")], gcs_env)
+        assert res.code == DiskFull.exit_code, res.stderr
+        line = error_line(res.stderr)
+        m = re.search(r"needs (.+), only (.+) free", line)
+        assert m is not None and m.group(1) != m.group(2), line
+        assert ("21,000,000 bytes" in line) == (size == 21_000_000)
+        assert ("30.0 MB" in line) == (size == 30_000_000)
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
 

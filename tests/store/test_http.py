@@ -13,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from spotstart import FetchConfig, fetch_async
-from spotstart.errors import IntegrityError, NotFound, RetriesExceeded
+from spotstart.errors import IntegrityError, NotFound, ProtocolError, RetriesExceeded
 
 MiB = 1 << 20
 DATA = os.urandom(3 * MiB + 11)
@@ -72,6 +72,32 @@ async def replaced(request: web.Request) -> web.StreamResponse:
     return web.Response(status=200, body=DATA[::-1], headers={"ETag": '"v2"'})
 
 
+async def lies_about_ranges(request: web.Request) -> web.StreamResponse:
+    """Advertises byte ranges, then answers every ranged GET with the whole body (200)."""
+    headers = {"Content-Length": str(len(DATA)), "ETag": '"v1"', "Accept-Ranges": "bytes"}
+    if request.method == "HEAD":
+        return web.Response(headers=headers)
+    return web.Response(body=DATA, headers={"ETag": '"v1"', "Accept-Ranges": "bytes"})
+
+
+_served: dict[str, int] = {}
+
+
+async def stops_honouring_ranges(request: web.Request) -> web.StreamResponse:
+    """Honours the probe and the first ranged read, then answers 200 with the whole body."""
+    if request.method == "HEAD":
+        return web.Response(headers={"Content-Length": str(len(DATA)), "ETag": '"v1"'})
+    _served["stops"] = _served.get("stops", 0) + 1
+    if _served["stops"] > 2:
+        return web.Response(body=DATA, headers={"ETag": '"v1"'})
+    first, last = _range(request)
+    return web.Response(
+        status=206,
+        body=DATA[first : last + 1],
+        headers={"Content-Range": f"bytes {first}-{last}/{len(DATA)}", "ETag": '"v1"'},
+    )
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
     app = web.Application()
@@ -79,6 +105,8 @@ async def server() -> AsyncIterator[str]:
         app.router.add_route("*", path, handler)
     app.router.add_route("*", "/grows.bin", grows)
     app.router.add_route("*", "/replaced.bin", replaced)
+    app.router.add_route("*", "/lies.bin", lies_about_ranges)
+    app.router.add_route("*", "/stops.bin", stops_honouring_ranges)
     srv = TestServer(app, host="127.0.0.1")
     await srv.start_server()
     try:
@@ -123,3 +151,22 @@ async def test_object_replaced_before_a_pinned_read_is_object_changed(
     with pytest.raises(IntegrityError, match="changed while being read"):
         await fetch_async(f"{server}/replaced.bin", tmp_path, cfg)
     assert _files(tmp_path) == []
+
+
+async def test_a_server_that_advertises_ranges_but_ignores_them_is_read_as_one_stream(
+    server: str, tmp_path: Path
+) -> None:
+    report = await fetch_async(f"{server}/lies.bin", tmp_path, CFG)
+    assert (tmp_path / "lies.bin").read_bytes() == DATA
+    assert report.chunk_bytes == len(DATA)  # one stream, not ranges answered with 200
+
+
+async def test_a_server_that_stops_honouring_ranges_is_a_protocol_error_leaving_nothing(
+    server: str, tmp_path: Path
+) -> None:
+    _served.clear()
+    cfg = FetchConfig(chunk_bytes=MiB, concurrency=1, max_attempts=2, backoff_base_s=0.001)
+    with pytest.raises(ProtocolError, match="whole body") as caught:
+        await fetch_async(f"{server}/stops.bin", tmp_path, cfg)
+    assert caught.value.exit_code == 11
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # noqa: ASYNC240

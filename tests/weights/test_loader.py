@@ -194,6 +194,17 @@ def _raw_file(path: Path, header: bytes, data: bytes) -> None:
         (b"{not json", b"", "JSON"),
         (b'{"a":{"dtype":"Q7","shape":[1],"data_offsets":[0,1]}}', b"\0", "Q7"),
         (b'{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}', b"\0" * 8, "shape"),
+        # zero elements, but a dimension no int64 holds (torch overflowed: exit 1)
+        (
+            b'{"a":{"dtype":"F32","shape":[0,9223372036854775808],"data_offsets":[0,0]}}',
+            b"",
+            "overflows",
+        ),
+        (
+            b'{"a":{"dtype":"U8","shape":[4294967296,4294967296,0],"data_offsets":[0,0]}}',
+            b"",
+            "overflows",
+        ),
     ],
 )
 def test_malformed_files_are_refused_not_half_loaded(
@@ -202,6 +213,14 @@ def test_malformed_files_are_refused_not_half_loaded(
     _raw_file(tmp_path / "bad.safetensors", header, data)
     with pytest.raises(InvalidCheckpoint, match=needle):
         load(str(tmp_path / "bad.safetensors"))
+
+
+def test_cli_exits_10_with_one_line_on_a_shape_that_overflows(tmp_path: Path) -> None:
+    header = b'{"a":{"dtype":"F32","shape":[0,18446744073709551616],"data_offsets":[0,0]}}'
+    _raw_file(tmp_path / "huge.safetensors", header, b"")
+    res = run_cli(["load", str(tmp_path / "huge.safetensors")])
+    assert res.code == InvalidCheckpoint.exit_code, res.stderr
+    assert "overflows 64-bit sizes" in error_line(res.stderr)
 
 
 def test_absurd_header_length_is_refused(tmp_path: Path) -> None:

@@ -462,9 +462,12 @@ class Fetcher:
         )
         free = shutil.disk_usage(self.dest).free
         if fresh > free:
+            need_s, free_s = format_bytes(fresh), format_bytes(free)
+            if need_s == free_s:  # within 0.5 %: only exact counts tell them apart
+                need_s, free_s = f"{fresh:,} bytes", f"{free:,} bytes"
             raise DiskFull(
-                f"{self.dest}: needs {format_bytes(fresh)}, only {format_bytes(free)} free "
-                f"({fresh - free:,} bytes short); free space or choose another DEST"
+                f"{self.dest}: needs {need_s}, only {free_s} free; free space or choose "
+                "another DEST"
             )
 
     def _open(self, f: TransferFile) -> None:
