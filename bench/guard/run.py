@@ -342,7 +342,7 @@ async def trial(index: int, up_url: str, clients: int, emu: Any) -> Trial:
                         if r.status == 503:
                             unready_ms = (time.monotonic() - injected) * 1e3
                             break
-                async with probe.get(url + "/metrics") as r:
+                async with probe.get(url + "/spotstart/metrics") as r:
                     for line in (await r.text()).splitlines():
                         if line.startswith("spotstart_guard_notice_to_unready_seconds_sum"):
                             internal_ms = float(line.split()[1]) * 1e3

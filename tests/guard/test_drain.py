@@ -81,7 +81,8 @@ def test_requests_still_running_at_deadline_minus_margin_are_cut_and_counted_dro
         (120, 5, 10, 105, 10),  # AWS: two minutes, plenty
         (30, 5, 10, 15, 10),  # GCE / Kubernetes default grace
         (10, 5, 10, 2.5, 2.5),  # short window: the grace is squeezed to half the budget
-        (4, 5, 10, 0, 0),  # past the margin already: stop at once
+        (4, 5, 10, 2.5, 2.5),  # inside the margin already: still the 5 s minimum grace
+        (-60, 5, 10, 2.5, 2.5),  # a deadline already past (AWS time behind our clock): same
     ],
 )
 def test_supervised_drain_splits_the_window_between_requests_and_server_stop(
@@ -92,16 +93,19 @@ def test_supervised_drain_splits_the_window_between_requests_and_server_stop(
     d = ctl.on_notice(notice(clock, window_s))
     assert d.drain_until == pytest.approx(t0 + drain_for_s)
     assert d.stop_by == pytest.approx(t0 + drain_for_s + stop_for_s)
-    assert d.stop_by <= t0 + max(window_s - margin_s, 0)
+    assert d.stop_by <= t0 + max(window_s - margin_s, DrainConfig.min_grace_s)
 
 
-def test_supervised_server_gets_stop_signal_then_kill_at_stop_deadline() -> None:
+def test_supervised_server_gets_stop_signal_then_kill_after_stop_grace() -> None:
     ctl, clock = make(safety_margin_s=5, stop_grace_s=10, supervising=True)
     ctl.set_upstream_health(True)
     ctl.on_notice(notice(clock, 30))
     assert ctl.tick() == [Command.STOP_SERVER]  # nothing in flight: stop at once
-    assert ctl.phase is Phase.STOPPING and ctl.next_wakeup() == pytest.approx(clock.now + 25)
-    clock.now += 25
+    # --stop-grace counts from the stop signal, not from the end of the whole window
+    assert ctl.phase is Phase.STOPPING and ctl.next_wakeup() == pytest.approx(clock.now + 10)
+    clock.now += 9.9
+    assert ctl.tick() == []
+    clock.now += 0.1
     assert ctl.tick() == [Command.KILL_SERVER]
     assert ctl.tick() == []
     ctl.on_server_exit(137)
@@ -128,10 +132,13 @@ def test_unhealthy_upstream_is_unready_but_still_proxies() -> None:
     ("policy", "kind", "action", "phase"),
     [
         ("drain", NoticeKind.REBALANCE, "drain", Phase.DRAINING),
+        ("drain", NoticeKind.MIGRATION, "drain", Phase.DRAINING),
         ("warn", NoticeKind.REBALANCE, "warn", Phase.SERVING),
         ("warn", NoticeKind.MAINTENANCE, "warn", Phase.SERVING),
+        ("warn", NoticeKind.MIGRATION, "warn", Phase.SERVING),
         ("warn", NoticeKind.PREEMPTION, "drain", Phase.DRAINING),
         ("warn", NoticeKind.TERMINATION, "drain", Phase.DRAINING),
+        ("warn", NoticeKind.RESTART, "drain", Phase.DRAINING),
     ],
 )
 def test_early_signals_drain_or_only_warn_by_policy(
@@ -140,6 +147,13 @@ def test_early_signals_drain_or_only_warn_by_policy(
     ctl, clock = make(early_signals=policy)
     assert ctl.on_notice(notice(clock, 60, kind)).action == action
     assert ctl.phase is phase
+
+
+@pytest.mark.parametrize("kind", [NoticeKind.MIGRATION, NoticeKind.REBALANCE])
+def test_by_default_an_event_that_keeps_the_vm_only_warns(kind: NoticeKind) -> None:
+    ctl, clock = make()
+    assert ctl.on_notice(notice(clock, 60, kind)).action == "warn"
+    assert ctl.ready and ctl.tick() == []
 
 
 def test_an_earlier_second_notice_tightens_the_deadline_a_later_one_is_ignored() -> None:
@@ -183,11 +197,21 @@ def test_failed_requests_are_neither_drained_nor_dropped() -> None:
     assert (c.failed, c.drained, c.dropped, c.in_flight) == (1, 0, 0, 0)
 
 
+def test_stop_grace_never_runs_past_the_budget() -> None:
+    ctl, clock = make(safety_margin_s=5, stop_grace_s=10, supervising=True)
+    assert ctl.try_accept()
+    ctl.on_notice(notice(clock, 30))  # drain until +15, stop by +25
+    clock.now += 14
+    ctl.finish()
+    assert ctl.tick() == [Command.STOP_SERVER]
+    assert ctl.next_wakeup() == pytest.approx(1000 + 24)  # 10 s grace from +14
+
+
 def test_guard_leaves_anyway_when_the_server_survives_sigkill() -> None:
     ctl, clock = make(safety_margin_s=5, stop_grace_s=10, supervising=True)
     ctl.on_notice(notice(clock, 30))
     assert ctl.tick() == [Command.STOP_SERVER]
-    clock.now += 25
+    clock.now += 10
     assert ctl.tick() == [Command.KILL_SERVER]
     assert ctl.next_wakeup() == pytest.approx(clock.now + 1.0)
     clock.now += 1.0

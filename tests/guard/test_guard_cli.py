@@ -86,7 +86,7 @@ async def preempt_under_load(
     load = asyncio.create_task(closed_loop_load(url, notified))
     async with aiohttp.ClientSession(timeout=TIMEOUT) as probe:
         for _ in range(2000):
-            async with probe.get(url + "/metrics") as r:
+            async with probe.get(url + "/spotstart/metrics") as r:
                 text = await r.text()
             done = next(
                 float(line.split()[1])
@@ -335,3 +335,119 @@ async def test_stream_still_running_at_the_drain_deadline_is_cut_and_counted_dro
     assert code == 0, guard.text
     assert "cutting 1 in-flight requests" in guard.text
     assert " 1 dropped" in guard.text, guard.text
+
+
+# -- scoping and kinds of notices, late notices, the emulator's own safety ------------------------
+
+
+async def readyz(url: str) -> int:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s, s.get(url + "/readyz") as r:
+        return r.status
+
+
+async def test_azure_event_for_another_member_leaves_this_replica_serving() -> None:
+    from spotstart.emulate.metadata import MetadataEmulator
+
+    upstream, upstream_url = start_upstream()
+    try:
+        with MetadataEmulator("azure", vm_name="gpu-pool_2") as emu:
+            guard, url = start_guard(
+                upstream_url,
+                "--cloud",
+                "azure",
+                "--metadata-url",
+                emu.url,
+                "--health-interval",
+                "0.05",
+            )
+            try:
+                wait_until_ready(url, proc=guard)
+                emu.preempt(resources=["_gpu-pool_5"])  # a neighbour in the scale set
+                guard.wait_for_line("not this VM", timeout_s=15)
+                assert await readyz(url) == 200 and guard.popen.poll() is None
+                emu.preempt(resources=["_gpu-pool_2"])  # this VM: drained (nothing in flight)
+                code = wait_exit(guard, 40)
+            finally:
+                guard.stop()
+    finally:
+        upstream.stop()
+    assert code == 0 and "preemption notice from azure" in guard.text, guard.text
+
+
+async def test_gce_live_migration_only_warns_by_default() -> None:
+    from spotstart.emulate.metadata import MetadataEmulator
+
+    upstream, upstream_url = start_upstream()
+    try:
+        with MetadataEmulator("gce") as emu:
+            guard, url = start_guard(
+                upstream_url,
+                "--cloud",
+                "gce",
+                "--metadata-url",
+                emu.url,
+                "--health-interval",
+                "0.05",
+            )
+            try:
+                wait_until_ready(url, proc=guard)
+                emu.preempt(kind="maintenance")  # MIGRATE_ON_HOST_MAINTENANCE
+                guard.wait_for_line("migration notice from gce", timeout_s=15)
+                assert await readyz(url) == 200 and guard.popen.poll() is None
+                guard.popen.send_signal(signal.SIGTERM)
+                code = wait_exit(guard, 40)
+            finally:
+                guard.stop()
+    finally:
+        upstream.stop()
+    assert code == 0 and "still serving" in guard.text, guard.text
+
+
+async def test_aws_notice_whose_time_is_already_past_still_lets_in_flight_streams_finish() -> None:
+    from spotstart.emulate.metadata import MetadataEmulator
+
+    upstream, upstream_url = start_upstream()
+    try:
+        with MetadataEmulator("aws") as emu:
+            guard, url = start_guard(
+                upstream_url,
+                "--cloud",
+                "aws",
+                "--metadata-url",
+                emu.url,
+                "--health-interval",
+                "0.05",
+                "--min-grace",
+                "6",
+            )
+            try:
+                wait_until_ready(url, proc=guard)
+                async with (
+                    aiohttp.ClientSession(timeout=TIMEOUT) as s,
+                    s.get(url + "/gated-sse") as r,
+                ):
+                    assert await r.content.readuntil(b"\n\n") == b"data: first\n\n"
+                    emu.preempt(notice_s=-30)  # "time" 30 s ago by our clock (skew, a late poll)
+                    for _ in range(500):  # readiness flips first
+                        if await readyz(url) == 503:
+                            break
+                        await asyncio.sleep(0.01)
+                    async with s.post(upstream_url + "/release") as rel:
+                        assert rel.status == 200
+                    assert await r.read() == b"data: [DONE]\n\n"  # not cut at once
+                code = wait_exit(guard, 20)
+            finally:
+                guard.stop()
+    finally:
+        upstream.stop()
+    assert code == 0, guard.text
+    assert " 1 drained" in guard.text and " 0 dropped" in guard.text, guard.text
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3"])
+def test_metadata_emulator_refuses_a_non_loopback_address_unless_asked(host: str) -> None:
+    from tests.conftest import run_cli
+
+    res = run_cli(["emulate", "metadata", "--cloud", "gce", "--host", host], timeout_s=30)
+    assert res.code == 2, res.stderr
+    assert "not a loopback address" in res.stderr and "--allow-remote" in res.stderr

@@ -34,7 +34,7 @@ def serve_upstream(port: int) -> None:
     POST /admin/health?ok=0|1, POST /webhook and GET /webhooks, GET /count."""
     from aiohttp import web
 
-    state: dict[str, object] = {"healthy": True, "count": 0, "webhooks": []}
+    state: dict[str, object] = {"healthy": True, "count": 0, "webhooks": [], "gone": 0}
     release = asyncio.Event()
 
     @web.middleware
@@ -82,8 +82,37 @@ def serve_upstream(port: int) -> None:
         await resp.write_eof()
         return resp
 
+    async def raw(request: web.Request) -> web.Response:
+        return web.Response(text=request.raw_path)
+
+    async def slow_headers(request: web.Request) -> web.Response:
+        # Think for up to 20 s before answering, noticing when the client (the guard) leaves.
+        for _ in range(400):
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                state["gone"] = int(state["gone"]) + 1  # type: ignore[call-overload]
+                return web.Response(status=499)
+            await asyncio.sleep(0.05)
+        return web.Response(text="late")
+
+    async def gone(_: web.Request) -> web.Response:
+        return web.json_response(state["gone"])
+
+    async def gated_small(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Length": "20"})
+        await resp.prepare(request)
+        await resp.write(b"first-ten!")
+        await asyncio.wait_for(release.wait(), 20)
+        await resp.write(b"second-ten")
+        await resp.write_eof()
+        return resp
+
+    async def own_metrics(_: web.Request) -> web.Response:
+        return web.Response(text="vllm_num_requests_running 0\n")
+
     async def do_release(_: web.Request) -> web.Response:
         release.set()
+        release.clear()  # the next gated request waits for its own release
         return web.Response(text="released")
 
     async def admin_health(request: web.Request) -> web.Response:
@@ -112,6 +141,11 @@ def serve_upstream(port: int) -> None:
         ("/crash", crash),
         ("/webhooks", webhooks),
         ("/count", counter),
+        ("/raw/{tail:.*}", raw),
+        ("/slow-headers", slow_headers),
+        ("/gone", gone),
+        ("/gated-small", gated_small),
+        ("/metrics", own_metrics),
     ):
         app.router.add_get(path, handler)
     for path, handler in (
@@ -349,7 +383,7 @@ async def test_readyz_livez_metrics_are_answered_by_the_guard_not_forwarded(
     for path in ("/readyz", "/livez"):
         async with http.get(guard + path) as r:
             assert r.status == 200
-    async with http.get(guard + "/metrics") as r:
+    async with http.get(guard + "/spotstart/metrics") as r:
         text = await r.text()
     for name in (
         "spotstart_guard_in_flight",
@@ -429,3 +463,111 @@ async def test_asgi_middleware_rejects_new_requests_during_drain_and_waits_for_i
     assert await asyncio.wait_for(running, 5) == (200, {}, b"done")
     await asyncio.wait_for(drained, 5)
     assert ctl.counters.drained == 1 and ctl.counters.dropped == 0
+
+
+# -- the request target, early departures, small bodies, errors (found on real clients) ----------
+
+
+def raw_http(guard: str, request: bytes, timeout_s: float = 10.0) -> bytes:
+    """Send ``request`` byte for byte (no client library to normalise it); the whole answer."""
+    host, port = guard.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=timeout_s) as sock:
+        sock.sendall(request)
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["/raw/a/%2e%2e/b%3B", "/raw/x/./y/../z?sig=a%2Fb%3D&x=%2e", "/raw/%2F%2f?a=%3B;b"],
+)
+def test_request_target_reaches_the_upstream_byte_for_byte(guard: str, target: str) -> None:
+    head = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    answer = raw_http(guard, head)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert answer.split(b"\r\n\r\n", 1)[1] == target.encode()
+
+
+def test_absolute_form_request_target_is_accepted(guard: str) -> None:
+    # RFC 9112 section 3.2.2: a server MUST accept the absolute-form in requests
+    host = guard.removeprefix("http://")
+    head = f"GET http://{host}/raw/abs?q=%2F HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    answer = raw_http(guard, head.encode())
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert answer.split(b"\r\n\r\n", 1)[1] == b"/raw/abs?q=%2F"
+
+
+async def test_a_client_that_leaves_before_the_headers_cancels_the_upstream_request(
+    guard: str, upstream: str, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(upstream + "/gone") as r:
+        before = await r.json()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5), http.get(guard + "/slow-headers"):
+            pass  # never reached: the upstream thinks for 20 s
+    for _ in range(200):  # the upstream sees its client (the guard) go: bounded poll
+        async with http.get(upstream + "/gone") as r:
+            if await r.json() > before:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the guard kept the upstream request after its client left")
+
+
+async def test_a_small_response_still_arriving_is_streamed_not_held_back(
+    guard: str, upstream: str, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(guard + "/gated-small") as r:
+        assert r.headers["Content-Length"] == "20"
+        first = await asyncio.wait_for(r.content.readexactly(10), 10)
+        assert first == b"first-ten!"  # before the upstream sent the rest
+        async with http.post(upstream + "/release") as rel:
+            assert rel.status == 200
+        assert await r.read() == b"second-ten"
+
+
+async def test_metrics_of_the_server_are_forwarded_the_guards_have_a_path_of_their_own(
+    guard: str, http: aiohttp.ClientSession
+) -> None:
+    async with http.get(guard + "/metrics") as r:
+        assert await r.text() == "vllm_num_requests_running 0\n"
+    async with http.get(guard + "/spotstart/metrics") as r:
+        assert "spotstart_guard_in_flight" in await r.text()
+
+
+async def test_unreachable_upstream_is_a_502_that_names_no_internal_address(
+    http: aiohttp.ClientSession,
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    proc, url = start_guard(dead, "--cloud", "none", "--health-path", "")
+    try:
+        async with http.get(url + "/fast") as r:
+            body = await r.text()
+        assert r.status == 502 and "127.0.0.1" not in body and dead not in body
+        assert any(dead in line for line in proc.lines)  # the operator's log has it
+    finally:
+        proc.stop()
+
+
+async def test_clients_hanging_up_mid_stream_leave_no_tracebacks(
+    upstream: str, http: aiohttp.ClientSession
+) -> None:
+    proc, url = start_guard(upstream, "--cloud", "none", "--health-interval", "0.1")
+    try:
+        wait_until_ready(url)
+        for _ in range(5):
+            async with http.get(url + "/sse?n=100&gap=0.02") as r:
+                await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
+            # leaving the block with the body unread closes the connection
+        for _ in range(200):
+            async with http.get(url + "/spotstart/metrics") as r:
+                if "spotstart_guard_in_flight 0.0" in await r.text():
+                    break
+            await asyncio.sleep(0.05)
+    finally:
+        proc.stop()
+    assert "Traceback" not in proc.text and "Error handling request" not in proc.text

@@ -196,7 +196,7 @@ async def test_gce_preemption_window_is_configurable(
 
 @pytest.mark.parametrize(
     ("kind", "expected", "early"),
-    [("maintenance", NoticeKind.MAINTENANCE, True), ("termination", NoticeKind.TERMINATION, False)],
+    [("maintenance", NoticeKind.MIGRATION, True), ("termination", NoticeKind.TERMINATION, False)],
 )
 async def test_gce_maintenance_event_is_reported_with_its_kind(
     gce: MetadataEmulator,
@@ -353,11 +353,59 @@ async def test_azure_reports_each_event_once_across_incarnations(
     stream = streams(azure_watcher(azure.url))
     azure.preempt(kind="maintenance")
     first = await stream.next()
-    assert first.kind is NoticeKind.MAINTENANCE and first.detail["event_type"] == "Reboot"
+    assert first.kind is NoticeKind.RESTART and first.detail["event_type"] == "Reboot"
     azure.preempt()
     second = await stream.next()
     assert second.kind is NoticeKind.PREEMPTION
     assert second.detail["event_id"] != first.detail["event_id"]
+
+
+async def test_azure_event_for_another_vm_of_the_scale_set_is_ignored(
+    azure: MetadataEmulator, streams: Callable[[NoticeWatcher], Stream]
+) -> None:
+    # Scheduled Events reach every member of an availability/scale set: before, any member's
+    # eviction drained every replica. The watcher asks IMDS compute/name and compares.
+    stream = streams(azure_watcher(azure.url))
+    await until(requests_to(azure, AZURE_EVENTS, 1))
+    assert azure.requests()["by_path"].get("/metadata/instance/compute/name", 0) == 1
+    azure.preempt(resources=["other-vm-7"])
+    await until(requests_to(azure, AZURE_EVENTS, 4))
+    assert not stream.has_notice()
+    azure.preempt()  # names this VM ("vm")
+    notice = await stream.next()
+    assert notice.kind is NoticeKind.PREEMPTION
+    assert notice.detail["event_id"] == azure_document(azure)["Events"][1]["EventId"]
+
+
+async def test_azure_scale_set_instance_names_match_with_their_leading_underscore(
+    streams: Callable[[NoticeWatcher], Stream],
+) -> None:
+    with MetadataEmulator("azure", wall_clock=lambda: W, vm_name="myvmss_3") as emu:
+        stream = streams(azure_watcher(emu.url))
+        emu.preempt(resources=["_myvmss_4"])
+        emu.preempt(resources=["_MyVmss_3"])
+        notice = await stream.next()
+        assert notice.detail["event_id"] == azure_document(emu)["Events"][1]["EventId"]
+
+
+async def test_azure_events_wait_until_this_vms_name_is_known(
+    azure: MetadataEmulator, streams: Callable[[NoticeWatcher], Stream]
+) -> None:
+    azure.fail("500", count=3)  # IMDS answers 500 to the name lookups first
+    azure.preempt()
+    stream = streams(azure_watcher(azure.url))
+    await until(faults_served(azure, 3))
+    notice = await stream.next()
+    assert notice.kind is NoticeKind.PREEMPTION
+    assert azure.requests()["by_path"].get("/metadata/instance/compute/name", 0) == 4
+
+
+def test_azure_resource_matching_is_exact_but_case_and_underscore_blind() -> None:
+    from spotstart.guard.watchers.azure import names_this_vm
+
+    assert names_this_vm(("FrontEnd_IN_0", "BackEnd_IN_0"), "backend_in_0")
+    assert not names_this_vm(("FrontEnd_IN_0",), "FrontEnd_IN_01")
+    assert not names_this_vm((), "vm") and not names_this_vm(("vm",), "")
 
 
 async def test_azure_acknowledges_preempt_when_configured(
@@ -613,8 +661,9 @@ def test_parsers_answer_a_value_or_malformed_never_anything_else(body: bytes) ->
         ("preempted", "FALSE", None),
         ("preempted", "TRUE", NoticeKind.PREEMPTION),
         ("maintenance-event", "NONE", None),
-        ("maintenance-event", "MIGRATE_ON_HOST_MAINTENANCE", NoticeKind.MAINTENANCE),
+        ("maintenance-event", "MIGRATE_ON_HOST_MAINTENANCE", NoticeKind.MIGRATION),
         ("maintenance-event", "TERMINATE_ON_HOST_MAINTENANCE", NoticeKind.TERMINATION),
+        ("maintenance-event", "SOME_FUTURE_VALUE", NoticeKind.MAINTENANCE),
     ],
 )
 def test_gce_values_map_to_notice_kinds(key: str, value: str, kind: NoticeKind | None) -> None:

@@ -79,8 +79,22 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--early-signals",
         choices=("drain", "warn"),
-        default="drain",
-        help="what rebalance/maintenance notices do (drain)",
+        default="warn",
+        help="what notices that keep the VM running do: AWS rebalance, GCE live migration, "
+        "Azure Freeze (warn; preemptions, terminations and Azure Reboot/Redeploy always drain)",
+    )
+    p.add_argument(
+        "--min-grace",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="in-flight requests get at least this long, even when a notice's deadline is "
+        "already past by our clock (5)",
+    )
+    p.add_argument(
+        "--azure-vm-name",
+        metavar="NAME",
+        help="this VM's name as Azure Scheduled Events list it (default: IMDS compute/name)",
     )
     p.add_argument(
         "--stop-signal",
@@ -128,7 +142,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--readyz-path", default="/readyz", metavar="PATH")
     p.add_argument("--livez-path", default="/livez", metavar="PATH")
-    p.add_argument("--metrics-path", default="/metrics", metavar="PATH")
+    p.add_argument(
+        "--metrics-path",
+        default="/spotstart/metrics",
+        metavar="PATH",
+        help="the guard's own Prometheus metrics; /metrics is left to the server (vLLM, TGI "
+        "serve theirs there) (/spotstart/metrics)",
+    )
     p.add_argument(
         "--on-notice",
         metavar="CMD",
@@ -163,6 +183,7 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
         ("--stop-grace", args.stop_grace),
         ("--linger", args.linger),
         ("--termination-window", args.termination_window),
+        ("--min-grace", args.min_grace),
     ):
         if value < 0:
             raise UsageError(f"{flag} must be >= 0")
@@ -185,6 +206,7 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
             early_signals=args.early_signals,
             linger_s=args.linger,
             retry_after_s=args.retry_after,
+            min_grace_s=args.min_grace,
         ),
         server_argv=tuple(server),
         stop_signal=args.stop_signal,
@@ -208,7 +230,11 @@ async def build_watchers(args: argparse.Namespace) -> list[NoticeWatcher]:
         cloud = await detect_cloud(endpoints=endpoints)
         log.info("cloud: %s", cloud or "none detected; watching SIGTERM only")
     watchers = make_watchers(
-        cloud, args.metadata_url, time.monotonic, grace_s=args.termination_window
+        cloud,
+        args.metadata_url,
+        time.monotonic,
+        grace_s=args.termination_window,
+        azure_vm_name=args.azure_vm_name,
     )
     return [w for w in watchers if w.name != "signal"]
 

@@ -20,6 +20,10 @@ Protocols followed (examples cross-checked against these pages):
   (``Metadata: true``, ``DocumentIncarnation``, ``Events[]``, ``StartRequests`` acknowledgement),
   https://learn.microsoft.com/azure/virtual-machines/spot-vms (Preempt, >= 30 s notice).
 
+Azure also answers ``compute/name`` (``--vm-name``); its events name that VM in ``Resources``
+unless ``preempt`` is given ``"resources": [...]`` (another member of a scale set). The server
+binds loopback only unless ``allow_remote`` (its admin endpoint has no authentication).
+
 Admin API (same server, prefix ``/__admin/``): ``POST preempt`` ``{"in_s", "kind", ...}``,
 ``POST reset``, ``POST fail`` ``{"mode": "500"|"garbage"|"hang", "count"}``,
 ``POST revoke-tokens`` (AWS), ``GET requests``.
@@ -51,6 +55,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from spotstart.emulate.servers import EmulatorError
+from spotstart.errors import SpotstartError, UsageError
 
 Cloud = Literal["gce", "aws", "azure"]
 CLOUDS: tuple[Cloud, ...] = ("gce", "aws", "azure")
@@ -62,6 +67,8 @@ AWS_TOKEN_PATH = "/latest/api/token"
 AWS_INSTANCE_ACTION_PATH = "/latest/meta-data/spot/instance-action"
 AWS_REBALANCE_PATH = "/latest/meta-data/events/recommendations/rebalance"
 AZURE_EVENTS_PATH = "/metadata/scheduledevents"
+AZURE_NAME_PATH = "/metadata/instance/compute/name"
+DEFAULT_VM_NAME = "vm"
 AWS_TOKEN_TTL_MAX_S = 21600
 
 # Default notice windows: what each cloud documents between the notice and the node going away.
@@ -114,9 +121,12 @@ class _State:
 class _MetadataApp:
     """The aiohttp application of one emulated cloud."""
 
-    def __init__(self, cloud: Cloud, wall_clock: Callable[[], float]) -> None:
+    def __init__(
+        self, cloud: Cloud, wall_clock: Callable[[], float], vm_name: str = DEFAULT_VM_NAME
+    ) -> None:
         self.cloud = cloud
         self.wall_clock = wall_clock
+        self.vm_name = vm_name
         self.state = _State()
         self._timers: list[asyncio.TimerHandle] = []
         self._changed = asyncio.Event()
@@ -188,6 +198,10 @@ class _MetadataApp:
         elif kind in ("preemption", "maintenance", "termination"):
             default_type = {"preemption": "Preempt", "maintenance": "Reboot"}.get(kind, "Terminate")
             event_type = str(body.get("event_type", default_type))
+            # whom the event is for: this VM by default, or others of its scale set
+            resources = body.get("resources", [self.vm_name])
+            if not isinstance(resources, list) or not all(isinstance(r, str) for r in resources):
+                raise ValueError("resources must be a list of VM names")
 
             def add_event() -> None:
                 self._event_seq += 1
@@ -197,7 +211,7 @@ class _MetadataApp:
                         "EventId": f"{self._event_seq:08X}-5C4E-4A3B-9F6E-{secrets.token_hex(6)}",
                         "EventType": event_type,
                         "ResourceType": "VirtualMachine",
-                        "Resources": ["vm"],
+                        "Resources": list(resources),
                         "EventStatus": "Scheduled",
                         "NotBefore": not_before,
                         "Description": f"Emulated {event_type} event (spotstart).",
@@ -380,6 +394,14 @@ class _MetadataApp:
             }
         )
 
+    async def azure_name(self, request: web.Request) -> web.Response:
+        bad = self._azure_check(request)
+        if bad is not None:
+            return bad
+        if request.query.get("format") == "text":
+            return web.Response(text=self.vm_name)
+        return web.json_response(self.vm_name)
+
     async def azure_post(self, request: web.Request) -> web.Response:
         bad = self._azure_check(request)
         if bad is not None:
@@ -418,6 +440,7 @@ class _MetadataApp:
             app.router.add_get(AWS_REBALANCE_PATH, self.aws_rebalance)
         else:
             app.router.add_get(AZURE_EVENTS_PATH, self.azure_get)
+            app.router.add_get(AZURE_NAME_PATH, self.azure_name)
             app.router.add_post(AZURE_EVENTS_PATH, self.azure_post)
         return app
 
@@ -454,10 +477,20 @@ class MetadataEmulator:
         host: str = "127.0.0.1",
         port: int = 0,
         wall_clock: Callable[[], float] = time.time,
+        vm_name: str = DEFAULT_VM_NAME,
+        allow_remote: bool = False,
     ) -> None:
         if cloud not in CLOUDS:
             raise ValueError(f"cloud must be one of {CLOUDS}, got {cloud!r}")
+        if not allow_remote and not _is_loopback(host):
+            # The admin endpoint injects preemptions and takes no credentials.
+            raise UsageError(
+                f"metadata emulator: --host {host} is not a loopback address; its "
+                "unauthenticated /__admin/ endpoint would let anyone who reaches it preempt "
+                "your guards. Use 127.0.0.1, or pass --allow-remote if you mean it"
+            )
         self.cloud: Cloud = cloud
+        self.vm_name = vm_name
         self.host = host
         self._requested_port = port
         self._wall_clock = wall_clock
@@ -499,7 +532,7 @@ class MetadataEmulator:
         self._thread.start()
 
         async def serve() -> None:
-            self._app = _MetadataApp(self.cloud, self._wall_clock)
+            self._app = _MetadataApp(self.cloud, self._wall_clock, self.vm_name)
             # short shutdown_timeout: long polls must not hold up stop()
             runner = web.AppRunner(self._app.build(), shutdown_timeout=0.5, access_log=None)
             await runner.setup()
@@ -614,6 +647,17 @@ class MetadataEmulator:
         return self._call(go())
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spotstart emulate metadata",
@@ -621,6 +665,16 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--cloud", choices=CLOUDS, required=True)
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    parser.add_argument(
+        "--allow-remote",
+        action="store_true",
+        help="allow a non-loopback --host (the admin endpoint has no authentication)",
+    )
+    parser.add_argument(
+        "--vm-name",
+        default=DEFAULT_VM_NAME,
+        help="Azure: this VM's compute/name, the default Resources of injected events",
+    )
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
     parser.add_argument("--json", action="store_true", help="print the ready line as JSON")
     return parser
@@ -641,12 +695,18 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    emulator = MetadataEmulator(cast(Cloud, args.cloud), host=args.host, port=args.port)
     try:
+        emulator = MetadataEmulator(
+            cast(Cloud, args.cloud),
+            host=args.host,
+            port=args.port,
+            vm_name=args.vm_name,
+            allow_remote=args.allow_remote,
+        )
         emulator.start()
-    except EmulatorError as exc:
+    except SpotstartError as exc:  # 2: refused (a usage error); 1: cannot start
         print(f"spotstart emulate metadata: {exc}", file=sys.stderr)
-        return 1
+        return exc.exit_code
     try:
         info = {"cloud": emulator.cloud, "url": emulator.url, "admin": emulator.url + "/__admin/"}
         if args.json:

@@ -50,17 +50,23 @@ class Command(enum.Enum):
 class DrainConfig:
     """How a drain spends the notice window.
 
-    The window ``deadline - now`` minus ``safety_margin_s`` is the budget; with a supervised
-    server, ``min(stop_grace_s, budget / 2)`` of it is kept for stopping the server and the rest
-    lets in-flight requests finish. ``linger_s`` keeps answering 503 (instead of vanishing) for at
-    least that long after a notice, so load balancers see the guard unready before it is gone.
+    The window ``deadline - now`` minus ``safety_margin_s`` is the budget, never less than
+    ``min_grace_s`` (a notice that arrives late, or whose deadline is already past by our clock,
+    still lets in-flight requests try to finish: readiness flips first either way); with a
+    supervised server, ``min(stop_grace_s, budget / 2)`` of it is kept for stopping the server
+    and the rest lets in-flight requests finish. Once the stop signal is sent the server gets
+    ``stop_grace_s`` (within the budget) before SIGKILL, however early the drain ended.
+    ``linger_s`` keeps answering 503 (instead of vanishing) for at least that long after a
+    notice, so load balancers see the guard unready before it is gone. Early signals (the VM
+    keeps running: rebalance, live migration) only warn unless ``early_signals="drain"``.
     """
 
     safety_margin_s: float = 5.0
     stop_grace_s: float = 10.0
     supervising: bool = False
-    early_signals: Literal["drain", "warn"] = "drain"
+    early_signals: Literal["drain", "warn"] = "warn"
     linger_s: float = 0.0
+    min_grace_s: float = 5.0
     retry_after_s: int = 1  # clients should retry elsewhere now: this replica will not be back
 
 
@@ -222,8 +228,9 @@ class DrainController:
                 if self._in_flight > 0:
                     commands.append(Command.CANCEL_IN_FLIGHT)
                 self.phase = Phase.STOPPING
-                if self.stop_by is None or self.stop_by < now:
-                    self.stop_by = now
+                # The server gets stop_grace_s from its stop signal (now), within the budget.
+                last = self.stop_by if self.stop_by is not None else now
+                self.stop_by = max(now, min(last, now + self.config.stop_grace_s))
         if self.phase is Phase.STOPPING:
             if not self.config.supervising:
                 self.phase = Phase.DONE
@@ -252,6 +259,6 @@ class DrainController:
         return None
 
     def _plan(self, notice: PreemptionNotice, now: float) -> tuple[float, float]:
-        budget = max(0.0, notice.deadline - self.config.safety_margin_s - now)
+        budget = max(self.config.min_grace_s, notice.deadline - self.config.safety_margin_s - now)
         grace = min(self.config.stop_grace_s, budget / 2) if self.config.supervising else 0.0
         return now + budget - grace, now + budget

@@ -10,18 +10,25 @@ from typing import Protocol
 
 
 class NoticeKind(enum.Enum):
-    """``PREEMPTION`` and ``TERMINATION`` take the node away at ``deadline``; the others are
-    early signals (AWS rebalance recommendation, GCE maintenance event) that a policy may
-    treat as a drain or only as a warning."""
+    """What a notice says will happen to this VM (and the server on it).
+
+    Removals, always drained: ``PREEMPTION`` (spot reclaim), ``TERMINATION`` (SIGTERM, pod
+    deletion, GCE TERMINATE_ON_HOST_MAINTENANCE), ``RESTART`` (Azure Reboot/Redeploy: the VM
+    comes back, the server does not survive). Early signals, where the VM keeps running and the
+    server with it, only warned about unless ``--early-signals drain``: ``REBALANCE`` (AWS: a
+    higher risk of interruption), ``MIGRATION`` (GCE live migration, Azure Freeze: a pause of
+    seconds), ``MAINTENANCE`` (a GCE maintenance value not known to us)."""
 
     PREEMPTION = "preemption"
     TERMINATION = "termination"  # SIGTERM / Kubernetes pod deletion
+    RESTART = "restart"
     REBALANCE = "rebalance"
+    MIGRATION = "migration"
     MAINTENANCE = "maintenance"
 
     @property
     def is_early_signal(self) -> bool:
-        return self in (NoticeKind.REBALANCE, NoticeKind.MAINTENANCE)
+        return self in (NoticeKind.REBALANCE, NoticeKind.MIGRATION, NoticeKind.MAINTENANCE)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The guard's HTTP side: a streaming aiohttp reverse proxy in front of any HTTP inference server
-(vLLM, TGI, Triton), plus the guard's own /readyz, /livez and /metrics. It asks the
+(vLLM, TGI, Triton), plus the guard's own /readyz, /livez and /spotstart/metrics. It asks the
 DrainController whether to accept each request and tells it when each ends; it decides nothing."""
 
 from __future__ import annotations
@@ -9,8 +9,10 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
+from urllib.parse import urlsplit
 
 import aiohttp
+import yarl
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -37,7 +39,7 @@ HOP_BY_HOP = frozenset(
 )
 
 
-SMALL_BODY_BYTES = 256 * 1024  # responses up to this size with a Content-Length: sent in one write
+SMALL_BODY_BYTES = 256 * 1024  # a complete response up to this size: sent in one write
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class ProxyConfig:
     listen_port: int = 8080
     readyz_path: str = "/readyz"
     livez_path: str = "/livez"
-    metrics_path: str = "/metrics"
+    metrics_path: str = "/spotstart/metrics"  # /metrics belongs to the server (vLLM, TGI)
     health_path: str | None = "/health"
     health_interval_s: float = 1.0
     health_timeout_s: float = 2.0
@@ -73,6 +75,19 @@ def _forwardable(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDi
         if lower not in HOP_BY_HOP and lower not in named:
             out.add(key, value)
     return out
+
+
+def request_target(raw: str) -> str | None:
+    """The origin-form target to send upstream (path and query, as received). An absolute-form
+    target (``GET http://host/path``, RFC 9112 section 3.2.2) is reduced to its path and query;
+    None for what cannot be forwarded (asterisk-form, or no path at all)."""
+    if raw.startswith("/"):
+        return raw
+    if "://" in raw:
+        parts = urlsplit(raw)
+        if parts.scheme.lower() in ("http", "https") and parts.netloc:
+            return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return None
 
 
 class GuardProxy:
@@ -111,7 +126,15 @@ class GuardProxy:
         )
         app = web.Application(client_max_size=0)
         app.router.add_route("*", "/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1)
+        # handler_cancellation: a client that leaves cancels its handler, and with it the
+        # upstream request (which may hold a GPU slot, and the drain).
+        self._runner = web.AppRunner(
+            app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=1,
+            handler_cancellation=True,
+        )
         await self._runner.setup()
         site = web.TCPSite(
             self._runner,
@@ -203,6 +226,9 @@ class GuardProxy:
 
     async def _forward(self, request: web.Request) -> web.StreamResponse:
         assert self._session is not None
+        target = request_target(request.raw_path)
+        if target is None:
+            return web.Response(status=400, text="bad request target\n")
         headers = _forwardable(request.headers)
         headers.popall("Host", None)
         peer = request.remote
@@ -212,17 +238,20 @@ class GuardProxy:
         data = request.content if request.body_exists else None
         started = self._clock()
         try:
+            # encoded=True: the request target goes upstream byte for byte (no %2e%2e or
+            # %3B decoding, no dot-segment collapsing: a signed query string stays valid)
             upstream_cm = self._session.request(
                 request.method,
-                self._upstream + request.raw_path,
+                yarl.URL(self._upstream + target, encoded=True),
                 headers=headers,
                 data=data,
                 allow_redirects=False,
             )
             upstream = await upstream_cm.__aenter__()
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
             log.warning("upstream %s unreachable: %s", self._upstream, exc)
-            return web.Response(status=502, text=f"bad gateway: upstream unreachable ({exc})\n")
+            # the body names no internal address: clients see only that the server is down
+            return web.Response(status=502, text="bad gateway: the server is not reachable\n")
         try:
             self.metrics.upstream_latency.observe(self._clock() - started)
             headers = _forwardable(upstream.headers)
@@ -231,10 +260,11 @@ class GuardProxy:
                 length is not None
                 and length <= SMALL_BODY_BYTES
                 and request.method != "HEAD"
-                and not upstream.content_type.startswith("text/event-stream")
+                and upstream.content.is_eof()
             ):
-                # small and complete: one write instead of headers + chunks + eof (measured:
-                # about a fifth of the guard's CPU per short request)
+                # small and already complete: one write instead of headers + chunks + eof
+                # (measured: about a fifth of the guard's CPU per short request). A small body
+                # still arriving is streamed like any other, not held back.
                 body = await upstream.read()
                 headers.popall("Content-Length", None)
                 small = web.Response(
@@ -248,10 +278,19 @@ class GuardProxy:
             if not self.controller.ready:
                 resp.force_close()  # draining: no keep-alive for the next request
             await resp.prepare(request)
-            # iter_any: forward each chunk as it arrives (SSE tokens must not wait for a buffer)
-            async for chunk in upstream.content.iter_any():
-                await resp.write(chunk)
-            await resp.write_eof()
+            try:
+                # iter_any: each chunk as it arrives (SSE tokens must not wait for a buffer)
+                async for chunk in upstream.content.iter_any():
+                    await resp.write(chunk)
+                await resp.write_eof()
+            except (aiohttp.ClientError, OSError) as exc:
+                # The upstream broke off mid-body, or the client left: end the client's
+                # connection without a final chunk, so a cut response never looks complete.
+                # One line, not a traceback: anyone can hang up.
+                log.info("%s %s: response cut (%s)", request.method, target[:200], exc)
+                if request.transport is not None:
+                    request.transport.abort()
+                raise asyncio.CancelledError from exc
             return resp
         finally:
             await upstream_cm.__aexit__(None, None, None)

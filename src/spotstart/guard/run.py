@@ -20,7 +20,14 @@ from spotstart.guard.drain import Clock, Command, DrainConfig, DrainController
 from spotstart.guard.metrics import GuardMetrics
 from spotstart.guard.notice import NoticeKind, NoticeWatcher, PreemptionNotice
 from spotstart.guard.proxy import GuardProxy, ProxyConfig
-from spotstart.guard.supervise import Supervisor, describe_exit, exit_status
+from spotstart.guard.supervise import (
+    OrphanReaper,
+    Supervisor,
+    become_subreaper,
+    describe_exit,
+    exit_status,
+    stop_group,
+)
 
 log = logging.getLogger("spotstart.guard")
 
@@ -65,6 +72,7 @@ class _Guard:
             config.proxy, self.controller, self.metrics, clock, self.changed.set
         )
         self.supervisor = Supervisor(config.server_argv) if config.server_argv else None
+        self.own_pids: set[int] = set()  # children we wait for ourselves (server, hooks)
         self.signals_seen = 0
         self.background: set[asyncio.Task[None]] = set()
 
@@ -120,6 +128,10 @@ class _Guard:
             )
         )
 
+    def _own(self) -> set[int]:
+        pid = self.supervisor.pid if self.supervisor is not None else None
+        return self.own_pids | ({pid} if pid is not None else set())
+
     def _spawn(self, coro: object) -> None:
         assert asyncio.iscoroutine(coro)
         task: asyncio.Task[None] = asyncio.create_task(coro)
@@ -148,6 +160,11 @@ class _Guard:
         else:
             log.info("server stopped: %s", describe_exit(returncode))
         self.changed.set()
+        # Workers the server started and left behind (its process group): stopped now that
+        # readiness is off, whatever the exit was.
+        pid = self.supervisor.pid
+        if pid is not None:
+            await stop_group(pid)
 
     # -- hooks -----------------------------------------------------------------------------------
 
@@ -162,6 +179,7 @@ class _Guard:
 
     async def _run_command(self, cmd: str, env: dict[str, str]) -> None:
         proc = await asyncio.create_subprocess_shell(cmd, env={**os.environ, **env})
+        self.own_pids.add(proc.pid)
         try:
             code = await asyncio.wait_for(proc.wait(), self.config.hook_timeout_s)
         except TimeoutError:
@@ -204,14 +222,25 @@ class _Guard:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.on_signal, sig)
         tasks = [asyncio.create_task(self._watch(w)) for w in self.watchers]
+        reap: asyncio.Task[None] | None = None
         try:
             if self.supervisor is not None:
+                # Orphans of the server's processes come to us (as they would to PID 1): reap
+                # them, leaving our own children (server, hooks) to their waiters.
+                if become_subreaper() or os.getpid() == 1:
+                    tasks.append(asyncio.create_task(OrphanReaper(self._own).run()))
                 await self.supervisor.start()
-                tasks.append(asyncio.create_task(self._reap()))
+                reap = asyncio.create_task(self._reap())
             await self._loop()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            if reap is not None and self.supervisor is not None and not self.supervisor.running:
+                # the server is gone; let its left-over workers be stopped (bounded)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(reap), 3.0)
+            if reap is not None:
+                tasks.append(reap)
             for task in tasks:
                 task.cancel()
             if self.supervisor is not None and self.supervisor.running:

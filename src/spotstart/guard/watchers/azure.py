@@ -40,12 +40,15 @@ from spotstart.guard.watchers._common import (
 logger = logging.getLogger("spotstart.guard.watchers.azure")
 
 EVENTS_PATH = "/metadata/scheduledevents"
+# IMDS instance metadata: this VM's name, as Scheduled Events list it in ``Resources``.
+NAME_PATH = "/metadata/instance/compute/name"
+NAME_API_VERSION = "2021-02-01"
 EVENT_KINDS: dict[str, NoticeKind] = {
     "Preempt": NoticeKind.PREEMPTION,
     "Terminate": NoticeKind.TERMINATION,
-    "Reboot": NoticeKind.MAINTENANCE,
-    "Redeploy": NoticeKind.MAINTENANCE,
-    "Freeze": NoticeKind.MAINTENANCE,
+    "Reboot": NoticeKind.RESTART,
+    "Redeploy": NoticeKind.RESTART,
+    "Freeze": NoticeKind.MIGRATION,  # a pause of seconds; the VM and its processes survive
 }
 
 
@@ -53,9 +56,10 @@ EVENT_KINDS: dict[str, NoticeKind] = {
 class AzureWatcherConfig:
     """``report_terminate`` / ``report_maintenance`` add those event types to Preempt.
     ``acknowledge``: approve Preempt/Terminate events as soon as they are reported (otherwise
-    call :meth:`AzureWatcher.acknowledge` once drained). ``resource_name``: this VM's name as
-    Azure lists it in ``Resources`` (IMDS ``compute.name``); events of an availability set or
-    scale set reach every member, so with a name set, events for other VMs are ignored."""
+    call :meth:`AzureWatcher.acknowledge` once drained). Events of an availability set or scale
+    set reach every member: only those whose ``Resources`` name this VM are reported. The name
+    is ``resource_name`` if given, else IMDS ``compute/name``, asked before the first poll (no
+    event is acted on while it is unknown)."""
 
     metadata_url: str | None = None
     resource_name: str | None = None
@@ -69,7 +73,7 @@ class AzureWatcherConfig:
         kind = EVENT_KINDS.get(event_type)
         if kind is NoticeKind.TERMINATION and not self.report_terminate:
             return None
-        if kind is NoticeKind.MAINTENANCE and not self.report_maintenance:
+        if kind in (NoticeKind.RESTART, NoticeKind.MIGRATION) and not self.report_maintenance:
             return None
         return kind
 
@@ -119,6 +123,14 @@ def parse_scheduled_events(body: bytes) -> ScheduledEvents:
     return ScheduledEvents(incarnation, tuple(parsed))
 
 
+def names_this_vm(resources: tuple[str, ...], vm_name: str) -> bool:
+    """Whether an event's ``Resources`` include this VM. Azure names are case-insensitive;
+    scale-set instances are listed with a leading underscore (``_myvmss_3``) where
+    ``compute/name`` says ``myvmss_3``."""
+    want = vm_name.strip().lstrip("_").casefold()
+    return bool(want) and any(r.strip().lstrip("_").casefold() == want for r in resources)
+
+
 def event_notice(
     event: ScheduledEvent, kind: NoticeKind, received_at: float, wall_now: float
 ) -> PreemptionNotice:
@@ -166,8 +178,10 @@ class AzureWatcher:
         self._wall_clock = wall_clock
         env = os.environ if environ is None else environ
         self.base_url = resolve_metadata_url("azure", self.config.metadata_url, env)
+        self.vm_name: str | None = self.config.resource_name
         self._incarnation: int | None = None
         self._seen: set[str] = set()
+        self._others: set[str] = set()  # event ids for other VMs, logged once
 
     @property
     def _url(self) -> str:
@@ -217,6 +231,9 @@ class AzureWatcher:
         backoff = Backoff(poll.backoff_initial_s, poll.backoff_max_s)
         while True:
             try:
+                if self.vm_name is None:
+                    self.vm_name = await self._own_name(session)
+                    logger.info("Azure: this VM is %r; acting on its events only", self.vm_name)
                 async with session.get(
                     self._url,
                     params=self._params,
@@ -240,9 +257,33 @@ class AzureWatcher:
                 logger.warning("Azure %s notice: %s", notice.detail["event_type"], notice.detail)
                 emit(notice)
                 self._seen.add(notice.detail["event_id"])
-                if self.config.acknowledge and not notice.kind.is_early_signal:
+                removal = notice.kind in (NoticeKind.PREEMPTION, NoticeKind.TERMINATION)
+                if self.config.acknowledge and removal:
                     await self.acknowledge(notice.detail["event_id"])
             await asyncio.sleep(poll.poll_interval_s)
+
+    async def _own_name(self, session: aiohttp.ClientSession) -> str:
+        """This VM's name from IMDS (``compute/name``, text format)."""
+        async with session.get(
+            self.base_url + NAME_PATH,
+            params={"api-version": NAME_API_VERSION, "format": "text"},
+            headers={"Metadata": "true"},
+            timeout=timeout(self.config.poll.request_timeout_s),
+            allow_redirects=False,
+        ) as resp:
+            body = await resp.read()
+            status = resp.status
+        if status != 200:
+            raise MalformedMetadata(
+                f"{NAME_PATH}: HTTP {status}; no event is acted on until this VM's name is known"
+            )
+        try:
+            name = body.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise MalformedMetadata(f"{NAME_PATH}: not text") from exc
+        if not name or len(name) > 256 or not name.isprintable():
+            raise MalformedMetadata(f"{NAME_PATH}: unusable VM name {name[:40]!r}")
+        return name
 
     def _new_notices(self, document: ScheduledEvents) -> list[PreemptionNotice]:
         """Notices for events not reported yet; nothing when the incarnation is unchanged. Raises
@@ -250,13 +291,22 @@ class AzureWatcher:
         if document.incarnation == self._incarnation:
             return []
         now, wall_now = self._clock(), self._wall_clock()
+        assert self.vm_name is not None, "events are read only once the VM's name is known"
         notices = []
         for event in document.events:
             kind = self.config.kind_of(event.event_type)
             if kind is None or event.event_id in self._seen:
                 continue
-            name = self.config.resource_name
-            if name is not None and name not in event.resources:
+            if not names_this_vm(event.resources, self.vm_name):
+                if event.event_id not in self._others:
+                    self._others.add(event.event_id)
+                    logger.info(
+                        "Azure %s event %s is for %s, not this VM (%s): ignored",
+                        event.event_type,
+                        event.event_id,
+                        ", ".join(event.resources) or "no VM",
+                        self.vm_name,
+                    )
                 continue
             notices.append(event_notice(event, kind, now, wall_now))
         self._incarnation = document.incarnation

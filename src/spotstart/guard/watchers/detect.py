@@ -116,6 +116,7 @@ def make_watchers(
     wall_clock: Clock = time.time,
     grace_s: float = 30.0,
     azure_acknowledge: bool = False,
+    azure_vm_name: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> list[NoticeWatcher]:
     """The watchers for ``cloud`` ("gce", "aws", "azure" or None), always with a SIGTERM
@@ -149,7 +150,11 @@ def make_watchers(
     elif cloud == "azure":
         watchers.append(
             AzureWatcher(
-                AzureWatcherConfig(metadata_url=metadata_url, acknowledge=azure_acknowledge),
+                AzureWatcherConfig(
+                    metadata_url=metadata_url,
+                    acknowledge=azure_acknowledge,
+                    resource_name=azure_vm_name,
+                ),
                 clock=clock,
                 wall_clock=wall_clock,
                 environ=environ,

@@ -73,7 +73,8 @@ def notice_for(
     """Pure mapping of a (checked) metadata value to a notice, or None for "nothing pending".
 
     ``TERMINATE_ON_HOST_MAINTENANCE`` is a TERMINATION: the VM stops at the event, it is not
-    moved; ``MIGRATE_ON_HOST_MAINTENANCE`` (and any future value) is a MAINTENANCE early signal.
+    moved. ``MIGRATE_ON_HOST_MAINTENANCE`` is a MIGRATION: the VM is live-migrated and keeps
+    running (nothing to drain unless asked); any future value is a MAINTENANCE early signal.
     """
     detail = {"key": key, "value": value}
     if key == PREEMPTED:
@@ -83,7 +84,12 @@ def notice_for(
         return PreemptionNotice(NoticeKind.PREEMPTION, "gce", received_at, deadline, detail)
     if value == "NONE":
         return None
-    kind = NoticeKind.TERMINATION if value.startswith("TERMINATE") else NoticeKind.MAINTENANCE
+    if value.startswith("TERMINATE"):
+        kind = NoticeKind.TERMINATION
+    elif value.startswith("MIGRATE"):
+        kind = NoticeKind.MIGRATION
+    else:
+        kind = NoticeKind.MAINTENANCE
     deadline = received_at + config.maintenance_window_s
     return PreemptionNotice(kind, "gce", received_at, deadline, detail)
 
