@@ -10,6 +10,7 @@ import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from hypothesis import settings
@@ -191,9 +192,11 @@ class Store:
         return f"{self.base}/{key}"
 
 
-@pytest.fixture(scope="session")
-def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
-    server = MotoS3(tmp_path_factory.mktemp("moto"), (BUCKET,))
+S3RVER_BIN = Path(__file__).parent / "node" / "node_modules" / ".bin" / "s3rver"
+ServerT = TypeVar("ServerT", MotoS3, S3rver, GcsEmulator, Nginx)
+
+
+def _served(server: ServerT) -> Iterator[ServerT]:
     try:
         server.start()
         yield server
@@ -201,37 +204,24 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
         server.stop()
 
 
-S3RVER_BIN = Path(__file__).parent / "node" / "node_modules" / ".bin" / "s3rver"
+@pytest.fixture(scope="session")
+def moto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
+    yield from _served(MotoS3(tmp_path_factory.mktemp("moto"), (BUCKET,)))
 
 
 @pytest.fixture(scope="session")
 def s3rver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3rver]:
-    server = S3rver(tmp_path_factory.mktemp("s3rver"), (BUCKET,), S3RVER_BIN)
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _served(S3rver(tmp_path_factory.mktemp("s3rver"), (BUCKET,), S3RVER_BIN))
 
 
 @pytest.fixture(scope="session")
 def gcs_emulator(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GcsEmulator]:
-    server = GcsEmulator(tmp_path_factory.mktemp("gcpemu"), (BUCKET,))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _served(GcsEmulator(tmp_path_factory.mktemp("gcpemu"), (BUCKET,)))
 
 
 @pytest.fixture(scope="session")
 def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
-    server = Nginx(tmp_path_factory.mktemp("nginx"))
-    try:
-        server.start()
-        yield server
-    finally:
-        server.stop()
+    yield from _served(Nginx(tmp_path_factory.mktemp("nginx")))
 
 
 STORE_NAMES = (

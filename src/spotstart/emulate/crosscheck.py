@@ -15,34 +15,23 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from spotstart.emulate.servers import (
-    EmulatorError,
-    ManagedProcess,
-    free_port,
-    http_answers,
-    poll_until,
-)
+from spotstart.emulate.servers import EmulatorError, LocalServer, free_port
 
 REGION = "us-east-1"
 
 
-class MotoS3:
+class MotoS3(LocalServer):
     """``moto_server`` with authentication on: only the access key it issues at start (through
     its own IAM API, in the first unauthenticated requests moto allows) is accepted, and
     signatures are checked, as a real S3 endpoint does. Needs ``moto[server]``."""
 
+    name = "moto_server"
+
     def __init__(self, data_dir: Path, buckets: tuple[str, ...], host: str = "127.0.0.1") -> None:
-        self.data_dir = data_dir
+        super().__init__(data_dir, host)
         self.buckets = buckets
-        self.host = host
-        self.port = 0
         self.access_key_id = ""
         self.secret_access_key = ""
-        self._proc: ManagedProcess | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> None:
         try:
@@ -50,18 +39,11 @@ class MotoS3:
             import moto.server  # noqa: F401
         except ImportError as exc:
             raise EmulatorError(f"moto[server] is not installed: {exc}") from exc
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(self.host)
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"  # the IAM calls below, then SigV4 only
         argv = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
-        self._proc = ManagedProcess("moto_server", argv, self.data_dir / "moto.log", env)
-        poll_until(
-            lambda: http_answers(self.endpoint + "/moto-api/"),
-            timeout_s=timeout_s,
-            what=f"moto on {self.endpoint}",
-            alive=self._proc.died,
-        )
+        self._launch(argv, "/moto-api/", timeout_s, env)
         boot = {"aws_access_key_id": "boot", "aws_secret_access_key": "boot"}
         iam = boto3.client("iam", endpoint_url=self.endpoint, region_name=REGION, **boot)
         iam.create_user(UserName="spotstart")
@@ -78,15 +60,7 @@ class MotoS3:
             self.client().create_bucket(Bucket=bucket)
 
     def client(self) -> Any:
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=REGION,
-            aws_access_key_id=self.access_key_id,
-            aws_secret_access_key=self.secret_access_key,
-        )
+        return _s3_client(self.endpoint, self.access_key_id, self.secret_access_key)
 
     def env(self) -> dict[str, str]:
         return {
@@ -101,52 +75,31 @@ class MotoS3:
         for key, data in objects.items():
             client.put_object(Bucket=bucket, Key=key, Body=data)
 
-    def died(self) -> str | None:
-        return None if self._proc is None else self._proc.died()
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
-
-
-class S3rver:
+class S3rver(LocalServer):
     """npm ``s3rver`` (a third S3 implementation, in Node): checks SigV4 signatures for its one
     key pair (S3RVER/S3RVER) and writes its XML with its own namespace. ``binary``: its
     ``node_modules/.bin/s3rver`` (``npm install --prefix tests/node``)."""
 
     ACCESS_KEY_ID = SECRET_ACCESS_KEY = "S3RVER"
+    name = "s3rver"
 
     def __init__(
         self, data_dir: Path, buckets: tuple[str, ...], binary: Path, host: str = "127.0.0.1"
     ) -> None:
-        self.data_dir = data_dir
+        super().__init__(data_dir, host)
         self.buckets = buckets
         self.binary = binary
-        self.host = host
-        self.port = 0
-        self._proc: ManagedProcess | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> None:
         if not self.binary.is_file():
-            raise EmulatorError(f"{self.binary} missing: run npm install --prefix tests/node")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+            raise EmulatorError(f"{self.binary} missing: run npm ci --prefix tests/node")
         self.port = free_port(self.host)
         argv = [str(self.binary), "-d", str(self.data_dir / "data"), "-a", self.host]
         argv += ["-p", str(self.port), "--no-vhost-buckets", "-s"]
         for bucket in self.buckets:
             argv += ["--configure-bucket", bucket]
-        self._proc = ManagedProcess("s3rver", argv, self.data_dir / "s3rver.log")
-        poll_until(
-            lambda: http_answers(self.endpoint + "/"),
-            timeout_s=timeout_s,
-            what=f"s3rver on {self.endpoint}",
-            alive=self._proc.died,
-        )
+        self._launch(argv, "/", timeout_s)
 
     def env(self) -> dict[str, str]:
         return {
@@ -157,59 +110,29 @@ class S3rver:
         }
 
     def seed(self, bucket: str, objects: Mapping[str, bytes]) -> None:
-        import boto3
-
-        client = boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=REGION,
-            aws_access_key_id=self.ACCESS_KEY_ID,
-            aws_secret_access_key=self.SECRET_ACCESS_KEY,
-        )
+        client = _s3_client(self.endpoint, self.ACCESS_KEY_ID, self.SECRET_ACCESS_KEY)
         for key, data in objects.items():
             client.put_object(Bucket=bucket, Key=key, Body=data)
 
-    def died(self) -> str | None:
-        return None if self._proc is None else self._proc.died()
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
-
-
-class GcsEmulator:
+class GcsEmulator(LocalServer):
     """``gcp-storage-emulator`` (PyPI), in memory: a GCS JSON API written independently of
     fake-gcs-server."""
 
-    def __init__(self, data_dir: Path, buckets: tuple[str, ...], host: str = "127.0.0.1") -> None:
-        self.data_dir = data_dir
-        self.buckets = buckets
-        self.host = host
-        self.port = 0
-        self._proc: ManagedProcess | None = None
+    name = "gcp-storage-emulator"
 
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
+    def __init__(self, data_dir: Path, buckets: tuple[str, ...], host: str = "127.0.0.1") -> None:
+        super().__init__(data_dir, host)
+        self.buckets = buckets
 
     def start(self, timeout_s: float = 60.0) -> None:
         binary = Path(sys.executable).parent / "gcp-storage-emulator"
         found = str(binary) if binary.is_file() else shutil.which("gcp-storage-emulator")
         if found is None:
             raise EmulatorError("gcp-storage-emulator is not installed (pip install it)")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(self.host)
         argv = [found, "start", "--host", self.host, "--port", str(self.port), "--in-memory", "-q"]
-        self._proc = ManagedProcess(
-            "gcp-storage-emulator", argv, self.data_dir / "gcp-storage-emulator.log"
-        )
-        poll_until(
-            lambda: http_answers(self.endpoint + "/storage/v1/b"),
-            timeout_s=timeout_s,
-            what=f"gcp-storage-emulator on {self.endpoint}",
-            alive=self._proc.died,
-        )
+        self._launch(argv, "/storage/v1/b", timeout_s)
         for bucket in self.buckets:
             self._call("POST", "/storage/v1/b?project=test", json.dumps({"name": bucket}).encode())
 
@@ -235,32 +158,19 @@ class GcsEmulator:
             path = f"/upload/storage/v1/b/{b}/o?uploadType=media&name={k}"
             self._call("POST", path, data, "application/octet-stream")
 
-    def died(self) -> str | None:
-        return None if self._proc is None else self._proc.died()
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
-
-
-class Nginx:
+class Nginx(LocalServer):
     """Debian's nginx serving ``root`` over http and https (a self-signed certificate made at
     start: point ``SSL_CERT_FILE`` at :attr:`cert_path`). Range, strong ETags and If-Range as
     nginx does them for static files."""
 
+    name = "nginx"
+
     def __init__(self, data_dir: Path, host: str = "127.0.0.1") -> None:
-        self.data_dir = data_dir
+        super().__init__(data_dir, host)
         self.root = data_dir / "www"
-        self.host = host
-        self.port = 0
         self.tls_port = 0
         self.cert_path = data_dir / "cert.pem"
-        self._proc: ManagedProcess | None = None
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     @property
     def tls_endpoint(self) -> str:
@@ -293,13 +203,7 @@ class Nginx:
         )
         (d / "nginx.conf").write_text(conf)
         argv = [binary, "-c", str(d / "nginx.conf"), "-p", str(d), "-e", str(d / "error.log")]
-        self._proc = ManagedProcess("nginx", argv, d / "nginx.log")
-        poll_until(
-            lambda: http_answers(self.endpoint + "/"),
-            timeout_s=timeout_s,
-            what=f"nginx on {self.endpoint}",
-            alive=self._proc.died,
-        )
+        self._launch(argv, "/", timeout_s)
 
     def seed(self, objects: Mapping[str, bytes]) -> None:
         for key, data in objects.items():
@@ -307,13 +211,17 @@ class Nginx:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
 
-    def died(self) -> str | None:
-        return None if self._proc is None else self._proc.died()
 
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
+def _s3_client(endpoint: str, key_id: str, secret: str) -> Any:
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name=REGION,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+    )
 
 
 def _self_signed(cert_path: Path, key_path: Path, host: str) -> None:

@@ -167,6 +167,48 @@ class ManagedProcess:
         self._log.close()
 
 
+class LocalServer:
+    """The lifecycle every local server shares: one managed process, ready when a URL answers,
+    its death reported, always torn down. Subclasses build the command line."""
+
+    name = "server"
+
+    def __init__(self, data_dir: Path, host: str = "127.0.0.1") -> None:
+        self.data_dir = data_dir
+        self.host = host
+        self.port = 0
+        self._proc: ManagedProcess | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _launch(
+        self,
+        argv: Sequence[str],
+        ready_path: str,
+        timeout_s: float,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = self.data_dir / f"{self.name.replace(' ', '-')}.log"
+        self._proc = ManagedProcess(self.name, argv, log, env)
+        poll_until(
+            lambda: http_answers(self.endpoint + ready_path),
+            timeout_s=timeout_s,
+            what=f"{self.name} on {self.endpoint}",
+            alive=self._proc.died,
+        )
+
+    def died(self) -> str | None:
+        return None if self._proc is None else self._proc.died()
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.stop()
+            self._proc = None
+
+
 @dataclass(frozen=True)
 class SeaweedPorts:
     master: int
