@@ -267,7 +267,7 @@ class Fetcher:
             if not o.needs_stat:
                 return o
             async with sem:
-                return await self._with_retries(lambda: self.source.stat(o.key), o.key)
+                return await self.stat(o.key)
 
         return list(await asyncio.gather(*(one(o) for o in infos)))
 
@@ -346,16 +346,8 @@ class Fetcher:
             objects = await self._with_retries(self.resolve, str(self.url))
         except EndpointUnreachable as exc:
             raise EndpointUnreachable(f"{exc}; check the endpoint URL and network") from exc
-        placed = self.place(objects)
+        placed = self.place(objects, self.dest)
         self._check_dest()
-        blocked = layout.check_against_disk(self.dest, [rel for _, rel in placed])
-        if blocked:
-            rel, why = blocked[0]
-            more = f" (and {len(blocked) - 1} more)" if len(blocked) > 1 else ""
-            raise LocalIOError(
-                f"{self.dest}: cannot place {rel}: {why}{more}; move it away or choose another "
-                "DEST (nothing was fetched)"
-            )
         cache = CacheIndex(self.dest)
         files: list[TransferFile] = []
         results: list[FileResult] = []
@@ -419,15 +411,27 @@ class Fetcher:
             files=tuple(sorted(results, key=lambda r: r.key)),
         )
 
-    def place(self, objects: list[tuple[ObjectInfo, str]]) -> list[tuple[ObjectInfo, str]]:
-        """(object, local path under DEST) for each object, or :class:`UsageError` before any
-        byte moves when the names cannot each have a path of their own (see layout.place)."""
+    def place(
+        self, objects: list[tuple[ObjectInfo, str]], root: Path
+    ) -> list[tuple[ObjectInfo, str]]:
+        """(object, local path under ``root``) for each object, before any byte moves:
+        :class:`UsageError` when the names cannot each have a path of their own (see
+        layout.place), :class:`LocalIOError` when something already in ``root`` is in the way.
+        Fetch places into DEST, load into its cache directory."""
         try:
             placements = layout.place((info.key, rel) for info, rel in objects)
         except layout.UnsafeNames as exc:
             raise UsageError(
                 f"{self.url}: {exc}; nothing was fetched (leave such objects out with --exclude)"
             ) from exc
+        blocked = layout.check_against_disk(root, [p.rel for p in placements])
+        if blocked:
+            rel, why = blocked[0]
+            more = f" (and {len(blocked) - 1} more)" if len(blocked) > 1 else ""
+            raise LocalIOError(
+                f"{root}: cannot place {rel}: {why}{more}; move it away or choose another "
+                "directory (nothing was fetched)"
+            )
         return [(info, p.rel) for (info, _), p in zip(objects, placements, strict=True)]
 
     def _check_dest(self) -> None:

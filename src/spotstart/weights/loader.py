@@ -333,7 +333,7 @@ class Loader:
         try:
             shards, index = await self._resolve(fetcher)
             if self.cache_dir is not None:
-                self._place_in_cache(shards, self.cache_dir)
+                self._place_in_cache(fetcher, shards, self.cache_dir)
             tensors, report = await self._load(fetcher, shards, index, t0)
         finally:
             fetcher.close()
@@ -402,18 +402,12 @@ class Loader:
         infos = await fetcher.complete(list(await asyncio.gather(*(one(n) for n in names))))
         return [_Shard(i, n) for i, n in zip(infos, names, strict=True)], index
 
-    def _place_in_cache(self, shards: list[_Shard], cache_dir: Path) -> None:
+    def _place_in_cache(self, fetcher: Fetcher, shards: list[_Shard], cache_dir: Path) -> None:
         """Shard names come from a listing or an index: untrusted. Each needs a path of its
-        own in ``cache_dir``, away from spotstart's working files (see fetch.layout)."""
-        try:
-            placed = layout.place((s.info.key, s.rel) for s in shards)
-        except layout.UnsafeNames as exc:
-            raise UsageError(f"{self.url}: {exc}; cannot cache it in {cache_dir}") from exc
-        blocked = layout.check_against_disk(cache_dir, [p.rel for p in placed])
-        if blocked:
-            raise UsageError(f"{cache_dir}: cannot place {blocked[0][0]}: {blocked[0][1]}")
-        for shard, p in zip(shards, placed, strict=True):
-            shard.rel = p.rel
+        own in ``cache_dir``, away from spotstart's working files, as fetch places into DEST."""
+        placed = fetcher.place([(s.info, s.rel) for s in shards], cache_dir)
+        for shard, (_, rel) in zip(shards, placed, strict=True):
+            shard.rel = rel
 
     def _name(self, shard: _Shard) -> str:
         text = str(self.url)
