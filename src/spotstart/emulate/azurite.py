@@ -17,13 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from spotstart.emulate.servers import (
-    EmulatorError,
-    ManagedProcess,
-    free_port,
-    http_answers,
-    poll_until,
-)
+from spotstart.emulate.servers import EmulatorError, LocalServer, free_port
 
 # Azurite's well-known development account (public, documented, accepted only by Azurite).
 ACCOUNT = "devstoreaccount1"
@@ -67,7 +61,7 @@ def find_azurite_blob(install: bool = True) -> Path:
     return script
 
 
-class Azurite:
+class Azurite(LocalServer):
     """``azurite-blob`` on a free port, data under ``data_dir``.
 
     >>> with Azurite(tmp / "azurite") as az:  # doctest: +SKIP
@@ -76,16 +70,12 @@ class Azurite:
     ...     fetch("az://models/llama/", dest, FetchConfig(endpoint=az.endpoint))
     """
 
-    def __init__(self, data_dir: Path, host: str = "127.0.0.1") -> None:
-        self.data_dir = data_dir
-        self.host = host
-        self.port: int | None = None
-        self._proc: ManagedProcess | None = None
+    name = "azurite-blob"
 
     @property
     def endpoint(self) -> str:
         """Blob endpoint including the account, as ``--endpoint`` wants it."""
-        assert self.port is not None, "Azurite not started"
+        assert self.port, "Azurite not started"
         return f"http://{self.host}:{self.port}/{ACCOUNT}"
 
     @property
@@ -99,7 +89,6 @@ class Azurite:
 
     def start(self, timeout_s: float = 60.0) -> None:
         script = find_azurite_blob()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port(self.host)
         argv = [
             str(script),
@@ -117,21 +106,7 @@ class Azurite:
         ]
         # custom accounts from the caller's environment would replace the well-known one
         env = {k: v for k, v in os.environ.items() if k != "AZURITE_ACCOUNTS"}
-        self._proc = ManagedProcess("azurite-blob", argv, self.data_dir / "azurite.log", env)
-        poll_until(
-            lambda: http_answers(self.endpoint + "?comp=list"),
-            timeout_s=timeout_s,
-            what=f"Azurite on {self.endpoint}",
-            alive=self._proc.died,
-        )
-
-    def died(self) -> str | None:
-        return None if self._proc is None else self._proc.died()
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
+        self._launch(argv, "?comp=list", timeout_s, env, self.data_dir / "azurite.log")
 
     def __enter__(self) -> Azurite:
         self.start()

@@ -189,9 +189,10 @@ class LocalServer:
         ready_path: str,
         timeout_s: float,
         env: dict[str, str] | None = None,
+        log: Path | None = None,
     ) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        log = self.data_dir / f"{self.name.replace(' ', '-')}.log"
+        log = log or self.data_dir / f"{self.name.replace(' ', '-')}.log"
         self._proc = ManagedProcess(self.name, argv, log, env)
         poll_until(
             lambda: http_answers(self.endpoint + ready_path),
@@ -218,13 +219,15 @@ class SeaweedPorts:
     admin: int
 
 
-class SeaweedS3:
+class SeaweedS3(LocalServer):
     """``weed mini`` serving S3 on a free port.
 
     Without AWS_* variables it lets anyone in; with ``env_extra`` holding ``AWS_ACCESS_KEY_ID``
     and ``AWS_SECRET_ACCESS_KEY`` it accepts exactly that key pair and refuses unsigned requests
     (403), as a private bucket does.
     """
+
+    name = "weed mini"
 
     def __init__(
         self,
@@ -233,28 +236,17 @@ class SeaweedS3:
         host: str = "127.0.0.1",
         env_extra: dict[str, str] | None = None,
     ) -> None:
+        super().__init__(data_dir, host)
         self.env_extra = dict(env_extra or {})
-        self.data_dir = data_dir
         self.buckets = list(buckets)
-        self.host = host
         self.ports: SeaweedPorts | None = None
-        self._proc: ManagedProcess | None = None
-
-    @property
-    def port(self) -> int:
-        assert self.ports is not None, "SeaweedS3 not started"
-        return self.ports.s3
-
-    @property
-    def endpoint(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> None:
         binary = find_weed()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
         # weed finds gRPC at http port + 10000; pick ports whose +10000 is free as well
         ports = SeaweedPorts(*(free_port(self.host, grpc_offset=10000) for _ in range(5)))
         self.ports = ports
+        self.port = ports.s3
         argv = [
             str(binary),
             "mini",
@@ -282,21 +274,7 @@ class SeaweedS3:
         # the caller's own AWS_* settings must not leak into the server's identities
         env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
         env.update(self.env_extra)
-        self._proc = ManagedProcess("weed mini", argv, self.data_dir / "weed.log", env)
-        poll_until(
-            lambda: http_answers(self.endpoint + "/"),
-            timeout_s=timeout_s,
-            what=f"SeaweedFS S3 on {self.endpoint}",
-            alive=self._proc.died,
-        )
-
-    def died(self) -> str | None:
-        return None if self._proc is None else self._proc.died()
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
+        self._launch(argv, "/", timeout_s, env, self.data_dir / "weed.log")
 
 
 @dataclass(frozen=True)
@@ -305,12 +283,14 @@ class FakeGcsPorts:
     https: int
 
 
-class FakeGcs:
+class FakeGcs(LocalServer):
     """fake-gcs-server (filesystem backend) with plain HTTP and self-signed HTTPS ports.
 
     ``preload_dir/<bucket>/<object path>`` is imported at every (re)start; ``restart()`` keeps
     the ports, so files written there appear without clients noticing new endpoints.
     """
+
+    name = "fake-gcs-server"
 
     def __init__(
         self,
@@ -320,17 +300,11 @@ class FakeGcs:
         public_host: str | None = None,
         host: str = "127.0.0.1",
     ) -> None:
+        super().__init__(root_dir, host)
         self.root_dir = root_dir
         self.preload_dir = preload_dir
-        self.host = host
         self.public_host = public_host
         self.ports: FakeGcsPorts | None = None
-        self._proc: ManagedProcess | None = None
-
-    @property
-    def endpoint(self) -> str:
-        assert self.ports is not None, "FakeGcs not started"
-        return f"http://{self.host}:{self.ports.http}"
 
     @property
     def https_endpoint(self) -> str:
@@ -339,10 +313,10 @@ class FakeGcs:
 
     def start(self, timeout_s: float = 120.0) -> None:
         binary = find_fake_gcs()
-        self.root_dir.mkdir(parents=True, exist_ok=True)
         self.preload_dir.mkdir(parents=True, exist_ok=True)
         if self.ports is None:
             self.ports = FakeGcsPorts(free_port(self.host), free_port(self.host))
+        self.port = self.ports.http
         public = self.public_host or f"{self.host}:{self.ports.http}"
         argv = [
             str(binary),
@@ -367,22 +341,9 @@ class FakeGcs:
             "-log-level",
             "warn",
         ]
-        self._proc = ManagedProcess("fake-gcs-server", argv, self.root_dir.parent / "fake-gcs.log")
-        poll_until(
-            lambda: http_answers(self.endpoint + "/storage/v1/b"),
-            timeout_s=timeout_s,
-            what=f"fake-gcs-server on {self.endpoint}",
-            alive=self._proc.died,
-        )
+        log = self.root_dir.parent / "fake-gcs.log"  # not in its root: that holds the buckets
+        self._launch(argv, "/storage/v1/b", timeout_s, log=log)
 
     def restart(self, timeout_s: float = 300.0) -> None:
         self.stop()
         self.start(timeout_s)
-
-    def died(self) -> str | None:
-        return None if self._proc is None else self._proc.died()
-
-    def stop(self) -> None:
-        if self._proc is not None:
-            self._proc.stop()
-            self._proc = None
