@@ -4,6 +4,7 @@ also through a link that flips a byte."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import os
@@ -137,3 +138,28 @@ def test_an_encrypted_objects_etag_is_not_taken_for_an_md5() -> None:
 def test_random_bytes_are_not_a_crc() -> None:
     sums, _ = _checksums('"x"', base64.b64encode(os.urandom(8)).decode(), None)
     assert sums.crc32c is None
+
+
+@pytest.mark.parametrize(("crc", "kind"), [(True, "crc32c-composite"), (False, "md5-of-parts")])
+def test_load_verifies_multipart_shards_as_fetch_does(
+    crc: bool, kind: str, moto: MotoS3, moto_link: LinkEmulator, tmp_path: Path
+) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save
+
+    from spotstart.weights.loader import load_async
+
+    g = torch.Generator().manual_seed(3)
+    tensors = {f"w{i}": torch.randn(1024, 1100, generator=g) for i in range(3)}  # ~13 MB
+    blob = save(tensors)
+    cut = [5 * MiB + 7, 5 * MiB + 7]
+    parts = [blob[: cut[0]], blob[cut[0] : cut[0] + cut[1]], blob[cut[0] + cut[1] :]]
+    upload_multipart(moto, f"mpload-{crc}/model.safetensors", parts, crc=crc)
+    url = f"s3://{BUCKET}/mpload-{crc}/"
+    got, report = asyncio.run(load_async(url, config=CFG))
+    assert all(torch.equal(got[n], t) for n, t in tensors.items())
+    assert report.verified == {"size": 1, kind: 1}
+    # and a flipped byte on the load path is caught the same way
+    moto_link.set_faults([FaultRule(kind="corrupt", count=1000, at_byte=4096, ranged_only=True)])
+    with pytest.raises(IntegrityError, match="mismatch"):
+        asyncio.run(load_async(url, config=CFG))
