@@ -229,8 +229,10 @@ def test_http_source_survives_resets_and_503s(
     )
     report = fetch(f"{clean_cloud.http_base}/{BUCKET}/faults/w.bin", tmp_path, QUICK)
     assert (tmp_path / "w.bin").read_bytes() == obj
-    # the first reset rule fires on the one-byte range probe, whose body ends before 100 kB
-    assert report.retries >= 3
+    # The two 503s always land (the link answers them itself). A reset rule is spent on the
+    # one-byte range probe (its body ends before 100 kB) and on any body fake-gcs sends
+    # chunked (the link relays those untouched), so the resets add 0 to 2 more.
+    assert report.retries >= 2
 
 
 def test_interrupt_exits_130_and_the_rerun_resumes(

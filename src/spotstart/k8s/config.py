@@ -1,0 +1,206 @@
+"""`spotstart k8s render` configuration: one small YAML file describing a served model -> a
+validated `DeployConfig`, in one place. Every problem is a `DeployConfigError` (exit 2) whose
+one-line message names the key, the cause and the fix. Pure: no cluster is contacted."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from spotstart.errors import UsageError
+from spotstart.k8s.gpus import GPUS
+
+Cloud = Literal["gke", "eks", "aks"]
+CLOUDS: tuple[Cloud, ...] = ("gke", "eks", "aks")
+
+# What each cloud gives a pod between the notice and the kill (the pod's whole grace period):
+# GKE spot: the kubelet's graceful node shutdown grants non-system pods 15 s of the 30 s
+# notice; EKS spot: 2 minutes, of which Karpenter (interruption queue) needs a few seconds to
+# cordon and evict; AKS spot: Scheduled Events give at least 30 s.
+NOTICE_WINDOW_S: dict[Cloud, int] = {"gke": 15, "eks": 110, "aks": 30}
+# The metadata server `spotstart guard --cloud` watches on each.
+GUARD_CLOUD: dict[Cloud, str] = {"gke": "gce", "eks": "aws", "aks": "azure"}
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_TOP = {
+    "name",
+    "namespace",
+    "model_url",
+    "image",
+    "server",
+    "port",
+    "gpu",
+    "replicas",
+    "zones",
+    "notice_window_seconds",
+    "weights",
+    "max_on_demand",
+    "eks",
+}
+_SERVER = {"command", "health_path"}
+_GPU = {"type", "count"}
+_EKS = {"cluster_name", "node_role"}
+
+
+class DeployConfigError(UsageError):
+    """A deploy config is invalid (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class DeployConfig:
+    """One served model on one cluster.
+
+    ``weights``: "init" fetches the model onto the pod's local-SSD emptyDir with `spotstart
+    fetch` in an init container; "in-process" leaves loading to the server (with
+    `spotstart.load`), the emptyDir still there as its cache. ``notice_window_s``: the pod's
+    terminationGracePeriodSeconds and the guard's --termination-window; never more than the
+    cloud gives (NOTICE_WINDOW_S).
+    """
+
+    name: str
+    namespace: str
+    model_url: str
+    image: str
+    server_command: tuple[str, ...]
+    port: int
+    health_path: str
+    gpu_type: str
+    gpu_count: int
+    replicas: int
+    zones: tuple[str, ...]
+    notice_window_s: int
+    weights: Literal["init", "in-process"]
+    max_on_demand: int
+    eks_cluster_name: str
+    eks_node_role: str
+
+
+def _fail(key: str, why: str) -> DeployConfigError:
+    return DeployConfigError(f"deploy config: {key}: {why}")
+
+
+def _unknown(data: Mapping[str, Any], known: set[str], where: str) -> None:
+    extra = sorted(set(data) - known)
+    if extra:
+        raise _fail(
+            where or extra[0], f"unknown key {extra[0]!r}; known: {', '.join(sorted(known))}"
+        )
+
+
+def _int(data: Mapping[str, Any], key: str, default: int | None, lo: int, hi: int) -> int:
+    value = data.get(key, default)
+    if value is None:
+        raise _fail(key, "required")
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _fail(key, f"{value!r} is not an integer in {lo}..{hi}")
+    return int(value)
+
+
+def _str(data: Mapping[str, Any], key: str, default: str | None = None) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str) or not value.strip():
+        raise _fail(key, "required (a non-empty string)")
+    return value
+
+
+def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
+    """Validate ``data`` (the YAML document) for ``cloud``."""
+    if cloud not in CLOUDS:
+        raise _fail("--cloud", f"{cloud!r}: choose one of {', '.join(CLOUDS)}")
+    if not isinstance(data, Mapping):
+        raise _fail("(top)", "the file must hold a mapping of keys")
+    _unknown(data, _TOP, "")
+    name = _str(data, "name")
+    # objects are named NAME-spot, NAME-ondemand-... : keep room within the 63-char labels
+    if not _DNS_LABEL.fullmatch(name) or len(name) > 40:
+        raise _fail("name", f"{name!r}: lowercase letters, digits and '-', at most 40 chars")
+    namespace = _str(data, "namespace", "default")
+    if not _DNS_LABEL.fullmatch(namespace):
+        raise _fail("namespace", f"{namespace!r} is not a valid namespace name")
+    model_url = _str(data, "model_url")
+    if "://" not in model_url:
+        raise _fail("model_url", f"{model_url!r}: a gs://, s3://, az:// or https:// URL")
+    server = data.get("server")
+    if not isinstance(server, Mapping):
+        raise _fail("server", "required: {command: [...], health_path: /health}")
+    _unknown(server, _SERVER, "server")
+    command = server.get("command")
+    if (
+        not isinstance(command, list)
+        or not command
+        or not all(isinstance(c, str) and c for c in command)
+    ):
+        raise _fail("server.command", "a non-empty list of strings (the server's argv)")
+    health = server.get("health_path", "/health")
+    if not isinstance(health, str) or not health.startswith("/"):
+        raise _fail("server.health_path", f"{health!r}: a path starting with /")
+    gpu = data.get("gpu")
+    if not isinstance(gpu, Mapping):
+        raise _fail("gpu", "required: {type: nvidia-l4, count: 1}")
+    _unknown(gpu, _GPU, "gpu")
+    gpu_type = _str(gpu, "type")
+    if gpu_type not in GPUS:
+        raise _fail("gpu.type", f"unknown GPU {gpu_type!r}; known: {', '.join(sorted(GPUS))}")
+    if not GPUS[gpu_type].on(cloud):
+        raise _fail("gpu.type", f"{gpu_type} is not offered on {cloud}")
+    zones = data.get("zones")
+    if not isinstance(zones, list) or not zones:
+        raise _fail("zones", "at least one zone (spreading over several is the point)")
+    if not all(isinstance(z, str) and re.fullmatch(r"[a-z0-9-]{2,63}", z) for z in zones):
+        raise _fail("zones", f"{zones!r}: zone names like us-central1-a")
+    if len(set(zones)) != len(zones):
+        raise _fail("zones", "a zone is listed twice")
+    window_max = NOTICE_WINDOW_S[cloud]
+    window = _int(data, "notice_window_seconds", window_max, 1, 10**6)
+    if window > window_max:
+        raise _fail(
+            "notice_window_seconds",
+            f"{window} s is more than {cloud} gives a spot pod ({window_max} s): the pod would "
+            "be killed mid-drain",
+        )
+    weights = data.get("weights", "init")
+    if weights not in ("init", "in-process"):
+        raise _fail("weights", f"{weights!r}: init or in-process")
+    replicas = _int(data, "replicas", None, 1, 1000)
+    eks = data.get("eks", {})
+    if not isinstance(eks, Mapping):
+        raise _fail("eks", "a mapping: {cluster_name: ..., node_role: ...}")
+    _unknown(eks, _EKS, "eks")
+    if cloud == "eks" and not eks.get("cluster_name"):
+        raise _fail("eks.cluster_name", "required on eks (Karpenter's discovery tag)")
+    return DeployConfig(
+        name=name,
+        namespace=namespace,
+        model_url=model_url,
+        image=_str(data, "image"),
+        server_command=tuple(command),
+        port=_int(data, "port", 8000, 1, 65535),
+        health_path=health,
+        gpu_type=gpu_type,
+        gpu_count=_int(gpu, "count", 1, 1, 16),
+        replicas=replicas,
+        zones=tuple(zones),
+        notice_window_s=window,
+        weights=weights,
+        max_on_demand=_int(data, "max_on_demand", replicas, 0, 1000),
+        eks_cluster_name=str(eks.get("cluster_name", "")),
+        eks_node_role=str(eks.get("node_role", f"KarpenterNodeRole-{eks.get('cluster_name', '')}")),
+    )
+
+
+def load_config(path: Path, cloud: Cloud) -> DeployConfig:
+    import yaml  # type: ignore[import-untyped,unused-ignore]  # the `k8s` extra
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise DeployConfigError(f"{path}: no such file") from exc
+    except yaml.YAMLError as exc:
+        raise DeployConfigError(f"{path}: not YAML: {str(exc).splitlines()[0]}") from exc
+    try:
+        return parse_config(data, cloud)
+    except DeployConfigError as exc:
+        raise DeployConfigError(f"{path}: {exc}") from exc

@@ -1,0 +1,460 @@
+"""Pure rendering of Kubernetes objects for one served model: `DeployConfig` + cloud -> a list
+of `Manifest` (file name, leading comment, object as plain data). No cluster, no I/O; writing
+the files is `write_manifests`. Spot first, on-demand second, weights on local SSD, the guard
+as the entrypoint with its readiness wired into the probes, the grace period inside the
+cloud's notice."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spotstart.k8s.config import GUARD_CLOUD, Cloud, DeployConfig
+from spotstart.k8s.gpus import GPUS
+
+GUARD_PORT = 8080
+WEIGHTS_DIR = "/weights"
+METRICS_PATH = "/spotstart/metrics"
+ZONE_LABEL = "topology.kubernetes.io/zone"
+
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    filename: str
+    comment: str
+    obj: Obj
+
+
+def _meta(cfg: DeployConfig, name: str, role: str, namespaced: bool = True) -> Obj:
+    meta: Obj = {
+        "name": name,
+        "labels": {
+            "app.kubernetes.io/name": cfg.name,
+            "app.kubernetes.io/component": role,
+            "app.kubernetes.io/managed-by": "spotstart",
+        },
+    }
+    if namespaced:
+        meta["namespace"] = cfg.namespace
+    return meta
+
+
+def _selector(cfg: DeployConfig, kind: str | None = None) -> dict[str, str]:
+    sel = {"app.kubernetes.io/name": cfg.name}
+    if kind is not None:
+        sel["spotstart.dev/capacity"] = kind
+    return sel
+
+
+def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
+    """The pod template shared by the spot and the on-demand Deployment."""
+    upstream = f"http://127.0.0.1:{cfg.port}"
+    guard = [
+        "spotstart",
+        "guard",
+        "--upstream",
+        upstream,
+        "--listen",
+        f"0.0.0.0:{GUARD_PORT}",
+        "--cloud",
+        GUARD_CLOUD[cloud],
+        "--termination-window",
+        str(cfg.notice_window_s),
+        "--safety-margin",
+        str(min(5, max(1, cfg.notice_window_s // 5))),
+        "--health-path",
+        cfg.health_path,
+        "--",
+        *cfg.server_command,
+    ]
+    env = [
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "SPOTSTART_MODEL_URL", "value": cfg.model_url},
+        {"name": "SPOTSTART_WEIGHTS_DIR", "value": WEIGHTS_DIR},
+    ]
+    mounts = [{"name": "weights", "mountPath": WEIGHTS_DIR}]
+    server: Obj = {
+        "name": "server",
+        "image": cfg.image,
+        "command": guard,
+        "ports": [{"name": "http", "containerPort": GUARD_PORT, "protocol": "TCP"}],
+        "env": env,
+        "resources": {"limits": {"nvidia.com/gpu": str(cfg.gpu_count)}},
+        "volumeMounts": mounts,
+        # the guard answers /readyz only once the server is healthy, and 503 from the notice on
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "http"},
+            "periodSeconds": 2,
+            "failureThreshold": 1,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/livez", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        # model loading can take minutes: liveness starts counting once the guard answers
+        "startupProbe": {
+            "httpGet": {"path": "/livez", "port": "http"},
+            "periodSeconds": 5,
+            "failureThreshold": 120,
+        },
+    }
+    spec: Obj = {
+        "terminationGracePeriodSeconds": cfg.notice_window_s,
+        "containers": [server],
+        "volumes": [{"name": "weights", "emptyDir": {}}],
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": ZONE_LABEL,
+                # spot capacity comes and goes per zone: prefer the spread, never block on it
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": _selector(cfg)},
+            }
+        ],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": ZONE_LABEL, "operator": "In", "values": list(cfg.zones)},
+                                *_capacity_terms(cfg, cloud, kind),
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+    }
+    if cfg.weights == "init":
+        spec["initContainers"] = [
+            {
+                "name": "fetch-weights",
+                "image": cfg.image,
+                "command": ["spotstart", "fetch", cfg.model_url, WEIGHTS_DIR, "--json"],
+                "volumeMounts": mounts,
+            }
+        ]
+    selectors, tolerations = _placement(cfg, cloud, kind)
+    if selectors:
+        spec["nodeSelector"] = selectors
+    if tolerations:
+        spec["tolerations"] = tolerations
+    return {
+        "metadata": {
+            "labels": _selector(cfg, kind),
+            "annotations": {
+                "prometheus.io/scrape": "true",
+                "prometheus.io/port": str(GUARD_PORT),
+                "prometheus.io/path": METRICS_PATH,
+            },
+        },
+        "spec": spec,
+    }
+
+
+def _capacity_terms(cfg: DeployConfig, cloud: Cloud, kind: str) -> list[Obj]:
+    gpu = GPUS[cfg.gpu_type]
+    if cloud == "eks":
+        # the pool decides spot-then-on-demand (spot) or on-demand only (ondemand)
+        return [{"key": "spotstart.dev/pool", "operator": "In", "values": [f"{cfg.name}-{kind}"]}]
+    if cloud == "aks":
+        terms = [
+            {
+                "key": "node.kubernetes.io/instance-type",
+                "operator": "In",
+                "values": list(gpu.aks_vm_sizes),
+            }
+        ]
+        priority = "kubernetes.azure.com/scalesetpriority"
+        if kind == "spot":
+            terms.append({"key": priority, "operator": "In", "values": ["spot"]})
+        else:
+            terms.append({"key": priority, "operator": "DoesNotExist"})
+        return terms
+    return []
+
+
+def _placement(cfg: DeployConfig, cloud: Cloud, kind: str) -> tuple[dict[str, str], list[Obj]]:
+    """(nodeSelector, tolerations) of the pods of ``kind``."""
+    gpu_toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    if cloud == "gke":
+        gpu = GPUS[cfg.gpu_type]
+        assert gpu.gke_accelerator is not None
+        selectors = {
+            "cloud.google.com/compute-class": _compute_class_name(cfg, kind),
+            "cloud.google.com/gke-accelerator": gpu.gke_accelerator,
+        }
+        return selectors, [gpu_toleration]
+    if cloud == "aks" and kind == "spot":
+        spot = {
+            "key": "kubernetes.azure.com/scalesetpriority",
+            "operator": "Equal",
+            "value": "spot",
+            "effect": "NoSchedule",
+        }
+        return {}, [spot, gpu_toleration]
+    return {}, [gpu_toleration]
+
+
+def _compute_class_name(cfg: DeployConfig, kind: str) -> str:
+    return f"{cfg.name}-{kind}"
+
+
+def _deployment(cfg: DeployConfig, cloud: Cloud, kind: str, replicas: int) -> Obj:
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(cfg, f"{cfg.name}-{kind}", kind),
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": _selector(cfg, kind)},
+            # a surge pod starts before the old one goes: capacity is never below target
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": _pod(cfg, cloud, kind),
+        },
+    }
+
+
+def _common(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(cfg, cfg.name, "service"),
+        "spec": {
+            "selector": _selector(cfg),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+    pdb = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(cfg, cfg.name, "disruption-budget"),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(cfg)}},
+    }
+    return [
+        Manifest(
+            "deployment-spot.yaml",
+            f"{cfg.replicas} replicas on spot nodes, spread over {len(cfg.zones)} zones.",
+            _deployment(cfg, cloud, "spot", cfg.replicas),
+        ),
+        Manifest(
+            "deployment-ondemand.yaml",
+            "The on-demand fallback: 0 replicas until spot capacity is short. Scaling it is the "
+            f"controller's job (at most {cfg.max_on_demand}); `spotstart k8s controller` is not "
+            "built yet, so scale it by hand or with your autoscaler for now.",
+            _deployment(cfg, cloud, "ondemand", 0),
+        ),
+        Manifest(
+            "service.yaml",
+            "One Service over both Deployments: readiness (the guard's /readyz) decides who "
+            "gets traffic.",
+            service,
+        ),
+        Manifest(
+            "poddisruptionbudget.yaml",
+            "Protects against voluntary disruptions only (node drains, upgrades, Karpenter "
+            "consolidation): at most one replica is evicted at a time. It does NOT protect "
+            "against spot preemptions, which do not ask; the guard's drain and the on-demand "
+            "fallback are what cover those.",
+            pdb,
+        ),
+    ]
+
+
+def _gke(cfg: DeployConfig) -> list[Manifest]:
+    gpu = GPUS[cfg.gpu_type]
+    out = []
+    for kind in ("spot", "ondemand"):
+        machine: Obj = {
+            "gpu": {"type": gpu.gke_accelerator, "count": cfg.gpu_count},
+            "storage": {"localSSDCount": 1},  # emptyDir on local SSD: the weights' home
+        }
+        priorities = (
+            [{"spot": True, **machine}, {"spot": False, **machine}]
+            if kind == "spot"
+            else [{"spot": False, **machine}]
+        )
+        spec: Obj = {
+            "priorities": priorities,
+            "nodePoolAutoCreation": {"enabled": True},
+            "whenUnsatisfiable": "DoNotScaleUp",
+        }
+        if kind == "spot":
+            # move back to spot once it is available again
+            spec["activeMigration"] = {"optimizeRulePriority": True}
+        out.append(
+            Manifest(
+                f"computeclass-{kind}.yaml",
+                (
+                    "Spot first, on-demand second for the spot Deployment; GKE falls back only "
+                    "when a new node cannot be had, and moves back to spot when it can."
+                    if kind == "spot"
+                    else "On-demand only, for the fallback Deployment."
+                ),
+                {
+                    "apiVersion": "cloud.google.com/v1",
+                    "kind": "ComputeClass",
+                    "metadata": _meta(cfg, _compute_class_name(cfg, kind), kind, namespaced=False),
+                    "spec": spec,
+                },
+            )
+        )
+    return out
+
+
+def _eks(cfg: DeployConfig) -> list[Manifest]:
+    gpu = GPUS[cfg.gpu_type]
+    node_class = f"{cfg.name}-gpu"
+    pools = []
+    for kind, capacity in (("spot", ["spot", "on-demand"]), ("ondemand", ["on-demand"])):
+        pools.append(
+            Manifest(
+                f"nodepool-{kind}.yaml",
+                (
+                    "Spot (and on-demand where spot is out) nodes for the spot Deployment; "
+                    "Karpenter's interruption queue cordons and drains on the 2-minute notice. "
+                    "Do not run the AWS node termination handler beside it: both would act on "
+                    "the same notice."
+                    if kind == "spot"
+                    else "On-demand nodes for the fallback Deployment."
+                ),
+                {
+                    "apiVersion": "karpenter.sh/v1",
+                    "kind": "NodePool",
+                    "metadata": _meta(cfg, f"{cfg.name}-{kind}", kind, namespaced=False),
+                    "spec": {
+                        "weight": 50 if kind == "spot" else 10,
+                        "template": {
+                            "metadata": {"labels": {"spotstart.dev/pool": f"{cfg.name}-{kind}"}},
+                            "spec": {
+                                "nodeClassRef": {
+                                    "group": "karpenter.k8s.aws",
+                                    "kind": "EC2NodeClass",
+                                    "name": node_class,
+                                },
+                                "requirements": [
+                                    {
+                                        "key": "karpenter.sh/capacity-type",
+                                        "operator": "In",
+                                        "values": capacity,
+                                    },
+                                    {
+                                        "key": "node.kubernetes.io/instance-type",
+                                        "operator": "In",
+                                        "values": list(gpu.eks_instance_types),
+                                    },
+                                    {
+                                        "key": ZONE_LABEL,
+                                        "operator": "In",
+                                        "values": list(cfg.zones),
+                                    },
+                                ],
+                                "taints": [{"key": "nvidia.com/gpu", "effect": "NoSchedule"}],
+                                "expireAfter": "720h",
+                            },
+                        },
+                        "disruption": {
+                            # a serving replica is not moved for a few cents: only empty nodes
+                            "consolidationPolicy": "WhenEmpty",
+                            "consolidateAfter": "5m",
+                            "budgets": [{"nodes": "1"}],
+                        },
+                    },
+                },
+            )
+        )
+    few = len(gpu.eks_instance_types) < 5
+    node_class_comment = (
+        "Instance store (NVMe) as RAID0 under the kubelet: emptyDir, and so the weights, sit on "
+        "local NVMe."
+        + (
+            f" Only {len(gpu.eks_instance_types)} instance type(s) carry {gpu.name}: spot "
+            "capacity is thin; Karpenter advises at least 5."
+            if few
+            else ""
+        )
+    )
+    role = cfg.eks_node_role
+    tag = {"karpenter.sh/discovery": cfg.eks_cluster_name}
+    node_class_obj = {
+        "apiVersion": "karpenter.k8s.aws/v1",
+        "kind": "EC2NodeClass",
+        "metadata": _meta(cfg, node_class, "nodeclass", namespaced=False),
+        "spec": {
+            "role": role,
+            "amiSelectorTerms": [{"alias": "al2023@latest"}],
+            "subnetSelectorTerms": [{"tags": tag}],
+            "securityGroupSelectorTerms": [{"tags": tag}],
+            "instanceStorePolicy": "RAID0",
+        },
+    }
+    return [*pools, Manifest("ec2nodeclass.yaml", node_class_comment, node_class_obj)]
+
+
+def render(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
+    """Every object for ``cfg`` on ``cloud``, one per file.
+
+    >>> from spotstart.k8s.config import parse_config
+    >>> cfg = parse_config({"name": "llm", "model_url": "gs://m/llama/", "image": "i",
+    ...     "server": {"command": ["vllm", "serve", "/weights"]},
+    ...     "gpu": {"type": "nvidia-l4"}, "replicas": 2, "zones": ["us-central1-a"]}, "gke")
+    >>> sorted(m.obj["kind"] for m in render(cfg, "gke"))[:2]
+    ['ComputeClass', 'ComputeClass']
+    """
+    extra: list[Manifest] = []
+    if cloud == "gke":
+        extra = _gke(cfg)
+    elif cloud == "eks":
+        extra = _eks(cfg)
+    return [*_common(cfg, cloud), *extra]
+
+
+def to_yaml(m: Manifest) -> str:
+    """One object as a YAML document, its comment on top (no anchors: plain, diffable)."""
+    import yaml  # type: ignore[import-untyped,unused-ignore]  # the `k8s` extra
+
+    class Plain(yaml.SafeDumper):  # type: ignore[misc]
+        def ignore_aliases(self, data: Any) -> bool:
+            return True
+
+    comment = "".join(f"# {line}\n" for line in _wrap(m.comment))
+    return comment + str(yaml.dump(m.obj, Dumper=Plain, sort_keys=False))
+
+
+def write_manifests(manifests: list[Manifest], out: Path) -> list[Path]:
+    """One YAML file per object plus a ``Kustomization`` file listing them. kustomize reads
+    that name as readily as kustomization.yaml, and ``kubectl apply -f DIR`` skips it (no
+    .yaml extension), so both ``kubectl apply -f DIR`` and ``-k DIR`` work. Returns the
+    paths written."""
+    import yaml  # type: ignore[import-untyped,unused-ignore]  # the `k8s` extra
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for m in manifests:
+        path = out / m.filename
+        path.write_text("# Rendered by `spotstart k8s render`.\n" + to_yaml(m))
+        written.append(path)
+    kustomization = {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1",
+        "kind": "Kustomization",
+        "resources": [m.filename for m in manifests],
+    }
+    path = out / "Kustomization"
+    path.write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    written.append(path)
+    return written
+
+
+def _wrap(text: str, width: int = 96) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]

@@ -1,0 +1,207 @@
+"""`spotstart k8s render`: every object validates against the Kubernetes OpenAPI schema of a
+current release (kubernetes-validate --strict) and the CRDs against their published schemas
+(npm @kubernetes-models, run with node); golden-free property tests over configs; bad configs
+are one-line errors with exit 2."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from spotstart.k8s import CLOUDS, DeployConfigError, parse_config, render
+from spotstart.k8s.config import NOTICE_WINDOW_S
+from spotstart.k8s.gpus import GPUS
+from spotstart.k8s.render import GUARD_PORT, ZONE_LABEL
+from tests.conftest import error_line, run_cli
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "deploy.yaml"
+K8S_VERSION = "1.33.0"
+CRD_KINDS = {"ComputeClass", "NodePool", "EC2NodeClass"}
+VALIDATE_CRDS = ROOT / "tests" / "node" / "validate-crds.mjs"
+
+
+def validate_core(objs: list[dict[str, Any]]) -> None:
+    import kubernetes_validate
+
+    for obj in objs:
+        if obj["kind"] not in CRD_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def validate_crds(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    node = shutil.which("node")
+    assert node is not None, "node is needed to check CRDs against their schemas"
+    crds = [o for o in objs if o["kind"] in CRD_KINDS]
+    done = subprocess.run(
+        [node, str(VALIDATE_CRDS)],
+        input=json.dumps(crds),
+        capture_output=True,
+        text=True,
+        cwd=VALIDATE_CRDS.parent,
+        timeout=60,
+        check=False,
+    )
+    results = [json.loads(line) for line in done.stdout.splitlines()]
+    assert done.returncode == 0, (done.stderr, [r for r in results if not r["ok"]])
+    assert len(results) == len(crds)
+    return results
+
+
+@pytest.mark.parametrize("kcloud", CLOUDS)
+def test_the_example_renders_for_every_cloud_and_every_object_validates(
+    kcloud: str, tmp_path: Path
+) -> None:
+    res = run_cli(
+        ["k8s", "render", "--config", str(EXAMPLE), "--cloud", kcloud, "-o", str(tmp_path)]
+    )
+    assert res.code == 0, res.stderr
+    files = sorted(p for p in tmp_path.iterdir() if p.suffix == ".yaml")
+    objs = [yaml.safe_load(p.read_text()) for p in files]
+    assert all(isinstance(o, dict) and o.get("kind") for o in objs)  # one object per file
+    kustomization = yaml.safe_load((tmp_path / "Kustomization").read_text())
+    assert sorted(kustomization["resources"]) == [p.name for p in files]
+    validate_core(objs)
+    kinds = sorted(o["kind"] for o in objs)
+    want_crds = {"gke": ["ComputeClass"] * 2, "eks": ["EC2NodeClass", "NodePool", "NodePool"]}
+    assert sorted(k for k in kinds if k in CRD_KINDS) == want_crds.get(kcloud, [])
+    if want_crds.get(kcloud):
+        assert all(r["ok"] for r in validate_crds(objs))
+    names = {o["metadata"]["name"] for o in objs if o["kind"] == "Deployment"}
+    assert names == {"llama-8b-spot", "llama-8b-ondemand"}
+
+
+def test_stdout_holds_every_object_as_one_yaml_stream() -> None:
+    res = run_cli(["k8s", "render", "--config", str(EXAMPLE), "--cloud", "eks"])
+    assert res.code == 0, res.stderr
+    docs = [d for d in yaml.safe_load_all(res.stdout) if d]
+    assert len(docs) == 7 and {d["kind"] for d in docs} >= {"Deployment", "NodePool"}
+
+
+def configs(cloud: str) -> st.SearchStrategy[dict[str, Any]]:
+    gpus = sorted(name for name, g in GPUS.items() if g.on(cloud))
+    zone = st.from_regex(r"[a-z]{2,6}-[a-z]{4,8}[0-9]-[a-f]", fullmatch=True)
+    return st.fixed_dictionaries(
+        {
+            "name": st.from_regex(r"[a-z][a-z0-9-]{0,20}[a-z0-9]", fullmatch=True),
+            "model_url": st.sampled_from(["gs://m/llama/", "s3://m/x/", "az://c/m/"]),
+            "image": st.just("ghcr.io/example/server:1"),
+            "server": st.fixed_dictionaries(
+                {
+                    "command": st.lists(
+                        st.from_regex(r"[a-z0-9/-]{1,8}", fullmatch=True), min_size=1, max_size=4
+                    )
+                }
+            ),
+            "gpu": st.fixed_dictionaries(
+                {"type": st.sampled_from(gpus), "count": st.integers(1, 8)}
+            ),
+            "replicas": st.integers(1, 20),
+            "zones": st.lists(zone, min_size=1, max_size=6, unique=True),
+            "notice_window_seconds": st.integers(1, NOTICE_WINDOW_S[cloud]),  # type: ignore[index]
+            "weights": st.sampled_from(["init", "in-process"]),
+            "eks": st.just({"cluster_name": "c1"}),
+        }
+    )
+
+
+@pytest.mark.parametrize("kcloud", CLOUDS)
+@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_valid_config_renders_objects_that_validate_and_keep_the_rules(
+    kcloud: str, data: st.DataObject
+) -> None:
+    raw = data.draw(configs(kcloud))
+    cfg = parse_config(raw, kcloud)  # type: ignore[arg-type]
+    objs = [m.obj for m in render(cfg, kcloud)]  # type: ignore[arg-type]
+    validate_core(objs)
+    deployments = [o for o in objs if o["kind"] == "Deployment"]
+    assert len(deployments) == 2
+    for d in deployments:
+        pod = d["spec"]["template"]["spec"]
+        (server,) = pod["containers"]
+        argv = server["command"]
+        # the guard is the entrypoint, in front of the server's own command
+        assert argv[:2] == ["spotstart", "guard"] and argv[argv.index("--") + 1 :] == list(
+            cfg.server_command
+        )
+        # the grace period is within the kcloud's notice and is the guard's termination window
+        grace = pod["terminationGracePeriodSeconds"]
+        assert grace == cfg.notice_window_s <= NOTICE_WINDOW_S[kcloud]  # type: ignore[index]
+        assert argv[argv.index("--termination-window") + 1] == str(grace)
+        margin = int(argv[argv.index("--safety-margin") + 1])
+        assert 0 < margin <= max(1, grace // 5)
+        # probes point at the guard's own endpoints, on the port the guard listens on
+        assert server["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
+        assert server["livenessProbe"]["httpGet"] == {"path": "/livez", "port": "http"}
+        assert server["ports"][0]["containerPort"] == GUARD_PORT
+        assert argv[argv.index("--listen") + 1] == f"0.0.0.0:{GUARD_PORT}"
+        # spread over every zone given, and only those
+        (spread,) = pod["topologySpreadConstraints"]
+        assert spread["topologyKey"] == ZONE_LABEL
+        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+        (zones,) = [
+            e for e in terms["nodeSelectorTerms"][0]["matchExpressions"] if e["key"] == ZONE_LABEL
+        ]
+        assert zones["values"] == list(cfg.zones)
+        assert server["resources"]["limits"]["nvidia.com/gpu"] == str(cfg.gpu_count)
+        env = {e["name"]: e for e in server["env"]}
+        assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+        annotations = d["spec"]["template"]["metadata"]["annotations"]
+        assert annotations["prometheus.io/path"] == "/spotstart/metrics"
+        assert ("initContainers" in pod) == (cfg.weights == "init")
+    by_name = {d["metadata"]["name"]: d for d in deployments}
+    assert by_name[f"{cfg.name}-spot"]["spec"]["replicas"] == cfg.replicas
+    assert by_name[f"{cfg.name}-ondemand"]["spec"]["replicas"] == 0
+
+
+BASE: dict[str, Any] = {
+    "name": "m",
+    "model_url": "gs://b/m/",
+    "image": "i",
+    "server": {"command": ["serve"]},
+    "gpu": {"type": "nvidia-t4"},
+    "replicas": 2,
+    "zones": ["us-central1-a"],
+    "eks": {"cluster_name": "c"},
+}
+
+
+@pytest.mark.parametrize(
+    ("change", "kcloud", "needle"),
+    [
+        ({"colour": "blue"}, "gke", "unknown key 'colour'"),
+        ({"server": {"command": ["s"], "helth_path": "/h"}}, "gke", "unknown key 'helth_path'"),
+        ({"notice_window_seconds": 30}, "gke", "more than gke gives a spot pod (15 s)"),
+        ({"notice_window_seconds": 120}, "eks", "more than eks gives"),
+        ({"zones": []}, "gke", "at least one zone"),
+        ({"gpu": {"type": "nvidia-b999"}}, "gke", "unknown GPU 'nvidia-b999'"),
+        ({"gpu": {"type": "nvidia-l4"}}, "aks", "nvidia-l4 is not offered on aks"),
+        ({"replicas": 0}, "gke", "replicas"),
+        ({"name": "Bad_Name"}, "gke", "lowercase letters"),
+        ({"eks": {}}, "eks", "eks.cluster_name"),
+        ({"zones": ["a-1", "a-1"]}, "gke", "listed twice"),
+    ],
+)
+def test_bad_configs_are_refused_with_the_key_and_the_fix(
+    change: dict[str, Any], kcloud: str, needle: str
+) -> None:
+    with pytest.raises(DeployConfigError, match="deploy config") as caught:
+        parse_config({**BASE, **change}, kcloud)  # type: ignore[arg-type]
+    assert needle in str(caught.value)
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    bad = tmp_path / "deploy.yaml"
+    bad.write_text(yaml.safe_dump({**BASE, "notice_window_seconds": 31}))
+    res = run_cli(["k8s", "render", "--config", str(bad), "--cloud", "aks"])
+    assert res.code == 2
+    assert "notice_window_seconds" in error_line(res.stderr)
