@@ -163,3 +163,16 @@ def test_load_verifies_multipart_shards_as_fetch_does(
     moto_link.set_faults([FaultRule(kind="corrupt", count=1000, at_byte=4096, ranged_only=True)])
     with pytest.raises(IntegrityError, match="mismatch"):
         asyncio.run(load_async(url, config=CFG))
+
+
+def test_a_503_while_asking_part_sizes_is_retried_not_taken_for_no_parts(
+    moto: MotoS3, moto_link: LinkEmulator, tmp_path: Path
+) -> None:
+    parts = part_bodies("part503")
+    upload_multipart(moto, "mp/part503.bin", parts, crc=True)
+    moto_link.set_faults(
+        [FaultRule(kind="status", status=503, count=2, method="HEAD", path_regex="partNumber=")]
+    )
+    report = fetch(f"s3://{BUCKET}/mp/part503.bin", tmp_path, CFG)
+    assert report.verified == {"size": 1, "crc32c-composite": 1}  # not degraded to size
+    assert report.retries >= 1

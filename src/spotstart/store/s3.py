@@ -13,7 +13,14 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from spotstart.errors import CredentialsNotFound, NotFound, ProtocolError, SpotstartError
+from spotstart.errors import (
+    CredentialsNotFound,
+    EndpointUnreachable,
+    NotFound,
+    ProtocolError,
+    SpotstartError,
+    TransientError,
+)
 from spotstart.store import _http
 from spotstart.store.base import Checksums, CrcScope, ObjectInfo, Sink
 
@@ -162,8 +169,10 @@ class S3Source:
 
         try:
             sizes = tuple(await asyncio.gather(*(one(n) for n in range(1, n_parts + 1))))
+        except (TransientError, EndpointUnreachable):
+            raise  # a passing failure: the whole stat is retried, the check is not dropped
         except (SpotstartError, ValueError):
-            return ()
+            return ()  # the server does not answer partNumber (400, 501...)
         if any(p <= 0 for p in sizes) or sum(sizes) != size:
             return ()
         return sizes
