@@ -300,3 +300,14 @@ def test_disk_filling_up_after_the_space_check_is_disk_full_and_cleans_up(
         assert not old_part.exists()
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_a_503_on_head_is_retried_so_the_http_checksums_are_not_lost(
+    obj: bytes, clean_cloud: StorageEmulator, tmp_path: Path
+) -> None:
+    url = f"{clean_cloud.http_base}/{BUCKET}/faults/w.bin"
+    assert "crc32c" in fetch(url, tmp_path / "a", QUICK).verified  # fake-gcs sends x-goog-hash
+    clean_cloud.set_faults([FaultRule(kind="status", status=503, count=1, method="HEAD")])
+    report = fetch(url, tmp_path / "b", QUICK)
+    assert (tmp_path / "b" / "w.bin").read_bytes() == obj
+    assert "crc32c" in report.verified and report.retries >= 1

@@ -32,8 +32,8 @@ class HttpSource:
             _, head, _ = await _http.request_json_or_text(
                 self._session, "HEAD", key, {"Accept-Encoding": "identity"}, key
             )
-        except (NotFound, AccessDenied):
-            raise
+        except (NotFound, AccessDenied, TransientError):
+            raise  # transient: the caller retries the whole stat (HEAD carries the checksums)
         except SpotstartError:
             head = None  # some servers (presigned GET-only URLs) refuse HEAD
         # A server may advertise Accept-Ranges and still answer a ranged GET with 200 (some
