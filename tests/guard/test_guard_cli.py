@@ -5,12 +5,14 @@ metadata emulator, an upstream crash. Every loop is bounded in count and time.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -345,101 +347,67 @@ async def readyz(url: str) -> int:
         return r.status
 
 
-async def test_azure_event_for_another_member_leaves_this_replica_serving() -> None:
+@contextlib.contextmanager
+def guard_on(cloud: str, *extra: str, **emulator: Any) -> Iterator[tuple[Any, Any, str, str]]:
+    """A real upstream, the ``cloud``'s metadata emulator and a guard watching it, ready:
+    (guard process, emulator, guard URL, upstream URL); all torn down after."""
     from spotstart.emulate.metadata import MetadataEmulator
 
     upstream, upstream_url = start_upstream()
     try:
-        with MetadataEmulator("azure", vm_name="gpu-pool_2") as emu:
+        with MetadataEmulator(cloud, **emulator) as emu:  # type: ignore[arg-type]
             guard, url = start_guard(
                 upstream_url,
                 "--cloud",
-                "azure",
+                cloud,
                 "--metadata-url",
                 emu.url,
                 "--health-interval",
                 "0.05",
+                *extra,
             )
             try:
                 wait_until_ready(url, proc=guard)
-                emu.preempt(resources=["_gpu-pool_5"])  # a neighbour in the scale set
-                guard.wait_for_line("not this VM", timeout_s=15)
-                assert await readyz(url) == 200 and guard.popen.poll() is None
-                emu.preempt(resources=["_gpu-pool_2"])  # this VM: drained (nothing in flight)
-                code = wait_exit(guard, 40)
+                yield guard, emu, url, upstream_url
             finally:
                 guard.stop()
     finally:
         upstream.stop()
+
+
+async def test_azure_event_for_another_member_leaves_this_replica_serving() -> None:
+    with guard_on("azure", vm_name="gpu-pool_2") as (guard, emu, url, _):
+        emu.preempt(resources=["_gpu-pool_5"])  # a neighbour in the scale set
+        guard.wait_for_line("not this VM", timeout_s=15)
+        assert await readyz(url) == 200 and guard.popen.poll() is None
+        emu.preempt(resources=["_gpu-pool_2"])  # this VM: drained (nothing in flight)
+        code = wait_exit(guard, 40)
     assert code == 0 and "preemption notice from azure" in guard.text, guard.text
 
 
 async def test_gce_live_migration_only_warns_by_default() -> None:
-    from spotstart.emulate.metadata import MetadataEmulator
-
-    upstream, upstream_url = start_upstream()
-    try:
-        with MetadataEmulator("gce") as emu:
-            guard, url = start_guard(
-                upstream_url,
-                "--cloud",
-                "gce",
-                "--metadata-url",
-                emu.url,
-                "--health-interval",
-                "0.05",
-            )
-            try:
-                wait_until_ready(url, proc=guard)
-                emu.preempt(kind="maintenance")  # MIGRATE_ON_HOST_MAINTENANCE
-                guard.wait_for_line("migration notice from gce", timeout_s=15)
-                assert await readyz(url) == 200 and guard.popen.poll() is None
-                guard.popen.send_signal(signal.SIGTERM)
-                code = wait_exit(guard, 40)
-            finally:
-                guard.stop()
-    finally:
-        upstream.stop()
+    with guard_on("gce") as (guard, emu, url, _):
+        emu.preempt(kind="maintenance")  # MIGRATE_ON_HOST_MAINTENANCE
+        guard.wait_for_line("migration notice from gce", timeout_s=15)
+        assert await readyz(url) == 200 and guard.popen.poll() is None
+        guard.popen.send_signal(signal.SIGTERM)
+        code = wait_exit(guard, 40)
     assert code == 0 and "still serving" in guard.text, guard.text
 
 
 async def test_aws_notice_whose_time_is_already_past_still_lets_in_flight_streams_finish() -> None:
-    from spotstart.emulate.metadata import MetadataEmulator
-
-    upstream, upstream_url = start_upstream()
-    try:
-        with MetadataEmulator("aws") as emu:
-            guard, url = start_guard(
-                upstream_url,
-                "--cloud",
-                "aws",
-                "--metadata-url",
-                emu.url,
-                "--health-interval",
-                "0.05",
-                "--min-grace",
-                "6",
-            )
-            try:
-                wait_until_ready(url, proc=guard)
-                async with (
-                    aiohttp.ClientSession(timeout=TIMEOUT) as s,
-                    s.get(url + "/gated-sse") as r,
-                ):
-                    assert await r.content.readuntil(b"\n\n") == b"data: first\n\n"
-                    emu.preempt(notice_s=-30)  # "time" 30 s ago by our clock (skew, a late poll)
-                    for _ in range(500):  # readiness flips first
-                        if await readyz(url) == 503:
-                            break
-                        await asyncio.sleep(0.01)
-                    async with s.post(upstream_url + "/release") as rel:
-                        assert rel.status == 200
-                    assert await r.read() == b"data: [DONE]\n\n"  # not cut at once
-                code = wait_exit(guard, 20)
-            finally:
-                guard.stop()
-    finally:
-        upstream.stop()
+    with guard_on("aws", "--min-grace", "6") as (guard, emu, url, upstream_url):
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as s, s.get(url + "/gated-sse") as r:
+            assert await r.content.readuntil(b"\n\n") == b"data: first\n\n"
+            emu.preempt(notice_s=-30)  # "time" 30 s ago by our clock (skew, a late poll)
+            for _ in range(500):  # readiness flips first
+                if await readyz(url) == 503:
+                    break
+                await asyncio.sleep(0.01)
+            async with s.post(upstream_url + "/release") as rel:
+                assert rel.status == 200
+            assert await r.read() == b"data: [DONE]\n\n"  # not cut at once
+        code = wait_exit(guard, 20)
     assert code == 0, guard.text
     assert " 1 drained" in guard.text and " 0 dropped" in guard.text, guard.text
 
