@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import cast
 
+from spotstart.errors import UsageError
+
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
@@ -33,6 +35,10 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def run_render(args: argparse.Namespace) -> int:
+    try:
+        import yaml  # type: ignore[import-untyped,unused-ignore]  # noqa: F401
+    except ImportError as exc:
+        raise UsageError("spotstart k8s needs PyYAML: pip install 'spotstart[k8s]'") from exc
     from spotstart.k8s import load_config, render, to_yaml, write_manifests
     from spotstart.k8s.config import Cloud
 
