@@ -16,7 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from spotstart.k8s import CLOUDS, DeployConfigError, parse_config, render
+from spotstart.k8s import CLOUDS, DeployConfigError, load_config, parse_config, render
 from spotstart.k8s.config import NOTICE_WINDOW_S
 from spotstart.k8s.gpus import GPUS
 from spotstart.k8s.render import GUARD_PORT, ZONE_LABEL
@@ -83,7 +83,9 @@ def test_stdout_holds_every_object_as_one_yaml_stream() -> None:
     res = run_cli(["k8s", "render", "--config", str(EXAMPLE), "--cloud", "eks"])
     assert res.code == 0, res.stderr
     docs = [d for d in yaml.safe_load_all(res.stdout) if d]
-    assert len(docs) == 7 and {d["kind"] for d in docs} >= {"Deployment", "NodePool"}
+    written = {m.obj["kind"] for m in render(load_config(EXAMPLE, "eks"), "eks")}
+    assert len(docs) == 12 and {d["kind"] for d in docs} == written
+    assert {"Deployment", "NodePool", "ValidatingAdmissionPolicy"} <= written
 
 
 def configs(cloud: str) -> st.SearchStrategy[dict[str, Any]]:
@@ -158,6 +160,14 @@ def test_any_valid_config_renders_objects_that_validate_and_keep_the_rules(
         annotations = d["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/path"] == "/spotstart/metrics"
         assert ("initContainers" in pod) == (cfg.weights == "init")
+        # the guard marks its own pod: the pods run as the ServiceAccount the RBAC is for
+        assert pod["serviceAccountName"] == cfg.name
+    (binding,) = [o for o in objs if o["kind"] == "RoleBinding"]
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": cfg.name, "namespace": cfg.namespace}
+    ]
+    (vap,) = [o for o in objs if o["kind"] == "ValidatingAdmissionPolicy"]
+    assert f"system:serviceaccount:{cfg.namespace}:{cfg.name}" in json.dumps(vap)
     by_name = {d["metadata"]["name"]: d for d in deployments}
     assert by_name[f"{cfg.name}-spot"]["spec"]["replicas"] == cfg.replicas
     assert by_name[f"{cfg.name}-ondemand"]["spec"]["replicas"] == 0

@@ -157,6 +157,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--webhook", metavar="URL", help="POST the notice as JSON to URL")
     p.add_argument("--hook-timeout", type=float, default=5.0, metavar="S")
     p.add_argument(
+        "--mark-pod",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="annotate this pod (spotstart.dev/notice, spotstart.dev/notice-deadline) on a "
+        "notice, so a controller can start the replacement at once; auto: when running in a "
+        "pod with POD_NAME and a service-account token (auto)",
+    )
+    p.add_argument(
         "server",
         nargs=argparse.REMAINDER,
         metavar="-- CMD ...",
@@ -188,6 +196,18 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
         if value < 0:
             raise UsageError(f"{flag} must be >= 0")
     host, port = args.listen
+    pod = None
+    if args.mark_pod != "off":
+        import os
+
+        from spotstart.guard.kube import pod_from_env
+
+        pod = pod_from_env(os.environ)
+        if pod is None and args.mark_pod == "on":
+            raise UsageError(
+                "--mark-pod on: not in a pod with POD_NAME, POD_NAMESPACE (downward API), "
+                "KUBERNETES_SERVICE_HOST and a service-account token"
+            )
     return GuardConfig(
         proxy=ProxyConfig(
             upstream=args.upstream,
@@ -214,6 +234,7 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
         on_notice_cmd=args.on_notice,
         webhook_url=args.webhook,
         hook_timeout_s=args.hook_timeout,
+        mark_pod=pod,
     )
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from spotstart.guard.drain import Clock, Command, DrainConfig, DrainController
+from spotstart.guard.kube import PodRef, mark_pod, notice_patch
 from spotstart.guard.metrics import GuardMetrics
 from spotstart.guard.notice import NoticeKind, NoticeWatcher, PreemptionNotice
 from spotstart.guard.proxy import GuardProxy, ProxyConfig
@@ -45,6 +46,7 @@ class GuardConfig:
     on_notice_cmd: str | None = None
     webhook_url: str | None = None
     hook_timeout_s: float = 5.0
+    mark_pod: PodRef | None = None  # annotate this pod with the notice (Kubernetes)
 
 
 def notice_env(notice: PreemptionNotice, now: float) -> dict[str, str]:
@@ -95,6 +97,11 @@ class _Guard:
                 notice.deadline - now,
             )
             self._spawn(self._run_hooks(notice))
+            if self.config.mark_pod is not None:  # only a drain: the pod is really going
+                patch = notice_patch(notice, now, time.time())
+                self._spawn(
+                    mark_pod(self.config.mark_pod, patch, timeout_s=self.config.hook_timeout_s)
+                )
         elif decision.action == "warn":
             log.warning(
                 "%s notice from %s (early signal, --early-signals warn): still serving",

@@ -104,6 +104,7 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
         },
     }
     spec: Obj = {
+        "serviceAccountName": cfg.name,  # the guard patches its own pod on a notice (rbac.yaml)
         "terminationGracePeriodSeconds": cfg.notice_window_s,
         "containers": [server],
         "volumes": [{"name": "weights", "emptyDir": {}}],
@@ -241,6 +242,7 @@ def _common(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
         "spec": {"maxUnavailable": 1, "selector": {"matchLabels": _selector(cfg)}},
     }
     return [
+        *_rbac(cfg),
         Manifest(
             "deployment-spot.yaml",
             f"{cfg.replicas} replicas on spot nodes, spread over {len(cfg.zones)} zones.",
@@ -266,6 +268,108 @@ def _common(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
             "against spot preemptions, which do not ask; the guard's drain and the on-demand "
             "fallback are what cover those.",
             pdb,
+        ),
+    ]
+
+
+def _rbac(cfg: DeployConfig) -> list[Manifest]:
+    """The pods' identity: allowed to patch pods of the namespace, and an admission policy
+    narrowing that to the pod the token is bound to (ServiceAccount tokens carry their pod's
+    name, Kubernetes >= 1.30), so a guard can mark its own pod and nothing else."""
+    sa = f"system:serviceaccount:{cfg.namespace}:{cfg.name}"
+    policy = f"{cfg.name}-own-pod-only"
+    own_pod = (
+        "'authentication.kubernetes.io/pod-name' in request.userInfo.extra && "
+        "request.userInfo.extra['authentication.kubernetes.io/pod-name'][0] == "
+        "object.metadata.name"
+    )
+    return [
+        Manifest(
+            "serviceaccount.yaml",
+            "The identity of the serving pods (their guard marks its own pod on a notice).",
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": _meta(cfg, cfg.name, "identity"),
+            },
+        ),
+        Manifest(
+            "role.yaml",
+            "Patch pods of this namespace: narrowed to the caller's own pod by the admission "
+            "policy in admission-policy.yaml.",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": _meta(cfg, f"{cfg.name}-mark-own-pod", "identity"),
+                "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "patch"]}],
+            },
+        ),
+        Manifest(
+            "rolebinding.yaml",
+            "Binds the Role to the serving pods' ServiceAccount.",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": _meta(cfg, f"{cfg.name}-mark-own-pod", "identity"),
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "Role",
+                    "name": f"{cfg.name}-mark-own-pod",
+                },
+                "subjects": [
+                    {"kind": "ServiceAccount", "name": cfg.name, "namespace": cfg.namespace}
+                ],
+            },
+        ),
+        Manifest(
+            "admission-policy.yaml",
+            "Lets the serving pods' ServiceAccount update only the pod its token is bound to "
+            "(Kubernetes >= 1.30).",
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicy",
+                "metadata": _meta(cfg, policy, "identity", namespaced=False),
+                "spec": {
+                    "failurePolicy": "Fail",
+                    "matchConstraints": {
+                        "resourceRules": [
+                            {
+                                "apiGroups": [""],
+                                "apiVersions": ["v1"],
+                                "operations": ["UPDATE"],
+                                "resources": ["pods"],
+                            }
+                        ]
+                    },
+                    "matchConditions": [
+                        {
+                            "name": "serving-pods-service-account",
+                            "expression": f"request.userInfo.username == '{sa}'",
+                        }
+                    ],
+                    "validations": [
+                        {"expression": own_pod, "message": "a guard may patch its own pod only"}
+                    ],
+                },
+            },
+        ),
+        Manifest(
+            "admission-policy-binding.yaml",
+            "Enforces the policy above (Deny) in this namespace.",
+            {
+                "apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "ValidatingAdmissionPolicyBinding",
+                "metadata": _meta(cfg, policy, "identity", namespaced=False),
+                "spec": {
+                    "policyName": policy,
+                    "validationActions": ["Deny"],
+                    "matchResources": {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": cfg.namespace}
+                        }
+                    },
+                },
+            },
         ),
     ]
 
