@@ -5,9 +5,10 @@ service-account token, and a refusal that never stops the drain."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from spotstart.guard.kube import (
     pod_from_env,
 )
 from spotstart.guard.notice import NoticeKind, PreemptionNotice
-from tests.guard.test_proxy import GUARD_CMD, ROOT, Proc, start_upstream, wait_until_ready
+from tests.guard.test_proxy import Proc, start_guard, start_upstream, wait_until_ready
 
 kmock = pytest.importorskip("kmock")
 
@@ -32,21 +33,6 @@ def token_dir(tmp_path: Path, token: str = "t0k3n-of-this-pod") -> Path:
     folder.mkdir()
     (folder / "token").write_text(token + "\n")
     return folder
-
-
-def spawn_guard(upstream: str, env_extra: dict[str, str], *extra: str) -> tuple[Proc, str]:
-    from tests.conftest import isolated_environ
-    from tests.guard.test_proxy import free_port
-
-    port = free_port()
-    env = {**isolated_environ(), **env_extra}
-    cmd = [*GUARD_CMD, "--upstream", upstream, "--listen", f"127.0.0.1:{port}", "--cloud", "none"]
-    cmd += ["--health-interval", "0.05", *extra]
-    popen = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-    )
-    proc = Proc(popen)
-    return proc, f"http://127.0.0.1:{port}"
 
 
 async def exited(proc: Proc, timeout_s: float = 30) -> int:
@@ -69,29 +55,40 @@ def pod_env(kmock_url: str, sa: Path) -> dict[str, str]:
     }
 
 
-async def test_on_a_notice_the_guard_annotates_its_own_pod_with_its_own_token(
-    kmock: Any, tmp_path: Path
-) -> None:
-    kmock.objects["v1/pods", NS, POD] = {"metadata": {"name": POD, "namespace": NS}}
+@contextlib.contextmanager
+def guard_in_pod(kmock: Any, tmp_path: Path) -> Iterator[Proc]:
+    """A guard (and its upstream) in an emulated pod whose API is kmock; SIGTERM sent once
+    it is ready (the notice), torn down after."""
     upstream, upstream_url = start_upstream()
     try:
-        guard, url = spawn_guard(upstream_url, pod_env(str(kmock.url), token_dir(tmp_path)))
+        env = pod_env(str(kmock.url), token_dir(tmp_path))
+        guard, url = start_guard(
+            upstream_url, "--cloud", "none", "--health-interval", "0.05", env=env
+        )
         try:
             wait_until_ready(url, proc=guard)
             guard.popen.send_signal(signal.SIGTERM)
-            annotations: dict[str, str] = {}
-            for _ in range(400):
-                annotations = dict(
-                    kmock.objects["v1/pods", NS, POD].get("metadata", {}).get("annotations", {})
-                )
-                if annotations:
-                    break
-                await asyncio.sleep(0.05)
-            code = await exited(guard)
+            yield guard
         finally:
             guard.stop()
     finally:
         upstream.stop()
+
+
+async def test_on_a_notice_the_guard_annotates_its_own_pod_with_its_own_token(
+    kmock: Any, tmp_path: Path
+) -> None:
+    kmock.objects["v1/pods", NS, POD] = {"metadata": {"name": POD, "namespace": NS}}
+    with guard_in_pod(kmock, tmp_path) as guard:
+        annotations: dict[str, str] = {}
+        for _ in range(400):
+            annotations = dict(
+                kmock.objects["v1/pods", NS, POD].get("metadata", {}).get("annotations", {})
+            )
+            if annotations:
+                break
+            await asyncio.sleep(0.05)
+        code = await exited(guard)
     assert code == 0, guard.text
     assert annotations[NOTICE_ANNOTATION] == "termination"
     assert annotations[DEADLINE_ANNOTATION].endswith("Z")
@@ -105,17 +102,8 @@ async def test_on_a_notice_the_guard_annotates_its_own_pod_with_its_own_token(
 
 async def test_a_refused_mark_is_logged_and_the_drain_goes_on(kmock: Any, tmp_path: Path) -> None:
     # no such pod in the API: 404, not retried, not fatal
-    upstream, upstream_url = start_upstream()
-    try:
-        guard, url = spawn_guard(upstream_url, pod_env(str(kmock.url), token_dir(tmp_path)))
-        try:
-            wait_until_ready(url, proc=guard)
-            guard.popen.send_signal(signal.SIGTERM)
-            code = await exited(guard)
-        finally:
-            guard.stop()
-    finally:
-        upstream.stop()
+    with guard_in_pod(kmock, tmp_path) as guard:
+        code = await exited(guard)
     assert code == 0, guard.text
     assert "could not mark pod" in guard.text and "HTTP 404" in guard.text, guard.text
 

@@ -266,14 +266,15 @@ class Proc:
                 stream.close()
 
 
-def spawn(cmd: list[str]) -> Proc:
+def spawn(cmd: list[str], env: dict[str, str] | None = None) -> Proc:
+    """``cmd`` in the isolated test environment, plus ``env``."""
     from tests.conftest import isolated_environ  # here: subprocesses importing us skip it
 
     return Proc(
         subprocess.Popen(
             cmd,
             cwd=ROOT,
-            env=isolated_environ(),
+            env={**isolated_environ(), **(env or {})},
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -287,9 +288,11 @@ def start_upstream() -> tuple[Proc, str]:
     return proc, f"http://127.0.0.1:{port}"
 
 
-def start_guard(upstream: str, *extra: str, listen_port: int = 0) -> tuple[Proc, str]:
+def start_guard(
+    upstream: str, *extra: str, listen_port: int = 0, env: dict[str, str] | None = None
+) -> tuple[Proc, str]:
     listen = f"127.0.0.1:{listen_port}"
-    proc = spawn([*GUARD_CMD, "--upstream", upstream, "--listen", listen, *extra])
+    proc = spawn([*GUARD_CMD, "--upstream", upstream, "--listen", listen, *extra], env)
     line = proc.wait_for_line("guard listening on")
     return proc, line.split(" on ", 1)[1].split(" ")[0]
 

@@ -24,6 +24,19 @@ class GpuType:
         )
 
 
+# the sizes of AWS's single-GPU-type families g5, g6 and g6e (1, 4 or 8 GPUs each)
+_G_SIZES = (
+    "xlarge",
+    "2xlarge",
+    "4xlarge",
+    "8xlarge",
+    "12xlarge",
+    "16xlarge",
+    "24xlarge",
+    "48xlarge",
+)
+
+
 def _sizes(family: str, *sizes: str) -> tuple[str, ...]:
     return tuple(f"{family}.{s}" for s in sizes)
 
@@ -34,49 +47,19 @@ GPUS: dict[str, GpuType] = {
         GpuType(
             "nvidia-l4",
             "nvidia-l4",
-            _sizes(
-                "g6",
-                "xlarge",
-                "2xlarge",
-                "4xlarge",
-                "8xlarge",
-                "12xlarge",
-                "16xlarge",
-                "24xlarge",
-                "48xlarge",
-            ),
+            _sizes("g6", *_G_SIZES),
             (),
         ),
         GpuType(
             "nvidia-a10g",
             None,
-            _sizes(
-                "g5",
-                "xlarge",
-                "2xlarge",
-                "4xlarge",
-                "8xlarge",
-                "12xlarge",
-                "16xlarge",
-                "24xlarge",
-                "48xlarge",
-            ),
+            _sizes("g5", *_G_SIZES),
             (),
         ),
         GpuType(
             "nvidia-l40s",
             None,
-            _sizes(
-                "g6e",
-                "xlarge",
-                "2xlarge",
-                "4xlarge",
-                "8xlarge",
-                "12xlarge",
-                "16xlarge",
-                "24xlarge",
-                "48xlarge",
-            ),
+            _sizes("g6e", *_G_SIZES),
             (),
         ),
         GpuType(
