@@ -7,6 +7,7 @@ from typing import Any
 
 from spotstart.fleet.errors import ConfigError
 from spotstart.fleet.policies.base import FleetPolicy
+from spotstart.fleet.policies.calm import CalmRelease
 from spotstart.fleet.policies.committed import CommittedBaseline
 from spotstart.fleet.policies.on_demand import OnDemandOnly
 from spotstart.fleet.policies.single_zone import SpotSingleZone
@@ -41,6 +42,7 @@ def make_policy(name: str, **options: Any) -> FleetPolicy:
 
 __all__ = [
     "POLICIES",
+    "CalmRelease",
     "CommittedBaseline",
     "FleetPolicy",
     "OnDemandOnly",
