@@ -1,5 +1,6 @@
 """Kubernetes: manifests for GKE, EKS and AKS rendered from one small config (pure), for the
-served model behind `spotstart guard`. The in-cluster controller is not built yet."""
+served model behind `spotstart guard`; the in-cluster controller (`controller.py`) keeping its
+replicas ready with the fleet policies of `spotstart plan` (`driver.py`)."""
 
 from __future__ import annotations
 
