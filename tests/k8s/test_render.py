@@ -76,15 +76,42 @@ def test_the_example_renders_for_every_cloud_and_every_object_validates(
     if want_crds.get(kcloud):
         assert all(r["ok"] for r in validate_crds(objs))
     names = {o["metadata"]["name"] for o in objs if o["kind"] == "Deployment"}
-    assert names == {"llama-8b-spot", "llama-8b-ondemand"}
+    assert names == {"llama-8b-spot", "llama-8b-ondemand", "llama-8b-controller"}
+    controller = next(
+        o
+        for o in objs
+        if o["kind"] == "Deployment" and o["metadata"]["name"] == "llama-8b-controller"
+    )
+    pod = controller["spec"]["template"]
+    # the controller is not behind the model's Service (it serves nothing)
+    service = next(o for o in objs if o["kind"] == "Service")
+    assert not set(service["spec"]["selector"].items()) <= set(pod["metadata"]["labels"].items())
+    args = pod["spec"]["containers"][0]["command"]
+    assert args[:3] == ["spotstart", "k8s", "controller"]
+    # the flags it is rendered with are flags the controller takes
+    from spotstart.cli.main import build_parser
+
+    parsed = build_parser().parse_args(args[1:])
+    assert (parsed.name, parsed.target, parsed.namespace) == ("llama-8b", 3, "serving")
+    role = next(o for o in objs if o["kind"] == "Role" and "controller" in o["metadata"]["name"])
+    verbs = {
+        (g, r, v)
+        for rule in role["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+        for v in rule["verbs"]
+    }
+    assert ("", "pods", "delete") not in verbs and ("apps", "deployments", "patch") not in verbs
+    assert ("apps", "deployments/scale", "patch") in verbs
 
 
 def test_stdout_holds_every_object_as_one_yaml_stream() -> None:
     res = run_cli(["k8s", "render", "--config", str(EXAMPLE), "--cloud", "eks"])
     assert res.code == 0, res.stderr
     docs = [d for d in yaml.safe_load_all(res.stdout) if d]
-    written = {m.obj["kind"] for m in render(load_config(EXAMPLE, "eks"), "eks")}
-    assert len(docs) == 12 and {d["kind"] for d in docs} == written
+    manifests = render(load_config(EXAMPLE, "eks"), "eks")
+    written = {m.obj["kind"] for m in manifests}
+    assert len(docs) == len(manifests) and {d["kind"] for d in docs} == written
     assert {"Deployment", "NodePool", "ValidatingAdmissionPolicy"} <= written
 
 
@@ -125,8 +152,24 @@ def test_any_valid_config_renders_objects_that_validate_and_keep_the_rules(
     cfg = parse_config(raw, kcloud)  # type: ignore[arg-type]
     objs = [m.obj for m in render(cfg, kcloud)]  # type: ignore[arg-type]
     validate_core(objs)
-    deployments = [o for o in objs if o["kind"] == "Deployment"]
+    deployments = [
+        o
+        for o in objs
+        if o["kind"] == "Deployment"
+        and o["metadata"]["name"] in (f"{cfg.name}-spot", f"{cfg.name}-ondemand")
+    ]
     assert len(deployments) == 2
+    controller = next(
+        o
+        for o in objs
+        if o["kind"] == "Deployment" and o["metadata"]["name"] == f"{cfg.name}-controller"
+    )
+    argv = controller["spec"]["template"]["spec"]["containers"][0]["command"]
+    # the controller keeps the config's target, ceiling, zones and notice
+    assert argv[argv.index("--target") + 1] == str(cfg.replicas)
+    assert argv[argv.index("--max-on-demand") + 1] == str(cfg.max_on_demand)
+    assert argv[argv.index("--zones") + 1].split(",") == list(cfg.zones)
+    assert argv[argv.index("--notice-s") + 1] == str(cfg.notice_window_s)
     for d in deployments:
         pod = d["spec"]["template"]["spec"]
         (server,) = pod["containers"]
@@ -162,7 +205,11 @@ def test_any_valid_config_renders_objects_that_validate_and_keep_the_rules(
         assert ("initContainers" in pod) == (cfg.weights == "init")
         # the guard marks its own pod: the pods run as the ServiceAccount the RBAC is for
         assert pod["serviceAccountName"] == cfg.name
-    (binding,) = [o for o in objs if o["kind"] == "RoleBinding"]
+    (binding,) = [
+        o
+        for o in objs
+        if o["kind"] == "RoleBinding" and o["roleRef"]["name"] == f"{cfg.name}-mark-own-pod"
+    ]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": cfg.name, "namespace": cfg.namespace}
     ]

@@ -243,6 +243,7 @@ def _common(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
     }
     return [
         *_rbac(cfg),
+        *_controller(cfg, cloud),
         Manifest(
             "deployment-spot.yaml",
             f"{cfg.replicas} replicas on spot nodes, spread over {len(cfg.zones)} zones.",
@@ -250,9 +251,9 @@ def _common(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
         ),
         Manifest(
             "deployment-ondemand.yaml",
-            "The on-demand fallback: 0 replicas until spot capacity is short. Scaling it is the "
-            f"controller's job (at most {cfg.max_on_demand}); `spotstart k8s controller` is not "
-            "built yet, so scale it by hand or with your autoscaler for now.",
+            "The on-demand fallback: 0 replicas until spot capacity is short. `spotstart k8s "
+            f"controller` (controller-deployment.yaml) scales it, never above {cfg.max_on_demand}; "
+            "do not put an HPA on it.",
             _deployment(cfg, cloud, "ondemand", 0),
         ),
         Manifest(
@@ -268,6 +269,212 @@ def _common(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
             "against spot preemptions, which do not ask; the guard's drain and the on-demand "
             "fallback are what cover those.",
             pdb,
+        ),
+    ]
+
+
+CONTROLLER_METRICS_PORT = 9090
+
+
+# each cloud's label for a spot node: the controller must not run on the capacity it watches
+_SPOT_NODE: dict[Cloud, Obj] = {
+    "gke": {"key": "cloud.google.com/gke-spot", "operator": "DoesNotExist"},
+    "eks": {"key": "karpenter.sh/capacity-type", "operator": "NotIn", "values": ["spot"]},
+    "aks": {
+        "key": "kubernetes.azure.com/scalesetpriority",
+        "operator": "NotIn",
+        "values": ["spot"],
+    },
+}
+
+
+def _controller(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
+    """`spotstart k8s controller` with least privilege: read the model's pods (and the zone of
+    their nodes), mark pods it releases, scale the two Deployments, hold its Lease, record
+    Events. Two replicas, one leader; on regular (non-spot) nodes."""
+    name = f"{cfg.name}-controller"
+    meta = _meta(cfg, name, "controller")
+    labels = {"app.kubernetes.io/name": name}  # not the Service's selector: it serves nothing
+    rules = [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch", "patch"]},
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments"],
+            "resourceNames": [f"{cfg.name}-spot", f"{cfg.name}-ondemand"],
+            "verbs": ["get"],
+        },
+        {
+            "apiGroups": ["apps"],
+            "resources": ["deployments/scale"],
+            "resourceNames": [f"{cfg.name}-spot", f"{cfg.name}-ondemand"],
+            "verbs": ["get", "patch", "update"],
+        },
+        # create cannot be narrowed by name (the name is not known before it exists)
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "resourceNames": [name],
+            "verbs": ["get", "patch", "update"],
+        },
+        {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch"]},
+    ]
+    args = [
+        "spotstart",
+        "k8s",
+        "controller",
+        "--name",
+        cfg.name,
+        "--namespace",
+        cfg.namespace,
+        "--zones",
+        ",".join(cfg.zones),
+        "--target",
+        str(cfg.replicas),
+        "--max-on-demand",
+        str(cfg.max_on_demand),
+        "--notice-s",
+        str(cfg.notice_window_s),
+        "--policy",
+        "warm_hedge",
+        "--metrics-port",
+        str(CONTROLLER_METRICS_PORT),
+    ]
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": labels},
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(CONTROLLER_METRICS_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": {
+                    "serviceAccountName": name,
+                    "containers": [
+                        {
+                            "name": "controller",
+                            "image": cfg.image,
+                            "command": args,
+                            "env": [
+                                {
+                                    "name": "POD_NAME",
+                                    "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                                }
+                            ],
+                            "ports": [
+                                {
+                                    "name": "metrics",
+                                    "containerPort": CONTROLLER_METRICS_PORT,
+                                    "protocol": "TCP",
+                                }
+                            ],
+                            "resources": {
+                                "requests": {"cpu": "50m", "memory": "128Mi"},
+                                "limits": {"memory": "256Mi"},
+                            },
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "runAsNonRoot": True,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                        }
+                    ],
+                    # not on the spot pool it watches: it must outlive a zone's preemptions
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [
+                                    {
+                                        "matchExpressions": [
+                                            _SPOT_NODE[cloud],
+                                            # nor on the GPU pools (Karpenter's, ours)
+                                            {
+                                                "key": "spotstart.dev/pool",
+                                                "operator": "DoesNotExist",
+                                            },
+                                        ]
+                                    }
+                                ]
+                            }
+                        }
+                    },
+                },
+            },
+        },
+    }
+    binding_subject = [{"kind": "ServiceAccount", "name": name, "namespace": cfg.namespace}]
+    return [
+        Manifest(
+            "controller-serviceaccount.yaml",
+            "The controller's identity.",
+            {
+                "apiVersion": "v1",
+                "kind": "ServiceAccount",
+                "metadata": _meta(cfg, name, "controller"),
+            },
+        ),
+        Manifest(
+            "controller-role.yaml",
+            "Least privilege in this namespace: the model's pods, the scale of its two "
+            "Deployments, its own Lease, Events.",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "Role",
+                "metadata": _meta(cfg, name, "controller"),
+                "rules": rules,
+            },
+        ),
+        Manifest(
+            "controller-rolebinding.yaml",
+            "Binds the Role to the controller's ServiceAccount.",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "RoleBinding",
+                "metadata": _meta(cfg, name, "controller"),
+                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+                "subjects": binding_subject,
+            },
+        ),
+        Manifest(
+            "controller-clusterrole.yaml",
+            "Nodes are cluster-scoped: read-only, for the zone label of the nodes pods run on.",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRole",
+                "metadata": _meta(cfg, f"{cfg.namespace}-{name}-nodes", "controller", False),
+                "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get"]}],
+            },
+        ),
+        Manifest(
+            "controller-clusterrolebinding.yaml",
+            "Binds the node-reading ClusterRole to the controller's ServiceAccount.",
+            {
+                "apiVersion": "rbac.authorization.k8s.io/v1",
+                "kind": "ClusterRoleBinding",
+                "metadata": _meta(cfg, f"{cfg.namespace}-{name}-nodes", "controller", False),
+                "roleRef": {
+                    "apiGroup": "rbac.authorization.k8s.io",
+                    "kind": "ClusterRole",
+                    "name": f"{cfg.namespace}-{name}-nodes",
+                },
+                "subjects": binding_subject,
+            },
+        ),
+        Manifest(
+            "controller-deployment.yaml",
+            "Keeps the target replicas ready: scales the spot and on-demand Deployments with the "
+            "warm_hedge policy (`spotstart plan` simulates the same code). Two replicas, one "
+            "leader (Lease); the follower takes over within the lease duration (15 s).",
+            deployment,
         ),
     ]
 
