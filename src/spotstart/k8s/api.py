@@ -19,10 +19,10 @@ from lightkube.config.models import Cluster, Context, User
 from lightkube.core.exceptions import ApiError, ConfigError
 
 from spotstart.errors import UsageError
+from spotstart.guard.kube import RETRYABLE  # one list of the API's retryable statuses
 
 log = logging.getLogger("spotstart.k8s")
 T = TypeVar("T")
-TRANSIENT = frozenset({429, 500, 502, 503, 504})
 
 
 def api_status(exc: BaseException) -> int | None:
@@ -39,7 +39,7 @@ def is_transient(exc: BaseException) -> bool:
     """Worth retrying: throttled, a server error, a timeout or a broken connection."""
     if isinstance(exc, httpx2.TransportError):
         return True
-    return api_status(exc) in TRANSIENT
+    return api_status(exc) in RETRYABLE
 
 
 def retry_after(exc: BaseException) -> float | None:
