@@ -15,6 +15,13 @@
     +-- InvalidCheckpoint               exit 10 malformed checkpoint: header, offsets, dtype, index
     +-- ProtocolError                   exit 11 the server broke its protocol (a 200 to a ranged
                                                 read, a listing that is not S3 XML)
+    +-- InvalidImage                    exit 12 malformed container image: truncated tar, bad
+    |                                           manifest JSON, a layer that is no tar
+    +-- UnsupportedImage                exit 13 well-formed, but not an image we read: unknown
+    |                                           media type, schema 1, encrypted layers
+    +-- BudgetExceeded                  exit 14 `image audit` gate: waste over --max-waste-*
+    +-- NotReady                        exit 15 `image profile`: the server exited or timed out
+                                                before it was ready
 
 Messages name the object, the cause and the fix, on one line.
 """
@@ -127,6 +134,30 @@ class ProtocolError(SpotstartError):
     exit_code = 11
 
 
+class InvalidImage(SpotstartError):
+    """The container image is malformed: a truncated tar, broken JSON, a layer that is no tar."""
+
+    exit_code = 12
+
+
+class UnsupportedImage(SpotstartError):
+    """The image is well-formed but not one we can read (unknown media type, schema 1)."""
+
+    exit_code = 13
+
+
+class BudgetExceeded(SpotstartError):
+    """An audit found more waste than the CI gate allows (``--max-waste-bytes/-ratio``)."""
+
+    exit_code = 14
+
+
+class NotReady(SpotstartError):
+    """The profiled server exited, or did not become ready in time."""
+
+    exit_code = 15
+
+
 EXIT_CODES: dict[str, int] = {
     "ok": 0,
     "error": SpotstartError.exit_code,
@@ -140,5 +171,9 @@ EXIT_CODES: dict[str, int] = {
     "disk_full": DiskFull.exit_code,
     "invalid_checkpoint": InvalidCheckpoint.exit_code,
     "protocol": ProtocolError.exit_code,
+    "invalid_image": InvalidImage.exit_code,
+    "unsupported_image": UnsupportedImage.exit_code,
+    "budget_exceeded": BudgetExceeded.exit_code,
+    "not_ready": NotReady.exit_code,
     "interrupted": 130,
 }

@@ -19,3 +19,38 @@ def format_bytes(n: int) -> str:
             digits = 2 if value < 9.995 else 1 if value < 99.95 else 0
             return f"{value:.{digits}f} {unit}"
     raise AssertionError("unreachable")
+
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """``"1.5GB"``, ``"800MiB"``, ``"1000"`` -> bytes; ValueError otherwise.
+
+    >>> parse_bytes("1.5GB"), parse_bytes("2MiB"), parse_bytes("10")
+    (1500000000, 2097152, 10)
+    """
+    t = text.strip().lower().replace(" ", "")
+    digits = len(t) - len(t.lstrip("0123456789."))
+    number, unit = t[:digits], t[digits:]
+    if not number or unit not in _UNITS:
+        raise ValueError(f"{text!r} is not a byte count (e.g. 500MB, 2GiB)")
+    value = float(number) * _UNITS[unit]
+    if value < 0:
+        raise ValueError(f"{text!r} is negative")
+    return int(value)

@@ -9,7 +9,16 @@ from rich.console import Console
 from rich.markup import escape
 
 from spotstart import __version__
-from spotstart.cli import demo, emulate_cmd, fetch_cmd, guard_cmd, k8s_cmd, load_cmd, plan_cmd
+from spotstart.cli import (
+    demo,
+    emulate_cmd,
+    fetch_cmd,
+    guard_cmd,
+    image_cmd,
+    k8s_cmd,
+    load_cmd,
+    plan_cmd,
+)
 from spotstart.errors import EXIT_CODES, SpotstartError
 
 EPILOG = "exit codes: " + ", ".join(f"{v} {k}" for k, v in EXIT_CODES.items())
@@ -28,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     guard_cmd.add_parser(sub)
     plan_cmd.add_parser(sub)
     k8s_cmd.add_parser(sub)
+    image_cmd.add_parser(sub)
     demo.add_parser(sub)
     emulate_cmd.add_parser(sub)
     return parser

@@ -1,0 +1,563 @@
+"""A registry as a blob store, over the OCI distribution API: manifests by tag or digest,
+blobs by ranged GETs (several in flight, handed over in order), anonymous, Basic and bearer
+token auth as ``WWW-Authenticate`` asks (the Docker token spec), credentials from
+``~/.docker/config.json`` (``auths``, ``credHelpers``/``credsStore``) or containers'
+``auth.json``. The one place registry answers become spotstart errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import random
+import re
+import subprocess
+import threading
+import time
+from collections import deque
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import urlencode, urljoin, urlsplit
+
+import urllib3
+
+from spotstart.errors import (
+    AccessDenied,
+    CredentialsNotFound,
+    EndpointUnreachable,
+    InvalidImage,
+    NotFound,
+    ProtocolError,
+    RetriesExceeded,
+    TransientError,
+    UsageError,
+)
+from spotstart.image import oci
+from spotstart.image.digest import Digest
+from spotstart.image.sources import (
+    ResolvedImage,
+    _layers_from_manifest,
+    check_bytes,
+    read_verified,
+    resolve_index,
+)
+
+MANIFEST_LIMIT = 4 << 20  # distribution spec: registries may refuse larger manifests
+RANGE_BYTES = 8 << 20  # per ranged GET: large enough that latency is a small share
+IN_FLIGHT = 4  # ranged GETs per blob at once: memory <= IN_FLIGHT * RANGE_BYTES
+ATTEMPTS = 5
+_RETRY = frozenset({408, 429, 500, 502, 503, 504})
+_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_TAG = re.compile(r"[\w][\w.-]{0,127}")
+_CHALLENGE = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
+_LOCAL = ("localhost", "127.0.0.1", "::1", "[::1]")
+
+
+@dataclass(frozen=True)
+class Reference:
+    registry: str  # as written (docker.io for Docker Hub)
+    repository: str
+    tag: str = ""
+    digest: Digest | None = None
+
+    @property
+    def api_host(self) -> str:
+        return "registry-1.docker.io" if self.registry == "docker.io" else self.registry
+
+    @property
+    def ref(self) -> str:
+        return str(self.digest) if self.digest is not None else (self.tag or "latest")
+
+    def __str__(self) -> str:
+        at = f"@{self.digest}" if self.digest else ""
+        return f"{self.registry}/{self.repository}{':' + self.tag if self.tag else ''}{at}"
+
+
+def parse_reference(text: str) -> Reference:
+    """``[HOST[:PORT]/]PATH[:TAG][@DIGEST]`` as Docker reads it: the first component is a
+    host when it has a dot or a port or is localhost; else Docker Hub (``library/`` added)."""
+    rest, _, digest_text = text.partition("@")
+    digest = Digest.parse(digest_text) if digest_text else None
+    first, slash, remainder = rest.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost" or first.startswith("[")):
+        registry, path = first, remainder
+    else:
+        registry, path = "docker.io", rest
+    tag = ""
+    name, colon, maybe_tag = path.rpartition(":")
+    if colon and "/" not in maybe_tag:
+        path, tag = name, maybe_tag
+        if not _TAG.fullmatch(tag):
+            raise UsageError(f"{text}: {tag!r} is not a valid tag")
+    if registry == "docker.io" and "/" not in path:
+        path = f"library/{path}"
+    if not path or not all(_COMPONENT.fullmatch(c) for c in path.split("/")):
+        raise UsageError(f"{text}: {path!r} is not a valid repository name (lowercase, a-z0-9._-/)")
+    return Reference(registry, path, tag, digest)
+
+
+def _config_files() -> list[Path]:
+    files = []
+    docker_dir = os.environ.get("DOCKER_CONFIG")
+    files.append(
+        Path(docker_dir) / "config.json" if docker_dir else Path.home() / ".docker" / "config.json"
+    )
+    if os.environ.get("REGISTRY_AUTH_FILE"):
+        files.append(Path(os.environ["REGISTRY_AUTH_FILE"]))
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        files.append(Path(os.environ["XDG_RUNTIME_DIR"]) / "containers" / "auth.json")
+    return files
+
+
+@dataclass(frozen=True)
+class Credentials:
+    username: str = ""
+    password: str = ""
+    identity_token: str = ""
+    source: str = ""
+
+
+def find_credentials(registry: str) -> Credentials | None:
+    """The first credentials for ``registry`` in docker's or containers' config, as
+    ``docker login`` writes them."""
+    keys = {
+        registry,
+        f"https://{registry}",
+        f"http://{registry}",
+        f"https://{registry}/v1/",
+        f"https://{registry}/v2/",
+    }
+    if registry == "docker.io":
+        keys |= {"https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io"}
+    for path in _config_files():
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            continue
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{path}: unreadable registry config ({exc})") from None
+        if not isinstance(doc, dict):
+            continue
+        helpers = doc.get("credHelpers") or {}
+        helper = next(
+            (helpers[k] for k in keys if isinstance(helpers, dict) and k in helpers), None
+        )
+        auths = doc.get("auths") or {}
+        entry = next((auths[k] for k in keys if isinstance(auths, dict) and k in auths), None)
+        if (
+            helper is None
+            and isinstance(entry, dict)
+            and (entry.get("auth") or entry.get("identitytoken") or entry.get("username"))
+        ):
+            return _from_entry(entry, str(path))
+        if helper is None and isinstance(doc.get("credsStore"), str):
+            helper = doc["credsStore"]
+        if isinstance(helper, str) and helper:
+            found = _from_helper(helper, registry)
+            if found is not None:
+                return found
+    return None
+
+
+def _from_entry(entry: Mapping[str, object], source: str) -> Credentials:
+    if isinstance(entry.get("identitytoken"), str) and entry["identitytoken"]:
+        return Credentials(identity_token=str(entry["identitytoken"]), source=source)
+    if isinstance(entry.get("auth"), str) and entry["auth"]:
+        try:
+            user, _, password = base64.b64decode(str(entry["auth"])).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            raise UsageError(f"{source}: an 'auth' entry is not base64 of user:password") from None
+        return Credentials(user, password, source=source)
+    return Credentials(
+        str(entry.get("username", "")), str(entry.get("password", "")), source=source
+    )
+
+
+def _from_helper(helper: str, registry: str) -> Credentials | None:
+    program = f"docker-credential-{helper}"
+    try:
+        out = subprocess.run(
+            [program, "get"],
+            input=registry,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    except FileNotFoundError:
+        return None
+    if out.returncode != 0:
+        return None  # "credentials not found in native keychain": anonymous then
+    try:
+        doc = json.loads(out.stdout)
+    except ValueError:
+        raise UsageError(f"{program}: answered something that is not JSON") from None
+    user, secret = str(doc.get("Username", "")), str(doc.get("Secret", ""))
+    if user == "<token>":
+        return Credentials(identity_token=secret, source=program)
+    return Credentials(user, secret, source=program)
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="...",service="...",scope="..."`` -> ("bearer", params) (RFC 7235)."""
+    scheme, _, rest = header.strip().partition(" ")
+    params = {
+        m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3)).replace(
+            '\\"', '"'
+        )
+        for m in _CHALLENGE.finditer(rest)
+    }
+    return scheme.lower(), params
+
+
+class Registry:
+    """One repository of one registry."""
+
+    def __init__(
+        self, reference: Reference, *, insecure: bool = False, ca_bundle: str | None = None
+    ) -> None:
+        self.reference = reference
+        host = reference.api_host
+        plain = insecure or host.split(":")[0] in _LOCAL or host.startswith("[::1]")
+        self.base = f"{'http' if plain else 'https'}://{host}"
+        self.display = str(reference)
+        ca = ca_bundle or os.environ.get("SSL_CERT_FILE")
+        self._pool = urllib3.PoolManager(
+            maxsize=IN_FLIGHT * 2,
+            retries=False,
+            timeout=urllib3.Timeout(connect=10.0, read=60.0),
+            ca_certs=ca if ca and os.path.exists(ca) else None,
+        )
+        self._credentials = find_credentials(reference.registry)
+        self._auth: str | None = None  # the Authorization header that worked
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="spotstart-blob")
+
+    # -- requests --------------------------------------------------------------------------
+
+    def request(
+        self, method: str, path: str, headers: Mapping[str, str] | None = None, *, what: str
+    ) -> urllib3.BaseHTTPResponse:
+        """One request with auth, redirects and bounded retries of transient failures."""
+        last: Exception | None = None
+        for attempt in range(ATTEMPTS):
+            try:
+                return self._once(method, path, dict(headers or {}), what)
+            except TransientError as exc:
+                last = exc
+                delay = (
+                    exc.retry_after_s
+                    if exc.retry_after_s is not None
+                    else random.uniform(0, min(8.0, 0.2 * 2**attempt))
+                )
+                time.sleep(min(delay, 30.0))
+        raise RetriesExceeded(f"{what}: {last} (after {ATTEMPTS} attempts)", last)
+
+    def _once(
+        self, method: str, path: str, headers: dict[str, str], what: str
+    ) -> urllib3.BaseHTTPResponse:
+        url = path if path.startswith(("http://", "https://")) else self.base + path
+        authed = False
+        for _ in range(8):  # redirects and one auth round
+            send = dict(headers)
+            same_host = urlsplit(url).netloc == urlsplit(self.base).netloc
+            if self._auth and same_host:
+                send["Authorization"] = self._auth  # never to a redirect's other host (S3, CDN)
+            try:
+                resp = self._pool.request(
+                    method, url, headers=send, preload_content=False, redirect=False
+                )
+            except urllib3.exceptions.NewConnectionError as exc:
+                raise EndpointUnreachable(
+                    f"{what}: cannot connect to {urlsplit(url).netloc} ({exc.__class__.__name__})"
+                ) from None
+            except urllib3.exceptions.SSLError as exc:
+                raise EndpointUnreachable(
+                    f"{what}: TLS failed with {urlsplit(url).netloc} ({exc}); "
+                    "--insecure-registry for plain http"
+                ) from None
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise TransientError(f"{what}: {exc.__class__.__name__}") from None
+            status = resp.status
+            if status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                resp.drain_conn()
+                url = urljoin(url, resp.headers["Location"])
+                continue
+            if status == 401 and same_host and not authed:
+                challenge = resp.headers.get("WWW-Authenticate", "")
+                resp.drain_conn()
+                self._authenticate(challenge, what)
+                authed = True
+                continue
+            if status in (200, 206):
+                return resp
+            body = resp.read(65536)
+            resp.release_conn()
+            self._raise(status, body, resp.headers, what)
+        raise ProtocolError(f"{what}: too many redirects")
+
+    def _raise(self, status: int, body: bytes, headers: Mapping[str, str], what: str) -> None:
+        codes = ""
+        try:
+            errors = json.loads(body).get("errors") or []
+            codes = ", ".join(
+                f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)
+            )
+        except (ValueError, AttributeError):
+            pass
+        detail = f" ({codes})" if codes else ""
+        if status in _RETRY:
+            retry_after = headers.get("Retry-After", "")
+            raise TransientError(
+                f"{what}: HTTP {status}{detail}",
+                retry_after_s=float(retry_after) if retry_after.isdigit() else None,
+                status=status,
+            )
+        if status == 404:
+            raise NotFound(f"{what}: not found in {self.display}{detail}")
+        if status == 401:
+            if self._credentials is None:
+                raise CredentialsNotFound(
+                    f"{what}: {self.reference.registry} needs credentials{detail}; "
+                    f"run `docker login {self.reference.registry}`"
+                )
+            raise AccessDenied(
+                f"{what}: {self.reference.registry} refused the credentials from "
+                f"{self._credentials.source}{detail}"
+            )
+        if status == 403:
+            raise AccessDenied(f"{what}: access to {self.reference.repository} denied{detail}")
+        raise ProtocolError(f"{what}: unexpected HTTP {status}{detail}")
+
+    def _authenticate(self, challenge: str, what: str) -> None:
+        scheme, params = parse_challenge(challenge)
+        creds = self._credentials
+        if scheme == "basic":
+            if creds is None or not creds.username:
+                raise CredentialsNotFound(
+                    f"{what}: {self.reference.registry} needs credentials; "
+                    f"run `docker login {self.reference.registry}`"
+                )
+            token = base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+            self._auth = f"Basic {token}"
+            return
+        if scheme != "bearer" or not params.get("realm"):
+            raise ProtocolError(
+                f"{what}: 401 without a usable WWW-Authenticate challenge ({challenge!r})"
+            )
+        scope = params.get("scope") or f"repository:{self.reference.repository}:pull"
+        query = {k: v for k, v in (("service", params.get("service", "")), ("scope", scope)) if v}
+        realm = params["realm"]
+        headers: dict[str, str] = {}
+        if creds is not None and creds.identity_token:
+            form = urlencode(
+                {
+                    **query,
+                    "grant_type": "refresh_token",
+                    "refresh_token": creds.identity_token,
+                    "client_id": "spotstart",
+                }
+            )
+            resp = self._token_request(
+                "POST",
+                realm,
+                headers | {"Content-Type": "application/x-www-form-urlencoded"},
+                form.encode(),
+                what,
+            )
+        else:
+            if creds is not None and creds.username:
+                headers["Authorization"] = (
+                    "Basic "
+                    + base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
+                )
+            resp = self._token_request("GET", f"{realm}?{urlencode(query)}", headers, None, what)
+        bearer = resp.get("token") or resp.get("access_token")
+        if not isinstance(bearer, str) or not bearer:
+            raise ProtocolError(f"{what}: the token service at {realm} answered no token")
+        self._auth = f"Bearer {bearer}"
+
+    def _token_request(
+        self, method: str, url: str, headers: dict[str, str], body: bytes | None, what: str
+    ) -> dict[str, object]:
+        try:
+            resp = self._pool.request(method, url, headers=headers, body=body, redirect=True)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise EndpointUnreachable(
+                f"{what}: token service {urlsplit(url).netloc} unreachable "
+                f"({exc.__class__.__name__})"
+            ) from None
+        if resp.status in (401, 403):
+            if self._credentials is None:
+                raise CredentialsNotFound(
+                    f"{what}: {self.reference.registry} needs credentials; "
+                    f"run `docker login {self.reference.registry}`"
+                )
+            raise AccessDenied(
+                f"{what}: the token service refused the credentials from {self._credentials.source}"
+            )
+        if resp.status != 200:
+            raise ProtocolError(f"{what}: token service answered HTTP {resp.status}")
+        try:
+            doc = json.loads(resp.data)
+        except ValueError:
+            raise ProtocolError(
+                f"{what}: token service answered something that is not JSON"
+            ) from None
+        return doc if isinstance(doc, dict) else {}
+
+    # -- the blob store --------------------------------------------------------------------
+
+    def get_manifest(self, ref: str, accept: str = oci.ACCEPT) -> tuple[bytes, str]:
+        what = f"{self.display} manifest {ref}"
+        resp = self.request(
+            "GET", f"/v2/{self.reference.repository}/manifests/{ref}", {"Accept": accept}, what=what
+        )
+        data = resp.read(MANIFEST_LIMIT + 1)
+        resp.release_conn()
+        if len(data) > MANIFEST_LIMIT:
+            raise InvalidImage(f"{what}: larger than the distribution spec's 4 MiB")
+        content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
+        header = resp.headers.get("Docker-Content-Digest", "")
+        if header:
+            check_bytes(data, Digest.parse(header), None, what)
+        return data, content_type
+
+    def read_manifest(self, desc: oci.Descriptor) -> bytes:
+        data, _ = self.get_manifest(str(desc.digest), desc.media_type or oci.ACCEPT)
+        check_bytes(data, desc.digest, desc.size, f"{self.display} manifest {desc.digest}")
+        return data
+
+    def open_blob(self, digest: Digest, size: int | None) -> BinaryIO:
+        return _RangedBlob(self, digest, size)  # type: ignore[return-value]
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pool.clear()
+
+
+class _RangedBlob(io.RawIOBase):
+    """A blob read as ranged GETs, ``IN_FLIGHT`` at once, handed over in order. A registry
+    that answers a range with 200 is read as one stream instead (if it is the first range)."""
+
+    def __init__(self, registry: Registry, digest: Digest, size: int | None) -> None:
+        self._reg = registry
+        self._path = f"/v2/{registry.reference.repository}/blobs/{digest}"
+        self._what = f"{registry.display} blob {digest.short}"
+        self._size = size
+        self._next = 0
+        self._pending: deque[Future[bytes]] = deque()
+        self._buffer = memoryview(b"")
+        self._stream: urllib3.BaseHTTPResponse | None = None
+        if size is None or size == 0:
+            self._stream = registry.request("GET", self._path, what=self._what)
+
+    def readable(self) -> bool:
+        return True
+
+    def _range(self, start: int, end: int) -> bytes:
+        resp = self._reg.request(
+            "GET", self._path, {"Range": f"bytes={start}-{end - 1}"}, what=self._what
+        )
+        try:
+            if resp.status == 200:
+                if start != 0:
+                    raise ProtocolError(f"{self._what}: the registry ignored a Range request (200)")
+                return b""  # signal: read it as one stream
+            m = re.fullmatch(
+                r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", "").strip()
+            )
+            if not m or int(m.group(1)) != start:
+                raise ProtocolError(f"{self._what}: a 206 without the Content-Range asked for")
+            data = resp.read()
+        finally:
+            resp.release_conn()
+        if len(data) != end - start:
+            raise TransientError(f"{self._what}: short body ({len(data)} of {end - start} bytes)")
+        return data
+
+    def _fill(self) -> None:
+        assert self._size is not None
+        while len(self._pending) < IN_FLIGHT and self._next < self._size:
+            start, end = self._next, min(self._size, self._next + RANGE_BYTES)
+            self._pending.append(self._reg._executor.submit(self._with_retries, start, end))
+            self._next = end
+
+    def _with_retries(self, start: int, end: int) -> bytes:
+        last: Exception | None = None
+        for attempt in range(ATTEMPTS):
+            try:
+                return self._range(start, end)
+            except TransientError as exc:
+                last = exc
+                time.sleep(random.uniform(0, min(8.0, 0.2 * 2**attempt)))
+        raise RetriesExceeded(f"{self._what}: {last}", last)
+
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        if self._stream is not None:
+            return self._stream.readinto(buf)
+        if not len(self._buffer):
+            self._fill()
+            if not self._pending:
+                return 0
+            data = self._pending.popleft().result()
+            if data == b"" and self._size:
+                for f in self._pending:
+                    f.cancel()
+                self._pending.clear()
+                self._stream = self._reg.request("GET", self._path, what=self._what)
+                return self._stream.readinto(buf)
+            self._buffer = memoryview(data)
+        n = min(len(buf), len(self._buffer))
+        buf[:n] = self._buffer[:n]
+        self._buffer = self._buffer[n:]
+        return n
+
+    def close(self) -> None:
+        for f in self._pending:
+            f.cancel()
+        self._pending.clear()
+        if self._stream is not None:
+            self._stream.release_conn()
+        super().close()
+
+
+def open_registry_image(
+    ref: str, *, platform: oci.Platform, insecure: bool = False
+) -> tuple[Registry, ResolvedImage]:
+    reference = parse_reference(ref)
+    registry = Registry(reference, insecure=insecure)
+    try:
+        data, content_type = registry.get_manifest(reference.ref)
+        what = str(reference)
+        if reference.digest is not None:
+            check_bytes(data, reference.digest, None, what)
+        doc = oci.load_json(data, f"{what} manifest")
+        media_type = oci.media_type_of(doc, content_type)
+        digest = reference.digest or Digest(
+            "sha256", __import__("hashlib").sha256(data).hexdigest()
+        )
+        if media_type in oci.INDEX_TYPES:
+            desc, manifest = resolve_index(registry, doc, ref="", platform=platform, what=what)
+            digest = desc.digest
+        else:
+            manifest = oci.parse_manifest(doc, media_type, what)
+        config_doc = oci.load_json(
+            read_verified(registry, manifest.config, "config"), f"{what} config"
+        )
+        config = oci.parse_config(config_doc, f"{what} config")
+        image = ResolvedImage(
+            name=what,
+            kind="registry",
+            manifest_digest=str(digest),
+            config=config,
+            layers=_layers_from_manifest(registry, manifest, config, what),
+        )
+    except BaseException:
+        registry.close()
+        raise
+    return registry, image
