@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
 # Everything the test run needs, from nothing (README command 2; .ci/run runs it too):
-# nginx from Debian (the http/https server of the tests), npm s3rver (a third S3), and a
-# virtual environment with the package, its dev/crosscheck extras and the CPU torch wheel.
+# from Debian nginx (the http/https server of the tests), docker-registry, skopeo and umoci
+# (a real registry and the image tools the image tests build with) and strace (image
+# profile); npm s3rver (a third S3); and a virtual environment with the package, its
+# dev/crosscheck extras and the CPU torch wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-if ! command -v nginx >/dev/null 2>&1 && [ ! -x /usr/sbin/nginx ]; then
+missing=()
+{ command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null 2>&1 || missing+=(nginx-light)
+for tool in docker-registry skopeo umoci strace; do
+  command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "tests/setup.sh: nginx is missing; install it: sudo apt-get install nginx-light" >&2
+    echo "tests/setup.sh: missing ${missing[*]}; install: sudo apt-get install ${missing[*]}" >&2
     exit 1
   fi
 fi

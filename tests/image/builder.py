@@ -84,12 +84,13 @@ def run(*cmd: str | Path) -> str:
 class OciBuilder:
     """An OCI layout at ``root`` with one image ``tag``, grown a layer at a time."""
 
-    def __init__(self, root: Path, tag: str = "latest") -> None:
+    def __init__(self, root: Path, tag: str = "latest", *, new: bool = True) -> None:
         self.root, self.tag = root, tag
         self._n = 0
         if not (root / "oci-layout").exists():
             run("umoci", "init", "--layout", root)
-        run("umoci", "new", "--image", f"{root}:{tag}")
+        if new:
+            run("umoci", "new", "--image", f"{root}:{tag}")
 
     @property
     def ref(self) -> str:
@@ -98,6 +99,7 @@ class OciBuilder:
     def layer(self, members: list[Member], created_by: str, fmt: int = tarfile.PAX_FORMAT) -> None:
         self._n += 1
         tar = self.root.parent / f"{self.root.name}-{self.tag}-layer{self._n}.tar"
+        assert not tar.exists()
         write_layer(tar, members, fmt)
         run(
             "umoci",

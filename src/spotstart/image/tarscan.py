@@ -98,6 +98,7 @@ class TarScanner:
         self._collect: bytearray | None = None  # data of a pax / long-name member being read
         self._collect_left = 0
         self._meta_kind = b""
+        self._meta_size = 0
         self._pax: dict[str, str] = {}
         self._global: dict[str, str] = {}
         self._long_name: str | None = None
@@ -169,6 +170,7 @@ class TarScanner:
             if size > _META_LIMIT:
                 raise InvalidImage(f"tar extended header of {size} bytes")
             self._meta_kind = typeflag
+            self._meta_size = size
             self._collect = bytearray()
             self._collect_left = padded
             if padded == 0:
@@ -197,6 +199,8 @@ class TarScanner:
             kind = "file"
         if kind == "file" and typeflag in (b"0", b"\0") and name.endswith("/"):
             kind = "dir"  # V7 archives mark directories by the trailing slash
+        if kind == "dir" and len(name) > 1:
+            name = name.rstrip("/")
         if kind != "file":
             # Links, directories, devices and FIFOs carry no data, whatever the size field
             # says (what tarfile and GNU tar do).
@@ -206,7 +210,7 @@ class TarScanner:
 
     def _finish_meta(self) -> None:
         assert self._collect is not None
-        data = bytes(self._collect)
+        data = bytes(self._collect[: self._meta_size])  # the rest is block padding
         self._collect = None
         if self._meta_kind == b"x":
             self._pax = _pax_records(data)

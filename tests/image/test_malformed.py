@@ -1,0 +1,216 @@
+"""Broken images and refusing registries: one clear line and a distinct exit code each
+(12 invalid image, 13 unsupported, 3 not found, 4 access, 6 integrity), never a report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from spotstart.emulate.registry import DockerRegistry
+from tests.conftest import error_line, run_cli
+from tests.image import builder
+from tests.image.conftest import USERS, docker_config
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _copy_layout(images: dict[str, Path], tmp_path: Path) -> Path:
+    dest = tmp_path / "layout"
+    shutil.copytree(images["oci"], dest)
+    return dest
+
+
+def _manifest(layout: Path, tag: str = "v1") -> tuple[dict, dict, Path]:
+    index = json.loads((layout / "index.json").read_text())
+    desc = next(
+        m
+        for m in index["manifests"]
+        if m["annotations"]["org.opencontainers.image.ref.name"] == tag
+    )
+    path = layout / "blobs" / "sha256" / desc["digest"].split(":")[1]
+    return index, json.loads(path.read_text()), path
+
+
+def _rewrite_manifest(layout: Path, manifest: dict, index: dict, tag: str = "v1") -> None:
+    data = json.dumps(manifest).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    for m in index["manifests"]:
+        if m["annotations"]["org.opencontainers.image.ref.name"] == tag:
+            m["digest"], m["size"] = f"sha256:{digest}", len(data)
+    (layout / "index.json").write_text(json.dumps(index))
+
+
+def _layer_blob(layout: Path, manifest: dict, i: int) -> Path:
+    return layout / "blobs" / "sha256" / manifest["layers"][i]["digest"].split(":")[1]
+
+
+def test_truncated_archive_is_an_invalid_image(images: dict[str, Path], tmp_path: Path) -> None:
+    cut = tmp_path / "cut.tar"
+    data = images["docker"].read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    result = run_cli(["image", "audit", f"docker-archive:{cut}"])
+    assert result.code == 12, result.stderr
+    assert "truncated" in error_line(result.stderr) or "not a readable tar" in error_line(
+        result.stderr
+    )
+
+
+def test_truncated_layer_blob_is_an_integrity_error(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    layout = _copy_layout(images, tmp_path)
+    _, manifest, _ = _manifest(layout)
+    blob = _layer_blob(layout, manifest, 0)
+    blob.write_bytes(blob.read_bytes()[:-100])
+    result = run_cli(["image", "audit", f"oci:{layout}:v1"])
+    assert result.code == 6, result.stderr
+    assert "the manifest says" in error_line(result.stderr)
+
+
+def test_missing_blob_is_not_found(images: dict[str, Path], tmp_path: Path) -> None:
+    layout = _copy_layout(images, tmp_path)
+    _, manifest, _ = _manifest(layout)
+    _layer_blob(layout, manifest, 2).unlink()
+    result = run_cli(["image", "audit", f"oci:{layout}:v1"])
+    assert result.code == 3, result.stderr
+    assert "missing" in error_line(result.stderr)
+
+
+def test_a_flipped_byte_fails_the_digest(images: dict[str, Path], tmp_path: Path) -> None:
+    layout = _copy_layout(images, tmp_path)
+    _, manifest, _ = _manifest(layout)
+    blob = _layer_blob(layout, manifest, 1)
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    blob.write_bytes(bytes(data))
+    result = run_cli(["image", "audit", f"oci:{layout}:v1", "--json"])
+    assert result.code == 6, result.stderr
+    assert "digest" in error_line(result.stderr)
+    assert result.stdout == ""
+
+
+def test_unknown_layer_media_type_is_unsupported(images: dict[str, Path], tmp_path: Path) -> None:
+    layout = _copy_layout(images, tmp_path)
+    index, manifest, _ = _manifest(layout)
+    manifest["layers"][0]["mediaType"] = "application/vnd.example.encrypted.layer.v1+gzip+encrypted"
+    _rewrite_manifest(layout, manifest, index)
+    result = run_cli(["image", "audit", f"oci:{layout}:v1"])
+    assert result.code == 13, result.stderr
+    assert "media type" in error_line(result.stderr)
+
+
+def test_an_index_without_the_platform_asked_for_is_not_found(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    layout = _copy_layout(images, tmp_path)
+    index, _, _path = _manifest(layout)
+    desc = next(
+        m
+        for m in index["manifests"]
+        if m["annotations"]["org.opencontainers.image.ref.name"] == "v1"
+    )
+    inner = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [
+            {
+                **{k: v for k, v in desc.items() if k != "annotations"},
+                "platform": {"os": "linux", "architecture": "arm64"},
+            }
+        ],
+    }
+    data = json.dumps(inner).encode()
+    digest = hashlib.sha256(data).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(data)
+    desc.update(
+        mediaType="application/vnd.oci.image.index.v1+json",
+        digest=f"sha256:{digest}",
+        size=len(data),
+    )
+    (layout / "index.json").write_text(json.dumps(index))
+    result = run_cli(["image", "audit", f"oci:{layout}:v1"])
+    assert result.code == 3, result.stderr
+    assert "linux/amd64" in error_line(result.stderr) and "linux/arm64" in error_line(result.stderr)
+    picked = run_cli(["image", "audit", f"oci:{layout}:v1", "--platform", "linux/arm64", "--json"])
+    assert picked.code == 0, picked.stderr
+
+
+def test_a_layer_that_is_not_a_tar_is_an_invalid_image(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    layout = _copy_layout(images, tmp_path)
+    index, manifest, _ = _manifest(layout)
+    junk = b"this is not a tar archive at all\n" * 100
+    digest = hashlib.sha256(junk).hexdigest()
+    (layout / "blobs" / "sha256" / digest).write_bytes(junk)
+    manifest["layers"][0].update(digest=f"sha256:{digest}", size=len(junk))
+    _rewrite_manifest(layout, manifest, index)
+    result = run_cli(["image", "audit", f"oci:{layout}:v1"])
+    assert result.code == 12, result.stderr
+
+
+def test_a_digest_that_names_a_path_is_refused(images: dict[str, Path], tmp_path: Path) -> None:
+    layout = _copy_layout(images, tmp_path)
+    index, manifest, _ = _manifest(layout)
+    manifest["layers"][0]["digest"] = "sha256:../../../../etc/passwd"
+    _rewrite_manifest(layout, manifest, index)
+    result = run_cli(["image", "audit", f"oci:{layout}:v1"])
+    assert result.code == 12, result.stderr
+    assert "not an OCI digest" in error_line(result.stderr)
+
+
+def test_registry_404_is_not_found(registry: DockerRegistry) -> None:
+    result = run_cli(["image", "audit", f"{registry.address}/team/missing:v9"])
+    assert result.code == 3, result.stderr
+    assert "MANIFEST_UNKNOWN" in error_line(result.stderr) or "NAME_UNKNOWN" in error_line(
+        result.stderr
+    )
+
+
+@pytest.fixture(scope="module")
+def pushed(
+    token_registry: DockerRegistry,
+    images: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> str:
+    auth = docker_config(
+        tmp_path_factory.mktemp("push-auth"), token_registry.address, "alice", USERS["alice"]
+    )
+    builder.skopeo(
+        f"oci:{images['oci']}:v1",
+        f"docker://{token_registry.address}/private/app:v1",
+        "--dest-tls-verify=false",
+        "--dest-authfile",
+        str(auth / "config.json"),
+    )
+    return f"{token_registry.address}/private/app:v1"
+
+
+def test_bearer_token_from_docker_config_reads_a_private_image(
+    pushed: str, token_registry: DockerRegistry, tmp_path: Path
+) -> None:
+    conf = docker_config(tmp_path / "docker", token_registry.address, "alice", USERS["alice"])
+    result = run_cli(
+        ["image", "audit", f"docker://{pushed}", "--json"], env={"DOCKER_CONFIG": str(conf)}
+    )
+    assert result.code == 0, result.stderr
+    assert json.loads(result.stdout)["kind"] == "registry"
+    assert token_registry.token is not None
+    assert any(r["authorization"].startswith("Basic ") for r in token_registry.token.requests)
+
+
+def test_registry_401_without_or_with_wrong_credentials(
+    pushed: str, token_registry: DockerRegistry, tmp_path: Path
+) -> None:
+    none = run_cli(["image", "audit", pushed], env={"DOCKER_CONFIG": str(tmp_path / "empty")})
+    assert none.code == 4, none.stderr
+    assert "docker login" in error_line(none.stderr)
+    conf = docker_config(tmp_path / "wrong", token_registry.address, "alice", "not-it")
+    wrong = run_cli(["image", "audit", pushed], env={"DOCKER_CONFIG": str(conf)})
+    assert wrong.code == 4, wrong.stderr
+    assert "refused the credentials" in error_line(wrong.stderr)
