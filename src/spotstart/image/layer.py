@@ -5,12 +5,13 @@ memory is the queue's bound (``QUEUE_CHUNKS`` decompressed pieces per layer in f
 
 from __future__ import annotations
 
+import io
 import queue
 import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 import zstandard
 
@@ -45,52 +46,69 @@ class LayerStats:
     bytes_uncompressed: int = 0
 
 
-def _inflate(pieces: Iterator[bytes], new: Callable[[], _Decoder], name: str) -> Iterator[bytes]:
-    # Concatenated gzip members are one valid stream (RFC 1952 2.2); zstd:chunked and pzstd
-    # write many frames: after each end, a fresh decoder takes what is left.
-    d = new()
+OUT_BYTES = 4 << 20  # most decompressed bytes per call: zeros inflate 1000x, memory must not
+
+
+def _gunzip(pieces: Iterator[bytes]) -> Iterator[bytes]:
+    # Concatenated gzip members are one valid stream (RFC 1952 2.2): after each member's
+    # end a fresh decoder takes what is left.
+    d = zlib.decompressobj(31)
     fed = False
     for piece in pieces:
         while piece:
             fed = True
-            out = d.decompress(piece)
+            out = d.decompress(piece, OUT_BYTES)
             if out:
                 yield out
             if d.eof:
-                piece, d, fed = d.unused_data, new(), False
+                piece, d, fed = d.unused_data, zlib.decompressobj(31), False
             else:
-                piece = b""
-    if fed and not d.eof:
-        raise InvalidImage(f"the layer's {name} stream is truncated")
+                piece = d.unconsumed_tail
+    while fed and not d.eof:
+        out = d.decompress(d.unconsumed_tail, OUT_BYTES)
+        if not out:
+            raise InvalidImage("the layer's gzip stream is truncated")
+        yield out
 
 
-class _Decoder(Protocol):
-    @property
-    def eof(self) -> bool: ...
+class _PieceReader(io.RawIOBase):
+    """The blob's pieces as a file, for zstd's stream reader."""
 
-    @property
-    def unused_data(self) -> bytes: ...
+    def __init__(self, pieces: Iterator[bytes]) -> None:
+        self._pieces = pieces
+        self._left = memoryview(b"")
 
-    def decompress(self, data: bytes) -> bytes: ...
+    def readable(self) -> bool:
+        return True
 
-
-def _gunzip(pieces: Iterator[bytes]) -> Iterator[bytes]:
-    return _inflate(pieces, lambda: zlib.decompressobj(31), "gzip")
+    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
+        while not len(self._left):
+            nxt = next(self._pieces, None)
+            if nxt is None:
+                return 0
+            self._left = memoryview(nxt)
+        n = min(len(buf), len(self._left))
+        buf[:n] = self._left[:n]
+        self._left = self._left[n:]
+        return n
 
 
 def _unzstd(pieces: Iterator[bytes]) -> Iterator[bytes]:
-    dctx = zstandard.ZstdDecompressor()
-    return _inflate(pieces, dctx.decompressobj, "zstd")
+    # zstd:chunked and pzstd write many frames: read across them. The reader bounds each
+    # output to OUT_BYTES. (It does not report a stream cut at a frame's middle: the blob's
+    # size and digest, and the tar's own end, do.)
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        io.BufferedReader(_PieceReader(pieces)), read_size=READ_BYTES, read_across_frames=True
+    )
+    while out := reader.read(OUT_BYTES):
+        yield out
 
 
 def _pieces(f: BinaryIO, first: bytes, counter: Callable[[bytes], None]) -> Iterator[bytes]:
     counter(first)
     if first:
         yield first
-    while True:
-        piece = f.read(READ_BYTES)
-        if not piece:
-            return
+    while piece := f.read(READ_BYTES):
         counter(piece)
         yield piece
 
