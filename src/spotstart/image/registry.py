@@ -40,8 +40,8 @@ from spotstart.image import oci
 from spotstart.image.digest import Digest
 from spotstart.image.sources import (
     ResolvedImage,
-    _layers_from_manifest,
     check_bytes,
+    layers_from_manifest,
     read_verified,
     resolve_index,
 )
@@ -555,7 +555,7 @@ def open_registry_image(
             kind="registry",
             manifest_digest=str(digest),
             config=config,
-            layers=_layers_from_manifest(registry, manifest, config, what),
+            layers=layers_from_manifest(registry, manifest, config, what),
         )
     except BaseException:
         registry.close()

@@ -215,7 +215,7 @@ class TarArchive:
         pass
 
 
-def _layers_from_manifest(
+def layers_from_manifest(
     store: BlobStore, manifest: oci.Manifest, config: oci.ImageConfig, what: str
 ) -> tuple[LayerRef, ...]:
     if len(config.diff_ids) != len(manifest.layers):
@@ -282,7 +282,7 @@ def resolve_oci(
         kind=kind,
         manifest_digest=str(desc.digest),
         config=config,
-        layers=_layers_from_manifest(store, manifest, config, what),
+        layers=layers_from_manifest(store, manifest, config, what),
     )
 
 
