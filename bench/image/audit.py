@@ -68,10 +68,10 @@ class _Chunks(io.RawIOBase):
 def _tar_stream(members):  # type: ignore[no-untyped-def]
     sink = _Chunks()
     tf = tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT)  # noqa: SIM115 - a generator
-    for name, data in members:
+    for name, size, body in members:
         info = tarfile.TarInfo(name)
-        info.size = len(data)
-        tf.addfile(info, io.BytesIO(data))
+        info.size = size
+        tf.addfile(info, body)
         if sum(map(len, sink.parts)) > 8 << 20:
             yield from sink.parts
             sink.parts.clear()
@@ -82,15 +82,30 @@ def _tar_stream(members):  # type: ignore[no-untyped-def]
 def _small(n: int, rnd: random.Random):  # type: ignore[no-untyped-def]
     for i in range(n):
         size = rnd.randrange(500, 12000)
-        yield (
-            f"usr/lib/python3.11/site-packages/pkg{i // 400}/mod{i}.py",
-            rnd.randbytes(size // 3) + b"\0" * (size - size // 3),
-        )
+        data = rnd.randbytes(size // 3) + b"\0" * (size - size // 3)
+        yield f"usr/lib/python3.11/site-packages/pkg{i // 400}/mod{i}.py", size, io.BytesIO(data)
+
+
+class _Body(io.RawIOBase):
+    """``size`` bytes of half random, half zero 8 MiB blocks, made as read (no whole file)."""
+
+    def __init__(self, size: int, block: bytes) -> None:
+        self._left, self._block = size, block
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:  # type: ignore[override]
+        n = self._left if n < 0 else min(n, self._left)
+        out = (self._block * (n // len(self._block) + 1))[:n]
+        self._left -= n
+        return out
 
 
 def _large(count: int, each: int, rnd: random.Random, prefix: str):  # type: ignore[no-untyped-def]
+    block = rnd.randbytes(4 << 20) + bytes(4 << 20)
     for i in range(count):
-        yield f"{prefix}/blob{i}.bin", rnd.randbytes(each // 2) + b"\0" * (each - each // 2)
+        yield f"{prefix}/blob{i}.bin", each, _Body(each, block)
 
 
 def make_image(root: Path, total_bytes: int, large_factor: int = 1) -> Path:
