@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 def format_bytes(n: int) -> str:
     """Three significant digits in the largest unit that keeps the number >= 1, so two sizes
@@ -21,36 +23,18 @@ def format_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1000,
-    "kb": 1000,
-    "m": 10**6,
-    "mb": 10**6,
-    "g": 10**9,
-    "gb": 10**9,
-    "t": 10**12,
-    "tb": 10**12,
-    "kib": 1 << 10,
-    "mib": 1 << 20,
-    "gib": 1 << 30,
-    "tib": 1 << 40,
-}
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)[bB]?")
 
 
-def parse_bytes(text: str) -> int:
-    """``"1.5GB"``, ``"800MiB"``, ``"1000"`` -> bytes; ValueError otherwise.
+def parse_size(text: str) -> int:
+    """The one parser of sizes on the command line (``--chunk-size``, ``--max-waste-bytes``):
+    units of 1024, with or without ``i``/``B``; plain numbers are bytes.
 
-    >>> parse_bytes("1.5GB"), parse_bytes("2MiB"), parse_bytes("10")
-    (1500000000, 2097152, 10)
+    >>> parse_size("16M"), parse_size("16MiB"), parse_size("500k"), parse_size("4194304")
+    (16777216, 16777216, 512000, 4194304)
     """
-    t = text.strip().lower().replace(" ", "")
-    digits = len(t) - len(t.lstrip("0123456789."))
-    number, unit = t[:digits], t[digits:]
-    if not number or unit not in _UNITS:
-        raise ValueError(f"{text!r} is not a byte count (e.g. 500MB, 2GiB)")
-    value = float(number) * _UNITS[unit]
-    if value < 0:
-        raise ValueError(f"{text!r} is negative")
-    return int(value)
+    m = _SIZE.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"{text!r}: not a size (examples: 8M, 16MiB, 1G, 4194304)")
+    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
+    return int(float(m.group(1)) * scale)

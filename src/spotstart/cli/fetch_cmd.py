@@ -4,25 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 
 from rich.console import Console
 
+from spotstart import units
 from spotstart.cli.progress import LineProgress, RichProgress
 from spotstart.errors import UsageError
 from spotstart.fetch import FetchConfig, FetchReport, NullProgress, ProgressListener, fetch
 
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kKmMgG]?)(i?)[bB]?")
-
 
 def parse_size(text: str) -> int:
-    """``16M``/``16MiB`` -> 16 MiB; ``500k`` -> 500 KiB; plain numbers are bytes."""
-    m = _SIZE.fullmatch(text.strip())
-    if not m:
-        raise UsageError(f"{text!r}: not a size (examples: 8M, 16MiB, 1G, 4194304)")
-    scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+    try:
+        return units.parse_size(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -15,12 +15,12 @@ from rich.markup import escape
 from rich.table import Table
 
 from spotstart.errors import BudgetExceeded, UsageError
-from spotstart.units import format_bytes, parse_bytes
+from spotstart.units import format_bytes, parse_size
 
 
 def _bytes(text: str) -> int:
     try:
-        return parse_bytes(text)
+        return parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -64,7 +64,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     a.add_argument("--against", metavar="IMAGE2", help="compare with a second image, per rule")
     a.add_argument("--platform", default="linux/amd64", help="os/arch[/variant] in an index")
     a.add_argument("--json", action="store_true", help="the whole report as JSON on stdout")
-    a.add_argument("--max-waste-bytes", type=_bytes, metavar="N", help="gate: exit 14 above")
+    a.add_argument(
+        "--max-waste-bytes",
+        type=_bytes,
+        metavar="N",
+        help="gate: exit 14 above (e.g. 2G: units of 1024, as --chunk-size)",
+    )
     a.add_argument("--max-waste-ratio", type=_ratio, metavar="R", help="gate: exit 14 above")
     a.add_argument(
         "--target", choices=("gpu", "cpu"), default="gpu", help="what the image serves on"
