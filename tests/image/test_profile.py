@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from spotstart.emulate.registry import DockerRegistry
 from spotstart.emulate.servers import free_port
 from tests.conftest import error_line, run_cli
 from tests.image import builder, pyroot
@@ -162,3 +163,21 @@ def test_profile_needs_a_readiness_signal(tmp_path: Path) -> None:
     result = run_cli(["image", "profile", "--rootfs", str(tmp_path), "--", "true"])
     assert result.code == 2
     assert "--ready-url" in error_line(result.stderr)
+
+
+def test_profile_unpacks_an_image_from_a_plain_http_registry(
+    server_image: Path, registry: DockerRegistry, tmp_path: Path
+) -> None:
+    builder.skopeo(
+        f"oci:{server_image}:server",
+        f"docker://{registry.address}/team/server:v1",
+        "--dest-tls-verify=false",
+    )
+    out = tmp_path / "profile"
+    code, stderr, summary = _profile(
+        ["--image", f"{registry.address}/team/server:v1"], out, free_port()
+    )
+    assert code == 0, stderr
+    nydus = (out / "nydus-prefetch.txt").read_text().splitlines()
+    assert "/app/server.py" in nydus
+    assert not any("not files of the image" in w for w in summary["warnings"])

@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -16,6 +16,9 @@ from rich.table import Table
 
 from spotstart.errors import BudgetExceeded, UsageError
 from spotstart.units import format_bytes, parse_size
+
+if TYPE_CHECKING:  # the image package is imported when a verb runs, not at CLI start
+    from spotstart.image import AuditOptions, AuditReport, Comparison
 
 
 def _bytes(text: str) -> int:
@@ -87,7 +90,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _add_profile(verbs)
 
 
-def _options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+def _options(args: argparse.Namespace) -> AuditOptions:
     from spotstart.image import AuditOptions, Platform, PullModel, RuleOptions, read_profile_paths
 
     backends = None
@@ -140,7 +143,7 @@ def run_audit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gate(report, max_bytes: int | None, max_ratio: float | None) -> None:  # type: ignore[no-untyped-def]
+def _gate(report: AuditReport, max_bytes: int | None, max_ratio: float | None) -> None:
     over = []
     if max_bytes is not None and report.bytes_waste > max_bytes:
         over.append(
@@ -156,7 +159,7 @@ def _size(n: int | None) -> str:
     return "?" if n is None else format_bytes(n)
 
 
-def _print_report(out: Console, r) -> None:  # type: ignore[no-untyped-def]
+def _print_report(out: Console, r: AuditReport) -> None:
     out.print(f"[bold]{escape(r.image)}[/bold]  {r.kind}  {r.platform}  {r.manifest_digest[:19]}")
     t = Table(title="layers", title_justify="left")
     for col in ("#", "compressed", "uncompressed", "wasted", "files", "created by"):
@@ -212,7 +215,7 @@ def _print_report(out: Console, r) -> None:  # type: ignore[no-untyped-def]
         out.print(f"[dim]note: {escape(note)}[/dim]")
 
 
-def _print_comparison(out: Console, c) -> None:  # type: ignore[no-untyped-def]
+def _print_comparison(out: Console, c: Comparison) -> None:
     t = Table(title=f"{c.before.image} -> {c.after.image}", title_justify="left")
     for col in ("rule", "before", "after", "change"):
         t.add_column(col, justify="left" if col == "rule" else "right")

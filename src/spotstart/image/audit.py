@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -236,7 +236,7 @@ def _report(
             hidden_ids.add(id(inode))
     waste = waste_c = hidden = 0
     weights_c = weights_u = 0
-    baked = {id(i) for i in tree.inodes if rules.PATH_RULES[1].match(i.path)}
+    waste_by_layer = [0] * len(image.layers)  # hidden or counted: what a lean image drops
     for inode in tree.inodes:
         key = id(inode)
         if inode.links == 0:
@@ -244,7 +244,8 @@ def _report(
         if key in hidden_ids or key in claimed:
             waste += inode.size
             waste_c += round(inode.size * ratio[inode.layer])
-        if key in baked and key in claimed:
+            waste_by_layer[inode.layer] += inode.size
+        if claimed.get(key) == "baked-weights":
             weights_u += inode.size
             weights_c += round(inode.size * ratio[inode.layer])
     findings = [_with_weights_note(f, weights_c, weights_u, options.pull) for f in findings]
@@ -252,17 +253,9 @@ def _report(
     total_u = sum(uncompressed)
     sizes_c = [c if c is not None else u for c, u in zip(compressed, uncompressed, strict=True)]
     lean_c = [
-        max(0, c - round(w * r))
-        for c, w, r in zip(
-            sizes_c, _claimed_by_layer(tree, claimed | hidden_ids, len(sizes_c)), ratio, strict=True
-        )
+        max(0, c - round(w * r)) for c, w, r in zip(sizes_c, waste_by_layer, ratio, strict=True)
     ]
-    lean_u = [
-        max(0, u - w)
-        for u, w in zip(
-            uncompressed, _claimed_by_layer(tree, claimed | hidden_ids, len(sizes_c)), strict=True
-        )
-    ]
+    lean_u = [max(0, u - w) for u, w in zip(uncompressed, waste_by_layer, strict=True)]
     layer_reports = tuple(
         LayerReport(
             index=layer.index,
@@ -304,14 +297,6 @@ def _report(
     )
 
 
-def _claimed_by_layer(tree: MergedTree, ids: set[int], layers: int) -> list[int]:
-    out = [0] * layers
-    for inode in tree.inodes:
-        if id(inode) in ids:
-            out[inode.layer] += inode.size
-    return out
-
-
 def _with_weights_note(
     f: rules.Finding, size_c: int, size_u: int, model: pull.PullModel
 ) -> rules.Finding:
@@ -324,7 +309,7 @@ def _with_weights_note(
         f"MB/s, unpacked at {model.unpack_mb_s:g} MB/s); spotstart fetch: ~{fetched:.1f} s at "
         f"{model.bandwidth_mb_s:g} MB/s ({as_layer / fetched if fetched else 0:.1f}x faster)"
     )
-    return rules.Finding(**{**asdict(f), "note": note, "examples": f.examples, "layers": f.layers})
+    return replace(f, note=note)
 
 
 def _startup(

@@ -36,9 +36,7 @@ def nydus_prefetch(paths: Sequence[str]) -> str:
     return "".join(p + "\n" for p in paths)
 
 
-def write_all(
-    out_dir: Path, files: Sequence[Any], opts: Any, summary: dict[str, object]
-) -> dict[str, str]:
+def write_all(out_dir: Path, files: Sequence[Any]) -> dict[str, str]:
     """The three lists of the code files (weights excluded) in first-read order."""
     code = [f.path for f in files if f.kind == "code"]
     outputs = {

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from spotstart.errors import NotReady, UsageError
 from spotstart.image import prefetch, rules
+from spotstart.image.tree import MergedTree
 
 _LINE = re.compile(r"^(\d+) +(\w+)\((.*)\) += (-?\d+)(?:<(.*)>)?")
 _FIRST_STR = re.compile(r'"((?:[^"\\]|\\.)*)"')
@@ -424,7 +425,7 @@ def _rootfs_bytes(root: Path) -> int:
     return total
 
 
-def _unpack(image: str, work: Path, platform: str) -> Path:
+def _unpack(facts: _ImageFacts, work: Path, platform: str) -> Path:
     """`--image`: skopeo copies it to an OCI layout, umoci unpacks it rootless."""
     for tool in ("skopeo", "umoci"):
         if shutil.which(tool) is None:
@@ -432,7 +433,7 @@ def _unpack(image: str, work: Path, platform: str) -> Path:
                 f"--image needs {tool} (apt-get install skopeo umoci); or unpack it "
                 "yourself and pass --rootfs"
             )
-    src = _skopeo_source(image)
+    src = facts.transport
     layout = work / "oci"
     os_, _, arch = platform.partition("/")
     out = subprocess.run(
@@ -441,6 +442,7 @@ def _unpack(image: str, work: Path, platform: str) -> Path:
             "copy",
             "--quiet",
             "--insecure-policy",
+            *(["--src-tls-verify=false"] if facts.plain_http else []),
             "--override-os",
             os_,
             "--override-arch",
@@ -453,7 +455,7 @@ def _unpack(image: str, work: Path, platform: str) -> Path:
         check=False,
     )
     if out.returncode != 0:
-        raise UsageError(f"--image {image}: skopeo could not read it: {out.stderr.strip()[-300:]}")
+        raise UsageError(f"--image {src}: skopeo could not read it: {out.stderr.strip()[-300:]}")
     bundle = work / "bundle"
     out = subprocess.run(
         ["umoci", "unpack", "--rootless", "--image", f"{layout}:profile", str(bundle)],
@@ -462,12 +464,13 @@ def _unpack(image: str, work: Path, platform: str) -> Path:
         check=False,
     )
     if out.returncode != 0:
-        raise UsageError(f"--image {image}: umoci could not unpack it: {out.stderr.strip()[-300:]}")
+        raise UsageError(f"--image {src}: umoci could not unpack it: {out.stderr.strip()[-300:]}")
     return bundle / "rootfs"
 
 
 def run_profile(opts: ProfileOptions) -> ProfileResult:
     opts.out_dir.mkdir(parents=True, exist_ok=True)
+    facts = _read_image(opts) if opts.image is not None else None
     with tempfile.TemporaryDirectory(prefix="spotstart-profile-") as tmp:
         work = Path(tmp)
         if opts.rootfs is not None:
@@ -475,8 +478,8 @@ def run_profile(opts: ProfileOptions) -> ProfileResult:
             if not root.is_dir():
                 raise UsageError(f"--rootfs {opts.rootfs}: not a directory")
         else:
-            assert opts.image is not None
-            root = _unpack(opts.image, work, opts.platform)
+            assert facts is not None
+            root = _unpack(facts, work, opts.platform)
         paths, tracer, seconds = trace(opts, root, work)
         shutil.copy(work / "server.log", opts.out_dir / "server.log")
         files = []
@@ -485,9 +488,10 @@ def run_profile(opts: ProfileOptions) -> ProfileResult:
             kind = "weights" if rules.is_weight_file(p, size) else "code"
             files.append(ProfiledFile(p, size, kind))
         result = ProfileResult(files, tracer, seconds, _rootfs_bytes(root))
-    result.outputs = prefetch.write_all(opts.out_dir, result.files, opts, result.summary())
-    if opts.image is not None:
-        result.warnings += _check_image(opts, [f.path for f in result.files if f.kind == "code"])
+    result.outputs = prefetch.write_all(opts.out_dir, result.files)
+    if facts is not None:
+        code = [f.path for f in result.files if f.kind == "code"]
+        result.warnings += prefetch.check_against_image(code, facts.tree, facts.layer_bytes)
     else:
         result.warnings.append(
             "profiled from --rootfs only: give --image too for the checks against the image "
@@ -508,36 +512,31 @@ def run_profile(opts: ProfileOptions) -> ProfileResult:
     return result
 
 
-def _check_image(opts: ProfileOptions, paths: list[str]) -> list[str]:
+@dataclass(frozen=True)
+class _ImageFacts:
+    """What `--image` tells the profile: its tree and layer sizes (for the checks) and how
+    skopeo names it (to unpack it). Read once, before the server runs."""
+
+    tree: MergedTree
+    layer_bytes: list[int]
+    transport: str
+    plain_http: bool
+
+
+def _read_image(opts: ProfileOptions) -> _ImageFacts:
     from spotstart.image.audit import AuditOptions, compressed_sizes, open_image, scan
     from spotstart.image.oci import Platform
 
-    with open_image(
-        opts.image or "", AuditOptions(platform=Platform.parse(opts.platform))
-    ) as image:
+    assert opts.image is not None
+    with open_image(opts.image, AuditOptions(platform=Platform.parse(opts.platform))) as image:
         tree, stats, _ = scan(image)
         sizes = [
             c if c is not None else st.bytes_uncompressed
             for c, st in zip(compressed_sizes(image, stats), stats, strict=True)
         ]
-    return prefetch.check_against_image(paths, tree, sizes)
-
-
-def _skopeo_source(image: str) -> str:
-    if re.match(r"^(?:docker|docker-archive|oci|oci-archive):", image):
-        return image
-    path = Path(image.rsplit(":", 1)[0] if not Path(image).exists() and ":" in image else image)
-    if path.is_dir():
-        return f"oci:{image}"
-    if path.is_file():
-        from spotstart.image.sources import TarArchive
-
-        return (
-            f"docker-archive:{image}"
-            if TarArchive(path).has("manifest.json") and not TarArchive(path).has("oci-layout")
-            else f"oci-archive:{image}"
-        )
-    return f"docker://{image}"
+        host = image.transport.removeprefix("docker://").split("/", 1)[0]
+        local = image.kind == "registry" and host.split(":")[0] in ("127.0.0.1", "localhost")
+        return _ImageFacts(tree, sizes, image.transport, local)
 
 
 def _profile_doc(opts: ProfileOptions, result: ProfileResult) -> dict[str, object]:

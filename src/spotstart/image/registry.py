@@ -7,6 +7,7 @@ token auth as ``WWW-Authenticate`` asks (the Docker token spec), credentials fro
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
@@ -538,9 +539,7 @@ def open_registry_image(
             check_bytes(data, reference.digest, None, what)
         doc = oci.load_json(data, f"{what} manifest")
         media_type = oci.media_type_of(doc, content_type)
-        digest = reference.digest or Digest(
-            "sha256", __import__("hashlib").sha256(data).hexdigest()
-        )
+        digest = reference.digest or Digest("sha256", hashlib.sha256(data).hexdigest())
         if media_type in oci.INDEX_TYPES:
             desc, manifest = resolve_index(registry, doc, ref="", platform=platform, what=what)
             digest = desc.digest
@@ -556,6 +555,7 @@ def open_registry_image(
             manifest_digest=str(digest),
             config=config,
             layers=layers_from_manifest(registry, manifest, config, what),
+            transport=f"docker://{reference.registry}/{reference.repository}@{digest}",
         )
     except BaseException:
         registry.close()

@@ -49,9 +49,6 @@ class PathRule:
     title: str
     fix: str
     match: Callable[[str], bool]
-    hidden_note: str = (
-        "deleting it in a later layer does not shrink the pull: do it in the same RUN"
-    )
 
 
 def _regex(pattern: str) -> Callable[[str], bool]:
@@ -207,10 +204,10 @@ def _finish(
 
 def evaluate(
     tree: MergedTree, options: RuleOptions, startup_paths: Iterable[str] = ()
-) -> tuple[list[Finding], set[int]]:
-    """The findings, and the ids of the inodes they count (for the waste total)."""
+) -> tuple[list[Finding], dict[int, str]]:
+    """The findings, and which rule counts each inode (by ``id``; for the waste total)."""
     buckets: dict[str, _Bucket] = defaultdict(_Bucket)
-    claimed: set[int] = set()
+    claimed: dict[int, str] = {}
     rest: list[Inode] = []
     for inode in tree.inodes:
         if not inode.size:
@@ -220,7 +217,7 @@ def evaluate(
                 rule.rule != "baked-weights" or inode.size >= WEIGHT_MIN_BYTES
             ):
                 buckets[rule.rule].add(inode)
-                claimed.add(id(inode))
+                claimed[id(inode)] = rule.rule
                 break
         else:
             rest.append(inode)
@@ -233,14 +230,15 @@ def evaluate(
         for finding, inodes in extra(tree, rest, options):
             findings.append(finding)
             if finding.counted:
-                claimed.update(id(i) for i in inodes)
-            rest = [i for i in rest if id(i) not in {id(x) for x in inodes}]
+                claimed.update((id(i), finding.rule) for i in inodes)
+            taken = {id(x) for x in inodes}
+            rest = [i for i in rest if id(i) not in taken]
     triton = _triton(rest, options, set(startup_paths))
     if triton is not None:
         finding, inodes = triton
         findings.append(finding)
         if finding.counted:
-            claimed.update(id(i) for i in inodes)
+            claimed.update((id(i), finding.rule) for i in inodes)
     return findings, claimed
 
 

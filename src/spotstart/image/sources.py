@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from spotstart.errors import InvalidImage, NotFound, UsageError
+from spotstart.errors import IntegrityError, InvalidImage, NotFound, UsageError
 from spotstart.image import oci
 from spotstart.image.digest import Digest
 
@@ -64,6 +64,7 @@ class ResolvedImage:
     manifest_digest: str
     config: oci.ImageConfig
     layers: tuple[LayerRef, ...]
+    transport: str = ""  # the same image as skopeo names it (docker-archive:F, oci:D:N, ...)
 
 
 def read_verified(store: BlobStore, desc: oci.Descriptor, what: str) -> bytes:
@@ -77,8 +78,6 @@ def read_verified(store: BlobStore, desc: oci.Descriptor, what: str) -> bytes:
 
 
 def check_bytes(data: bytes, digest: Digest, size: int | None, what: str) -> None:
-    from spotstart.errors import IntegrityError
-
     if size is not None and len(data) != size:
         raise IntegrityError(f"{what}: {len(data)} bytes, the descriptor says {size}")
     h = digest.hasher()
@@ -277,12 +276,14 @@ def resolve_oci(
     index = oci.load_json(store.read_file("index.json"), f"{what} index.json")
     desc, manifest = resolve_index(store, index, ref=ref, platform=platform, what=what)
     config = _config(store, manifest, what)
+    prefix = "oci" if kind == "oci-layout" else "oci-archive"
     return ResolvedImage(
         name=f"{what}{':' + ref if ref else ''}",
         kind=kind,
         manifest_digest=str(desc.digest),
         config=config,
         layers=layers_from_manifest(store, manifest, config, what),
+        transport=f"{prefix}:{what}{':' + ref if ref else ''}",
     )
 
 
@@ -349,6 +350,7 @@ def resolve_docker_archive(archive: TarArchive, *, ref: str) -> ResolvedImage:
         manifest_digest="",
         config=config,
         layers=tuple(refs),
+        transport=f"docker-archive:{what}{':' + ref if ref else ''}",
     )
 
 
