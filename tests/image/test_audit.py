@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from spotstart.emulate.crosscheck import Nginx
 from spotstart.emulate.registry import DockerRegistry
 from spotstart.image import AuditOptions, RuleOptions, audit
+from spotstart.image.oci import REF_NAME
 from tests.conftest import error_line, run_cli
 from tests.image import builder
 from tests.image.conftest import EXPECTED, HIDDEN_BY_LAYER, NOT_COUNTED
@@ -18,7 +20,24 @@ from tests.image.conftest import EXPECTED, HIDDEN_BY_LAYER, NOT_COUNTED
 pytestmark = pytest.mark.timeout(300)
 
 
-def _ref(kind: str, images: dict[str, Path], registry: DockerRegistry) -> str:
+def _static_registry(layout: Path, nginx: Nginx, repo: str, tag: str) -> str:
+    """The distribution API's read side as static files behind nginx (a second server: its
+    own ranges, no Docker-Content-Digest, octet-stream content types): a manifest by tag and
+    by digest, every blob by digest."""
+    index = json.loads((layout / "index.json").read_text())
+    desc = next(m for m in index["manifests"] if m["annotations"][REF_NAME] == tag)
+    blobs = layout / "blobs" / "sha256"
+    files = {f"v2/{repo}/blobs/sha256:{p.name}": p.read_bytes() for p in blobs.iterdir()}
+    manifest = (blobs / desc["digest"].split(":")[1]).read_bytes()
+    files[f"v2/{repo}/manifests/{tag}"] = manifest
+    files[f"v2/{repo}/manifests/{desc['digest']}"] = manifest
+    nginx.seed(files)
+    return f"{nginx.host}:{nginx.port}/{repo}:{tag}"
+
+
+def _ref(kind: str, images: dict[str, Path], registry: DockerRegistry, nginx: Nginx) -> str:
+    if kind == "static-registry":
+        return _static_registry(images["oci"], nginx, "static/app", "v1")
     if kind == "registry":
         builder.skopeo(
             f"oci:{images['oci']}:v1",
@@ -34,11 +53,14 @@ def _ref(kind: str, images: dict[str, Path], registry: DockerRegistry) -> str:
     }[kind]
 
 
-@pytest.mark.parametrize("kind", ["oci", "docker", "oci-archive", "zstd", "registry"])
+KINDS = ["oci", "docker", "oci-archive", "zstd", "registry", "static-registry"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_every_rule_finds_the_exact_bytes_the_image_holds(
-    kind: str, images: dict[str, Path], registry: DockerRegistry
+    kind: str, images: dict[str, Path], registry: DockerRegistry, nginx: Nginx
 ) -> None:
-    report = audit(_ref(kind, images, registry))
+    report = audit(_ref(kind, images, registry, nginx))
     found = {f.rule: f.bytes for f in report.findings}
     assert found == EXPECTED
     assert {f.rule for f in report.findings if not f.counted} == NOT_COUNTED

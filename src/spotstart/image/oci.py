@@ -158,16 +158,21 @@ def parse_descriptor(obj: object, what: str) -> Descriptor:
 
 
 def media_type_of(doc: dict[str, Any], declared: str) -> str:
-    """A manifest's type: the descriptor's or the header's, else its own mediaType field,
-    else guessed from its shape (OCI allows mediaType to be absent)."""
+    """A manifest's type: its own mediaType field, else the descriptor's or the response's
+    when that names a manifest or index type, else its shape (OCI lets mediaType be absent,
+    and static servers answer text/plain or octet-stream)."""
     own = doc.get("mediaType")
     if isinstance(own, str) and own:
         return own
-    if declared and declared not in ("application/json", "application/octet-stream"):
+    if declared in (*MANIFEST_TYPES, *INDEX_TYPES, *DOCKER_SCHEMA1):
         return declared
     if doc.get("schemaVersion") == 1:
         return DOCKER_SCHEMA1[0]
-    return OCI_INDEX if "manifests" in doc else OCI_MANIFEST
+    if "manifests" in doc:
+        return OCI_INDEX
+    if "config" in doc and "layers" in doc:
+        return OCI_MANIFEST
+    return declared or "unknown"
 
 
 def parse_index(doc: dict[str, Any], what: str) -> list[Descriptor]:
