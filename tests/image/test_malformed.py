@@ -214,3 +214,34 @@ def test_registry_401_without_or_with_wrong_credentials(
     wrong = run_cli(["image", "audit", pushed], env={"DOCKER_CONFIG": str(conf)})
     assert wrong.code == 4, wrong.stderr
     assert "refused the credentials" in error_line(wrong.stderr)
+
+
+def test_an_archive_member_linking_outside_the_archive_is_refused(tmp_path: Path) -> None:
+    import io
+    import tarfile
+
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + "0" * 64]},
+        }
+    ).encode()
+    archive = tmp_path / "evil.tar"
+    with tarfile.open(archive, "w") as tf:
+        for name, data in (
+            (
+                "manifest.json",
+                json.dumps([{"Config": "c.json", "Layers": ["x/layer.tar"]}]).encode(),
+            ),
+            ("c.json", config),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("x/layer.tar")
+        link.type, link.linkname = tarfile.SYMTYPE, "../../../../etc/passwd"
+        tf.addfile(link)
+    result = run_cli(["image", "audit", str(archive)])
+    assert result.code == 12, result.stderr
+    assert "links outside the archive" in error_line(result.stderr)
