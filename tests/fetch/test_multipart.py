@@ -19,6 +19,7 @@ from spotstart.emulate.crosscheck import MotoS3
 from spotstart.emulate.link import FaultRule, LinkConfig
 from spotstart.emulate.proxy import LinkEmulator
 from spotstart.errors import IntegrityError
+from spotstart.fetch.verify import ALGORITHMS
 from spotstart.store.s3 import _checksums
 from tests.conftest import BUCKET
 
@@ -125,7 +126,7 @@ def test_s3_checksum_headers_say_what_the_crc_covers(
     etag: str, crc: str, ctype: str | None, scope: str, n_parts: int
 ) -> None:
     sums, n = _checksums(etag, crc, ctype)
-    assert sums.crc32c == 1 and sums.crc32c_scope == scope and n == n_parts
+    assert sums.crc32c == 1 and sums.crc_scope == scope and n == n_parts
     assert (sums.md5 is None) == bool(n_parts)
     assert (sums.md5_of_parts is not None) == bool(n_parts)
 
@@ -176,3 +177,78 @@ def test_a_503_while_asking_part_sizes_is_retried_not_taken_for_no_parts(
     report = fetch(f"s3://{BUCKET}/mp/part503.bin", tmp_path, CFG)
     assert report.verified == {"size": 1, "crc32c-composite": 1}  # not degraded to size
     assert report.retries >= 1
+
+
+def _crc_b64(algorithm: str, data: bytes) -> str:
+    algo = ALGORITHMS[algorithm.lower()]
+    return base64.b64encode(algo.update(data, 0).to_bytes(algo.width_bytes, "big")).decode()
+
+
+def upload_with(moto: MotoS3, key: str, parts: list[bytes], algorithm: str) -> None:
+    """An upload whose checksum the uploader chose (the AWS SDKs' default is CRC64NVME)."""
+    client = moto.client()
+    field = f"Checksum{algorithm}"
+    if len(parts) == 1:
+        client.put_object(
+            Bucket=BUCKET,
+            Key=key,
+            Body=parts[0],
+            ChecksumAlgorithm=algorithm,
+            **{field: _crc_b64(algorithm, parts[0])},
+        )
+        return
+    extra = {"ChecksumType": "FULL_OBJECT"} if algorithm == "CRC64NVME" else {}
+    up = client.create_multipart_upload(
+        Bucket=BUCKET, Key=key, ChecksumAlgorithm=algorithm, **extra
+    )
+    done = []
+    for n, body in enumerate(parts, 1):
+        kw = {field: _crc_b64(algorithm, body)}
+        r = client.upload_part(
+            Bucket=BUCKET, Key=key, UploadId=up["UploadId"], PartNumber=n, Body=body, **kw
+        )
+        done.append({"PartNumber": n, "ETag": r["ETag"], **kw})
+    client.complete_multipart_upload(
+        Bucket=BUCKET, Key=key, UploadId=up["UploadId"], MultipartUpload={"Parts": done}
+    )
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "multipart", "kind"),
+    [
+        ("CRC64NVME", False, "crc64nvme"),
+        ("CRC64NVME", True, "crc64nvme"),  # FULL_OBJECT: the only type S3 allows for it
+        ("CRC32", False, "crc32"),
+        ("CRC32", True, "crc32-composite"),
+    ],
+)
+def test_s3_crc64nvme_and_crc32_objects_are_verified_by_their_own_crc(
+    algorithm: str,
+    multipart: bool,
+    kind: str,
+    moto: MotoS3,
+    moto_link: LinkEmulator,
+    tmp_path: Path,
+) -> None:
+    parts = part_bodies(f"{algorithm}{multipart}")
+    parts = parts if multipart else [b"".join(parts)]
+    key = f"crc/{algorithm}-{multipart}.bin"
+    upload_with(moto, key, parts, algorithm)
+    report = fetch(f"s3://{BUCKET}/{key}", tmp_path / "ok", CFG)
+    assert (tmp_path / "ok" / key.rsplit("/", 1)[1]).read_bytes() == b"".join(parts)
+    assert report.verified == {"size": 1, kind: 1}
+    # a byte flipped on the wire: found by that CRC, the bad chunk fetched again
+    moto_link.set_faults([FaultRule(kind="corrupt", at_byte=1000, method="GET", ranged_only=True)])
+    again = fetch(f"s3://{BUCKET}/{key}", tmp_path / "flip", CFG)
+    assert (tmp_path / "flip" / key.rsplit("/", 1)[1]).read_bytes() == b"".join(parts)
+    assert again.refetched_chunks == 1 and again.verified == {"size": 1, kind: 1}
+
+
+def test_a_crc64nvme_header_of_the_wrong_width_is_no_checksum() -> None:
+    # moto without the CRT library labels a 4-byte CRC-32 as CRC64NVME
+    sums, _ = _checksums('"x"', "AAAAAQ==", "FULL_OBJECT", algorithm="crc64nvme")
+    assert sums.crc is None
+    sums, _ = _checksums(
+        '"x"', base64.b64encode(bytes(7) + b"\x05").decode(), None, algorithm="crc64nvme"
+    )
+    assert sums.crc == ("crc64nvme", 5) and sums.crc_scope == "object"

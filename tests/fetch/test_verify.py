@@ -30,3 +30,23 @@ def test_chunk_crcs_combine_to_the_whole_object_crc(data: bytes, cuts: list[int]
 def test_known_vector() -> None:
     # RFC 3720 B.4: CRC-32C of 32 bytes of zeros
     assert crc32c(bytes(32)) == 0x8A9136AA
+
+
+@given(a=st.binary(max_size=5000), b=st.binary(max_size=5000))
+def test_every_crc_combines_as_if_computed_over_the_concatenation(a: bytes, b: bytes) -> None:
+    from spotstart.fetch.verify import ALGORITHMS
+
+    for algo in ALGORITHMS.values():
+        whole = algo.update(a + b, 0)
+        assert (
+            combine_chunk_crcs([(algo.update(a, 0), len(a)), (algo.update(b, 0), len(b))], algo)
+            == whole
+        )
+
+
+def test_crc_reference_values() -> None:
+    from spotstart.fetch.verify import CRC32, CRC64NVME
+
+    # the check values of the CRC catalogue (reveng): the CRC of b"123456789"
+    assert CRC32.update(b"123456789", 0) == 0xCBF43926
+    assert CRC64NVME.update(b"123456789", 0) == 0xAE8B14860A799888

@@ -63,6 +63,13 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--concurrency", type=int, help="fixed number of streams (default: auto)")
     p.add_argument("--max-concurrency", type=int, default=64, help="ceiling for auto (64)")
     p.add_argument("--chunk-size", type=parse_size, help="bytes per ranged read (default: auto)")
+    p.add_argument(
+        "--verify",
+        choices=("auto", "size", "full"),
+        default="auto",
+        help="auto: size and the store's strongest checksum (CRC as bytes arrive, else MD5); "
+        "size: size only; full: a checksum is required and recomputed from disk",
+    )
     p.add_argument("--retries", type=int, default=8, help="attempts per chunk (8)")
     p.add_argument(
         "--stall-timeout",
@@ -89,6 +96,7 @@ def config_from_args(args: argparse.Namespace) -> FetchConfig:
         raise UsageError("--retries must be >= 1")
     return FetchConfig(
         chunk_bytes=args.chunk_size,
+        verify=args.verify,
         concurrency=args.concurrency,
         concurrency_max=args.max_concurrency,
         max_attempts=args.retries,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,13 @@ class FetchConfig:
       the rename). Off by default: the journal only lists chunks whose writes completed, which
       is enough to resume after the process is killed (the page cache survives), and a spot
       node's local NVMe does not survive the node. Costs ~30% of throughput here.
+    - ``verify``: ``"auto"`` (default) checks the size and the strongest checksum the store
+      gives for the object: its CRC (CRC-32C, CRC-64/NVME, CRC-32; computed per chunk as the
+      bytes arrive, combined at the end: no reread), else its MD5 (hashed in order beside the
+      transfer), else the size alone (reported as such). ``"size"``: the size only (no MD5
+      pass; the per-chunk CRC still finds a bad chunk on a mismatch). ``"full"``: a content
+      checksum is required (an object without one fails with exit 6, nothing kept) and it is
+      computed again from the bytes where they landed, after the last write.
     - ``endpoint``/``anonymous``: talk to another endpoint (S3-compatible store, emulator);
       send unsigned requests (public buckets) instead of looking for credentials.
     """
@@ -40,6 +48,7 @@ class FetchConfig:
     stall_timeout_s: float = 20.0
     connect_timeout_s: float = 10.0
     verify_passes: int = 2
+    verify: Literal["auto", "size", "full"] = "auto"
     fsync: bool = False
     endpoint: str | None = None
     anonymous: bool = False

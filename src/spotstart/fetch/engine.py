@@ -38,7 +38,7 @@ from spotstart.fetch.cache import INDEX_DIR, CacheIndex
 from spotstart.fetch.config import FetchConfig, FetchReport, FileResult
 from spotstart.fetch.journal import JournalHeader, local_error
 from spotstart.fetch.target import DiskTarget, FileTarget
-from spotstart.fetch.verify import combine_chunk_crcs, crc32c
+from spotstart.fetch.verify import ALGORITHMS, CRC32C, CrcAlgorithm, combine_chunk_crcs
 from spotstart.fetch.writer import DiskWriter
 from spotstart.store import HttpOptions, ObjectInfo, RangeSource, StorageURL, open_source, parse_url
 from spotstart.units import format_bytes
@@ -96,6 +96,10 @@ class TransferFile:
     finishing: bool = False
     changed: bool = False  # the object was replaced while being read
     md5: _OrderedMd5 | None = None
+    # The CRC computed per chunk as bytes arrive: the store's own algorithm where it gives a
+    # CRC (so the whole-object check is a combination, no reread), else CRC-32C (for the
+    # refetch-to-find-the-bad-chunk pass).
+    crc_algorithm: CrcAlgorithm = CRC32C
     # Serialises journal commits (commit loop) with the final commit + rename (_finish).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -167,7 +171,7 @@ class _ChunkWriter:
         self.writes: list[asyncio.Future[None]] = []
 
     async def receive(self, piece: bytes) -> None:
-        self.crc = crc32c(piece, self.crc)
+        self.crc = self.file.crc_algorithm.update(piece, self.crc)
         self.pending.append(piece)
         self.pending_bytes += len(piece)
         n = len(piece)
@@ -297,6 +301,7 @@ class Fetcher:
     ) -> TransferFile:
         """A :class:`TransferFile` for ``info`` with this run's chunk size policy."""
         chunk_bytes = self._chunk_bytes(info)
+        crc = info.checksums.crc
         return TransferFile(
             info,
             rel,
@@ -305,6 +310,7 @@ class Fetcher:
             chunk_bytes,
             make_target=make_target,
             on_done=on_done,
+            crc_algorithm=ALGORITHMS[crc[0]] if crc is not None else CRC32C,
         )
 
     def display_of(self, info: ObjectInfo) -> str:
@@ -444,7 +450,9 @@ class Fetcher:
 
     def _disk_target(self, final: Path) -> Callable[[TransferFile], FileTarget]:
         def make(f: TransferFile) -> FileTarget:
-            header = JournalHeader(f.display, f.info.size, f.info.version, f.chunk_bytes)
+            header = JournalHeader(
+                f.display, f.info.size, f.info.version, f.chunk_bytes, f.crc_algorithm.name
+            )
             work = layout.work_paths(self.dest, f.rel)
             return DiskTarget(final, header, self.writer, fsync=self.config.fsync, work=work)
 
@@ -482,9 +490,10 @@ class Fetcher:
             raise local_error(self.dest / f.rel, exc, "preparing the destination") from exc
         f.crcs.update(done)
         sums = f.info.checksums
-        if sums.crc32c is None and sums.md5 is not None:
+        streamed_md5 = self.config.verify == "auto"  # "full" hashes what landed, after
+        if streamed_md5 and sums.crc is None and sums.md5 is not None:
             f.md5 = _OrderedMd5(f.chunks)
-        elif sums.crc32c is None and sums.md5_of_parts is not None and f.info.parts:
+        elif streamed_md5 and sums.crc is None and sums.md5_of_parts is not None and f.info.parts:
             f.md5 = _OrderedMd5(f.chunks, f.info.parts)
         if f.md5 is not None:
             f.md5.kick(f.target, f.crcs)
@@ -646,6 +655,12 @@ class Fetcher:
         """Verify, refetching chunks on a mismatch; then publish (rename into place)."""
         target = f.target
         assert target is not None
+        if self.config.verify == "full" and not _content_checks(f):
+            target.discard()
+            raise IntegrityError(
+                f"{f.display}: the store gives no checksum for it, and --verify full needs one "
+                "(--verify auto accepts the size alone)"
+            )
         for pass_no in range(self.config.verify_passes + 1):
             streamed = None
             if pass_no == 0 and f.md5 is not None:
@@ -679,8 +694,12 @@ class Fetcher:
         if size != f.info.size:
             return False, (), f"size {size} != {f.info.size}"
         sums = f.info.checksums
-        if sums.crc32c is not None:
-            return _check_crc32c(f, sums.crc32c)
+        if self.config.verify == "size":
+            return True, ("size",), ""
+        full = self.config.verify == "full"
+        if sums.crc is not None:
+            crcs = _crcs_of(f.target, f.chunks, f.crc_algorithm) if full else f.crcs
+            return _check_crc(f, ALGORITHMS[sums.crc[0]], sums.crc[1], crcs)
         if sums.md5 is not None or (sums.md5_of_parts is not None and f.info.parts):
             want = sums.md5 if sums.md5 is not None else sums.md5_of_parts
             assert want is not None
@@ -734,11 +753,14 @@ def _md5_of_parts(target: FileTarget, parts: tuple[int, ...]) -> bytes:
     return hashlib.md5(b"".join(digests)).digest()
 
 
-def part_crc32cs(
-    chunks: list[planning.Chunk], crcs: dict[int, int], parts: tuple[int, ...]
+def part_crcs(
+    chunks: list[planning.Chunk],
+    crcs: dict[int, int],
+    parts: tuple[int, ...],
+    algorithm: CrcAlgorithm = CRC32C,
 ) -> list[int]:
-    """Each part's CRC-32C, combined from the CRCs of the chunks inside it (chunks are planned
-    so that none straddles a part)."""
+    """Each part's CRC, combined from the CRCs of the chunks inside it (chunks are planned so
+    that none straddles a part)."""
     out: list[int] = []
     i = 0
     for n in parts:
@@ -747,29 +769,55 @@ def part_crc32cs(
         while i < len(chunks) and chunks[i].start < end:
             group.append((crcs[chunks[i].index], chunks[i].length))
             i += 1
-        out.append(combine_chunk_crcs(group))
+        out.append(combine_chunk_crcs(group, algorithm))
     return out
 
 
-def _check_crc32c(f: TransferFile, want: int) -> tuple[bool, tuple[str, ...], str]:
-    """Whole-object and/or composite (S3 multipart) CRC-32C, as the store's scope says."""
-    scope = f.info.checksums.crc32c_scope
+def _content_checks(f: TransferFile) -> bool:
+    sums = f.info.checksums
+    return (
+        sums.crc is not None
+        or sums.md5 is not None
+        or (sums.md5_of_parts is not None and bool(f.info.parts))
+    )
+
+
+def _crcs_of(
+    target: FileTarget, chunks: list[planning.Chunk], algorithm: CrcAlgorithm
+) -> dict[int, int]:
+    """Each chunk's CRC computed again from the bytes where they landed (--verify full)."""
+    out = {}
+    for ch in chunks:
+        crc = 0
+        for off in range(ch.start, ch.start + ch.length, 8 << 20):
+            crc = algorithm.update(target.read(off, min(8 << 20, ch.start + ch.length - off)), crc)
+        out[ch.index] = crc
+    return out
+
+
+def _check_crc(
+    f: TransferFile, algorithm: CrcAlgorithm, want: int, crcs: dict[int, int]
+) -> tuple[bool, tuple[str, ...], str]:
+    """Whole-object and/or composite (S3 multipart) CRC, as the store's scope says."""
+    name, width = algorithm.name, algorithm.width_bytes
+    scope = f.info.checksums.crc_scope
     whole = composite = None
     if scope in ("object", "either"):
-        whole = combine_chunk_crcs([(f.crcs[c.index], c.length) for c in f.chunks])
+        whole = combine_chunk_crcs([(crcs[c.index], c.length) for c in f.chunks], algorithm)
         if whole == want:
-            return True, ("size", "crc32c"), ""
+            return True, ("size", name), ""
     if scope in ("parts", "either") and f.info.parts:
-        per_part = part_crc32cs(f.chunks, f.crcs, f.info.parts)
-        composite = crc32c(b"".join(c.to_bytes(4, "big") for c in per_part))
+        per_part = part_crcs(f.chunks, crcs, f.info.parts, algorithm)
+        composite = algorithm.update(b"".join(c.to_bytes(width, "big") for c in per_part), 0)
         if composite == want:
-            return True, ("size", "crc32c-composite"), ""
-    got = " / ".join(f"{v:08x}" for v in (whole, composite) if v is not None) or "nothing"
-    return False, (), f"crc32c mismatch (got {got}, want {want:08x})"
+            return True, ("size", f"{name}-composite"), ""
+    digits = 2 * width
+    got = " / ".join(f"{v:0{digits}x}" for v in (whole, composite) if v is not None) or "nothing"
+    return False, (), f"{name} mismatch (got {got}, want {want:0{digits}x})"
 
 
 def count_verified(files: list[TransferFile]) -> dict[str, int]:
-    """How many files each kind of check (size, crc32c, md5) verified."""
+    """How many files each kind of check (size, crc32c, crc32, crc64nvme, md5) verified."""
     verified: dict[str, int] = {}
     for f in files:
         for kind in f.verified:

@@ -26,6 +26,7 @@ class JournalHeader:
     size: int
     version: str
     chunk_bytes: int
+    crc: str = "crc32c"  # the algorithm of the chunk CRCs it lists
 
 
 def local_error(path: Path | str, exc: OSError, doing: str) -> LocalIOError:

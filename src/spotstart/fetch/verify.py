@@ -1,10 +1,16 @@
-"""Checksum arithmetic for verification: CRC-32C and its combination, so per-chunk CRCs
-computed as bytes arrive give the whole-object CRC without rereading. Pure. (The in-order MD5
-that S3 ETags need reads through the target: see engine._OrderedMd5.)"""
+"""Checksum arithmetic for verification: the CRCs stores vouch for (CRC-32C, CRC-32,
+CRC-64/NVME) and their combination, so per-chunk CRCs computed as bytes arrive give the
+whole-object CRC without rereading. Pure. (The in-order MD5 that S3 ETags need reads through
+the target: see engine._OrderedMd5.)"""
 
 from __future__ import annotations
 
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import google_crc32c
+from awscrt import checksums as crt
 
 _POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
 
@@ -57,9 +63,32 @@ def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
     return crc1 ^ crc2
 
 
-def combine_chunk_crcs(crcs_and_lengths: list[tuple[int, int]]) -> int:
-    """Whole-object CRC-32C from the (crc, length) of consecutive chunks."""
+@dataclass(frozen=True)
+class CrcAlgorithm:
+    """One CRC a store can vouch for: ``update(data, crc)`` continues a CRC, ``combine(a, b,
+    len_b)`` joins two, ``width_bytes`` is its big-endian size in S3's composite form."""
+
+    name: str
+    width_bytes: int
+    update: Callable[[bytes, int], int]
+    combine: Callable[[int, int, int], int]
+
+
+CRC32C = CrcAlgorithm("crc32c", 4, crc32c, crc32c_combine)
+# zlib's CRC-32 (hardware where zlib has it); CRC-64/NVME from the AWS CRT, which botocore
+# itself uses for S3's default checksum (the CRT's combine is a C GF(2) power, as ours above).
+CRC32 = CrcAlgorithm("crc32", 4, lambda data, crc: zlib.crc32(data, crc), crt.combine_crc32)
+CRC64NVME = CrcAlgorithm(
+    "crc64nvme", 8, lambda data, crc: crt.crc64nvme(data, crc), crt.combine_crc64nvme
+)
+ALGORITHMS = {a.name: a for a in (CRC32C, CRC32, CRC64NVME)}
+
+
+def combine_chunk_crcs(
+    crcs_and_lengths: list[tuple[int, int]], algorithm: CrcAlgorithm = CRC32C
+) -> int:
+    """Whole-object CRC from the (crc, length) of consecutive chunks."""
     total = 0
     for i, (crc, length) in enumerate(crcs_and_lengths):
-        total = crc if i == 0 else crc32c_combine(total, crc, length)
+        total = crc if i == 0 else algorithm.combine(total, crc, length)
     return total

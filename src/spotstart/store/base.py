@@ -23,10 +23,11 @@ CrcScope = Literal["object", "parts", "either"]
 class Checksums:
     """Checksums the store vouches for.
 
-    ``crc32c``: unsigned CRC-32C. ``crc32c_scope`` says of what: ``"object"`` the whole body
-    (GCS; S3 FULL_OBJECT), ``"parts"`` the CRC-32C of the concatenated big-endian CRC-32Cs of
-    each part (S3 multipart COMPOSITE), ``"either"`` a multipart S3 object whose server did not
-    say (``x-amz-checksum-type`` absent): either one matching proves the bytes.
+    ``crc32c``, ``crc32``, ``crc64nvme``: unsigned CRCs (a store gives one; :attr:`crc` picks
+    it). ``crc_scope`` says of what: ``"object"`` the whole body (GCS; S3 FULL_OBJECT, always
+    for CRC-64/NVME), ``"parts"`` the CRC of the concatenated big-endian CRCs of each part (S3
+    multipart COMPOSITE), ``"either"`` a multipart S3 object whose server did not say
+    (``x-amz-checksum-type`` absent): either one matching proves the bytes.
     ``md5``: raw 16-byte digest of the body (S3 single-part ETag, GCS md5Hash).
     ``md5_of_parts``: an S3 multipart ETag ``"<hex>-N"``, the MD5 of the concatenated per-part
     MD5 digests. Per-part checks need :attr:`ObjectInfo.parts`.
@@ -34,16 +35,26 @@ class Checksums:
 
     crc32c: int | None = None
     md5: bytes | None = None
-    crc32c_scope: CrcScope = "object"
+    crc_scope: CrcScope = "object"
     md5_of_parts: bytes | None = None
+    crc32: int | None = None
+    crc64nvme: int | None = None
+
+    @property
+    def crc(self) -> tuple[str, int] | None:
+        """The CRC to verify with, as (algorithm, value): CRC-32C first (hardware, and what
+        GCS gives), then CRC-64/NVME, then CRC-32."""
+        for name in ("crc32c", "crc64nvme", "crc32"):
+            value = getattr(self, name)
+            if value is not None:
+                return name, value
+        return None
 
     @property
     def kinds(self) -> tuple[str, ...]:
-        return tuple(
-            k
-            for k, v in (("crc32c", self.crc32c), ("md5", self.md5 or self.md5_of_parts))
-            if v is not None
-        )
+        crc = self.crc
+        md5 = self.md5 or self.md5_of_parts
+        return tuple(k for k, v in ((crc[0] if crc else "", crc), ("md5", md5)) if v is not None)
 
     @staticmethod
     def from_goog_hash(header: str) -> Checksums:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -138,15 +139,18 @@ class S3Source:
             "HEAD", self._url(key), what, {"x-amz-checksum-mode": "ENABLED"}
         )
         etag = headers.get("ETag", "")
+        # One CRC per object (the uploader chose it); CRC-32C first, as Checksums.crc reads.
+        algorithm = next((a for a in CRC_HEADERS if headers.get(f"x-amz-checksum-{a}")), "crc32c")
         sums, n_parts = _checksums(
             etag,
-            headers.get("x-amz-checksum-crc32c"),
+            headers.get(f"x-amz-checksum-{algorithm}"),
             headers.get("x-amz-checksum-type"),
             encrypted=_etag_not_md5(headers),
+            algorithm=algorithm,
         )
         size = int(headers.get("Content-Length", "0"))
         parts: tuple[int, ...] = ()
-        if n_parts > 1 and (sums.crc32c_scope != "object" or sums.md5_of_parts is not None):
+        if n_parts > 1 and (sums.crc_scope != "object" or sums.md5_of_parts is not None):
             parts = await self._part_sizes(key, n_parts, size)
             sums = _without_part_checks(sums) if not parts else sums
         return ObjectInfo(key=key, size=size, version=etag, checksums=sums, parts=parts)
@@ -273,15 +277,26 @@ def _hex_md5(text: str) -> bytes | None:
     return None
 
 
+CRC_HEADERS = ("crc32c", "crc64nvme", "crc32")  # x-amz-checksum-<name>, with checksum mode
+
+
 def _checksums(
-    etag: str, crc_b64: str | None, crc_type: str | None = None, *, encrypted: bool = False
+    etag: str,
+    crc_b64: str | None,
+    crc_type: str | None = None,
+    *,
+    encrypted: bool = False,
+    algorithm: str = "crc32c",
 ) -> tuple[Checksums, int]:
     """(checksums, number of parts) from HEAD's headers.
 
     An S3 ETag is the hex MD5 of the body for single-part, non-KMS uploads; ``"<hex>-N"`` for
-    a multipart upload (the MD5 of the N parts' MD5s). ``x-amz-checksum-crc32c`` is of the whole
-    object for ``x-amz-checksum-type: FULL_OBJECT``, of the parts' CRCs for ``COMPOSITE`` (AWS
-    then writes it ``"<b64>-N"``); servers that send no type leave a multipart value ambiguous.
+    a multipart upload (the MD5 of the N parts' MD5s). ``x-amz-checksum-<algorithm>`` (CRC-32C,
+    CRC-32: 4 bytes; CRC-64/NVME: 8) is of the whole object for ``x-amz-checksum-type:
+    FULL_OBJECT``, of the parts' CRCs for ``COMPOSITE`` (AWS then writes it ``"<b64>-N"``);
+    servers that send no type leave a multipart value ambiguous. CRC-64/NVME is only ever
+    FULL_OBJECT (S3 user guide, "Checking object integrity"). A value of the wrong width is
+    no checksum (moto without the CRT library labels a CRC-32 as CRC-64/NVME).
     """
     e = etag.strip('"').removeprefix("W/").strip('"')
     hex_part, dash, count = e.partition("-")
@@ -300,10 +315,12 @@ def _checksums(
             raw = base64.b64decode(value, validate=True)
         except ValueError:
             raw = b""
-        if len(raw) == 4:
+        if len(raw) == (8 if algorithm == "crc64nvme" else 4):
             crc = int.from_bytes(raw, "big")
         kind = (crc_type or "").strip().upper()
-        if crc_dash or kind == "COMPOSITE":
+        if algorithm == "crc64nvme":
+            scope = "object"
+        elif crc_dash or kind == "COMPOSITE":
             scope = "parts"
             if crc_count.isdigit():
                 n_parts = n_parts or int(crc_count)
@@ -311,10 +328,25 @@ def _checksums(
             scope = "object"
         else:
             scope = "either"
-    return Checksums(crc, md5, scope, md5_parts), n_parts
+    fields: dict[str, int | None] = {"crc32c": None, "crc32": None, "crc64nvme": None}
+    fields[algorithm] = crc
+    return (
+        Checksums(
+            fields["crc32c"],
+            md5,
+            scope,
+            md5_parts,
+            crc32=fields["crc32"],
+            crc64nvme=fields["crc64nvme"],
+        ),
+        n_parts,
+    )
 
 
 def _without_part_checks(sums: Checksums) -> Checksums:
     """What is left to check when the part sizes are unknown: an ambiguous multipart CRC is
-    dropped too (taking it for a whole-object CRC would fail good bytes)."""
+    dropped too (taking it for a whole-object CRC would fail good bytes); a whole-object CRC
+    (FULL_OBJECT, CRC-64/NVME) stays."""
+    if sums.crc_scope == "object":
+        return dataclasses.replace(sums, md5_of_parts=None)
     return Checksums(None, sums.md5)

@@ -498,7 +498,9 @@ class Loader:
             assert shard.header is not None
             disk = None
             if self.cache_dir is not None:
-                header = JournalHeader(f.display, f.info.size, f.info.version, f.chunk_bytes)
+                header = JournalHeader(
+                    f.display, f.info.size, f.info.version, f.chunk_bytes, f.crc_algorithm.name
+                )
                 disk = DiskTarget(
                     self.cache_dir / shard.rel,
                     header,
