@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from rich.console import Console
 
 from spotstart import units
 from spotstart.cli.progress import LineProgress, RichProgress
-from spotstart.errors import UsageError
-from spotstart.fetch import FetchConfig, FetchReport, NullProgress, ProgressListener, fetch
+from spotstart.errors import SpotstartError, UsageError
+from spotstart.fetch import FetchConfig, FetchReport, NullProgress, ProgressListener, fetch, metrics
 
 
 def parse_size(text: str) -> int:
@@ -64,6 +66,11 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-concurrency", type=int, default=64, help="ceiling for auto (64)")
     p.add_argument("--chunk-size", type=parse_size, help="bytes per ranged read (default: auto)")
     p.add_argument(
+        "--metrics-textfile",
+        metavar="FILE.prom",
+        help="write this run's metrics for node-exporter's textfile collector (atomically)",
+    )
+    p.add_argument(
         "--verify",
         choices=("auto", "size", "full"),
         default="auto",
@@ -110,7 +117,40 @@ def config_from_args(args: argparse.Namespace) -> FetchConfig:
     )
 
 
+class _Reported(Protocol):
+    def metrics(self) -> metrics.TransferMetrics: ...
+
+
+R = TypeVar("R", bound=_Reported)
+
+
+def recording_metrics(args: argparse.Namespace, part: str, work: Callable[[], R]) -> R:
+    """Run ``work``; with --metrics-textfile, write its metrics (or its exit code) after."""
+    path = metrics.check_textfile_path(args.metrics_textfile) if args.metrics_textfile else None
+    try:
+        result = work()
+    except SpotstartError as exc:
+        if path is not None:
+            metrics.write_textfile(
+                path, metrics.TransferMetrics(part, args.src, exit_code=exc.exit_code)
+            )
+        raise
+    if path is not None:
+        metrics.write_textfile(path, result.metrics())
+    return result
+
+
 def run(args: argparse.Namespace) -> int:
+    report = recording_metrics(args, "fetch", lambda: _fetch(args))
+    if args.json:
+        json.dump(report.to_json(), sys.stdout)
+        sys.stdout.write("\n")
+    elif not args.quiet:
+        print_summary(Console(), report)
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> FetchReport:
     config = config_from_args(args)
     err = Console(stderr=True, soft_wrap=True)
     progress: ProgressListener
@@ -122,12 +162,7 @@ def run(args: argparse.Namespace) -> int:
             report = fetch(args.src, args.dest, config, progress=bar)
     else:
         report = fetch(args.src, args.dest, config, progress=LineProgress(err))
-    if args.json:
-        json.dump(report.to_json(), sys.stdout)
-        sys.stdout.write("\n")
-    elif not args.quiet:
-        print_summary(Console(), report)
-    return 0
+    return report
 
 
 def print_summary(console: Console, r: FetchReport) -> None:

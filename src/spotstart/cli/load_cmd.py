@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 
 from rich.console import Console
 
-from spotstart.cli.fetch_cmd import add_transfer_flags, config_from_args
+from spotstart.cli.fetch_cmd import add_transfer_flags, config_from_args, recording_metrics
 from spotstart.cli.progress import RichProgress
 from spotstart.fetch import NullProgress, ProgressListener
 
@@ -35,7 +36,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 def run(args: argparse.Namespace) -> int:
     from spotstart.errors import UsageError
-    from spotstart.weights.loader import load_async
+    from spotstart.weights.loader import LoadReport, load_async
 
     dtype = None
     if args.dtype:
@@ -47,15 +48,21 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     err = Console(stderr=True)
     progress: ProgressListener = NullProgress()
-    if err.is_terminal and not (args.json or args.quiet):
-        with RichProgress(err, "load") as bar:
+
+    loaded: list[object] = []
+
+    def work() -> LoadReport:
+        listener = progress
+        with contextlib.ExitStack() as stack:
+            if err.is_terminal and not (args.json or args.quiet):
+                listener = stack.enter_context(RichProgress(err, "load"))
             tensors, report = asyncio.run(
-                load_async(args.src, args.device, dtype, args.cache_dir, config, bar)
+                load_async(args.src, args.device, dtype, args.cache_dir, config, listener)
             )
-    else:
-        tensors, report = asyncio.run(
-            load_async(args.src, args.device, dtype, args.cache_dir, config, progress)
-        )
+        loaded.append(tensors)
+        return report
+
+    report = recording_metrics(args, "load", work)
     if args.json:
         json.dump(report.to_json(), sys.stdout)
         sys.stdout.write("\n")
@@ -70,5 +77,5 @@ def run(args: argparse.Namespace) -> int:
                 else ""
             )
         )
-    del tensors
+    loaded.clear()
     return 0

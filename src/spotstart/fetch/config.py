@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from spotstart.fetch.metrics import TransferMetrics
+
 
 @dataclass(frozen=True)
 class FetchConfig:
@@ -94,6 +96,22 @@ class FetchReport:
     concurrency_final: int
     chunk_bytes: int
     files: tuple[FileResult, ...] = field(default=(), repr=False)
+
+    def metrics(self) -> TransferMetrics:
+        """This run as Prometheus samples (``.samples()``) or a registry (``.registry()``)."""
+        return TransferMetrics(
+            part="fetch",
+            source=self.source,
+            bytes_total=self.bytes_total,
+            bytes_transferred=self.bytes_transferred,
+            bytes_from_cache=self.bytes_cached + self.bytes_resumed,
+            seconds=self.seconds,
+            files=self.files_total,
+            retries=self.retries,
+            stalls=self.stalls,
+            refetched_chunks=self.refetched_chunks,
+            verified=dict(self.verified),
+        )
 
     def to_json(self) -> dict[str, object]:
         """The machine summary printed by ``spotstart fetch --json``."""

@@ -25,6 +25,7 @@ from spotstart.fetch import FetchConfig, NullProgress, ProgressListener, layout
 from spotstart.fetch.cache import CacheIndex
 from spotstart.fetch.engine import Fetcher, TransferFile, count_verified
 from spotstart.fetch.journal import JournalHeader
+from spotstart.fetch.metrics import TransferMetrics
 from spotstart.fetch.target import DiskTarget, FileTarget
 from spotstart.store import HttpOptions, ObjectInfo, open_source, parse_url
 from spotstart.weights import format as fmt
@@ -52,6 +53,21 @@ class LoadReport:
     retries: int
     verified: dict[str, int] = field(default_factory=dict)
     refetched_chunks: int = 0
+
+    def metrics(self) -> TransferMetrics:
+        """This run as Prometheus samples (``.samples()``) or a registry (``.registry()``)."""
+        return TransferMetrics(
+            part="load",
+            source=self.source,
+            bytes_total=self.bytes_total,
+            bytes_transferred=self.bytes_transferred,
+            bytes_from_cache=self.bytes_from_cache,
+            seconds=self.seconds,
+            files=self.files,
+            retries=self.retries,
+            refetched_chunks=self.refetched_chunks,
+            verified=dict(self.verified),
+        )
 
     def to_json(self) -> dict[str, object]:
         return dict(self.__dict__)
