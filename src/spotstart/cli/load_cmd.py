@@ -27,11 +27,24 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--dtype", help="cast floating tensors, e.g. bfloat16, float16, float32")
     p.add_argument("--cache-dir", help="write-through copy on local disk; reused next time")
+    p.add_argument(
+        "--tp",
+        type=_tp,
+        metavar="RANK/WORLD",
+        help="only this tensor-parallel rank's slices (vLLM's Llama-family split), e.g. 3/8",
+    )
     add_transfer_flags(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     out.add_argument("-q", "--quiet", action="store_true", help="print nothing but errors")
     p.set_defaults(run=run, include=[], exclude=[], no_cache=False)
+
+
+def _tp(text: str) -> tuple[int, int]:
+    rank, sep, world = text.partition("/")
+    if not sep or not rank.isdigit() or not world.isdigit() or not 0 <= int(rank) < int(world):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected RANK/WORLD with 0 <= RANK < WORLD")
+    return int(rank), int(world)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
             if err.is_terminal and not (args.json or args.quiet):
                 listener = stack.enter_context(RichProgress(err, "load"))
             tensors, report = asyncio.run(
-                load_async(args.src, args.device, dtype, args.cache_dir, config, listener)
+                load_async(
+                    args.src, args.device, dtype, args.cache_dir, config, listener, tp=args.tp
+                )
             )
         loaded.append(tensors)
         return report

@@ -29,6 +29,7 @@ from spotstart.fetch.metrics import TransferMetrics
 from spotstart.fetch.target import DiskTarget, FileTarget
 from spotstart.store import HttpOptions, ObjectInfo, open_source, parse_url
 from spotstart.weights import format as fmt
+from spotstart.weights import tp as tp_plan
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +54,8 @@ class LoadReport:
     retries: int
     verified: dict[str, int] = field(default_factory=dict)
     refetched_chunks: int = 0
+    tp: str = ""  # "rank/world" when only a rank's slices were read
+    bytes_rank: int = 0  # the bytes of this rank's tensors (== bytes_total without tp)
 
     def metrics(self) -> TransferMetrics:
         """This run as Prometheus samples (``.samples()``) or a registry (``.registry()``)."""
@@ -329,8 +332,14 @@ class Loader:
         cache_dir: str | os.PathLike[str] | None = None,
         config: FetchConfig | None = None,
         progress: ProgressListener | None = None,
+        tp: tuple[int, int] | None = None,
+        split: tp_plan.SplitRule | None = None,
     ) -> None:
         self.url = parse_url(src)
+        self.tp = tp
+        self.split = split or tp_plan.default_split
+        if tp is not None:
+            tp_plan.plan([], *tp)  # a bad rank/world is refused before any request
         self.device = parse_device(device)
         self.dtype = dtype
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
@@ -468,6 +477,8 @@ class Loader:
                     raise InvalidCheckpoint(f"{s.rel}: tensor {spec.name} appears in two shards")
                 names.add(spec.name)
         total = sum(s.info.size for s in shards)
+        if self.tp is not None:
+            return await self._load_slices(fetcher, shards, local, total, t0)
         self.progress.on_start(files_total=len(shards), bytes_total=total, bytes_done=0)
         remote = [s for s in shards if local[s.rel] is None]
         from_disk = [s for s in shards if local[s.rel] is not None]
@@ -506,8 +517,92 @@ class Loader:
             retries=c.retries,
             verified=verified,
             refetched_chunks=c.refetched_chunks,
+            bytes_rank=total,
         )
         return tensors, report
+
+    async def _load_slices(
+        self,
+        fetcher: Fetcher,
+        shards: list[_Shard],
+        local: dict[str, Path | None],
+        total: int,
+        t0: float,
+    ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+        """``tp=(rank, world)``: only this rank's part of each split tensor is read (ranged
+        reads pinned to the object's version, coalesced across small gaps) and held; host
+        memory is the rank's share plus the reads in flight. Whole-object checksums cannot
+        cover a part: these reads are checked for length and version only."""
+        import numpy as np
+
+        th = _torch()
+        assert self.tp is not None
+        rank, world = self.tp
+        sem = asyncio.Semaphore(self.config.concurrency or self.config.concurrency_initial)
+        plans = []
+        for s in shards:
+            assert s.header is not None
+            slices = tp_plan.plan(s.header.tensors, rank, world, self.split)
+            plans.append((s, slices, tp_plan.coalesce(slices)))
+        rank_bytes = sum(sl.nbytes for _, slices, _ in plans for sl in slices)
+        to_read = sum(r.length for _, _, reads in plans for r in reads)
+        self.progress.on_start(files_total=len(shards), bytes_total=to_read, bytes_done=0)
+        counts = {"network": 0, "disk": 0}
+        tensors: dict[str, torch.Tensor] = {}
+
+        async def one_shard(
+            s: _Shard, slices: list[tp_plan.TensorSlice], reads: list[tp_plan.Read]
+        ) -> None:
+            dst = [th.empty(sl.shape, dtype=torch_dtype(sl.dtype)) for sl in slices]
+            views = [d.reshape(-1).view(th.uint8).numpy() for d in dst]
+            path = local[s.rel]
+            fd = os.open(path, os.O_RDONLY) if path is not None else None
+
+            async def one(r: tp_plan.Read) -> None:
+                async with sem:
+                    if fd is not None:
+                        data = await asyncio.to_thread(os.pread, fd, r.length, r.start)
+                    else:
+                        data = await fetcher.read_bytes(s.info, r.start, r.length)
+                if len(data) != r.length:
+                    raise InvalidCheckpoint(
+                        f"{self._name(s)}: {len(data)} bytes at {r.start}, wanted {r.length} "
+                        "(truncated?)"
+                    )
+                counts["disk" if fd is not None else "network"] += r.length
+                raw = np.frombuffer(data, dtype=np.uint8)
+                for p in r.pieces:
+                    at = p.src - r.start
+                    views[p.tensor][p.dst : p.dst + p.length] = raw[at : at + p.length]
+                self.progress.on_bytes(r.length)
+
+            try:
+                await asyncio.gather(*(one(r) for r in reads))
+            finally:
+                if fd is not None:
+                    os.close(fd)
+            for sl, t in zip(slices, dst, strict=True):
+                if self.dtype is not None and t.is_floating_point() and t.dtype != self.dtype:
+                    t = t.to(self.dtype)
+                tensors[sl.name] = t.to(self.device) if self.device.type != "cpu" else t
+            self.progress.on_file_done(s.rel, cached=fd is not None)
+
+        await asyncio.gather(*(one_shard(s, sl, rd) for s, sl, rd in plans))
+        seconds = time.monotonic() - t0
+        return tensors, LoadReport(
+            source=str(self.url),
+            device=str(self.device),
+            files=len(shards),
+            tensors=len(tensors),
+            bytes_total=total,
+            bytes_transferred=counts["network"],
+            bytes_from_cache=counts["disk"],
+            seconds=round(seconds, 3),
+            mb_per_s=round(to_read / seconds / 1e6, 1) if seconds > 0 else 0.0,
+            retries=fetcher.counters.retries,
+            tp=f"{rank}/{world}",
+            bytes_rank=rank_bytes,
+        )
 
     def _make_target(self, fetcher: Fetcher, shard: _Shard) -> Callable[[TransferFile], FileTarget]:
         def make(f: TransferFile) -> FileTarget:
@@ -548,11 +643,18 @@ async def load_async(
     cache_dir: str | os.PathLike[str] | None = None,
     config: FetchConfig | None = None,
     progress: ProgressListener | None = None,
+    *,
+    tp: tuple[int, int] | None = None,
+    split: tp_plan.SplitRule | None = None,
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
     """Load every tensor of a safetensors checkpoint (one file, a sharded checkpoint with
     ``model.safetensors.index.json``, or a prefix holding one) from any source ``fetch``
-    takes. Returns the tensors and a :class:`LoadReport`."""
-    return await Loader(src, device, dtype, cache_dir, config, progress).run()
+    takes. Returns the tensors and a :class:`LoadReport`.
+
+    ``tp=(rank, world)``: only this rank's slice of each split tensor (``split(name, shape)``
+    says which dimension, None to keep it whole; default: vLLM's Llama-family layout), read
+    with ranged reads from the unmodified checkpoint; see :mod:`spotstart.weights.tp`."""
+    return await Loader(src, device, dtype, cache_dir, config, progress, tp, split).run()
 
 
 def load(
@@ -561,6 +663,9 @@ def load(
     dtype: torch.dtype | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
     config: FetchConfig | None = None,
+    *,
+    tp: tuple[int, int] | None = None,
+    split: tp_plan.SplitRule | None = None,
 ) -> dict[str, torch.Tensor]:
     """Synchronous :func:`load_async` returning only the tensors.
 
@@ -568,8 +673,9 @@ def load(
 
         state = spotstart.load("gs://my-models/llama-3-8b/", device="cuda",
                                cache_dir="/nvme/llama")
+        shard = spotstart.load("gs://my-models/llama-3-70b/", device="cuda:3", tp=(3, 8))
     """
-    tensors, _ = asyncio.run(load_async(src, device, dtype, cache_dir, config))
+    tensors, _ = asyncio.run(load_async(src, device, dtype, cache_dir, config, tp=tp, split=split))
     return tensors
 
 
