@@ -136,18 +136,24 @@ def main() -> int:
     stamp = time.strftime("%Y%m%d-%H%M")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"load-tp-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+    env_info, ck = result["environment"], f"{tensor_bytes / 1e6:.0f} MB"
     lines = [
-        f"# bench/load/tp ({args.world} ranks, {result['environment']['cpus']} CPUs, one process a row)",
+        f"# bench/load/tp ({args.world} ranks, {env_info['cpus']} CPUs, one process a row)",
         "",
-        f"Checkpoint: Llama-shaped, {args.layers} layers, hidden {args.hidden}, intermediate {args.inter}, vocab {args.vocab}: {tensor_bytes / 1e6:.0f} MB of BF16 tensors; gs:// through {args.per_conn_mbps:g} MB/s a connection, {args.aggregate_mbps:g} MB/s in all, {args.latency_ms:g} ms.",
+        f"Checkpoint: Llama-shaped, {args.layers} layers, hidden {args.hidden}, intermediate "
+        f"{args.inter}, vocab {args.vocab}: {ck} of BF16 tensors; gs:// through "
+        f"{args.per_conn_mbps:g} MB/s a connection, {args.aggregate_mbps:g} MB/s in all, "
+        f"{args.latency_ms:g} ms.",
         "",
         "| row | s | read MB | read / model | rank tensors MB | tensors / model | peak RSS MB |",
         "|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
+        read, held = row["bytes_read"], row["bytes_rank"]
         lines.append(
-            f"| {row['row']} | {row['seconds']:.2f} | {row['bytes_read'] / 1e6:.0f} | {row['bytes_read'] / tensor_bytes:.3f} | "
-            f"{row['bytes_rank'] / 1e6:.0f} | {row['bytes_rank'] / tensor_bytes:.3f} | {row['peak_rss_mb']:.0f} |"
+            f"| {row['row']} | {row['seconds']:.2f} | {read / 1e6:.0f} | "
+            f"{read / tensor_bytes:.3f} | {held / 1e6:.0f} | {held / tensor_bytes:.3f} | "
+            f"{row['peak_rss_mb']:.0f} |"
         )
     md = "\n".join(lines) + "\n"
     (RESULTS / "load-tp-latest.md").write_text(md)
