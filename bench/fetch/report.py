@@ -49,6 +49,7 @@ class ToolSummary:
     wall_s: float | None  # medians over ok runs
     mb_per_s: float | None
     of_cap: float | None
+    of_ceiling: float | None  # MB/s over 16 curl streams' through the same link, same run
     cpu_s_per_gb: float | None
     link_bytes_ratio: float | None  # bytes the link relayed / data-set bytes
     max_conns: int | None
@@ -67,6 +68,7 @@ def summarize(
     tools: Sequence[tuple[str, str]],
     cap_bytes_per_s: float | None,
     reference: str,
+    ceiling_mb_per_s: float | None = None,
 ) -> list[ToolSummary]:
     """One row per (tool name, concurrency note), in the order given."""
     rows: list[ToolSummary] = []
@@ -86,6 +88,7 @@ def summarize(
                 wall_s=wall,
                 mb_per_s=mbps,
                 of_cap=mbps * 1e6 / cap_bytes_per_s if mbps and cap_bytes_per_s else None,
+                of_ceiling=mbps / ceiling_mb_per_s if mbps and ceiling_mb_per_s else None,
                 cpu_s_per_gb=_median([r.cpu_s / (r.bytes_total / 1e9) for r in good]),
                 link_bytes_ratio=_median([r.link_bytes_down / r.bytes_total for r in good]),
                 max_conns=max((r.max_concurrent_connections for r in good), default=None),
@@ -115,6 +118,7 @@ COLUMNS = (
     "Median s",
     "MB/s",
     "x cap",
+    "x ceiling",
     "CPU s/GB",
     "Link bytes / data",
     "Max conns",
@@ -125,13 +129,14 @@ COLUMNS = (
 def table_cells(row: ToolSummary) -> list[str]:
     if row.ok_runs == 0:
         why = row.error.splitlines()[0][:90] if row.error else "failed"
-        return [row.tool, f"0/{row.runs}", "FAILED", why, "", "", "", "", ""]
+        return [row.tool, f"0/{row.runs}", "FAILED", why, "", "", "", "", "", ""]
     return [
         row.tool,
         f"{row.ok_runs}/{row.runs}",
         _fmt(row.wall_s, ".2f"),
         _fmt(row.mb_per_s, ".0f"),
         _fmt(row.of_cap, ".2f"),
+        _fmt(row.of_ceiling, ".2f"),
         _fmt(row.cpu_s_per_gb, ".1f"),
         _fmt(row.link_bytes_ratio, ".3f"),
         str(row.max_conns) if row.max_conns is not None else "-",
@@ -149,7 +154,8 @@ def environment_lines(env: Mapping[str, Any]) -> list[str]:
         f"{env['drop_caches']}",
         f"Link: {_rate(link['per_conn_bytes_per_s'])} per connection, "
         f"{link['first_byte_latency_s'] * 1000:.0f} ms first byte, "
-        f'aggregate cap {_rate(link["aggregate_bytes_per_s"])} ("x cap" divides by this)',
+        f'aggregate cap {_rate(link["aggregate_bytes_per_s"])} ("x cap" divides by this; '
+        '"x ceiling" by the capped-link check: 16 curl streams, same link, same run)',
     ]
     lines += [
         f"Emulator check: {c['label']}: {c['mb_per_s']:.0f} MB/s ({c['streams']} curl "
