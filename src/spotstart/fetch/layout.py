@@ -11,6 +11,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from spotstart.errors import LocalIOError, UsageError
+from spotstart.store import ObjectInfo
+
 STATE_DIR = ".spotstart"  # DEST/.spotstart: ours alone; no object may land there
 PARTS_DIR = "parts"
 PART_SUFFIX = ".part"
@@ -127,3 +130,27 @@ def work_paths(dest: Path, rel: str) -> tuple[Path, Path]:
     digest = hashlib.sha256(rel.encode("utf-8", "surrogateescape")).hexdigest()[:40]
     base = dest / STATE_DIR / PARTS_DIR / digest
     return base.with_name(digest + PART_SUFFIX), base.with_name(digest + JOURNAL_SUFFIX)
+
+
+def place_objects(
+    objects: list[tuple[ObjectInfo, str]], root: Path, what: str
+) -> list[tuple[ObjectInfo, str]]:
+    """(object, local path under ``root``) for each object, before any byte moves:
+    :class:`UsageError` when the names cannot each have a path of their own (see
+    :func:`place`), :class:`LocalIOError` when something already in ``root`` is in the way.
+    Fetch places into DEST, load into its cache directory; ``what`` names the source."""
+    try:
+        placements = place((info.key, rel) for info, rel in objects)
+    except UnsafeNames as exc:
+        raise UsageError(
+            f"{what}: {exc}; nothing was fetched (leave such objects out with --exclude)"
+        ) from exc
+    blocked = check_against_disk(root, [p.rel for p in placements])
+    if blocked:
+        rel, why = blocked[0]
+        more = f" (and {len(blocked) - 1} more)" if len(blocked) > 1 else ""
+        raise LocalIOError(
+            f"{root}: cannot place {rel}: {why}{more}; move it away or choose another "
+            "directory (nothing was fetched)"
+        )
+    return [(info, p.rel) for (info, _), p in zip(objects, placements, strict=True)]

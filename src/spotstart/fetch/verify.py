@@ -1,7 +1,7 @@
 """Checksum arithmetic for verification: the CRCs stores vouch for (CRC-32C, CRC-32,
 CRC-64/NVME) and their combination, so per-chunk CRCs computed as bytes arrive give the
 whole-object CRC without rereading. Pure. (The in-order MD5 that S3 ETags need reads through
-the target: see engine._OrderedMd5.)"""
+the target: see scheduler._OrderedMd5.)"""
 
 from __future__ import annotations
 

@@ -23,9 +23,9 @@ from urllib.parse import quote, urljoin, urlsplit
 from spotstart.errors import InvalidCheckpoint, NotFound, UsageError
 from spotstart.fetch import FetchConfig, NullProgress, ProgressListener, layout
 from spotstart.fetch.cache import CacheIndex
-from spotstart.fetch.engine import Fetcher, TransferFile, count_verified
 from spotstart.fetch.journal import JournalHeader
 from spotstart.fetch.metrics import TransferMetrics
+from spotstart.fetch.scheduler import TransferFile, TransferScheduler, count_verified, record_in
 from spotstart.fetch.target import DiskTarget, FileTarget
 from spotstart.store import HttpOptions, ObjectInfo, open_source, parse_url
 from spotstart.weights import format as fmt
@@ -137,14 +137,14 @@ class ShardTarget:
 
     def __init__(
         self,
-        fetcher: Fetcher | None,
+        scheduler: TransferScheduler | None,
         header: fmt.SafetensorsHeader,
         device: torch.device,
         disk: DiskTarget | None,
         prefix: bytes,
     ) -> None:
         torch = _torch()
-        self.fetcher = fetcher
+        self.scheduler = scheduler
         self.header = header
         self.prefix = prefix[: header.data_start]  # length word + JSON header, for MD5
         self.device = device
@@ -170,8 +170,8 @@ class ShardTarget:
         futures: list[asyncio.Future[None]] = []
         if self.disk is not None:
             futures.append(await self.disk.write(offset, pieces))
-        assert self.fetcher is not None
-        futures.append(await self.fetcher.writer.submit(n, self._copy, offset, pieces))
+        assert self.scheduler is not None
+        futures.append(await self.scheduler.writer.submit(n, self._copy, offset, pieces))
         return asyncio.ensure_future(_all(futures))
 
     def _copy(self, offset: int, pieces: list[bytes]) -> None:
@@ -353,19 +353,20 @@ class Loader:
             stall_timeout_s=cfg.stall_timeout_s, connect_timeout_s=cfg.connect_timeout_s
         )
         source = open_source(self.url, options, endpoint=cfg.endpoint, anonymous=cfg.anonymous)
-        dest = self.cache_dir or Path(os.devnull)
-        fetcher = Fetcher(source, self.url, dest, cfg, self.progress)
+        scheduler = TransferScheduler(source, self.url, cfg, self.progress)
         try:
-            shards, index = await self._resolve(fetcher)
+            shards, index = await self._resolve(scheduler)
             if self.cache_dir is not None:
-                self._place_in_cache(fetcher, shards, self.cache_dir)
-            tensors, report = await self._load(fetcher, shards, index, t0)
+                self._place_in_cache(scheduler, shards, self.cache_dir)
+            tensors, report = await self._load(scheduler, shards, index, t0)
         finally:
-            fetcher.close()
+            scheduler.close()
             await source.close()
         return tensors, report
 
-    async def _resolve(self, fetcher: Fetcher) -> tuple[list[_Shard], fmt.ShardIndex | None]:
+    async def _resolve(
+        self, scheduler: TransferScheduler
+    ) -> tuple[list[_Shard], fmt.ShardIndex | None]:
         """The shards to load and the index that names them (if any): a ``.safetensors``
         object, an ``*.index.json`` (shards relative to it, for every store), or a prefix
         holding a ``model.safetensors.index.json`` or else top-level ``*.safetensors``. Every
@@ -373,23 +374,23 @@ class Loader:
         url = self.url
         if url.scheme in ("http", "https"):
             path = urlsplit(url.key).path
-            info = await fetcher.stat(url.key)
+            info = await scheduler.stat(url.key)
             if path.endswith(".index.json"):
-                return await self._from_index(fetcher, info, lambda n: urljoin(url.key, quote(n)))
+                return await self._from_index(scheduler, info, lambda n: urljoin(url.key, quote(n)))
             return [_Shard(info, path.rstrip("/").rsplit("/", 1)[-1] or "model.safetensors")], None
         key = url.key.lstrip("/") if url.scheme == "file" else url.key
         if key.endswith(".safetensors"):
-            return [_Shard(await fetcher.stat(key), key.rsplit("/", 1)[-1])], None
+            return [_Shard(await scheduler.stat(key), key.rsplit("/", 1)[-1])], None
         if key.endswith(".index.json"):
             base = key[: key.rfind("/") + 1]
-            return await self._from_index(fetcher, await fetcher.stat(key), lambda n: base + n)
+            return await self._from_index(scheduler, await scheduler.stat(key), lambda n: base + n)
         prefix = key if not key or key.endswith("/") else key + "/"
-        objects = {o.key: o for o in await fetcher.list_objects(prefix)}
+        objects = {o.key: o for o in await scheduler.list_objects(prefix)}
         if not objects:
             raise NotFound(f"{url}: no such object or prefix")
         index_obj = objects.get(prefix + INDEX_NAME)
         if index_obj is not None:
-            return await self._from_index(fetcher, index_obj, lambda n: prefix + n, objects)
+            return await self._from_index(scheduler, index_obj, lambda n: prefix + n, objects)
         listed = [
             (o, k[len(prefix) :])
             for k, o in sorted(objects.items())
@@ -397,18 +398,18 @@ class Loader:
         ]
         if not listed:
             raise NotFound(f"{url}: no .safetensors files and no {INDEX_NAME}")
-        infos = await fetcher.complete([o for o, _ in listed])
+        infos = await scheduler.complete([o for o, _ in listed])
         return [_Shard(i, rel) for i, (_, rel) in zip(infos, listed, strict=True)], None
 
     async def _from_index(
         self,
-        fetcher: Fetcher,
+        scheduler: TransferScheduler,
         index_obj: ObjectInfo,
         shard_key: Callable[[str], str],
         listed: dict[str, ObjectInfo] | None = None,
     ) -> tuple[list[_Shard], fmt.ShardIndex]:
-        raw = await fetcher.read_bytes(index_obj, 0, index_obj.size)
-        index = fmt.parse_index(raw, fetcher.display_of(index_obj))
+        raw = await scheduler.read_bytes(index_obj, 0, index_obj.size)
+        index = fmt.parse_index(raw, scheduler.display_of(index_obj))
         names = sorted(set(index.weight_map.values()))
 
         async def one(name: str) -> ObjectInfo:
@@ -418,19 +419,21 @@ class Loader:
                     return listed[key]
             else:
                 with contextlib.suppress(NotFound):
-                    return await fetcher.stat(key)
+                    return await scheduler.stat(key)
             raise InvalidCheckpoint(
-                f"{fetcher.display_of(index_obj)}: names shard {name} which is missing "
+                f"{scheduler.display_of(index_obj)}: names shard {name} which is missing "
                 f"from {self.url}"
             )
 
-        infos = await fetcher.complete(list(await asyncio.gather(*(one(n) for n in names))))
+        infos = await scheduler.complete(list(await asyncio.gather(*(one(n) for n in names))))
         return [_Shard(i, n) for i, n in zip(infos, names, strict=True)], index
 
-    def _place_in_cache(self, fetcher: Fetcher, shards: list[_Shard], cache_dir: Path) -> None:
+    def _place_in_cache(
+        self, scheduler: TransferScheduler, shards: list[_Shard], cache_dir: Path
+    ) -> None:
         """Shard names come from a listing or an index: untrusted. Each needs a path of its
         own in ``cache_dir``, away from spotstart's working files, as fetch places into DEST."""
-        placed = fetcher.place([(s.info, s.rel) for s in shards], cache_dir)
+        placed = layout.place_objects([(s.info, s.rel) for s in shards], cache_dir, str(self.url))
         for shard, (_, rel) in zip(shards, placed, strict=True):
             shard.rel = rel
 
@@ -438,16 +441,18 @@ class Loader:
         text = str(self.url)
         return text if text.endswith(shard.rel) else f"{text.rstrip('/')}/{shard.rel}"
 
-    async def _header(self, fetcher: Fetcher, shard: _Shard) -> None:
+    async def _header(self, scheduler: TransferScheduler, shard: _Shard) -> None:
         name = self._name(shard)
-        probe = await fetcher.read_bytes(shard.info, 0, HEADER_PROBE_BYTES)
+        probe = await scheduler.read_bytes(shard.info, 0, HEADER_PROBE_BYTES)
         n = fmt.header_length(probe, shard.info.size, name)
         if len(probe) < 8 + n:
-            probe += await fetcher.read_bytes(shard.info, len(probe), 8 + n - len(probe))
+            probe += await scheduler.read_bytes(shard.info, len(probe), 8 + n - len(probe))
         shard.header = fmt.parse_header(probe[8 : 8 + n], shard.info.size, name)
         shard.prefix = probe[: 8 + n]
 
-    def _local_path(self, fetcher: Fetcher, shard: _Shard, cache: CacheIndex | None) -> Path | None:
+    def _local_path(
+        self, scheduler: TransferScheduler, shard: _Shard, cache: CacheIndex | None
+    ) -> Path | None:
         """The local file to read instead of the network: a file:// source itself, or a
         current copy in ``cache_dir``."""
         if self.url.scheme == "file":
@@ -456,17 +461,21 @@ class Loader:
             return None
         path = self.cache_dir / shard.rel
         if cache.is_current(
-            shard.rel, fetcher.display_of(shard.info), shard.info.version, shard.info.size, path
+            shard.rel, scheduler.display_of(shard.info), shard.info.version, shard.info.size, path
         ):
             return path
         return None
 
     async def _load(
-        self, fetcher: Fetcher, shards: list[_Shard], index: fmt.ShardIndex | None, t0: float
+        self,
+        scheduler: TransferScheduler,
+        shards: list[_Shard],
+        index: fmt.ShardIndex | None,
+        t0: float,
     ) -> tuple[dict[str, torch.Tensor], LoadReport]:
         cache = CacheIndex(self.cache_dir) if self.cache_dir is not None else None
-        local = {s.rel: self._local_path(fetcher, s, cache) for s in shards}
-        await asyncio.gather(*(self._header(fetcher, s) for s in shards))
+        local = {s.rel: self._local_path(scheduler, s, cache) for s in shards}
+        await asyncio.gather(*(self._header(scheduler, s) for s in shards))
         if index is not None:
             fmt.check_shards(index, {s.rel: s.header for s in shards if s.header is not None})
         names: set[str] = set()
@@ -478,12 +487,18 @@ class Loader:
                 names.add(spec.name)
         total = sum(s.info.size for s in shards)
         if self.tp is not None:
-            return await self._load_slices(fetcher, shards, local, total, t0)
+            return await self._load_slices(scheduler, shards, local, total, t0)
         self.progress.on_start(files_total=len(shards), bytes_total=total, bytes_done=0)
         remote = [s for s in shards if local[s.rel] is None]
         from_disk = [s for s in shards if local[s.rel] is not None]
         files = [
-            fetcher.plan_file(s.info, s.rel, self._make_target(fetcher, s), self._on_done(cache))
+            scheduler.plan_file(
+                s.info,
+                s.rel,
+                self._make_target(scheduler, s),
+                record_in(cache) if cache is not None else None,
+                local_path=self.cache_dir / s.rel if self.cache_dir is not None else None,
+            )
             for s in remote
         ]
 
@@ -496,13 +511,13 @@ class Loader:
             self.progress.on_bytes(s.info.size)
             self.progress.on_file_done(s.rel, cached=self.url.scheme != "file")
 
-        await asyncio.gather(fetcher.transfer(files), *(read_local(s) for s in from_disk))
+        await asyncio.gather(scheduler.transfer(files), *(read_local(s) for s in from_disk))
         tensors: dict[str, torch.Tensor] = {}
         for s in shards:
             assert s.target is not None
             tensors.update(_tensors_of(s.target, self.dtype))
         seconds = time.monotonic() - t0
-        c = fetcher.counters
+        c = scheduler.counters
         verified = count_verified(files)
         report = LoadReport(
             source=str(self.url),
@@ -523,7 +538,7 @@ class Loader:
 
     async def _load_slices(
         self,
-        fetcher: Fetcher,
+        scheduler: TransferScheduler,
         shards: list[_Shard],
         local: dict[str, Path | None],
         total: int,
@@ -563,7 +578,7 @@ class Loader:
                     if fd is not None:
                         data = await asyncio.to_thread(os.pread, fd, r.length, r.start)
                     else:
-                        data = await fetcher.read_bytes(s.info, r.start, r.length)
+                        data = await scheduler.read_bytes(s.info, r.start, r.length)
                 if len(data) != r.length:
                     raise InvalidCheckpoint(
                         f"{self._name(s)}: {len(data)} bytes at {r.start}, wanted {r.length} "
@@ -599,12 +614,14 @@ class Loader:
             bytes_from_cache=counts["disk"],
             seconds=round(seconds, 3),
             mb_per_s=round(to_read / seconds / 1e6, 1) if seconds > 0 else 0.0,
-            retries=fetcher.counters.retries,
+            retries=scheduler.counters.retries,
             tp=f"{rank}/{world}",
             bytes_rank=rank_bytes,
         )
 
-    def _make_target(self, fetcher: Fetcher, shard: _Shard) -> Callable[[TransferFile], FileTarget]:
+    def _make_target(
+        self, scheduler: TransferScheduler, shard: _Shard
+    ) -> Callable[[TransferFile], FileTarget]:
         def make(f: TransferFile) -> FileTarget:
             assert shard.header is not None
             disk = None
@@ -615,25 +632,14 @@ class Loader:
                 disk = DiskTarget(
                     self.cache_dir / shard.rel,
                     header,
-                    fetcher.writer,
+                    scheduler.writer,
                     fsync=self.config.fsync,
                     work=layout.work_paths(self.cache_dir, shard.rel),
                 )
-            shard.target = ShardTarget(fetcher, shard.header, self.device, disk, shard.prefix)
+            shard.target = ShardTarget(scheduler, shard.header, self.device, disk, shard.prefix)
             return shard.target
 
         return make
-
-    def _on_done(self, cache: CacheIndex | None) -> Callable[[TransferFile], None] | None:
-        if cache is None or self.cache_dir is None:
-            return None
-        cache_dir = self.cache_dir
-
-        def done(f: TransferFile) -> None:
-            cache.record(f.rel, f.display, f.info.version, f.info.size, cache_dir / f.rel)
-            cache.save()
-
-        return done
 
 
 async def load_async(

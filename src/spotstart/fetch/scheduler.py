@@ -1,0 +1,676 @@
+"""The transfer scheduler: runs the chunks of a set of objects through one concurrency limit,
+one retry policy, stall detection, verification and one byte account, into targets its
+clients make (files in a directory for fetch, tensor memory for load). Network reads and disk
+writes are separate roles (see writer.py). It knows nothing of URLs' meanings, destination
+directories or caches: those are its clients'."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from spotstart.errors import (
+    DiskFull,
+    EndpointUnreachable,
+    IntegrityError,
+    ObjectChanged,
+    ProtocolError,
+    RetriesExceeded,
+    SpotstartError,
+    StallDetected,
+    TransferStalled,
+    TransientError,
+)
+from spotstart.fetch import plan as planning
+from spotstart.fetch.cache import CacheIndex
+from spotstart.fetch.config import FetchConfig
+from spotstart.fetch.journal import local_error
+from spotstart.fetch.target import FileTarget
+from spotstart.fetch.verify import ALGORITHMS, CRC32C, CrcAlgorithm, combine_chunk_crcs
+from spotstart.fetch.writer import DiskWriter
+from spotstart.store import ObjectInfo, RangeSource, StorageURL
+
+T = TypeVar("T")
+
+
+class ProgressListener(Protocol):
+    """Explicit progress events (s3transfer's subscribers): a TTY bar, a JSON logger or a
+    test recorder implement the same five methods."""
+
+    def on_start(self, *, files_total: int, bytes_total: int, bytes_done: int) -> None: ...
+    def on_bytes(self, n: int) -> None: ...
+    def on_retry(self, what: str, error: str, delay_s: float) -> None: ...
+    def on_file_done(self, rel: str, *, cached: bool) -> None: ...
+    def on_message(self, text: str) -> None: ...
+
+
+class NullProgress:
+    def on_start(self, *, files_total: int, bytes_total: int, bytes_done: int) -> None:
+        return None
+
+    def on_bytes(self, n: int) -> None:
+        return None
+
+    def on_retry(self, what: str, error: str, delay_s: float) -> None:
+        return None
+
+    def on_file_done(self, rel: str, *, cached: bool) -> None:
+        return None
+
+    def on_message(self, text: str) -> None:
+        return None
+
+
+@dataclass
+class TransferFile:
+    """One object being transferred: its chunk plan, its target, per-chunk CRCs. Build with
+    :meth:`TransferScheduler.plan_file`."""
+
+    info: ObjectInfo
+    rel: str
+    display: str
+    chunks: list[planning.Chunk]
+    chunk_bytes: int
+    make_target: Callable[[TransferFile], FileTarget]
+    on_done: Callable[[TransferFile], None] | None = None
+    target: FileTarget | None = None
+    crcs: dict[int, int] = field(default_factory=dict)
+    uncommitted: dict[int, int] = field(default_factory=dict)
+    remaining: int = 0
+    bytes_transferred: int = 0
+    bytes_resumed: int = 0
+    verified: tuple[str, ...] = ()
+    finishing: bool = False
+    changed: bool = False  # the object was replaced while being read
+    md5: _OrderedMd5 | None = None
+    # The CRC computed per chunk as bytes arrive: the store's own algorithm where it gives a
+    # CRC (so the whole-object check is a combination, no reread), else CRC-32C (for the
+    # refetch-to-find-the-bad-chunk pass).
+    crc_algorithm: CrcAlgorithm = CRC32C
+    local_path: Path | None = None  # where the bytes land on disk, for error messages
+    # Serialises journal commits (commit loop) with the final commit + rename (_finish).
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class _Counters:
+    bytes_transferred: int = 0
+    retries: int = 0
+    stalls: int = 0
+    refetched_chunks: int = 0
+
+
+class _OrderedMd5:
+    """MD5 must see bytes in order, but chunks finish out of order: hash each finished run of
+    consecutive chunks from the part file (page cache) on a thread while the rest downloads,
+    so only the tail of the last file is hashed after its last byte arrives. With ``parts``
+    (an S3 multipart ETag) each part is hashed on its own and the digest is the MD5 of the
+    parts' digests; chunks never straddle a part (see plan.plan_chunks)."""
+
+    def __init__(self, chunks: list[planning.Chunk], parts: tuple[int, ...] = ()) -> None:
+        self.chunks = chunks
+        self.next = 0
+        self.hash = hashlib.md5()
+        self.part_ends = set(planning.part_boundaries(parts)) if parts else set()
+        self.per_part = bool(parts)
+        self.part_digests: list[bytes] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def kick(self, target: FileTarget, done: dict[int, int]) -> None:
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._run(target, done))
+
+    async def _run(self, target: FileTarget, done: dict[int, int]) -> None:
+        while self.next < len(self.chunks) and self.chunks[self.next].index in done:
+            ch = self.chunks[self.next]
+            await asyncio.to_thread(self._hash_range, target, ch.start, ch.length)
+            if ch.start + ch.length in self.part_ends:
+                self.part_digests.append(self.hash.digest())
+                self.hash = hashlib.md5()
+            self.next += 1
+
+    def _hash_range(self, target: FileTarget, start: int, length: int) -> None:
+        _hash_target(self.hash, target, start, length)
+
+    async def digest(self, target: FileTarget, done: dict[int, int]) -> bytes:
+        if self.task is not None:
+            await self.task
+        await self._run(target, done)
+        if self.per_part:
+            return hashlib.md5(b"".join([*self.part_digests, self.hash.digest()])).digest()
+        return self.hash.digest()
+
+
+class _ChunkWriter:
+    """Receives one attempt's body pieces: CRC as they come, handed to the writer in batches
+    of ``COALESCE_BYTES`` (one hand-off and one pwritev per 4 MiB, not per socket read)."""
+
+    COALESCE_BYTES = 4 << 20
+
+    def __init__(
+        self, fetcher: TransferScheduler, f: TransferFile, target: FileTarget, start: int
+    ) -> None:
+        self.fetcher = fetcher
+        self.file = f
+        self.target = target
+        self.offset = start
+        self.crc = 0
+        self.written = 0
+        self.pending: list[bytes] = []
+        self.pending_bytes = 0
+        self.writes: list[asyncio.Future[None]] = []
+
+    async def receive(self, piece: bytes) -> None:
+        self.crc = self.file.crc_algorithm.update(piece, self.crc)
+        self.pending.append(piece)
+        self.pending_bytes += len(piece)
+        n = len(piece)
+        self.written += n
+        self.fetcher.counters.bytes_transferred += n
+        self.file.bytes_transferred += n
+        self.fetcher.progress.on_bytes(n)
+        if self.pending_bytes >= self.COALESCE_BYTES:
+            await self.flush()
+
+    async def flush(self) -> None:
+        if not self.pending:
+            return
+        pieces, n = self.pending, self.pending_bytes
+        self.pending, self.pending_bytes = [], 0
+        self.writes.append(await self.target.write(self.offset, pieces))
+        self.offset += n
+
+
+class TransferScheduler:
+    """Chunks of objects, scheduled. Build :class:`TransferFile` s with :meth:`plan_file`,
+    run them with :meth:`transfer`; :meth:`stat`, :meth:`complete` and :meth:`read_bytes` are
+    the store under the same retry policy."""
+
+    def __init__(
+        self,
+        source: RangeSource,
+        url: StorageURL,
+        config: FetchConfig,
+        progress: ProgressListener,
+        *,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.source = source
+        self.url = url
+        self.config = config
+        self.progress = progress
+        self.rng = rng or random.Random()
+        self.policy = planning.RetryPolicy(
+            config.max_attempts, config.backoff_base_s, config.backoff_cap_s
+        )
+        self.counters = _Counters()
+        fixed = config.concurrency is not None
+        self.controller = planning.ConcurrencyController(
+            config.concurrency or config.concurrency_initial,
+            config.concurrency or config.concurrency_max,
+            growth_threshold=config.growth_threshold,
+            interval_s=config.probe_interval_s,
+            fixed=fixed,
+        )
+        self.writer = DiskWriter(config.write_queue_bytes)
+
+    async def stat(self, key: str) -> ObjectInfo:
+        """``source.stat(key)`` under this run's retry policy."""
+        return await self.with_retries(lambda: self.source.stat(key), key)
+
+    async def list_objects(self, prefix: str) -> list[ObjectInfo]:
+        """``source.list(prefix)`` under this run's retry policy (entries may need
+        :meth:`complete`)."""
+        return await self.with_retries(lambda: self.source.list(prefix), prefix)
+
+    async def complete(self, infos: list[ObjectInfo]) -> list[ObjectInfo]:
+        """Objects as ``stat`` describes them, checksums included: entries of a listing that
+        carries none (``needs_stat``, S3) are asked for with HEAD, a few at a time. Fetch and
+        load call this for every listed object, so both verify the same checksums."""
+        sem = asyncio.Semaphore(16)
+
+        async def one(o: ObjectInfo) -> ObjectInfo:
+            if not o.needs_stat:
+                return o
+            async with sem:
+                return await self.stat(o.key)
+
+        return list(await asyncio.gather(*(one(o) for o in infos)))
+
+    async def with_retries(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return await call()
+            except (TransientError, EndpointUnreachable) as exc:
+                if attempt >= min(4, self.config.max_attempts):
+                    if isinstance(exc, EndpointUnreachable):
+                        raise
+                    raise RetriesExceeded(f"{what}: {exc}", exc) from exc
+                self.counters.retries += 1
+                await asyncio.sleep(
+                    self.policy.delay_s(attempt, self.rng, getattr(exc, "retry_after_s", None))
+                )
+
+    def plan_file(
+        self,
+        info: ObjectInfo,
+        rel: str,
+        make_target: Callable[[TransferFile], FileTarget],
+        on_done: Callable[[TransferFile], None] | None = None,
+        *,
+        local_path: Path | None = None,
+    ) -> TransferFile:
+        """A :class:`TransferFile` for ``info`` with this run's chunk size policy;
+        ``local_path`` names it in local I/O errors (where its bytes land on disk)."""
+        chunk_bytes = self._chunk_bytes(info)
+        crc = info.checksums.crc
+        return TransferFile(
+            info,
+            rel,
+            self.display_of(info),
+            planning.plan_chunks(info.size, chunk_bytes, planning.part_boundaries(info.parts)),
+            chunk_bytes,
+            make_target=make_target,
+            on_done=on_done,
+            crc_algorithm=ALGORITHMS[crc[0]] if crc is not None else CRC32C,
+            local_path=local_path,
+        )
+
+    def display_of(self, info: ObjectInfo) -> str:
+        """How ``info`` is named in messages, journals and the cache: its full URL."""
+        return f"{self.url.scheme}://{self.url.bucket}/{info.key}" if self.url.bucket else info.key
+
+    def _chunk_bytes(self, info: ObjectInfo) -> int:
+        if not info.ranges:
+            return max(1, info.size)  # one stream: the server answers ranges with 200
+        return planning.choose_chunk_bytes(
+            info.size, self.controller.target, self.config.chunk_bytes
+        )
+
+    async def read_bytes(self, info: ObjectInfo, start: int, length: int) -> bytes:
+        """A small ranged read (a header, an index file) with the same retry policy."""
+        length = max(0, min(length, info.size - start))
+        if length == 0:
+            return b""
+
+        async def once() -> bytes:
+            out: list[bytes] = []
+
+            async def sink(piece: bytes) -> None:
+                out.append(piece)
+
+            await self.source.read(info, start, length, sink)
+            return b"".join(out)
+
+        return await self.with_retries(once, info.key)
+
+    def close(self) -> None:
+        """Stop the writer threads."""
+        self.writer.close()
+
+    def _open(self, f: TransferFile) -> None:
+        f.target = f.make_target(f)
+        try:
+            done = f.target.open()
+        except OSError as exc:
+            raise local_error(
+                f.local_path or Path(f.rel), exc, "preparing the destination"
+            ) from exc
+        f.crcs.update(done)
+        sums = f.info.checksums
+        streamed_md5 = self.config.verify == "auto"  # "full" hashes what landed, after
+        if streamed_md5 and sums.crc is None and sums.md5 is not None:
+            f.md5 = _OrderedMd5(f.chunks)
+        elif streamed_md5 and sums.crc is None and sums.md5_of_parts is not None and f.info.parts:
+            f.md5 = _OrderedMd5(f.chunks, f.info.parts)
+        if f.md5 is not None:
+            f.md5.kick(f.target, f.crcs)
+        f.bytes_resumed = sum(f.chunks[i].length for i in done if i < len(f.chunks))
+        f.remaining = len(f.chunks) - len([i for i in done if i < len(f.chunks)])
+        if f.bytes_resumed:
+            self.progress.on_bytes(f.bytes_resumed)
+            self.progress.on_message(
+                f"{f.rel}: resuming, {f.bytes_resumed / 1e6:.0f} MB already on disk"
+            )
+
+    def _pending(self, files: list[TransferFile]) -> Iterator[tuple[TransferFile, planning.Chunk]]:
+        """Chunks to fetch, file by file; files are opened (and resumed) as reached."""
+        for f in files:
+            self._open(f)
+            for ch in f.chunks:
+                if ch.index not in f.crcs:
+                    yield f, ch
+
+    async def transfer(self, files: list[TransferFile]) -> None:
+        """Fetch, verify and finish every file: one concurrency limit, one retry policy."""
+        loop = asyncio.get_running_loop()
+        running: dict[asyncio.Task[Any], tuple[TransferFile, planning.Chunk]] = {}
+        finishing: set[asyncio.Task[Any]] = set()
+        pending = self._pending(files)
+        lookahead: deque[tuple[TransferFile, planning.Chunk]] = deque()
+        exhausted = False
+        committer = asyncio.create_task(self._commit_loop(files))
+        try:
+            while True:
+                while not exhausted and len(running) < self.controller.target:
+                    if not lookahead:
+                        try:
+                            lookahead.append(next(pending))
+                        except StopIteration:
+                            exhausted = True
+                            break
+                    f, ch = lookahead.popleft()
+                    task = asyncio.create_task(self._fetch_chunk(f, ch))
+                    running[task] = (f, ch)
+                # Files fully resumed from their journal have nothing to fetch.
+                for f in files:
+                    if f.target is not None and f.remaining == 0 and not f.finishing:
+                        f.finishing = True
+                        finishing.add(asyncio.create_task(self._finish(f)))
+                if not running and exhausted and not finishing:
+                    break
+                waitables: set[asyncio.Task[Any]] = set(running) | finishing
+                done, _ = await asyncio.wait(
+                    waitables,
+                    timeout=self.config.probe_interval_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                for t in done:
+                    if t in finishing:
+                        finishing.discard(t)
+                        t.result()
+                        continue
+                    f, ch = running.pop(t)
+                    crc = t.result()  # raises the chunk's fatal error
+                    f.crcs[ch.index] = crc
+                    f.uncommitted[ch.index] = crc
+                    f.remaining -= 1
+                    if f.md5 is not None and f.target is not None:
+                        f.md5.kick(f.target, f.crcs)
+                self.controller.observe(loop.time(), self.counters.bytes_transferred)
+        except BaseException as exc:
+            for t in list(running) + list(finishing):
+                t.cancel()
+            await asyncio.gather(*running, *finishing, return_exceptions=True)
+            committer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, SpotstartError):
+                await committer
+            self._abandon(files, exc)
+            raise
+        committer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await committer
+
+    def _abandon(self, files: list[TransferFile], exc: BaseException) -> None:
+        """Leave resumable state for transient failures and interrupts; remove everything
+        for failures a rerun would only repeat (integrity) or that need the space (disk)."""
+        for f in files:
+            if f.target is None or not f.target.is_open:
+                continue
+            # A full disk: give the space back. A replaced object: its bytes are worthless. A
+            # server that broke the protocol: a rerun must not trust what it sent.
+            if isinstance(exc, DiskFull | ProtocolError) or f.changed:
+                f.target.discard()
+                continue
+            with contextlib.suppress(SpotstartError):
+                f.target.commit(f.uncommitted)
+            f.uncommitted = {}
+            f.target.close()
+
+    async def _commit_loop(self, files: list[TransferFile]) -> None:
+        """Group commit: every second, journal finished chunks (made durable first if
+        fsync is on)."""
+        while True:
+            await asyncio.sleep(1.0)
+            for f in files:
+                if f.target is None or not f.uncommitted:
+                    continue
+                async with f.lock:
+                    if not f.target.is_open or f.finishing:
+                        continue
+                    batch, f.uncommitted = f.uncommitted, {}
+                    await asyncio.to_thread(f.target.commit, batch)
+
+    async def _fetch_chunk(self, f: TransferFile, ch: planning.Chunk) -> int:
+        """Fetch one chunk with bounded retries; returns its CRC-32C."""
+        target = f.target
+        assert target is not None
+        attempt = 0
+        while True:
+            attempt += 1
+            chunk = _ChunkWriter(self, f, target, ch.start)
+            try:
+                await self.source.read(f.info, ch.start, ch.length, chunk.receive)
+                await chunk.flush()
+                await self._settle(chunk.writes, f)
+                return chunk.crc
+            except ObjectChanged:
+                f.changed = True
+                raise
+            except (TransientError, EndpointUnreachable) as exc:
+                await asyncio.gather(*chunk.writes, return_exceptions=True)
+                self.progress.on_bytes(-chunk.written)
+                if isinstance(exc, StallDetected):
+                    self.counters.stalls += 1
+                if isinstance(exc, TransientError) and exc.throttled:
+                    self.controller.throttled()
+                if not self.policy.should_retry(attempt):
+                    raise self._exhausted(f, ch, attempt, exc) from exc
+                delay = self.policy.delay_s(attempt, self.rng, getattr(exc, "retry_after_s", None))
+                self.counters.retries += 1
+                self.progress.on_retry(f.display, str(exc), delay)
+                await asyncio.sleep(delay)
+
+    async def _settle(self, writes: list[asyncio.Future[None]], f: TransferFile) -> None:
+        try:
+            await asyncio.gather(*writes)
+        except OSError as exc:
+            raise local_error(f.local_path or Path(f.rel), exc, "writing") from exc
+
+    def _exhausted(
+        self, f: TransferFile, ch: planning.Chunk, attempts: int, exc: BaseException
+    ) -> SpotstartError:
+        where = f"{f.display} bytes {ch.start}-{ch.start + ch.length - 1}"
+        if isinstance(exc, StallDetected):
+            return TransferStalled(f"{where}: stalled on all {attempts} attempts ({exc})", exc)
+        if isinstance(exc, EndpointUnreachable):
+            return EndpointUnreachable(f"{where}: {exc} (after {attempts} attempts)")
+        return RetriesExceeded(
+            f"{where}: gave up after {attempts} attempts; last error: {exc}", exc
+        )
+
+    async def _finish(self, f: TransferFile) -> None:
+        """Verify, refetching chunks on a mismatch; then publish (rename into place)."""
+        target = f.target
+        assert target is not None
+        if self.config.verify == "full" and not _content_checks(f):
+            target.discard()
+            raise IntegrityError(
+                f"{f.display}: the store gives no checksum for it, and --verify full needs one "
+                "(--verify auto accepts the size alone)"
+            )
+        for pass_no in range(self.config.verify_passes + 1):
+            streamed = None
+            if pass_no == 0 and f.md5 is not None:
+                streamed = await f.md5.digest(target, f.crcs)
+            ok, kinds, detail = await asyncio.to_thread(self._verify, f, streamed)
+            if ok:
+                f.verified = kinds
+                break
+            if pass_no == self.config.verify_passes:
+                target.discard()
+                raise IntegrityError(
+                    f"{f.display}: {detail} after {pass_no + 1} attempts; the object may be "
+                    "changing while read, or the network corrupts data"
+                )
+            self.progress.on_message(f"{f.rel}: {detail}; refetching to find the bad chunk")
+            await self._refetch_all(f)
+        async with f.lock:
+            if f.uncommitted:
+                batch, f.uncommitted = f.uncommitted, {}
+                await asyncio.to_thread(target.commit, batch)
+            await asyncio.to_thread(target.finish)
+        if f.on_done is not None:
+            await asyncio.to_thread(f.on_done, f)
+        self.progress.on_file_done(f.rel, cached=False)
+
+    def _verify(
+        self, f: TransferFile, md5: bytes | None = None
+    ) -> tuple[bool, tuple[str, ...], str]:
+        assert f.target is not None
+        size = f.target.stored_size()
+        if size != f.info.size:
+            return False, (), f"size {size} != {f.info.size}"
+        sums = f.info.checksums
+        if self.config.verify == "size":
+            return True, ("size",), ""
+        full = self.config.verify == "full"
+        if sums.crc is not None:
+            crcs = _crcs_of(f.target, f.chunks, f.crc_algorithm) if full else f.crcs
+            return _check_crc(f, ALGORITHMS[sums.crc[0]], sums.crc[1], crcs)
+        if sums.md5 is not None or (sums.md5_of_parts is not None and f.info.parts):
+            want = sums.md5 if sums.md5 is not None else sums.md5_of_parts
+            assert want is not None
+            kind = "md5" if sums.md5 is not None else "md5-of-parts"
+            if md5 is not None:
+                got_md5 = md5
+            elif sums.md5 is not None:
+                got_md5 = _md5_of(f.target, f.info.size)
+            else:
+                got_md5 = _md5_of_parts(f.target, f.info.parts)
+            if got_md5 != want:
+                return False, (), f"{kind} mismatch (got {got_md5.hex()}, want {want.hex()})"
+            return True, ("size", kind), ""
+        return True, ("size",), ""
+
+    async def _refetch_all(self, f: TransferFile) -> None:
+        """Fetch every chunk again; those whose CRC changed were the bad ones."""
+        sem = asyncio.Semaphore(max(1, self.controller.target))
+
+        async def one(ch: planning.Chunk) -> None:
+            async with sem:
+                crc = await self._fetch_chunk(f, ch)
+                if crc != f.crcs.get(ch.index):
+                    self.counters.refetched_chunks += 1
+                f.crcs[ch.index] = crc
+                f.uncommitted[ch.index] = crc
+
+        await asyncio.gather(*(one(ch) for ch in f.chunks))
+
+
+def _hash_target(h: Any, target: FileTarget, start: int, length: int) -> None:
+    """Feed bytes ``[start, start+length)`` of a target to hash ``h``, 8 MiB at a time."""
+    for off in range(start, start + length, 8 << 20):
+        h.update(target.read(off, min(8 << 20, start + length - off)))
+
+
+def _md5_of(target: FileTarget, size: int) -> bytes:
+    h = hashlib.md5()
+    _hash_target(h, target, 0, size)
+    return h.digest()
+
+
+def _md5_of_parts(target: FileTarget, parts: tuple[int, ...]) -> bytes:
+    """An S3 multipart ETag's digest: MD5 of the concatenated per-part MD5s."""
+    digests, at = [], 0
+    for n in parts:
+        h = hashlib.md5()
+        _hash_target(h, target, at, n)
+        digests.append(h.digest())
+        at += n
+    return hashlib.md5(b"".join(digests)).digest()
+
+
+def part_crcs(
+    chunks: list[planning.Chunk],
+    crcs: dict[int, int],
+    parts: tuple[int, ...],
+    algorithm: CrcAlgorithm = CRC32C,
+) -> list[int]:
+    """Each part's CRC, combined from the CRCs of the chunks inside it (chunks are planned so
+    that none straddles a part)."""
+    out: list[int] = []
+    i = 0
+    for n in parts:
+        end = (chunks[i].start if i < len(chunks) else 0) + n
+        group: list[tuple[int, int]] = []
+        while i < len(chunks) and chunks[i].start < end:
+            group.append((crcs[chunks[i].index], chunks[i].length))
+            i += 1
+        out.append(combine_chunk_crcs(group, algorithm))
+    return out
+
+
+def _content_checks(f: TransferFile) -> bool:
+    sums = f.info.checksums
+    return (
+        sums.crc is not None
+        or sums.md5 is not None
+        or (sums.md5_of_parts is not None and bool(f.info.parts))
+    )
+
+
+def _crcs_of(
+    target: FileTarget, chunks: list[planning.Chunk], algorithm: CrcAlgorithm
+) -> dict[int, int]:
+    """Each chunk's CRC computed again from the bytes where they landed (--verify full)."""
+    out = {}
+    for ch in chunks:
+        crc = 0
+        for off in range(ch.start, ch.start + ch.length, 8 << 20):
+            crc = algorithm.update(target.read(off, min(8 << 20, ch.start + ch.length - off)), crc)
+        out[ch.index] = crc
+    return out
+
+
+def _check_crc(
+    f: TransferFile, algorithm: CrcAlgorithm, want: int, crcs: dict[int, int]
+) -> tuple[bool, tuple[str, ...], str]:
+    """Whole-object and/or composite (S3 multipart) CRC, as the store's scope says."""
+    name, width = algorithm.name, algorithm.width_bytes
+    scope = f.info.checksums.crc_scope
+    whole = composite = None
+    if scope in ("object", "either"):
+        whole = combine_chunk_crcs([(crcs[c.index], c.length) for c in f.chunks], algorithm)
+        if whole == want:
+            return True, ("size", name), ""
+    if scope in ("parts", "either") and f.info.parts:
+        per_part = part_crcs(f.chunks, crcs, f.info.parts, algorithm)
+        composite = algorithm.update(b"".join(c.to_bytes(width, "big") for c in per_part), 0)
+        if composite == want:
+            return True, ("size", f"{name}-composite"), ""
+    digits = 2 * width
+    got = " / ".join(f"{v:0{digits}x}" for v in (whole, composite) if v is not None) or "nothing"
+    return False, (), f"{name} mismatch (got {got}, want {want:0{digits}x})"
+
+
+def record_in(cache: CacheIndex, min_interval_s: float = 0.0) -> Callable[[TransferFile], None]:
+    """The ``on_done`` of a file that lands on disk: its object version goes into ``cache``
+    (fetch's DEST index, load's cache_dir index), saved at most every ``min_interval_s``
+    (rewriting the index after every file is quadratic for big trees; the caller saves once
+    more at the end)."""
+
+    def done(f: TransferFile) -> None:
+        assert f.local_path is not None, "only files on disk are cached"
+        cache.record(f.rel, f.display, f.info.version, f.info.size, f.local_path)
+        cache.save(min_interval_s=min_interval_s)
+
+    return done
+
+
+def count_verified(files: list[TransferFile]) -> dict[str, int]:
+    """How many files each kind of check (size, crc32c, crc32, crc64nvme, md5) verified."""
+    verified: dict[str, int] = {}
+    for f in files:
+        for kind in f.verified:
+            verified[kind] = verified.get(kind, 0) + 1
+    return verified
