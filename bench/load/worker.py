@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import time
 
+from spotstart.fetch import Disk
+
 _PROCESS_START = time.perf_counter()
 
 import argparse  # noqa: E402
@@ -58,7 +60,7 @@ def _fetch(args: argparse.Namespace) -> dict[str, Any]:
     from spotstart import FetchConfig, fetch
 
     import_s = time.perf_counter() - t
-    report = fetch(args.src, args.dest, FetchConfig(fsync=False))
+    report = fetch(args.src, args.dest, FetchConfig(disk=Disk(fsync=False)))
     return {
         "fetch_import_s": import_s,
         "fetch_seconds": report.seconds,

@@ -12,10 +12,11 @@ import pytest
 
 from spotstart import FetchConfig, fetch
 from spotstart.errors import UsageError
+from spotstart.fetch import Concurrency
 from tests.conftest import Store, tree_digest
 
 MiB = 1 << 20
-SMALL = FetchConfig(chunk_bytes=MiB, concurrency=4)
+SMALL = FetchConfig(chunk_bytes=MiB, concurrency=Concurrency(streams=4))
 # What each store vouches for (besides the size) on an object written by one plain upload.
 CHECKSUM_KINDS = {
     "seaweedfs": "md5",

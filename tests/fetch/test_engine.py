@@ -20,14 +20,18 @@ from spotstart.errors import (
     TransientError,
     UsageError,
 )
-from spotstart.fetch import FetchConfig, FetchReport, NullProgress
+from spotstart.fetch import Concurrency, FetchConfig, FetchReport, NullProgress, Retry
 from spotstart.fetch.engine import Fetcher
 from spotstart.fetch.layout import PART_SUFFIX, work_paths
 from spotstart.store import StorageURL
 from spotstart.store.memory import MemorySource
 
 MiB = 1 << 20
-FAST = FetchConfig(chunk_bytes=MiB, concurrency=4, backoff_base_s=0.001, backoff_cap_s=0.01)
+FAST = FetchConfig(
+    chunk_bytes=MiB,
+    concurrency=Concurrency(streams=4),
+    retry=Retry(backoff_base_s=0.001, backoff_cap_s=0.01),
+)
 
 
 def blob(n: int, seed: int = 0) -> bytes:
@@ -122,7 +126,11 @@ def test_persistent_truncation_exhausts_retries_and_leaves_no_final_file(tmp_pat
     def fault(key: str, start: int, length: int, attempt: int) -> bytes | None:
         return data[start : start + length // 2]
 
-    config = FetchConfig(chunk_bytes=MiB, concurrency=2, max_attempts=3, backoff_base_s=0.001)
+    config = FetchConfig(
+        chunk_bytes=MiB,
+        concurrency=Concurrency(streams=2),
+        retry=Retry(max_attempts=3, backoff_base_s=0.001),
+    )
     with pytest.raises(RetriesExceeded, match="gave up after 3 attempts"):
         run(MemorySource({"m/x": data}, fault=fault), tmp_path, config)
     assert not (tmp_path / "x").exists()
@@ -137,7 +145,7 @@ def test_rerun_after_interruption_resumes_without_refetching_done_chunks(tmp_pat
             raise UsageError("interrupted")  # fatal: the run stops, state is kept
         return None
 
-    config = FetchConfig(chunk_bytes=MiB, concurrency=1)
+    config = FetchConfig(chunk_bytes=MiB, concurrency=Concurrency(streams=1))
     with pytest.raises(UsageError):
         run(MemorySource({"m/x": data}, fault=fault), tmp_path, config)
     assert work_paths(tmp_path, "x")[1].exists()
@@ -158,7 +166,7 @@ def test_journal_of_another_version_is_not_trusted(tmp_path: Path) -> None:
             raise UsageError("interrupted")
         return None
 
-    config = FetchConfig(chunk_bytes=MiB, concurrency=1)
+    config = FetchConfig(chunk_bytes=MiB, concurrency=Concurrency(streams=1))
     with pytest.raises(UsageError):
         run(MemorySource({"m/x": old}, fault=fault), tmp_path, config)
     report = run(MemorySource({"m/x": new}), tmp_path, config)
@@ -276,7 +284,11 @@ def test_stream_that_stalls_on_every_attempt_is_transfer_stalled_and_resumable(
             raise StallDetected("no bytes for 1s")
         return None
 
-    config = FetchConfig(chunk_bytes=MiB, concurrency=1, max_attempts=3, backoff_base_s=0.001)
+    config = FetchConfig(
+        chunk_bytes=MiB,
+        concurrency=Concurrency(streams=1),
+        retry=Retry(max_attempts=3, backoff_base_s=0.001),
+    )
     with pytest.raises(TransferStalled, match="stalled on all 3 attempts") as caught:
         run(MemorySource({"m/x": data}, fault=fault), tmp_path, config)
     assert caught.value.exit_code == 7
@@ -298,7 +310,7 @@ def test_object_replaced_mid_read_is_object_changed_and_leaves_nothing(tmp_path:
         return None
 
     source.fault = fault
-    config = FetchConfig(chunk_bytes=MiB, concurrency=1)
+    config = FetchConfig(chunk_bytes=MiB, concurrency=Concurrency(streams=1))
     with pytest.raises(ObjectChanged):
         run(source, tmp_path, config)
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == []
@@ -308,7 +320,11 @@ def test_unreachable_endpoint_mid_transfer_is_reported_after_retries(tmp_path: P
     def fault(key: str, start: int, length: int, attempt: int) -> bytes | None:
         raise EndpointUnreachable("cannot connect: connection refused")
 
-    config = FetchConfig(chunk_bytes=MiB, concurrency=1, max_attempts=2, backoff_base_s=0.001)
+    config = FetchConfig(
+        chunk_bytes=MiB,
+        concurrency=Concurrency(streams=1),
+        retry=Retry(max_attempts=2, backoff_base_s=0.001),
+    )
     with pytest.raises(EndpointUnreachable, match="after 2 attempts"):
         run(MemorySource({"m/x": blob(MiB)}, fault=fault), tmp_path, config)
     assert not (tmp_path / "x").exists()

@@ -17,11 +17,17 @@ from spotstart import FetchConfig, fetch
 from spotstart.emulate.link import FaultRule, LinkConfig
 from spotstart.emulate.storage import StorageEmulator
 from spotstart.errors import DiskFull, IntegrityError, RetriesExceeded
+from spotstart.fetch import Concurrency, Retry
 from spotstart.fetch.layout import work_paths
+from spotstart.store import HttpOptions
 from tests.conftest import BUCKET, error_line, run_cli, spawn_cli
 
 MiB = 1 << 20
-QUICK = FetchConfig(chunk_bytes=MiB, concurrency=4, backoff_base_s=0.01, backoff_cap_s=0.05)
+QUICK = FetchConfig(
+    chunk_bytes=MiB,
+    concurrency=Concurrency(streams=4),
+    retry=Retry(backoff_base_s=0.01, backoff_cap_s=0.05),
+)
 
 
 @pytest.fixture
@@ -86,7 +92,11 @@ def test_persistent_truncation_exhausts_retries_without_a_final_file(
     clean_cloud.set_faults(
         [FaultRule(kind="truncate", after_bytes=1000, count=10_000, ranged_only=True)]
     )
-    cfg = FetchConfig(chunk_bytes=MiB, concurrency=2, max_attempts=3, backoff_base_s=0.01)
+    cfg = FetchConfig(
+        chunk_bytes=MiB,
+        concurrency=Concurrency(streams=2),
+        retry=Retry(max_attempts=3, backoff_base_s=0.01),
+    )
     with pytest.raises(RetriesExceeded, match=r"body ended|gave up"):
         fetch(f"gs://{BUCKET}/faults/w.bin", tmp_path, cfg)
     assert not (tmp_path / "w.bin").exists()
@@ -98,7 +108,12 @@ def test_stalled_stream_is_replaced(
     clean_cloud.set_faults(
         [FaultRule(kind="stall", after_bytes=50_000, seconds=60, count=1, ranged_only=True)]
     )
-    cfg = FetchConfig(chunk_bytes=MiB, concurrency=4, stall_timeout_s=1.0, backoff_base_s=0.01)
+    cfg = FetchConfig(
+        chunk_bytes=MiB,
+        concurrency=Concurrency(streams=4),
+        http=HttpOptions(stall_timeout_s=1.0),
+        retry=Retry(backoff_base_s=0.01),
+    )
     report = fetch(f"gs://{BUCKET}/faults/w.bin", tmp_path, cfg)
     assert (tmp_path / "w.bin").read_bytes() == obj
     assert report.stalls == 1

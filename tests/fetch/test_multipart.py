@@ -19,12 +19,15 @@ from spotstart.emulate.crosscheck import MotoS3
 from spotstart.emulate.link import FaultRule, LinkConfig
 from spotstart.emulate.proxy import LinkEmulator
 from spotstart.errors import IntegrityError
+from spotstart.fetch import Concurrency, Retry
 from spotstart.fetch.verify import ALGORITHMS
 from spotstart.store.s3 import _checksums
 from tests.conftest import BUCKET
 
 MiB = 1 << 20
-CFG = FetchConfig(chunk_bytes=3 * MiB, concurrency=4, backoff_base_s=0.01)
+CFG = FetchConfig(
+    chunk_bytes=3 * MiB, concurrency=Concurrency(streams=4), retry=Retry(backoff_base_s=0.01)
+)
 
 
 def b64crc(data: bytes) -> str:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from spotstart import FetchConfig, fetch
 from spotstart.errors import LocalIOError, NotFound, UsageError
-from spotstart.fetch import NullProgress
+from spotstart.fetch import Concurrency, NullProgress
 from spotstart.fetch.engine import Fetcher
 from spotstart.fetch.layout import NAME_MAX_BYTES, STATE_DIR, place
 from spotstart.fetch.plan import select_keys
@@ -21,7 +21,7 @@ from spotstart.store import StorageURL
 from spotstart.store.memory import MemorySource
 from tests.conftest import Store, error_line, run_cli
 
-SMALL = FetchConfig(chunk_bytes=1 << 20, concurrency=4)
+SMALL = FetchConfig(chunk_bytes=1 << 20, concurrency=Concurrency(streams=4))
 
 
 def files_outside_state(root: Path) -> dict[str, bytes]:

@@ -14,10 +14,15 @@ from aiohttp.test_utils import TestServer
 
 from spotstart import FetchConfig, fetch_async
 from spotstart.errors import IntegrityError, NotFound, ProtocolError, RetriesExceeded
+from spotstart.fetch import Concurrency, Retry
 
 MiB = 1 << 20
 DATA = os.urandom(3 * MiB + 11)
-CFG = FetchConfig(chunk_bytes=MiB, concurrency=2, max_attempts=2, backoff_base_s=0.001)
+CFG = FetchConfig(
+    chunk_bytes=MiB,
+    concurrency=Concurrency(streams=2),
+    retry=Retry(max_attempts=2, backoff_base_s=0.001),
+)
 
 
 def _files(root: Path) -> list[str]:
@@ -147,7 +152,9 @@ async def test_object_replaced_before_a_pinned_read_is_object_changed(
     server: str, tmp_path: Path, chunk_bytes: int
 ) -> None:
     # With one chunk the 200 is a whole body, of the wrong version: still refused.
-    cfg = FetchConfig(chunk_bytes=chunk_bytes, concurrency=2, max_attempts=2)
+    cfg = FetchConfig(
+        chunk_bytes=chunk_bytes, concurrency=Concurrency(streams=2), retry=Retry(max_attempts=2)
+    )
     with pytest.raises(IntegrityError, match="changed while being read"):
         await fetch_async(f"{server}/replaced.bin", tmp_path, cfg)
     assert _files(tmp_path) == []
@@ -165,7 +172,11 @@ async def test_a_server_that_stops_honouring_ranges_is_a_protocol_error_leaving_
     server: str, tmp_path: Path
 ) -> None:
     _served.clear()
-    cfg = FetchConfig(chunk_bytes=MiB, concurrency=1, max_attempts=2, backoff_base_s=0.001)
+    cfg = FetchConfig(
+        chunk_bytes=MiB,
+        concurrency=Concurrency(streams=1),
+        retry=Retry(max_attempts=2, backoff_base_s=0.001),
+    )
     with pytest.raises(ProtocolError, match="whole body") as caught:
         await fetch_async(f"{server}/stops.bin", tmp_path, cfg)
     assert caught.value.exit_code == 11

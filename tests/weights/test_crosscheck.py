@@ -11,6 +11,8 @@ from urllib.parse import quote
 
 import pytest
 
+from spotstart.fetch import Concurrency, Retry
+
 torch = pytest.importorskip("torch")
 from safetensors.torch import save  # noqa: E402
 
@@ -22,7 +24,9 @@ from spotstart.weights.loader import load_async  # noqa: E402
 from tests.conftest import BUCKET, Store  # noqa: E402
 
 MiB = 1 << 20
-SMALL = FetchConfig(chunk_bytes=MiB, concurrency=4, backoff_base_s=0.01)
+SMALL = FetchConfig(
+    chunk_bytes=MiB, concurrency=Concurrency(streams=4), retry=Retry(backoff_base_s=0.01)
+)
 
 
 def sharded(tag: int) -> tuple[dict[str, bytes], dict[str, torch.Tensor]]:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from spotstart.fetch import Concurrency
+
 torch = pytest.importorskip("torch")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -18,7 +20,7 @@ from spotstart.errors import InvalidCheckpoint, UsageError  # noqa: E402
 from spotstart.weights.loader import load, load_async, load_into  # noqa: E402
 from tests.conftest import BUCKET, error_line, run_cli  # noqa: E402
 
-SMALL = FetchConfig(chunk_bytes=1 << 20, concurrency=4)
+SMALL = FetchConfig(chunk_bytes=1 << 20, concurrency=Concurrency(streams=4))
 
 
 def every_dtype() -> dict[str, torch.Tensor]:

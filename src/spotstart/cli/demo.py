@@ -17,7 +17,14 @@ from rich.console import Console
 from rich.table import Table
 
 from spotstart.cli.progress import RichProgress
-from spotstart.fetch import FetchConfig, FetchReport, NullProgress, ProgressListener, fetch
+from spotstart.fetch import (
+    Concurrency,
+    FetchConfig,
+    FetchReport,
+    NullProgress,
+    ProgressListener,
+    fetch,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -101,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
             one = FetchConfig(
                 endpoint=endpoint,
                 anonymous=base.anonymous,
-                concurrency=1,
+                concurrency=Concurrency(streams=1),
                 chunk_bytes=1 << 40,
                 use_cache=False,
             )

@@ -13,7 +13,18 @@ from rich.console import Console
 from spotstart import units
 from spotstart.cli.progress import LineProgress, RichProgress
 from spotstart.errors import SpotstartError, UsageError
-from spotstart.fetch import FetchConfig, FetchReport, NullProgress, ProgressListener, fetch, metrics
+from spotstart.fetch import (
+    Concurrency,
+    Disk,
+    FetchConfig,
+    FetchReport,
+    NullProgress,
+    ProgressListener,
+    Retry,
+    fetch,
+    metrics,
+)
+from spotstart.store import HttpOptions
 
 
 def parse_size(text: str) -> int:
@@ -63,7 +74,12 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
         help="send unsigned requests (public buckets); skip credential lookup",
     )
     p.add_argument("--concurrency", type=int, help="fixed number of streams (default: auto)")
-    p.add_argument("--max-concurrency", type=int, default=64, help="ceiling for auto (64)")
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=Concurrency.max,
+        help=f"ceiling for auto ({Concurrency.max})",
+    )
     p.add_argument("--chunk-size", type=parse_size, help="bytes per ranged read (default: auto)")
     p.add_argument(
         "--metrics-textfile",
@@ -77,12 +93,18 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
         help="auto: size and the store's strongest checksum (CRC as bytes arrive, else MD5); "
         "size: size only; full: a checksum is required and recomputed from disk",
     )
-    p.add_argument("--retries", type=int, default=8, help="attempts per chunk (8)")
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=Retry.max_attempts,
+        help=f"attempts per chunk ({Retry.max_attempts})",
+    )
     p.add_argument(
         "--stall-timeout",
         type=float,
-        default=20.0,
-        help="seconds without a byte before a stream is replaced (20)",
+        default=HttpOptions.stall_timeout_s,
+        help="seconds without a byte before a stream is replaced "
+        f"({HttpOptions.stall_timeout_s:g})",
     )
     p.add_argument(
         "--fsync",
@@ -104,11 +126,10 @@ def config_from_args(args: argparse.Namespace) -> FetchConfig:
     return FetchConfig(
         chunk_bytes=args.chunk_size,
         verify=args.verify,
-        concurrency=args.concurrency,
-        concurrency_max=args.max_concurrency,
-        max_attempts=args.retries,
-        stall_timeout_s=args.stall_timeout,
-        fsync=args.fsync,
+        concurrency=Concurrency(streams=args.concurrency, max=args.max_concurrency),
+        retry=Retry(max_attempts=args.retries),
+        http=HttpOptions(stall_timeout_s=args.stall_timeout),
+        disk=Disk(fsync=args.fsync),
         use_cache=not args.no_cache,
         endpoint=args.endpoint,
         anonymous=args.anonymous,

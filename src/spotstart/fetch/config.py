@@ -6,26 +6,67 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from spotstart.fetch.metrics import TransferMetrics
+from spotstart.store import HttpOptions
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """How many ranged reads run at once. ``streams``: a fixed number; ``None`` starts at
+    ``initial`` and grows by half while aggregate throughput grows by more than
+    ``growth_threshold`` (measured every ``probe_interval_s``), up to ``max``; it halves on
+    throttling (429/503)."""
+
+    streams: int | None = None
+    initial: int = 16
+    max: int = 64
+    growth_threshold: float = 0.08
+    probe_interval_s: float = 0.5
+
+    @property
+    def start(self) -> int:
+        return self.streams or self.initial
+
+    @property
+    def limit(self) -> int:
+        return self.streams or self.max
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Each ranged read is tried ``max_attempts`` times, waiting full-jitter exponential
+    backoff from ``backoff_base_s`` up to ``backoff_cap_s`` (``Retry-After`` honoured)."""
+
+    max_attempts: int = 8
+    backoff_base_s: float = 0.2
+    backoff_cap_s: float = 10.0
+
+
+@dataclass(frozen=True)
+class Disk:
+    """``write_queue_bytes``: bytes received and not yet written, at most (the writer's
+    bounded queue). ``fsync``: make data durable against power loss (fdatasync before
+    journaling, fsync before the rename). Off by default: the journal only lists chunks whose
+    writes completed, which is enough to resume after the process is killed (the page cache
+    survives), and a spot node's local NVMe does not survive the node. Costs ~30% of
+    throughput here."""
+
+    write_queue_bytes: int = 256 << 20
+    fsync: bool = False
 
 
 @dataclass(frozen=True)
 class FetchConfig:
-    """How a fetch runs. ``None`` means "choose automatically".
+    """How a fetch (or load) runs, in sections, each with its defaults in one place:
+    ``http`` (the store transport's :class:`~spotstart.store.HttpOptions`: stall and connect
+    timeouts, CA bundle), ``concurrency``, ``retry``, ``disk``.
 
     Memory bound: the bytes held in flight are at most
-    ``write_queue_bytes + concurrency_max * 2 * 2 MiB`` (the writer's bounded queue plus
+    ``disk.write_queue_bytes + concurrency.limit * 2 * 2 MiB`` (the writer's bounded queue plus
     aiohttp's per-stream read buffer), independent of ``chunk_bytes`` and of file sizes.
 
     - ``chunk_bytes``: size of one ranged read. Auto: 16 MiB (8-64 MiB reads reach the link
       limit on object stores; 256 MiB reads collapse throughput, see BENCH-NOTES), smaller
       for small objects so one object still spreads over several streams.
-    - ``concurrency``: fixed number of concurrent streams; ``None`` starts at
-      ``concurrency_initial`` and grows by half while aggregate throughput grows by more than
-      ``growth_threshold``, up to ``concurrency_max``; it halves on throttling (429/503).
-    - ``fsync``: make data durable against power loss (fdatasync before journaling, fsync before
-      the rename). Off by default: the journal only lists chunks whose writes completed, which
-      is enough to resume after the process is killed (the page cache survives), and a spot
-      node's local NVMe does not survive the node. Costs ~30% of throughput here.
     - ``verify``: ``"auto"`` (default) checks the size and the strongest checksum the store
       gives for the object: its CRC (CRC-32C, CRC-64/NVME, CRC-32; computed per chunk as the
       bytes arrive, combined at the end: no reread), else its MD5 (hashed in order beside the
@@ -33,25 +74,23 @@ class FetchConfig:
       pass; the per-chunk CRC still finds a bad chunk on a mismatch). ``"full"``: a content
       checksum is required (an object without one fails with exit 6, nothing kept) and it is
       computed again from the bytes where they landed, after the last write.
+      ``verify_passes``: refetches of a file whose check failed, before giving up.
     - ``endpoint``/``anonymous``: talk to another endpoint (S3-compatible store, emulator);
       send unsigned requests (public buckets) instead of looking for credentials.
+
+    Example::
+
+        FetchConfig(chunk_bytes=32 << 20, concurrency=Concurrency(streams=8),
+                    retry=Retry(max_attempts=4), disk=Disk(fsync=True))
     """
 
     chunk_bytes: int | None = None
-    concurrency: int | None = None
-    concurrency_initial: int = 16
-    concurrency_max: int = 64
-    growth_threshold: float = 0.08
-    probe_interval_s: float = 0.5
-    write_queue_bytes: int = 256 << 20
-    max_attempts: int = 8
-    backoff_base_s: float = 0.2
-    backoff_cap_s: float = 10.0
-    stall_timeout_s: float = 20.0
-    connect_timeout_s: float = 10.0
+    http: HttpOptions = field(default_factory=HttpOptions)
+    concurrency: Concurrency = field(default_factory=Concurrency)
+    retry: Retry = field(default_factory=Retry)
+    disk: Disk = field(default_factory=Disk)
     verify_passes: int = 2
     verify: Literal["auto", "size", "full"] = "auto"
-    fsync: bool = False
     endpoint: str | None = None
     anonymous: bool = False
     include: tuple[str, ...] = ()

@@ -32,9 +32,10 @@ from spotstart.fetch.scheduler import (
     TransferScheduler,
     count_verified,
     record_in,
+    source_for,
 )
 from spotstart.fetch.target import DiskTarget, FileTarget
-from spotstart.store import HttpOptions, ObjectInfo, RangeSource, StorageURL, open_source, parse_url
+from spotstart.store import ObjectInfo, RangeSource, StorageURL, parse_url
 from spotstart.units import format_bytes
 
 T = TypeVar("T")
@@ -179,7 +180,7 @@ class Fetcher:
             )
             work = layout.work_paths(self.dest, f.rel)
             return DiskTarget(
-                final, header, self.scheduler.writer, fsync=self.config.fsync, work=work
+                final, header, self.scheduler.writer, fsync=self.config.disk.fsync, work=work
             )
 
         return make
@@ -217,10 +218,7 @@ async def fetch_async(
     """
     cfg = config or FetchConfig()
     url = parse_url(src)
-    options = HttpOptions(
-        stall_timeout_s=cfg.stall_timeout_s, connect_timeout_s=cfg.connect_timeout_s
-    )
-    source = open_source(url, options, endpoint=cfg.endpoint, anonymous=cfg.anonymous)
+    source = source_for(url, cfg)
     dest_path = Path(os.path.abspath(dest))  # noqa: ASYNC240 (no I/O: string arithmetic)
     try:
         fetcher = Fetcher(source, url, dest_path, cfg, progress or NullProgress())

@@ -35,7 +35,7 @@ from spotstart.fetch.journal import local_error
 from spotstart.fetch.target import FileTarget
 from spotstart.fetch.verify import ALGORITHMS, CRC32C, CrcAlgorithm, combine_chunk_crcs
 from spotstart.fetch.writer import DiskWriter
-from spotstart.store import ObjectInfo, RangeSource, StorageURL
+from spotstart.store import ObjectInfo, RangeSource, StorageURL, open_source
 
 T = TypeVar("T")
 
@@ -188,6 +188,12 @@ class _ChunkWriter:
         self.offset += n
 
 
+def source_for(url: StorageURL, config: FetchConfig) -> RangeSource:
+    """The store behind ``url`` with this config's transport, endpoint and signing: the one
+    place fetch and load open a source."""
+    return open_source(url, config.http, endpoint=config.endpoint, anonymous=config.anonymous)
+
+
 class TransferScheduler:
     """Chunks of objects, scheduled. Build :class:`TransferFile` s with :meth:`plan_file`,
     run them with :meth:`transfer`; :meth:`stat`, :meth:`complete` and :meth:`read_bytes` are
@@ -207,19 +213,19 @@ class TransferScheduler:
         self.config = config
         self.progress = progress
         self.rng = rng or random.Random()
+        retry, streams = config.retry, config.concurrency
         self.policy = planning.RetryPolicy(
-            config.max_attempts, config.backoff_base_s, config.backoff_cap_s
+            retry.max_attempts, retry.backoff_base_s, retry.backoff_cap_s
         )
         self.counters = _Counters()
-        fixed = config.concurrency is not None
         self.controller = planning.ConcurrencyController(
-            config.concurrency or config.concurrency_initial,
-            config.concurrency or config.concurrency_max,
-            growth_threshold=config.growth_threshold,
-            interval_s=config.probe_interval_s,
-            fixed=fixed,
+            streams.start,
+            streams.limit,
+            growth_threshold=streams.growth_threshold,
+            interval_s=streams.probe_interval_s,
+            fixed=streams.streams is not None,
         )
-        self.writer = DiskWriter(config.write_queue_bytes)
+        self.writer = DiskWriter(config.disk.write_queue_bytes)
 
     async def stat(self, key: str) -> ObjectInfo:
         """``source.stat(key)`` under this run's retry policy."""
@@ -251,7 +257,7 @@ class TransferScheduler:
             try:
                 return await call()
             except (TransientError, EndpointUnreachable) as exc:
-                if attempt >= min(4, self.config.max_attempts):
+                if attempt >= min(4, self.config.retry.max_attempts):
                     if isinstance(exc, EndpointUnreachable):
                         raise
                     raise RetriesExceeded(f"{what}: {exc}", exc) from exc
@@ -381,7 +387,7 @@ class TransferScheduler:
                 waitables: set[asyncio.Task[Any]] = set(running) | finishing
                 done, _ = await asyncio.wait(
                     waitables,
-                    timeout=self.config.probe_interval_s,
+                    timeout=self.config.concurrency.probe_interval_s,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
                 for t in done:

@@ -25,9 +25,15 @@ from spotstart.fetch import FetchConfig, NullProgress, ProgressListener, layout
 from spotstart.fetch.cache import CacheIndex
 from spotstart.fetch.journal import JournalHeader
 from spotstart.fetch.metrics import TransferMetrics
-from spotstart.fetch.scheduler import TransferFile, TransferScheduler, count_verified, record_in
+from spotstart.fetch.scheduler import (
+    TransferFile,
+    TransferScheduler,
+    count_verified,
+    record_in,
+    source_for,
+)
 from spotstart.fetch.target import DiskTarget, FileTarget
-from spotstart.store import HttpOptions, ObjectInfo, open_source, parse_url
+from spotstart.store import ObjectInfo, parse_url
 from spotstart.weights import format as fmt
 from spotstart.weights import tp as tp_plan
 
@@ -349,10 +355,7 @@ class Loader:
     async def run(self) -> tuple[dict[str, torch.Tensor], LoadReport]:
         t0 = time.monotonic()
         cfg = self.config
-        options = HttpOptions(
-            stall_timeout_s=cfg.stall_timeout_s, connect_timeout_s=cfg.connect_timeout_s
-        )
-        source = open_source(self.url, options, endpoint=cfg.endpoint, anonymous=cfg.anonymous)
+        source = source_for(self.url, cfg)
         scheduler = TransferScheduler(source, self.url, cfg, self.progress)
         try:
             shards, index = await self._resolve(scheduler)
@@ -553,7 +556,7 @@ class Loader:
         th = _torch()
         assert self.tp is not None
         rank, world = self.tp
-        sem = asyncio.Semaphore(self.config.concurrency or self.config.concurrency_initial)
+        sem = asyncio.Semaphore(self.config.concurrency.start)
         plans = []
         for s in shards:
             assert s.header is not None
@@ -633,7 +636,7 @@ class Loader:
                     self.cache_dir / shard.rel,
                     header,
                     scheduler.writer,
-                    fsync=self.config.fsync,
+                    fsync=self.config.disk.fsync,
                     work=layout.work_paths(self.cache_dir, shard.rel),
                 )
             shard.target = ShardTarget(scheduler, shard.header, self.device, disk, shard.prefix)
