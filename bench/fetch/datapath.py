@@ -70,7 +70,19 @@ def main() -> int:
             media = f"{base}/download/storage/v1/b/{BUCKET}/o/{KEY.replace('/', '%2F')}?alt=media"
             candidates = {
                 "curl x16 to /dev/null (ceiling)": None,
-                "spotstart fetch (aiohttp -> bytes -> pwritev)": [
+                "spotstart fetch --no-direct-reads (aiohttp -> bytes -> pwritev)": [
+                    sys.executable,
+                    "-m",
+                    "spotstart",
+                    "fetch",
+                    f"gs://{BUCKET}/{KEY}",
+                    "DEST",
+                    "--json",
+                    "--no-direct-reads",
+                    "--concurrency",
+                    str(args.streams),
+                ],
+                "spotstart fetch (direct reader: recv_into the part file's pages)": [
                     sys.executable,
                     "-m",
                     "spotstart",

@@ -135,6 +135,7 @@ class FetchReport:
     concurrency_final: int
     chunk_bytes: int
     files: tuple[FileResult, ...] = field(default=(), repr=False)
+    chunks_direct: int = 0  # received straight into the file's pages (HttpOptions.direct_reads)
 
     def metrics(self) -> TransferMetrics:
         """This run as Prometheus samples (``.samples()``) or a registry (``.registry()``)."""

@@ -162,6 +162,7 @@ class Fetcher:
             verified=verified,
             concurrency_final=self.scheduler.controller.target,
             chunk_bytes=max((f.chunk_bytes for f in files), default=0),
+            chunks_direct=c.direct_chunks,
             files=tuple(sorted(results, key=lambda r: r.key)),
         )
 

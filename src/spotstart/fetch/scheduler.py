@@ -12,9 +12,10 @@ import hashlib
 import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from spotstart.errors import (
     DiskFull,
@@ -35,7 +36,14 @@ from spotstart.fetch.journal import local_error
 from spotstart.fetch.target import FileTarget
 from spotstart.fetch.verify import ALGORITHMS, CRC32C, CrcAlgorithm, combine_chunk_crcs
 from spotstart.fetch.writer import DiskWriter
-from spotstart.store import ObjectInfo, RangeSource, StorageURL, open_source
+from spotstart.store import (
+    DirectRangeSource,
+    DirectReader,
+    ObjectInfo,
+    RangeSource,
+    StorageURL,
+    open_source,
+)
 
 T = TypeVar("T")
 
@@ -105,6 +113,7 @@ class _Counters:
     retries: int = 0
     stalls: int = 0
     refetched_chunks: int = 0
+    direct_chunks: int = 0  # chunks received straight into the target by the direct reader
 
 
 class _OrderedMd5:
@@ -226,6 +235,8 @@ class TransferScheduler:
             fixed=streams.streams is not None,
         )
         self.writer = DiskWriter(config.disk.write_queue_bytes)
+        self._direct: DirectReader | None = None
+        self._pool: ThreadPoolExecutor | None = None
 
     async def stat(self, key: str) -> ObjectInfo:
         """``source.stat(key)`` under this run's retry policy."""
@@ -320,8 +331,12 @@ class TransferScheduler:
         return await self.with_retries(once, info.key)
 
     def close(self) -> None:
-        """Stop the writer threads."""
+        """Stop the writer and reader threads; close kept-alive sockets."""
         self.writer.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._direct is not None:
+            self._direct.close()
 
     def _open(self, f: TransferFile) -> None:
         f.target = f.make_target(f)
@@ -446,8 +461,60 @@ class TransferScheduler:
                     batch, f.uncommitted = f.uncommitted, {}
                     await asyncio.to_thread(f.target.commit, batch)
 
+    def _direct_view(self, f: TransferFile, ch: planning.Chunk) -> memoryview | None:
+        """Where the direct reader may receive this chunk: the target's own memory, when the
+        store signs requests for it and the target exposes that memory."""
+        if not self.config.http.direct_reads or not hasattr(self.source, "range_request"):
+            return None
+        view = getattr(f.target, "view", None)
+        return view(ch.start, ch.length) if view is not None else None
+
+    async def _read_direct(self, f: TransferFile, ch: planning.Chunk, into: memoryview) -> int:
+        """One chunk by the direct reader on the scheduler's threads; returns its CRC and
+        the bytes the progress counted (rolled back by the caller on a failure)."""
+        source = cast(DirectRangeSource, self.source)
+        req = await source.range_request(f.info, ch.start, ch.length)
+        loop = asyncio.get_running_loop()
+        reader, threads = self._reader(), self._threads()  # made here, on the loop: once
+        counted = [0]
+
+        def arrived(n: int) -> None:  # a worker thread: hand the count to the loop
+            loop.call_soon_threadsafe(self._count, f, n, counted)
+
+        def work() -> int:
+            reader.read_into(req, ch.start, ch.length, f.info.size, into, arrived)
+            return f.crc_algorithm.update(into, 0)  # CRC on the bytes while they are hot
+
+        try:
+            crc = await loop.run_in_executor(threads, work)
+            self.counters.direct_chunks += 1
+            return crc
+        except BaseException:
+            await asyncio.sleep(0)  # let the last counts land before rolling them back
+            self.progress.on_bytes(-counted[0])
+            raise
+
+    def _count(self, f: TransferFile, n: int, counted: list[int]) -> None:
+        """Bytes the direct reader received (called on the loop)."""
+        counted[0] += n
+        self.counters.bytes_transferred += n
+        f.bytes_transferred += n
+        self.progress.on_bytes(n)
+
+    def _reader(self) -> DirectReader:
+        if self._direct is None:
+            self._direct = DirectReader(self.config.http)
+        return self._direct
+
+    def _threads(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                self.config.concurrency.limit, thread_name_prefix="spotstart-read"
+            )
+        return self._pool
+
     async def _fetch_chunk(self, f: TransferFile, ch: planning.Chunk) -> int:
-        """Fetch one chunk with bounded retries; returns its CRC-32C."""
+        """Fetch one chunk with bounded retries; returns its CRC."""
         target = f.target
         assert target is not None
         attempt = 0
@@ -455,6 +522,9 @@ class TransferScheduler:
             attempt += 1
             chunk = _ChunkWriter(self, f, target, ch.start)
             try:
+                into = self._direct_view(f, ch)
+                if into is not None:
+                    return await self._read_direct(f, ch, into)
                 await self.source.read(f.info, ch.start, ch.length, chunk.receive)
                 await chunk.flush()
                 await self._settle(chunk.writes, f)

@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import mmap
 import os
 from pathlib import Path
 from typing import Protocol
@@ -65,6 +67,8 @@ class DiskTarget:
     ) -> None:
         self.part = PartFile(final, header, fsync=fsync, work=work)
         self.writer = writer
+        self._map: mmap.mmap | None = None
+        self._no_map = False
 
     def open(self) -> dict[int, int]:
         return self.part.open()
@@ -75,6 +79,30 @@ class DiskTarget:
 
     async def write(self, offset: int, pieces: list[bytes]) -> asyncio.Future[None]:
         return await self.writer.write(self.part.fd, offset, pieces)
+
+    def view(self, offset: int, length: int) -> memoryview | None:
+        """The part file's own pages for ``[offset, offset+length)`` (a shared mmap), for the
+        direct reader to receive into; None where that is not safe: blocks not reserved
+        (posix_fallocate unsupported: a full disk would then kill the process with SIGBUS on
+        a page fault instead of raising ENOSPC) or an empty file."""
+        if self._map is None and not self._no_map:
+            size = self.part.header.size
+            try:
+                if size == 0:
+                    raise OSError("empty")
+                os.posix_fallocate(self.part.fd, 0, size)
+                self._map = mmap.mmap(self.part.fd, size)
+            except (OSError, ValueError):
+                self._no_map = True
+        if self._map is None:
+            return None
+        return memoryview(self._map)[offset : offset + length]
+
+    def _unmap(self) -> None:
+        if self._map is not None:
+            with contextlib.suppress(BufferError):  # a view still held: the GC unmaps it
+                self._map.close()
+            self._map = None
 
     def read(self, offset: int, length: int) -> bytes:
         first = os.pread(self.part.fd, length, offset)
@@ -95,10 +123,13 @@ class DiskTarget:
         self.part.commit(chunks)
 
     def finish(self) -> None:
+        self._unmap()
         self.part.finish()
 
     def discard(self) -> None:
+        self._unmap()
         self.part.discard()
 
     def close(self) -> None:
+        self._unmap()
         self.part.close()

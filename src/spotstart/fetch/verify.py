@@ -9,15 +9,16 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import google_crc32c
 from awscrt import checksums as crt
 
 _POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
 
 
-def crc32c(data: bytes, crc: int = 0) -> int:
-    """CRC-32C of ``data`` continuing from ``crc`` (hardware accelerated)."""
-    return int(google_crc32c.extend(crc, data))
+def crc32c(data: bytes | memoryview, crc: int = 0) -> int:
+    """CRC-32C of ``data`` continuing from ``crc`` (hardware accelerated). The AWS CRT's takes
+    any buffer, a writable mmap or tensor view included (google-crc32c wants read-only bytes),
+    and measured 1.7x faster here (256 MiB: 26 ms vs 43 ms)."""
+    return int(crt.crc32c(data, crc))
 
 
 def _gf2_times(mat: list[int], vec: int) -> int:
@@ -70,7 +71,7 @@ class CrcAlgorithm:
 
     name: str
     width_bytes: int
-    update: Callable[[bytes, int], int]
+    update: Callable[[bytes | memoryview, int], int]
     combine: Callable[[int, int, int], int]
 
 

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from spotstart.errors import UsageError
+from spotstart.store._direct import DirectRangeSource, DirectReader, RangeRequest
 from spotstart.store._http import HttpOptions
 from spotstart.store.base import Checksums, ObjectInfo, RangeSource, Sink
 from spotstart.store.url import StorageURL, parse_url
 
 __all__ = [
     "Checksums",
+    "DirectRangeSource",
+    "DirectReader",
     "HttpOptions",
     "ObjectInfo",
+    "RangeRequest",
     "RangeSource",
     "Sink",
     "StorageURL",

@@ -41,6 +41,9 @@ class HttpOptions:
     stall_timeout_s: float = 20.0
     connect_timeout_s: float = 10.0
     ca_bundle: str | None = None
+    # Ranged bodies received straight into the destination's memory from threads where the
+    # store and the target allow it (store/_direct.py); False keeps every read on aiohttp.
+    direct_reads: bool = True
 
 
 # RFC 3986 section 2: what may stand in a URL as it is sent (unreserved, reserved, '%').
@@ -58,13 +61,16 @@ def wire_url(url: str) -> yarl.URL:
     return yarl.URL(url)
 
 
-def make_session(options: HttpOptions) -> aiohttp.ClientSession:
-    # A context of our own per session (not aiohttp's, made at import): SSL_CERT_FILE and
+def ssl_context(options: HttpOptions) -> ssl.SSLContext:
+    # A context of our own per source (not aiohttp's, made at import): SSL_CERT_FILE and
     # SSL_CERT_DIR are read when the source opens, as OpenSSL's default paths are.
     if options.ca_bundle and os.path.exists(options.ca_bundle):
-        ssl_ctx = ssl.create_default_context(cafile=options.ca_bundle)
-    else:
-        ssl_ctx = ssl.create_default_context()
+        return ssl.create_default_context(cafile=options.ca_bundle)
+    return ssl.create_default_context()
+
+
+def make_session(options: HttpOptions) -> aiohttp.ClientSession:
+    ssl_ctx = ssl_context(options)
     connector = aiohttp.TCPConnector(limit=0, ssl=ssl_ctx, enable_cleanup_closed=True)
     timeout = aiohttp.ClientTimeout(
         total=None, connect=options.connect_timeout_s, sock_connect=options.connect_timeout_s
@@ -78,43 +84,54 @@ def make_session(options: HttpOptions) -> aiohttp.ClientSession:
     )
 
 
-def _retry_after(resp: aiohttp.ClientResponse) -> float | None:
-    value = resp.headers.get("Retry-After")
+async def raise_for_status(resp: aiohttp.ClientResponse, what: str, *, hint: str = "") -> None:
+    """Translate a non-2xx answer into our exception for ``what`` (an object's display URL)."""
+    if resp.status < 300:
+        return
+    try:
+        body = (await resp.content.read(2048)).decode("utf-8", "replace")
+    except (TimeoutError, aiohttp.ClientError):
+        body = ""
+    raise error_for_status(resp.status, resp.reason or "", resp.headers, body, what, hint=hint)
+
+
+def error_for_status(
+    status: int,
+    reason: str,
+    headers: Mapping[str, str],
+    body: str,
+    what: str,
+    *,
+    hint: str = "",
+) -> SpotstartError:
+    """The exception for a non-2xx answer (pure: shared by every HTTP transport)."""
+    detail = _error_detail(body)
+    suffix = f" ({detail})" if detail else ""
+    if status in RETRYABLE_STATUS:
+        return TransientError(
+            f"{what}: HTTP {status} {reason}{suffix}",
+            retry_after_s=_retry_after_value(headers.get("Retry-After")),
+            status=status,
+        )
+    if status == 404:
+        return NotFound(f"{what}: not found (HTTP 404){suffix}")
+    if status in (401, 403):
+        return AccessDenied(f"{what}: access denied (HTTP {status}){suffix}{hint}")
+    if status in (412, 416):
+        return ObjectChanged(
+            f"{what}: the object changed while being read (HTTP {status}); rerun to fetch the "
+            "new version"
+        )
+    return SpotstartError(f"{what}: unexpected HTTP {status} {reason}{suffix}")
+
+
+def _retry_after_value(value: str | None) -> float | None:
     if value is None:
         return None
     try:
         return max(0.0, float(value))
     except ValueError:
         return None
-
-
-async def raise_for_status(resp: aiohttp.ClientResponse, what: str, *, hint: str = "") -> None:
-    """Translate a non-2xx answer into our exception for ``what`` (an object's display URL)."""
-    status = resp.status
-    if status < 300:
-        return
-    try:
-        body = (await resp.content.read(2048)).decode("utf-8", "replace")
-    except (TimeoutError, aiohttp.ClientError):
-        body = ""
-    detail = _error_detail(body)
-    suffix = f" ({detail})" if detail else ""
-    if status in RETRYABLE_STATUS:
-        raise TransientError(
-            f"{what}: HTTP {status} {resp.reason}{suffix}",
-            retry_after_s=_retry_after(resp),
-            status=status,
-        )
-    if status == 404:
-        raise NotFound(f"{what}: not found (HTTP 404){suffix}")
-    if status in (401, 403):
-        raise AccessDenied(f"{what}: access denied (HTTP {status}){suffix}{hint}")
-    if status in (412, 416):
-        raise ObjectChanged(
-            f"{what}: the object changed while being read (HTTP {status}); rerun to fetch the "
-            "new version"
-        )
-    raise SpotstartError(f"{what}: unexpected HTTP {status} {resp.reason}{suffix}")
 
 
 def _error_detail(body: str) -> str:
@@ -239,8 +256,21 @@ def _check_range_answer(
     what: str,
     pinned: str | None = None,
 ) -> None:
-    if resp.status == 206:
-        m = _CONTENT_RANGE.fullmatch(resp.headers.get("Content-Range", "").strip())
+    check_range_answer(resp.status, resp.headers, start, length, total_size, what, pinned)
+
+
+def check_range_answer(
+    status: int,
+    headers: Mapping[str, str],
+    start: int,
+    length: int,
+    total_size: int,
+    what: str,
+    pinned: str | None = None,
+) -> None:
+    """Is this 2xx the ranged answer asked for? (pure: shared by every HTTP transport)"""
+    if status == 206:
+        m = _CONTENT_RANGE.fullmatch(headers.get("Content-Range", "").strip())
         if not m:
             raise TransientError(f"{what}: 206 without a valid Content-Range")
         first, last, total = int(m.group(1)), int(m.group(2)), m.group(3)
@@ -253,10 +283,10 @@ def _check_range_answer(
                 f"{what}: asked for bytes {start}-{start + length - 1}, got {first}-{last}"
             )
         return
-    if resp.status == 200:
+    if status == 200:
         # If-Range answered with a whole body of another version: the object was replaced,
         # which is not the same as a server that ignores Range.
-        now = resp.headers.get("ETag") or resp.headers.get("Last-Modified")
+        now = headers.get("ETag") or headers.get("Last-Modified")
         if pinned and now and now.removeprefix("W/") != pinned.removeprefix("W/"):
             raise ObjectChanged(
                 f"{what}: the object changed while being read (now {now}, was {pinned}); "
@@ -268,4 +298,4 @@ def _check_range_answer(
             f"{what}: the server answered a ranged read with the whole body (HTTP 200) although "
             "it honoured ranges before; nothing was kept, rerun (or report the server)"
         )
-    raise ProtocolError(f"{what}: unexpected HTTP {resp.status} for a ranged read")
+    raise ProtocolError(f"{what}: unexpected HTTP {status} for a ranged read")

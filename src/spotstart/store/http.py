@@ -9,6 +9,7 @@ from collections.abc import Mapping
 
 from spotstart.errors import AccessDenied, NotFound, ObjectChanged, SpotstartError, TransientError
 from spotstart.store import _http
+from spotstart.store._direct import RangeRequest
 from spotstart.store.base import Checksums, ObjectInfo, Sink
 
 _TOTAL = re.compile(r"bytes \d+-\d+/(\d+)")
@@ -66,6 +67,11 @@ class HttpSource:
 
     async def list(self, prefix: str) -> list[ObjectInfo]:
         return [await self.stat(self.url)]
+
+    async def range_request(self, obj: ObjectInfo, start: int, length: int) -> RangeRequest:
+        """The ranged GET of the URL pinned with If-Range, for the direct reader."""
+        headers = {"If-Range": obj.version} if obj.version else {}
+        return RangeRequest(obj.key, headers, obj.key, pinned=obj.version or None)
 
     async def read(self, obj: ObjectInfo, start: int, length: int, sink: Sink) -> None:
         headers = {"If-Range": obj.version} if obj.version else {}

@@ -23,6 +23,7 @@ from spotstart.errors import (
     TransientError,
 )
 from spotstart.store import _http
+from spotstart.store._direct import RangeRequest
 from spotstart.store.base import Checksums, CrcScope, ObjectInfo, Sink
 
 # S3 allows 10,000 parts; asking each part's size is one HEAD each: beyond this many parts the
@@ -198,6 +199,15 @@ class S3Source:
             out.extend(page)
             if not truncated or not token:
                 return out
+
+    async def range_request(self, obj: ObjectInfo, start: int, length: int) -> RangeRequest:
+        """The ranged GET of ``obj``, signed (Range and If-Match included), for the direct
+        reader, which sends the same Range it was signed with."""
+        url = self._url(obj.key)
+        extra = {"If-Match": obj.version} if obj.version else {}
+        extra["Range"] = f"bytes={start}-{start + length - 1}"
+        headers = await self._signed("GET", url, extra)
+        return RangeRequest(url, headers, f"s3://{self.bucket}/{obj.key}", self._hint())
 
     async def read(self, obj: ObjectInfo, start: int, length: int, sink: Sink) -> None:
         url = self._url(obj.key)

@@ -197,6 +197,15 @@ class ShardTarget:
                     self._host.copy(self.flat, lo - start, src)
             pos = hi
 
+    def view(self, offset: int, length: int) -> memoryview | None:
+        """The tensor memory for ``[offset, offset+length)`` of the file, for the direct
+        reader to receive into (CPU, no write-through copy, inside the data region only: the
+        header bytes are not tensor memory)."""
+        start = self.header.data_start
+        if self._view is None or self.disk is not None or offset < start:
+            return None
+        return memoryview(self._view)[offset - start : offset - start + length]
+
     def read(self, offset: int, length: int) -> bytes:
         if self.disk is not None:
             return self.disk.read(offset, length)
