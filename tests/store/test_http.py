@@ -103,12 +103,30 @@ async def stops_honouring_ranges(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def chunked(request: web.Request) -> web.StreamResponse:
+    """Ranged answers with a chunked body (valid HTTP/1.1; not what object stores send)."""
+    if request.method == "HEAD":
+        return web.Response(headers={"Content-Length": str(len(DATA)), "ETag": '"v1"'})
+    first, last = _range(request)
+    resp = web.StreamResponse(
+        status=206, headers={"Content-Range": f"bytes {first}-{last}/{len(DATA)}", "ETag": '"v1"'}
+    )
+    resp.enable_chunked_encoding()
+    await resp.prepare(request)
+    body = DATA[first : last + 1]
+    for at in range(0, len(body), 100_000):
+        await resp.write(body[at : at + 100_000])
+    await resp.write_eof()
+    return resp
+
+
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
     app = web.Application()
     for path, handler in (("/no-head.bin", no_head), ("/wrong.bin", wrong_range)):
         app.router.add_route("*", path, handler)
     app.router.add_route("*", "/grows.bin", grows)
+    app.router.add_route("*", "/chunked.bin", chunked)
     app.router.add_route("*", "/replaced.bin", replaced)
     app.router.add_route("*", "/lies.bin", lies_about_ranges)
     app.router.add_route("*", "/stops.bin", stops_honouring_ranges)
@@ -181,3 +199,11 @@ async def test_a_server_that_stops_honouring_ranges_is_a_protocol_error_leaving_
         await fetch_async(f"{server}/stops.bin", tmp_path, cfg)
     assert caught.value.exit_code == 11
     assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # noqa: ASYNC240
+
+
+async def test_chunked_ranged_bodies_go_through_the_stream_transport(
+    server: str, tmp_path: Path
+) -> None:
+    report = await fetch_async(f"{server}/chunked.bin", tmp_path, CFG)
+    assert (tmp_path / "chunked.bin").read_bytes() == DATA
+    assert report.chunks_direct == 0 and report.retries == 0

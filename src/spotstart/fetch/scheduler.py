@@ -39,6 +39,7 @@ from spotstart.fetch.writer import DiskWriter
 from spotstart.store import (
     DirectRangeSource,
     DirectReader,
+    DirectUnsupported,
     ObjectInfo,
     RangeSource,
     StorageURL,
@@ -236,6 +237,7 @@ class TransferScheduler:
         )
         self.writer = DiskWriter(config.disk.write_queue_bytes)
         self._direct: DirectReader | None = None
+        self._no_direct = False  # the server sent a body the direct reader cannot take
         self._pool: ThreadPoolExecutor | None = None
 
     async def stat(self, key: str) -> ObjectInfo:
@@ -464,7 +466,9 @@ class TransferScheduler:
     def _direct_view(self, f: TransferFile, ch: planning.Chunk) -> memoryview | None:
         """Where the direct reader may receive this chunk: the target's own memory, when the
         store signs requests for it and the target exposes that memory."""
-        if not self.config.http.direct_reads or not hasattr(self.source, "range_request"):
+        if self._no_direct or not self.config.http.direct_reads:
+            return None
+        if not hasattr(self.source, "range_request"):
             return None
         view = getattr(f.target, "view", None)
         return view(ch.start, ch.length) if view is not None else None
@@ -524,7 +528,11 @@ class TransferScheduler:
             try:
                 into = self._direct_view(f, ch)
                 if into is not None:
-                    return await self._read_direct(f, ch, into)
+                    try:
+                        return await self._read_direct(f, ch, into)
+                    except DirectUnsupported:
+                        self._no_direct = True  # this server's bodies go through the stream
+                        into = None
                 await self.source.read(f.info, ch.start, ch.length, chunk.receive)
                 await chunk.flush()
                 await self._settle(chunk.writes, f)

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 from spotstart.errors import UsageError
-from spotstart.store._direct import DirectRangeSource, DirectReader, RangeRequest
+from spotstart.store._direct import (
+    DirectRangeSource,
+    DirectReader,
+    DirectUnsupported,
+    RangeRequest,
+)
 from spotstart.store._http import HttpOptions
 from spotstart.store.base import Checksums, ObjectInfo, RangeSource, Sink
 from spotstart.store.url import StorageURL, parse_url
@@ -12,6 +17,7 @@ __all__ = [
     "Checksums",
     "DirectRangeSource",
     "DirectReader",
+    "DirectUnsupported",
     "HttpOptions",
     "ObjectInfo",
     "RangeRequest",

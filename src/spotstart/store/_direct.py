@@ -28,6 +28,11 @@ REPORT_BYTES = 1 << 20  # progress granularity: a bar that moves, 50 wake-ups a 
 IDLE_PER_HOST = 64
 
 
+class DirectUnsupported(Exception):
+    """This answer cannot be received in place (a chunked or close-delimited body): read it
+    with the stream transport instead. Raised before any body byte is consumed."""
+
+
 @dataclass(frozen=True)
 class RangeRequest:
     """A ranged GET as the store signed it: the URL byte for byte, its headers (auth, If-Match
@@ -88,9 +93,9 @@ class DirectReader:
             _http.check_range_answer(
                 status, headers, start, length, total_size, req.what, req.pinned
             )
-            if "chunked" in headers.get("Transfer-Encoding", "").lower():
-                raise ProtocolError(f"{req.what}: a chunked body for a ranged read")
             declared = headers.get("Content-Length", "")
+            if "chunked" in headers.get("Transfer-Encoding", "").lower() or not declared:
+                raise DirectUnsupported(req.what)
             if not declared.isdigit() or int(declared) != length:
                 raise TransientError(
                     f"{req.what}: Content-Length {declared or 'missing'} for {length} bytes"
