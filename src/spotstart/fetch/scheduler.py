@@ -33,7 +33,7 @@ from spotstart.fetch import plan as planning
 from spotstart.fetch.cache import CacheIndex
 from spotstart.fetch.config import FetchConfig
 from spotstart.fetch.journal import local_error
-from spotstart.fetch.target import FileTarget
+from spotstart.fetch.target import FileTarget, Window
 from spotstart.fetch.verify import ALGORITHMS, CRC32C, CrcAlgorithm, combine_chunk_crcs
 from spotstart.fetch.writer import DiskWriter
 from spotstart.store import (
@@ -336,9 +336,9 @@ class TransferScheduler:
         """Stop the writer and reader threads; close kept-alive sockets."""
         self.writer.close()
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
         if self._direct is not None:
-            self._direct.close()
+            self._direct.close()  # cuts sockets in use: the threads end at once
 
     def _open(self, f: TransferFile) -> None:
         f.target = f.make_target(f)
@@ -463,15 +463,15 @@ class TransferScheduler:
                     batch, f.uncommitted = f.uncommitted, {}
                     await asyncio.to_thread(f.target.commit, batch)
 
-    def _direct_view(self, f: TransferFile, ch: planning.Chunk) -> memoryview | None:
+    def _direct_window(self, f: TransferFile, ch: planning.Chunk) -> Window | None:
         """Where the direct reader may receive this chunk: the target's own memory, when the
         store signs requests for it and the target exposes that memory."""
         if self._no_direct or not self.config.http.direct_reads:
             return None
         if not hasattr(self.source, "range_request"):
             return None
-        view = getattr(f.target, "view", None)
-        return view(ch.start, ch.length) if view is not None else None
+        window = getattr(f.target, "window", None)
+        return cast("Window | None", window(ch.start, ch.length)) if window is not None else None
 
     async def _read_direct(self, f: TransferFile, ch: planning.Chunk, into: memoryview) -> int:
         """One chunk by the direct reader on the scheduler's threads; returns its CRC and
@@ -526,13 +526,14 @@ class TransferScheduler:
             attempt += 1
             chunk = _ChunkWriter(self, f, target, ch.start)
             try:
-                into = self._direct_view(f, ch)
-                if into is not None:
+                window = self._direct_window(f, ch)
+                if window is not None:
                     try:
-                        return await self._read_direct(f, ch, into)
+                        return await self._read_direct(f, ch, window.view)
                     except DirectUnsupported:
                         self._no_direct = True  # this server's bodies go through the stream
-                        into = None
+                    finally:
+                        window.close()
                 await self.source.read(f.info, ch.start, ch.length, chunk.receive)
                 await chunk.flush()
                 await self._settle(chunk.writes, f)

@@ -53,6 +53,24 @@ class FileTarget(Protocol):
         ...
 
 
+class Window:
+    """Memory the direct reader receives one chunk into; ``close`` unmaps it (a window over
+    other memory, a tensor's, closes nothing)."""
+
+    def __init__(self, owner: mmap.mmap | None, view: memoryview) -> None:
+        self._owner = owner
+        self.view = view
+
+    def close(self) -> None:
+        # A reader thread still writing (its task was cancelled) holds slices: then the GC
+        # releases and unmaps once it is done, never under it.
+        with contextlib.suppress(BufferError):
+            self.view.release()
+        if self._owner is not None:
+            with contextlib.suppress(BufferError):  # a slice still held: the GC unmaps it
+                self._owner.close()
+
+
 class DiskTarget:
     """A local file: preallocated part file + journal, atomic rename on finish."""
 
@@ -67,7 +85,7 @@ class DiskTarget:
     ) -> None:
         self.part = PartFile(final, header, fsync=fsync, work=work)
         self.writer = writer
-        self._map: mmap.mmap | None = None
+        self._reserved = False
         self._no_map = False
 
     def open(self) -> dict[int, int]:
@@ -80,29 +98,25 @@ class DiskTarget:
     async def write(self, offset: int, pieces: list[bytes]) -> asyncio.Future[None]:
         return await self.writer.write(self.part.fd, offset, pieces)
 
-    def view(self, offset: int, length: int) -> memoryview | None:
-        """The part file's own pages for ``[offset, offset+length)`` (a shared mmap), for the
-        direct reader to receive into; None where that is not safe: blocks not reserved
-        (posix_fallocate unsupported: a full disk would then kill the process with SIGBUS on
-        a page fault instead of raising ENOSPC) or an empty file."""
-        if self._map is None and not self._no_map:
-            size = self.part.header.size
+    def window(self, offset: int, length: int) -> Window | None:
+        """The part file's own pages for ``[offset, offset+length)`` (a shared mmap of just
+        that range, unmapped when the window closes, so resident memory stays a chunk a
+        stream), for the direct reader to receive into; None where that is not safe: blocks
+        not reserved (posix_fallocate unsupported: a full disk would then kill the process
+        with SIGBUS on a page fault instead of raising ENOSPC) or nothing to map."""
+        if not self._reserved and not self._no_map:
             try:
-                if size == 0:
+                if self.part.header.size == 0:
                     raise OSError("empty")
-                os.posix_fallocate(self.part.fd, 0, size)
-                self._map = mmap.mmap(self.part.fd, size)
-            except (OSError, ValueError):
+                os.posix_fallocate(self.part.fd, 0, self.part.header.size)
+                self._reserved = True
+            except OSError:
                 self._no_map = True
-        if self._map is None:
+        if not self._reserved or length <= 0:
             return None
-        return memoryview(self._map)[offset : offset + length]
-
-    def _unmap(self) -> None:
-        if self._map is not None:
-            with contextlib.suppress(BufferError):  # a view still held: the GC unmaps it
-                self._map.close()
-            self._map = None
+        lead = offset % mmap.ALLOCATIONGRANULARITY  # mmap offsets are page-aligned
+        mapped = mmap.mmap(self.part.fd, length + lead, offset=offset - lead)
+        return Window(mapped, memoryview(mapped)[lead : lead + length])
 
     def read(self, offset: int, length: int) -> bytes:
         first = os.pread(self.part.fd, length, offset)
@@ -123,13 +137,10 @@ class DiskTarget:
         self.part.commit(chunks)
 
     def finish(self) -> None:
-        self._unmap()
         self.part.finish()
 
     def discard(self) -> None:
-        self._unmap()
         self.part.discard()
 
     def close(self) -> None:
-        self._unmap()
         self.part.close()

@@ -9,6 +9,7 @@ async transport (_http.py). Answers are judged by the same pure functions
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import ssl
 import threading
@@ -59,6 +60,8 @@ class DirectReader:
         self.options = options
         self._ssl = _http.ssl_context(options)
         self._idle: dict[tuple[str, str, int], list[socket.socket]] = defaultdict(list)
+        self._busy: set[socket.socket] = set()
+        self._closed = False
         self._lock = threading.Lock()
 
     def read_into(
@@ -79,6 +82,8 @@ class DirectReader:
         port = url.port or (443 if scheme == "https" else 80)
         key = (scheme, host, port)
         sock = self._take(key) or self._connect(scheme, host, port, req.what)
+        with self._lock:
+            self._busy.add(sock)
         reusable = False
         try:
             lines = [f"GET {url.raw_path_qs} HTTP/1.1", f"Host: {url.raw_authority}"]
@@ -126,7 +131,9 @@ class DirectReader:
         except OSError as exc:
             raise TransientError(f"{req.what}: {type(exc).__name__}: {exc}") from exc
         finally:
-            if reusable:
+            with self._lock:
+                self._busy.discard(sock)
+            if reusable and not self._closed:
                 self._give(key, sock)
             else:
                 sock.close()
@@ -160,11 +167,17 @@ class DirectReader:
         sock.close()
 
     def close(self) -> None:
+        """Close kept-alive sockets and cut the ones in use, so a reader blocked in recv
+        returns now (an interrupted fetch exits without waiting out the stall timeout)."""
         with self._lock:
+            self._closed = True
             for idle in self._idle.values():
                 for sock in idle:
                     sock.close()
             self._idle.clear()
+            for sock in self._busy:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 def _read_head(sock: socket.socket, what: str) -> tuple[int, str, CIMultiDict[str], bytes]:

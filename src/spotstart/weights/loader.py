@@ -32,7 +32,7 @@ from spotstart.fetch.scheduler import (
     record_in,
     source_for,
 )
-from spotstart.fetch.target import DiskTarget, FileTarget
+from spotstart.fetch.target import DiskTarget, FileTarget, Window
 from spotstart.store import ObjectInfo, parse_url
 from spotstart.weights import format as fmt
 from spotstart.weights import tp as tp_plan
@@ -197,14 +197,14 @@ class ShardTarget:
                     self._host.copy(self.flat, lo - start, src)
             pos = hi
 
-    def view(self, offset: int, length: int) -> memoryview | None:
+    def window(self, offset: int, length: int) -> Window | None:
         """The tensor memory for ``[offset, offset+length)`` of the file, for the direct
         reader to receive into (CPU, no write-through copy, inside the data region only: the
         header bytes are not tensor memory)."""
         start = self.header.data_start
         if self._view is None or self.disk is not None or offset < start:
             return None
-        return memoryview(self._view)[offset - start : offset - start + length]
+        return Window(None, memoryview(self._view)[offset - start : offset - start + length])
 
     def read(self, offset: int, length: int) -> bytes:
         if self.disk is not None:
