@@ -494,7 +494,7 @@ class TransferScheduler:
             self.counters.direct_chunks += 1
             return crc
         except BaseException:
-            await asyncio.sleep(0)  # let the last counts land before rolling them back
+            # The thread's counts were queued before its result: they have all run here.
             self.progress.on_bytes(-counted[0])
             raise
 

@@ -17,11 +17,11 @@ import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import urllib3
@@ -47,6 +47,7 @@ from spotstart.image.sources import (
     resolve_index,
 )
 
+T = TypeVar("T")
 MANIFEST_LIMIT = 4 << 20  # distribution spec: registries may refuse larger manifests
 RANGE_BYTES = 8 << 20  # per ranged GET: large enough that latency is a small share
 IN_FLIGHT = 4  # ranged GETs per blob at once: memory <= IN_FLIGHT * RANGE_BYTES
@@ -236,7 +237,7 @@ class Registry:
         self._credentials = find_credentials(reference.registry)
         self._auth: str | None = None  # the Authorization header that worked
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="spotstart-blob")
+        self.executor = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="spotstart-blob")
 
     # -- requests --------------------------------------------------------------------------
 
@@ -244,10 +245,15 @@ class Registry:
         self, method: str, path: str, headers: Mapping[str, str] | None = None, *, what: str
     ) -> urllib3.BaseHTTPResponse:
         """One request with auth, redirects and bounded retries of transient failures."""
+        return self.retrying(lambda: self.send(method, path, dict(headers or {}), what), what)
+
+    def retrying(self, call: Callable[[], T], what: str) -> T:
+        """The one retry loop of registry reads: ``call`` again on a transient failure, with
+        full-jitter backoff (or the server's Retry-After), ``ATTEMPTS`` times."""
         last: Exception | None = None
         for attempt in range(ATTEMPTS):
             try:
-                return self._once(method, path, dict(headers or {}), what)
+                return call()
             except TransientError as exc:
                 last = exc
                 delay = (
@@ -258,7 +264,7 @@ class Registry:
                 time.sleep(min(delay, 30.0))
         raise RetriesExceeded(f"{what}: {last} (after {ATTEMPTS} attempts)", last)
 
-    def _once(
+    def send(
         self, method: str, path: str, headers: dict[str, str], what: str
     ) -> urllib3.BaseHTTPResponse:
         url = path if path.startswith(("http://", "https://")) else self.base + path
@@ -437,7 +443,7 @@ class Registry:
         return _RangedBlob(self, digest, size)  # type: ignore[return-value]
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
         self._pool.clear()
 
 
@@ -461,9 +467,11 @@ class _RangedBlob(io.RawIOBase):
         return True
 
     def _range(self, start: int, end: int) -> bytes:
-        resp = self._reg.request(
-            "GET", self._path, {"Range": f"bytes={start}-{end - 1}"}, what=self._what
-        )
+        """One ranged read, retried as a whole (a short or cut body too)."""
+        return self._reg.retrying(lambda: self._range_once(start, end), self._what)
+
+    def _range_once(self, start: int, end: int) -> bytes:
+        resp = self._reg.send("GET", self._path, {"Range": f"bytes={start}-{end - 1}"}, self._what)
         try:
             if resp.status == 200:
                 if start != 0:
@@ -474,7 +482,10 @@ class _RangedBlob(io.RawIOBase):
             )
             if not m or int(m.group(1)) != start:
                 raise ProtocolError(f"{self._what}: a 206 without the Content-Range asked for")
-            data = resp.read()
+            try:
+                data = resp.read()
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise TransientError(f"{self._what}: body cut ({exc.__class__.__name__})") from None
         finally:
             resp.release_conn()
         if len(data) != end - start:
@@ -485,22 +496,12 @@ class _RangedBlob(io.RawIOBase):
         assert self._size is not None
         while len(self._pending) < IN_FLIGHT and self._next < self._size:
             start, end = self._next, min(self._size, self._next + RANGE_BYTES)
-            self._pending.append(self._reg._executor.submit(self._with_retries, start, end))
+            self._pending.append(self._reg.executor.submit(self._range, start, end))
             self._next = end
-
-    def _with_retries(self, start: int, end: int) -> bytes:
-        last: Exception | None = None
-        for attempt in range(ATTEMPTS):
-            try:
-                return self._range(start, end)
-            except TransientError as exc:
-                last = exc
-                time.sleep(random.uniform(0, min(8.0, 0.2 * 2**attempt)))
-        raise RetriesExceeded(f"{self._what}: {last}", last)
 
     def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
         if self._stream is not None:
-            return self._stream.readinto(buf)
+            return self._read_stream(buf)
         if not len(self._buffer):
             self._fill()
             if not self._pending:
@@ -511,12 +512,21 @@ class _RangedBlob(io.RawIOBase):
                     f.cancel()
                 self._pending.clear()
                 self._stream = self._reg.request("GET", self._path, what=self._what)
-                return self._stream.readinto(buf)
+                return self._read_stream(buf)
             self._buffer = memoryview(data)
         n = min(len(buf), len(self._buffer))
         buf[:n] = self._buffer[:n]
         self._buffer = self._buffer[n:]
         return n
+
+    def _read_stream(self, buf: memoryview) -> int:
+        assert self._stream is not None
+        try:
+            return self._stream.readinto(buf)
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise TransientError(
+                f"{self._what}: blob stream cut ({exc.__class__.__name__})"
+            ) from None
 
     def close(self) -> None:
         for f in self._pending:

@@ -181,41 +181,28 @@ class DirectReader:
 
 
 def _read_head(sock: socket.socket, what: str) -> tuple[int, str, CIMultiDict[str], bytes]:
+    """The final response head (informational 1xx heads skipped) and the body bytes read
+    with it."""
     buf = b""
-    while b"\r\n\r\n" not in buf:
-        more = sock.recv(65536)
-        if not more:
-            # A kept-alive socket the server closed meanwhile: a passing failure.
-            raise TransientError(f"{what}: connection closed before the response head")
-        buf += more
-        if len(buf) > HEAD_LIMIT:
-            raise ProtocolError(f"{what}: a response head over {HEAD_LIMIT} bytes")
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-        raise ProtocolError(f"{what}: not an HTTP/1.x answer: {lines[0][:80]!r}")
-    headers: CIMultiDict[str] = CIMultiDict()
-    for line in lines[1:]:
-        name, sep, value = line.partition(":")
-        if sep:
-            headers.add(name.strip(), value.strip())
-    if parts[1] == "100":  # a stray 100 Continue: the real head follows
-        return _read_head_after(sock, rest, what)
-    return int(parts[1]), parts[2] if len(parts) > 2 else "", headers, rest
-
-
-def _read_head_after(
-    sock: socket.socket, rest: bytes, what: str
-) -> tuple[int, str, CIMultiDict[str], bytes]:
-    class _Replay:
-        def __init__(self, data: bytes) -> None:
-            self.data = data
-
-        def recv(self, n: int) -> bytes:
-            if self.data:
-                out, self.data = self.data, b""
-                return out
-            return sock.recv(n)
-
-    return _read_head(_Replay(rest), what)  # type: ignore[arg-type]
+    while True:
+        while b"\r\n\r\n" not in buf:
+            more = sock.recv(65536)
+            if not more:
+                # A kept-alive socket the server closed meanwhile: a passing failure.
+                raise TransientError(f"{what}: connection closed before the response head")
+            buf += more
+            if len(buf) > HEAD_LIMIT:
+                raise ProtocolError(f"{what}: a response head over {HEAD_LIMIT} bytes")
+        head, _, buf = buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise ProtocolError(f"{what}: not an HTTP/1.x answer: {lines[0][:80]!r}")
+        if parts[1].startswith("1"):
+            continue  # 100 Continue and kin: the real head follows
+        headers: CIMultiDict[str] = CIMultiDict()
+        for line in lines[1:]:
+            name, sep, value = line.partition(":")
+            if sep:
+                headers.add(name.strip(), value.strip())
+        return int(parts[1]), parts[2] if len(parts) > 2 else "", headers, buf
