@@ -245,3 +245,71 @@ def test_an_archive_member_linking_outside_the_archive_is_refused(tmp_path: Path
     result = run_cli(["image", "audit", str(archive)])
     assert result.code == 12, result.stderr
     assert "links outside the archive" in error_line(result.stderr)
+
+
+def test_a_registry_that_cuts_blob_bodies_is_retried_then_exit_7(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    """A registry (the distribution API's read side, served by a test server) whose blob
+    answers promise more bytes than they send: each ranged read is retried, then the audit
+    fails with one line and exit 7, never a traceback."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    layout = images["oci"]
+    index = json.loads((layout / "index.json").read_text())
+    desc = next(
+        m
+        for m in index["manifests"]
+        if m["annotations"]["org.opencontainers.image.ref.name"] == "v1"
+    )
+    blobs = layout / "blobs" / "sha256"
+    manifest = (blobs / desc["digest"].split(":")[1]).read_bytes()
+    config_digest = json.loads(manifest)["config"]["digest"]
+    hits = {"blob": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            parts = self.path.split("/")
+            if "manifests" in parts:
+                self._send(200, manifest, "application/vnd.oci.image.manifest.v1+json")
+                return
+            digest = parts[-1]
+            data = (blobs / digest.split(":")[1]).read_bytes()
+            if digest == config_digest:
+                self._send(200, data, "application/octet-stream")
+                return
+            hits["blob"] += 1
+            start, _, end = (
+                self.headers.get("Range", "bytes=0-").removeprefix("bytes=").partition("-")
+            )
+            lo, hi = int(start), int(end or len(data) - 1)
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {lo}-{hi}/{len(data)}")
+            self.send_header("Content-Length", str(hi - lo + 1))
+            self.end_headers()
+            self.wfile.write(data[lo : lo + (hi - lo + 1) // 2])  # half, then hang up
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_RDWR)
+
+        def _send(self, status: int, body: bytes, ctype: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = run_cli(["image", "audit", f"127.0.0.1:{server.server_address[1]}/cut/app:v1"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.code == 7, result.stderr
+    assert "Traceback" not in result.stderr
+    assert hits["blob"] >= 5  # the first ranged read, tried ATTEMPTS times
