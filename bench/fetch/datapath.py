@@ -115,9 +115,9 @@ def main() -> int:
                 ],
             }
             for mode in ("recv-pwrite", "recv-mmap"):
-                candidates[f"{mode} + SO_RCVLOWAT 1 MiB (prototype)"] = [
+                candidates[f"{mode} + MSG_WAITALL 1 MiB (prototype)"] = [
                     "env",
-                    "DATAPATH_RCVLOWAT=1048576",
+                    "DATAPATH_WAITALL=1048576",
                     sys.executable,
                     str(WORKER),
                     mode,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 import socket
+import struct
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,16 @@ def _get(host: str, port: int, target: str, start: int, length: int, into: memor
         into[: len(rest)] = rest
         got = len(rest)
         lowat = int(os.environ.get("DATAPATH_RCVLOWAT", "0"))
+        waitall = int(os.environ.get("DATAPATH_WAITALL", "0"))
+        if waitall:
+            # blocking socket, the kernel waits for each 1 MiB (SO_RCVTIMEO bounds a stall)
+            s.settimeout(None)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 20, 0))
+            while got < length:
+                n = s.recv_into(into[got:], min(waitall, length - got), socket.MSG_WAITALL)
+                if not n:
+                    raise RuntimeError("short body")
+                got += n
         while got < length:
             if lowat:
                 # wake when this much has arrived, not per packet (Linux TCP honours it)

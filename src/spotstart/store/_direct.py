@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+import struct
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -107,9 +108,19 @@ class DirectReader:
                 )
             got, reported = min(len(rest), length), 0
             view[:got] = rest[:got]
+            # Plain sockets: blocking, the kernel waits for each REPORT_BYTES (MSG_WAITALL)
+            # and SO_RCVTIMEO bounds a stall: one wake-up a MiB instead of one a packet
+            # batch. TLS sockets take no flags: the timeout loop.
+            waitall = not isinstance(sock, ssl.SSLSocket)
+            if waitall:
+                sock.settimeout(None)
             try:
                 while got < length:
-                    n = sock.recv_into(view[got:], length - got)
+                    want = min(REPORT_BYTES, length - got) if waitall else length - got
+                    try:
+                        n = sock.recv_into(view[got:], want, socket.MSG_WAITALL if waitall else 0)
+                    except BlockingIOError as exc:  # SO_RCVTIMEO expired with nothing read
+                        raise TimeoutError from exc
                     if not n:
                         raise TransientError(
                             f"{req.what}: body ended after {got} of {length} bytes at offset "
@@ -121,6 +132,8 @@ class DirectReader:
                         reported = got
             finally:
                 on_bytes(got - reported)
+                if waitall:
+                    sock.settimeout(self.options.stall_timeout_s)
             reusable = headers.get("Connection", "").lower() != "close" and len(rest) <= length
         except TimeoutError as exc:
             raise StallDetected(
@@ -151,6 +164,9 @@ class DirectReader:
                 sock.close()
                 raise EndpointUnreachable(f"{what}: TLS failure: {exc}") from exc
         sock.settimeout(self.options.stall_timeout_s)
+        if scheme != "https":
+            seconds = max(1, int(self.options.stall_timeout_s))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
         return sock
 
     def _take(self, key: tuple[str, str, int]) -> socket.socket | None:
