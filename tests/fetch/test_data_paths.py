@@ -1,6 +1,7 @@
 """Both data paths on real servers with faults on the wire: the direct reader (ranged bodies
-received straight into the part file's pages from threads) and the aiohttp stream
-(``HttpOptions(direct_reads=False)``). Same bytes, same verification, same retries."""
+received into a reused buffer on threads, written with O_DIRECT or through the page cache)
+and the aiohttp stream (``HttpOptions(direct_reads=False)``). Same bytes, same verification,
+same retries."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from spotstart import Concurrency, FetchConfig, Retry, fetch
+from spotstart import Concurrency, Disk, FetchConfig, Retry, fetch
 from spotstart.emulate.link import FaultRule
 from spotstart.emulate.storage import StorageEmulator
 from spotstart.store import HttpOptions
@@ -60,3 +61,34 @@ def test_each_path_survives_faults_and_lands_the_same_bytes(
         assert report.refetched_chunks == 1
     assert (report.chunks_direct > 0) is direct
     assert report.bytes_transferred >= len(data)
+
+
+@pytest.mark.parametrize("where", ["o_direct", "page_cache", "tmpfs"])
+def test_the_direct_reader_lands_the_same_bytes_wherever_they_are_written(
+    where: str, clean_cloud: StorageEmulator, gcs_env: dict[str, str], tmp_path: Path
+) -> None:
+    # Chunks of 1 MiB + 1000 bytes: every chunk but the first starts off a 4 KiB block.
+    data = os.urandom(6 * MiB + 4321)
+    clean_cloud.seed_gcs(BUCKET, {"land/w.bin": data})
+    dest = tmp_path
+    if where == "tmpfs":
+        shm = Path("/dev/shm")
+        if not shm.is_dir():
+            pytest.skip("no /dev/shm tmpfs on this machine")
+        import tempfile
+
+        dest = Path(tempfile.mkdtemp(prefix="spotstart-land-", dir=shm))
+    config = FetchConfig(
+        chunk_bytes=MiB + 1000,
+        concurrency=Concurrency(streams=4),
+        disk=Disk(direct_io=where != "page_cache"),
+    )
+    try:
+        report = fetch(f"gs://{BUCKET}/land/w.bin", dest, config)
+        assert (dest / "w.bin").read_bytes() == data
+        assert report.chunks_direct == -(-len(data) // (MiB + 1000))
+    finally:
+        if where == "tmpfs":
+            import shutil
+
+            shutil.rmtree(dest)

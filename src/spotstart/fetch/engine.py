@@ -181,7 +181,12 @@ class Fetcher:
             )
             work = layout.work_paths(self.dest, f.rel)
             return DiskTarget(
-                final, header, self.scheduler.writer, fsync=self.config.disk.fsync, work=work
+                final,
+                header,
+                self.scheduler.writer,
+                fsync=self.config.disk.fsync,
+                work=work,
+                direct_io=self.config.disk.direct_io,
             )
 
         return make

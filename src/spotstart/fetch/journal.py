@@ -54,6 +54,7 @@ class PartFile:
         *,
         fsync: bool,
         work: tuple[Path, Path] | None = None,
+        direct_io: bool = True,
     ) -> None:
         self.final = final
         self.part, self.journal_path = work or work_paths(final.parent, final.name)
@@ -61,6 +62,8 @@ class PartFile:
         self.fsync = fsync
         self.fd = -1
         self._journal: int = -1
+        self._direct = -1 if direct_io else -2  # O_DIRECT descriptor, opened on first use; -2: none
+        self._refused = -1  # a direct descriptor writes were refused through, closed later
         self.done: dict[int, int] = {}  # chunk index -> crc32c, durable
         self._intact_bytes = 0  # journal length up to its last complete line
 
@@ -179,9 +182,31 @@ class PartFile:
             with contextlib.suppress(FileNotFoundError):
                 p.unlink()
 
+    def direct_fd(self) -> int | None:
+        """A second descriptor on the part file that bypasses the page cache (``O_DIRECT``),
+        or None where the platform or the filesystem has none (tmpfs, many FUSE mounts) or a
+        write through it was refused. Opened on the event loop, never from reader threads."""
+        flag = getattr(os, "O_DIRECT", 0)
+        if self._direct == -1 and self.fd >= 0:
+            try:
+                self._direct = os.open(self.part, os.O_WRONLY | flag) if flag else -2
+            except OSError:
+                self._direct = -2
+        return self._direct if self._direct >= 0 else None
+
+    def refuse_direct(self) -> None:
+        """Writes through :meth:`direct_fd` failed with EINVAL (an alignment the device
+        needs beyond ours): write through the page cache from now on. The descriptor stays
+        open until :meth:`close` (other threads may be writing through it)."""
+        if self._direct >= 0:
+            self._refused = self._direct
+        self._direct = -2
+
     def close(self) -> None:
-        for fd in (self.fd, self._journal):
+        for fd in (self.fd, self._journal, self._direct, self._refused):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.fd = self._journal = -1
+        self.fd = self._journal = self._refused = -1
+        if self._direct >= 0:
+            self._direct = -1

@@ -42,6 +42,7 @@ from spotstart.store import (
     DirectUnsupported,
     ObjectInfo,
     RangeSource,
+    SinkError,
     StorageURL,
     open_source,
 )
@@ -471,9 +472,11 @@ class TransferScheduler:
         if not hasattr(self.source, "range_request"):
             return None
         window = getattr(f.target, "window", None)
-        return cast("Window | None", window(ch.start, ch.length)) if window is not None else None
+        if window is None:
+            return None
+        return cast("Window | None", window(ch.start, ch.length, f.crc_algorithm))
 
-    async def _read_direct(self, f: TransferFile, ch: planning.Chunk, into: memoryview) -> int:
+    async def _read_direct(self, f: TransferFile, ch: planning.Chunk, window: Window) -> int:
         """One chunk by the direct reader on the scheduler's threads; returns its CRC and
         the bytes the progress counted (rolled back by the caller on a failure)."""
         source = cast(DirectRangeSource, self.source)
@@ -486,13 +489,16 @@ class TransferScheduler:
             loop.call_soon_threadsafe(self._count, f, n, counted)
 
         def work() -> int:
-            reader.read_into(req, ch.start, ch.length, f.info.size, into, arrived)
-            return f.crc_algorithm.update(into, 0)  # CRC on the bytes while they are hot
+            reader.read_into(req, ch.start, ch.length, f.info.size, window, arrived)
+            return window.crc(f.crc_algorithm)
 
         try:
             crc = await loop.run_in_executor(threads, work)
             self.counters.direct_chunks += 1
             return crc
+        except SinkError as exc:
+            self.progress.on_bytes(-counted[0])
+            raise local_error(f.local_path or Path(f.rel), exc.cause, "writing") from exc
         except BaseException:
             # The thread's counts were queued before its result: they have all run here.
             self.progress.on_bytes(-counted[0])
@@ -529,7 +535,7 @@ class TransferScheduler:
                 window = self._direct_window(f, ch)
                 if window is not None:
                     try:
-                        return await self._read_direct(f, ch, window.view)
+                        return await self._read_direct(f, ch, window)
                     except DirectUnsupported:
                         self._no_direct = True  # this server's bodies go through the stream
                     finally:

@@ -11,9 +11,6 @@ from dataclasses import dataclass
 
 from awscrt import checksums as crt
 
-_POLY = 0x82F63B78  # CRC-32C (Castagnoli), reflected
-
-
 def crc32c(data: bytes | memoryview, crc: int = 0) -> int:
     """CRC-32C of ``data`` continuing from ``crc`` (hardware accelerated). The AWS CRT's takes
     any buffer, a writable mmap or tensor view included (google-crc32c wants read-only bytes),
@@ -21,47 +18,13 @@ def crc32c(data: bytes | memoryview, crc: int = 0) -> int:
     return int(crt.crc32c(data, crc))
 
 
-def _gf2_times(mat: list[int], vec: int) -> int:
-    out = 0
-    i = 0
-    while vec:
-        if vec & 1:
-            out ^= mat[i]
-        vec >>= 1
-        i += 1
-    return out
-
-
-def _gf2_square(mat: list[int]) -> list[int]:
-    return [_gf2_times(mat, mat[n]) for n in range(32)]
-
-
 def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
-    """CRC of A+B from crc(A), crc(B) and len(B): zlib's crc32_combine for the Castagnoli
-    polynomial (GF(2) matrix exponentiation, O(log len2)).
+    """CRC of A+B from crc(A), crc(B) and len(B) (the CRT's C GF(2) power, O(log len2)).
 
     >>> crc32c_combine(crc32c(b"hello "), crc32c(b"world"), 5) == crc32c(b"hello world")
     True
     """
-    if len2 <= 0:
-        return crc1
-    odd = [_POLY] + [1 << (n - 1) for n in range(1, 32)]  # operator for one zero bit
-    even = _gf2_square(odd)  # two zero bits
-    odd = _gf2_square(even)  # four zero bits
-    while True:
-        even = _gf2_square(odd)
-        if len2 & 1:
-            crc1 = _gf2_times(even, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-        odd = _gf2_square(even)
-        if len2 & 1:
-            crc1 = _gf2_times(odd, crc1)
-        len2 >>= 1
-        if not len2:
-            break
-    return crc1 ^ crc2
+    return int(crt.combine_crc32c(crc1, crc2, len2)) if len2 > 0 else crc1
 
 
 @dataclass(frozen=True)
@@ -77,7 +40,7 @@ class CrcAlgorithm:
 
 CRC32C = CrcAlgorithm("crc32c", 4, crc32c, crc32c_combine)
 # zlib's CRC-32 (hardware where zlib has it); CRC-64/NVME from the AWS CRT, which botocore
-# itself uses for S3's default checksum (the CRT's combine is a C GF(2) power, as ours above).
+# itself uses for S3's default checksum.
 CRC32 = CrcAlgorithm("crc32", 4, lambda data, crc: zlib.crc32(data, crc), crt.combine_crc32)
 CRC64NVME = CrcAlgorithm(
     "crc64nvme", 8, lambda data, crc: crt.crc64nvme(data, crc), crt.combine_crc64nvme

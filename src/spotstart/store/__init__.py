@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from spotstart.errors import UsageError
 from spotstart.store._direct import (
+    BodySink,
     DirectRangeSource,
     DirectReader,
     DirectUnsupported,
     RangeRequest,
+    SinkError,
 )
 from spotstart.store._http import HttpOptions
 from spotstart.store.base import Checksums, ObjectInfo, RangeSource, Sink
 from spotstart.store.url import StorageURL, parse_url
 
 __all__ = [
+    "BodySink",
     "Checksums",
     "DirectRangeSource",
     "DirectReader",
@@ -23,6 +26,7 @@ __all__ = [
     "RangeRequest",
     "RangeSource",
     "Sink",
+    "SinkError",
     "StorageURL",
     "open_source",
     "parse_url",

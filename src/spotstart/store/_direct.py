@@ -30,6 +30,30 @@ REPORT_BYTES = 1 << 20  # progress granularity: a bar that moves, 50 wake-ups a 
 IDLE_PER_HOST = 64
 
 
+class BodySink(Protocol):
+    """Where a body's bytes land, piece by piece: the reader asks for :meth:`space`,
+    ``recv_into`` it, and reports how much it filled with :meth:`took`. A window over final
+    memory (a tensor's) hands out the rest of itself; a file's hands out a small reused
+    buffer that it writes out when full."""
+
+    def space(self) -> memoryview:
+        """Where the next bytes go (non-empty while the body is not complete)."""
+        ...
+
+    def took(self, n: int) -> None:
+        """``n`` bytes were written at the start of the last :meth:`space`."""
+        ...
+
+
+class SinkError(Exception):
+    """A sink failed to store what it took (a local write): not the network's fault, never
+    retried as a transient error. ``cause`` is the OSError."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
 class DirectUnsupported(Exception):
     """This answer cannot be received in place (a chunked or close-delimited body): read it
     with the stream transport instead. Raised before any body byte is consumed."""
@@ -71,13 +95,13 @@ class DirectReader:
         start: int,
         length: int,
         total_size: int,
-        view: memoryview,
+        sink: BodySink,
         on_bytes: Callable[[int], None] = lambda n: None,
     ) -> None:
-        """Fill ``view`` (``length`` bytes) with bytes ``[start, start+length)``; our errors
-        on any failure (``view`` then holds a partial, meaningless prefix). ``on_bytes`` is
-        told of body bytes as they arrive (every ``REPORT_BYTES`` and at the end, also on a
-        failure: the wire carried them)."""
+        """Hand bytes ``[start, start+length)`` to ``sink``; our errors on any failure (the
+        sink then holds a partial, meaningless prefix; its own write failures come out as
+        :class:`SinkError`). ``on_bytes`` is told of body bytes as they arrive (every
+        ``REPORT_BYTES`` and at the end, also on a failure: the wire carried them)."""
         url = _http.wire_url(req.url)
         scheme, host = url.scheme, url.host or ""
         port = url.port or (443 if scheme == "https" else 80)
@@ -107,7 +131,13 @@ class DirectReader:
                     f"{req.what}: Content-Length {declared or 'missing'} for {length} bytes"
                 )
             got, reported = min(len(rest), length), 0
-            view[:got] = rest[:got]
+            lead = memoryview(rest)[:got]
+            while lead:
+                space = sink.space()
+                n = min(len(space), len(lead))
+                space[:n] = lead[:n]
+                sink.took(n)
+                lead = lead[n:]
             # Plain sockets: blocking, the kernel waits for each REPORT_BYTES (MSG_WAITALL)
             # and SO_RCVTIMEO bounds a stall: one wake-up a MiB instead of one a packet
             # batch. TLS sockets take no flags: the timeout loop.
@@ -116,9 +146,12 @@ class DirectReader:
                 sock.settimeout(None)
             try:
                 while got < length:
-                    want = min(REPORT_BYTES, length - got) if waitall else length - got
+                    space = sink.space()
+                    want = min(len(space), length - got)
+                    if waitall:
+                        want = min(want, REPORT_BYTES)
                     try:
-                        n = sock.recv_into(view[got:], want, socket.MSG_WAITALL if waitall else 0)
+                        n = sock.recv_into(space, want, socket.MSG_WAITALL if waitall else 0)
                     except BlockingIOError as exc:  # SO_RCVTIMEO expired with nothing read
                         raise TimeoutError from exc
                     if not n:
@@ -127,6 +160,7 @@ class DirectReader:
                             f"{start}"
                         )
                     got += n
+                    sink.took(n)
                     if got - reported >= REPORT_BYTES:
                         on_bytes(got - reported)
                         reported = got
@@ -135,6 +169,8 @@ class DirectReader:
                 if waitall:
                     sock.settimeout(self.options.stall_timeout_s)
             reusable = headers.get("Connection", "").lower() != "close" and len(rest) <= length
+        except SinkError:
+            raise
         except TimeoutError as exc:
             raise StallDetected(
                 f"{req.what}: no bytes for {self.options.stall_timeout_s:g}s at offset {start}"

@@ -33,6 +33,7 @@ from spotstart.fetch.scheduler import (
     source_for,
 )
 from spotstart.fetch.target import DiskTarget, FileTarget, Window
+from spotstart.fetch.verify import CrcAlgorithm
 from spotstart.store import ObjectInfo, parse_url
 from spotstart.weights import format as fmt
 from spotstart.weights import tp as tp_plan
@@ -197,14 +198,14 @@ class ShardTarget:
                     self._host.copy(self.flat, lo - start, src)
             pos = hi
 
-    def window(self, offset: int, length: int) -> Window | None:
+    def window(self, offset: int, length: int, algorithm: CrcAlgorithm) -> Window | None:
         """The tensor memory for ``[offset, offset+length)`` of the file, for the direct
         reader to receive into (CPU, no write-through copy, inside the data region only: the
         header bytes are not tensor memory)."""
         start = self.header.data_start
         if self._view is None or self.disk is not None or offset < start:
             return None
-        return Window(None, memoryview(self._view)[offset - start : offset - start + length])
+        return Window(memoryview(self._view)[offset - start : offset - start + length])
 
     def read(self, offset: int, length: int) -> bytes:
         if self.disk is not None:
