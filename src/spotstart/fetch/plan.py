@@ -175,6 +175,3 @@ class RetryPolicy:
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, self.cap_s * 6))
         return delay
-
-    def should_retry(self, attempt: int) -> bool:
-        return attempt < self.max_attempts

@@ -265,20 +265,50 @@ class TransferScheduler:
         return list(await asyncio.gather(*(one(o) for o in infos)))
 
     async def with_retries(self, call: Callable[[], Awaitable[T]], what: str) -> T:
+        """A metadata call (stat, list, small read) under the retry policy, at most four
+        attempts: a listing that keeps failing should fail fast."""
+
+        def exhausted(attempts: int, exc: BaseException) -> BaseException:
+            if isinstance(exc, EndpointUnreachable):
+                return exc
+            return RetriesExceeded(f"{what}: {exc} (after {attempts} attempts)", exc)
+
+        return await self._retrying(
+            call, what, min(4, self.config.retry.max_attempts), exhausted=exhausted
+        )
+
+    async def _retrying(
+        self,
+        call: Callable[[], Awaitable[T]],
+        what: str,
+        attempts: int,
+        *,
+        exhausted: Callable[[int, BaseException], BaseException],
+        undo: Callable[[], Awaitable[None]] | None = None,
+    ) -> T:
+        """The one retry loop: ``call`` again on a transient error or an unreachable
+        endpoint, waiting full-jitter backoff (or the server's Retry-After), up to
+        ``attempts``; then ``exhausted(attempts, last error)`` is raised. ``undo`` rolls back
+        what a failed attempt left (progress, pending writes). Throttling answers slow the
+        concurrency controller; stalls are counted."""
         attempt = 0
         while True:
             attempt += 1
             try:
                 return await call()
             except (TransientError, EndpointUnreachable) as exc:
-                if attempt >= min(4, self.config.retry.max_attempts):
-                    if isinstance(exc, EndpointUnreachable):
-                        raise
-                    raise RetriesExceeded(f"{what}: {exc}", exc) from exc
+                if undo is not None:
+                    await undo()
+                if isinstance(exc, StallDetected):
+                    self.counters.stalls += 1
+                if isinstance(exc, TransientError) and exc.throttled:
+                    self.controller.throttled()
+                if attempt >= attempts:
+                    raise exhausted(attempt, exc) from exc
+                delay = self.policy.delay_s(attempt, self.rng, getattr(exc, "retry_after_s", None))
                 self.counters.retries += 1
-                await asyncio.sleep(
-                    self.policy.delay_s(attempt, self.rng, getattr(exc, "retry_after_s", None))
-                )
+                self.progress.on_retry(what, str(exc), delay)
+                await asyncio.sleep(delay)
 
     def plan_file(
         self,
@@ -527,9 +557,10 @@ class TransferScheduler:
         """Fetch one chunk with bounded retries; returns its CRC."""
         target = f.target
         assert target is not None
-        attempt = 0
-        while True:
-            attempt += 1
+        chunk = _ChunkWriter(self, f, target, ch.start)
+
+        async def attempt() -> int:
+            nonlocal chunk
             chunk = _ChunkWriter(self, f, target, ch.start)
             try:
                 window = self._direct_window(f, ch)
@@ -547,19 +578,18 @@ class TransferScheduler:
             except ObjectChanged:
                 f.changed = True
                 raise
-            except (TransientError, EndpointUnreachable) as exc:
-                await asyncio.gather(*chunk.writes, return_exceptions=True)
-                self.progress.on_bytes(-chunk.written)
-                if isinstance(exc, StallDetected):
-                    self.counters.stalls += 1
-                if isinstance(exc, TransientError) and exc.throttled:
-                    self.controller.throttled()
-                if not self.policy.should_retry(attempt):
-                    raise self._exhausted(f, ch, attempt, exc) from exc
-                delay = self.policy.delay_s(attempt, self.rng, getattr(exc, "retry_after_s", None))
-                self.counters.retries += 1
-                self.progress.on_retry(f.display, str(exc), delay)
-                await asyncio.sleep(delay)
+
+        async def undo() -> None:  # the stream path's writes and counts (direct: its own)
+            await asyncio.gather(*chunk.writes, return_exceptions=True)
+            self.progress.on_bytes(-chunk.written)
+
+        return await self._retrying(
+            attempt,
+            f.display,
+            self.config.retry.max_attempts,
+            exhausted=lambda n, exc: self._exhausted(f, ch, n, exc),
+            undo=undo,
+        )
 
     async def _settle(self, writes: list[asyncio.Future[None]], f: TransferFile) -> None:
         try:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from awscrt import checksums as crt
 
+
 def crc32c(data: bytes | memoryview, crc: int = 0) -> int:
     """CRC-32C of ``data`` continuing from ``crc`` (hardware accelerated). The AWS CRT's takes
     any buffer, a writable mmap or tensor view included (google-crc32c wants read-only bytes),
