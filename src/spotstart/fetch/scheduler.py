@@ -504,7 +504,11 @@ class TransferScheduler:
         window = getattr(f.target, "window", None)
         if window is None:
             return None
-        return cast("Window | None", window(ch.start, ch.length, f.crc_algorithm))
+        # An in-order MD5 rereads what lands: keep those bytes in the page cache.
+        return cast(
+            "Window | None",
+            window(ch.start, ch.length, f.crc_algorithm, reread=f.md5 is not None),
+        )
 
     async def _read_direct(self, f: TransferFile, ch: planning.Chunk, window: Window) -> int:
         """One chunk by the direct reader on the scheduler's threads; returns its CRC and

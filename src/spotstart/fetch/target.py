@@ -154,10 +154,18 @@ class FileWindow(Window):
     host backing fresh page-cache memory (~2.5 CPU-s/GiB on these machines); O_DIRECT
     writes from a reused buffer cost ~0.05 CPU-s/GiB at 2 GB/s."""
 
-    def __init__(self, part: PartFile, offset: int, length: int, algorithm: CrcAlgorithm) -> None:
+    def __init__(
+        self,
+        part: PartFile,
+        offset: int,
+        length: int,
+        algorithm: CrcAlgorithm,
+        *,
+        direct: bool = True,
+    ) -> None:
         self.part, self.offset, self.length = part, offset, length
         self.algorithm = algorithm
-        self._direct = part.direct_fd()  # on the loop: the descriptor opens once
+        self._direct = part.direct_fd() if direct else None  # on the loop: opened once
         self._buf: memoryview | None = None
         # The buffer index of a byte is congruent to its file offset mod ALIGN, so whole
         # blocks of the file sit at aligned addresses: the first fill starts at the skew.
@@ -238,12 +246,15 @@ class DiskTarget:
     async def write(self, offset: int, pieces: list[bytes]) -> asyncio.Future[None]:
         return await self.writer.write(self.part.fd, offset, pieces)
 
-    def window(self, offset: int, length: int, algorithm: CrcAlgorithm) -> Window | None:
+    def window(
+        self, offset: int, length: int, algorithm: CrcAlgorithm, *, reread: bool = False
+    ) -> Window | None:
         """``[offset, offset+length)`` of the part file, for the direct reader to land
-        through a reused buffer (:class:`FileWindow`)."""
+        through a reused buffer (:class:`FileWindow`); ``reread``: the bytes are read back
+        soon (an in-order MD5), so they go through the page cache, not O_DIRECT."""
         if length <= 0:
             return None
-        return FileWindow(self.part, offset, length, algorithm)
+        return FileWindow(self.part, offset, length, algorithm, direct=not reread)
 
     def read(self, offset: int, length: int) -> bytes:
         first = os.pread(self.part.fd, length, offset)

@@ -198,7 +198,9 @@ class ShardTarget:
                     self._host.copy(self.flat, lo - start, src)
             pos = hi
 
-    def window(self, offset: int, length: int, algorithm: CrcAlgorithm) -> Window | None:
+    def window(
+        self, offset: int, length: int, algorithm: CrcAlgorithm, *, reread: bool = False
+    ) -> Window | None:
         """The tensor memory for ``[offset, offset+length)`` of the file, for the direct
         reader to receive into (CPU, no write-through copy, inside the data region only: the
         header bytes are not tensor memory)."""
