@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import Protocol, TypeVar
@@ -11,6 +12,7 @@ from typing import Protocol, TypeVar
 from rich.console import Console
 
 from spotstart import units
+from spotstart.cli.peers_cmd import add_token_flag, token_from_args
 from spotstart.cli.progress import LineProgress, RichProgress
 from spotstart.errors import SpotstartError, UsageError
 from spotstart.fetch import (
@@ -24,6 +26,9 @@ from spotstart.fetch import (
     fetch,
     metrics,
 )
+from spotstart.fetch.peer_server import split_listen
+from spotstart.fetch.peers import ENV as PEERS_ENV
+from spotstart.fetch.peers import PeerSpec
 from spotstart.store import HttpOptions
 
 
@@ -118,6 +123,19 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
         help="make every chunk durable against power loss before journaling it",
     )
     p.add_argument(
+        "--peers",
+        metavar="LIST",
+        help="other nodes serving what they hold (`serve-peers` or `--serve-peers`): "
+        "HOST:PORT or dns:NAME:PORT (a headless Service), comma separated "
+        f"(default: ${PEERS_ENV})",
+    )
+    p.add_argument(
+        "--serve-peers",
+        metavar="HOST:PORT",
+        help="serve DEST to peers while this runs, chunks included as they arrive",
+    )
+    add_token_flag(p)
+    p.add_argument(
         "--page-cache",
         action="store_true",
         help="write through the page cache (default: whole blocks with O_DIRECT where the "
@@ -147,7 +165,25 @@ def config_from_args(args: argparse.Namespace) -> FetchConfig:
         anonymous=args.anonymous,
         include=tuple(args.include),
         exclude=tuple(args.exclude),
+        peers=peers_from_args(args),
+        serve_peers=args.serve_peers,
     )
+
+
+def peers_from_args(args: argparse.Namespace) -> PeerSpec | None:
+    """--peers (or $SPOTSTART_PEERS); ourselves excluded: the --serve-peers address, and
+    $POD_IP at that port (a headless Service lists this pod too)."""
+    text = args.peers if args.peers is not None else os.environ.get(PEERS_ENV)
+    token = token_from_args(args)
+    if not text and not args.serve_peers:
+        return None
+    exclude: list[str] = []
+    if args.serve_peers:
+        host, port = split_listen(args.serve_peers)
+        exclude.append(f"{host}:{port}")
+        if os.environ.get("POD_IP"):
+            exclude.append(f"{os.environ['POD_IP']}:{port}")
+    return PeerSpec.parse(text or "", token, exclude=tuple(exclude))
 
 
 class _Reported(Protocol):

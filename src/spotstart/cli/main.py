@@ -17,6 +17,7 @@ from spotstart.cli import (
     image_cmd,
     k8s_cmd,
     load_cmd,
+    peers_cmd,
     plan_cmd,
 )
 from spotstart.errors import EXIT_CODES, SpotstartError
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     image_cmd.add_parser(sub)
     demo.add_parser(sub)
     emulate_cmd.add_parser(sub)
+    peers_cmd.add_parser(sub)
     return parser
 
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from spotstart.fetch.metrics import TransferMetrics
+from spotstart.fetch.peers import PeerSpec
 from spotstart.store import HttpOptions
 
 
@@ -101,6 +102,8 @@ class FetchConfig:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     use_cache: bool = True
+    peers: PeerSpec | None = None
+    serve_peers: str | None = None  # HOST:PORT: serve DEST to peers while this runs
 
 
 @dataclass(frozen=True)
@@ -140,7 +143,10 @@ class FetchReport:
     concurrency_final: int
     chunk_bytes: int
     files: tuple[FileResult, ...] = field(default=(), repr=False)
-    chunks_direct: int = 0  # received straight into the file's pages (HttpOptions.direct_reads)
+    chunks_direct: int = 0  # received by the direct reader (HttpOptions.direct_reads)
+    bytes_from_peers: int = 0  # of bytes_transferred, those peers gave
+    peers_dropped: dict[str, str] = field(default_factory=dict)  # address -> why
+    bytes_served_to_peers: int = 0  # --serve-peers
 
     def metrics(self) -> TransferMetrics:
         """This run as Prometheus samples (``.samples()``) or a registry (``.registry()``)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -24,7 +25,9 @@ from spotstart.fetch import layout
 from spotstart.fetch import plan as planning
 from spotstart.fetch.cache import INDEX_DIR, CacheIndex
 from spotstart.fetch.config import FetchConfig, FetchReport, FileResult
-from spotstart.fetch.journal import JournalHeader, local_error
+from spotstart.fetch.journal import local_error
+from spotstart.fetch.peer_server import PeerServer, split_listen
+from spotstart.fetch.peers import PeerSet, PeerSpec
 from spotstart.fetch.scheduler import (
     NullProgress,
     ProgressListener,
@@ -89,6 +92,25 @@ class Fetcher:
         return list(zip(infos, [rel for _, rel in selected], strict=True))
 
     async def run(self) -> FetchReport:
+        server = None
+        if self.config.serve_peers:
+            host, port = split_listen(self.config.serve_peers)
+            spec = self.config.peers or PeerSpec()
+            server = PeerServer(self.dest, token=spec.token)
+            try:
+                await server.start(host, port)
+            except OSError as exc:
+                raise UsageError(f"--serve-peers {self.config.serve_peers}: {exc}") from exc
+        try:
+            report = await self._run()
+        finally:
+            if server is not None:
+                await server.close()
+        if server is not None:
+            report = dataclasses.replace(report, bytes_served_to_peers=server.bytes_served)
+        return report
+
+    async def _run(self) -> FetchReport:
         t0 = time.monotonic()
         try:
             objects = await self.scheduler.with_retries(self.resolve, str(self.url))
@@ -122,9 +144,17 @@ class Fetcher:
         self.progress.on_start(files_total=len(objects), bytes_total=need, bytes_done=0)
         for r in results:
             self.progress.on_file_done(Path(r.path).name, cached=True)
+        peers = None
+        if self.config.peers is not None and self.config.peers.entries and files:
+            peers = PeerSet(self.config.peers)
+            await peers.refresh()
+            peers.start()
+            self.scheduler.peers = peers
         try:
             await self.scheduler.transfer(files)
         finally:
+            if peers is not None:
+                await peers.close()
             self.scheduler.close()
             if any(f.verified for f in files):
                 with contextlib.suppress(OSError):  # never mask the error that got us here
@@ -163,6 +193,8 @@ class Fetcher:
             concurrency_final=self.scheduler.controller.target,
             chunk_bytes=max((f.chunk_bytes for f in files), default=0),
             chunks_direct=c.direct_chunks,
+            bytes_from_peers=c.bytes_from_peers,
+            peers_dropped=peers.dropped() if peers is not None else {},
             files=tuple(sorted(results, key=lambda r: r.key)),
         )
 
@@ -176,9 +208,7 @@ class Fetcher:
 
     def _disk_target(self, final: Path) -> Callable[[TransferFile], FileTarget]:
         def make(f: TransferFile) -> FileTarget:
-            header = JournalHeader(
-                f.display, f.info.size, f.info.version, f.chunk_bytes, f.crc_algorithm.name
-            )
+            header = f.journal_header()
             work = layout.work_paths(self.dest, f.rel)
             return DiskTarget(
                 final,

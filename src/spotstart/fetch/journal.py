@@ -27,6 +27,52 @@ class JournalHeader:
     version: str
     chunk_bytes: int
     crc: str = "crc32c"  # the algorithm of the chunk CRCs it lists
+    parts: tuple[int, ...] = ()  # multipart sizes: chunks never straddle a part
+
+    def to_json(self) -> str:
+        return json.dumps({**self.__dict__, "parts": list(self.parts)}, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> JournalHeader | None:
+        """The header a journal's first line records, or None for one that is not ours."""
+        try:
+            raw = json.loads(text)
+            header = cls(
+                source=str(raw["source"]),
+                size=int(raw["size"]),
+                version=str(raw["version"]),
+                chunk_bytes=int(raw["chunk_bytes"]),
+                crc=str(raw.get("crc", "crc32c")),
+                parts=tuple(int(p) for p in raw.get("parts", ())),
+            )
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError):
+            return None
+        if header.size < 0 or header.chunk_bytes <= 0 or any(p <= 0 for p in header.parts):
+            return None
+        return header
+
+
+def read_journal(raw: bytes) -> tuple[JournalHeader | None, dict[int, int], int]:
+    """Parse a journal: its header (None if unreadable), the finished chunks {index: crc},
+    and the length up to its last complete line (a crash may tear the last one)."""
+    intact = raw.rfind(b"\n") + 1
+    try:
+        lines = raw[:intact].decode().splitlines()
+    except UnicodeDecodeError:
+        return None, {}, intact
+    if not lines:
+        return None, {}, intact
+    header = JournalHeader.from_json(lines[0])
+    done: dict[int, int] = {}
+    for line in lines[1:]:
+        fields = line.split()
+        if len(fields) != 2 or len(fields[1]) != 8:
+            continue  # a line torn by a crash: that chunk is simply fetched again
+        try:
+            done[int(fields[0])] = int(fields[1], 16)
+        except ValueError:
+            continue
+    return header, done, intact
 
 
 def local_error(path: Path | str, exc: OSError, doing: str) -> LocalIOError:
@@ -84,7 +130,7 @@ class PartFile:
                 self._journal = os.open(
                     self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
                 )
-                head = json.dumps(self.header.__dict__, sort_keys=True) + "\n"
+                head = self.header.to_json() + "\n"
                 os.write(self._journal, head.encode())
             else:
                 self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
@@ -117,29 +163,13 @@ class PartFile:
     def _load_journal(self) -> bool:
         try:
             raw = self.journal_path.read_bytes()
-            lines = raw.decode().splitlines()
             part_size = self.part.stat().st_size
-        except (FileNotFoundError, UnicodeDecodeError):
+        except FileNotFoundError:
             return False
-        self._intact_bytes = raw.rfind(b"\n") + 1
-        if not raw.endswith(b"\n"):
-            lines = lines[:-1]  # the torn last line
-        if not lines or part_size != self.header.size:
+        header, done, self._intact_bytes = read_journal(raw)
+        if header != self.header or part_size != self.header.size:
             return False
-        try:
-            head = json.loads(lines[0])
-        except json.JSONDecodeError:
-            return False
-        if head != self.header.__dict__:
-            return False
-        for line in lines[1:]:
-            fields = line.split()
-            if len(fields) != 2 or len(fields[1]) != 8:
-                continue  # a line torn by a crash: that chunk is simply fetched again
-            try:
-                self.done[int(fields[0])] = int(fields[1], 16)
-            except ValueError:
-                continue
+        self.done.update(done)
         return True
 
     def commit(self, chunks: dict[int, int]) -> None:

@@ -13,7 +13,7 @@ import random
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
@@ -32,7 +32,8 @@ from spotstart.errors import (
 from spotstart.fetch import plan as planning
 from spotstart.fetch.cache import CacheIndex
 from spotstart.fetch.config import FetchConfig
-from spotstart.fetch.journal import local_error
+from spotstart.fetch.journal import JournalHeader, local_error
+from spotstart.fetch.peers import OBJECTS_PATH, PeerSet, object_id
 from spotstart.fetch.target import FileTarget, Window
 from spotstart.fetch.verify import ALGORITHMS, CRC32C, CrcAlgorithm, combine_chunk_crcs
 from spotstart.fetch.writer import DiskWriter
@@ -41,6 +42,7 @@ from spotstart.store import (
     DirectReader,
     DirectUnsupported,
     ObjectInfo,
+    RangeRequest,
     RangeSource,
     SinkError,
     StorageURL,
@@ -105,8 +107,24 @@ class TransferFile:
     # refetch-to-find-the-bad-chunk pass).
     crc_algorithm: CrcAlgorithm = CRC32C
     local_path: Path | None = None  # where the bytes land on disk, for error messages
+    # Chunks a peer gave: index -> (peer address, CRC). A whole-object mismatch refetches
+    # these from the origin first; a peer whose chunk then differs lied or broke.
+    from_peers: dict[int, tuple[str, int]] = field(default_factory=dict)
+    origin_only: bool = False  # no more peers for this object (a check failed)
+    peer_id: str | None = None  # its identity between peers; None: never from a peer
     # Serialises journal commits (commit loop) with the final commit + rename (_finish).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def journal_header(self) -> JournalHeader:
+        """What a part file of this object records about it (resume, peer serving)."""
+        return JournalHeader(
+            self.display,
+            self.info.size,
+            self.info.version,
+            self.chunk_bytes,
+            self.crc_algorithm.name,
+            tuple(self.info.parts),
+        )
 
 
 @dataclass
@@ -116,6 +134,7 @@ class _Counters:
     stalls: int = 0
     refetched_chunks: int = 0
     direct_chunks: int = 0  # chunks received straight into the target by the direct reader
+    bytes_from_peers: int = 0
 
 
 class _OrderedMd5:
@@ -239,6 +258,8 @@ class TransferScheduler:
         self.writer = DiskWriter(config.disk.write_queue_bytes)
         self._direct: DirectReader | None = None
         self._no_direct = False  # the server sent a body the direct reader cannot take
+        self.peers: PeerSet | None = None  # set by the client before transfer()
+        self._peer_reader: DirectReader | None = None
         self._pool: ThreadPoolExecutor | None = None
 
     async def stat(self, key: str) -> ObjectInfo:
@@ -323,6 +344,18 @@ class TransferScheduler:
         ``local_path`` names it in local I/O errors (where its bytes land on disk)."""
         chunk_bytes = self._chunk_bytes(info)
         crc = info.checksums.crc
+        sums = info.checksums
+        # Peer bytes are taken only where the origin vouches for the whole object.
+        checked = (
+            sums.crc is not None
+            or sums.md5 is not None
+            or (sums.md5_of_parts is not None and bool(info.parts))
+        )
+        peer_id = (
+            object_id(self.display_of(info), info.version, info.size)
+            if checked and self.config.verify != "size" and info.ranges
+            else None
+        )
         return TransferFile(
             info,
             rel,
@@ -333,6 +366,7 @@ class TransferScheduler:
             on_done=on_done,
             crc_algorithm=ALGORITHMS[crc[0]] if crc is not None else CRC32C,
             local_path=local_path,
+            peer_id=peer_id,
         )
 
     def display_of(self, info: ObjectInfo) -> str:
@@ -370,6 +404,8 @@ class TransferScheduler:
             self._pool.shutdown(wait=False, cancel_futures=True)
         if self._direct is not None:
             self._direct.close()  # cuts sockets in use: the threads end at once
+        if self._peer_reader is not None:
+            self._peer_reader.close()
 
     def _open(self, f: TransferFile) -> None:
         f.target = f.make_target(f)
@@ -495,12 +531,16 @@ class TransferScheduler:
                     await asyncio.to_thread(f.target.commit, batch)
 
     def _direct_window(self, f: TransferFile, ch: planning.Chunk) -> Window | None:
-        """Where the direct reader may receive this chunk: the target's own memory, when the
-        store signs requests for it and the target exposes that memory."""
+        """Where the direct reader may receive this chunk from the origin: the target's
+        window, when the store signs requests for it."""
         if self._no_direct or not self.config.http.direct_reads:
             return None
         if not hasattr(self.source, "range_request"):
             return None
+        return self._target_window(f, ch)
+
+    def _target_window(self, f: TransferFile, ch: planning.Chunk) -> Window | None:
+        """The target's landing for this chunk (None: the target takes only streams)."""
         window = getattr(f.target, "window", None)
         if window is None:
             return None
@@ -526,9 +566,14 @@ class TransferScheduler:
             reader.read_into(req, ch.start, ch.length, f.info.size, window, arrived)
             return window.crc(f.crc_algorithm)
 
+        t0 = loop.time()
         try:
             crc = await loop.run_in_executor(threads, work)
             self.counters.direct_chunks += 1
+            if self.peers is not None and ch.length >= (1 << 20):
+                rate = ch.length / max(1e-6, loop.time() - t0)
+                old = self.peers.origin_rate
+                self.peers.origin_rate = rate if not old else 0.8 * old + 0.2 * rate
             return crc
         except SinkError as exc:
             self.progress.on_bytes(-counted[0])
@@ -566,6 +611,10 @@ class TransferScheduler:
         async def attempt() -> int:
             nonlocal chunk
             chunk = _ChunkWriter(self, f, target, ch.start)
+            if self.peers is not None and f.peer_id is not None and not f.origin_only:
+                crc = await self._from_peer(f, ch)
+                if crc is not None:
+                    return crc
             try:
                 window = self._direct_window(f, ch)
                 if window is not None:
@@ -594,6 +643,68 @@ class TransferScheduler:
             exhausted=lambda n, exc: self._exhausted(f, ch, n, exc),
             undo=undo,
         )
+
+    async def _from_peer(self, f: TransferFile, ch: planning.Chunk) -> int | None:
+        """The chunk from a peer that holds it, or None (no such peer, or it failed: the
+        caller takes the origin, at no retry's cost). A peer that errs or stalls is dropped;
+        a busy one (503) is skipped for a second."""
+        peers = self.peers
+        assert peers is not None
+        oid = f.peer_id
+        assert oid is not None
+        peer = peers.pick(oid, ch.start, ch.start + ch.length)
+        if peer is None:
+            return None
+        window = self._target_window(f, ch)
+        if window is None:
+            return None
+        if self._peer_reader is None:
+            http = self.config.http
+            self._peer_reader = DirectReader(
+                replace(
+                    http,
+                    stall_timeout_s=peers.spec.stall_timeout_s,
+                    connect_timeout_s=peers.spec.connect_timeout_s,
+                )
+            )
+        req = RangeRequest(
+            peer.base + OBJECTS_PATH + oid, peers.headers(), what=f"peer {peer.address}"
+        )
+        loop = asyncio.get_running_loop()
+        reader, threads = self._peer_reader, self._threads()
+        counted = [0]
+
+        def arrived(n: int) -> None:
+            loop.call_soon_threadsafe(self._count, f, n, counted)
+
+        def work() -> int:
+            reader.read_into(req, ch.start, ch.length, f.info.size, window, arrived)
+            return window.crc(f.crc_algorithm)
+
+        peer.in_flight += 1
+        t0 = loop.time()
+        try:
+            crc = await loop.run_in_executor(threads, work)
+        except SinkError as exc:
+            self.progress.on_bytes(-counted[0])
+            raise local_error(f.local_path or Path(f.rel), exc.cause, "writing") from exc
+        except (TransientError, EndpointUnreachable, ProtocolError, DirectUnsupported) as exc:
+            self.progress.on_bytes(-counted[0])
+            if isinstance(exc, TransientError) and exc.throttled:
+                peers.busy(peer, 1.0)
+            else:
+                peers.drop(peer, str(exc))
+                self.progress.on_message(f"peer {peer.address} dropped: {exc}")
+            return None
+        finally:
+            peer.in_flight -= 1
+            window.close()
+        peer.bytes += ch.length
+        peer.seconds += loop.time() - t0
+        self.counters.bytes_from_peers += ch.length
+        self.counters.direct_chunks += 1
+        f.from_peers[ch.index] = (peer.address, crc)
+        return crc
 
     async def _settle(self, writes: list[asyncio.Future[None]], f: TransferFile) -> None:
         try:
@@ -628,6 +739,9 @@ class TransferScheduler:
             if pass_no == 0 and f.md5 is not None:
                 streamed = await f.md5.digest(target, f.crcs)
             ok, kinds, detail = await asyncio.to_thread(self._verify, f, streamed)
+            if not ok and f.from_peers:
+                await self._recheck_peer_chunks(f, detail)
+                ok, kinds, detail = await asyncio.to_thread(self._verify, f, None)
             if ok:
                 f.verified = kinds
                 break
@@ -676,6 +790,33 @@ class TransferScheduler:
                 return False, (), f"{kind} mismatch (got {got_md5.hex()}, want {want.hex()})"
             return True, ("size", kind), ""
         return True, ("size",), ""
+
+    async def _recheck_peer_chunks(self, f: TransferFile, detail: str) -> None:
+        """The object failed its check and peers gave some of it: fetch those chunks again
+        from the origin; a peer whose chunk differs is dropped and reported."""
+        f.origin_only = True
+        given, f.from_peers = f.from_peers, {}
+        self.progress.on_message(
+            f"{f.rel}: {detail}; {len(given)} chunks came from peers, fetching them from the origin"
+        )
+        by_index = {ch.index: ch for ch in f.chunks}
+        sem = asyncio.Semaphore(max(1, self.controller.target))
+
+        async def one(index: int, peer: str, peer_crc: int) -> None:
+            async with sem:
+                crc = await self._fetch_chunk(f, by_index[index])
+            if crc != peer_crc:
+                self.counters.refetched_chunks += 1
+                bad = self.peers.peers.get(peer) if self.peers is not None else None
+                if bad is not None and bad.dropped is None:
+                    self.peers.drop(bad, "served bytes that fail the origin's checksum")  # type: ignore[union-attr]
+                    self.progress.on_message(
+                        f"peer {peer} dropped: its bytes of {f.rel} fail the origin's checksum"
+                    )
+            f.crcs[index] = crc
+            f.uncommitted[index] = crc
+
+        await asyncio.gather(*(one(i, p, c) for i, (p, c) in given.items()))
 
     async def _refetch_all(self, f: TransferFile) -> None:
         """Fetch every chunk again; those whose CRC changed were the bad ones."""

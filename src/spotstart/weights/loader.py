@@ -23,7 +23,6 @@ from urllib.parse import quote, urljoin, urlsplit
 from spotstart.errors import InvalidCheckpoint, NotFound, UsageError
 from spotstart.fetch import FetchConfig, NullProgress, ProgressListener, layout
 from spotstart.fetch.cache import CacheIndex
-from spotstart.fetch.journal import JournalHeader
 from spotstart.fetch.metrics import TransferMetrics
 from spotstart.fetch.scheduler import (
     TransferFile,
@@ -641,9 +640,7 @@ class Loader:
             assert shard.header is not None
             disk = None
             if self.cache_dir is not None:
-                header = JournalHeader(
-                    f.display, f.info.size, f.info.version, f.chunk_bytes, f.crc_algorithm.name
-                )
+                header = f.journal_header()
                 disk = DiskTarget(
                     self.cache_dir / shard.rel,
                     header,

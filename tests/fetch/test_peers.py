@@ -1,0 +1,327 @@
+"""Peer fetch on 127.0.0.1: `spotstart serve-peers` processes holding all, part or none of a
+model, a peer killed mid-transfer, one serving wrong bytes, one that stalls, and hostile
+requests against the peer server. Every fetch must end byte-identical to the origin."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from spotstart import Concurrency, FetchConfig, FetchReport, Retry, fetch
+from spotstart.emulate.link import FaultRule, LinkConfig
+from spotstart.emulate.proxy import LinkEmulator
+from spotstart.emulate.storage import StorageEmulator
+from spotstart.fetch.peers import PeerSpec
+from tests.conftest import BUCKET, spawn_cli, tree_digest
+
+MiB = 1 << 20
+URL = f"gs://{BUCKET}/peer/"
+
+
+@pytest.fixture
+def model(clean_cloud: StorageEmulator, gcs_env: dict[str, str]) -> dict[str, bytes]:
+    files = {"peer/a.bin": os.urandom(6 * MiB + 17), "peer/b.bin": os.urandom(3 * MiB)}
+    clean_cloud.seed_gcs(BUCKET, files)
+    return files
+
+
+def _config(peers: list[str] | None = None, **spec: object) -> FetchConfig:
+    return FetchConfig(
+        chunk_bytes=MiB,
+        concurrency=Concurrency(streams=4),
+        retry=Retry(backoff_base_s=0.01, backoff_cap_s=0.05),
+        peers=PeerSpec(tuple(peers), **spec) if peers else None,  # type: ignore[arg-type]
+    )
+
+
+def _origin_body_bytes(cloud: StorageEmulator) -> int:
+    return int(cloud.stats()["body_bytes_down"])
+
+
+def _check(dest: Path, model: dict[str, bytes]) -> None:
+    for key, data in model.items():
+        assert (dest / key.split("/", 1)[1]).read_bytes() == data, key
+
+
+class Served:
+    def __init__(self, proc: subprocess.Popen[str], address: str) -> None:
+        self.proc, self.address = proc, address
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.communicate(timeout=10)  # reaps it and closes the pipes
+
+
+@pytest.fixture
+def serve() -> Iterator[object]:
+    started: list[Served] = []
+
+    def start(root: Path, *extra: str, env: dict[str, str] | None = None) -> Served:
+        proc = spawn_cli(
+            ["serve-peers", str(root), "--listen", "127.0.0.1:0", "--json", *extra], env=env
+        )
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        s = Served(proc, json.loads(line)["listen"])
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.proc.send_signal(signal.SIGTERM)
+            s.proc.communicate(timeout=10)
+            assert s.proc.returncode == 0  # SIGTERM: a clean exit
+        else:
+            s.proc.communicate(timeout=10)
+
+
+def _get(
+    address: str, target: str, headers: dict[str, str] | None = None, method: str = "GET"
+) -> tuple[int, dict[str, str], bytes]:
+    """One raw HTTP/1.1 request, the target sent byte for byte (no client normalising it)."""
+    host, port = address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        head = [f"{method} {target} HTTP/1.1", f"Host: {address}", "Connection: close"]
+        head += [f"{k}: {v}" for k, v in (headers or {}).items()]
+        s.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+        raw = b""
+        while chunk := s.recv(1 << 16):
+            raw += chunk
+    top, _, body = raw.partition(b"\r\n\r\n")
+    lines = top.decode("latin-1").split("\r\n")
+    fields = dict(ln.split(": ", 1) for ln in lines[1:] if ": " in ln)
+    return int(lines[0].split()[1]), fields, body
+
+
+def test_a_peer_holding_everything_serves_every_byte_and_the_origin_serves_none(
+    model: dict[str, bytes], clean_cloud: StorageEmulator, tmp_path: Path, serve: object
+) -> None:
+    fetch(URL, tmp_path / "a", _config())
+    peer = serve(tmp_path / "a")  # type: ignore[operator]
+    clean_cloud.reset_stats()
+    report = fetch(URL, tmp_path / "b", _config([peer.address]))
+    _check(tmp_path / "b", model)
+    assert report.bytes_from_peers == sum(len(v) for v in model.values())
+    assert report.verified.get("crc32c") == 2 and not report.peers_dropped
+    assert _origin_body_bytes(clean_cloud) < 64 << 10  # listing and stats only
+
+
+def test_a_peer_holding_nothing_leaves_it_all_to_the_origin(
+    model: dict[str, bytes], tmp_path: Path, serve: object
+) -> None:
+    (tmp_path / "empty").mkdir()
+    peer = serve(tmp_path / "empty")  # type: ignore[operator]
+    report = fetch(URL, tmp_path / "b", _config([peer.address]))
+    _check(tmp_path / "b", model)
+    assert report.bytes_from_peers == 0 and not report.peers_dropped
+
+
+def test_a_peer_with_one_file_done_and_one_half_arrived_serves_exactly_what_it_has(
+    model: dict[str, bytes], clean_cloud: StorageEmulator, tmp_path: Path, serve: object
+) -> None:
+    a = tmp_path / "a"
+    fetch(URL + "b.bin", a, _config())  # b.bin complete on the peer
+    # a.bin half arrived: a fetch whose other ranged reads hang, killed once its journal
+    # lists some chunks (what a peer still starting holds).
+    clean_cloud.set_faults([FaultRule(kind="stall", count=3, ranged_only=True)])
+    proc = spawn_cli(
+        [
+            "fetch",
+            URL + "a.bin",
+            str(a),
+            "--concurrency",
+            "4",
+            "--chunk-size",
+            "1MiB",
+            "--stall-timeout",
+            "60",
+            "--json",
+        ],
+        env=dict(os.environ),
+    )
+    journals = a / ".spotstart" / "parts"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        lines = sum(len(p.read_text().splitlines()) - 1 for p in journals.glob("*.journal"))
+        if lines >= 2:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=10)
+    clean_cloud.set_faults([])
+    assert not (a / "a.bin").exists()
+    peer = serve(a)  # type: ignore[operator]
+    _, _, body = _get(peer.address, "/v1/inventory")
+    held = {o["size"]: o for o in json.loads(body)["objects"]}
+    assert held[3 * MiB]["complete"] and held[3 * MiB]["ranges"] == [[0, 3 * MiB]]
+    partial = held[6 * MiB + 17]
+    assert not partial["complete"]
+    have = sum(b - a_ for a_, b in partial["ranges"])
+    assert 0 < have < 6 * MiB + 17
+
+    report = fetch(URL, tmp_path / "b", _config([peer.address]))
+    _check(tmp_path / "b", model)
+    assert report.bytes_from_peers == 3 * MiB + have
+    assert not report.peers_dropped
+
+
+def test_a_peer_killed_mid_transfer_costs_nothing_but_time(
+    model: dict[str, bytes], tmp_path: Path, serve: object
+) -> None:
+    fetch(URL, tmp_path / "a", _config())
+    peer = serve(tmp_path / "a")  # type: ignore[operator]
+    host, port = peer.address.rsplit(":", 1)
+    # The peer behind a slow NIC of its own, so the kill lands mid-body.
+    with LinkEmulator(LinkConfig(per_conn_bytes_per_s=2e6, first_byte_latency_s=0)) as nic:
+        slow = nic.open_proxy((host, int(port)), http=True)
+        result: list[FetchReport | BaseException] = []
+
+        def consumer() -> None:
+            try:
+                result.append(fetch(URL, tmp_path / "b", _config([f"127.0.0.1:{slow.port}"])))
+            except BaseException as exc:
+                result.append(exc)
+
+        t = threading.Thread(target=consumer)
+        t.start()
+        deadline = time.monotonic() + 20
+        while nic.stats.body_bytes_down < 512 << 10 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        peer.kill()
+        t.join(60)
+    assert result and isinstance(result[0], FetchReport), result
+    _check(tmp_path / "b", model)
+    assert list(result[0].peers_dropped) == [f"127.0.0.1:{slow.port}"]
+
+
+def test_a_peer_serving_wrong_bytes_is_caught_dropped_and_reported(
+    model: dict[str, bytes], tmp_path: Path, serve: object
+) -> None:
+    a = tmp_path / "a"
+    fetch(URL, a, _config())
+    victim = a / "a.bin"
+    st = victim.stat()
+    with victim.open("r+b") as fh:  # a flipped byte, size and mtime as the index records
+        fh.seek(2 * MiB + 5)
+        byte = fh.read(1)
+        fh.seek(2 * MiB + 5)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    peer = serve(a)  # type: ignore[operator]
+    report = fetch(URL, tmp_path / "b", _config([peer.address]))
+    _check(tmp_path / "b", model)
+    assert "fail the origin's checksum" in report.peers_dropped[peer.address]
+    assert report.refetched_chunks == 1
+
+
+def test_a_stalling_peer_is_left_for_the_origin(
+    model: dict[str, bytes], tmp_path: Path, serve: object
+) -> None:
+    fetch(URL, tmp_path / "a", _config())
+    real = serve(tmp_path / "a")  # type: ignore[operator]
+    _, _, inventory = _get(real.address, "/v1/inventory")
+    real.kill()
+    # A peer that claims everything and then sends headers and no body.
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve_stalling() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            held.append(conn)
+            request = conn.recv(65536)
+            if b"/v1/inventory" in request:
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    + f"Content-Length: {len(inventory)}\r\nConnection: close\r\n\r\n".encode()
+                    + inventory
+                )
+                conn.close()
+
+    t = threading.Thread(target=serve_stalling, daemon=True)
+    t.start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        started = time.monotonic()
+        report = fetch(URL, tmp_path / "b", _config([address], stall_timeout_s=0.5))
+        took = time.monotonic() - started
+    finally:
+        stop.set()
+        t.join(5)
+        for c in held:
+            c.close()
+        listener.close()
+    _check(tmp_path / "b", model)
+    assert address in report.peers_dropped and report.bytes_from_peers == 0
+    assert took < 30  # dropped after one stall, not retried chunk after chunk
+
+
+def test_the_peer_server_names_no_paths_and_serves_nothing_outside_its_holdings(
+    model: dict[str, bytes], tmp_path: Path, serve: object
+) -> None:
+    a = tmp_path / "a"
+    fetch(URL, a, _config())
+    secret = tmp_path / "secret.txt"
+    secret.write_bytes(b"not for peers" * 100)
+    (a / "link.bin").symlink_to(secret)
+    # A tampered index naming a file outside DIR and a symlink inside it.
+    index_path = a / ".spotstart" / "index.json"
+    index = json.loads(index_path.read_text())
+    st = secret.stat()
+    for rel in ("../secret.txt", "link.bin", ".spotstart/index.json"):
+        index["files"][rel] = {
+            "source": f"gs://{BUCKET}/x",
+            "version": "1",
+            "size": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+        }
+    index_path.write_text(json.dumps(index))
+    peer = serve(a, env={**os.environ, "SPOTSTART_PEER_TOKEN": "s3cret"})  # type: ignore[operator]
+    auth = {"Authorization": "Bearer s3cret"}
+
+    assert _get(peer.address, "/v1/inventory")[0] == 401
+    assert _get(peer.address, "/v1/inventory", {"Authorization": "Bearer nope"})[0] == 401
+    code, _, body = _get(peer.address, "/v1/inventory", auth)
+    assert code == 200
+    objects = json.loads(body)["objects"]
+    assert sorted(o["size"] for o in objects) == sorted(len(v) for v in model.values())
+    assert all(set(o) == {"id", "size", "ranges", "complete"} for o in objects)
+    assert str(a) not in body.decode() and "secret" not in body.decode()
+    good = objects[0]["id"]
+    for target in (
+        "/v1/objects/../../../../etc/passwd",
+        "/v1/objects/%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+        "/v1/objects/..%2f..%2fsecret.txt",
+        f"/v1/objects/{good}/../../secret.txt",
+        "/v1/objects/" + "0" * 64,
+        "/v1/objects/" + good.upper(),
+        "/etc/passwd",
+    ):
+        code, _, body = _get(peer.address, target, {**auth, "Range": "bytes=0-10"})
+        assert code == 404, (target, code)
+        assert b"not for peers" not in body
+    size = next(o["size"] for o in objects if o["id"] == good)
+    for bad_range in ("bytes=0-", f"bytes={size}-{size + 10}", "bytes=5-1", "bytes=0-1,5-9", ""):
+        want = 206 if bad_range == "bytes=0-" else 416
+        code, _, _ = _get(peer.address, f"/v1/objects/{good}", {**auth, "Range": bad_range})
+        assert code == want, (bad_range, code)
+    assert _get(peer.address, f"/v1/objects/{good}", auth, method="POST")[0] == 405
+    assert _get(peer.address, f"/v1/objects/{good}", auth, method="DELETE")[0] == 405
+    assert tree_digest(a)  # nothing changed under DIR by any of it
+    assert secret.read_bytes() == b"not for peers" * 100
