@@ -262,3 +262,37 @@ def test_cli_load_reports_tensors_and_exits_10_on_a_bad_file(tmp_path: Path) -> 
     res = run_cli(["load", str(tmp_path / "bad.safetensors")])
     assert res.code == InvalidCheckpoint.exit_code
     assert "JSON" in error_line(res.stderr)
+
+
+def test_load_takes_the_tensors_from_a_peer_and_stays_bit_identical(
+    clean_cloud: StorageEmulator, tmp_path: Path, gcs_env: dict[str, str]
+) -> None:
+    import signal
+
+    from spotstart import fetch
+    from spotstart.fetch.peers import PeerSpec
+    from spotstart.weights.loader import load_async as _load_async
+    from tests.conftest import spawn_cli
+
+    tensors = write_sharded(tmp_path / "ckpt")
+    objects = {f"load-peer/{p.name}": p for p in (tmp_path / "ckpt").iterdir()}
+    clean_cloud.seed_gcs(BUCKET, objects)
+    url = f"gs://{BUCKET}/load-peer/"
+    fetch(url, tmp_path / "node-a", SMALL)
+    proc = spawn_cli(["serve-peers", str(tmp_path / "node-a"), "--listen", "127.0.0.1:0", "--json"])
+    try:
+        assert proc.stdout is not None
+        address = json.loads(proc.stdout.readline())["listen"]
+        import asyncio
+        import dataclasses
+
+        config = dataclasses.replace(SMALL, peers=PeerSpec((address,)))
+        got, report = asyncio.run(_load_async(url, config=config))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    assert set(got) == set(tensors)
+    for name, t in tensors.items():
+        assert same(got[name], t), name
+    shard_bytes = sum(p.stat().st_size for p in (tmp_path / "ckpt").glob("model-*.safetensors"))
+    assert report.bytes_from_peers > 0.9 * shard_bytes and not report.peers_dropped

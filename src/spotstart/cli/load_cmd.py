@@ -12,6 +12,7 @@ from rich.console import Console
 
 from spotstart.cli.fetch_cmd import add_transfer_flags, config_from_args, recording_metrics
 from spotstart.cli.progress import RichProgress
+from spotstart.errors import UsageError
 from spotstart.fetch import NullProgress, ProgressListener
 
 
@@ -48,7 +49,6 @@ def _tp(text: str) -> tuple[int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spotstart.errors import UsageError
     from spotstart.weights.loader import LoadReport, load_async
 
     dtype = None
@@ -58,6 +58,11 @@ def run(args: argparse.Namespace) -> int:
         dtype = getattr(torch, args.dtype, None)
         if not isinstance(dtype, torch.dtype):
             raise UsageError(f"--dtype {args.dtype}: not a torch dtype (bfloat16, float16...)")
+    if args.serve_peers:
+        raise UsageError(
+            "--serve-peers: load keeps no files to serve; run `spotstart serve-peers` on its "
+            "--cache-dir, or fetch with --serve-peers"
+        )
     config = config_from_args(args)
     err = Console(stderr=True)
     progress: ProgressListener = NullProgress()

@@ -27,7 +27,7 @@ from spotstart.fetch.cache import INDEX_DIR, CacheIndex
 from spotstart.fetch.config import FetchConfig, FetchReport, FileResult
 from spotstart.fetch.journal import local_error
 from spotstart.fetch.peer_server import PeerServer, split_listen
-from spotstart.fetch.peers import PeerSet, PeerSpec
+from spotstart.fetch.peers import PeerSpec
 from spotstart.fetch.scheduler import (
     NullProgress,
     ProgressListener,
@@ -144,17 +144,9 @@ class Fetcher:
         self.progress.on_start(files_total=len(objects), bytes_total=need, bytes_done=0)
         for r in results:
             self.progress.on_file_done(Path(r.path).name, cached=True)
-        peers = None
-        if self.config.peers is not None and self.config.peers.entries and files:
-            peers = PeerSet(self.config.peers)
-            await peers.refresh()
-            peers.start()
-            self.scheduler.peers = peers
         try:
             await self.scheduler.transfer(files)
         finally:
-            if peers is not None:
-                await peers.close()
             self.scheduler.close()
             if any(f.verified for f in files):
                 with contextlib.suppress(OSError):  # never mask the error that got us here
@@ -194,7 +186,7 @@ class Fetcher:
             chunk_bytes=max((f.chunk_bytes for f in files), default=0),
             chunks_direct=c.direct_chunks,
             bytes_from_peers=c.bytes_from_peers,
-            peers_dropped=peers.dropped() if peers is not None else {},
+            peers_dropped=self.scheduler.peers.dropped() if self.scheduler.peers else {},
             files=tuple(sorted(results, key=lambda r: r.key)),
         )
 

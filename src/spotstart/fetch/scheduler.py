@@ -441,7 +441,21 @@ class TransferScheduler:
                     yield f, ch
 
     async def transfer(self, files: list[TransferFile]) -> None:
-        """Fetch, verify and finish every file: one concurrency limit, one retry policy."""
+        """Fetch, verify and finish every file: one concurrency limit, one retry policy;
+        with ``config.peers``, chunks from peers that hold them first."""
+        spec = self.config.peers
+        wanted = any(f.peer_id is not None for f in files)
+        if self.peers is None and spec is not None and spec.entries and wanted:
+            self.peers = PeerSet(spec)
+            await self.peers.refresh()
+            self.peers.start()
+        try:
+            await self._transfer(files)
+        finally:
+            if self.peers is not None:
+                await self.peers.close()
+
+    async def _transfer(self, files: list[TransferFile]) -> None:
         loop = asyncio.get_running_loop()
         running: dict[asyncio.Task[Any], tuple[TransferFile, planning.Chunk]] = {}
         finishing: set[asyncio.Task[Any]] = set()

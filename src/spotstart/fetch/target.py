@@ -96,33 +96,44 @@ def populate_write(view: memoryview) -> bool:
 
 
 class Window:
-    """Memory the direct reader receives one chunk straight into (a tensor's storage): a
-    :class:`~spotstart.store.Sink` that hands out the rest of itself. Its pages are faulted
-    in with one call before the first byte (:func:`populate_write`)."""
+    """Memory the direct reader receives one chunk straight into (a tensor's storage), as
+    consecutive segments (a chunk that starts in a file's header lands its first bytes in a
+    scratch segment): a :class:`~spotstart.store.BodySink` that hands out the rest of each
+    in turn. Pages are faulted in with one call per segment before its first byte
+    (:func:`populate_write`)."""
 
-    def __init__(self, view: memoryview) -> None:
-        self.view = view
+    def __init__(self, *segments: memoryview) -> None:
+        self.segments = [s for s in segments if s.nbytes]
+        self._seg = 0
         self._pos = 0
-        self._populated = False
+        self._populated = -1
 
     def space(self) -> memoryview:
-        if not self._populated:  # on the reader's thread, once
-            self._populated = True
-            populate_write(self.view)
-        return self.view[self._pos :]
+        seg = self.segments[self._seg]
+        if self._populated < self._seg:  # on the reader's thread, once a segment
+            self._populated = self._seg
+            populate_write(seg)
+        return seg[self._pos :]
 
     def took(self, n: int) -> None:
         self._pos += n
+        if self._pos == self.segments[self._seg].nbytes and self._seg + 1 < len(self.segments):
+            self._seg += 1
+            self._pos = 0
 
     def crc(self, algorithm: CrcAlgorithm) -> int:
         """The checksum of what landed (the whole window: called once it is full)."""
-        return algorithm.update(self.view, 0)
+        crc = 0
+        for seg in self.segments:
+            crc = algorithm.update(seg, crc)
+        return crc
 
     def close(self) -> None:
         # A reader thread still writing (its task was cancelled) may hold slices: then the GC
-        # releases the view once it is done, never under it.
-        with contextlib.suppress(BufferError):
-            self.view.release()
+        # releases the views once it is done, never under it.
+        for seg in self.segments:
+            with contextlib.suppress(BufferError):
+                seg.release()
 
 
 _buffers = threading.local()

@@ -62,6 +62,8 @@ class LoadReport:
     refetched_chunks: int = 0
     tp: str = ""  # "rank/world" when only a rank's slices were read
     bytes_rank: int = 0  # the bytes of this rank's tensors (== bytes_total without tp)
+    bytes_from_peers: int = 0  # of bytes_transferred, those peers gave (config.peers)
+    peers_dropped: dict[str, str] = field(default_factory=dict)
 
     def metrics(self) -> TransferMetrics:
         """This run as Prometheus samples (``.samples()``) or a registry (``.registry()``)."""
@@ -204,9 +206,13 @@ class ShardTarget:
         reader to receive into (CPU, no write-through copy, inside the data region only: the
         header bytes are not tensor memory)."""
         start = self.header.data_start
-        if self._view is None or self.disk is not None or offset < start:
+        if self._view is None or self.disk is not None or length <= 0:
             return None
-        return Window(memoryview(self._view)[offset - start : offset - start + length])
+        skip = min(length, max(0, start - offset))  # header bytes: a scratch segment
+        lo = max(offset, start) - start
+        tensors = memoryview(self._view)[lo : offset + length - start] if length > skip else None
+        segments = [memoryview(bytearray(skip))] if skip else []
+        return Window(*segments, *([tensors] if tensors is not None else []))
 
     def read(self, offset: int, length: int) -> bytes:
         if self.disk is not None:
@@ -547,6 +553,8 @@ class Loader:
             verified=verified,
             refetched_chunks=c.refetched_chunks,
             bytes_rank=total,
+            bytes_from_peers=c.bytes_from_peers,
+            peers_dropped=scheduler.peers.dropped() if scheduler.peers else {},
         )
         return tensors, report
 
