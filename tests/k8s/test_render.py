@@ -138,6 +138,7 @@ def configs(cloud: str) -> st.SearchStrategy[dict[str, Any]]:
             "notice_window_seconds": st.integers(1, NOTICE_WINDOW_S[cloud]),  # type: ignore[index]
             "weights": st.sampled_from(["init", "in-process"]),
             "eks": st.just({"cluster_name": "c1"}),
+            "peers": st.booleans(),
         }
     )
 
@@ -202,7 +203,21 @@ def test_any_valid_config_renders_objects_that_validate_and_keep_the_rules(
         assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
         annotations = d["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/path"] == "/spotstart/metrics"
-        assert ("initContainers" in pod) == (cfg.weights == "init")
+        assert ("initContainers" in pod) == (cfg.weights == "init" or cfg.peers)
+        inits = {c["name"]: c for c in pod.get("initContainers", [])}
+        assert ("fetch-weights" in inits) == (cfg.weights == "init")
+        if cfg.peers:
+            # the sidecar starts first and stays; every fetch and load is told the peers
+            sidecar = pod["initContainers"][0]
+            assert sidecar["name"] == "serve-peers" and sidecar["restartPolicy"] == "Always"
+            assert sidecar["command"][:3] == ["spotstart", "serve-peers", "/weights"]
+            dns = f"dns:{cfg.name}-peers.{cfg.namespace}.svc.cluster.local:8471"
+            assert env["SPOTSTART_PEERS"]["value"] == dns
+            if cfg.weights == "init":
+                fetch = inits["fetch-weights"]["command"]
+                assert fetch[fetch.index("--peers") + 1] == dns
+        else:
+            assert "serve-peers" not in inits and "SPOTSTART_PEERS" not in env
         # the guard marks its own pod: the pods run as the ServiceAccount the RBAC is for
         assert pod["serviceAccountName"] == cfg.name
     (binding,) = [
@@ -215,6 +230,16 @@ def test_any_valid_config_renders_objects_that_validate_and_keep_the_rules(
     ]
     (vap,) = [o for o in objs if o["kind"] == "ValidatingAdmissionPolicy"]
     assert f"system:serviceaccount:{cfg.namespace}:{cfg.name}" in json.dumps(vap)
+    headless = [o for o in objs if o["kind"] == "Service" and o["spec"].get("clusterIP") == "None"]
+    if cfg.peers:
+        (svc,) = headless
+        assert svc["metadata"]["name"] == f"{cfg.name}-peers"
+        assert svc["spec"]["publishNotReadyAddresses"] is True
+        labels = deployments[0]["spec"]["template"]["metadata"]["labels"]
+        assert svc["spec"]["selector"].items() <= labels.items()
+        assert svc["spec"]["ports"][0]["targetPort"] == "peers"
+    else:
+        assert not headless
     by_name = {d["metadata"]["name"]: d for d in deployments}
     assert by_name[f"{cfg.name}-spot"]["spec"]["replicas"] == cfg.replicas
     assert by_name[f"{cfg.name}-ondemand"]["spec"]["replicas"] == 0

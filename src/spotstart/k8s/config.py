@@ -39,6 +39,7 @@ _TOP = {
     "weights",
     "max_on_demand",
     "eks",
+    "peers",
 }
 _SERVER = {"command", "health_path"}
 _GPU = {"type", "count"}
@@ -76,6 +77,7 @@ class DeployConfig:
     max_on_demand: int
     eks_cluster_name: str
     eks_node_role: str
+    peers: bool = False
 
 
 def _fail(key: str, why: str) -> DeployConfigError:
@@ -188,7 +190,15 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
         max_on_demand=_int(data, "max_on_demand", replicas, 0, 1000),
         eks_cluster_name=str(eks.get("cluster_name", "")),
         eks_node_role=str(eks.get("node_role", f"KarpenterNodeRole-{eks.get('cluster_name', '')}")),
+        peers=_bool(data, "peers", False),
     )
+
+
+def _bool(data: Mapping[str, Any], key: str, default: bool) -> bool:
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise _fail(key, f"{value!r}: true or false")
+    return value
 
 
 def load_config(path: Path, cloud: Cloud) -> DeployConfig:

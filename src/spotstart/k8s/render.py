@@ -132,15 +132,43 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
             }
         },
     }
+    init: list[Obj] = []
+    fetch = ["spotstart", "fetch", cfg.model_url, WEIGHTS_DIR, "--json"]
+    if cfg.peers:
+        # A native sidecar (restartPolicy Always, Kubernetes >= 1.29) starts before the
+        # fetch and lives with the pod: it serves the weights dir to other replicas from the
+        # first finished chunk on (journals say which), and the whole files after.
+        init.append(
+            {
+                "name": "serve-peers",
+                "image": cfg.image,
+                "restartPolicy": "Always",
+                "command": [
+                    "spotstart",
+                    "serve-peers",
+                    WEIGHTS_DIR,
+                    "--listen",
+                    f"0.0.0.0:{PEER_PORT}",
+                ],
+                "ports": [{"name": "peers", "containerPort": PEER_PORT, "protocol": "TCP"}],
+                "volumeMounts": mounts,
+            }
+        )
+        env.append({"name": "SPOTSTART_PEERS", "value": _peer_dns(cfg)})
+        env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
+        fetch += ["--peers", _peer_dns(cfg)]
     if cfg.weights == "init":
-        spec["initContainers"] = [
+        init.append(
             {
                 "name": "fetch-weights",
                 "image": cfg.image,
-                "command": ["spotstart", "fetch", cfg.model_url, WEIGHTS_DIR, "--json"],
+                "command": fetch,
+                "env": env,
                 "volumeMounts": mounts,
             }
-        ]
+        )
+    if init:
+        spec["initContainers"] = init
     selectors, tolerations = _placement(cfg, cloud, kind)
     if selectors:
         spec["nodeSelector"] = selectors
@@ -157,6 +185,36 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
         },
         "spec": spec,
     }
+
+
+PEER_PORT = 8471
+
+
+def _peer_dns(cfg: DeployConfig) -> str:
+    """The headless Service's name: one A record per pod, ready or not."""
+    return f"dns:{cfg.name}-peers.{cfg.namespace}.svc.cluster.local:{PEER_PORT}"
+
+
+def _peer_service(cfg: DeployConfig) -> Manifest:
+    return Manifest(
+        "service-peers.yaml",
+        "Headless Service of every replica's serve-peers sidecar: new pods take the weights "
+        "from pods that hold them. publishNotReadyAddresses: pods still starting serve the "
+        "chunks they have.",
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": _meta(cfg, f"{cfg.name}-peers", "peers"),
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": True,
+                "selector": _selector(cfg),
+                "ports": [
+                    {"name": "peers", "port": PEER_PORT, "targetPort": "peers", "protocol": "TCP"}
+                ],
+            },
+        },
+    )
 
 
 def _capacity_terms(cfg: DeployConfig, cloud: Cloud, kind: str) -> list[Obj]:
@@ -726,7 +784,8 @@ def render(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
         extra = _gke(cfg)
     elif cloud == "eks":
         extra = _eks(cfg)
-    return [*_common(cfg, cloud), *extra]
+    peers = [_peer_service(cfg)] if cfg.peers else []
+    return [*_common(cfg, cloud), *peers, *extra]
 
 
 def to_yaml(m: Manifest) -> str:
