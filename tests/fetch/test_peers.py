@@ -325,3 +325,34 @@ def test_the_peer_server_names_no_paths_and_serves_nothing_outside_its_holdings(
     assert _get(peer.address, f"/v1/objects/{good}", auth, method="DELETE")[0] == 405
     assert tree_digest(a)  # nothing changed under DIR by any of it
     assert secret.read_bytes() == b"not for peers" * 100
+
+
+def test_the_guard_serves_its_weights_dir_to_peers_while_it_runs(
+    model: dict[str, bytes], tmp_path: Path
+) -> None:
+    from tests.guard.test_proxy import UPSTREAM_CMD, free_ports, start_guard, wait_until_ready
+
+    fetch(URL, tmp_path / "a", _config())
+    port, listen_port, peer_port = free_ports(3)
+    guard, url = start_guard(
+        f"http://127.0.0.1:{port}",
+        "--cloud",
+        "none",
+        "--serve-peers",
+        f"{tmp_path / 'a'}:127.0.0.1:{peer_port}",
+        "--",
+        *UPSTREAM_CMD,
+        str(port),
+        listen_port=listen_port,
+    )
+    try:
+        wait_until_ready(url, proc=guard)
+        report = fetch(URL, tmp_path / "b", _config([f"127.0.0.1:{peer_port}"]))
+    finally:
+        guard.popen.send_signal(signal.SIGTERM)  # drains, stops its server, exits
+        code = guard.popen.wait(timeout=30)
+        guard.stop()
+    assert code == 0, guard.text
+    assert "serving" in guard.text and "to peers on" in guard.text
+    _check(tmp_path / "b", model)
+    assert report.bytes_from_peers == sum(len(v) for v in model.values())

@@ -6,13 +6,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from spotstart.errors import UsageError
+from spotstart.fetch.peer_server import PeerServer, split_listen
+from spotstart.fetch.peers import TOKEN_ENV
 
 if TYPE_CHECKING:  # the proxy pulls in aiohttp.web and prometheus: only when guard runs
     from spotstart.guard.notice import NoticeWatcher
@@ -61,6 +65,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=parse_listen,
         metavar="HOST:PORT",
         help="where clients and probes connect, e.g. 0.0.0.0:8080 in a pod (port 0: any free)",
+    )
+    p.add_argument(
+        "--serve-peers",
+        metavar="DIR:HOST:PORT",
+        help="also serve what DIR holds to other nodes' fetches (as `spotstart serve-peers`), "
+        "until the guard exits; token from $SPOTSTART_PEER_TOKEN",
     )
     p.add_argument(
         "--cloud",
@@ -263,11 +273,36 @@ async def build_watchers(args: argparse.Namespace) -> list[NoticeWatcher]:
 async def _main(args: argparse.Namespace, config: GuardConfig) -> int:
     from spotstart.guard.run import run_guard
 
-    return await run_guard(config, await build_watchers(args), time.monotonic)
+    server = await _peer_server(*args.peer_serving) if args.peer_serving else None
+    try:
+        return await run_guard(config, await build_watchers(args), time.monotonic)
+    finally:
+        if server is not None:
+            await server.close()
+
+
+def parse_serve_peers(spec: str) -> tuple[Path, str, int]:
+    """``DIR:HOST:PORT`` of --serve-peers."""
+    root, sep, listen = spec.partition(":")
+    if not sep or not Path(root).is_dir():
+        raise UsageError(f"--serve-peers {spec!r}: expected DIR:HOST:PORT with DIR a directory")
+    host, port = split_listen(listen)
+    return Path(root), host, port
+
+
+async def _peer_server(root: Path, host: str, port: int) -> PeerServer:
+    server = PeerServer(root, token=os.environ.get(TOKEN_ENV) or None)
+    try:
+        await server.start(host, port)
+    except OSError as exc:
+        raise UsageError(f"--serve-peers {root}:{host}:{port}: {exc.strerror or exc}") from None
+    log.info("serving %s to peers on %s:%d", root, host, server.port)
+    return server
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    args.peer_serving = parse_serve_peers(args.serve_peers) if args.serve_peers else None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("spotstart guard: %(levelname)s %(message)s"))
     log.addHandler(handler)
