@@ -1,8 +1,10 @@
 """Which data path moves the bytes for the least CPU, measured side by side through the same
-emulated link in one run (issue 11's choice): today's `spotstart fetch` (aiohttp bodies ->
-bytes -> writer queue -> pwritev), and two prototypes that read with ``recv_into`` from
-threads (released GIL): into one reused buffer then pwrite, or straight into the destination
-file's pages through mmap. Beside them, the ceiling: 16 curl range streams to /dev/null.
+emulated link in one run (issue 11's choice): `spotstart fetch` as shipped (recv_into a
+reused buffer on threads, O_DIRECT writes), with `--page-cache`, on the aiohttp path
+(`--no-direct-reads`: bodies -> bytes -> writer queue -> pwritev), and prototypes that read
+with ``recv_into`` from threads into one reused buffer then pwrite, or straight into the
+destination file's pages through mmap. Beside them, the ceiling: 16 curl range streams to
+/dev/null.
 
     python bench/fetch/datapath.py --mb 1024 --repeats 3
 
@@ -82,7 +84,7 @@ def main() -> int:
                     "--concurrency",
                     str(args.streams),
                 ],
-                "spotstart fetch (direct reader: recv_into the part file's pages)": [
+                "spotstart fetch (direct reader: recv_into a reused buffer, O_DIRECT writes)": [
                     sys.executable,
                     "-m",
                     "spotstart",
@@ -90,6 +92,18 @@ def main() -> int:
                     f"gs://{BUCKET}/{KEY}",
                     "DEST",
                     "--json",
+                    "--concurrency",
+                    str(args.streams),
+                ],
+                "spotstart fetch --page-cache (direct reader, buffered pwrite)": [
+                    sys.executable,
+                    "-m",
+                    "spotstart",
+                    "fetch",
+                    f"gs://{BUCKET}/{KEY}",
+                    "DEST",
+                    "--json",
+                    "--page-cache",
                     "--concurrency",
                     str(args.streams),
                 ],
