@@ -205,24 +205,54 @@ def test_a_peer_killed_mid_transfer_costs_nothing_but_time(
     assert list(result[0].peers_dropped) == [f"127.0.0.1:{slow.port}"]
 
 
-def test_a_peer_serving_wrong_bytes_is_caught_dropped_and_reported(
+def _flip_a_byte(a: Path, at: int) -> None:
+    """A flipped byte in the peer's a.bin, size and mtime as its index records."""
+    victim = a / "a.bin"
+    st = victim.stat()
+    with victim.open("r+b") as fh:
+        fh.seek(at)
+        byte = fh.read(1)
+        fh.seek(at)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_peer_serving_corrupt_bytes_is_caught_on_arrival_by_its_own_chunk_crc(
     model: dict[str, bytes], tmp_path: Path, serve: object
 ) -> None:
     a = tmp_path / "a"
     fetch(URL, a, _config())
-    victim = a / "a.bin"
-    st = victim.stat()
-    with victim.open("r+b") as fh:  # a flipped byte, size and mtime as the index records
-        fh.seek(2 * MiB + 5)
-        byte = fh.read(1)
-        fh.seek(2 * MiB + 5)
-        fh.write(bytes([byte[0] ^ 0xFF]))
-    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _flip_a_byte(a, 2 * MiB + 5)
+    peer = serve(a)  # type: ignore[operator]
+    report = fetch(URL, tmp_path / "b", _config([peer.address]))
+    _check(tmp_path / "b", model)
+    assert (
+        "chunk 2 of a.bin does not match the CRC it published"
+        in (report.peers_dropped[peer.address])
+    )
+    assert report.refetched_chunks == 0  # the bad chunk never landed as done
+
+
+def test_a_lying_peer_is_caught_by_the_origins_checksum_and_only_its_chunks_refetched(
+    model: dict[str, bytes], tmp_path: Path, serve: object
+) -> None:
+    from spotstart.fetch.verify import crc32c
+
+    a = tmp_path / "a"
+    fetch(URL, a, _config())
+    _flip_a_byte(a, 2 * MiB + 5)
+    # ...and it publishes the CRC of its wrong bytes: consistent, and a lie.
+    index_path = a / ".spotstart" / "index.json"
+    index = json.loads(index_path.read_text())
+    bad = (a / "a.bin").read_bytes()[2 * MiB : 3 * MiB]
+    index["files"]["a.bin"]["crcs"][2] = f"{crc32c(bad):x}"
+    index_path.write_text(json.dumps(index))
     peer = serve(a)  # type: ignore[operator]
     report = fetch(URL, tmp_path / "b", _config([peer.address]))
     _check(tmp_path / "b", model)
     assert "fail the origin's checksum" in report.peers_dropped[peer.address]
-    assert report.refetched_chunks == 1
+    assert report.refetched_chunks == 1  # of the peer's chunks, only the lie differed
+    assert report.verified.get("crc32c") == 2
 
 
 def test_a_stalling_peer_is_left_for_the_origin(
@@ -301,7 +331,7 @@ def test_the_peer_server_names_no_paths_and_serves_nothing_outside_its_holdings(
     assert code == 200
     objects = json.loads(body)["objects"]
     assert sorted(o["size"] for o in objects) == sorted(len(v) for v in model.values())
-    assert all(set(o) == {"id", "size", "ranges", "complete"} for o in objects)
+    assert all(set(o) == {"id", "size", "ranges", "complete", "chunks"} for o in objects)
     assert str(a) not in body.decode() and "secret" not in body.decode()
     good = objects[0]["id"]
     for target in (
@@ -356,3 +386,82 @@ def test_the_guard_serves_its_weights_dir_to_peers_while_it_runs(
     assert "serving" in guard.text and "to peers on" in guard.text
     _check(tmp_path / "b", model)
     assert report.bytes_from_peers == sum(len(v) for v in model.values())
+
+
+def test_a_fetch_serving_its_dest_gives_the_chunks_it_has_while_it_runs(
+    model: dict[str, bytes], clean_cloud: StorageEmulator, tmp_path: Path
+) -> None:
+    from tests.guard.test_proxy import free_port
+
+    port = free_port()
+    # Node A: three of its ranged reads hang, so it sits mid-way, serving what it has.
+    clean_cloud.set_faults([FaultRule(kind="stall", count=3, ranged_only=True)])
+    a = spawn_cli(
+        [
+            "fetch",
+            URL + "a.bin",
+            str(tmp_path / "a"),
+            "--concurrency",
+            "4",
+            "--chunk-size",
+            "1MiB",
+            "--stall-timeout",
+            "60",
+            "--serve-peers",
+            f"127.0.0.1:{port}",
+            "--json",
+        ],
+        env=dict(os.environ),
+    )
+    try:
+        journals = tmp_path / "a" / ".spotstart" / "parts"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if sum(len(p.read_text().splitlines()) - 1 for p in journals.glob("*.journal")) >= 2:
+                break
+            time.sleep(0.1)
+        clean_cloud.set_faults([])
+        # Found by name, as a headless Service is: localhost's A record.
+        report = fetch(URL, tmp_path / "b", _config([f"dns:localhost:{port}"]))
+    finally:
+        a.send_signal(signal.SIGKILL)
+        a.communicate(timeout=10)
+    _check(tmp_path / "b", model)
+    assert 0 < report.bytes_from_peers < len(model["peer/a.bin"])
+    assert not report.peers_dropped
+
+
+def test_peers_come_from_the_environment_and_leave_ourselves_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import asyncio
+
+    from spotstart.errors import UsageError
+    from spotstart.fetch.peers import PeerSet, parse_inventory
+
+    monkeypatch.setenv("SPOTSTART_PEERS", "10.0.0.7:8471, dns:localhost:8471,[::1]:9")
+    monkeypatch.setenv("SPOTSTART_PEER_TOKEN", "t0k")
+    spec = PeerSpec.parse(None, exclude=("127.0.0.1:8471",))
+    assert spec.entries == ("10.0.0.7:8471", "dns:localhost:8471", "[::1]:9")
+    assert spec.token == "t0k"
+    found = asyncio.run(PeerSet(spec).discover())
+    assert "10.0.0.7:8471" in found and "[::1]:9" in found
+    assert "127.0.0.1:8471" not in found  # localhost's own A record is ourselves here
+    for bad in ("nohost", "h:", "h:99999", "dns:name", ":80"):
+        with pytest.raises(UsageError):
+            PeerSpec.parse(bad)
+    good = "a" * 64
+    inv = {
+        "objects": [
+            {"id": good, "size": 10, "ranges": [[0, 5]]},
+            {"id": "../../etc/passwd", "size": 10, "ranges": [[0, 5]]},  # not an id
+            {"id": "b" * 64, "size": 10, "ranges": [[0, 50]]},  # past the size
+            {"id": "c" * 64, "size": 10, "ranges": [[5, 2]]},  # backwards
+            {"id": "d" * 64, "size": "x", "ranges": []},
+        ]
+    }
+    assert {k: v.ranges for k, v in parse_inventory(json.dumps(inv).encode()).items()} == {
+        good: ((0, 5),)
+    }
+    with pytest.raises(ValueError):
+        parse_inventory(b'{"objects": 3}')

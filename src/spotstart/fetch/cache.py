@@ -20,10 +20,18 @@ INDEX_NAME = "index.json"
 
 @dataclass(frozen=True)
 class CacheEntry:
+    """One finished file. ``chunk_bytes``, ``crc``, ``parts`` and ``crcs`` (hex, one per
+    chunk of the plan they define) are what peers publish of it: a reader with the same plan
+    checks each chunk from us on arrival."""
+
     source: str
     version: str
     size: int
     mtime_ns: int
+    chunk_bytes: int = 0
+    crc: str = ""
+    parts: tuple[int, ...] = ()
+    crcs: tuple[str, ...] = ()
 
 
 class CacheIndex:
@@ -36,8 +44,13 @@ class CacheIndex:
         self._saved_at = -1e9
         try:
             raw = json.loads(self.path.read_text())
-            self.entries = {k: CacheEntry(**v) for k, v in raw.get("files", {}).items()}
-        except (FileNotFoundError, json.JSONDecodeError, TypeError, ValueError):
+            self.entries = {
+                k: CacheEntry(
+                    **{**v, "parts": tuple(v.get("parts", ())), "crcs": tuple(v.get("crcs", ()))}
+                )
+                for k, v in raw.get("files", {}).items()
+            }
+        except (FileNotFoundError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
             self.entries = {}
 
     def is_current(self, rel: str, source: str, version: str, size: int, local: Path) -> bool:
@@ -50,8 +63,27 @@ class CacheIndex:
             return False
         return st.st_size == size and st.st_mtime_ns == entry.mtime_ns
 
-    def record(self, rel: str, source: str, version: str, size: int, local: Path) -> None:
-        entry = CacheEntry(source, version, size, local.stat().st_mtime_ns)
+    def record(
+        self,
+        rel: str,
+        source: str,
+        version: str,
+        size: int,
+        local: Path,
+        chunks: tuple[int, str, tuple[int, ...], tuple[int, ...]] | None = None,
+    ) -> None:
+        """``chunks``: (chunk_bytes, crc algorithm, parts, per-chunk CRCs in plan order)."""
+        chunk_bytes, crc, parts, crcs = chunks or (0, "", (), ())
+        entry = CacheEntry(
+            source,
+            version,
+            size,
+            local.stat().st_mtime_ns,
+            chunk_bytes,
+            crc,
+            parts,
+            tuple(f"{c:x}" for c in crcs),
+        )
         with self._lock:
             self.entries[rel] = entry
 

@@ -63,11 +63,12 @@ def read_journal(raw: bytes) -> tuple[JournalHeader | None, dict[int, int], int]
     if not lines:
         return None, {}, intact
     header = JournalHeader.from_json(lines[0])
+    width = 16 if header is not None and header.crc == "crc64nvme" else 8  # "%08x" of a CRC
     done: dict[int, int] = {}
     for line in lines[1:]:
         fields = line.split()
-        if len(fields) != 2 or len(fields[1]) != 8:
-            continue  # a line torn by a crash: that chunk is simply fetched again
+        if len(fields) != 2 or len(fields[1]) != width:
+            continue  # not a line we wrote: that chunk is simply fetched again
         try:
             done[int(fields[0])] = int(fields[1], 16)
         except ValueError:

@@ -51,6 +51,10 @@ class Holding:
     size: int
     ranges: tuple[tuple[int, int], ...]
     complete: bool
+    chunk_bytes: int = 0  # the plan its chunk CRCs are of (with crc and parts)
+    crc: str = ""
+    parts: tuple[int, ...] = ()
+    crcs: tuple[tuple[int, int], ...] = ()  # (chunk index, CRC) of chunks on disk
 
     def covers(self, start: int, end: int) -> bool:
         return any(lo <= start and end <= hi for lo, hi in self.ranges)
@@ -103,7 +107,17 @@ class PeerIndex:
             path = self.root / rel
             if e.size > 0 and _regular(path, e.size, e.mtime_ns):
                 oid = object_id(e.source, e.version, e.size)
-                table[oid] = Holding(path, e.size, ((0, e.size),), True)
+                crcs: tuple[tuple[int, int], ...] = ()
+                if e.chunk_bytes > 0:
+                    plan = planning.plan_chunks(
+                        e.size, e.chunk_bytes, planning.part_boundaries(e.parts)
+                    )
+                    with contextlib.suppress(ValueError):
+                        if len(plan) == len(e.crcs):
+                            crcs = tuple((i, int(c, 16)) for i, c in enumerate(e.crcs))
+                table[oid] = Holding(
+                    path, e.size, ((0, e.size),), True, e.chunk_bytes, e.crc, e.parts, crcs
+                )
         parts = self.root / STATE_DIR / PARTS_DIR
         try:
             journals = [p for p in parts.iterdir() if p.name.endswith(JOURNAL_SUFFIX)]
@@ -124,7 +138,16 @@ class PeerIndex:
                 header.size, header.chunk_bytes, planning.part_boundaries(header.parts)
             )
             got = [(c.start, c.start + c.length) for c in chunks if c.index in done]
-            table[oid] = Holding(part, header.size, _merge(got), False)
+            table[oid] = Holding(
+                part,
+                header.size,
+                _merge(got),
+                False,
+                header.chunk_bytes,
+                header.crc,
+                header.parts,
+                tuple(sorted((i, c) for i, c in done.items() if i < len(chunks))),
+            )
         return table
 
     def inventory(self) -> dict[str, object]:
@@ -136,6 +159,12 @@ class PeerIndex:
                     "size": h.size,
                     "ranges": [list(r) for r in h.ranges],
                     "complete": h.complete,
+                    "chunks": {
+                        "bytes": h.chunk_bytes,
+                        "crc": h.crc,
+                        "parts": list(h.parts),
+                        "crcs": {str(i): f"{c:x}" for i, c in h.crcs},
+                    },
                 }
                 for oid, h in sorted(self.table().items())
             ],

@@ -82,12 +82,31 @@ def _addr(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@dataclass(frozen=True)
+class PeerObject:
+    """What a peer says it holds of one object: byte ranges on its disk, and the CRCs of
+    its chunks under the plan ``(chunk_bytes, crc, parts)`` (from its journal or cache
+    index), for a reader with the same plan to check each chunk on arrival."""
+
+    ranges: tuple[tuple[int, int], ...]
+    chunk_bytes: int = 0
+    crc: str = ""
+    parts: tuple[int, ...] = ()
+    crcs: dict[int, int] = field(default_factory=dict)
+
+    def crc_of(self, chunk_bytes: int, crc: str, parts: tuple[int, ...], index: int) -> int | None:
+        """The published CRC of chunk ``index`` when the plans agree, else None."""
+        if (chunk_bytes, crc, parts) != (self.chunk_bytes, self.crc, self.parts):
+            return None
+        return self.crcs.get(index)
+
+
 @dataclass
 class Peer:
     """One peer as this fetch sees it: what it holds, how it has done."""
 
     address: str
-    holdings: dict[str, list[tuple[int, int]]] = field(default_factory=dict)
+    holdings: dict[str, PeerObject] = field(default_factory=dict)
     dropped: str | None = None  # why we stopped asking it
     busy_until: float = 0.0  # it answered 503: not before then
     in_flight: int = 0
@@ -102,26 +121,40 @@ class Peer:
         return self.bytes / self.seconds if self.seconds > 0 else 0.0
 
     def has(self, oid: str, start: int, end: int) -> bool:
-        return any(lo <= start and end <= hi for lo, hi in self.holdings.get(oid, ()))
+        obj = self.holdings.get(oid)
+        return obj is not None and any(lo <= start and end <= hi for lo, hi in obj.ranges)
 
 
-def parse_inventory(raw: bytes) -> dict[str, list[tuple[int, int]]]:
-    """``{id: [(start, end), ...]}`` from an inventory document; entries that break the
-    format (bad id, ranges out of order or past the size) are left out, not trusted."""
+def parse_inventory(raw: bytes) -> dict[str, PeerObject]:
+    """``{id: PeerObject}`` from an inventory document; entries that break the format (bad
+    id, ranges out of order or past the size) are left out, not trusted; chunk CRCs that do
+    not parse are dropped (the whole-object check still stands)."""
     doc = json.loads(raw)
-    out: dict[str, list[tuple[int, int]]] = {}
+    out: dict[str, PeerObject] = {}
     if not isinstance(doc, dict) or not isinstance(doc.get("objects"), list):
         raise ValueError("no objects list")
     for o in doc["objects"]:
         try:
             oid, size = o["id"], int(o["size"])
-            ranges = [(int(a), int(b)) for a, b in o["ranges"]]
+            ranges = tuple((int(a), int(b)) for a, b in o["ranges"])
         except (KeyError, TypeError, ValueError):
             continue
         if not isinstance(oid, str) or not ID_RE.match(oid):
             continue
-        if all(0 <= a < b <= size for a, b in ranges):
-            out[oid] = ranges
+        if not all(0 <= a < b <= size for a, b in ranges):
+            continue
+        try:
+            ch = o.get("chunks") or {}
+            obj = PeerObject(
+                ranges,
+                int(ch.get("bytes", 0)),
+                str(ch.get("crc", "")),
+                tuple(int(p) for p in ch.get("parts", ())),
+                {int(i): int(c, 16) for i, c in (ch.get("crcs") or {}).items()},
+            )
+        except (AttributeError, TypeError, ValueError):
+            obj = PeerObject(ranges)
+        out[oid] = obj
     return out
 
 

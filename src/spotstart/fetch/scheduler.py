@@ -713,6 +713,18 @@ class TransferScheduler:
         finally:
             peer.in_flight -= 1
             window.close()
+        obj = peer.holdings.get(oid)
+        published = (
+            obj.crc_of(f.chunk_bytes, f.crc_algorithm.name, tuple(f.info.parts), ch.index)
+            if obj is not None
+            else None
+        )
+        if published is not None and published != crc:
+            self.progress.on_bytes(-counted[0])
+            reason = f"chunk {ch.index} of {f.rel} does not match the CRC it published"
+            peers.drop(peer, reason)
+            self.progress.on_message(f"peer {peer.address} dropped: {reason}")
+            return None
         peer.bytes += ch.length
         peer.seconds += loop.time() - t0
         self.counters.bytes_from_peers += ch.length
@@ -941,7 +953,9 @@ def record_in(cache: CacheIndex, min_interval_s: float = 0.0) -> Callable[[Trans
 
     def done(f: TransferFile) -> None:
         assert f.local_path is not None, "only files on disk are cached"
-        cache.record(f.rel, f.display, f.info.version, f.info.size, f.local_path)
+        crcs = tuple(f.crcs.get(ch.index, 0) for ch in f.chunks)
+        plan = (f.chunk_bytes, f.crc_algorithm.name, tuple(f.info.parts), crcs)
+        cache.record(f.rel, f.display, f.info.version, f.info.size, f.local_path, plan)
         cache.save(min_interval_s=min_interval_s)
 
     return done
