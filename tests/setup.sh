@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 missing=()
 { command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null 2>&1 || missing+=(nginx-light)
-for tool in docker-registry skopeo umoci strace; do
+for tool in docker-registry skopeo umoci strace squashfuse; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
+command -v mksquashfs >/dev/null 2>&1 || missing+=(squashfs-tools)  # doctor's FUSE mount
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

@@ -21,7 +21,8 @@
     |                                           media type, schema 1, encrypted layers
     +-- BudgetExceeded                  exit 14 `image audit` gate: waste over --max-waste-*
     +-- NotReady                        exit 15 `image profile`: the server exited or timed out
-                                                before it was ready
+    |                                           before it was ready
+    +-- NodeUnfit                       exit 16 `doctor`: a blocking problem on this node
 
 Messages name the object, the cause and the fix, on one line.
 """
@@ -158,6 +159,12 @@ class NotReady(SpotstartError):
     exit_code = 15
 
 
+class NodeUnfit(SpotstartError):
+    """`doctor` found a blocking problem on this node (a ``fail`` verdict)."""
+
+    exit_code = 16
+
+
 EXIT_CODES: dict[str, int] = {
     "ok": 0,
     "error": SpotstartError.exit_code,
@@ -175,5 +182,6 @@ EXIT_CODES: dict[str, int] = {
     "unsupported_image": UnsupportedImage.exit_code,
     "budget_exceeded": BudgetExceeded.exit_code,
     "not_ready": NotReady.exit_code,
+    "node_unfit": NodeUnfit.exit_code,
     "interrupted": 130,
 }

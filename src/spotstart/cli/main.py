@@ -11,6 +11,7 @@ from rich.markup import escape
 from spotstart import __version__
 from spotstart.cli import (
     demo,
+    doctor_cmd,
     emulate_cmd,
     fetch_cmd,
     guard_cmd,
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     emulate_cmd.add_parser(sub)
     peers_cmd.add_parser(sub)
+    doctor_cmd.add_parser(sub)
     return parser
 
 
