@@ -11,7 +11,7 @@ from typing import Protocol, TypeVar
 
 from rich.console import Console
 
-from spotstart import units
+from spotstart import events, units
 from spotstart.cli.peers_cmd import add_token_flag, token_from_args
 from spotstart.cli.progress import LineProgress, RichProgress
 from spotstart.errors import SpotstartError, UsageError
@@ -93,6 +93,12 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
         "(recv_into a reused buffer on threads; an escape hatch: it costs ~2x the CPU)",
     )
     p.add_argument(
+        "--events",
+        metavar="FILE",
+        help="append phase events (JSON lines) for `spotstart timeline`; - for stderr "
+        "(default: $SPOTSTART_EVENTS)",
+    )
+    p.add_argument(
         "--metrics-textfile",
         metavar="FILE.prom",
         help="write this run's metrics for node-exporter's textfile collector (atomically)",
@@ -149,6 +155,8 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> FetchConfig:
+    if args.events is not None:
+        events.configure(args.events)
     if args.concurrency is not None and args.concurrency < 1:
         raise UsageError("--concurrency must be >= 1")
     if args.retries < 1:

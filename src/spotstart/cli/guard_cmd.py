@@ -67,6 +67,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="where clients and probes connect, e.g. 0.0.0.0:8080 in a pod (port 0: any free)",
     )
     p.add_argument(
+        "--events",
+        metavar="FILE",
+        help="append phase events (server start, drain) for `spotstart timeline`; - for "
+        "stderr (default: $SPOTSTART_EVENTS)",
+    )
+    p.add_argument(
         "--serve-peers",
         metavar="DIR:HOST:PORT",
         help="also serve what DIR holds to other nodes' fetches (as `spotstart serve-peers`), "
@@ -302,6 +308,10 @@ async def _peer_server(root: Path, host: str, port: int) -> PeerServer:
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if args.events is not None:
+        from spotstart import events
+
+        events.configure(args.events)
     args.peer_serving = parse_serve_peers(args.serve_peers) if args.serve_peers else None
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("spotstart guard: %(levelname)s %(message)s"))

@@ -20,6 +20,7 @@ from spotstart.cli import (
     load_cmd,
     peers_cmd,
     plan_cmd,
+    timeline_cmd,
 )
 from spotstart.errors import EXIT_CODES, SpotstartError
 
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     emulate_cmd.add_parser(sub)
     peers_cmd.add_parser(sub)
     doctor_cmd.add_parser(sub)
+    timeline_cmd.add_parser(sub)
     return parser
 
 

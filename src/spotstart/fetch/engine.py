@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from spotstart import events
 from spotstart.errors import (
     DiskFull,
     EndpointUnreachable,
@@ -101,11 +102,20 @@ class Fetcher:
                 await server.start(host, port)
             except OSError as exc:
                 raise UsageError(f"--serve-peers {self.config.serve_peers}: {exc}") from exc
+        started = time.time()
         try:
             report = await self._run()
         finally:
             if server is not None:
                 await server.close()
+        events.record(
+            "fetch",
+            started,
+            time.time(),
+            bytes=report.bytes_transferred,
+            detail=f"{report.source}: {report.files_fetched} files, "
+            f"{report.bytes_from_peers} bytes from peers",
+        )
         if server is not None:
             report = dataclasses.replace(report, bytes_served_to_peers=server.bytes_served)
         return report

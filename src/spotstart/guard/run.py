@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
+from spotstart import events
 from spotstart.guard.drain import Clock, Command, DrainConfig, DrainController
 from spotstart.guard.kube import PodRef, mark_pod, notice_patch
 from spotstart.guard.metrics import GuardMetrics
@@ -77,6 +78,8 @@ class _Guard:
         self.own_pids: set[int] = set()  # children we wait for ourselves (server, hooks)
         self.signals_seen = 0
         self.background: set[asyncio.Task[None]] = set()
+        self.started_wall = time.time()
+        self.notice_wall: float | None = None
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -87,6 +90,8 @@ class _Guard:
         m.notices.labels(notice.source, notice.kind.value, decision.action).inc()
         now = self.clock()
         if decision.action == "drain":
+            if self.notice_wall is None:
+                self.notice_wall = time.time()
             m.notice_to_unready.observe(decision.unready_after_s)
             log.warning(
                 "%s notice from %s: unready now; in-flight requests may run %.1fs, "
@@ -229,6 +234,8 @@ class _Guard:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.on_signal, sig)
         tasks = [asyncio.create_task(self._watch(w)) for w in self.watchers]
+        if events.destination() is not None:
+            tasks.append(asyncio.create_task(self._record_ready()))
         reap: asyncio.Task[None] | None = None
         try:
             if self.supervisor is not None:
@@ -259,6 +266,13 @@ class _Guard:
                     task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         c = self.controller.counters
+        if self.notice_wall is not None:
+            events.record(
+                "drain",
+                self.notice_wall,
+                time.time(),
+                detail=f"{c.drained} drained, {c.rejected} rejected, {c.dropped} dropped",
+            )
         log.info(
             "guard done: %d accepted, %d drained, %d rejected, %d dropped, %d failed; exit %d",
             c.accepted,
@@ -269,6 +283,13 @@ class _Guard:
             self.controller.exit_code,
         )
         return self.controller.exit_code
+
+    async def _record_ready(self) -> None:
+        """A phase event from the guard's start to the server's first healthy answer."""
+        # The proxy's health loop sets the state without an event of its own: poll it.
+        while not self.controller.ready:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        events.record("server-start", self.started_wall, time.time(), detail="until healthy")
 
     async def _loop(self) -> None:
         while True:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin, urlsplit
 
+from spotstart import events
 from spotstart.errors import InvalidCheckpoint, NotFound, UsageError
 from spotstart.fetch import FetchConfig, NullProgress, ProgressListener, layout
 from spotstart.fetch.cache import CacheIndex
@@ -370,7 +371,7 @@ class Loader:
         self.progress = progress or NullProgress()
 
     async def run(self) -> tuple[dict[str, torch.Tensor], LoadReport]:
-        t0 = time.monotonic()
+        t0, started = time.monotonic(), time.time()
         cfg = self.config
         source = source_for(self.url, cfg)
         scheduler = TransferScheduler(source, self.url, cfg, self.progress)
@@ -382,6 +383,13 @@ class Loader:
         finally:
             scheduler.close()
             await source.close()
+        events.record(
+            "load",
+            started,
+            time.time(),
+            bytes=report.bytes_transferred,
+            detail=f"{report.source}: {report.tensors} tensors to {report.device}",
+        )
         return tensors, report
 
     async def _resolve(

@@ -1,0 +1,72 @@
+"""Phase events: one small schema that fetch, load and guard emit, and `spotstart timeline`
+reads beside what Kubernetes and the server's log record.
+
+One JSON object a line::
+
+    {"v": 1, "phase": "fetch", "start": 1764590000.12, "end": 1764590042.9,
+     "bytes": 16000000000, "host": "gke-a100-7f2c", "pod": "llm-spot-5d9c-x2", "detail": "..."}
+
+``start``/``end`` are unix seconds. Written where ``--events FILE`` or ``SPOTSTART_EVENTS``
+says (``-`` for stderr), appended with O_APPEND in one write a line, so several processes of
+one pod may share a file. Nothing is written when neither is set."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import sys
+from typing import Any
+
+ENV = "SPOTSTART_EVENTS"
+VERSION = 1
+
+_target: str | None = None  # set by a CLI flag; else the environment decides
+
+
+def configure(target: str | None) -> None:
+    """Where this process writes (a path, ``-`` for stderr, None: ``$SPOTSTART_EVENTS``)."""
+    global _target
+    _target = target
+
+
+def destination() -> str | None:
+    return _target if _target is not None else (os.environ.get(ENV) or None)
+
+
+def record(
+    phase: str,
+    start: float,
+    end: float,
+    *,
+    bytes: int | None = None,
+    detail: str = "",
+) -> dict[str, Any] | None:
+    """Write one phase event (and return it); None when events are off. Never raises: a
+    timeline is worth less than the fetch it describes."""
+    where = destination()
+    if where is None:
+        return None
+    event: dict[str, Any] = {
+        "v": VERSION,
+        "phase": phase,
+        "start": round(start, 6),
+        "end": round(end, 6),
+        "bytes": bytes,
+        "host": socket.gethostname(),
+        "pod": os.environ.get("POD_NAME", ""),
+        "detail": detail,
+    }
+    line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
+    with contextlib.suppress(OSError):
+        if where == "-":
+            sys.stderr.buffer.write(line)
+            sys.stderr.flush()
+        else:
+            fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, line)
+            finally:
+                os.close(fd)
+    return event
