@@ -80,6 +80,7 @@ class _Guard:
         self.background: set[asyncio.Task[None]] = set()
         self.started_wall = time.time()
         self.notice_wall: float | None = None
+        self.ready_recorded = False
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -234,8 +235,6 @@ class _Guard:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.on_signal, sig)
         tasks = [asyncio.create_task(self._watch(w)) for w in self.watchers]
-        if events.destination() is not None:
-            tasks.append(asyncio.create_task(self._record_ready()))
         reap: asyncio.Task[None] | None = None
         try:
             if self.supervisor is not None:
@@ -284,16 +283,14 @@ class _Guard:
         )
         return self.controller.exit_code
 
-    async def _record_ready(self) -> None:
-        """A phase event from the guard's start to the server's first healthy answer."""
-        # The proxy's health loop sets the state without an event of its own: poll it.
-        while not self.controller.ready:  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
-        events.record("server-start", self.started_wall, time.time(), detail="until healthy")
-
     async def _loop(self) -> None:
         while True:
             self.changed.clear()
+            if not self.ready_recorded and self.controller.ready:  # health changes wake us
+                self.ready_recorded = True
+                events.record(
+                    "server-start", self.started_wall, time.time(), detail="until healthy"
+                )
             for command in self.controller.tick():
                 if command is Command.CANCEL_IN_FLIGHT:
                     n = self.controller.counters.in_flight
