@@ -357,7 +357,12 @@ def chrome_trace(phases: list[Phase]) -> dict[str, Any]:
 
 
 def write_png(phases: list[Phase], path: Path, title: str = "") -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise UsageError(
+            "the PNG needs matplotlib: pip install 'spotstart[plan]' (HTML and trace need none)"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -446,8 +451,8 @@ def write_all(phases: list[Phase], out: Path, title: str = "") -> dict[str, Path
         "trace": out / "timeline.trace.json",
         "json": out / "timeline.json",
     }
-    write_png(phases, paths["png"], title)
     paths["html"].write_text(html(phases, title))
     paths["trace"].write_text(json.dumps(chrome_trace(phases)))
     paths["json"].write_text(json.dumps(summary(phases), indent=1))
+    write_png(phases, paths["png"], title)  # last: the one that needs matplotlib
     return paths
