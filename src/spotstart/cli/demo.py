@@ -1,8 +1,11 @@
 """`spotstart demo`: the main job end to end on embedded local defaults, no cloud account.
 
-Starts the emulated cloud (real S3 and GCS servers behind a link emulator with the talk's
-50 MB/s per connection), puts a model-shaped checkpoint in it, fetches it once as a single
-stream would (the talk's `gsutil cp`) and once with spotstart, then again to show the cache."""
+Act 1: starts the emulated cloud (real S3 and GCS servers behind a link emulator with the
+talk's 50 MB/s per connection), puts a model-shaped checkpoint in it, fetches it once as a
+single stream would (the talk's `gsutil cp`) and once with spotstart, then again to show the
+cache, and loads it into tensors. Act 2 (:mod:`spotstart.cli.story`, needs torch): a real
+server cold-started behind guard, serving, preempted, drained with no request lost, replaced
+from a peer; the phase timeline and what the cold start is worth on a spot trace."""
 
 from __future__ import annotations
 
@@ -48,6 +51,16 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         action="store_true",
         help="skip the single-stream run (estimate it instead)",
     )
+    p.add_argument(
+        "--no-story",
+        action="store_true",
+        help="stop after the fetch and load (skip the server, preemption and replacement)",
+    )
+    p.add_argument("--small", action="store_true", help="a tiny model for the story (tests)")
+    p.add_argument(
+        "--serve-seconds", type=float, default=8.0, help="load before the preemption (8)"
+    )
+    p.add_argument("--json", action="store_true", help="a JSON summary on stdout at the end")
     p.set_defaults(run=run)
 
 
@@ -64,8 +77,9 @@ def run(args: argparse.Namespace) -> int:
     from spotstart.emulate.link import LinkConfig
     from spotstart.emulate.storage import StorageEmulator, StorageEmulatorOptions
 
-    console = Console()
+    console = Console(stderr=True) if args.json else Console()
     err = Console(stderr=True)
+    story: dict[str, object] = {}
     work = args.workdir or Path(tempfile.mkdtemp(prefix="spotstart-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     src_dir = work / "checkpoint"
@@ -129,6 +143,8 @@ def run(args: argparse.Namespace) -> int:
         rows.append(("again (cached)", time.monotonic() - t, 0.0))
         load_note = _demo_load(console, err, url, base, rows)
         stats = emu.stats()
+        if not args.no_story:
+            story = _story(console, work, emu, args)
 
     table = Table(
         title=f"{total / 1e6:.0f} MB through a {args.per_conn_mbps:g} MB/s-per-"
@@ -149,10 +165,62 @@ def run(args: argparse.Namespace) -> int:
         f"link carried {stats.get('body_bytes_down', 0) / 1e6:.0f} MB of bodies in all"
     )
     console.print(load_note)
+    if story:
+        _print_story(console, story)
     console.print(f"data kept in {work}" if args.workdir else "")
+    if args.json:
+        import json
+        import sys
+
+        doc = {
+            "fetch": [{"run": n, "seconds": round(s, 3), "mb_per_s": r} for n, s, r in rows],
+            "story": story,
+        }
+        json.dump(doc, sys.stdout)
+        sys.stdout.write("\n")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
-    return 0
+    lost = story.get("requests_lost", 0) if story else 0
+    return 1 if lost else 0
+
+
+def _story(
+    console: Console, work: Path, emu: object, args: argparse.Namespace
+) -> dict[str, object]:
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("safetensors") is None:
+        console.print(
+            "(the server, preemption and replacement need torch: pip install torch==2.13.0 "
+            "-e '.[demo]')"
+        )
+        return {}
+    from spotstart.cli.story import run_story
+
+    console.rule("[bold]the cold start, served, preempted and replaced")
+    return run_story(console, work, emu, args.small, args.serve_seconds)
+
+
+def _print_story(console: Console, s: dict[str, object]) -> None:
+    console.rule("[bold]what happened")
+    console.print(
+        f"requests served {s['requests_served']} ({s['requests_streamed']} streamed; by replica "
+        f"{s['served_by']}), lost {s['requests_lost']}; answered 503 while draining or "
+        f"loading and retried on the other replica: {s['rejected_503_retried']}"
+    )
+    console.print(
+        f"same tokens from the replacement: {s['same_tokens_after_replacement']}; "
+        f"exit codes A {s['replica_a_exit']}, B {s['replica_b_exit']}"
+    )
+    table = Table(title="phases (spotstart events)")
+    for col in ("replica", "phase", "seconds", "detail"):
+        table.add_column(col)
+    for p in s["phases"]:  # type: ignore[attr-defined]
+        table.add_row(p["pod"], p["phase"], f"{p['seconds']:.2f}", p["detail"][:60])
+    console.print(table)
+    files = s["timeline"]
+    console.print(f"timeline: {files['png']}, {files['html']}, {files['trace']} (Perfetto)")  # type: ignore[index]
+    console.print(str(s["plan"]))
 
 
 def _demo_load(

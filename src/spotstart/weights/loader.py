@@ -34,7 +34,7 @@ from spotstart.fetch.scheduler import (
 )
 from spotstart.fetch.target import DiskTarget, FileTarget, Window
 from spotstart.fetch.verify import CrcAlgorithm
-from spotstart.store import ObjectInfo, parse_url
+from spotstart.store import ObjectInfo, SinkError, parse_url
 from spotstart.weights import format as fmt
 from spotstart.weights import tp as tp_plan
 
@@ -139,6 +139,29 @@ def parse_device(device: str) -> torch.device:
     return dev  # type: ignore[no-any-return]
 
 
+class TeeWindow(Window):
+    """A tensor window whose landed bytes are also written, from the tensor memory, to the
+    write-through cache's part file at the same offset (once the chunk is complete, on the
+    reader's thread, before its CRC is handed back: the chunk counts as done only then)."""
+
+    def __init__(self, fd: int, offset: int, *segments: memoryview) -> None:
+        super().__init__(*segments)
+        self.fd, self.offset = fd, offset
+
+    def crc(self, algorithm: CrcAlgorithm) -> int:
+        crc = super().crc(algorithm)
+        at = self.offset
+        try:
+            for seg in self.segments:
+                data = seg
+                while data:
+                    n = os.pwrite(self.fd, data, at)
+                    data, at = data[n:], at + n
+        except OSError as exc:
+            raise SinkError(exc) from exc
+        return crc
+
+
 class ShardTarget:
     """A shard's bytes in memory: the data region lands in one flat uint8 buffer (pinned
     host memory staged to the GPU when the device is CUDA); the header bytes are skipped. A
@@ -204,16 +227,20 @@ class ShardTarget:
         self, offset: int, length: int, algorithm: CrcAlgorithm, *, reread: bool = False
     ) -> Window | None:
         """The tensor memory for ``[offset, offset+length)`` of the file, for the direct
-        reader to receive into (CPU, no write-through copy, inside the data region only: the
-        header bytes are not tensor memory)."""
+        reader (and peers) to receive into (CPU only): header bytes land in a scratch segment;
+        with a write-through cache the landed chunk is then written to the cache's part file
+        from the tensor memory (:class:`TeeWindow`)."""
         start = self.header.data_start
-        if self._view is None or self.disk is not None or length <= 0:
+        if self._view is None or length <= 0:
             return None
         skip = min(length, max(0, start - offset))  # header bytes: a scratch segment
         lo = max(offset, start) - start
         tensors = memoryview(self._view)[lo : offset + length - start] if length > skip else None
         segments = [memoryview(bytearray(skip))] if skip else []
-        return Window(*segments, *([tensors] if tensors is not None else []))
+        parts = [*segments, *([tensors] if tensors is not None else [])]
+        if self.disk is not None:
+            return TeeWindow(self.disk.part.fd, offset, *parts)
+        return Window(*parts)
 
     def read(self, offset: int, length: int) -> bytes:
         if self.disk is not None:
@@ -388,7 +415,8 @@ class Loader:
             started,
             time.time(),
             bytes=report.bytes_transferred,
-            detail=f"{report.source}: {report.tensors} tensors to {report.device}",
+            detail=f"{report.source}: {report.tensors} tensors to {report.device}, "
+            f"{report.bytes_from_peers / 1e6:.0f} MB from peers",
         )
         return tensors, report
 
