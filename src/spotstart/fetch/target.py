@@ -251,6 +251,11 @@ class DiskTarget:
         return self.part.open()
 
     @property
+    def fd(self) -> int:
+        """The open part file's descriptor (a write-through copy lands through it)."""
+        return self.part.fd
+
+    @property
     def is_open(self) -> bool:
         return self.part.fd >= 0
 

@@ -239,7 +239,7 @@ class ShardTarget:
         segments = [memoryview(bytearray(skip))] if skip else []
         parts = [*segments, *([tensors] if tensors is not None else [])]
         if self.disk is not None:
-            return TeeWindow(self.disk.part.fd, offset, *parts)
+            return TeeWindow(self.disk.fd, offset, *parts)
         return Window(*parts)
 
     def read(self, offset: int, length: int) -> bytes:
