@@ -565,12 +565,31 @@ class TransferScheduler:
         )
 
     async def _read_direct(self, f: TransferFile, ch: planning.Chunk, window: Window) -> int:
-        """One chunk by the direct reader on the scheduler's threads; returns its CRC and
-        the bytes the progress counted (rolled back by the caller on a failure)."""
+        """One chunk from the origin by the direct reader; returns its CRC."""
         source = cast(DirectRangeSource, self.source)
         req = await source.range_request(f.info, ch.start, ch.length)
+        t0 = asyncio.get_running_loop().time()
+        crc = await self._land(self._reader(), req, f, ch, window)
+        self.counters.direct_chunks += 1
+        if self.peers is not None and ch.length >= (1 << 20):
+            rate = ch.length / max(1e-6, asyncio.get_running_loop().time() - t0)
+            old = self.peers.origin_rate
+            self.peers.origin_rate = rate if not old else 0.8 * old + 0.2 * rate
+        return crc
+
+    async def _land(
+        self,
+        reader: DirectReader,
+        req: RangeRequest,
+        f: TransferFile,
+        ch: planning.Chunk,
+        window: Window,
+    ) -> int:
+        """``req`` read by ``reader`` on the scheduler's threads into ``window``; its CRC.
+        Progress counted as bytes arrive is rolled back on any failure; a local write
+        failure comes out as our LocalIOError, anything else as the reader raised it."""
         loop = asyncio.get_running_loop()
-        reader, threads = self._reader(), self._threads()  # made here, on the loop: once
+        threads = self._threads()  # made here, on the loop: once
         counted = [0]
 
         def arrived(n: int) -> None:  # a worker thread: hand the count to the loop
@@ -580,15 +599,8 @@ class TransferScheduler:
             reader.read_into(req, ch.start, ch.length, f.info.size, window, arrived)
             return window.crc(f.crc_algorithm)
 
-        t0 = loop.time()
         try:
-            crc = await loop.run_in_executor(threads, work)
-            self.counters.direct_chunks += 1
-            if self.peers is not None and ch.length >= (1 << 20):
-                rate = ch.length / max(1e-6, loop.time() - t0)
-                old = self.peers.origin_rate
-                self.peers.origin_rate = rate if not old else 0.8 * old + 0.2 * rate
-            return crc
+            return await loop.run_in_executor(threads, work)
         except SinkError as exc:
             self.progress.on_bytes(-counted[0])
             raise local_error(f.local_path or Path(f.rel), exc.cause, "writing") from exc
@@ -685,25 +697,11 @@ class TransferScheduler:
             peer.base + OBJECTS_PATH + oid, peers.headers(), what=f"peer {peer.address}"
         )
         loop = asyncio.get_running_loop()
-        reader, threads = self._peer_reader, self._threads()
-        counted = [0]
-
-        def arrived(n: int) -> None:
-            loop.call_soon_threadsafe(self._count, f, n, counted)
-
-        def work() -> int:
-            reader.read_into(req, ch.start, ch.length, f.info.size, window, arrived)
-            return window.crc(f.crc_algorithm)
-
         peer.in_flight += 1
         t0 = loop.time()
         try:
-            crc = await loop.run_in_executor(threads, work)
-        except SinkError as exc:
-            self.progress.on_bytes(-counted[0])
-            raise local_error(f.local_path or Path(f.rel), exc.cause, "writing") from exc
+            crc = await self._land(self._peer_reader, req, f, ch, window)
         except (TransientError, EndpointUnreachable, ProtocolError, DirectUnsupported) as exc:
-            self.progress.on_bytes(-counted[0])
             if isinstance(exc, TransientError) and exc.throttled:
                 peers.busy(peer, 1.0)
             else:
@@ -720,7 +718,7 @@ class TransferScheduler:
             else None
         )
         if published is not None and published != crc:
-            self.progress.on_bytes(-counted[0])
+            self.progress.on_bytes(-ch.length)  # all of it arrived, and counted: roll it back
             reason = f"chunk {ch.index} of {f.rel} does not match the CRC it published"
             peers.drop(peer, reason)
             self.progress.on_message(f"peer {peer.address} dropped: {reason}")

@@ -149,7 +149,8 @@ def _landing_buffer() -> memoryview:
     return cast(memoryview, buf)
 
 
-def _pwrite_all(fd: int, data: memoryview, at: int) -> None:
+def pwrite_all(fd: int, data: memoryview, at: int) -> None:
+    """All of ``data`` at offset ``at`` (pwrite may write less than asked)."""
     while data:
         n = os.pwrite(fd, data, at)
         data, at = data[n:], at + n
@@ -210,18 +211,18 @@ class FileWindow(Window):
         lo = -(-at // ALIGN) * ALIGN  # the whole blocks inside [at, at + len)
         hi = (at + len(data)) // ALIGN * ALIGN
         if self._direct is None or hi <= lo:
-            _pwrite_all(fd, data, at)
+            pwrite_all(fd, data, at)
             return
         try:
-            _pwrite_all(self._direct, data[lo - at : hi - at], lo)
+            pwrite_all(self._direct, data[lo - at : hi - at], lo)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
             self.part.refuse_direct()  # the device wants more alignment: the page cache
             self._direct = None
-            _pwrite_all(fd, data[lo - at : hi - at], lo)
-        _pwrite_all(fd, data[: lo - at], at)
-        _pwrite_all(fd, data[hi - at :], hi)
+            pwrite_all(fd, data[lo - at : hi - at], lo)
+        pwrite_all(fd, data[: lo - at], at)
+        pwrite_all(fd, data[hi - at :], hi)
 
     def crc(self, algorithm: CrcAlgorithm) -> int:
         assert algorithm is self.algorithm and self._written == self.length

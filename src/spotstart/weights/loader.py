@@ -32,7 +32,7 @@ from spotstart.fetch.scheduler import (
     record_in,
     source_for,
 )
-from spotstart.fetch.target import DiskTarget, FileTarget, Window
+from spotstart.fetch.target import DiskTarget, FileTarget, Window, pwrite_all
 from spotstart.fetch.verify import CrcAlgorithm
 from spotstart.store import ObjectInfo, SinkError, parse_url
 from spotstart.weights import format as fmt
@@ -153,10 +153,8 @@ class TeeWindow(Window):
         at = self.offset
         try:
             for seg in self.segments:
-                data = seg
-                while data:
-                    n = os.pwrite(self.fd, data, at)
-                    data, at = data[n:], at + n
+                pwrite_all(self.fd, seg, at)
+                at += seg.nbytes
         except OSError as exc:
             raise SinkError(exc) from exc
         return crc
