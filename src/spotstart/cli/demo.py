@@ -165,6 +165,14 @@ def run(args: argparse.Namespace) -> int:
         f"link carried {stats.get('body_bytes_down', 0) / 1e6:.0f} MB of bodies in all"
     )
     console.print(load_note)
+    if story and not args.workdir:
+        # the work dir (GBs of checkpoints and cloud data) goes; the pictures stay, here
+        kept = Path("spotstart-demo-timeline").resolve()
+        shutil.rmtree(kept, ignore_errors=True)
+        shutil.move(str(work / "timeline"), kept)
+        files = story["timeline"]
+        assert isinstance(files, dict)
+        story["timeline"] = {k: str(kept / Path(v).name) for k, v in files.items()}
     if story:
         _print_story(console, story)
     console.print(f"data kept in {work}" if args.workdir else "")
