@@ -38,3 +38,12 @@ def parse_size(text: str) -> int:
         raise ValueError(f"{text!r}: not a size (examples: 8M, 16MiB, 1G, 4194304)")
     scale = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[v6]:PORT``) as ``(host, port)``; the host may be empty (``:8080``),
+    the caller decides what that means. Raises ``ValueError`` for anything else."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r}: expected HOST:PORT")
+    return host.strip("[]"), int(port)

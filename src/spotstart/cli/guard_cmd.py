@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 from spotstart.errors import UsageError
 from spotstart.fetch.peer_server import PeerServer, split_listen
 from spotstart.fetch.peers import TOKEN_ENV
+from spotstart.units import parse_host_port
 
 if TYPE_CHECKING:  # the proxy pulls in aiohttp.web and prometheus: only when guard runs
     from spotstart.guard.notice import NoticeWatcher
@@ -27,10 +28,13 @@ log = logging.getLogger("spotstart.guard")
 
 def parse_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[::1]:8080`` for IPv6); port 0 picks a free one (logged)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
+    try:
+        host, port = parse_host_port(text)
+    except ValueError:
+        host = ""
+    if not host:
         raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 0.0.0.0:8080")
-    return host.strip("[]"), int(port)
+    return host, port
 
 
 def parse_signal(text: str) -> signal.Signals:

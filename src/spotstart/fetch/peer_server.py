@@ -38,6 +38,7 @@ from spotstart.fetch.cache import CacheIndex
 from spotstart.fetch.journal import read_journal
 from spotstart.fetch.layout import JOURNAL_SUFFIX, PART_SUFFIX, PARTS_DIR, STATE_DIR, normalize
 from spotstart.fetch.peers import ID_RE, INVENTORY_PATH, OBJECTS_PATH, object_id
+from spotstart.units import parse_host_port
 
 PIECE = 1 << 20
 _RANGE = re.compile(r"^bytes=(\d{1,19})-(\d{0,19})$")
@@ -282,8 +283,8 @@ class PeerServer:
 
 def split_listen(text: str) -> tuple[str, int]:
     """``HOST:PORT`` (``[v6]:PORT``; port 0 picks one) for a listening socket."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise UsageError(f"{text!r}: expected HOST:PORT")
-    return host or "0.0.0.0", int(port)
+    try:
+        host, port = parse_host_port(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return host or "0.0.0.0", port

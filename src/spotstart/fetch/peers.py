@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from spotstart.errors import UsageError
+from spotstart.units import parse_host_port
 
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
 ENV = "SPOTSTART_PEERS"
@@ -71,11 +72,13 @@ class PeerSpec:
 def _split_entry(entry: str) -> tuple[str, str, int]:
     """``(kind, host, port)`` of a peer entry; kind "dns" or "addr"."""
     kind, rest = ("dns", entry[4:]) if entry.startswith("dns:") else ("addr", entry)
-    host, sep, port = rest.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    try:
+        host, port = parse_host_port(rest)
+    except ValueError:
+        host, port = "", 0
+    if not host or port == 0:
         raise UsageError(f"peer {entry!r}: expected HOST:PORT or dns:NAME:PORT")
-    return kind, host, int(port)
+    return kind, host, port
 
 
 def _addr(host: str, port: int) -> str:
