@@ -70,43 +70,32 @@ def main() -> int:
             env = {**os.environ, **env_for_gcs(emu.info)}
             base = emu.info["gcs"]["endpoint"]
             media = f"{base}/download/storage/v1/b/{BUCKET}/o/{KEY.replace('/', '%2F')}?alt=media"
+
+            def spotstart(*flags: str) -> list[str]:
+                return [
+                    sys.executable,
+                    "-m",
+                    "spotstart",
+                    "fetch",
+                    f"gs://{BUCKET}/{KEY}",
+                    "DEST",
+                    "--json",
+                    *flags,
+                    "--concurrency",
+                    str(args.streams),
+                ]
+
             candidates = {
                 "curl x16 to /dev/null (ceiling)": None,
-                "spotstart fetch --no-direct-reads (aiohttp -> bytes -> pwritev)": [
-                    sys.executable,
-                    "-m",
-                    "spotstart",
-                    "fetch",
-                    f"gs://{BUCKET}/{KEY}",
-                    "DEST",
-                    "--json",
-                    "--no-direct-reads",
-                    "--concurrency",
-                    str(args.streams),
-                ],
-                "spotstart fetch (direct reader: recv_into a reused buffer, O_DIRECT writes)": [
-                    sys.executable,
-                    "-m",
-                    "spotstart",
-                    "fetch",
-                    f"gs://{BUCKET}/{KEY}",
-                    "DEST",
-                    "--json",
-                    "--concurrency",
-                    str(args.streams),
-                ],
-                "spotstart fetch --page-cache (direct reader, buffered pwrite)": [
-                    sys.executable,
-                    "-m",
-                    "spotstart",
-                    "fetch",
-                    f"gs://{BUCKET}/{KEY}",
-                    "DEST",
-                    "--json",
-                    "--page-cache",
-                    "--concurrency",
-                    str(args.streams),
-                ],
+                "spotstart fetch --no-direct-reads (aiohttp -> bytes -> pwritev)": spotstart(
+                    "--no-direct-reads"
+                ),
+                "spotstart fetch (direct reader: recv_into a reused buffer, O_DIRECT writes)": (
+                    spotstart()
+                ),
+                "spotstart fetch --page-cache (direct reader, buffered pwrite)": spotstart(
+                    "--page-cache"
+                ),
                 "recv_into buffer + pwrite (prototype)": [
                     sys.executable,
                     str(WORKER),
