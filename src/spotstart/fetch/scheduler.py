@@ -823,38 +823,42 @@ class TransferScheduler:
         self.progress.on_message(
             f"{f.rel}: {detail}; {len(given)} chunks came from peers, fetching them from the origin"
         )
-        by_index = {ch.index: ch for ch in f.chunks}
-        sem = asyncio.Semaphore(max(1, self.controller.target))
 
-        async def one(index: int, peer: str, peer_crc: int) -> None:
-            async with sem:
-                crc = await self._fetch_chunk(f, by_index[index])
-            if crc != peer_crc:
-                self.counters.refetched_chunks += 1
-                bad = self.peers.peers.get(peer) if self.peers is not None else None
-                if bad is not None and bad.dropped is None:
-                    self.peers.drop(bad, "served bytes that fail the origin's checksum")  # type: ignore[union-attr]
-                    self.progress.on_message(
-                        f"peer {peer} dropped: its bytes of {f.rel} fail the origin's checksum"
-                    )
-            f.crcs[index] = crc
-            f.uncommitted[index] = crc
+        def lied(index: int) -> None:
+            peer = self.peers.peers.get(given[index][0]) if self.peers is not None else None
+            if self.peers is not None and peer is not None and peer.dropped is None:
+                self.peers.drop(peer, "served bytes that fail the origin's checksum")
+                self.progress.on_message(
+                    f"peer {peer.address} dropped: its bytes of {f.rel} fail the origin's checksum"
+                )
 
-        await asyncio.gather(*(one(i, p, c) for i, (p, c) in given.items()))
+        await self._refetch(f, [ch for ch in f.chunks if ch.index in given], lied)
 
     async def _refetch_all(self, f: TransferFile) -> None:
         """Fetch every chunk again; those whose CRC changed were the bad ones."""
+        await self._refetch(f, f.chunks)
+
+    async def _refetch(
+        self,
+        f: TransferFile,
+        chunks: list[planning.Chunk],
+        changed: Callable[[int], None] | None = None,
+    ) -> None:
+        """Fetch ``chunks`` again; one whose CRC differs from the one recorded was bad: it is
+        counted, ``changed(index)`` told, and the new CRC recorded."""
         sem = asyncio.Semaphore(max(1, self.controller.target))
 
         async def one(ch: planning.Chunk) -> None:
             async with sem:
                 crc = await self._fetch_chunk(f, ch)
-                if crc != f.crcs.get(ch.index):
-                    self.counters.refetched_chunks += 1
-                f.crcs[ch.index] = crc
-                f.uncommitted[ch.index] = crc
+            if crc != f.crcs.get(ch.index):
+                self.counters.refetched_chunks += 1
+                if changed is not None:
+                    changed(ch.index)
+            f.crcs[ch.index] = crc
+            f.uncommitted[ch.index] = crc
 
-        await asyncio.gather(*(one(ch) for ch in f.chunks))
+        await asyncio.gather(*(one(ch) for ch in chunks))
 
 
 def _hash_target(h: Any, target: FileTarget, start: int, length: int) -> None:
