@@ -194,7 +194,7 @@ async def test_a_notice_annotation_scales_on_demand_up_in_one_reconcile(
             }
         },
     )
-    await until(lambda: replicas(kmock, "ondemand") == 1)
+    await until(lambda: replicas(kmock, "ondemand") == 1 and c.reconciles > before)
     assert c.reconciles - before == 1  # the first reconcile after the notice did it
     # the replacement spot pod is asked for at the notice too, while the noticed pod drains
     assert replicas(kmock, "spot") == 3

@@ -337,14 +337,21 @@ class Controller:
         self.metrics.desired.labels(self.cfg.on_demand).set(d.on_demand_replicas)
 
     async def reconcile(self) -> Decision:
-        """One pass: observe, decide, write what differs."""
+        """One pass: observe, decide, write what differs (Events included).
+
+        ``reconciles`` counts passes that finished, so whoever waits on it sees their writes.
+        """
+        decision = await self._reconcile()
+        self.reconciles += 1
+        return decision
+
+    async def _reconcile(self) -> Decision:
         nodes = {
             str((raw.get("spec") or {}).get("nodeName") or "")
             for raw in self.informer.pods.values()
         }
         await self._zones({n for n in nodes if n})
         decision = self.decide()
-        self.reconciles += 1
         self.last_decision = decision
         wanted = (
             (self.cfg.spot, decision.spot_replicas),
