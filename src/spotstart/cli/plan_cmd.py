@@ -8,6 +8,7 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -54,6 +55,19 @@ def _common(p: argparse.ArgumentParser) -> None:
         "--policy", action="append", default=[], metavar="NAME", help="only these policies"
     )
     p.add_argument("--json", action="store_true", help="print JSON on stdout instead of a table")
+    p.add_argument(
+        "--no-optimal",
+        dest="optimal",
+        action="store_false",
+        help="skip the offline optimum (a MILP; up to --optimal-time-limit per trace)",
+    )
+    p.add_argument(
+        "--optimal-time-limit",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds HiGHS may search for the optimum; then its proven bound is shown (60)",
+    )
 
 
 def _fleet() -> None:
@@ -111,26 +125,85 @@ def run(args: argparse.Namespace) -> int:
     from spotstart.fleet import render, run_plan
 
     runs = run_plan(plan)
+    bound = None
+    if args.optimal:
+        from spotstart.fleet.sweep import plan_optimum
+
+        with _solving(args.json):
+            bound = plan_optimum(plan, time_limit_s=_limit(args))
 
     title = f"{plan.source}: {len(plan.spec.zones)} zones, {plan.capacity.shape[1]} ticks"
     if args.plot:
         render.write_bytes(args.plot, render.runs_figure_png(runs, title))
     if args.html:
-        render.write_bytes(args.html, render.html_report(runs, title))
+        render.write_bytes(args.html, render.html_report(runs, title, bound))
     if args.json:
-        json.dump(
-            {"config": plan.source, "runs": [r.summary() for r in runs]}, sys.stdout, indent=2
-        )
+        from spotstart.fleet.sweep import versus_optimum
+
+        doc: dict[str, Any] = {
+            "config": plan.source,
+            "runs": [
+                {**r.summary(), **(versus_optimum(r, bound) if bound is not None else {})}
+                for r in runs
+            ],
+        }
+        if bound is not None:
+            doc["optimal"] = bound.summary()
+        json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
-    table = Table(title=title)
-    rows = render.run_rows(runs)
+    table = Table(
+        title=title,
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        padding=(0, 1),
+    )
+    rows = render.run_rows(runs, bound)
     for key in rows[0]:
-        table.add_column(key, justify="left" if key == "policy" else "right")
+        table.add_column(
+            key,
+            justify="left" if key == "policy" else "right",
+            no_wrap=True,
+            min_width=max(len(row[key]) for row in rows),  # numbers are never cut
+        )
     for row in rows:
         table.add_row(*row.values())
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    console.print(
+        "cost: share of all-on-demand; h: replica-hours of spot, on-demand, committed; "
+        "below h: hours under the target"
+    )
+    if bound is not None:
+        console.print(
+            "x opt: cost over the optimum's; vs best: availability minus the best possible "
+            "(percentage points)"
+        )
+        console.print(render.bound_line(bound))
     return 0
+
+
+def _limit(args: argparse.Namespace) -> float:
+    if not args.optimal_time_limit > 0:
+        raise UsageError(f"--optimal-time-limit {args.optimal_time_limit}: must be positive")
+    return float(args.optimal_time_limit)
+
+
+def _solving(quiet: bool) -> Any:
+    """A spinner on stderr while HiGHS works (nothing with --json or off a terminal)."""
+    import contextlib
+
+    err = Console(stderr=True)
+    if quiet or not err.is_terminal:
+        return contextlib.nullcontext()
+    return err.status("solving the offline optimum (MILP, HiGHS)...")
+
+
+def _cell(p: Any) -> str:
+    text = f"{p.availability * 100:.2f}%/{p.cost_relative:.2f}"
+    if p.x_optimal_cost is not None:
+        text += f"/{p.x_optimal_cost:.2f}x"
+    return text
 
 
 def sweep(args: argparse.Namespace) -> int:
@@ -145,7 +218,11 @@ def sweep(args: argparse.Namespace) -> int:
         raise UsageError(f"--zones {args.zones}: the config has {len(plan.spec.zones)} zones")
     from spotstart.fleet.sweep import sweep_cold_start, sweep_zones
 
-    points = sweep_cold_start(plan, cold) + sweep_zones(plan, zones)
+    kw: dict[str, Any] = {"optimal": args.optimal}
+    if args.optimal:
+        kw["time_limit_s"] = _limit(args)
+    with _solving(args.json or not args.optimal):
+        points = sweep_cold_start(plan, cold, **kw) + sweep_zones(plan, zones, **kw)
     if args.plot:
         from spotstart.fleet import render
 
@@ -159,7 +236,13 @@ def sweep(args: argparse.Namespace) -> int:
     for axis, label in (("cold_start_s", "cold start (s)"), ("zones", "zones")):
         pts = [p for p in points if p.axis == axis]
         values = list(dict.fromkeys(p.value for p in pts))
-        table = Table(title=f"availability/cost vs {label} (cost: share of all-on-demand)")
+        how = " (availability/cost/x optimal cost)" if args.optimal else ""
+        table = Table(
+            title=f"availability/cost vs {label}{how}; cost: share of all-on-demand",
+            caption="x optimal: over the offline optimum at the best possible availability"
+            if args.optimal
+            else None,
+        )
         table.add_column("policy")
         for v in values:
             table.add_column(f"{v:g}", justify="right")
@@ -167,10 +250,7 @@ def sweep(args: argparse.Namespace) -> int:
             cells = {p.value: p for p in pts if p.policy == policy}
             table.add_row(
                 policy,
-                *(
-                    f"{cells[v].availability * 100:.2f}%/{cells[v].cost_relative:.2f}"
-                    for v in values
-                ),
+                *(_cell(cells[v]) for v in values),
             )
         console.print(table)
     return 0

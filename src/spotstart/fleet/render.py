@@ -12,8 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from spotstart.fleet.optimal import OptimalBound
 from spotstart.fleet.simulator import FleetRun
-from spotstart.fleet.sweep import SweepPoint
+from spotstart.fleet.sweep import SweepPoint, versus_optimum
 
 
 def _pyplot() -> Any:
@@ -25,20 +26,42 @@ def _pyplot() -> Any:
     return plt
 
 
-def run_rows(runs: Sequence[FleetRun]) -> list[dict[str, str]]:
-    """The report table, formatted: one row per policy."""
+def bound_line(bound: OptimalBound) -> str:
+    """One line saying what the optimum is and how it was found."""
+    how = (
+        f"exact MILP, {bound.seconds:.1f} s"
+        if bound.kind == "optimal"
+        else f"a proven lower bound ({bound.method}), {bound.seconds:.1f} s"
+    )
+    return (
+        f"offline optimum (an oracle that knows the whole trace; {how}): "
+        f"{bound.cost_relative:.3f} of all-on-demand at {bound.availability * 100:.3f}% "
+        "available, the best possible"
+    )
+
+
+def run_rows(runs: Sequence[FleetRun], bound: OptimalBound | None = None) -> list[dict[str, str]]:
+    """The report table, formatted: one row per policy (with the optimum: its cost over the
+    optimum's and its availability against the best possible, in percentage points).
+    ``cost`` is the share of all-on-demand."""
     rows = []
     for r in runs:
+        versus: dict[str, str] = {}
+        if bound is not None:
+            v = versus_optimum(r, bound)
+            versus = {
+                "x opt": f"{v['x_optimal_cost']:.3f}",
+                "vs best": f"{v['availability_vs_best'] * 100:+.3f}",
+            }
         rows.append(
             {
                 "policy": r.policy,
                 "avail": f"{r.availability * 100:.3f}%",
-                "cost/OD": f"{r.cost_relative:.3f}",
-                "spot h": f"{r.spot_replica_hours:.0f}",
-                "OD h": f"{r.on_demand_replica_hours:.0f}",
-                "commit h": f"{r.committed_replica_hours:.0f}",
-                "preempt": str(r.preemptions),
-                "below": f"{r.time_below_target_s / 3600:.2f} h",
+                "cost": f"{r.cost_relative:.3f}",
+                **versus,
+                "h spot/OD/c": f"{r.spot_replica_hours:.0f}/{r.on_demand_replica_hours:.0f}"
+                f"/{r.committed_replica_hours:.0f}",
+                "below h": f"{r.time_below_target_s / 3600:.2f}",
             }
         )
     return rows
@@ -105,9 +128,12 @@ def sweep_figure_png(points: Sequence[SweepPoint], title: str = "") -> bytes:
     return buf.getvalue()
 
 
-def html_report(runs: Sequence[FleetRun], title: str = "spotstart plan") -> str:
+def html_report(
+    runs: Sequence[FleetRun], title: str = "spotstart plan", bound: OptimalBound | None = None
+) -> str:
     """One self-contained HTML page (figure inlined as base64): the table and the figure."""
-    rows = run_rows(runs)
+    rows = run_rows(runs, bound)
+    note = f"<p>{html.escape(bound_line(bound))}</p>" if bound is not None else ""
     head = "".join(f"<th>{html.escape(k)}</th>" for k in (rows[0] if rows else {}))
     body = "".join(
         "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row.values()) + "</tr>"
@@ -119,7 +145,7 @@ def html_report(runs: Sequence[FleetRun], title: str = "spotstart plan") -> str:
         f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}"
         "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 8px;"
         "text-align:right}</style></head><body>"
-        f"<h1>{html.escape(title)}</h1><table><tr>{head}</tr>{body}</table>"
+        f"<h1>{html.escape(title)}</h1>{note}<table><tr>{head}</tr>{body}</table>"
         f"<p><img alt='ready replicas and cost over time' src='data:image/png;base64,{png}'>"
         "</p></body></html>"
     )
