@@ -18,9 +18,10 @@ Time model (all times in seconds since the start, tick ``t`` covers ``[t*dt, (t+
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -46,7 +47,14 @@ IntArray = npt.NDArray[np.int64]
 
 
 class FleetPolicy(Protocol):
-    """The one interface every fleet policy implements (see `spotstart.fleet.policies`)."""
+    """The one interface every fleet policy implements (see `spotstart.fleet.policies`).
+
+    A policy may also define ``quiet_until(state) -> float``: having just returned no actions
+    for ``state`` (which held no events), the earliest time its answer could change while no
+    event arrives, no replica changes phase and the target stays (``math.inf``: never). The
+    simulator then skips the ticks in between, which is where most of a long trace's time
+    goes. Early is always safe; late changes results. Without it, every tick is asked.
+    """
 
     name: str
 
@@ -186,6 +194,66 @@ def _covered_seconds(
     return covered
 
 
+class _Tick(NamedTuple):
+    cost: float
+    served: float
+    covered: float
+    spot_s: float
+    spot_cost: float
+    od_s: float
+    od_cost: float
+    committed_s: float
+
+
+def _account(
+    live: list[_Replica],
+    t0: float,
+    t1: float,
+    need: int,
+    spot_price: list[float],
+    od_price: list[float],
+    committed_cost: float,
+) -> _Tick:
+    """Billing and serving of ``live`` over [t0, t1)."""
+    dt = t1 - t0
+    full = 0
+    partial: list[tuple[float, float]] = []
+    served = 0.0
+    tick_cost = committed_cost
+    spot_s = od_s = committed_s = spot_cost = od_cost = 0.0
+    for r in live:
+        end = r.end_s
+        if r.ready_at_s <= t0 and end >= t1 and r.launched_s <= t0:
+            # the common case: up and serving all tick
+            billed = dt
+            served += dt
+            full += 1
+        else:
+            a = r.launched_s if r.launched_s > t0 else t0
+            b = end if end < t1 else t1
+            billed = b - a if b > a else 0.0
+            ra = r.ready_at_s if r.ready_at_s > t0 else t0
+            if b > ra:
+                served += b - ra
+                partial.append((ra, b))
+        if billed > 0.0:
+            kind = r.kind
+            if kind is ReplicaKind.SPOT:
+                spot_s += billed
+                c = billed * spot_price[r.zone]
+                spot_cost += c
+                tick_cost += c
+            elif kind is ReplicaKind.ON_DEMAND:
+                od_s += billed
+                c = billed * od_price[r.zone]
+                od_cost += c
+                tick_cost += c
+            else:
+                committed_s += billed
+    covered = _covered_seconds(full, partial, need, t0, t1)
+    return _Tick(tick_cost, served, covered, spot_s, spot_cost, od_s, od_cost, committed_s)
+
+
 def simulate(
     spec: FleetSpec,
     capacity: npt.ArrayLike,
@@ -193,8 +261,13 @@ def simulate(
     policy: FleetPolicy,
     *,
     max_rounds: int | None = None,
+    exhaustive: bool = False,
 ) -> FleetRun:
     """Replay ``policy`` over ``capacity`` (zones x ticks, spot nodes obtainable).
+
+    Ticks in which nothing can happen are accounted in bulk when the policy says when it may
+    act next (``quiet_until``); ``exhaustive=True`` asks it every tick instead (the same
+    result: the tests hold the two to it).
 
     Example::
 
@@ -237,10 +310,42 @@ def simulate(
     preemptions = launch_failures = 0
     spot_in_zone = [0] * len(spec.zones)  # live, un-noticed spot replicas per zone
 
-    for t in range(n_ticks):
+    quiet_until = None if exhaustive else getattr(policy, "quiet_until", None)
+    below: dict[tuple[int, int], list[int]] = {}  # (zone, k): ticks where cap < k
+    target_changes: list[int] = (np.flatnonzero(np.diff(tgt) != 0) + 1).tolist()
+
+    def next_wake(t: int, state: FleetState) -> int:
+        """The first tick after ``t`` at which anything can happen (see quiet_until)."""
+        assert quiet_until is not None
+        q = float(quiet_until(state))
+        wake = n_ticks if q == math.inf else max(t + 1, math.ceil(q / dt - 1e-9))
+        for z, k in enumerate(spot_in_zone):
+            if k > 0:
+                ticks = below.get((z, k))
+                if ticks is None:
+                    ticks = below[(z, k)] = np.flatnonzero(cap[z] < k).tolist()
+                i = bisect.bisect_right(ticks, t)
+                if i < len(ticks) and ticks[i] < wake:
+                    wake = ticks[i]
+        i = bisect.bisect_right(target_changes, t)
+        if i < len(target_changes) and target_changes[i] < wake:
+            wake = target_changes[i]
+        t0 = t * dt
+        for r in live:
+            for x in (r.pull_at_s, r.weights_at_s, r.ready_at_s, r.end_s):
+                if x > t0 and x != math.inf:
+                    k = int(x // dt)
+                    k = k if k > t else t + 1
+                    if k < wake:
+                        wake = k
+        return wake
+
+    t = 0
+    while t < n_ticks:
         t0 = t * dt
         t1 = t0 + dt
         cap_t = cap_rows[t]
+        quiet = False
         need = tgt_list[t]
         events: list[Event] = pending
         pending = []
@@ -283,6 +388,7 @@ def simulate(
             actions = policy.decide(state)
             if not actions:
                 pending = []  # the policy has seen them
+                quiet = round_no == 0 and not state.events and quiet_until is not None
                 break
             events = []
             failed = False
@@ -334,44 +440,37 @@ def simulate(
                 break
 
         # account for [t0, t1)
-        full = 0
-        partial: list[tuple[float, float]] = []
-        served = 0.0
-        tick_cost = committed_per_s * dt
-        for r in live:
-            end = r.end_s
-            if r.ready_at_s <= t0 and end >= t1 and r.launched_s <= t0:
-                # the common case: up and serving all tick
-                billed = dt
-                served += dt
-                full += 1
-            else:
-                a = r.launched_s if r.launched_s > t0 else t0
-                b = end if end < t1 else t1
-                billed = b - a if b > a else 0.0
-                ra = r.ready_at_s if r.ready_at_s > t0 else t0
-                if b > ra:
-                    served += b - ra
-                    partial.append((ra, b))
-            if billed > 0.0:
-                kind = r.kind
-                if kind is ReplicaKind.SPOT:
-                    spot_s += billed
-                    c = billed * spot_price[r.zone]
-                    spot_cost += c
-                    tick_cost += c
-                elif kind is ReplicaKind.ON_DEMAND:
-                    od_s += billed
-                    c = billed * od_price[r.zone]
-                    od_cost += c
-                    tick_cost += c
-                else:
-                    committed_s += billed
-        covered_total += _covered_seconds(full, partial, need, t0, t1)
-        ready_series[t] = served / dt
-        cost_series[t] = tick_cost
-        if any(r.end_s <= t1 for r in live):
-            live = [r for r in live if r.end_s > t1]
+        tick = _account(live, t0, t1, need, spot_price, od_price, committed_per_s * dt)
+        skipped = 0
+        if quiet:
+            # nothing changes before the wake tick: every tick in between bills and serves
+            # exactly as the next one does
+            wake = next_wake(t, state)
+            if wake > t + 1:
+                rest = _account(
+                    live, t1, t1 + dt, tgt_list[t + 1], spot_price, od_price, committed_per_s * dt
+                )
+                skipped = wake - t - 1
+                ready_series[t + 1 : wake] = rest.served / dt
+                cost_series[t + 1 : wake] = rest.cost
+                covered_total += rest.covered * skipped
+                spot_s += rest.spot_s * skipped
+                spot_cost += rest.spot_cost * skipped
+                od_s += rest.od_s * skipped
+                od_cost += rest.od_cost * skipped
+                committed_s += rest.committed_s * skipped
+        covered_total += tick.covered
+        spot_s += tick.spot_s
+        spot_cost += tick.spot_cost
+        od_s += tick.od_s
+        od_cost += tick.od_cost
+        committed_s += tick.committed_s
+        ready_series[t] = tick.served / dt
+        cost_series[t] = tick.cost
+        t += 1 + skipped
+        t_end = t * dt
+        if any(r.end_s <= t_end for r in live):
+            live = [r for r in live if r.end_s > t_end]
 
     horizon = n_ticks * dt
     reference = float(tgt.sum()) * dt * spec.reference_on_demand_per_hour / 3600.0

@@ -34,3 +34,11 @@ class CalmRelease:
         if state.now_s - self.wanted_since_s >= self.calm_s:
             return actions
         return [a for a in actions if a not in releases]
+
+    def quiet_until(self, state: FleetState) -> float:
+        """The inner policy's, or the end of a calm period that is running."""
+        inner = getattr(self.inner, "quiet_until", None)
+        until = float(inner(state)) if inner is not None else state.now_s
+        if self.wanted_since_s is not None:
+            until = min(until, self.wanted_since_s + self.calm_s)
+        return until

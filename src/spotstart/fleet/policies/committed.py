@@ -3,6 +3,8 @@ of the target on spot spread over zones."""
 
 from __future__ import annotations
 
+import math
+
 from spotstart.fleet.model import Action, FleetState, Launch, ReplicaKind
 from spotstart.fleet.policies.base import alive, release_newest
 from spotstart.fleet.policies.spread import spot_failed_everywhere, spread_launches
@@ -29,3 +31,7 @@ class CommittedBaseline:
         elif not spot_failed_everywhere(state):
             actions += spread_launches(state, gap)
         return actions
+
+    def quiet_until(self, state: FleetState) -> float:
+        """Counts alone decide: nothing changes without an event or a phase change."""
+        return math.inf

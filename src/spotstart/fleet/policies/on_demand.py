@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from spotstart.fleet.model import Action, FleetState, Launch, ReplicaKind
 from spotstart.fleet.policies.base import alive, release_newest, zones_by_price
 
@@ -20,3 +22,7 @@ class OnDemandOnly:
             return []
         zone = zones_by_price(state, on_demand=True)[0]
         return [Launch(ReplicaKind.ON_DEMAND, (zone,)) for _ in range(gap)]
+
+    def quiet_until(self, state: FleetState) -> float:
+        """Counts alone decide: nothing changes without an event or a phase change."""
+        return math.inf

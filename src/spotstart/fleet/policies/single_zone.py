@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from spotstart.fleet.model import Action, FleetState, Launch, ReplicaKind
 from spotstart.fleet.policies.base import alive, release_newest
 
@@ -23,3 +25,7 @@ class SpotSingleZone:
         if state.round > 0:  # it just failed: the zone is full until the next tick
             return []
         return [Launch(ReplicaKind.SPOT, (zone,)) for _ in range(gap)]
+
+    def quiet_until(self, state: FleetState) -> float:
+        """Counts alone decide: nothing changes without an event or a phase change."""
+        return math.inf

@@ -16,6 +16,7 @@ retried in another zone within the same tick.
 
 from __future__ import annotations
 
+import math
 import random
 
 from spotstart.fleet.model import (
@@ -87,3 +88,7 @@ class SpotHedge:
             zone = min(state.zones, key=lambda z: z.on_demand_per_hour).name
             actions += [Launch(ReplicaKind.ON_DEMAND, (zone,)) for _ in range(od_want - len(od))]
         return actions
+
+    def quiet_until(self, state: FleetState) -> float:
+        """Counts alone decide: nothing changes without an event or a phase change."""
+        return math.inf

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from spotstart.fleet.model import Action, FleetState, Launch, LaunchFailed, ReplicaKind
 from spotstart.fleet.policies.base import alive, ready, release_newest
 
@@ -44,6 +46,10 @@ class SpotSpread:
             return []
         return spread_launches(state, gap)
 
+    def quiet_until(self, state: FleetState) -> float:
+        """Counts alone decide: nothing changes without an event or a phase change."""
+        return math.inf
+
 
 class SpreadWithFallback:
     """Spot spread over all zones, plus on-demand for the gap between ready spot and target."""
@@ -66,3 +72,7 @@ class SpreadWithFallback:
             cheapest = min(state.zones, key=lambda z: z.on_demand_per_hour).name
             actions += [Launch(ReplicaKind.ON_DEMAND, (cheapest,)) for _ in range(od_gap)]
         return actions
+
+    def quiet_until(self, state: FleetState) -> float:
+        """Counts alone decide: nothing changes without an event or a phase change."""
+        return math.inf

@@ -125,3 +125,16 @@ class WarmHedge:
             if ready_excess > 0:
                 actions += release_newest([r for r in od if r.is_ready], ready_excess)
         return actions
+
+    def quiet_until(self, state: FleetState) -> float:
+        """When the calm period ends, or a starting spot replica comes within an on-demand
+        cold start of ready (it then counts as arriving first)."""
+        now = state.now_s
+        times = []
+        if self.calm_hours is not None:
+            times.append(self.last_preemption_s + self.calm_hours * 3600.0)
+        for r in alive(state, ReplicaKind.SPOT):
+            if not r.is_ready:
+                times.append(r.ready_at_s - state.on_demand_cold_start_s)
+        # a time within a second before now may flip by rounding at the next tick: wake then
+        return min((x for x in times if x >= now - 1.0), default=math.inf)
