@@ -445,7 +445,7 @@ def simulate(
         if quiet:
             # nothing changes before the wake tick: every tick in between bills and serves
             # exactly as the next one does
-            wake = next_wake(t, state)
+            wake = min(next_wake(t, state), n_ticks)
             if wake > t + 1:
                 rest = _account(
                     live, t1, t1 + dt, tgt_list[t + 1], spot_price, od_price, committed_per_s * dt
