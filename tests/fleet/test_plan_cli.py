@@ -121,3 +121,66 @@ def test_importing_the_command_does_not_import_numpy() -> None:
     code = "import sys, spotstart.cli.plan_cmd; print('numpy' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_plan_run_reports_every_policy_against_the_optimum(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli(["plan", "run", "--config", str(config), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    opt = out["optimal"]
+    assert opt["kind"] == "optimal" and opt["availability"] == 1.0
+    for r in out["runs"]:
+        assert r["x_optimal_cost"] == pytest.approx(r["cost"] / opt["cost"])
+        assert r["availability_vs_best"] == pytest.approx(r["availability"] - 1.0)
+        if r["availability"] == 1.0:
+            assert r["x_optimal_cost"] >= 1.0 - 1e-9
+    assert run_cli(["plan", "run", "--config", str(config)]) == 0
+    text = capsys.readouterr().out
+    assert "x opt" in text and "offline optimum" in text and "exact MILP" in text
+    assert run_cli(["plan", "run", "--config", str(config), "--no-optimal", "--json"]) == 0
+    assert "optimal" not in json.loads(capsys.readouterr().out)
+
+
+def test_plan_run_out_of_sample_tunes_on_the_first_part_only(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["plan", "run", "--config", str(config), "--out-of-sample", "0.5", "--json"]
+    assert run_cli(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    split = out["out_of_sample"]
+    ticks = split["train_ticks"][1]
+    assert split["train_ticks"] == [0, ticks] and split["test_ticks"][0] == ticks
+    assert out["runs"][-1]["policy"] == "warm_hedge tuned"
+    assert set(split["tuned_options"]) >= {"committed_replicas", "calm_hours", "pack"}
+    test_hours = (split["test_ticks"][1] - ticks) * 300 / 3600
+    assert out["runs"][0]["horizon_s"] == pytest.approx(test_hours * 3600)
+    assert run_cli(argv[:-1]) == 0
+    assert "out of sample" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--out-of-sample", "1.5"], "a share between 0 and 1"),
+        (["--out-of-sample", "0.5", "--no-optimal"], "drop --no-optimal"),
+        (["--optimal-time-limit", "0"], "must be positive"),
+    ],
+)
+def test_plan_run_usage_errors(config: Path, extra: list[str], message: str) -> None:
+    from spotstart.errors import UsageError
+
+    with pytest.raises(UsageError, match=message):
+        run_cli(["plan", "run", "--config", str(config), *extra])
+
+
+def test_plan_sweep_gives_each_point_its_cost_over_the_optimum(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["plan", "sweep", "--config", str(config), "--cold-starts", "120", "--zones", "3"]
+    assert run_cli([*argv, "--json"]) == 0
+    points = json.loads(capsys.readouterr().out)["points"]
+    assert points and all(p["x_optimal_cost"] > 0 for p in points)
+    assert all(p["optimal_kind"] == "optimal" for p in points)
+    assert run_cli(argv) == 0
+    assert "x optimal" in capsys.readouterr().out

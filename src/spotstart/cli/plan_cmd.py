@@ -32,6 +32,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _common(run_p)
     run_p.add_argument("--plot", metavar="PNG", help="write ready replicas and cost over time")
     run_p.add_argument("--html", metavar="HTML", help="write a self-contained HTML report")
+    run_p.add_argument(
+        "--out-of-sample",
+        type=float,
+        metavar="SHARE",
+        help="tune warm_hedge (committed base, spare calm, packing by zone rank) on the first "
+        "SHARE of the trace and report every policy on the rest (e.g. 0.5)",
+    )
     run_p.set_defaults(run=run)
     sweep_p = psub.add_parser("sweep", help="availability and cost vs cold start and zones")
     _common(sweep_p)
@@ -124,15 +131,31 @@ def run(args: argparse.Namespace) -> int:
     plan = _load(args)
     from spotstart.fleet import render, run_plan
 
-    runs = run_plan(plan)
+    title = f"{plan.source}: {len(plan.spec.zones)} zones, {plan.capacity.shape[1]} ticks"
     bound = None
-    if args.optimal:
-        from spotstart.fleet.sweep import plan_optimum
+    tuned = None
+    if args.out_of_sample is not None:
+        if not args.optimal:
+            raise UsageError("--out-of-sample tunes against the optimum: drop --no-optimal")
+        if not 0 < args.out_of_sample < 1:
+            raise UsageError(f"--out-of-sample {args.out_of_sample}: a share between 0 and 1")
+        from dataclasses import replace
+
+        from spotstart.fleet.tuning import tune_out_of_sample
 
         with _solving(args.json):
-            bound = plan_optimum(plan, time_limit_s=_limit(args))
+            tuned, bound = tune_out_of_sample(plan, train_share=args.out_of_sample)
+        a, b = tuned.test_ticks
+        runs = [*run_plan(plan.window(a, b)), replace(tuned.test, policy="warm_hedge tuned")]
+        title += f"; reported on ticks {a}-{b}, warm_hedge tuned on ticks 0-{a}"
+    else:
+        runs = run_plan(plan)
+        if args.optimal:
+            from spotstart.fleet.sweep import plan_optimum
 
-    title = f"{plan.source}: {len(plan.spec.zones)} zones, {plan.capacity.shape[1]} ticks"
+            with _solving(args.json):
+                bound = plan_optimum(plan, time_limit_s=_limit(args))
+
     if args.plot:
         render.write_bytes(args.plot, render.runs_figure_png(runs, title))
     if args.html:
@@ -149,6 +172,14 @@ def run(args: argparse.Namespace) -> int:
         }
         if bound is not None:
             doc["optimal"] = bound.summary()
+        if tuned is not None:
+            doc["out_of_sample"] = {
+                "train_ticks": list(tuned.train_ticks),
+                "test_ticks": list(tuned.test_ticks),
+                "tuned_options": {
+                    k: list(v) if isinstance(v, tuple) else v for k, v in tuned.options.items()
+                },
+            }
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
@@ -180,6 +211,8 @@ def run(args: argparse.Namespace) -> int:
             "(percentage points)"
         )
         console.print(render.bound_line(bound))
+    if tuned is not None:
+        console.print(f"warm_hedge tuned: {tuned.describe()}; every row is out of sample")
     return 0
 
 

@@ -68,6 +68,18 @@ class PlanConfig:
             capacity=self.capacity[:count],
         )
 
+    def window(self, start_tick: int, stop_tick: int) -> PlanConfig:
+        """The same plan on ticks [start_tick, stop_tick) of its trace, replayed from a fresh
+        start (as a fleet deployed at ``start_tick`` would be)."""
+        n = self.capacity.shape[1]
+        if not 0 <= start_tick < stop_tick <= n:
+            raise ConfigError(f"window [{start_tick}, {stop_tick}): outside the {n} ticks")
+        return replace(
+            self,
+            capacity=self.capacity[:, start_tick:stop_tick],
+            target=self.target[start_tick:stop_tick],
+        )
+
     def with_cold_start(self, seconds: float) -> PlanConfig:
         """The same plan with spot and on-demand cold starts scaled to ``seconds``, keeping
         on-demand's extra provisioning delay."""

@@ -3,7 +3,7 @@ count."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -13,16 +13,18 @@ from spotstart.fleet.policies import make_policy
 from spotstart.fleet.simulator import FleetRun, simulate
 
 
+def run_policy(plan: PlanConfig, name: str, options: Mapping[str, Any]) -> FleetRun:
+    """One policy, fresh, on the plan's trace. Its ``committed_replicas`` option buys that
+    many committed-use nodes for its run only (paid whether used or not)."""
+    opts = dict(options)
+    committed = int(opts.pop("committed_replicas", 0))
+    spec = replace(plan.spec, committed_replicas=committed)
+    return simulate(spec, plan.capacity, plan.target, make_policy(name, **opts))
+
+
 def run_plan(plan: PlanConfig) -> list[FleetRun]:
-    """Each policy of ``plan``, fresh, on the plan's trace. A policy's ``committed_replicas``
-    option buys that many committed-use nodes for its run only (paid whether used or not)."""
-    runs = []
-    for name, opts in plan.policies:
-        options = dict(opts)
-        committed = int(options.pop("committed_replicas", 0))
-        spec = replace(plan.spec, committed_replicas=committed)
-        runs.append(simulate(spec, plan.capacity, plan.target, make_policy(name, **options)))
-    return runs
+    """Each policy of ``plan``, fresh, on the plan's trace (see `run_policy`)."""
+    return [run_policy(plan, name, opts) for name, opts in plan.policies]
 
 
 def plan_optimum(plan: PlanConfig, **kw: Any) -> OptimalBound:

@@ -1,9 +1,13 @@
 """WarmHedge, our policy: SpotHedge's skeleton made aware of the replica's cold start and of
 each zone's recent history.
 
+* Committed nodes first: the fleet's committed replicas (bought for the horizon, paid
+  whether used or not) carry the base; spot and on-demand cover the rest.
 * Replace on notice, and place by history: a spot launch fails over across zones ordered by
-  (our replicas there, time since that zone last preempted us or refused a launch, price), so
-  zones with long recent uptime come first.
+  (our replicas there, time since that zone last preempted us or refused a launch, the
+  ``zone_rank`` learnt from an earlier window, price), so zones with long recent uptime come
+  first; ``pack`` fills the most trusted zone before spreading (one notice instead of one per
+  zone when zones fail together).
 * Spare spot only as warm capacity, only when it can help: when the cold start fits inside
   the preemption notice a replacement launched at the notice is ready in time, so no spare is
   held; otherwise ``num_extra`` spares, dropped after ``calm_hours`` without a preemption.
@@ -15,6 +19,7 @@ each zone's recent history.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 from spotstart.fleet.model import (
     Action,
@@ -38,10 +43,16 @@ class WarmHedge:
         num_extra: int | None = None,
         calm_hours: float | None = 3.0,
         spare_on_demand: bool | None = None,
+        zone_rank: Sequence[str] | None = None,
+        pack: bool = False,
     ) -> None:
         self.num_extra = num_extra
         self.calm_hours = calm_hours
         self.spare_on_demand = spare_on_demand
+        # zones by trust learnt from the past (most trusted first); with ``pack`` the fleet
+        # fills the most trusted zone before the next instead of spreading
+        self.zone_rank = {name: i for i, name in enumerate(zone_rank or ())}
+        self.pack = pack
         self.last_bad_s: dict[str, float] = {}
         self.last_preemption_s = -math.inf
 
@@ -71,14 +82,17 @@ class WarmHedge:
             per_zone[r.zone] += 1
         price = {z.name: z.spot_per_hour for z in state.zones}
         index = {z.name: i for i, z in enumerate(state.zones)}
+        rank = self.zone_rank
+        unranked = len(rank)
         out: list[Action] = []
         for _ in range(count):
             order = tuple(
                 sorted(
                     per_zone,
                     key=lambda n: (
-                        per_zone[n],
+                        0 if self.pack else per_zone[n],
                         self.last_bad_s.get(n, -math.inf),
+                        rank.get(n, unranked),
                         price[n],
                         index[n],
                     ),
@@ -91,8 +105,18 @@ class WarmHedge:
     def decide(self, state: FleetState) -> list[Action]:
         self._observe(state)
         actions: list[Action] = []
+        # committed nodes the fleet pays for anyway carry the base; spot and on-demand the rest
+        committed = alive(state, ReplicaKind.COMMITTED)
+        if state.round == 0 and len(committed) < state.committed_replicas:
+            zone = min(state.zones, key=lambda z: z.on_demand_per_hour).name
+            actions += [
+                Launch(ReplicaKind.COMMITTED, (zone,))
+                for _ in range(state.committed_replicas - len(committed))
+            ]
+        committed_ready = sum(1 for r in committed if r.is_ready)
+        base = max(0, state.target_replicas - len(committed))
         spot = alive(state, ReplicaKind.SPOT)
-        want = state.target_replicas + self.spares(state)
+        want = base + self.spares(state)
         launching_spot = 0
         if len(spot) > want:
             actions += release_newest(spot, len(spot) - want)
@@ -109,7 +133,9 @@ class WarmHedge:
         spare_od = self.spare_on_demand
         if spare_od is None:
             spare_od = state.spot_cold_start_s > state.preemption_notice_s
-        hold = state.target_replicas + (self.spares(state) if spare_od else 0)
+        hold = max(0, state.target_replicas - committed_ready) + (
+            self.spares(state) if spare_od else 0
+        )
         keep = max(0, hold - spot_ready)
         od_ready = sum(1 for r in od if r.is_ready)
         od_gap = keep - spot_sooner - len(od)
