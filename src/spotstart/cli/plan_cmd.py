@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from rich import box
@@ -232,13 +233,6 @@ def _solving(quiet: bool) -> Any:
     return err.status("solving the offline optimum (MILP, HiGHS)...")
 
 
-def _cell(p: Any) -> str:
-    text = f"{p.availability * 100:.2f}%/{p.cost_relative:.2f}"
-    if p.x_optimal_cost is not None:
-        text += f"/{p.x_optimal_cost:.2f}x"
-    return text
-
-
 def sweep(args: argparse.Namespace) -> int:
     plan = _load(args)
     cold = _numbers(args.cold_starts, "--cold-starts")
@@ -269,21 +263,31 @@ def sweep(args: argparse.Namespace) -> int:
     for axis, label in (("cold_start_s", "cold start (s)"), ("zones", "zones")):
         pts = [p for p in points if p.axis == axis]
         values = list(dict.fromkeys(p.value for p in pts))
-        how = " (availability/cost/x optimal cost)" if args.optimal else ""
-        table = Table(
-            title=f"availability/cost vs {label}{how}; cost: share of all-on-demand",
-            caption="x optimal: over the offline optimum at the best possible availability"
-            if args.optimal
-            else None,
-        )
-        table.add_column("policy")
-        for v in values:
-            table.add_column(f"{v:g}", justify="right")
-        for policy in dict.fromkeys(p.policy for p in pts):
-            cells = {p.value: p for p in pts if p.policy == policy}
-            table.add_row(
-                policy,
-                *(_cell(cells[v]) for v in values),
+        policies = list(dict.fromkeys(p.policy for p in pts))
+        cells = {(p.policy, p.value): p for p in pts}
+        tables: list[tuple[str, Callable[[Any], str]]] = [
+            (
+                f"availability/cost vs {label} (cost: share of all-on-demand)",
+                lambda p: f"{p.availability * 100:.2f}%/{p.cost_relative:.2f}",
             )
-        console.print(table)
+        ]
+        if args.optimal:
+            best = {p.value: p for p in pts}
+            tables.append(
+                (
+                    f"x optimal cost vs {label} (the optimum's availability: "
+                    + ", ".join(f"{best[v].best_availability:.2%}" for v in values)
+                    + ")",
+                    lambda p: f"{p.x_optimal_cost:.3f}",
+                )
+            )
+        for title, fmt in tables:
+            table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+            table.add_column("policy", no_wrap=True)
+            for v in values:
+                width = max(len(fmt(cells[(n, v)])) for n in policies)
+                table.add_column(f"{v:g}", justify="right", no_wrap=True, min_width=width)
+            for n in policies:
+                table.add_row(n, *(fmt(cells[(n, v)]) for v in values))
+            console.print(table)
     return 0
