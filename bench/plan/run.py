@@ -196,14 +196,7 @@ def main() -> int:
                     "optimal": bound.summary(),
                     "runs": [{**r.summary(), **versus_optimum(r, bound)} for r in runs],
                     "out_of_sample": {
-                        "train_ticks": tuned.train_ticks,
-                        "test_ticks": tuned.test_ticks,
-                        "tuned_options": {
-                            k: (list(v) if isinstance(v, tuple) else v)
-                            for k, v in tuned.options.items()
-                        },
-                        "train": tuned.train.summary(),
-                        "train_optimal": tuned.train_optimum.summary(),
+                        **tuned.summary(),
                         "test_optimal": test_bound.summary(),
                         "test_tuned": {
                             **tuned.test.summary(),

@@ -174,13 +174,7 @@ def run(args: argparse.Namespace) -> int:
         if bound is not None:
             doc["optimal"] = bound.summary()
         if tuned is not None:
-            doc["out_of_sample"] = {
-                "train_ticks": list(tuned.train_ticks),
-                "test_ticks": list(tuned.test_ticks),
-                "tuned_options": {
-                    k: list(v) if isinstance(v, tuple) else v for k, v in tuned.options.items()
-                },
-            }
+            doc["out_of_sample"] = tuned.summary()
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0

@@ -39,6 +39,7 @@ import numpy as np
 import numpy.typing as npt
 
 from spotstart.fleet.model import FleetSpec
+from spotstart.fleet.simulator import capacity_and_target
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -213,7 +214,7 @@ def offline_optimum(
         offline_optimum(spec, [[1, 1, 0, 1]], 1).cost_relative
     """
     started = time.monotonic()
-    cap, tgt = _arrays(spec, capacity, target)
+    cap, tgt = capacity_and_target(spec, capacity, target)
     reference = float(tgt.sum()) * spec.tick_seconds * spec.reference_on_demand_per_hour / 3600
     if availability is None:
         availability = best_availability(spec, cap, tgt, time_limit_s=time_limit_s)
@@ -258,41 +259,24 @@ def best_availability(
     """The largest share of the horizon any schedule keeps ``target`` serving, cost aside.
 
     With on-demand available and a warm start that is the whole horizon; otherwise a MILP
-    (maximising covered time) decides it.
+    (maximising covered time) decides it; if its time limit ends the search first, the best
+    schedule found so far (achievable, perhaps short of the best).
     """
-    cap, tgt = _arrays(spec, capacity, target)
+    cap, tgt = capacity_and_target(spec, capacity, target)
     if _all_coverable(spec):
         return 1.0
     prog = _build(spec, cap, tgt, availability=0.0, maximise_cover=True)
     res = prog.solve(integer=True, time_limit_s=time_limit_s)
     horizon: float = cap.shape[1] * float(spec.tick_seconds)
-    if res.status == 0:
-        return float(-res.fun) / horizon
-    bound = getattr(res, "mip_dual_bound", None)
-    if bound is None or not math.isfinite(bound):
-        raise RuntimeError(f"best availability: HiGHS found no bound ({res.message})")
-    return min(1.0, float(-bound) / horizon)  # an upper bound on what is possible
+    if res.x is None:
+        raise RuntimeError(f"best availability: HiGHS found no schedule ({res.message})")
+    # optimal, or (time limit) the best schedule found: achievable either way, so the
+    # optimum asked to hold it stays feasible
+    return min(1.0, float(-res.fun) / horizon)
 
 
 def _all_coverable(spec: FleetSpec) -> bool:
     return spec.on_demand_available and spec.warm_start
-
-
-def _arrays(
-    spec: FleetSpec, capacity: npt.ArrayLike, target: npt.ArrayLike | int
-) -> tuple[IntArray, IntArray]:
-    cap: IntArray = np.asarray(capacity, dtype=np.int64)
-    if cap.ndim != 2 or cap.shape[0] != len(spec.zones):
-        raise ValueError(f"capacity must be (zones={len(spec.zones)}, ticks), got {cap.shape}")
-    n = cap.shape[1]
-    tgt: IntArray = (
-        np.full(n, int(target), dtype=np.int64)
-        if isinstance(target, int)
-        else np.asarray(target, dtype=np.int64)
-    )
-    if tgt.shape != (n,):
-        raise ValueError(f"target must have {n} ticks, got {tgt.shape}")
-    return cap, tgt
 
 
 def _build(

@@ -194,6 +194,24 @@ def _covered_seconds(
     return covered
 
 
+def capacity_and_target(
+    spec: FleetSpec, capacity: npt.ArrayLike, target: npt.ArrayLike | int
+) -> tuple[IntArray, IntArray]:
+    """The (zones x ticks) capacity and the per-tick target as int arrays, shapes checked."""
+    cap: IntArray = np.asarray(capacity, dtype=np.int64)
+    if cap.ndim != 2 or cap.shape[0] != len(spec.zones):
+        raise ValueError(f"capacity must be (zones={len(spec.zones)}, ticks), got {cap.shape}")
+    n_ticks = cap.shape[1]
+    tgt: IntArray = (
+        np.full(n_ticks, int(target), dtype=np.int64)
+        if isinstance(target, int)
+        else np.asarray(target, dtype=np.int64)
+    )
+    if tgt.shape != (n_ticks,):
+        raise ValueError(f"target must have {n_ticks} ticks, got {tgt.shape}")
+    return cap, tgt
+
+
 class _Tick(NamedTuple):
     cost: float
     served: float
@@ -275,17 +293,8 @@ def simulate(
         run = simulate(spec, [[1, 1, 0, 1]], 1, SpotSpread())
         run.availability, run.cost_relative
     """
-    cap: IntArray = np.asarray(capacity, dtype=np.int64)
-    if cap.ndim != 2 or cap.shape[0] != len(spec.zones):
-        raise ValueError(f"capacity must be (zones={len(spec.zones)}, ticks), got {cap.shape}")
+    cap, tgt = capacity_and_target(spec, capacity, target)
     n_ticks = cap.shape[1]
-    tgt: IntArray = (
-        np.full(n_ticks, int(target), dtype=np.int64)
-        if isinstance(target, int)
-        else np.asarray(target, dtype=np.int64)
-    )
-    if tgt.shape != (n_ticks,):
-        raise ValueError(f"target must have {n_ticks} ticks, got {tgt.shape}")
     dt = float(spec.tick_seconds)
     zone_index = {z.name: i for i, z in enumerate(spec.zones)}
     zone_names = [z.name for z in spec.zones]

@@ -60,6 +60,21 @@ class Tuned:
     test_ticks: tuple[int, int]
     candidates: int
 
+    def summary(self) -> dict[str, Any]:
+        """The split, the options chosen and both runs, JSON-ready."""
+        return {
+            "policy": self.policy,
+            "train_ticks": list(self.train_ticks),
+            "test_ticks": list(self.test_ticks),
+            "tuned_options": {
+                k: list(v) if isinstance(v, tuple) else v for k, v in self.options.items()
+            },
+            "candidates": self.candidates,
+            "train": self.train.summary(),
+            "train_optimal": self.train_optimum.summary(),
+            "test": self.test.summary(),
+        }
+
     def describe(self) -> str:
         opts = (
             ", ".join(

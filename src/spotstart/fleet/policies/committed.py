@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from spotstart.fleet.model import Action, FleetState, Launch, ReplicaKind
-from spotstart.fleet.policies.base import alive, release_newest
+from spotstart.fleet.model import Action, FleetState, ReplicaKind
+from spotstart.fleet.policies.base import alive, launch_committed, release_newest
 from spotstart.fleet.policies.spread import spot_failed_everywhere, spread_launches
 
 
@@ -16,15 +16,8 @@ class CommittedBaseline:
     name = "committed_burst"
 
     def decide(self, state: FleetState) -> list[Action]:
-        committed = alive(state, ReplicaKind.COMMITTED)
         spot = alive(state, ReplicaKind.SPOT)
-        actions: list[Action] = []
-        if state.round == 0:
-            zone = min(state.zones, key=lambda z: z.on_demand_per_hour).name
-            actions += [
-                Launch(ReplicaKind.COMMITTED, (zone,))
-                for _ in range(state.committed_replicas - len(committed))
-            ]
+        actions: list[Action] = list(launch_committed(state))
         gap = max(0, state.target_replicas - state.committed_replicas) - len(spot)
         if gap < 0:
             actions += release_newest(spot, -gap)

@@ -29,7 +29,7 @@ from spotstart.fleet.model import (
     Preempted,
     ReplicaKind,
 )
-from spotstart.fleet.policies.base import alive, ready, release_newest
+from spotstart.fleet.policies.base import alive, launch_committed, ready, release_newest
 from spotstart.fleet.policies.spread import spot_failed_everywhere
 
 
@@ -106,13 +106,8 @@ class WarmHedge:
         self._observe(state)
         actions: list[Action] = []
         # committed nodes the fleet pays for anyway carry the base; spot and on-demand the rest
+        actions += launch_committed(state)
         committed = alive(state, ReplicaKind.COMMITTED)
-        if state.round == 0 and len(committed) < state.committed_replicas:
-            zone = min(state.zones, key=lambda z: z.on_demand_per_hour).name
-            actions += [
-                Launch(ReplicaKind.COMMITTED, (zone,))
-                for _ in range(state.committed_replicas - len(committed))
-            ]
         committed_ready = sum(1 for r in committed if r.is_ready)
         base = max(0, state.target_replicas - len(committed))
         spot = alive(state, ReplicaKind.SPOT)
