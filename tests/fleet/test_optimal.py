@@ -75,11 +75,15 @@ def test_the_outage_and_return_of_one_zone() -> None:
     # a up [0,2h), down [2h,4h), up again: on-demand [1h, 5h) bridges it, a relaunched at 4h
     b = offline_optimum(hourly(1, 600.0), [[1, 1, 0, 0, 1, 1]], 1)
     assert b.cost == pytest.approx(2.0 + 4 * 3.0 + 2.0)
+    assert b.cost_per_tick is not None  # the schedule, tick by tick
+    assert b.cost_per_tick.tolist() == pytest.approx([1.0, 4.0, 3.0, 3.0, 4.0, 1.0])
 
 
 def test_committed_nodes_when_spot_never_comes() -> None:
     b = offline_optimum(hourly(1, 0.0, committed_per_hour=1.89), [[0, 0, 0, 0]], 1)
     assert b.cost == pytest.approx(4 * 1.89)
+    assert b.cost_per_tick is not None
+    assert b.cost_per_tick.tolist() == pytest.approx([1.89] * 4)
 
 
 def test_without_on_demand_the_best_possible_is_what_spot_allows() -> None:

@@ -158,7 +158,7 @@ def run(args: argparse.Namespace) -> int:
                 bound = plan_optimum(plan, time_limit_s=_limit(args))
 
     if args.plot:
-        render.write_bytes(args.plot, render.runs_figure_png(runs, title))
+        render.write_bytes(args.plot, render.runs_figure_png(runs, title, bound))
     if args.html:
         render.write_bytes(args.html, render.html_report(runs, title, bound))
     if args.json:

@@ -48,9 +48,11 @@ BoundKind = Literal["optimal", "lower_bound"]
 EXACT_MAX_VARIABLES = 1_500_000  # the 9-zone 45-day trace (405k) is proved optimal in ~20 s
 TIME_LIMIT_S = 60.0
 _EPS = 1e-9
+NO_TICK = -2  # a variable that costs nothing
+SPREAD = -1  # a cost paid evenly over the horizon (committed nodes)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class OptimalBound:
     """The oracle's least cost at ``availability``, or a proven lower bound on it.
 
@@ -69,6 +71,7 @@ class OptimalBound:
     seconds: float
     variables: int
     constraints: int
+    cost_per_tick: FloatArray | None = None  # the optimal schedule's (``kind == "optimal"``)
 
     @property
     def cost_relative(self) -> float:
@@ -102,6 +105,7 @@ class _Program:
         self._ub: list[FloatArray] = []
         self._cost: list[FloatArray] = []
         self._int: list[IntArray] = []
+        self._tick: list[IntArray] = []
         self._rows: list[IntArray] = []
         self._cols: list[IntArray] = []
         self._vals: list[FloatArray] = []
@@ -110,10 +114,19 @@ class _Program:
         self.m = 0
 
     def variables(
-        self, count: int, *, ub: npt.ArrayLike, cost: npt.ArrayLike, integer: bool
+        self,
+        count: int,
+        *,
+        ub: npt.ArrayLike,
+        cost: npt.ArrayLike,
+        integer: bool,
+        tick: npt.ArrayLike = NO_TICK,
     ) -> IntArray:
+        """``tick``: the tick each variable's cost is billed in (``SPREAD``: evenly over the
+        horizon), for the optimum's cost over time."""
         idx = np.arange(self.n, self.n + count, dtype=np.int64)
         self.n += count
+        self._tick.append(np.broadcast_to(np.asarray(tick, dtype=np.int64), (count,)).copy())
         self._lb.append(np.zeros(count))
         self._ub.append(np.broadcast_to(np.asarray(ub, dtype=np.float64), (count,)).copy())
         self._cost.append(np.broadcast_to(np.asarray(cost, dtype=np.float64), (count,)).copy())
@@ -138,6 +151,15 @@ class _Program:
         self._hi.append(np.broadcast_to(np.asarray(hi, dtype=np.float64), (count,)).copy())
         self.m += count
         return np.arange(base, base + count, dtype=np.int64)
+
+    def cost_per_tick(self, x: FloatArray, n_ticks: int) -> FloatArray:
+        """What a solution ``x`` pays in each tick."""
+        paid = np.concatenate(self._cost) * x
+        tick = np.concatenate(self._tick)
+        billed = tick >= 0
+        out = np.bincount(tick[billed], weights=paid[billed], minlength=n_ticks).astype(float)
+        spread: FloatArray = out + float(paid[tick == SPREAD].sum()) / n_ticks
+        return spread
 
     def solve(self, *, integer: bool, time_limit_s: float) -> Any:
         from scipy.optimize import Bounds, LinearConstraint, milp
@@ -236,7 +258,9 @@ def offline_optimum(
             raise RuntimeError(f"offline optimum: HiGHS proved no bound ({res.message})")
         cost, kind, method = float(bound), "lower_bound", "milp-dual-bound"
         gap = float(getattr(res, "mip_gap", math.nan) or math.nan)
+    per_tick = prog.cost_per_tick(res.x, cap.shape[1]) if kind == "optimal" else None
     return OptimalBound(
+        cost_per_tick=per_tick,
         cost=max(0.0, cost),
         reference_cost=reference,
         availability=availability,
@@ -308,6 +332,7 @@ def _build(
         ub=cap.reshape(-1),
         cost=np.repeat(spot_price * dt, n_ticks) * price_scale,
         integer=True,
+        tick=np.tile(np.arange(n_ticks), n_zones),
     ).reshape(n_zones, n_ticks)
     lau = p.variables(n_zones * n_ticks, ub=cap.reshape(-1), cost=0.0, integer=True).reshape(
         n_zones, n_ticks
@@ -332,6 +357,7 @@ def _build(
         ub=np.repeat(drops[cohort_z, cohort_k], len(ends_after)),
         cost=spot_price[coh_z] * coh_life * price_scale,
         integer=True,
+        tick=coh_k,
     )
 
     # flow: u[t] <= u[t-1] - noticed[t] + launched[t]  (the rest released at t)
@@ -362,7 +388,13 @@ def _build(
     od = lod = None
     if spec.on_demand_available:
         od_price = spec.reference_on_demand_per_hour / 3600.0
-        od = p.variables(n_ticks, ub=np.inf, cost=od_price * dt * price_scale, integer=True)
+        od = p.variables(
+            n_ticks,
+            ub=np.inf,
+            cost=od_price * dt * price_scale,
+            integer=True,
+            tick=np.arange(n_ticks),
+        )
         lod = p.variables(n_ticks, ub=np.inf, cost=0.0, integer=True)
         r = np.arange(n_ticks)
         p.rows(
@@ -380,6 +412,7 @@ def _build(
             ub=limit,
             cost=spec.committed_per_hour / 3600.0 * horizon * price_scale,
             integer=True,
+            tick=SPREAD,
         )
 
     # cover: serving in each (tick, segment) >= target (* y)

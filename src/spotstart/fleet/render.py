@@ -67,8 +67,11 @@ def run_rows(runs: Sequence[FleetRun], bound: OptimalBound | None = None) -> lis
     return rows
 
 
-def runs_figure_png(runs: Sequence[FleetRun], title: str = "") -> bytes:
-    """PNG bytes: ready replicas (with the target) and cumulative cost over time, per policy."""
+def runs_figure_png(
+    runs: Sequence[FleetRun], title: str = "", bound: OptimalBound | None = None
+) -> bytes:
+    """PNG bytes: ready replicas (with the target) and cumulative cost over time, per policy
+    (and the offline optimum's, when it was solved exactly)."""
     plt = _pyplot()
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
     for r in runs:
@@ -76,6 +79,17 @@ def runs_figure_png(runs: Sequence[FleetRun], title: str = "") -> bytes:
         ax1.plot(hours, r.ready_replicas, lw=0.7, label=r.policy, drawstyle="steps-post")
         cum = np.cumsum(r.cost_per_tick) / max(r.reference_cost, 1e-12)
         ax2.plot(hours, cum, lw=1.2, label=f"{r.policy} ({r.cost_relative:.2f})")
+    if runs and bound is not None and bound.cost_per_tick is not None:
+        r0 = runs[0]
+        step_h = r0.horizon_s / len(r0.ready_replicas) / 3600
+        opt = np.cumsum(bound.cost_per_tick) / max(r0.reference_cost, 1e-12)
+        ax2.plot(
+            np.arange(len(opt)) * step_h,
+            opt,
+            "k--",
+            lw=1.4,
+            label=f"offline optimum ({opt[-1]:.2f})",
+        )
     if runs:
         r0 = runs[0]
         t_hours = np.arange(len(r0.target_replicas)) * (r0.horizon_s / len(r0.target_replicas))
@@ -139,7 +153,7 @@ def html_report(
         "<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in row.values()) + "</tr>"
         for row in rows
     )
-    png = base64.b64encode(runs_figure_png(runs, title)).decode()
+    png = base64.b64encode(runs_figure_png(runs, title, bound)).decode()
     return (
         "<!doctype html><html><head><meta charset='utf-8'>"
         f"<title>{html.escape(title)}</title><style>body{{font-family:sans-serif;margin:2em}}"
