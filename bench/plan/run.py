@@ -1,4 +1,4 @@
-"""bench/plan: every fleet policy on every shared availability trace, target 3 replicas, cold
+"""bench/plan: every fleet policy on every shared spot trace, target 3 replicas, cold
 start 2 and 18 min, on-demand at 3x spot, beside the offline optimum (an oracle's MILP), plus
 an out-of-sample replay: warm_hedge tuned on each trace's first half, every policy reported
 on the second. Writes bench/results/plan-latest.md, plan-<stamp>.json, plan-latest.png.
@@ -48,6 +48,12 @@ SCENARIOS = [
     ("aws-2zone-13d (V100 8-GPU)", "availability/1-node/aws-10-26-2022", "*_v100_8.json", 120.0),
     ("aws-2zone-13d (K80 1-GPU)", "availability/1-node/aws-10-26-2022", "*_k80_1.json", 120.0),
     ("aws-2zone-13d (K80 8-GPU)", "availability/1-node/aws-10-26-2022", "*_k80_8.json", 120.0),
+    # preemption traces: whether a node launched there was still alive, 30-34 s apart (and a
+    # 4-node one at 300 s), read as capacity: when it was gone, none was to be had
+    ("aws-4zone-7d lifetimes (V100)", "preemption/1-node/aws-04-22-2023", "*.json", 120.0),
+    ("aws-3zone-6d lifetimes (r5)", "preemption/1-node/aws-04-19-2023", "*.json", 120.0),
+    ("gcp-4zone-2d lifetimes (c3-88)", "preemption/1-node/gcp-04-30-2023", "*.json", 30.0),
+    ("aws-3zone-13d lifetimes (4-node V100)", "preemption/4-node/aws-08-03-2023", "*.json", 120.0),
 ]
 
 
