@@ -26,7 +26,7 @@ from spotstart.fetch import FetchConfig
 from spotstart.fetch.layout import STATE_DIR
 from spotstart.fetch.scheduler import source_for
 from spotstart.fetch.verify import crc32c
-from spotstart.store import ObjectInfo, RangeSource, parse_url
+from spotstart.store import ObjectInfo, RangeSource, lookup, parse_url
 
 Verdict = Literal["ok", "info", "warn", "fail"]
 # What our fetch spends per GB moved with CRC-32C on (bench/fetch: 0.8 here), with headroom.
@@ -191,18 +191,14 @@ def _nofile_check() -> Check:
 
 
 async def _pick_object(source: RangeSource, url: str) -> ObjectInfo:
+    """The object the URL names, or the largest under its prefix (what fetch would read)."""
     u = parse_url(url)
-    key = u.key
-    if u.scheme in ("http", "https"):
-        return await source.stat(key)
-    if key and not key.endswith("/"):
-        with contextlib.suppress(NotFound):
-            return await source.stat(key)
-        key += "/"
-    objects = await source.list(key)
-    if not objects:
+    found = await lookup(source, u.scheme, u.key)
+    if found.object is not None:
+        return found.object
+    if not found.objects:
         raise NotFound(f"{url}: no objects to measure")
-    biggest = max(objects, key=lambda o: o.size)
+    biggest = max(found.objects, key=lambda o: o.size)
     return await source.stat(biggest.key) if biggest.needs_stat else biggest
 
 

@@ -39,7 +39,7 @@ from spotstart.fetch.scheduler import (
     source_for,
 )
 from spotstart.fetch.target import DiskTarget, FileTarget
-from spotstart.store import ObjectInfo, RangeSource, StorageURL, parse_url
+from spotstart.store import ObjectInfo, RangeSource, StorageURL, lookup, parse_url
 from spotstart.units import format_bytes
 
 T = TypeVar("T")
@@ -68,21 +68,14 @@ class Fetcher:
     async def resolve(self) -> list[tuple[ObjectInfo, str]]:
         """(object, path relative to DEST) for everything the URL names."""
         url, cfg = self.url, self.config
-        if url.scheme in ("http", "https"):
-            info = await self.source.stat(url.key)
-            name = url.key.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "index.html"
-            return [(info, name)]
-        key = url.key.lstrip("/") if url.scheme == "file" else url.key
-        if key and not key.endswith("/"):
-            try:
-                info = await self.source.stat(key)
-                return [(info, key.rsplit("/", 1)[-1])]
-            except NotFound:
-                pass  # not an object: maybe a prefix
-            prefix = key + "/"
-        else:
-            prefix = key
-        objects = await self.source.list(prefix)
+        found = await lookup(self.source, url.scheme, url.key)
+        if found.object is not None:
+            if url.scheme in ("http", "https"):
+                name = url.key.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "index.html"
+            else:
+                name = found.prefix.rsplit("/", 1)[-1]
+            return [(found.object, name)]
+        prefix, objects = found.prefix, found.objects
         by_key = {o.key: o for o in objects}
         selected = planning.select_keys(sorted(by_key), prefix, cfg.include, cfg.exclude)
         if not objects:

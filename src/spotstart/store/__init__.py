@@ -12,7 +12,7 @@ from spotstart.store._direct import (
     SinkError,
 )
 from spotstart.store._http import HttpOptions
-from spotstart.store.base import Checksums, ObjectInfo, RangeSource, Sink
+from spotstart.store.base import Checksums, Named, ObjectInfo, RangeSource, Sink, lookup
 from spotstart.store.url import StorageURL, parse_url
 
 __all__ = [
@@ -22,12 +22,14 @@ __all__ = [
     "DirectReader",
     "DirectUnsupported",
     "HttpOptions",
+    "Named",
     "ObjectInfo",
     "RangeRequest",
     "RangeSource",
     "Sink",
     "SinkError",
     "StorageURL",
+    "lookup",
     "open_source",
     "parse_url",
 ]

@@ -11,6 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from spotstart.errors import NotFound
+
 # A sink receives the body of a ranged read piece by piece, in order; awaiting it is the
 # backpressure (the disk writer's bounded queue).
 Sink = Callable[[bytes], Awaitable[None]]
@@ -110,3 +112,28 @@ class RangeSource(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Named:
+    """What a URL's key names in a store: one object, or else the objects under a prefix."""
+
+    object: ObjectInfo | None
+    prefix: str
+    objects: list[ObjectInfo] = field(default_factory=list)
+
+
+async def lookup(source: RangeSource, scheme: str, key: str) -> Named:
+    """Stat ``key`` as one object; when it is none (or ends in ``/``), list it as a prefix.
+    An http(s) URL always names one object; ``file`` keys are relative to the source's root.
+    Listed objects may still need a stat (``needs_stat``)."""
+    if scheme in ("http", "https"):
+        return Named(await source.stat(key), key)
+    if scheme == "file":
+        key = key.lstrip("/")
+    if key and not key.endswith("/"):
+        try:
+            return Named(await source.stat(key), key)
+        except NotFound:
+            key += "/"  # not an object: maybe a prefix
+    return Named(None, key, await source.list(key))
