@@ -110,6 +110,18 @@ def test_too_large_for_the_milp_gives_the_lp_relaxation_as_a_lower_bound() -> No
     assert lp.cost <= exact.cost + 1e-9
 
 
+def test_a_search_cut_short_still_gives_a_proven_lower_bound() -> None:
+    rng = np.random.default_rng(7)
+    s = replace(hourly(3, 600.0, on_demand=False), tick_seconds=600.0)
+    cap = rng.integers(0, 3, size=(3, 400))
+    share = 0.8 * best_availability(s, cap, 3)
+    exact = offline_optimum(s, cap, 3, availability=share)
+    cut = offline_optimum(s, cap, 3, availability=share, time_limit_s=1e-3)
+    assert cut.kind == "lower_bound" and cut.method in ("milp-dual-bound", "lp-relaxation")
+    assert cut.cost <= exact.cost + 1e-6
+    assert cut.cost_per_tick is None  # no schedule to draw
+
+
 def test_the_plan_reports_every_policy_against_the_optimum() -> None:
     doc = {
         "tick_seconds": 600,

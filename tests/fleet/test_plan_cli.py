@@ -184,3 +184,23 @@ def test_plan_sweep_gives_each_point_its_cost_over_the_optimum(
     assert all(p["optimal_kind"] == "optimal" for p in points)
     assert run_cli(argv) == 0
     assert "x optimal" in capsys.readouterr().out
+
+
+def test_an_optimum_not_found_in_time_leaves_the_policies_standing(
+    config: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spotstart.fleet import sweep
+    from spotstart.fleet.errors import OptimumNotFound
+
+    def too_slow(*args: object, **kw: object) -> None:
+        raise OptimumNotFound("no optimum or bound within 1 s (9 variables): time limit")
+
+    monkeypatch.setattr(sweep, "plan_optimum", too_slow)
+    assert run_cli(["plan", "run", "--config", str(config), "--json"]) == 0
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert "optimal" not in out and len(out["runs"]) == 3
+    assert "offline optimum left out: no optimum or bound within 1 s" in captured.err
+    argv = ["plan", "sweep", "--config", str(config), "--cold-starts", "120", "--zones", "3"]
+    assert run_cli(argv) == 0
+    assert "x optimal cost" in capsys.readouterr().out

@@ -142,20 +142,30 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--out-of-sample {args.out_of_sample}: a share between 0 and 1")
         from dataclasses import replace
 
+        from spotstart.fleet.errors import OptimumNotFound
         from spotstart.fleet.tuning import tune_out_of_sample
 
-        with _solving(args.json):
-            tuned, bound = tune_out_of_sample(plan, train_share=args.out_of_sample)
+        try:
+            with _solving(args.json):
+                tuned, bound = tune_out_of_sample(
+                    plan, train_share=args.out_of_sample, time_limit_s=_limit(args)
+                )
+        except OptimumNotFound as exc:
+            raise UsageError(f"--out-of-sample tunes against the optimum: {exc}") from None
         a, b = tuned.test_ticks
         runs = [*run_plan(plan.window(a, b)), replace(tuned.test, policy="warm_hedge tuned")]
         title += f"; reported on ticks {a}-{b}, warm_hedge tuned on ticks 0-{a}"
     else:
         runs = run_plan(plan)
         if args.optimal:
+            from spotstart.fleet.errors import OptimumNotFound
             from spotstart.fleet.sweep import plan_optimum
 
-            with _solving(args.json):
-                bound = plan_optimum(plan, time_limit_s=_limit(args))
+            try:
+                with _solving(args.json):
+                    bound = plan_optimum(plan, time_limit_s=_limit(args))
+            except OptimumNotFound as exc:  # the policies' results stand without it
+                Console(stderr=True).print(f"offline optimum left out: {exc}")
 
     if args.plot:
         render.write_bytes(args.plot, render.runs_figure_png(runs, title, bound))
@@ -227,6 +237,10 @@ def _solving(quiet: bool) -> Any:
     return err.status("solving the offline optimum (MILP, HiGHS)...")
 
 
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
 def sweep(args: argparse.Namespace) -> int:
     plan = _load(args)
     cold = _numbers(args.cold_starts, "--cold-starts")
@@ -270,9 +284,14 @@ def sweep(args: argparse.Namespace) -> int:
             tables.append(
                 (
                     f"x optimal cost vs {label} (the optimum's availability: "
-                    + ", ".join(f"{best[v].best_availability:.2%}" for v in values)
+                    + ", ".join(
+                        "-"
+                        if best[v].best_availability is None
+                        else f"{best[v].best_availability:.2%}"
+                        for v in values
+                    )
                     + ")",
-                    lambda p: f"{p.x_optimal_cost:.3f}",
+                    lambda p: "-" if p.x_optimal_cost is None else f"{p.x_optimal_cost:.3f}",
                 )
             )
         for title, fmt in tables:

@@ -1,4 +1,5 @@
-"""The one error the fleet planner raises on purpose: a config or trace it cannot use."""
+"""The errors the fleet planner raises on purpose: a config or trace it cannot use, and an
+optimum the solver could not bound in the time it was given."""
 
 from __future__ import annotations
 
@@ -10,3 +11,8 @@ class ConfigError(UsageError):
 
     The message is one line naming the file or key, the cause and the fix (exit code 2).
     """
+
+
+class OptimumNotFound(Exception):
+    """HiGHS found neither the optimum nor a proven bound within its time limit. Not a
+    failure of the plan: its policies' results stand; the optimum is left out of them."""

@@ -38,6 +38,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from spotstart.fleet.errors import OptimumNotFound
 from spotstart.fleet.model import FleetSpec
 from spotstart.fleet.simulator import capacity_and_target
 
@@ -47,6 +48,8 @@ BoundKind = Literal["optimal", "lower_bound"]
 
 EXACT_MAX_VARIABLES = 1_500_000  # the 9-zone 45-day trace (405k) is proved optimal in ~20 s
 TIME_LIMIT_S = 60.0
+LP_TIME_LIMIT_S = 300.0  # the relaxation of a program too large for the MILP
+LP_MIN_S = 10.0  # the relaxation after a MILP stopped before any bound gets at least this
 _EPS = 1e-9
 NO_TICK = -2  # a variable that costs nothing
 SPREAD = -1  # a cost paid evenly over the horizon (committed nodes)
@@ -243,22 +246,28 @@ def offline_optimum(
     hold_all = availability >= 1.0 - _EPS and _all_coverable(spec)
     prog = _build(spec, cap, tgt, availability=None if hold_all else availability)
     exact = prog.n <= exact_max_variables
-    res = prog.solve(integer=exact, time_limit_s=time_limit_s)
-    kind: BoundKind
-    if not exact:
-        if res.status != 0:
-            raise RuntimeError(f"offline optimum: the LP relaxation failed ({res.message})")
-        cost, kind, method, gap = float(res.fun), "lower_bound", "lp-relaxation", math.nan
-    elif res.status == 0:
+    res = prog.solve(integer=exact, time_limit_s=time_limit_s) if exact else None
+    kind: BoundKind = "lower_bound"
+    dual = None if res is None else getattr(res, "mip_dual_bound", None)
+    if res is not None and res.status == 0:
         cost, kind, method = float(res.fun), "optimal", "milp"
         gap = float(getattr(res, "mip_gap", 0.0) or 0.0)
-    else:  # stopped by the time limit: HiGHS's proven dual bound is still a lower bound
-        bound = getattr(res, "mip_dual_bound", None)
-        if bound is None or not math.isfinite(bound):
-            raise RuntimeError(f"offline optimum: HiGHS proved no bound ({res.message})")
-        cost, kind, method = float(bound), "lower_bound", "milp-dual-bound"
+    elif dual is not None and math.isfinite(dual):
+        # stopped by the time limit: HiGHS's proven dual bound is still a lower bound
+        cost, method = float(dual), "milp-dual-bound"
         gap = float(getattr(res, "mip_gap", math.nan) or math.nan)
-    per_tick = prog.cost_per_tick(res.x, cap.shape[1]) if kind == "optimal" else None
+    else:  # too large, or stopped before any bound: the LP relaxation is one
+        limit = max(time_limit_s, LP_MIN_S if exact else LP_TIME_LIMIT_S)
+        lp = prog.solve(integer=False, time_limit_s=limit)
+        if lp.status != 0:
+            raise OptimumNotFound(
+                f"no optimum or bound within {limit:g} s ({prog.n:,} variables): "
+                f"{lp.message}; give it longer (--optimal-time-limit)"
+            )
+        cost, method, gap = float(lp.fun), "lp-relaxation", math.nan
+    per_tick = (
+        prog.cost_per_tick(res.x, cap.shape[1]) if res is not None and kind == "optimal" else None
+    )
     return OptimalBound(
         cost_per_tick=per_tick,
         cost=max(0.0, cost),
@@ -293,7 +302,10 @@ def best_availability(
     res = prog.solve(integer=True, time_limit_s=time_limit_s)
     horizon: float = cap.shape[1] * float(spec.tick_seconds)
     if res.x is None:
-        raise RuntimeError(f"best availability: HiGHS found no schedule ({res.message})")
+        raise OptimumNotFound(
+            f"no schedule within {time_limit_s:g} s ({prog.n:,} variables) for the best "
+            f"availability: {res.message}; give it longer (--optimal-time-limit)"
+        )
     # optimal, or (time limit) the best schedule found: achievable either way, so the
     # optimum asked to hold it stays feasible
     return min(1.0, float(-res.fun) / horizon)
@@ -462,4 +474,4 @@ def _build(
     return p
 
 
-__all__ = ["OptimalBound", "best_availability", "offline_optimum"]
+__all__ = ["OptimalBound", "OptimumNotFound", "best_availability", "offline_optimum"]

@@ -3,11 +3,13 @@ count."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from spotstart.fleet.config import PlanConfig
+from spotstart.fleet.errors import OptimumNotFound
 from spotstart.fleet.optimal import OptimalBound, offline_optimum
 from spotstart.fleet.policies import make_policy
 from spotstart.fleet.simulator import FleetRun, simulate
@@ -58,7 +60,10 @@ class SweepPoint:
 def _points(
     plan: PlanConfig, axis: str, value: float, optimal: bool, **kw: Any
 ) -> list[SweepPoint]:
-    bound = plan_optimum(plan, **kw) if optimal else None
+    bound = None
+    if optimal:  # without a bound the point keeps its policies' figures, x_optimal_cost None
+        with contextlib.suppress(OptimumNotFound):
+            bound = plan_optimum(plan, **kw)
     out = []
     for run in run_plan(plan):
         extra: dict[str, Any] = {}

@@ -114,11 +114,12 @@ def choose(
     *,
     goal: float = GOAL_AVAILABILITY,
     budget: float = COST_BUDGET,
+    **optimum_kw: Any,
 ) -> tuple[Mapping[str, Any], FleetRun, OptimalBound]:
     """The candidate options the rule above picks on ``plan``; its run; the optimum there."""
     if not candidates:
         raise ConfigError(f"{policy}: nothing to tune over")
-    optimum = plan_optimum(plan)
+    optimum = plan_optimum(plan, **optimum_kw)
     runs = [(dict(c), run_policy(plan, policy, c)) for c in candidates]
     affordable = [cr for cr in runs if cr[1].cost <= budget * optimum.cost + 1e-9]
     if affordable:
@@ -140,6 +141,7 @@ def tune_out_of_sample(
     *,
     train_share: float = 0.5,
     goal: float = GOAL_AVAILABILITY,
+    **optimum_kw: Any,
 ) -> tuple[Tuned, OptimalBound]:
     """Tune ``policy`` on the first part of ``plan``'s trace, replay it on the rest; the
     optimum of the test window beside it."""
@@ -148,7 +150,7 @@ def tune_out_of_sample(
     if policy == "warm_hedge":  # what the training window says about each zone
         ranked = rank_zones(train)
         candidates = [{**c, "zone_rank": ranked} for c in candidates]
-    opts, train_run, train_optimum = choose(train, policy, candidates, goal=goal)
+    opts, train_run, train_optimum = choose(train, policy, candidates, goal=goal, **optimum_kw)
     cut = train.capacity.shape[1]
     tuned = Tuned(
         policy=policy,
@@ -161,7 +163,7 @@ def tune_out_of_sample(
         test_ticks=(cut, plan.capacity.shape[1]),
         candidates=len(candidates),
     )
-    return tuned, plan_optimum(test)
+    return tuned, plan_optimum(test, **optimum_kw)
 
 
 __all__ = [
