@@ -12,6 +12,8 @@
     |   +-- TransferStalled             exit 7  no bytes for longer than the stall timeout
     +-- LocalIOError                    exit 8  the destination cannot be written
     |   +-- DiskFull                    exit 9  ENOSPC / EDQUOT on the destination
+    |   +-- UnsafePath                  exit 8  a symlink, or a directory others may write, where
+    |                                           spotstart creates files
     +-- InvalidCheckpoint               exit 10 malformed checkpoint: header, offsets, dtype, index
     +-- ProtocolError                   exit 11 the server broke its protocol (a 200 to a ranged
                                                 read, a listing that is not S3 XML)
@@ -121,6 +123,11 @@ class DiskFull(LocalIOError):
     """The destination file system is out of space or quota."""
 
     exit_code = 9
+
+
+class UnsafePath(LocalIOError):
+    """A name spotstart would create or write resolves through a symlink, or lies in a
+    directory that another user may write (see :mod:`spotstart.safefs`)."""
 
 
 class InvalidCheckpoint(SpotstartError):
