@@ -313,3 +313,38 @@ def test_a_registry_that_cuts_blob_bodies_is_retried_then_exit_7(
     assert result.code == 7, result.stderr
     assert "Traceback" not in result.stderr
     assert hits["blob"] >= 5  # the first ranged read, tried ATTEMPTS times
+
+
+def test_a_symlink_loop_in_a_parent_path_is_a_reported_anomaly(tmp_path: Path) -> None:
+    """A member under ``a/`` where a -> b -> a, one under a self-referencing link and one whose
+    link target resolves past PATH_MAX: a runtime cannot extract them (ELOOP, ENAMETOOLONG);
+    the audit reports them, counts their bytes as hidden, and goes on (exit 0, no
+    traceback). The rest of the layer is read as usual."""
+    b = builder.OciBuilder(tmp_path / "loop", "v1")
+    deep = "/".join(["d" * 50] * 90)  # 4,589 bytes once resolved
+    b.layer(
+        [
+            builder.symlink("a", "b"),
+            builder.symlink("b", "a"),
+            builder.file("a/x", 1000),
+            builder.symlink("self", "self/self"),
+            builder.file("self/y", 2000),
+            builder.symlink("deep", deep[:4000]),
+            builder.file("deep/" + "e" * 200 + "/z", 3000),
+            builder.file("ok/keep", 4000),
+        ],
+        "RUN ln -s b a && ln -s a b",
+    )
+    result = run_cli(["image", "audit", f"oci:{b.ref}", "--json"])
+    assert result.code == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    report = json.loads(result.stdout)
+    notes = "\n".join(report["notes"])
+    assert "'a/x': its path loops through symlinks" in notes
+    assert "'self/y': its path loops through symlinks" in notes
+    assert "resolves to over 4096 bytes" in notes
+    assert "3 member(s) no runtime can extract" in notes
+    assert report["bytes_hidden"] == 1000 + 2000 + 3000
+    assert report["layers"][0]["files"] == 4
+    table = run_cli(["image", "audit", f"oci:{b.ref}"])
+    assert table.code == 0 and "loops through symlinks" in table.stdout

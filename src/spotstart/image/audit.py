@@ -270,6 +270,12 @@ def _report(
         for layer, st, c in zip(image.layers, stats, compressed, strict=True)
     )
     notes = list(tree.notes.samples)
+    if tree.notes.unextractable:
+        notes.append(
+            f"{tree.notes.unextractable} member(s) no runtime can extract (a path looping "
+            "through symlinks, or over PATH_MAX): unpacking this image fails; their bytes "
+            "count as hidden waste"
+        )
     if any(c is None for c in compressed):
         notes.append(
             "docker save stores layers uncompressed: compressed sizes (and pull times) are "

@@ -22,6 +22,11 @@ from spotstart.image.tarscan import TarEntry
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 _MAX_LINKS = 40  # Linux's MAXSYMLINKS
+PATH_MAX = 4096  # Linux's: a longer name or link target cannot be extracted (ENAMETOOLONG)
+
+
+class Unextractable(Exception):
+    """A path the kernel would refuse (ELOOP, ENAMETOOLONG); internal to the tree."""
 
 
 @dataclass(slots=True)
@@ -47,7 +52,7 @@ class Node:
 @dataclass(frozen=True, slots=True)
 class Wasted:
     """Bytes a layer pulls that a later layer hid: ``by`` which layer, ``how`` overwritten or
-    deleted."""
+    deleted (or ``unreachable``: a member no runtime can extract, ``by`` its own layer)."""
 
     path: str
     layer: int
@@ -61,6 +66,7 @@ class TreeNotes:
     escaped_names: int = 0  # members whose names climbed above the root with ".."
     dangling_hardlinks: int = 0
     hidden_whiteouts: int = 0  # whiteouts of things that did not exist (harmless)
+    unextractable: int = 0  # members no runtime can extract: symlink loops, over PATH_MAX
     samples: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
@@ -97,7 +103,10 @@ class MergedTree:
 
     def lookup(self, path: str, *, follow: bool = True) -> Node | None:
         """The node at an absolute or relative path of the final view, symlinks followed."""
-        found = self._resolve(split(path), create=False, layer=-1, follow_last=follow)
+        try:
+            found = self._resolve(split(path), create=False, layer=-1, follow_last=follow)
+        except Unextractable:
+            return None
         return found[0] if found else None
 
     def walk(self) -> Iterator[tuple[str, Node]]:
@@ -113,6 +122,10 @@ class MergedTree:
     # -- applying a layer ------------------------------------------------------------------
 
     def add(self, layer: int, entry: TarEntry) -> None:
+        if len(entry.name) > PATH_MAX or len(entry.linkname) > PATH_MAX:
+            self.notes.unextractable += 1
+            self._unreachable(layer, entry, f"its name or link target is over {PATH_MAX} bytes")
+            return
         segs = split(entry.name)
         if ".." in entry.name.split("/"):
             self.notes.escaped_names += 1
@@ -120,8 +133,13 @@ class MergedTree:
         if not segs:
             return  # the root itself ("./")
         base = segs[-1]
-        parent_found = self._resolve(segs[:-1], create=True, layer=layer, follow_last=True)
-        assert parent_found is not None
+        try:
+            parent_found = self._resolve(segs[:-1], create=True, layer=layer, follow_last=True)
+        except Unextractable as exc:
+            self.notes.unextractable += 1
+            self._unreachable(layer, entry, str(exc))
+            return
+        assert parent_found is not None  # with create, every component exists
         parent, parent_path = parent_found
         assert parent.children is not None
         prefix = "/" + "/".join(parent_path) if parent_path else ""
@@ -158,9 +176,12 @@ class MergedTree:
         elif entry.kind == "symlink":
             parent.children[base] = Node("symlink", layer, target=entry.linkname)
         elif entry.kind == "hardlink":
-            found = self._resolve(
-                split(entry.linkname), create=False, layer=layer, follow_last=False
-            )
+            try:
+                found = self._resolve(
+                    split(entry.linkname), create=False, layer=layer, follow_last=False
+                )
+            except Unextractable:
+                found = None
             target = found[0] if found else None
             if target is not None and target.kind == "file" and target.inode is not None:
                 target.inode.links += 1
@@ -176,18 +197,32 @@ class MergedTree:
         else:
             parent.children[base] = Node("other", layer)
 
+    def _unreachable(self, layer: int, entry: TarEntry, why: str) -> None:
+        """A member no runtime can extract (containerd stops with ELOOP or ENAMETOOLONG):
+        noted, and its bytes counted as pulled but never seen."""
+        shown = entry.name if len(entry.name) <= 200 else entry.name[:200] + "..."
+        self.notes.note(f"layer {layer}: member {shown!r}: {why}; a runtime cannot extract it")
+        if entry.kind == "file":
+            path = "/" + "/".join(split(shown))
+            inode = Inode(layer, entry.size, path, len(self.inodes), links=0)
+            self.inodes.append(inode)
+            if entry.size:
+                self.wasted.append(Wasted(path, layer, entry.size, layer, "unreachable"))
+
     def _hide(
         self, parent: Node, name: str, child: Node, path: str, layer: int, keep_layer: int
     ) -> None:
-        """Whiteout/opaque semantics: what ``keep_layer`` itself wrote stays."""
-        assert parent.children is not None
-        if child.layer != keep_layer:
-            self._drop(child, path, layer, "deleted")
-            del parent.children[name]
-            return
-        if child.children is not None:  # a directory this layer wrote into: prune below it
-            for sub, grand in list(child.children.items()):
-                self._hide(child, sub, grand, f"{path}/{sub}", layer, keep_layer)
+        """Whiteout/opaque semantics: what ``keep_layer`` itself wrote stays. Iterative: a
+        layer may nest directories deeper than Python's recursion limit."""
+        stack = [(parent, name, child, path)]
+        while stack:
+            parent, name, child, path = stack.pop()
+            assert parent.children is not None
+            if child.layer != keep_layer:
+                self._drop(child, path, layer, "deleted")
+                del parent.children[name]
+            elif child.children is not None:  # a directory this layer wrote into: prune below
+                stack.extend((child, k, g, f"{path}/{k}") for k, g in list(child.children.items()))
 
     def _drop(self, node: Node, path: str, by: int, how: str) -> None:
         stack = [(path, node)]
@@ -205,17 +240,21 @@ class MergedTree:
     ) -> tuple[Node, list[str]] | None:
         """Walk ``segs`` from the root, following symlinks in the root's terms. With
         ``create``, missing or non-directory parents become directories of ``layer`` (and
-        the directories walked count as written by it)."""
+        the directories walked count as written by it). Raises :class:`Unextractable` where
+        the kernel would stop: over ``_MAX_LINKS`` links (ELOOP), a resolved path over
+        ``PATH_MAX`` (ENAMETOOLONG); the second also bounds the directories one call makes."""
         todo = list(reversed(segs))
-        node: Node = self.root
+        nodes: list[Node] = [self.root]  # the directories walked; nodes[-1] is where we are
         path: list[str] = []
+        length = 0  # of "/" + "/".join(path)
         hops = 0
         while todo:
             seg = todo.pop()
+            node = nodes[-1]
             if seg == "..":
                 if path:
-                    path.pop()
-                node = self._at(path)
+                    length -= len(path.pop()) + 1
+                    nodes.pop()
                 continue
             assert node.children is not None
             child = node.children.get(seg)
@@ -223,33 +262,25 @@ class MergedTree:
             if child is not None and child.kind == "symlink" and (follow_last or not last):
                 hops += 1
                 if hops > _MAX_LINKS:
-                    return None
-                target = split(child.target) if child.target.startswith("/") else None
-                if target is not None:
-                    node, path = self.root, []
-                    todo.extend(reversed(target))
-                else:
-                    todo.extend(
-                        reversed([s for s in child.target.split("/") if s not in ("", ".")])
+                    raise Unextractable(
+                        f"its path loops through symlinks (over {_MAX_LINKS} links)"
                     )
+                if child.target.startswith("/"):
+                    nodes, path, length = [self.root], [], 0
+                todo.extend(reversed([s for s in child.target.split("/") if s not in ("", ".")]))
                 continue
+            if length + len(seg) + 1 > PATH_MAX:
+                raise Unextractable(f"its path resolves to over {PATH_MAX} bytes")
             if child is None or (child.children is None and (create or not last)):
                 if not create:
                     return None if child is None or not last else (child, [*path, seg])
                 if child is not None:
                     self._drop(child, "/" + "/".join([*path, seg]), layer, "overwritten")
                 child = Node("dir", layer, children={})
-                assert node.children is not None
                 node.children[seg] = child
             elif create and child.children is not None:
                 child.layer = layer
-            node = child
+            nodes.append(child)
             path.append(seg)
-        return node, path
-
-    def _at(self, path: list[str]) -> Node:
-        node = self.root
-        for seg in path:
-            assert node.children is not None
-            node = node.children[seg]
-        return node
+            length += len(seg) + 1
+        return nodes[-1], path
