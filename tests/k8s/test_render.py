@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from spotstart.k8s import CLOUDS, DeployConfigError, load_config, parse_config, render
 from spotstart.k8s.config import NOTICE_WINDOW_S
 from spotstart.k8s.gpus import GPUS
-from spotstart.k8s.render import GUARD_PORT, ZONE_LABEL
+from spotstart.k8s.render import GUARD_PORT, PEER_PORT, ZONE_LABEL
 from tests.conftest import error_line, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,6 +54,109 @@ def validate_crds(objs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     assert done.returncode == 0, (done.stderr, [r for r in results if not r["ok"]])
     assert len(results) == len(crds)
     return results
+
+
+def peer_containers(pod: dict[str, Any]) -> list[dict[str, Any]]:
+    """The containers of a pod spec that serve to peers or fetch from them."""
+    out = []
+    for c in [*pod.get("initContainers", []), *pod["containers"]]:
+        argv = c.get("command", [])
+        env = {e["name"] for e in c.get("env", [])}
+        if {"serve-peers", "--peers", "--serve-peers"} & set(argv) or "SPOTSTART_PEERS" in env:
+            out.append(c)
+    return out
+
+
+def token_ref(container: dict[str, Any]) -> str | None:
+    """The Secret a container's $SPOTSTART_PEER_TOKEN comes from (None: no token); never a
+    value in the manifest, never optional (a pod without its Secret waits, serving nothing)."""
+    refs = [e for e in container.get("env", []) if e["name"] == "SPOTSTART_PEER_TOKEN"]
+    if not refs:
+        return None
+    (ref,) = refs
+    assert "value" not in ref, ref
+    key_ref = ref["valueFrom"]["secretKeyRef"]
+    assert key_ref["key"] == "token" and key_ref["optional"] is False
+    return str(key_ref["name"])
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A Kubernetes label selector, as the API server reads it."""
+    if not set(selector.get("matchLabels", {}).items()) <= set(labels.items()):
+        return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": key not in labels or labels[key] not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[op]
+        if not ok:
+            return False
+    return True
+
+
+def admits(
+    policy: dict[str, Any], src: dict[str, str], src_ns: str, dst: dict[str, str], port: int
+) -> bool:
+    """Whether ``policy`` (the only one in the namespace) lets a TCP connection from a pod
+    labelled ``src`` in ``src_ns`` reach ``port`` of a pod labelled ``dst``: NetworkPolicy
+    semantics for the peers this render uses (podSelector, namespaceSelector, none)."""
+    spec = policy["spec"]
+    if not selects(spec["podSelector"], dst) or "Ingress" not in spec["policyTypes"]:
+        return True  # not selected: not isolated
+    for rule in spec.get("ingress", []):
+        ports = rule.get("ports")
+        if ports is not None and not any(
+            p.get("protocol", "TCP") == "TCP" and p["port"] <= port <= p.get("endPort", p["port"])
+            for p in ports
+        ):
+            continue
+        peers = rule.get("from")
+        if peers is None:
+            return True
+        for peer in peers:
+            assert set(peer) <= {"podSelector", "namespaceSelector"}, peer
+            if "namespaceSelector" not in peer and src_ns != policy["metadata"]["namespace"]:
+                continue
+            if selects(peer.get("podSelector", {}), src):
+                return True
+    return False
+
+
+def check_peer_policy(
+    policy: dict[str, Any],
+    deployments: list[dict[str, Any]],
+    controller: dict[str, Any],
+    server_port: int,
+) -> None:
+    """Only the model's own pods reach the peer port; the serving ports stay open to all."""
+    ns = policy["metadata"]["namespace"]
+    own = [d["spec"]["template"]["metadata"]["labels"] for d in deployments]
+    name = own[0]["app.kubernetes.io/name"]
+    # the policy applies to the model's pods only: not the controller's, not a stray pod
+    # wearing the Service's label
+    assert all(selects(policy["spec"]["podSelector"], labels) for labels in own)
+    ctl = controller["spec"]["template"]["metadata"]["labels"]
+    assert not selects(policy["spec"]["podSelector"], ctl)
+    strangers = [
+        ({}, ns),
+        (ctl, ns),
+        ({"app.kubernetes.io/name": name}, ns),  # the headless Service's label alone
+        ({"app.kubernetes.io/name": name, "spotstart.dev/capacity": "x"}, ns),
+        (own[0], "other-namespace"),  # the same labels, another namespace
+    ]
+    for dst in own:
+        for src in own:
+            assert admits(policy, src, ns, dst, PEER_PORT)
+        for labels, src_ns in strangers:
+            assert not admits(policy, labels, src_ns, dst, PEER_PORT), (labels, src_ns)
+            # the Service, a router, Prometheus and the probes reach what they reached before
+            for port in (GUARD_PORT, server_port):
+                assert admits(policy, labels, src_ns, dst, port)
+            # a port nobody listens on is not opened by the policy
+            assert not admits(policy, labels, src_ns, dst, 9999)
 
 
 @pytest.mark.parametrize("kcloud", CLOUDS)
@@ -138,7 +241,9 @@ def configs(cloud: str) -> st.SearchStrategy[dict[str, Any]]:
             "notice_window_seconds": st.integers(1, NOTICE_WINDOW_S[cloud]),  # type: ignore[index]
             "weights": st.sampled_from(["init", "in-process"]),
             "eks": st.just({"cluster_name": "c1"}),
-            "peers": st.booleans(),
+            "peers": st.sampled_from(
+                [False, True, {"token": False}, {"token": True, "token_secret": "peer.tok-1"}]
+            ),
         }
     )
 
@@ -203,7 +308,7 @@ def test_any_valid_config_renders_objects_that_validate_and_keep_the_rules(
         assert env["POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
         annotations = d["spec"]["template"]["metadata"]["annotations"]
         assert annotations["prometheus.io/path"] == "/spotstart/metrics"
-        assert ("initContainers" in pod) == (cfg.weights == "init" or cfg.peers)
+        assert ("initContainers" in pod) == (cfg.weights == "init" or cfg.peers is not None)
         inits = {c["name"]: c for c in pod.get("initContainers", [])}
         assert ("fetch-weights" in inits) == (cfg.weights == "init")
         if cfg.peers:
@@ -216,8 +321,14 @@ def test_any_valid_config_renders_objects_that_validate_and_keep_the_rules(
             if cfg.weights == "init":
                 fetch = inits["fetch-weights"]["command"]
                 assert fetch[fetch.index("--peers") + 1] == dns
+            # every peer container (server and clients) has the token from the Secret, or,
+            # opted out, the server says --no-token and nobody has a token
+            for c in peer_containers(pod):
+                assert token_ref(c) == (cfg.peers.token_secret if cfg.peers.token else None)
+            assert ("--no-token" in sidecar["command"]) == (not cfg.peers.token)
         else:
             assert "serve-peers" not in inits and "SPOTSTART_PEERS" not in env
+            assert "SPOTSTART_PEER_TOKEN" not in json.dumps(pod)
         # the guard marks its own pod: the pods run as the ServiceAccount the RBAC is for
         assert pod["serviceAccountName"] == cfg.name
     (binding,) = [
@@ -231,7 +342,11 @@ def test_any_valid_config_renders_objects_that_validate_and_keep_the_rules(
     (vap,) = [o for o in objs if o["kind"] == "ValidatingAdmissionPolicy"]
     assert f"system:serviceaccount:{cfg.namespace}:{cfg.name}" in json.dumps(vap)
     headless = [o for o in objs if o["kind"] == "Service" and o["spec"].get("clusterIP") == "None"]
+    policies = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    assert not [o for o in objs if o["kind"] == "Secret"]  # never a secret in the manifests
     if cfg.peers:
+        (policy,) = policies
+        check_peer_policy(policy, deployments, controller, cfg.port)
         (svc,) = headless
         assert svc["metadata"]["name"] == f"{cfg.name}-peers"
         assert svc["spec"]["publishNotReadyAddresses"] is True
@@ -239,7 +354,7 @@ def test_any_valid_config_renders_objects_that_validate_and_keep_the_rules(
         assert svc["spec"]["selector"].items() <= labels.items()
         assert svc["spec"]["ports"][0]["targetPort"] == "peers"
     else:
-        assert not headless
+        assert not headless and not policies
     by_name = {d["metadata"]["name"]: d for d in deployments}
     assert by_name[f"{cfg.name}-spot"]["spec"]["replicas"] == cfg.replicas
     assert by_name[f"{cfg.name}-ondemand"]["spec"]["replicas"] == 0

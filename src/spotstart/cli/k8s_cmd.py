@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, cast
 from spotstart.errors import UsageError
 
 if TYPE_CHECKING:
+    from spotstart.k8s.config import DeployConfig
     from spotstart.k8s.controller import ControllerConfig
 
 
@@ -155,13 +156,38 @@ def run_render(args: argparse.Namespace) -> int:
     from spotstart.k8s.config import Cloud
 
     cloud = cast(Cloud, args.cloud)
-    manifests = render(load_config(args.config, cloud), cloud)
+    cfg = load_config(args.config, cloud)
+    manifests = render(cfg, cloud)
     if args.out is None:
         sys.stdout.write("---\n".join(to_yaml(m) for m in manifests))
-        return 0
-    for path in write_manifests(manifests, args.out):
-        print(path)
+    else:
+        for path in write_manifests(manifests, args.out):
+            print(path)
+    _peer_token_note(cfg)
     return 0
+
+
+def _peer_token_note(cfg: DeployConfig) -> None:
+    """On stderr (stdout may be the YAML stream): the one command that creates the peers'
+    Secret, or a warning that the weights are served without a token."""
+    from spotstart.k8s.render import peer_token_command
+
+    if cfg.peers is None:
+        return
+    command = peer_token_command(cfg)
+    if command is None:
+        print(
+            "spotstart: warning: peers.token is false: serve-peers runs with --no-token; any "
+            "pod that reaches the peer port can download the model",
+            file=sys.stderr,
+        )
+        return
+    print(
+        f"spotstart: the pods wait for Secret {cfg.namespace}/{cfg.peers.token_secret} "
+        "(the peers' token); create it once with:",
+        file=sys.stderr,
+    )
+    print(command, file=sys.stderr)
 
 
 def controller_config(args: argparse.Namespace) -> ControllerConfig:

@@ -23,8 +23,14 @@ CLOUDS: tuple[Cloud, ...] = ("gke", "eks", "aks")
 NOTICE_WINDOW_S: dict[Cloud, int] = {"gke": 15, "eks": 110, "aks": 30}
 # The metadata server `spotstart guard --cloud` watches on each.
 GUARD_CLOUD: dict[Cloud, str] = {"gke": "gce", "eks": "aws", "aks": "azure"}
+# The pod's listeners besides the server's own port: the guard (the Service's target) and the
+# serve-peers sidecar. The server's port must differ from both (one network namespace).
+GUARD_PORT = 8080
+PEER_PORT = 8471
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+# a Secret's name: a DNS-1123 subdomain (and so nothing a shell would read specially)
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _TOP = {
     "name",
     "namespace",
@@ -44,10 +50,26 @@ _TOP = {
 _SERVER = {"command", "health_path"}
 _GPU = {"type", "count"}
 _EKS = {"cluster_name", "node_role"}
+_PEERS = {"token", "token_secret"}
 
 
 class DeployConfigError(UsageError):
     """A deploy config is invalid (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Replicas serve the weights to each other (`peers: true`, or a mapping of these keys).
+
+    ``token``: every peer request carries the token of the Secret ``token_secret`` (key
+    ``token``, given to the containers as $SPOTSTART_PEER_TOKEN); False renders serve-peers
+    with ``--no-token``: any pod that reaches the peer port gets the model (the NetworkPolicy
+    is then the only lock). ``token_secret``: the Secret's name, never its value; created
+    outside the manifests (`spotstart k8s render` prints the command).
+    """
+
+    token: bool = True
+    token_secret: str = ""
 
 
 @dataclass(frozen=True)
@@ -77,7 +99,7 @@ class DeployConfig:
     max_on_demand: int
     eks_cluster_name: str
     eks_node_role: str
-    peers: bool = False
+    peers: PeerConfig | None = None
 
 
 def _fail(key: str, why: str) -> DeployConfigError:
@@ -167,6 +189,11 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
     if weights not in ("init", "in-process"):
         raise _fail("weights", f"{weights!r}: init or in-process")
     replicas = _int(data, "replicas", None, 1, 1000)
+    peers = _peers(data.get("peers", False), name)
+    port = _int(data, "port", 8000, 1, 65535)
+    taken = {GUARD_PORT: "the guard's"} | ({PEER_PORT: "the peer sidecar's"} if peers else {})
+    if port in taken:
+        raise _fail("port", f"{port} is {taken[port]} port in the same pod; pick another")
     eks = data.get("eks", {})
     if not isinstance(eks, Mapping):
         raise _fail("eks", "a mapping: {cluster_name: ..., node_role: ...}")
@@ -179,7 +206,7 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
         model_url=model_url,
         image=_str(data, "image"),
         server_command=tuple(command),
-        port=_int(data, "port", 8000, 1, 65535),
+        port=port,
         health_path=health,
         gpu_type=gpu_type,
         gpu_count=_int(gpu, "count", 1, 1, 16),
@@ -190,15 +217,33 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
         max_on_demand=_int(data, "max_on_demand", replicas, 0, 1000),
         eks_cluster_name=str(eks.get("cluster_name", "")),
         eks_node_role=str(eks.get("node_role", f"KarpenterNodeRole-{eks.get('cluster_name', '')}")),
-        peers=_bool(data, "peers", False),
+        peers=peers,
     )
 
 
-def _bool(data: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = data.get(key, default)
-    if not isinstance(value, bool):
-        raise _fail(key, f"{value!r}: true or false")
-    return value
+def _peers(value: Any, name: str) -> PeerConfig | None:
+    """`peers: true|false` or `peers: {token: true|false, token_secret: NAME}`."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise _fail("peers", f"{value!r}: true, false or {{token: ..., token_secret: ...}}")
+    _unknown(value, _PEERS, "peers")
+    token = value.get("token", True)
+    if not isinstance(token, bool):
+        raise _fail("peers.token", f"{token!r}: true or false")
+    secret = value.get("token_secret")
+    if not token:
+        if secret is not None:
+            raise _fail("peers.token_secret", "given with token: false; drop one of them")
+        return PeerConfig(token=False)
+    secret = f"{name}-peer-token" if secret is None else secret
+    if not isinstance(secret, str) or len(secret) > 253 or not _DNS_SUBDOMAIN.fullmatch(secret):
+        raise _fail(
+            "peers.token_secret", f"{secret!r}: a Secret name (lowercase, digits, '-', '.')"
+        )
+    return PeerConfig(token=True, token_secret=secret)
 
 
 def load_config(path: Path, cloud: Cloud) -> DeployConfig:

@@ -2,18 +2,19 @@
 of `Manifest` (file name, leading comment, object as plain data). No cluster, no I/O; writing
 the files is `write_manifests`. Spot first, on-demand second, weights on local SSD, the guard
 as the entrypoint with its readiness wired into the probes, the grace period inside the
-cloud's notice."""
+cloud's notice. With peers, the weights are served to the deployment's own pods only: a token
+from a Secret the manifests name but never hold, and a NetworkPolicy on the peer port."""
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from spotstart.k8s.config import GUARD_CLOUD, Cloud, DeployConfig
+from spotstart.k8s.config import GUARD_CLOUD, GUARD_PORT, PEER_PORT, Cloud, DeployConfig
 from spotstart.k8s.gpus import GPUS
 
-GUARD_PORT = 8080
 WEIGHTS_DIR = "/weights"
 METRICS_PATH = "/spotstart/metrics"
 ZONE_LABEL = "topology.kubernetes.io/zone"
@@ -42,10 +43,13 @@ def _meta(cfg: DeployConfig, name: str, role: str, namespaced: bool = True) -> O
     return meta
 
 
+CAPACITY_LABEL = "spotstart.dev/capacity"
+
+
 def _selector(cfg: DeployConfig, kind: str | None = None) -> dict[str, str]:
     sel = {"app.kubernetes.io/name": cfg.name}
     if kind is not None:
-        sel["spotstart.dev/capacity"] = kind
+        sel[CAPACITY_LABEL] = kind
     return sel
 
 
@@ -135,25 +139,28 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
     init: list[Obj] = []
     fetch = ["spotstart", "fetch", cfg.model_url, WEIGHTS_DIR, "--json"]
     if cfg.peers:
+        serve = ["spotstart", "serve-peers", WEIGHTS_DIR, "--listen", f"0.0.0.0:{PEER_PORT}"]
+        token_env = _peer_token_env(cfg)
+        if token_env is None:
+            # peers: {token: false}: the user's explicit choice; the NetworkPolicy is the only lock
+            serve.append("--no-token")
         # A native sidecar (restartPolicy Always, Kubernetes >= 1.29) starts before the
         # fetch and lives with the pod: it serves the weights dir to other replicas from the
         # first finished chunk on (journals say which), and the whole files after.
-        init.append(
-            {
-                "name": "serve-peers",
-                "image": cfg.image,
-                "restartPolicy": "Always",
-                "command": [
-                    "spotstart",
-                    "serve-peers",
-                    WEIGHTS_DIR,
-                    "--listen",
-                    f"0.0.0.0:{PEER_PORT}",
-                ],
-                "ports": [{"name": "peers", "containerPort": PEER_PORT, "protocol": "TCP"}],
-                "volumeMounts": mounts,
-            }
-        )
+        sidecar: Obj = {
+            "name": "serve-peers",
+            "image": cfg.image,
+            "restartPolicy": "Always",
+            "command": serve,
+            "ports": [{"name": "peers", "containerPort": PEER_PORT, "protocol": "TCP"}],
+            "volumeMounts": mounts,
+        }
+        if token_env is not None:
+            # the server and every client of the peers (fetch, in-process load) carry the same
+            # token: each side reads $SPOTSTART_PEER_TOKEN
+            sidecar["env"] = [token_env]
+            env.append(token_env)
+        init.append(sidecar)
         env.append({"name": "SPOTSTART_PEERS", "value": _peer_dns(cfg)})
         env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
         fetch += ["--peers", _peer_dns(cfg)]
@@ -187,7 +194,46 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
     }
 
 
-PEER_PORT = 8471
+PEER_TOKEN_ENV = "SPOTSTART_PEER_TOKEN"  # what serve-peers, fetch and load read
+PEER_TOKEN_KEY = "token"
+
+
+def _peer_token_env(cfg: DeployConfig) -> Obj | None:
+    """$SPOTSTART_PEER_TOKEN from the Secret: a reference, never the value. Not optional: a
+    pod whose Secret is missing waits (CreateContainerConfigError) rather than serving the
+    weights without a token, and starts by itself once the Secret exists."""
+    if cfg.peers is None or not cfg.peers.token:
+        return None
+    ref = {"name": cfg.peers.token_secret, "key": PEER_TOKEN_KEY, "optional": False}
+    return {"name": PEER_TOKEN_ENV, "valueFrom": {"secretKeyRef": ref}}
+
+
+def peer_token_command(cfg: DeployConfig) -> str | None:
+    """The one shell command that creates the peers' token Secret with a random token (None
+    when the config has no peer token). 256 random bits as 64 hex characters, no newline (the
+    env var is the whole file); the token goes from openssl to kubectl through a pipe and a
+    shell builtin: never in argv (ps, /proc), shell history, a file, or the manifests. The
+    length check keeps a failed openssl from creating a Secret with an empty token; `create`
+    refuses to overwrite an existing Secret."""
+    if cfg.peers is None or not cfg.peers.token:
+        return None
+    create = shlex.join(
+        [
+            "kubectl",
+            "create",
+            "secret",
+            "generic",
+            cfg.peers.token_secret,
+            "--namespace",
+            cfg.namespace,
+            f"--from-file={PEER_TOKEN_KEY}=/dev/stdin",
+        ]
+    )
+    script = (
+        'token="$(openssl rand -hex 32)" && [ "${#token}" -eq 64 ] && '
+        f'printf %s "$token" | {create}'
+    )
+    return f"sh -c {shlex.quote(script)}"
 
 
 def _peer_dns(cfg: DeployConfig) -> str:
@@ -196,11 +242,21 @@ def _peer_dns(cfg: DeployConfig) -> str:
 
 
 def _peer_service(cfg: DeployConfig) -> Manifest:
+    assert cfg.peers is not None
+    command = peer_token_command(cfg)
+    token = (
+        f" Peers need the token of the Secret {cfg.peers.token_secret} (key "
+        f"{PEER_TOKEN_KEY}); the pods wait until it exists. Create it once with:\n  {command}"
+        if command is not None
+        else " NO TOKEN (peers: {token: false}): serve-peers runs with --no-token, and any "
+        "pod that gets past the NetworkPolicy (or every pod, where the cluster does not "
+        "enforce NetworkPolicy) can download the model."
+    )
     return Manifest(
         "service-peers.yaml",
         "Headless Service of every replica's serve-peers sidecar: new pods take the weights "
         "from pods that hold them. publishNotReadyAddresses: pods still starting serve the "
-        "chunks they have.",
+        "chunks they have." + token,
         {
             "apiVersion": "v1",
             "kind": "Service",
@@ -211,6 +267,68 @@ def _peer_service(cfg: DeployConfig) -> Manifest:
                 "selector": _selector(cfg),
                 "ports": [
                     {"name": "peers", "port": PEER_PORT, "targetPort": "peers", "protocol": "TCP"}
+                ],
+            },
+        },
+    )
+
+
+# Whether a NetworkPolicy is enforced at all is the cluster's choice, made at its creation.
+_POLICY_ENFORCED_BY: dict[Cloud, str] = {
+    "gke": "GKE enforces it with Dataplane V2 (Autopilot's default) or with network policy "
+    "enforcement turned on (Standard clusters: --enable-network-policy).",
+    "eks": "EKS enforces it only with the VPC CNI's network policy agent turned on "
+    '(enableNetworkPolicy: "true" in the vpc-cni add-on\'s configuration, VPC CNI >= 1.14) or '
+    "with Calico or Cilium.",
+    "aks": "AKS enforces it only on clusters created with --network-policy azure, calico or "
+    "cilium.",
+}
+
+
+def _own_pods(cfg: DeployConfig) -> Obj:
+    """The pods of the two Deployments (spot and on-demand) and nothing else: the headless
+    Service's label, and a capacity label only render gives (the controller's pods carry
+    neither)."""
+    return {
+        "matchLabels": _selector(cfg),
+        "matchExpressions": [
+            {"key": CAPACITY_LABEL, "operator": "In", "values": ["spot", "ondemand"]}
+        ],
+    }
+
+
+def _peer_network_policy(cfg: DeployConfig, cloud: Cloud) -> Manifest:
+    """Only the deployment's own pods reach the peer port. A policy that selects a pod denies
+    every ingress no rule allows, so the serving ports are listed too, open to every source as
+    they were without the policy (the Service, a router, a gateway, Prometheus)."""
+    serving = sorted({GUARD_PORT, cfg.port})
+    comment = (
+        f"The serve-peers port ({PEER_PORT}) of the model's pods accepts connections only from "
+        "the model's own pods (same namespace, same labels): no other pod of the cluster can "
+        f"download the weights. The guard's port ({GUARD_PORT}, the Service's target) and the "
+        f"server's port ({cfg.port}) stay open to every source, as without this policy. Kubelet "
+        "probes come from the node, which most CNIs let through whatever the policies say; "
+        "the probes' port is open to every source here anyway. "
+        "Egress is not restricted. " + _POLICY_ENFORCED_BY[cloud] + " Where it is not "
+        "enforced, the peer token is the only lock."
+    )
+    return Manifest(
+        "networkpolicy-peers.yaml",
+        comment,
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(cfg, f"{cfg.name}-peers", "peers"),
+            "spec": {
+                "podSelector": _own_pods(cfg),
+                "policyTypes": ["Ingress"],
+                "ingress": [
+                    # numeric ports: a named port is resolved per pod, and not by every CNI
+                    {"ports": [{"protocol": "TCP", "port": p} for p in serving]},
+                    {
+                        "from": [{"podSelector": _own_pods(cfg)}],
+                        "ports": [{"protocol": "TCP", "port": PEER_PORT}],
+                    },
                 ],
             },
         },
@@ -784,7 +902,9 @@ def render(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
         extra = _gke(cfg)
     elif cloud == "eks":
         extra = _eks(cfg)
-    peers = [_peer_service(cfg)] if cfg.peers else []
+    # No policy without peers: the pods' only listeners are then the serving ports, open to
+    # all; a policy could only restate that (or break a port a user relies on).
+    peers = [_peer_service(cfg), _peer_network_policy(cfg, cloud)] if cfg.peers else []
     return [*_common(cfg, cloud), *peers, *extra]
 
 
@@ -825,6 +945,16 @@ def write_manifests(manifests: list[Manifest], out: Path) -> list[Path]:
 
 
 def _wrap(text: str, width: int = 96) -> list[str]:
+    """Paragraphs (lines of ``text``) wrapped; a line indented by two spaces (a command to
+    copy) is kept whole."""
     import textwrap
 
-    return textwrap.wrap(text, width) or [""]
+    lines: list[str] = []
+    for paragraph in text.splitlines() or [""]:
+        verbatim = paragraph.startswith("  ")
+        lines += (
+            [paragraph]
+            if verbatim
+            else textwrap.wrap(paragraph, width, break_on_hyphens=False) or [""]
+        )
+    return lines
