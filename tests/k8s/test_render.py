@@ -5,6 +5,7 @@ are one-line errors with exit 2."""
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from hypothesis import strategies as st
 from spotstart.k8s import CLOUDS, DeployConfigError, load_config, parse_config, render
 from spotstart.k8s.config import NOTICE_WINDOW_S
 from spotstart.k8s.gpus import GPUS
-from spotstart.k8s.render import GUARD_PORT, PEER_PORT, ZONE_LABEL
+from spotstart.k8s.render import GUARD_PORT, PEER_PORT, ZONE_LABEL, peer_token_command
 from tests.conftest import error_line, run_cli
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -386,6 +387,14 @@ BASE: dict[str, Any] = {
         ({"name": "Bad_Name"}, "gke", "lowercase letters"),
         ({"eks": {}}, "eks", "eks.cluster_name"),
         ({"zones": ["a-1", "a-1"]}, "gke", "listed twice"),
+        ({"peers": True, "port": 8471}, "gke", "8471 is the peer sidecar's port"),
+        ({"port": 8080}, "gke", "8080 is the guard's port"),
+        ({"peers": "yes"}, "gke", "peers: 'yes'"),
+        ({"peers": {"tokn": False}}, "gke", "unknown key 'tokn'"),
+        ({"peers": {"token": "no"}}, "gke", "peers.token: 'no': true or false"),
+        ({"peers": {"token_secret": "Peer_Token"}}, "gke", "peers.token_secret: 'Peer_Token'"),
+        ({"peers": {"token_secret": "a b; rm -rf ~"}}, "eks", "peers.token_secret"),
+        ({"peers": {"token": False, "token_secret": "t"}}, "aks", "given with token: false"),
     ],
 )
 def test_bad_configs_are_refused_with_the_key_and_the_fix(
@@ -402,3 +411,178 @@ def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     res = run_cli(["k8s", "render", "--config", str(bad), "--cloud", "aks"])
     assert res.code == 2
     assert "notice_window_seconds" in error_line(res.stderr)
+
+
+def rendered(tmp_path: Path, config: Path, kcloud: str, env: dict[str, str] | None = None) -> Any:
+    """`spotstart k8s render -o DIR` as a user runs it: (result, objects, text of the files)."""
+    out = tmp_path / f"out-{kcloud}"
+    res = run_cli(
+        ["k8s", "render", "--config", str(config), "--cloud", kcloud, "-o", str(out)], env=env
+    )
+    assert res.code == 0, res.stderr
+    files = sorted(out.iterdir())
+    objs = [yaml.safe_load(p.read_text()) for p in files if p.suffix == ".yaml"]
+    return res, objs, {p.name: p.read_text() for p in files}
+
+
+def model_pods(objs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [
+        o["spec"]["template"]["spec"]
+        for o in objs
+        if o["kind"] == "Deployment"
+        and o["metadata"]["name"] in (f"{name}-spot", f"{name}-ondemand")
+    ]
+
+
+@pytest.mark.parametrize("kcloud", CLOUDS)
+def test_with_peers_every_peer_container_takes_the_token_from_a_secret_and_no_token_is_written(
+    kcloud: str, tmp_path: Path
+) -> None:
+    # a token in the user's shell must not find its way into the manifests
+    leaked = "do-not-render-3f9a1c"
+    res, objs, texts = rendered(tmp_path, EXAMPLE, kcloud, env={"SPOTSTART_PEER_TOKEN": leaked})
+    assert not [t for t in [res.stdout, res.stderr, *texts.values()] if leaked in t]
+    assert not [o for o in objs if o["kind"] == "Secret"]
+    validate_core(objs)
+    pods = model_pods(objs, "llama-8b")
+    assert len(pods) == 2
+    for pod in pods:
+        containers = peer_containers(pod)
+        # the sidecar that serves, the init fetch and the server (in-process loads) that read
+        assert {c["name"] for c in containers} == {"serve-peers", "fetch-weights", "server"}
+        assert {token_ref(c) for c in containers} == {"llama-8b-peer-token"}
+        for c in [*pod["initContainers"], *pod["containers"]]:
+            assert "--no-token" not in c["command"]
+    (policy,) = [o for o in objs if o["kind"] == "NetworkPolicy"]
+    assert policy["metadata"]["namespace"] == "serving"
+    deployments = [o for o in objs if o["kind"] == "Deployment"]
+    controller = next(d for d in deployments if d["metadata"]["name"] == "llama-8b-controller")
+    check_peer_policy(
+        policy, [d for d in deployments if d is not controller], controller, server_port=8000
+    )
+    # where the cluster does not enforce NetworkPolicy, the comment says so for this cloud
+    enforced = {"gke": "Dataplane V2", "eks": "enableNetworkPolicy", "aks": "--network-policy"}
+    assert enforced[kcloud] in " ".join(texts["networkpolicy-peers.yaml"].split())
+    # the one command that creates the Secret: on stderr, and whole in the peers' Service file
+    command = peer_token_command(load_config(EXAMPLE, kcloud))  # type: ignore[arg-type]
+    assert command is not None and res.stderr.strip().splitlines()[-1] == command
+    assert f"#   {command}\n" in texts["service-peers.yaml"]
+
+
+def test_rendered_peer_commands_are_ones_the_cli_takes() -> None:
+    from spotstart.cli.main import build_parser
+
+    cfg = load_config(EXAMPLE, "gke")
+    (pod, _) = model_pods([m.obj for m in render(cfg, "gke")], cfg.name)
+    inits = {c["name"]: c["command"] for c in pod["initContainers"]}
+    for argv in (inits["serve-peers"], inits["fetch-weights"]):
+        parsed = build_parser().parse_args(argv[1:])
+        assert parsed.peer_token_file is None  # the token comes from $SPOTSTART_PEER_TOKEN
+
+
+def fake_bin(tmp_path: Path, scripts: dict[str, str]) -> str:
+    """A PATH whose first directory holds these small shell scripts."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in scripts.items():
+        script = bin_dir / name
+        script.write_text("#!/bin/sh\n" + body)
+        script.chmod(0o755)
+    return f"{bin_dir}:/usr/bin:/bin"
+
+
+def test_the_printed_command_creates_the_secret_with_a_fresh_random_token_never_in_argv(
+    tmp_path: Path,
+) -> None:
+    kubectl = shutil.which("kubectl")
+    assert kubectl is not None and shutil.which("openssl") is not None
+    cfg = parse_config({**BASE, "namespace": "ml", "peers": {"token_secret": "m.tok"}}, "gke")
+    command = peer_token_command(cfg)
+    assert command is not None
+    argv_log = tmp_path / "argv"
+    # the real kubectl, asked not to contact a cluster; every argv it got is recorded
+    path = fake_bin(
+        tmp_path,
+        {
+            "kubectl": f'printf "%s\\n" "$@" >> {argv_log}\n'
+            f'exec {kubectl} "$@" --dry-run=client -o json\n'
+        },
+    )
+    tokens = []
+    for _ in range(2):
+        done = subprocess.run(
+            ["/bin/sh", "-c", command],
+            env={"PATH": path, "HOME": str(tmp_path)},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        secret = json.loads(done.stdout)
+        assert (secret["kind"], secret["metadata"]) == (
+            "Secret",
+            {"name": "m.tok", "namespace": "ml", "creationTimestamp": None},
+        )
+        assert set(secret["data"]) == {"token"}
+        token = base64.b64decode(secret["data"]["token"]).decode()
+        assert len(token) == 64 and set(token) <= set("0123456789abcdef")  # 256 bits, no "\n"
+        tokens.append(token)
+    assert tokens[0] != tokens[1]
+    assert not [t for t in tokens if t in argv_log.read_text()]
+    assert tokens[0] not in command
+
+
+def test_the_printed_command_creates_no_secret_when_no_token_could_be_made(
+    tmp_path: Path,
+) -> None:
+    cfg = parse_config({**BASE, "peers": True}, "gke")
+    command = peer_token_command(cfg)
+    assert command is not None
+    ran = tmp_path / "kubectl-ran"
+    path = fake_bin(
+        tmp_path,
+        {
+            "openssl": "echo 'openssl: not today' >&2\nexit 1\n",
+            "kubectl": f"touch {ran}\ncat >/dev/null\n",
+        },
+    )
+    done = subprocess.run(
+        ["/bin/sh", "-c", command],
+        env={"PATH": path, "HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    # no Secret with an empty token (the pods would then start with none)
+    assert done.returncode != 0 and not ran.exists()
+
+
+def test_peers_token_false_renders_no_token_and_no_secret_and_says_so_loudly(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "deploy.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "namespace": "ml", "peers": {"token": False}}))
+    res, objs, texts = rendered(tmp_path, config, "aks")
+    validate_core(objs)
+    assert "secretKeyRef" not in "".join(texts.values())
+    assert "SPOTSTART_PEER_TOKEN" not in "".join(texts.values())
+    for pod in model_pods(objs, "m"):
+        (sidecar,) = [c for c in pod["initContainers"] if c["name"] == "serve-peers"]
+        assert sidecar["command"][-1] == "--no-token"
+        assert all(token_ref(c) is None for c in peer_containers(pod))
+    # the NetworkPolicy is then the only lock, and still there
+    assert [o["metadata"]["name"] for o in objs if o["kind"] == "NetworkPolicy"] == ["m-peers"]
+    assert "\n# WARNING: NO TOKEN (peers: {token: false})" in texts["service-peers.yaml"]
+    assert "warning: peers.token is false" in res.stderr
+    assert "kubectl create secret" not in res.stderr
+
+
+def test_without_peers_there_is_no_network_policy_no_token_and_no_note(tmp_path: Path) -> None:
+    config = tmp_path / "deploy.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "peers": False}))
+    res, objs, texts = rendered(tmp_path, config, "eks")
+    assert not [o for o in objs if o["kind"] in ("NetworkPolicy", "Secret")]
+    assert "SPOTSTART_PEER_TOKEN" not in "".join(texts.values())
+    assert res.stderr == ""

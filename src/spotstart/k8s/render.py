@@ -248,8 +248,8 @@ def _peer_service(cfg: DeployConfig) -> Manifest:
         f" Peers need the token of the Secret {cfg.peers.token_secret} (key "
         f"{PEER_TOKEN_KEY}); the pods wait until it exists. Create it once with:\n  {command}"
         if command is not None
-        else " NO TOKEN (peers: {token: false}): serve-peers runs with --no-token, and any "
-        "pod that gets past the NetworkPolicy (or every pod, where the cluster does not "
+        else "\nWARNING: NO TOKEN (peers: {token: false}): serve-peers runs with --no-token, "
+        "and any pod that gets past the NetworkPolicy (or every pod, where the cluster does not "
         "enforce NetworkPolicy) can download the model."
     )
     return Manifest(
