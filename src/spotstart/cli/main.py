@@ -18,6 +18,7 @@ from spotstart.cli import (
     image_cmd,
     k8s_cmd,
     load_cmd,
+    manifest_cmd,
     peers_cmd,
     plan_cmd,
     timeline_cmd,
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_parser(sub)
     emulate_cmd.add_parser(sub)
     peers_cmd.add_parser(sub)
+    manifest_cmd.add_parser(sub)
     doctor_cmd.add_parser(sub)
     timeline_cmd.add_parser(sub)
     return parser

@@ -21,6 +21,7 @@ from spotstart.errors import (
     DiskFull,
     EndpointUnreachable,
     IntegrityError,
+    NotFound,
     ObjectChanged,
     ProtocolError,
     RetriesExceeded,
@@ -33,6 +34,13 @@ from spotstart.fetch import plan as planning
 from spotstart.fetch.cache import CacheIndex
 from spotstart.fetch.config import FetchConfig
 from spotstart.fetch.journal import JournalHeader, local_error
+from spotstart.fetch.manifest import (
+    MAX_MANIFEST_BYTES,
+    ManifestEntry,
+    PieceHasher,
+    manifest_candidates,
+    parse_manifest,
+)
 from spotstart.fetch.peers import OBJECTS_PATH, PeerSet, object_id
 from spotstart.fetch.target import FileTarget, Window
 from spotstart.fetch.verify import ALGORITHMS, CRC32C, CrcAlgorithm, combine_chunk_crcs
@@ -112,6 +120,16 @@ class TransferFile:
     from_peers: dict[int, tuple[str, int]] = field(default_factory=dict)
     origin_only: bool = False  # no more peers for this object (a check failed)
     peer_id: str | None = None  # its identity between peers; None: never from a peer
+    # Peers may give its bytes if a manifest covers it (even when the origin has no
+    # cryptographic checksum for it): set before transfer() reads the manifests.
+    peer_candidate: bool = False
+    # The manifest entry its peer chunks are checked against, piece by piece, on arrival;
+    # its chunks are then whole pieces.
+    manifest: ManifestEntry | None = None
+    peer_bytes: bool = False  # some chunk came from a peer (sticky: the final check knows)
+    # Peer chunks not yet proven (no manifest: the whole-object digest proves them at the
+    # end). Kept out of the journal until then, so a rerun never resumes them unchecked.
+    unproven: dict[int, int] = field(default_factory=dict)
     # Serialises journal commits (commit loop) with the final commit + rename (_finish).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -344,16 +362,13 @@ class TransferScheduler:
         ``local_path`` names it in local I/O errors (where its bytes land on disk)."""
         chunk_bytes = self._chunk_bytes(info)
         crc = info.checksums.crc
-        sums = info.checksums
-        # Peer bytes are taken only where the origin vouches for the whole object.
-        checked = (
-            sums.crc is not None
-            or sums.md5 is not None
-            or (sums.md5_of_parts is not None and bool(info.parts))
-        )
+        # Peer bytes are taken only where a digest a peer cannot forge proves them: the
+        # origin's MD5 (recomputed over the whole object when a peer gave any of it), or a
+        # manifest's SHA-256 pieces (transfer() reads it). A CRC is linear: never proof.
+        candidate = self.config.verify != "size" and info.ranges
         peer_id = (
             object_id(self.display_of(info), info.version, info.size)
-            if checked and self.config.verify != "size" and info.ranges
+            if candidate and _crypto_digest(info) is not None
             else None
         )
         return TransferFile(
@@ -367,6 +382,7 @@ class TransferScheduler:
             crc_algorithm=ALGORITHMS[crc[0]] if crc is not None else CRC32C,
             local_path=local_path,
             peer_id=peer_id,
+            peer_candidate=candidate,
         )
 
     def display_of(self, info: ObjectInfo) -> str:
@@ -444,6 +460,8 @@ class TransferScheduler:
         """Fetch, verify and finish every file: one concurrency limit, one retry policy;
         with ``config.peers``, chunks from peers that hold them first."""
         spec = self.config.peers
+        if spec is not None and spec.entries and any(f.peer_candidate for f in files):
+            await self._apply_manifests([f for f in files if f.peer_candidate])
         wanted = any(f.peer_id is not None for f in files)
         if self.peers is None and spec is not None and spec.entries and wanted:
             self.peers = PeerSet(spec)
@@ -454,6 +472,64 @@ class TransferScheduler:
         finally:
             if self.peers is not None:
                 await self.peers.close()
+
+    async def _apply_manifests(self, files: list[TransferFile]) -> None:
+        """Read the manifests that may cover ``files`` from the origin and plan each covered
+        file's chunks on its piece grid (whole pieces per chunk), so every peer chunk is
+        checked on arrival. Before any target is opened (the journal records the plan)."""
+        entries = await self._read_manifests([f.info.key for f in files])
+        for f in files:
+            e = entries.get(f.display)
+            if e is None:
+                continue
+            if not e.matches(f.display, f.info.version, f.info.size):
+                self.progress.on_message(
+                    f"{f.rel}: the manifest describes version {e.version} ({e.size} bytes), "
+                    f"not {f.info.version} ({f.info.size} bytes): stale, ignored"
+                )
+                continue
+            if e.parts != f.info.parts:
+                self.progress.on_message(
+                    f"{f.rel}: the manifest's multipart layout differs from the store's: ignored"
+                )
+                continue
+            chunk_bytes = e.chunk_bytes_for(f.chunk_bytes)
+            chunks = planning.plan_chunks(
+                f.info.size, chunk_bytes, planning.part_boundaries(f.info.parts)
+            )
+            try:
+                for ch in chunks:
+                    e.pieces_in(ch.start, ch.length)
+            except ValueError as exc:  # cannot happen with the same parts; never trust it
+                self.progress.on_message(f"{f.rel}: manifest ignored ({exc})")
+                continue
+            f.chunks, f.chunk_bytes, f.manifest = chunks, chunk_bytes, e
+            f.peer_id = object_id(f.display, f.info.version, f.info.size)
+
+    async def _read_manifests(self, keys: list[str]) -> dict[str, ManifestEntry]:
+        """Entries of the manifests beside ``keys`` on the origin (nearest first wins). One
+        that is absent is no manifest; one that cannot be read, is too large or malformed is
+        ignored with a message: without it peers give only what the origin's own MD5 proves,
+        so ignoring it never widens what a peer can do."""
+        out: dict[str, ManifestEntry] = {}
+        for key in manifest_candidates(self.url.scheme, self.url.key, keys):
+            where = f"manifest {self._display_key(key)}"
+            try:
+                info = await self.stat(key)
+                if info.size > MAX_MANIFEST_BYTES:
+                    raise ValueError(f"{info.size} bytes, more than {MAX_MANIFEST_BYTES >> 20} MiB")
+                found = parse_manifest(await self.read_bytes(info, 0, info.size))
+            except NotFound:
+                continue
+            except (SpotstartError, ValueError) as exc:
+                self.progress.on_message(f"{where}: ignored ({exc})")
+                continue
+            for url, e in found.entries.items():
+                out.setdefault(url, e)
+        return out
+
+    def _display_key(self, key: str) -> str:
+        return f"{self.url.scheme}://{self.url.bucket}/{key}" if self.url.bucket else key
 
     async def _transfer(self, files: list[TransferFile]) -> None:
         loop = asyncio.get_running_loop()
@@ -494,9 +570,7 @@ class TransferScheduler:
                         t.result()
                         continue
                     f, ch = running.pop(t)
-                    crc = t.result()  # raises the chunk's fatal error
-                    f.crcs[ch.index] = crc
-                    f.uncommitted[ch.index] = crc
+                    _landed(f, ch.index, t.result())  # raises the chunk's fatal error
                     f.remaining -= 1
                     if f.md5 is not None and f.target is not None:
                         f.md5.kick(f.target, f.crcs)
@@ -583,7 +657,7 @@ class TransferScheduler:
         req: RangeRequest,
         f: TransferFile,
         ch: planning.Chunk,
-        window: Window,
+        window: Window | _CheckedWindow,
     ) -> int:
         """``req`` read by ``reader`` on the scheduler's threads into ``window``; its CRC.
         Progress counted as bytes arrive is rolled back on any failure; a local write
@@ -684,6 +758,7 @@ class TransferScheduler:
         window = self._target_window(f, ch)
         if window is None:
             return None
+        check = PieceHasher(f.manifest.pieces_in(ch.start, ch.length)) if f.manifest else None
         if self._peer_reader is None:
             http = self.config.http
             self._peer_reader = DirectReader(
@@ -700,7 +775,8 @@ class TransferScheduler:
         peer.in_flight += 1
         t0 = loop.time()
         try:
-            crc = await self._land(self._peer_reader, req, f, ch, window)
+            landing = _CheckedWindow(window, check) if check is not None else window
+            crc = await self._land(self._peer_reader, req, f, ch, landing)
         except (TransientError, EndpointUnreachable, ProtocolError, DirectUnsupported) as exc:
             if isinstance(exc, TransientError) and exc.throttled:
                 peers.busy(peer, 1.0)
@@ -717,9 +793,15 @@ class TransferScheduler:
             if obj is not None
             else None
         )
-        if published is not None and published != crc:
-            self.progress.on_bytes(-ch.length)  # all of it arrived, and counted: roll it back
+        # The published CRC is a hint (it finds a broken peer early), never proof: the
+        # manifest's SHA-256 pieces are, or else the origin's MD5 at the end.
+        reason = None
+        if check is not None and (bad := check.mismatch()) is not None:
+            reason = f"chunk {ch.index} of {f.rel}: {bad}"
+        elif published is not None and published != crc:
             reason = f"chunk {ch.index} of {f.rel} does not match the CRC it published"
+        if reason is not None:
+            self.progress.on_bytes(-ch.length)  # all of it arrived, and counted: roll it back
             peers.drop(peer, reason)
             self.progress.on_message(f"peer {peer.address} dropped: {reason}")
             return None
@@ -728,6 +810,7 @@ class TransferScheduler:
         self.counters.bytes_from_peers += ch.length
         self.counters.direct_chunks += 1
         f.from_peers[ch.index] = (peer.address, crc)
+        f.peer_bytes = True
         return crc
 
     async def _settle(self, writes: list[asyncio.Future[None]], f: TransferFile) -> None:
@@ -768,6 +851,8 @@ class TransferScheduler:
                 ok, kinds, detail = await asyncio.to_thread(self._verify, f, None)
             if ok:
                 f.verified = kinds
+                f.uncommitted.update(f.unproven)  # proven by the whole-object check
+                f.unproven = {}
                 break
             if pass_no == self.config.verify_passes:
                 target.discard()
@@ -789,6 +874,10 @@ class TransferScheduler:
     def _verify(
         self, f: TransferFile, md5: bytes | None = None
     ) -> tuple[bool, tuple[str, ...], str]:
+        """Size, then the store's strongest checksum; when peers gave bytes, also what
+        proves theirs: the manifest (pieces checked on arrival; with --verify full the whole
+        object's SHA-256 from disk), else the origin's MD5 recomputed from disk (a CRC
+        alone never: it is forgeable). Returns (ok, kinds that proved it, what failed)."""
         assert f.target is not None
         size = f.target.stored_size()
         if size != f.info.size:
@@ -797,23 +886,37 @@ class TransferScheduler:
         if self.config.verify == "size":
             return True, ("size",), ""
         full = self.config.verify == "full"
+        kinds: list[str] = ["size"]
         if sums.crc is not None:
             crcs = _crcs_of(f.target, f.chunks, f.crc_algorithm) if full else f.crcs
-            return _check_crc(f, ALGORITHMS[sums.crc[0]], sums.crc[1], crcs)
-        if sums.md5 is not None or (sums.md5_of_parts is not None and f.info.parts):
-            want = sums.md5 if sums.md5 is not None else sums.md5_of_parts
+            ok, crc_kinds, detail = _check_crc(f, ALGORITHMS[sums.crc[0]], sums.crc[1], crcs)
+            if not ok:
+                return ok, crc_kinds, detail
+            kinds = list(crc_kinds)
+        peer_proof = f.peer_bytes and f.manifest is None
+        digest = _crypto_digest(f.info)
+        if digest is not None and (sums.crc is None or peer_proof):
+            want = sums.md5 if digest == "md5" else sums.md5_of_parts
             assert want is not None
-            kind = "md5" if sums.md5 is not None else "md5-of-parts"
             if md5 is not None:
                 got_md5 = md5
-            elif sums.md5 is not None:
+            elif digest == "md5":
                 got_md5 = _md5_of(f.target, f.info.size)
             else:
                 got_md5 = _md5_of_parts(f.target, f.info.parts)
             if got_md5 != want:
-                return False, (), f"{kind} mismatch (got {got_md5.hex()}, want {want.hex()})"
-            return True, ("size", kind), ""
-        return True, ("size",), ""
+                return False, (), f"{digest} mismatch (got {got_md5.hex()}, want {want.hex()})"
+            kinds.append(digest)
+        elif peer_proof:  # cannot happen: plan_file gives such objects no peer id
+            return False, (), "peer bytes with nothing to prove them"
+        if f.manifest is not None and (f.peer_bytes or full):
+            if full:
+                got = _sha256_of(f.target, f.info.size)
+                if got != f.manifest.sha256:
+                    wanted = f.manifest.sha256.hex()
+                    return False, (), f"sha256 mismatch (got {got.hex()}, manifest {wanted})"
+            kinds.append("sha256-manifest")
+        return True, tuple(kinds), ""
 
     async def _recheck_peer_chunks(self, f: TransferFile, detail: str) -> None:
         """The object failed its check and peers gave some of it: fetch those chunks again
@@ -855,10 +958,53 @@ class TransferScheduler:
                 self.counters.refetched_chunks += 1
                 if changed is not None:
                     changed(ch.index)
-            f.crcs[ch.index] = crc
-            f.uncommitted[ch.index] = crc
+            _landed(f, ch.index, crc)
 
         await asyncio.gather(*(one(ch) for ch in chunks))
+
+
+class _CheckedWindow:
+    """A peer chunk's landing, every byte shown to the manifest's piece hasher as it lands
+    (on the reader's thread, after ``recv_into`` and before the window writes it out)."""
+
+    def __init__(self, window: Window, check: PieceHasher) -> None:
+        self.window, self.check = window, check
+        self._last: memoryview | None = None
+
+    def space(self) -> memoryview:
+        self._last = self.window.space()
+        return self._last
+
+    def took(self, n: int) -> None:
+        assert self._last is not None
+        self.check.update(self._last[:n])
+        self.window.took(n)
+
+    def crc(self, algorithm: CrcAlgorithm) -> int:
+        return self.window.crc(algorithm)
+
+
+def _crypto_digest(info: ObjectInfo) -> str | None:
+    """The cryptographic digest the origin gives for the whole object (what proves peer
+    bytes when no manifest covers it), or None: a CRC or a size is no proof."""
+    sums = info.checksums
+    if sums.md5 is not None:
+        return "md5"
+    if sums.md5_of_parts is not None and info.parts:
+        return "md5-of-parts"
+    return None
+
+
+def _landed(f: TransferFile, index: int, crc: int) -> None:
+    """Chunk ``index`` is in place: journal it, unless a peer gave it and nothing has proven
+    it yet (no manifest: the whole-object digest in _finish does)."""
+    f.crcs[index] = crc
+    if index in f.from_peers and f.manifest is None:
+        f.unproven[index] = crc
+        f.uncommitted.pop(index, None)
+    else:
+        f.uncommitted[index] = crc
+        f.unproven.pop(index, None)
 
 
 def _hash_target(h: Any, target: FileTarget, start: int, length: int) -> None:
@@ -906,11 +1052,13 @@ def part_crcs(
 
 def _content_checks(f: TransferFile) -> bool:
     sums = f.info.checksums
-    return (
-        sums.crc is not None
-        or sums.md5 is not None
-        or (sums.md5_of_parts is not None and bool(f.info.parts))
-    )
+    return sums.crc is not None or _crypto_digest(f.info) is not None or f.manifest is not None
+
+
+def _sha256_of(target: FileTarget, size: int) -> bytes:
+    h = hashlib.sha256()
+    _hash_target(h, target, 0, size)
+    return h.digest()
 
 
 def _crcs_of(

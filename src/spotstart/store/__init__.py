@@ -12,7 +12,15 @@ from spotstart.store._direct import (
     SinkError,
 )
 from spotstart.store._http import HttpOptions
-from spotstart.store.base import Checksums, Named, ObjectInfo, RangeSource, Sink, lookup
+from spotstart.store.base import (
+    Checksums,
+    Named,
+    ObjectInfo,
+    ObjectWriter,
+    RangeSource,
+    Sink,
+    lookup,
+)
 from spotstart.store.url import StorageURL, parse_url
 
 __all__ = [
@@ -24,6 +32,7 @@ __all__ = [
     "HttpOptions",
     "Named",
     "ObjectInfo",
+    "ObjectWriter",
     "RangeRequest",
     "RangeSource",
     "Sink",

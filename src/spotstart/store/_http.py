@@ -163,10 +163,12 @@ async def request_json_or_text(
     what: str,
     *,
     hint: str = "",
+    data: bytes | None = None,
 ) -> tuple[int, Mapping[str, str], bytes]:
-    """A small request whose whole body is wanted (listing, stat). Raises our errors."""
+    """A small request whose whole body is wanted (listing, stat; ``data``: an upload's
+    body). Raises our errors."""
     try:
-        async with session.request(method, wire_url(url), headers=dict(headers)) as resp:
+        async with session.request(method, wire_url(url), headers=dict(headers), data=data) as resp:
             await raise_for_status(resp, what, hint=hint)
             body = await resp.read()
             return resp.status, resp.headers, body

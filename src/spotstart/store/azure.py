@@ -196,6 +196,15 @@ class AzureSource:
                 f"{what}: body ended after {received} of {length} bytes at offset {start}"
             )
 
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Put Blob (one request for a small object), through the same obstore client."""
+        try:
+            await obstore.put_async(
+                self._store, key, data, attributes={"Content-Type": content_type}
+            )
+        except Exception as exc:
+            raise translate_error(exc, self._what(key), self._hint()) from exc
+
     def _hint(self) -> str:
         return "" if self._anonymous else _CRED_HINT
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from spotstart.errors import NotFound
 
@@ -112,6 +112,15 @@ class RangeSource(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ObjectWriter(Protocol):
+    """The one write a source may offer (gs, s3, az, file; not http): a small whole object
+    put under ``key``, replacing any there (a manifest beside a model). Translates failures
+    as reads do."""
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from spotstart.store.base import Checksums, ObjectInfo, Sink
 
 DEFAULT_ENDPOINT = "https://storage.googleapis.com"
 READ_SCOPE = "https://www.googleapis.com/auth/devstorage.read_only"
+WRITE_SCOPE = "https://www.googleapis.com/auth/devstorage.read_write"  # put only
 _CRED_HINT = (
     "; set GOOGLE_APPLICATION_CREDENTIALS to a service-account JSON or run "
     "`gcloud auth application-default login`"
@@ -57,12 +58,12 @@ class _Token:
         return {"Authorization": f"Bearer {self._creds.token}"}
 
 
-def _load_credentials() -> Any | None:
+def _load_credentials(scope: str = READ_SCOPE) -> Any | None:
     import google.auth
     import google.auth.exceptions
 
     try:
-        creds, _project = google.auth.default(scopes=[READ_SCOPE])
+        creds, _project = google.auth.default(scopes=[scope])
     except google.auth.exceptions.DefaultCredentialsError as exc:
         if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
             # Asked for explicitly and broken: say so rather than silently go anonymous.
@@ -88,6 +89,7 @@ class GCSSource:
         self._base, emulator = resolve_endpoint(endpoint, os.environ if env is None else env)
         self._anonymous = emulator if anonymous is None else anonymous
         self._token: _Token | None = None
+        self._write_token: _Token | None = None
         self._creds_checked = False
         self._session = _http.make_session(options)
 
@@ -172,6 +174,28 @@ class GCSSource:
             f"gs://{self.bucket}/{obj.key}",
             self._options,
             hint=self._hint(),
+        )
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """A media upload (JSON API ``uploadType=media``, as GCS and its emulators take it),
+        with a read-write token asked for only now."""
+        headers = {"Content-Type": content_type}
+        if not self._anonymous:
+            if self._write_token is None:
+                creds = await asyncio.to_thread(_load_credentials, WRITE_SCOPE)
+                if creds is None:
+                    raise CredentialsNotFound(
+                        f"{self.display}: no credentials to write{_CRED_HINT}"
+                    )
+                self._write_token = _Token(creds)
+            try:
+                headers.update(await self._write_token.header())
+            except Exception as exc:  # google-auth raises many types
+                raise CredentialsNotFound(f"{self.display}: cannot get a token: {exc}") from exc
+        params = urlencode({"uploadType": "media", "name": key})
+        url = f"{self._base}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o?{params}"
+        await _http.request_json_or_text(
+            self._session, "POST", url, headers, f"gs://{self.bucket}/{key}", data=data
         )
 
     async def close(self) -> None:

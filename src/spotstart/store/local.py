@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
 import os
+import secrets
 from pathlib import Path
 
 from spotstart.errors import LocalIOError, NotFound, ObjectChanged
@@ -77,6 +79,30 @@ class LocalSource:
                 done += len(piece)
         finally:
             os.close(fd)
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """Write ``data`` to a fresh temporary name beside ``key`` (``O_EXCL | O_NOFOLLOW``:
+        never through a planted file or link), then rename it into place."""
+        await asyncio.to_thread(self._put_sync, key, data)
+
+    def _put_sync(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(tmp, flags, 0o644)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise LocalIOError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
     async def close(self) -> None:
         return None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import hashlib
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
@@ -91,13 +92,15 @@ class S3Source:
         scheme, host = self._base.split("://", 1)
         return f"{scheme}://{self.bucket}.{host}/{k}{q}"
 
-    async def _signed(self, method: str, url: str, extra: Mapping[str, str]) -> dict[str, str]:
+    async def _signed(
+        self, method: str, url: str, extra: Mapping[str, str], payload_sha256: str = EMPTY_SHA256
+    ) -> dict[str, str]:
         async with self._creds_lock:
             if not self._creds_checked:
                 self._credentials = await asyncio.to_thread(self._load_credentials)
                 self._creds_checked = True
         headers = dict(extra)
-        headers["x-amz-content-sha256"] = EMPTY_SHA256
+        headers["x-amz-content-sha256"] = payload_sha256
         if self._credentials is None:
             return headers  # anonymous: public buckets work; 403 names the fix
         from botocore.auth import S3SigV4Auth
@@ -122,12 +125,18 @@ class S3Source:
         return _CRED_HINT if self._credentials is None else ""
 
     async def _request(
-        self, method: str, url: str, what: str, extra: Mapping[str, str]
+        self,
+        method: str,
+        url: str,
+        what: str,
+        extra: Mapping[str, str],
+        data: bytes | None = None,
     ) -> tuple[int, Mapping[str, str], bytes]:
-        headers = await self._signed(method, url, extra)
+        digest = hashlib.sha256(data).hexdigest() if data is not None else EMPTY_SHA256
+        headers = await self._signed(method, url, extra, digest)
         try:
             return await _http.request_json_or_text(
-                self._session, method, url, headers, what, hint=self._hint()
+                self._session, method, url, headers, what, hint=self._hint(), data=data
             )
         except SpotstartError as exc:
             if self._credentials is None and not self._anonymous and "access denied" in str(exc):
@@ -227,6 +236,13 @@ class S3Source:
             self._options,
             hint=self._hint(),
         )
+
+    async def put(self, key: str, data: bytes, content_type: str) -> None:
+        """PutObject, its SHA-256 signed (x-amz-content-sha256: the store checks the body)
+        and its MD5 sent (Content-MD5), so a body damaged on the way is refused."""
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        extra = {"Content-Type": content_type, "Content-MD5": md5}
+        await self._request("PUT", self._url(key), f"s3://{self.bucket}/{key}", extra, data)
 
     async def close(self) -> None:
         await self._session.close()
