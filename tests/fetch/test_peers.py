@@ -333,8 +333,9 @@ def test_the_peer_server_names_no_paths_and_serves_nothing_outside_its_holdings(
             "mtime_ns": st.st_mtime_ns,
         }
     index_path.write_text(json.dumps(index))
-    peer = serve(a, env={**os.environ, "SPOTSTART_PEER_TOKEN": "s3cret"})  # type: ignore[operator]
-    auth = {"Authorization": "Bearer s3cret"}
+    token = "s3cret-s3cret-s3cret"  # a peer token is at least 16 bytes
+    peer = serve(a, env={**os.environ, "SPOTSTART_PEER_TOKEN": token})  # type: ignore[operator]
+    auth = {"Authorization": f"Bearer {token}"}
 
     assert _get(peer.address, "/v1/inventory")[0] == 401
     assert _get(peer.address, "/v1/inventory", {"Authorization": "Bearer nope"})[0] == 401

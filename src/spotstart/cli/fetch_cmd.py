@@ -12,7 +12,7 @@ from typing import Protocol, TypeVar
 from rich.console import Console
 
 from spotstart import events, units
-from spotstart.cli.peers_cmd import add_token_flag, token_from_args
+from spotstart.cli.peers_cmd import add_token_flags, configure_log, serving_token, token_from_args
 from spotstart.cli.progress import LineProgress, RichProgress
 from spotstart.errors import SpotstartError, UsageError
 from spotstart.fetch import (
@@ -138,9 +138,10 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--serve-peers",
         metavar="HOST:PORT",
-        help="serve DEST to peers while this runs, chunks included as they arrive",
+        help="serve DEST to peers while this runs, chunks included as they arrive (on an "
+        "address other hosts can reach: with a token, or --no-token)",
     )
-    add_token_flag(p)
+    add_token_flags(p, serving=True)
     p.add_argument(
         "--page-cache",
         action="store_true",
@@ -179,18 +180,18 @@ def config_from_args(args: argparse.Namespace) -> FetchConfig:
 
 
 def peers_from_args(args: argparse.Namespace) -> PeerSpec | None:
-    """--peers (or $SPOTSTART_PEERS); ourselves excluded: the --serve-peers address, and
-    $POD_IP at that port (a headless Service lists this pod too)."""
+    """--peers (or $SPOTSTART_PEERS) and the token; ourselves excluded: the --serve-peers
+    address, and $POD_IP at that port (a headless Service lists this pod too). With
+    --serve-peers on an address other hosts can reach, a token or --no-token is required."""
     text = args.peers if args.peers is not None else os.environ.get(PEERS_ENV)
-    token = token_from_args(args)
-    if not text and not args.serve_peers:
-        return None
-    exclude: list[str] = []
-    if args.serve_peers:
-        host, port = split_listen(args.serve_peers)
-        exclude.append(f"{host}:{port}")
-        if os.environ.get("POD_IP"):
-            exclude.append(f"{os.environ['POD_IP']}:{port}")
+    if not args.serve_peers:
+        return PeerSpec.parse(text, token_from_args(args)) if text else None
+    host, port = split_listen(args.serve_peers)
+    token = serving_token(args, "--serve-peers", host, port)
+    configure_log("spotstart.peers", "spotstart fetch")
+    exclude = [f"{host}:{port}"]
+    if os.environ.get("POD_IP"):
+        exclude.append(f"{os.environ['POD_IP']}:{port}")
     return PeerSpec.parse(text or "", token, exclude=tuple(exclude))
 
 

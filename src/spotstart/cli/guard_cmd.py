@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 import time
@@ -14,9 +13,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
+from spotstart.cli.peers_cmd import add_token_flags, listen_limits, serving_token
 from spotstart.errors import UsageError
-from spotstart.fetch.peer_server import PeerServer, split_listen
-from spotstart.fetch.peers import TOKEN_ENV
+from spotstart.fetch.peer_server import PeerServer, PeerServerThread, split_listen
+from spotstart.listen import raise_open_files_limit
 from spotstart.units import parse_host_port
 
 if TYPE_CHECKING:  # the proxy pulls in aiohttp.web and prometheus: only when guard runs
@@ -79,9 +79,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--serve-peers",
         metavar="DIR:HOST:PORT",
-        help="also serve what DIR holds to other nodes' fetches (as `spotstart serve-peers`), "
-        "until the guard exits; token from $SPOTSTART_PEER_TOKEN",
+        help="also serve what DIR holds to other nodes' fetches (as `spotstart serve-peers`, "
+        "on a thread and within limits of its own: a flood on it leaves the guard's port "
+        "answering), until the guard exits; on an address other hosts can reach: with a "
+        "token ($SPOTSTART_PEER_TOKEN or --peer-token-file), or --no-token",
     )
+    add_token_flags(p, serving=True)
     p.add_argument(
         "--cloud",
         choices=("auto", "gce", "aws", "azure", "none"),
@@ -283,12 +286,12 @@ async def build_watchers(args: argparse.Namespace) -> list[NoticeWatcher]:
 async def _main(args: argparse.Namespace, config: GuardConfig) -> int:
     from spotstart.guard.run import run_guard
 
-    server = await _peer_server(*args.peer_serving) if args.peer_serving else None
+    peers = await asyncio.to_thread(_peer_server, *args.peer_serving) if args.peer_serving else None
     try:
         return await run_guard(config, await build_watchers(args), time.monotonic)
     finally:
-        if server is not None:
-            await server.close()
+        if peers is not None:
+            await asyncio.to_thread(peers.close)
 
 
 def parse_serve_peers(spec: str) -> tuple[Path, str, int]:
@@ -300,14 +303,18 @@ def parse_serve_peers(spec: str) -> tuple[Path, str, int]:
     return Path(root), host, port
 
 
-async def _peer_server(root: Path, host: str, port: int) -> PeerServer:
-    server = PeerServer(root, token=os.environ.get(TOKEN_ENV) or None)
+def _peer_server(root: Path, host: str, port: int, token: str | None) -> PeerServerThread:
+    """The peer server on its own thread and event loop, with at most a quarter of the open
+    files: a flood or a slowloris on the peer port cannot take the guard's proxy, probes or
+    descriptors with it."""
+    server = PeerServer(root, token=token, limits=listen_limits(None, share=4), log=log)
+    thread = PeerServerThread(server)
     try:
-        await server.start(host, port)
+        bound = thread.start(host, port)
     except OSError as exc:
         raise UsageError(f"--serve-peers {root}:{host}:{port}: {exc.strerror or exc}") from None
-    log.info("serving %s to peers on %s:%d", root, host, server.port)
-    return server
+    log.info("serving %s to peers on %s:%d", root, host, bound)
+    return thread
 
 
 def run(args: argparse.Namespace) -> int:
@@ -316,7 +323,14 @@ def run(args: argparse.Namespace) -> int:
         from spotstart import events
 
         events.configure(args.events)
-    args.peer_serving = parse_serve_peers(args.serve_peers) if args.serve_peers else None
+    # Soft open-files limit up to the hard one: a proxy holding many streams needs more than
+    # the 1024 of many systems (asyncio uses epoll; the soft limit is for select's sake).
+    raise_open_files_limit()
+    args.peer_serving = None
+    if args.serve_peers:
+        root, host, port = parse_serve_peers(args.serve_peers)
+        token = serving_token(args, "--serve-peers", host, port)
+        args.peer_serving = (root, host, port, token)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("spotstart guard: %(levelname)s %(message)s"))
     log.addHandler(handler)

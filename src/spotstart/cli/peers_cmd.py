@@ -1,21 +1,29 @@
 """`spotstart serve-peers DIR --listen HOST:PORT`: serve what DIR holds to other nodes'
-fetches (see spotstart.fetch.peer_server), until SIGTERM or SIGINT."""
+fetches (see spotstart.fetch.peer_server), until SIGTERM or SIGINT. Also the peer token's one
+reader and the one "no token on a reachable address" check, for serve-peers, fetch and guard."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
 from spotstart.errors import UsageError
 from spotstart.fetch.peer_server import PeerServer, split_listen
 from spotstart.fetch.peers import TOKEN_ENV
+from spotstart.listen import ListenLimits, is_loopback
 
 DEFAULT_PORT = 8471
+MIN_TOKEN_BYTES = 16  # 128 bits of a random token; shorter is a password, not a key
+MAX_TOKEN_BYTES = 4096
+MAKE_TOKEN = "(umask 077; openssl rand -hex 32 > peer.token)"
+DEFAULT_MAX_CONNECTIONS = ListenLimits.max_connections
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -24,40 +32,140 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="serve the objects a directory holds to other nodes' fetches (read-only)",
         description="Serve byte ranges of the objects DIR holds (complete files of its cache "
         "index, and the finished chunks of files still arriving) to `spotstart fetch --peers`. "
-        f"Read-only; objects named by identity, never by path. Token: ${TOKEN_ENV} or "
-        "--token-file.",
+        "Read-only; objects named by identity, never by path. On an address other hosts can "
+        f"reach, a token is required (--peer-token-file or ${TOKEN_ENV}) unless --no-token.",
     )
     p.add_argument("dir", type=Path, metavar="DIR")
     p.add_argument(
         "--listen", default=f"0.0.0.0:{DEFAULT_PORT}", help=f"HOST:PORT (0.0.0.0:{DEFAULT_PORT})"
     )
-    add_token_flag(p)
+    add_token_flags(p, serving=True)
     p.add_argument(
         "--max-active", type=int, default=64, help="requests served at once; more get 503 (64)"
+    )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        help="connections held at once; beyond it the longest idle is closed, or the new one "
+        f"gets 503 (default: {DEFAULT_MAX_CONNECTIONS}, less on a low `ulimit -n`)",
     )
     p.add_argument("--json", action="store_true", help="print the bound address as JSON")
     p.set_defaults(run=run)
 
 
-def add_token_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
+def add_token_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
+    """--peer-token-file; with ``serving``, also --no-token (the explicit opt-out)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument(
         "--peer-token-file",
         type=Path,
-        help=f"file holding the token peers share (default: ${TOKEN_ENV}; none: no token)",
+        metavar="FILE",
+        help=f"file holding the token peers share, at least {MIN_TOKEN_BYTES} bytes, readable "
+        f"by its owner only (default: ${TOKEN_ENV}); make one with: {MAKE_TOKEN}",
     )
+    if serving:
+        group.add_argument(
+            "--no-token",
+            action="store_true",
+            help="serve peers with no token on an address other hosts can reach: anyone who "
+            "reaches the port can read every object served",
+        )
 
 
 def token_from_args(args: argparse.Namespace) -> str | None:
+    """The peer token from --peer-token-file, else ``$SPOTSTART_PEER_TOKEN``, else None;
+    UsageError for one that is empty, short, or in a file others may read."""
     path: Path | None = args.peer_token_file
     if path is not None:
-        try:
-            token = path.read_text().strip()
-        except OSError as exc:
-            raise UsageError(f"--peer-token-file {path}: {exc.strerror}") from None
-        if not token:
-            raise UsageError(f"--peer-token-file {path}: empty")
-        return token
-    return os.environ.get(TOKEN_ENV) or None
+        return _read_token_file(path)
+    value = os.environ.get(TOKEN_ENV)
+    if value is None or value == "":
+        return None
+    token = value.strip()
+    if len(token.encode()) < MIN_TOKEN_BYTES:
+        raise UsageError(
+            f"${TOKEN_ENV}: {len(token.encode())} bytes; a peer token needs at least "
+            f"{MIN_TOKEN_BYTES} (make one with: openssl rand -hex 32)"
+        )
+    return token
+
+
+def _read_token_file(path: Path) -> str:
+    where = f"--peer-token-file {path}"
+    try:
+        # Links are followed: a Kubernetes Secret volume is a chain of them. O_NONBLOCK: a
+        # FIFO given by mistake does not hang the start.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"{where}: {exc.strerror}; make one with: {MAKE_TOKEN}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{where}: not a regular file")
+        if st.st_mode & 0o077:
+            raise UsageError(
+                f"{where}: mode {stat.S_IMODE(st.st_mode):o} lets other users read the token "
+                "(anyone who has it can read every object served): chmod 600 it (a Kubernetes "
+                "Secret volume: defaultMode: 0400)"
+            )
+        raw = os.read(fd, MAX_TOKEN_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise UsageError(f"{where}: longer than {MAX_TOKEN_BYTES} bytes; not a token file")
+    try:
+        token = raw.decode().strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"{where}: not UTF-8 text; make one with: {MAKE_TOKEN}") from None
+    if len(token.encode()) < MIN_TOKEN_BYTES:
+        what = "empty" if not token else f"{len(token.encode())} bytes"
+        raise UsageError(
+            f"{where}: {what}; a peer token needs at least {MIN_TOKEN_BYTES} "
+            f"(make one with: {MAKE_TOKEN})"
+        )
+    return token
+
+
+def serving_token(args: argparse.Namespace, flag: str, host: str, port: int) -> str | None:
+    """The token a peer server on ``host`` uses: required on an address other hosts can reach
+    unless --no-token (then a warning on stderr). ``flag`` names the option in messages."""
+    token = token_from_args(args)
+    if getattr(args, "no_token", False):
+        if token is not None:
+            raise UsageError(f"--no-token, yet ${TOKEN_ENV} holds a token: drop one of them")
+        if not is_loopback(host):
+            print(
+                f"spotstart: warning: {flag} {host}:{port} with --no-token: anyone who can "
+                "reach this port can read every object served",
+                file=sys.stderr,
+                flush=True,
+            )
+        return None
+    if token is None and not is_loopback(host):
+        raise UsageError(
+            f"{flag} {host}:{port} is reachable from other hosts and needs a peer token: "
+            f"{MAKE_TOKEN}, then --peer-token-file peer.token (or ${TOKEN_ENV}); or listen "
+            "on 127.0.0.1; or --no-token to serve anyone"
+        )
+    return token
+
+
+def listen_limits(max_connections: int | None, share: int = 2) -> ListenLimits:
+    """The peer listener's bounds (see :meth:`ListenLimits.for_process`)."""
+    if max_connections is not None and max_connections < 1:
+        raise UsageError("--max-connections must be >= 1")
+    return ListenLimits.for_process(max_connections, share)
+
+
+def configure_log(name: str, prefix: str) -> logging.Logger:
+    log = logging.getLogger(name)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"{prefix}: %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    return log
 
 
 def run(args: argparse.Namespace) -> int:
@@ -66,13 +174,21 @@ def run(args: argparse.Namespace) -> int:
     if args.max_active < 1:
         raise UsageError("--max-active must be >= 1")
     host, port = split_listen(args.listen)
-    return asyncio.run(_serve(args.dir, host, port, token_from_args(args), args))
+    token = serving_token(args, "--listen", host, port)
+    limits = listen_limits(args.max_connections)
+    return asyncio.run(_serve(args.dir, host, port, token, limits, args))
 
 
 async def _serve(
-    root: Path, host: str, port: int, token: str | None, args: argparse.Namespace
+    root: Path,
+    host: str,
+    port: int,
+    token: str | None,
+    limits: ListenLimits,
+    args: argparse.Namespace,
 ) -> int:
-    server = PeerServer(root, token=token, max_active=args.max_active)
+    log = configure_log("spotstart.peers", "spotstart serve-peers")
+    server = PeerServer(root, token=token, max_active=args.max_active, limits=limits, log=log)
     try:
         bound = await server.start(host, port)
     except OSError as exc:

@@ -39,6 +39,7 @@ from spotstart.fetch.scheduler import (
     source_for,
 )
 from spotstart.fetch.target import DiskTarget, FileTarget
+from spotstart.listen import ListenLimits
 from spotstart.store import ObjectInfo, RangeSource, StorageURL, lookup, parse_url
 from spotstart.units import format_bytes
 
@@ -90,7 +91,9 @@ class Fetcher:
         if self.config.serve_peers:
             host, port = split_listen(self.config.serve_peers)
             spec = self.config.peers or PeerSpec()
-            server = PeerServer(self.dest, token=spec.token)
+            # a quarter of the open files at most: the fetch's own streams and files come first
+            limits = ListenLimits.for_process(share=4)
+            server = PeerServer(self.dest, token=spec.token, limits=limits)
             try:
                 await server.start(host, port)
             except OSError as exc:
