@@ -469,15 +469,18 @@ def test_with_peers_every_peer_container_takes_the_token_from_a_secret_and_no_to
     assert f"#   {command}\n" in texts["service-peers.yaml"]
 
 
-def test_rendered_peer_commands_are_ones_the_cli_takes() -> None:
+@pytest.mark.parametrize("token", [True, False])
+def test_rendered_peer_commands_are_ones_the_cli_takes(token: bool) -> None:
     from spotstart.cli.main import build_parser
 
-    cfg = load_config(EXAMPLE, "gke")
+    cfg = parse_config({**BASE, "peers": {"token": token}}, "gke")
     (pod, _) = model_pods([m.obj for m in render(cfg, "gke")], cfg.name)
     inits = {c["name"]: c["command"] for c in pod["initContainers"]}
-    for argv in (inits["serve-peers"], inits["fetch-weights"]):
-        parsed = build_parser().parse_args(argv[1:])
-        assert parsed.peer_token_file is None  # the token comes from $SPOTSTART_PEER_TOKEN
+    serve = build_parser().parse_args(inits["serve-peers"][1:])
+    assert serve.peer_token_file is None  # the token comes from $SPOTSTART_PEER_TOKEN
+    assert serve.no_token is not token  # the opt-out only where the config says so
+    fetch = build_parser().parse_args(inits["fetch-weights"][1:])
+    assert fetch.peer_token_file is None and not fetch.serve_peers
 
 
 def fake_bin(tmp_path: Path, scripts: dict[str, str]) -> str:
