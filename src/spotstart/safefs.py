@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from spotstart.errors import UnsafePath
+from spotstart.errors import DiskFull, LocalIOError, UnsafePath
 
 __all__ = [
     "create_exclusive",
@@ -240,40 +240,34 @@ def makedirs_beneath(root: Root, rel: str, mode: int = 0o777) -> int:
 
 
 def private_dir_fd(root: Root, rel: str, mode: int = 0o700) -> int:
-    """An O_RDONLY fd of the directory ``rel`` beneath ``root``, created (with its parents) if
-    missing. An existing one must be a real directory (not a link), owned by our effective uid
-    and writable by nobody else: otherwise someone else could plant names in it, and
-    :class:`~spotstart.errors.UnsafePath` says so (exit 8)."""
+    """An O_RDONLY fd of the directory ``rel`` beneath ``root``, each level of it created
+    (``mode``) if missing. Every level must be a real directory (not a link), owned by our
+    effective uid and writable by nobody else: otherwise someone else could plant names in
+    it, and :class:`~spotstart.errors.UnsafePath` says so (exit 8). ``root`` itself is the
+    caller's (a user's DEST) and is not judged."""
     parts = _components(rel)
-    parent_fd, owned = _open_root(root)
+    dirfd, owned = _open_root(root)
+    cur = dirfd
     try:
-        if len(parts) > 1:
+        for i, name in enumerate(parts):
+            where = _describe(root, "/".join(parts[: i + 1]))
             try:
-                parent_fd2 = makedirs_beneath(parent_fd, "/".join(parts[:-1]))
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, mode, dir_fd=cur)
+                nxt = open_beneath(cur, name, os.O_RDONLY | os.O_DIRECTORY)
             except OSError as exc:
-                raise _unsafe(root, rel, exc) from None
-            if owned:
-                os.close(parent_fd)
-            parent_fd, owned = parent_fd2, True
-        try:
-            os.mkdir(parts[-1], mode, dir_fd=parent_fd)
-        except FileExistsError:
-            pass
-        except OSError as exc:
-            raise _unsafe(root, rel, exc) from None
-        try:
-            fd = open_beneath(parent_fd, parts[-1], os.O_RDONLY | os.O_DIRECTORY)
-        except OSError as exc:
-            raise _unsafe(root, rel, exc) from None
+                raise _refused(where, exc) from None
+            if cur != dirfd:
+                os.close(cur)
+            cur = nxt
+            check_private(cur, where)
+        result, cur = cur, dirfd  # handed to the caller: not closed below
+        return result
     finally:
+        if cur != dirfd:
+            os.close(cur)
         if owned:
-            os.close(parent_fd)
-    try:
-        check_private(fd, _describe(root, rel))
-    except UnsafePath:
-        os.close(fd)
-        raise
-    return fd
+            os.close(dirfd)
 
 
 def check_private(fd: int, where: str) -> None:
@@ -298,7 +292,7 @@ def private_dir(path: str | os.PathLike[str], mode: int = 0o700) -> Path:
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise _unsafe(p.parent, "", exc) from None
+        raise _refused(str(p.parent), exc) from None
     os.close(private_dir_fd(p.parent, p.name, mode))
     return p
 
@@ -318,10 +312,12 @@ def _describe(root: Root, rel: str) -> str:
     return os.path.join(base, rel) if rel else base
 
 
-def _unsafe(root: Root, rel: str, exc: OSError) -> UnsafePath:
-    where = _describe(root, rel)
+def _refused(where: str, exc: OSError) -> LocalIOError:
+    """Our error for an OSError met making or opening ``where``: UnsafePath for a link."""
     if exc.errno == errno.ELOOP:
         return UnsafePath(f"{where}: a symlink in the path; refusing to follow it (remove it)")
     if exc.errno == errno.ENOTDIR:
         return UnsafePath(f"{where}: a file or a symlink where a directory should be (remove it)")
-    return UnsafePath(f"{where}: {exc.strerror or exc}")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"{where}: no space left on device; free space and rerun")
+    return LocalIOError(f"{where}: cannot create it ({exc.strerror or exc})")

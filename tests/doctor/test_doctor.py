@@ -5,6 +5,7 @@ emulated cloud; exit 16 on a blocking problem."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from spotstart.doctor import probes
+from spotstart.doctor import diagnose, probes
 from spotstart.emulate.link import LinkConfig
 from spotstart.emulate.storage import StorageEmulator
 from spotstart.errors import NodeUnfit
@@ -204,3 +205,47 @@ def test_the_link_is_measured_and_the_cold_start_predicted(
     assert _check(doc, "cpu for fetch")["verdict"] in ("ok", "warn")
     res = run_cli(["doctor", "--source", f"gs://{BUCKET}/doc/", "--seconds", "1"], env=gcs_env)
     assert res.code == 0 and "spotstart doctor" in res.stdout and "link to the source" in res.stdout
+
+
+# Planted links: tmp_path is no sticky world-writable directory, so fs.protected_symlinks
+# (which guards only those) does not hide a followed link, as root (CI) or not.
+
+
+def test_doctor_never_writes_through_a_link_planted_at_its_scratch_name(tmp_path: Path) -> None:
+    dest = tmp_path / "dest"
+    (dest / ".spotstart").mkdir(parents=True)
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    os.symlink(victim, dest / ".spotstart" / f"doctor-{os.getpid()}.tmp")
+    report = asyncio.run(diagnose(dest))
+    assert victim.read_bytes() == b"precious"
+    assert report.measured["disk_write_mb_s"] > 0
+    assert os.listdir(dest / ".spotstart") == []  # the link removed, the scratch file too
+
+
+@pytest.mark.parametrize("plant", ["link", "shared", "stranger"])
+def test_doctor_refuses_a_state_dir_that_is_a_link_or_that_others_can_write(
+    tmp_path: Path, plant: str
+) -> None:
+    dest, outside = tmp_path / "dest", tmp_path / "outside"
+    dest.mkdir()
+    outside.mkdir()
+    if plant == "link":
+        os.symlink(outside, dest / ".spotstart")
+        why = "a symlink in the path"
+    elif plant == "shared":
+        (dest / ".spotstart").mkdir()
+        os.chmod(dest / ".spotstart", 0o777)
+        why = "writable by group or others"
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("chown to another user needs root")
+        (dest / ".spotstart").mkdir()
+        os.chown(dest / ".spotstart", 65534, 65534)
+        why = "owned by uid 65534"
+    code, doc = _doctor_json("--dest", str(dest))
+    check = _check(doc, "disk write")
+    assert check["verdict"] == "fail" and why in check["detail"], check
+    assert code == NodeUnfit.exit_code
+    assert os.listdir(outside) == []
+    assert [p.name for p in (dest / ".spotstart").iterdir()] == []

@@ -20,9 +20,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from spotstart import safefs
 from spotstart.doctor import probes
-from spotstart.errors import NotFound
+from spotstart.errors import LocalIOError, NotFound
 from spotstart.fetch import FetchConfig
+from spotstart.fetch.journal import STATE_MODE
 from spotstart.fetch.layout import STATE_DIR
 from spotstart.fetch.scheduler import source_for
 from spotstart.fetch.verify import crc32c
@@ -230,22 +232,30 @@ def _disk_write(dest: Path) -> float:
     then fdatasync, in our state dir (no object name can collide with it)."""
     free = shutil.disk_usage(dest if dest.exists() else dest.parent).free
     budget = max(8 << 20, min(256 << 20, free // 8) // (8 << 20) * (8 << 20))
-    state = dest / STATE_DIR
-    state.mkdir(parents=True, exist_ok=True)
-    path = state / f"doctor-{os.getpid()}.tmp"
-    buf = mmap.mmap(-1, 8 << 20)
-    buf.write(os.urandom(8 << 20))
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    dest.mkdir(parents=True, exist_ok=True)  # the user's DEST: may itself be a link
+    # Our state directory, refused unless only we can write it, and a name created O_EXCL
+    # in it with no link followed: a link planted at DEST/.spotstart or at our scratch name
+    # never receives these bytes (safefs raises UnsafePath, or EEXIST for the name).
+    state = safefs.private_dir_fd(dest, STATE_DIR, STATE_MODE)
+    name = f"doctor-{os.getpid()}.tmp"
     try:
-        t0 = time.perf_counter()
-        for off in range(0, budget, 8 << 20):
-            os.pwrite(fd, buf, off)
-        os.fdatasync(fd)
-        return budget / (time.perf_counter() - t0) / 1e6
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=state)  # a killed doctor's, with our pid: ours to remove
+        fd = safefs.create_exclusive(state, name)
+        try:
+            buf = mmap.mmap(-1, 8 << 20)
+            buf.write(os.urandom(8 << 20))
+            t0 = time.perf_counter()
+            for off in range(0, budget, 8 << 20):
+                os.pwrite(fd, buf, off)
+            os.fdatasync(fd)
+            return budget / (time.perf_counter() - t0) / 1e6
+        finally:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(name, dir_fd=state)
     finally:
-        os.close(fd)
-        with contextlib.suppress(OSError):
-            path.unlink()
+        os.close(state)
 
 
 def _gpu_copy() -> float | None:
@@ -324,6 +334,8 @@ async def diagnose(
             m["disk_write_mb_s"] = round(await asyncio.to_thread(_disk_write, dest), 1)
         except OSError as exc:
             report.checks.append(Check("disk write", "fail", f"{dest}: {exc.strerror}"))
+        except LocalIOError as exc:  # a link or a shared directory where our state goes
+            report.checks.append(Check("disk write", "fail", str(exc), "remove it, then rerun"))
     gpu = await asyncio.to_thread(_gpu_copy)
     if gpu is not None:
         m["host_to_gpu_gb_s"] = round(gpu, 2)

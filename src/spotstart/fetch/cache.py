@@ -4,13 +4,18 @@ nothing. A file changed locally (size or mtime) is fetched again."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
+import stat
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from spotstart import safefs
+from spotstart.fetch.journal import STATE_MODE, local_error
 from spotstart.fetch.layout import STATE_DIR
 
 INDEX_DIR = STATE_DIR
@@ -42,8 +47,9 @@ class CacheIndex:
         self.entries: dict[str, CacheEntry] = {}
         self._lock = threading.Lock()  # files finish concurrently; saves run on threads
         self._saved_at = -1e9
+        self.root = dest
         try:
-            raw = json.loads(self.path.read_text())
+            raw = json.loads(_read_beneath(dest, f"{INDEX_DIR}/{INDEX_NAME}"))
             self.entries = {
                 k: CacheEntry(
                     **{**v, "parts": tuple(v.get("parts", ())), "crcs": tuple(v.get("crcs", ()))}
@@ -52,16 +58,20 @@ class CacheIndex:
             }
         except (FileNotFoundError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
             self.entries = {}
+        except OSError as exc:
+            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            self.entries = {}  # a link where our index goes: never read (save refuses it)
 
     def is_current(self, rel: str, source: str, version: str, size: int, local: Path) -> bool:
         entry = self.entries.get(rel)
         if entry is None or (entry.source, entry.version, entry.size) != (source, version, size):
             return False
         try:
-            st = local.stat()
+            st = local.lstat()  # a link at the name is not the file we wrote
         except FileNotFoundError:
             return False
-        return st.st_size == size and st.st_mtime_ns == entry.mtime_ns
+        return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, entry.mtime_ns)
 
     def record(
         self,
@@ -78,7 +88,7 @@ class CacheIndex:
             source,
             version,
             size,
-            local.stat().st_mtime_ns,
+            local.lstat().st_mtime_ns,
             chunk_bytes,
             crc,
             parts,
@@ -96,7 +106,25 @@ class CacheIndex:
                 return
             self._saved_at = now
             body = {"version": 1, "files": {k: asdict(v) for k, v in sorted(self.entries.items())}}
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f"{INDEX_NAME}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(body, indent=1))
-            os.replace(tmp, self.path)
+            text = json.dumps(body, indent=1).encode()
+            # Created O_EXCL in our own state directory, renamed within it: no link planted
+            # there (or at DEST/.spotstart itself) is ever written through.
+            dirfd = safefs.private_dir_fd(self.root, INDEX_DIR, STATE_MODE)
+            tmp = f"{INDEX_NAME}.{os.getpid()}.tmp"
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dirfd)  # a leftover of a killed run with our pid
+                fd = safefs.create_exclusive(dirfd, tmp, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(text)
+                safefs.rename_beneath(dirfd, tmp, dirfd, INDEX_NAME)
+            except OSError as exc:
+                raise local_error(self.path, exc, "saving the index") from exc
+            finally:
+                os.close(dirfd)
+
+
+def _read_beneath(root: Path, rel: str) -> bytes:
+    fd = safefs.open_beneath(root, rel)
+    with os.fdopen(fd, "rb") as f:
+        return f.read()

@@ -11,10 +11,12 @@ import contextlib
 import errno
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from spotstart.errors import DiskFull, LocalIOError
+from spotstart import safefs
+from spotstart.errors import DiskFull, LocalIOError, UnsafePath
 from spotstart.fetch.layout import work_paths
 
 
@@ -87,12 +89,28 @@ def local_error(path: Path | str, exc: OSError, doing: str) -> LocalIOError:
         return LocalIOError(f"{path}: cannot write ({os.strerror(exc.errno)}) while {doing}")
     if exc.errno == errno.ENAMETOOLONG:
         return LocalIOError(f"{path}: name too long for this file system while {doing}")
+    if exc.errno in (errno.ELOOP, errno.EXDEV):
+        return UnsafePath(
+            f"{path}: a symlink in the path while {doing}; spotstart follows no link beneath "
+            "DEST (remove it)"
+        )
     return LocalIOError(f"{path}: {exc.strerror or exc} while {doing}")
+
+
+# DEST/.spotstart and its parts directory: writable by us alone (a name planted there by
+# someone else would be a link we write through), readable by all, as the files in DEST are,
+# so a serve-peers under another uid can serve parts in progress.
+STATE_MODE = 0o755
 
 
 class PartFile:
     """A destination file in progress. ``work``: its (part file, journal) paths; by default
-    those of ``final`` in the state directory of its own directory."""
+    those of ``final`` in the state directory of its own directory.
+
+    Every name is opened beneath ``root`` (the deepest directory ``final`` and ``work``
+    share: DEST for fetch) with no symlink followed (:mod:`spotstart.safefs`): the part file
+    and journal are created ``O_EXCL`` in a state directory only we can write, and the final
+    rename goes from that directory's fd to the final directory's fd."""
 
     def __init__(
         self,
@@ -105,12 +123,19 @@ class PartFile:
     ) -> None:
         self.final = final
         self.part, self.journal_path = work or work_paths(final.parent, final.name)
+        if self.part.parent != self.journal_path.parent:
+            raise ValueError("the part file and its journal share one directory")
+        self.root = Path(os.path.commonpath([final, self.part, self.journal_path]))
+        self._final_dir_rel = os.path.relpath(final.parent, self.root)
+        self._work_rel = os.path.relpath(self.part.parent, self.root)
         self.header = header
         self.fsync = fsync
         self.fd = -1
         self._journal: int = -1
         self._direct = -1 if direct_io else -2  # O_DIRECT descriptor, opened on first use; -2: none
         self._refused = -1  # a direct descriptor writes were refused through, closed later
+        self._dir = -1  # the state directory holding the part file and journal
+        self._final_dir = -1  # the directory the file is renamed into
         self.done: dict[int, int] = {}  # chunk index -> crc32c, durable
         self._intact_bytes = 0  # journal length up to its last complete line
 
@@ -118,33 +143,39 @@ class PartFile:
         """Open (resuming when the journal matches) and preallocate. Returns finished chunks."""
         resumed = False
         try:
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            self.part.parent.mkdir(parents=True, exist_ok=True)
+            self.root.mkdir(parents=True, exist_ok=True)  # the caller's own: may be a link
+            self._final_dir = _open_dir(self.root, self._final_dir_rel)
+        except OSError as exc:
+            raise local_error(self.final.parent, exc, "creating its directory") from exc
+        try:
+            self._dir = safefs.private_dir_fd(self.root, self._work_rel, STATE_MODE)
             resumed = self._load_journal()
             if not resumed:
                 for p in (self.part, self.journal_path):
                     with contextlib.suppress(FileNotFoundError):
-                        p.unlink()
-            self.fd = os.open(self.part, os.O_RDWR | os.O_CREAT, 0o644)
-            if not resumed:
+                        os.unlink(p.name, dir_fd=self._dir)
+                self.fd = safefs.create_exclusive(self._dir, self.part.name, 0o644, os.O_RDWR)
                 self._preallocate()
-                self._journal = os.open(
-                    self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644
-                )
+                self._journal = safefs.create_exclusive(self._dir, self.journal_path.name, 0o644)
                 head = self.header.to_json() + "\n"
                 os.write(self._journal, head.encode())
             else:
-                self._journal = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
+                self.fd = safefs.open_beneath(self._dir, self.part.name, os.O_RDWR)
+                self._journal = safefs.open_beneath(
+                    self._dir, self.journal_path.name, os.O_WRONLY | os.O_APPEND
+                )
                 # Drop a line torn by a crash: appending after it would splice the next
                 # record onto the fragment ("1" + "5 0badf00d" reads as chunk 15).
                 os.ftruncate(self._journal, self._intact_bytes)
-        except OSError as exc:
+        except (OSError, LocalIOError) as exc:
             # A fresh part file that could not be set up (ENOSPC while preallocating) must
             # not stay behind: a rerun would take it for reserved space.
             if resumed:
                 self.close()
             else:
                 self.discard()
+            if isinstance(exc, LocalIOError):
+                raise
             raise local_error(self.part, exc, "creating the part file") from exc
         return dict(self.done)
 
@@ -163,12 +194,20 @@ class PartFile:
 
     def _load_journal(self) -> bool:
         try:
-            raw = self.journal_path.read_bytes()
-            part_size = self.part.stat().st_size
+            fd = safefs.open_beneath(self._dir, self.journal_path.name)
+            with os.fdopen(fd, "rb") as f:
+                raw = f.read()
+            part = os.stat(self.part.name, dir_fd=self._dir, follow_symlinks=False)
         except FileNotFoundError:
             return False
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return False  # a link in our own directory: never followed, made afresh
+            raise
+        if not stat.S_ISREG(part.st_mode):
+            return False
         header, done, self._intact_bytes = read_journal(raw)
-        if header != self.header or part_size != self.header.size:
+        if header != self.header or part.st_size != self.header.size:
             return False
         self.done.update(done)
         return True
@@ -188,30 +227,38 @@ class PartFile:
         self.done.update(chunks)
 
     def finish(self) -> None:
-        """Durable data, atomic rename to the final name, journal removed."""
+        """Durable data, atomic rename to the final name, journal removed. The rename is
+        between the two directories held open since :meth:`open`: a name swapped for a link
+        since cannot redirect it, and a link at the final name is replaced, not followed."""
         try:
             if self.fsync:
                 os.fsync(self.fd)
-            os.replace(self.part, self.final)
+            safefs.rename_beneath(self._dir, self.part.name, self._final_dir, self.final.name)
             if self.fsync:
-                dfd = os.open(self.final.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                os.fsync(self._final_dir)
         except OSError as exc:
-            raise local_error(self.final, exc, "finishing the file") from exc
-        finally:
             self.close()
-        with contextlib.suppress(FileNotFoundError):
-            self.journal_path.unlink()
+            raise local_error(self.final, exc, "finishing the file") from exc
+        with contextlib.suppress(OSError):
+            os.unlink(self.journal_path.name, dir_fd=self._dir)
+        self.close()
 
     def discard(self) -> None:
         """Remove every trace (integrity failure, disk full): nothing half-done remains."""
-        self.close()
-        for p in (self.part, self.journal_path):
-            with contextlib.suppress(FileNotFoundError):
-                p.unlink()
+        self._close_files()
+        dirfd = self._dir
+        if dirfd < 0:  # never opened: remove what an earlier run left, if it is ours
+            with contextlib.suppress(OSError):
+                dirfd = safefs.open_beneath(self.root, self._work_rel, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for p in (self.part, self.journal_path):
+                with contextlib.suppress(FileNotFoundError):
+                    if dirfd >= 0:
+                        os.unlink(p.name, dir_fd=dirfd)
+        finally:
+            if dirfd >= 0 and dirfd != self._dir:
+                os.close(dirfd)
+            self._close_dirs()
 
     def direct_fd(self) -> int | None:
         """A second descriptor on the part file that bypasses the page cache (``O_DIRECT``),
@@ -220,7 +267,11 @@ class PartFile:
         flag = getattr(os, "O_DIRECT", 0)
         if self._direct == -1 and self.fd >= 0:
             try:
-                self._direct = os.open(self.part, os.O_WRONLY | flag) if flag else -2
+                self._direct = (
+                    safefs.open_beneath(self._dir, self.part.name, os.O_WRONLY | flag)
+                    if flag
+                    else -2
+                )
             except OSError:
                 self._direct = -2
         return self._direct if self._direct >= 0 else None
@@ -234,6 +285,10 @@ class PartFile:
         self._direct = -2
 
     def close(self) -> None:
+        self._close_files()
+        self._close_dirs()
+
+    def _close_files(self) -> None:
         for fd in (self.fd, self._journal, self._direct, self._refused):
             if fd >= 0:
                 with contextlib.suppress(OSError):
@@ -241,3 +296,18 @@ class PartFile:
         self.fd = self._journal = self._refused = -1
         if self._direct >= 0:
             self._direct = -1
+
+    def _close_dirs(self) -> None:
+        for fd in (self._dir, self._final_dir):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._dir = self._final_dir = -1
+
+
+def _open_dir(root: Path, rel: str) -> int:
+    """An O_RDONLY fd of ``root/rel``, missing levels made, no link beneath ``root`` followed
+    (``root`` itself, the user's DEST, may be one)."""
+    if rel == ".":
+        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    return safefs.makedirs_beneath(root, rel)
