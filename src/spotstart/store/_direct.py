@@ -10,10 +10,13 @@ async transport (_http.py). Answers are judged by the same pure functions
 from __future__ import annotations
 
 import contextlib
+import re
+import select
 import socket
 import ssl
 import struct
 import threading
+import time
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,9 +28,11 @@ from spotstart.errors import EndpointUnreachable, ProtocolError, StallDetected, 
 from spotstart.store import _http
 from spotstart.store.base import ObjectInfo
 
-HEAD_LIMIT = 64 << 10
+HEAD_LIMIT = 64 << 10  # all the heads of one answer, interim 1xx ones included
+MAX_INTERIM = 8  # 1xx heads before the final one: a server sending more is broken or hostile
 REPORT_BYTES = 1 << 20  # progress granularity: a bar that moves, 50 wake-ups a second at 50 MB/s
 IDLE_PER_HOST = 64
+_EXACT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})")
 
 
 class BodySink(Protocol):
@@ -69,6 +74,12 @@ class RangeRequest:
     what: str = ""
     hint: str = ""
     pinned: str | None = None  # an http source's If-Range validator
+    # A peer's answer: only a 206 of exactly this range and the object's size is taken (no
+    # whole-body 200, no unknown total); anything else is a ProtocolError.
+    exact: bool = False
+    # The whole exchange (connect, heads, body) must end within this many seconds: a stall
+    # timeout restarts with every byte, so alone it never stops a server sending 1 B/s.
+    deadline_s: float | None = None
 
 
 class DirectRangeSource(Protocol):
@@ -79,7 +90,9 @@ class DirectRangeSource(Protocol):
 
 
 class DirectReader:
-    """Thread-safe; sockets are kept alive and reused per (scheme, host, port)."""
+    """Thread-safe; sockets are kept alive and reused per (scheme, host, port) when the
+    answer's protocol allows it (HTTP/1.1 without ``Connection: close``, HTTP/1.0 only with
+    ``Connection: keep-alive``)."""
 
     def __init__(self, options: _http.HttpOptions) -> None:
         self.options = options
@@ -106,72 +119,47 @@ class DirectReader:
         scheme, host = url.scheme, url.host or ""
         port = url.port or (443 if scheme == "https" else 80)
         key = (scheme, host, port)
-        sock = self._take(key) or self._connect(scheme, host, port, req.what)
-        with self._lock:
-            self._busy.add(sock)
+        lines = [f"GET {url.raw_path_qs} HTTP/1.1", f"Host: {url.raw_authority}"]
+        lines.append(f"Range: bytes={start}-{start + length - 1}")
+        lines.append("Accept-Encoding: identity")
+        lines += [f"{k}: {v}" for k, v in req.headers.items() if k.lower() != "range"]
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        deadline = _Deadline(req.deadline_s)
+        sock: socket.socket | None = None
         reusable = False
+        got = 0
         try:
-            lines = [f"GET {url.raw_path_qs} HTTP/1.1", f"Host: {url.raw_authority}"]
-            lines.append(f"Range: bytes={start}-{start + length - 1}")
-            lines.append("Accept-Encoding: identity")
-            lines += [f"{k}: {v}" for k, v in req.headers.items() if k.lower() != "range"]
-            sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-            status, reason, headers, rest = _read_head(sock, req.what)
+            sock, head = self._exchange(key, request, req.what, deadline)
+            status, headers, rest = head.status, head.headers, head.rest
             if status >= 300:
                 body = rest[:2048].decode("utf-8", "replace")
-                raise _http.error_for_status(status, reason, headers, body, req.what, hint=req.hint)
-            _http.check_range_answer(
-                status, headers, start, length, total_size, req.what, req.pinned
-            )
+                raise _http.error_for_status(
+                    status, head.reason, headers, body, req.what, hint=req.hint
+                )
+            if req.exact:
+                _check_exact_range(status, headers, start, length, total_size, req.what)
+            else:
+                _http.check_range_answer(
+                    status, headers, start, length, total_size, req.what, req.pinned
+                )
             declared = headers.get("Content-Length", "")
             if "chunked" in headers.get("Transfer-Encoding", "").lower() or not declared:
                 raise DirectUnsupported(req.what)
-            if not declared.isdigit() or int(declared) != length:
+            # isdigit alone takes '²', which int() refuses: ASCII digits only.
+            if not (declared.isascii() and declared.isdigit()) or int(declared) != length:
                 raise TransientError(
                     f"{req.what}: Content-Length {declared or 'missing'} for {length} bytes"
                 )
-            got, reported = min(len(rest), length), 0
-            lead = memoryview(rest)[:got]
-            while lead:
-                space = sink.space()
-                n = min(len(space), len(lead))
-                space[:n] = lead[:n]
-                sink.took(n)
-                lead = lead[n:]
-            # Plain sockets: blocking, the kernel waits for each REPORT_BYTES (MSG_WAITALL)
-            # and SO_RCVTIMEO bounds a stall: one wake-up a MiB instead of one a packet
-            # batch. TLS sockets take no flags: the timeout loop.
-            waitall = not isinstance(sock, ssl.SSLSocket)
-            if waitall:
-                sock.settimeout(None)
-            try:
-                while got < length:
-                    space = sink.space()
-                    want = min(len(space), length - got)
-                    if waitall:
-                        want = min(want, REPORT_BYTES)
-                    try:
-                        n = sock.recv_into(space, want, socket.MSG_WAITALL if waitall else 0)
-                    except BlockingIOError as exc:  # SO_RCVTIMEO expired with nothing read
-                        raise TimeoutError from exc
-                    if not n:
-                        raise TransientError(
-                            f"{req.what}: body ended after {got} of {length} bytes at offset "
-                            f"{start}"
-                        )
-                    got += n
-                    sink.took(n)
-                    if got - reported >= REPORT_BYTES:
-                        on_bytes(got - reported)
-                        reported = got
-            finally:
-                on_bytes(got - reported)
-                if waitall:
-                    sock.settimeout(self.options.stall_timeout_s)
-            reusable = headers.get("Connection", "").lower() != "close" and len(rest) <= length
+            got = self._receive(sock, rest, length, sink, on_bytes, deadline, req, start)
+            reusable = head.keep_alive and len(rest) <= length
         except SinkError:
             raise
         except TimeoutError as exc:
+            if deadline.expired():
+                raise StallDetected(
+                    f"{req.what}: {got} of {length} bytes at offset {start} within "
+                    f"{req.deadline_s:g}s, the deadline for this read"
+                ) from exc
             raise StallDetected(
                 f"{req.what}: no bytes for {self.options.stall_timeout_s:g}s at offset {start}"
             ) from exc
@@ -180,16 +168,112 @@ class DirectReader:
         except OSError as exc:
             raise TransientError(f"{req.what}: {type(exc).__name__}: {exc}") from exc
         finally:
-            with self._lock:
-                self._busy.discard(sock)
-            if reusable and not self._closed:
-                self._give(key, sock)
-            else:
-                sock.close()
+            if sock is not None:
+                with self._lock:
+                    self._busy.discard(sock)
+                if reusable and not self._closed:
+                    self._give(key, sock)
+                else:
+                    sock.close()
 
-    def _connect(self, scheme: str, host: str, port: int, what: str) -> socket.socket:
+    def _exchange(
+        self, key: tuple[str, str, int], request: bytes, what: str, deadline: _Deadline
+    ) -> tuple[socket.socket, _Head]:
+        """Send ``request`` and read the answer's head, on a kept-alive socket when there is
+        one. A kept-alive socket the server closed meanwhile (its idle timeout) fails before
+        any byte of the answer: the request is sent once more on a fresh connection, as
+        urllib3 and aiohttp do, and costs no attempt. On a fresh connection that is an error.
+        The socket comes back registered as busy."""
+        sock = self._take(key)
+        reused = sock is not None
+        while True:
+            if sock is None:
+                sock = self._connect(*key, what, deadline)
+            with self._lock:
+                self._busy.add(sock)
+            try:
+                try:
+                    sock.sendall(request)
+                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+                    raise _ClosedEarly from exc
+                return sock, _read_head(sock, what, deadline, self.options.stall_timeout_s)
+            except BaseException as exc:
+                with self._lock:
+                    self._busy.discard(sock)
+                sock.close()
+                if not isinstance(exc, _ClosedEarly):
+                    raise
+                if not reused or self._closed:
+                    raise TransientError(
+                        f"{what}: connection closed before the response head"
+                    ) from exc
+                sock, reused = None, False
+
+    def _receive(
+        self,
+        sock: socket.socket,
+        rest: bytes,
+        length: int,
+        sink: BodySink,
+        on_bytes: Callable[[int], None],
+        deadline: _Deadline,
+        req: RangeRequest,
+        start: int,
+    ) -> int:
+        """The body: what came with the head, then ``recv_into`` the sink until ``length``
+        bytes; returns how many arrived."""
+        got, reported = min(len(rest), length), 0
+        lead = memoryview(rest)[:got]
+        while lead:
+            space = sink.space()
+            n = min(len(space), len(lead))
+            space[:n] = lead[:n]
+            sink.took(n)
+            lead = lead[n:]
+        stall = self.options.stall_timeout_s
+        # Plain sockets: blocking, the kernel waits for each REPORT_BYTES (MSG_WAITALL)
+        # and SO_RCVTIMEO bounds a stall: one wake-up a MiB instead of one a packet
+        # batch. TLS sockets take no flags: the timeout loop.
+        waitall = not isinstance(sock, ssl.SSLSocket)
+        if waitall:
+            sock.settimeout(None)
         try:
-            sock = socket.create_connection((host, port), timeout=self.options.connect_timeout_s)
+            while got < length:
+                space = sink.space()
+                want = min(len(space), length - got)
+                if waitall:
+                    want = min(want, REPORT_BYTES)
+                if deadline.at is not None:  # each wait ends by the deadline
+                    if waitall:
+                        _set_rcvtimeo(sock, deadline.timeout(stall))
+                    else:
+                        sock.settimeout(deadline.timeout(stall))
+                try:
+                    n = sock.recv_into(space, want, socket.MSG_WAITALL if waitall else 0)
+                except BlockingIOError as exc:  # SO_RCVTIMEO expired with nothing read
+                    raise TimeoutError from exc
+                if not n:
+                    raise TransientError(
+                        f"{req.what}: body ended after {got} of {length} bytes at offset {start}"
+                    )
+                got += n
+                sink.took(n)
+                if got - reported >= REPORT_BYTES:
+                    on_bytes(got - reported)
+                    reported = got
+        finally:
+            on_bytes(got - reported)
+            sock.settimeout(stall)
+            if waitall and deadline.at is not None:
+                _set_rcvtimeo(sock, stall)
+        return got
+
+    def _connect(
+        self, scheme: str, host: str, port: int, what: str, deadline: _Deadline
+    ) -> socket.socket:
+        try:
+            timeout = deadline.timeout(self.options.connect_timeout_s)
+            sock = socket.create_connection((host, port), timeout=timeout)
         except (TimeoutError, OSError) as exc:
             raise EndpointUnreachable(f"{what}: cannot connect: {exc}") from exc
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -201,14 +285,21 @@ class DirectReader:
                 raise EndpointUnreachable(f"{what}: TLS failure: {exc}") from exc
         sock.settimeout(self.options.stall_timeout_s)
         if scheme != "https":
-            seconds = max(1, int(self.options.stall_timeout_s))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", seconds, 0))
+            _set_rcvtimeo(sock, self.options.stall_timeout_s)
         return sock
 
     def _take(self, key: tuple[str, str, int]) -> socket.socket | None:
-        with self._lock:
-            idle = self._idle[key]
-            return idle.pop() if idle else None
+        """A kept-alive socket for ``key`` that still looks open (not readable: a socket
+        with an EOF or stray bytes waiting was closed or spoken on by the server)."""
+        while True:
+            with self._lock:
+                idle = self._idle[key]
+                if not idle:
+                    return None
+                sock = idle.pop()
+            if not _readable(sock):
+                return sock
+            sock.close()
 
     def _give(self, key: tuple[str, str, int], sock: socket.socket) -> None:
         with self._lock:
@@ -232,29 +323,140 @@ class DirectReader:
                     sock.shutdown(socket.SHUT_RDWR)
 
 
-def _read_head(sock: socket.socket, what: str) -> tuple[int, str, CIMultiDict[str], bytes]:
-    """The final response head (informational 1xx heads skipped) and the body bytes read
-    with it."""
-    buf = b""
+class _ClosedEarly(Exception):
+    """The connection ended before any byte of the answer (EOF, reset, broken pipe)."""
+
+
+class _Deadline:
+    """When a whole exchange must be over (``at``, monotonic), or never (None)."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.at = None if seconds is None else time.monotonic() + seconds
+
+    def timeout(self, longest: float) -> float:
+        """How long the next wait may last: ``longest``, or less to end by the deadline;
+        TimeoutError once it has passed."""
+        if self.at is None:
+            return longest
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        return min(longest, left)
+
+    def expired(self) -> bool:
+        return self.at is not None and time.monotonic() >= self.at
+
+
+@dataclass(frozen=True)
+class _Head:
+    """The final response head: status, headers, whether the connection may carry another
+    request, and the body bytes read with it."""
+
+    status: int
+    reason: str
+    headers: CIMultiDict[str]
+    keep_alive: bool
+    rest: bytes
+
+
+def _set_rcvtimeo(sock: socket.socket, seconds: float) -> None:
+    # Zero would mean "wait forever": never less than a millisecond.
+    micros = max(1000, int(seconds * 1e6))
+    value = struct.pack("ll", micros // 1_000_000, micros % 1_000_000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Is something (an EOF, a reset, stray bytes) waiting on an idle socket?"""
+    if isinstance(sock, ssl.SSLSocket) and sock.pending():
+        return True
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def keeps_alive(version: str, headers: CIMultiDict[str]) -> bool:
+    """May this connection carry another request after this answer (RFC 9112 section 9.3)?
+    ``close`` among the Connection options ends it; HTTP/1.1 persists by default, HTTP/1.0
+    only with ``keep-alive``."""
+    options = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+    }
+    if "close" in options:
+        return False
+    return version != "HTTP/1.0" or "keep-alive" in options
+
+
+def _check_exact_range(
+    status: int, headers: CIMultiDict[str], start: int, length: int, total_size: int, what: str
+) -> None:
+    """A 206 of exactly ``[start, start+length)`` of an object of ``total_size`` bytes, else
+    ProtocolError (a peer's answer: nothing else is ever correct)."""
+    want = f"{start}-{start + length - 1}/{total_size}"
+    if status != 206:
+        raise ProtocolError(f"{what}: HTTP {status} to a read of bytes {want}; only a 206 will do")
+    given = headers.get("Content-Range", "").strip()
+    m = _EXACT_RANGE.fullmatch(given)
+    if not m or (int(m.group(1)), int(m.group(2)), int(m.group(3))) != (
+        start,
+        start + length - 1,
+        total_size,
+    ):
+        raise ProtocolError(f"{what}: Content-Range {given[:80]!r} for bytes {want}")
+
+
+def _read_head(sock: socket.socket, what: str, deadline: _Deadline, stall_s: float) -> _Head:
+    """The final response head (at most ``MAX_INTERIM`` informational 1xx heads skipped, all
+    of them within ``HEAD_LIMIT`` bytes) and the body bytes read with it. ``_ClosedEarly``
+    when the connection ends before any byte."""
+    buf = bytearray()
+    seen = 0  # bytes of this answer so far
+    heads = 0  # of them, in interim heads already skipped
+    interim = 0
     while True:
-        while b"\r\n\r\n" not in buf:
-            more = sock.recv(65536)
+        scan = 0
+        while (end := buf.find(b"\r\n\r\n", scan)) < 0:
+            if heads + len(buf) > HEAD_LIMIT:
+                raise ProtocolError(f"{what}: response heads over {HEAD_LIMIT} bytes")
+            scan = max(0, len(buf) - 3)  # a byte at a time must not cost a rescan each
+            if deadline.at is not None:
+                sock.settimeout(deadline.timeout(stall_s))
+            try:
+                more = sock.recv(65536)
+            except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+                if not seen:
+                    raise _ClosedEarly from exc
+                raise
             if not more:
-                # A kept-alive socket the server closed meanwhile: a passing failure.
-                raise TransientError(f"{what}: connection closed before the response head")
+                if not seen:
+                    raise _ClosedEarly
+                raise TransientError(f"{what}: connection closed in the response head")
             buf += more
-            if len(buf) > HEAD_LIMIT:
-                raise ProtocolError(f"{what}: a response head over {HEAD_LIMIT} bytes")
-        head, _, buf = buf.partition(b"\r\n\r\n")
+            seen += len(more)
+        head, buf = bytes(buf[:end]), buf[end + 4 :]
+        heads += end + 4
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+        status = parts[1] if len(parts) > 1 else ""
+        if (
+            not parts[0].startswith("HTTP/1.")
+            or len(status) != 3
+            or not (status.isascii() and status.isdigit())
+        ):
             raise ProtocolError(f"{what}: not an HTTP/1.x answer: {lines[0][:80]!r}")
-        if parts[1].startswith("1"):
-            continue  # 100 Continue and kin: the real head follows
+        if status.startswith("1"):
+            # 100 Continue and kin: the real head follows. 101 would switch protocols,
+            # which a GET without Upgrade never asks for.
+            interim += 1
+            if status == "101" or interim > MAX_INTERIM:
+                raise ProtocolError(f"{what}: {interim} interim answers ({lines[0][:40]!r})")
+            continue
         headers: CIMultiDict[str] = CIMultiDict()
         for line in lines[1:]:
             name, sep, value = line.partition(":")
             if sep:
                 headers.add(name.strip(), value.strip())
-        return int(parts[1]), parts[2] if len(parts) > 2 else "", headers, buf
+        reason = parts[2] if len(parts) > 2 else ""
+        return _Head(int(status), reason, headers, keeps_alive(parts[0], headers), bytes(buf))
