@@ -13,6 +13,7 @@ for tool in docker-registry skopeo umoci strace squashfuse; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 command -v mksquashfs >/dev/null 2>&1 || missing+=(squashfs-tools)  # doctor's FUSE mount
+command -v bwrap >/dev/null 2>&1 || missing+=(bubblewrap)  # image profile's sandbox
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq

@@ -240,10 +240,12 @@ def _add_profile(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
     p = verbs.add_parser(
         "profile",
         help="record the files a server reads until ready; write prefetch lists",
-        description="Run CMD inside an unpacked image root (a user namespace and chroot, no "
-        "privileges) under strace -f (or a Python audit hook where strace is missing), until "
-        "it is ready, and write the files it read in first-read order, split into code and "
-        "weights, as eStargz, SOCI and Nydus prefetch lists.",
+        description="Run CMD inside an unpacked image root, in a bubblewrap sandbox (as nobody "
+        "when run as root: a user namespace, pivot_root into the read-only root, its own PID "
+        "namespace and a loopback-only network, no capabilities, no host environment), under "
+        "strace -f (or a Python audit hook where strace is missing), until it is ready, and "
+        "write the files it read in first-read order, split into code and weights, as "
+        "eStargz, SOCI and Nydus prefetch lists. Every process CMD started is killed after.",
     )
     p.add_argument("--rootfs", type=Path, metavar="DIR", help="an unpacked image root")
     p.add_argument(
@@ -262,16 +264,40 @@ def _add_profile(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
         help="auto: strace where present, else the Python audit hook",
     )
     p.add_argument(
-        "--isolation",
-        choices=("auto", "chroot", "userns", "none"),
-        default="auto",
-        help="auto: chroot as root, a user namespace otherwise; none runs CMD on the host "
-        "with paths under DIR",
+        "-e",
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="set in CMD's environment (repeatable); nothing else of yours is passed on",
+    )
+    p.add_argument(
+        "--share-host-network",
+        action="store_true",
+        help="CMD shares this host's network (it can reach anything this host can, cloud "
+        "metadata and its credentials included); by default it has only a loopback of its "
+        "own and --ready-url is probed inside it",
+    )
+    p.add_argument(
+        "--unsafe-no-sandbox",
+        action="store_true",
+        help="run CMD on this host as you, with paths under DIR, nothing isolated and its "
+        "daemons left running: only for an image you trust, where bubblewrap cannot run",
     )
     p.add_argument("--platform", default="linux/amd64")
     p.add_argument("--json", action="store_true", help="the profile summary as JSON")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- CMD...")
     p.set_defaults(run=run_profile)
+
+
+def _env_pairs(items: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or not key or "\0" in item:
+            raise UsageError(f"--env {item!r}: give KEY=VALUE")
+        pairs.append((key, value))
+    return pairs
 
 
 def run_profile(args: argparse.Namespace) -> int:
@@ -297,7 +323,9 @@ def run_profile(args: argparse.Namespace) -> int:
             timeout_s=args.timeout,
             out_dir=args.out,
             tracer=args.tracer,
-            isolation=args.isolation,
+            isolation="none" if args.unsafe_no_sandbox else "sandbox",
+            share_network=args.share_host_network,
+            env=tuple(_env_pairs(args.env)),
             platform=args.platform,
         )
     )

@@ -1,11 +1,12 @@
-"""`spotstart image profile`: start a server from an unpacked image root without privileges,
-record the files it reads in first-read order until it is ready, and write the prefetch lists
+"""`spotstart image profile`: start a server from an unpacked image root in a sandbox
+(``sandbox.py``: an unprivileged user namespace, ``pivot_root``, its own PID namespace), record
+the files it reads in first-read order until it is ready, and write the prefetch lists
 lazy-pulling snapshotters take (formats in ``prefetch.py``).
 
-Tracing starts before the first exec (``strace -f`` wraps the isolation helpers, so the
+Tracing starts before the first exec (``strace -f`` wraps the sandbox helpers, so the
 dynamic loader's reads are caught; the kernel's own reads of the executable and its ELF
-interpreter are added from the execve). Only paths inside the root count: the helpers' host
-reads are dropped. Without strace, Python servers are traced by an audit hook instead.
+interpreter are added from the execve). Only the sandboxed command's reads count: the
+helpers' host reads are dropped. Without strace, Python servers are traced by an audit hook.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import struct
 import subprocess
 import tempfile
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from spotstart.errors import NotReady, UsageError
-from spotstart.image import prefetch, rules
+from spotstart.image import prefetch, rules, sandbox
 from spotstart.image.tree import MergedTree
 
 _LINE = re.compile(r"^(\d+) +(\w+)\((.*)\) += (-?\d+)(?:<(.*)>)?")
@@ -43,7 +45,10 @@ class ProfileOptions:
     ready_log: str | None = None
     timeout_s: float = 300.0
     tracer: str = "auto"  # auto, strace, audit-hook
-    isolation: str = "auto"  # auto, chroot, userns, none
+    # sandbox, or none: the command runs on the host as the caller (--unsafe-no-sandbox)
+    isolation: str = "sandbox"
+    share_network: bool = False  # the host's network instead of a loopback-only one
+    env: tuple[tuple[str, str], ...] = ()  # the command's environment (no host variables)
     platform: str = "linux/amd64"
 
 
@@ -94,14 +99,10 @@ def _unescape(s: str) -> str:
     )
 
 
-def parse_strace(lines: Iterable[str], root: str) -> Iterator[tuple[str, str]]:
-    """``(kind, path)`` in trace order, paths inside ``root`` made absolute in the image's
-    terms. ``kind``: ``open`` (a file opened for reading, from the fd strace decoded with
-    -y), ``exec`` (an execve after the process chrooted into ``root``, or any execve of a
-    path under it). Lines split by -f (``<unfinished ...>`` / ``resumed>``) are joined."""
-    root = root.rstrip("/")
+def _joined(lines: Iterable[str]) -> Iterator[tuple[str, str, str, str, str | None]]:
+    """``(pid, call, args, ret, decoded fd)`` per finished syscall; lines split by -f
+    (``<unfinished ...>`` / ``resumed>``) are joined."""
     pending: dict[str, str] = {}
-    inside: set[str] = set()
     for raw in lines:
         line = raw.rstrip("\n")
         m0 = re.match(r"^(\d+) +(.*)$", line)
@@ -115,29 +116,69 @@ def parse_strace(lines: Iterable[str], root: str) -> Iterator[tuple[str, str]]:
         if resumed:
             rest = pending.pop(pid, "") + resumed.group(1)
         m = _LINE.match(f"{pid} {rest}")
-        if not m:
+        if m:
+            yield m.group(1), m.group(2), m.group(3), m.group(4), m.group(5)
+
+
+def _sandboxed_pids(calls: list[tuple[str, str, str, str, str | None]]) -> set[str]:
+    """The pids of the sandboxed command and its descendants. The helpers (setpriv, bwrap
+    and the PID namespace's init, which bwrap clones with CLONE_NEWPID) are the first traced
+    process and the children it and they clone, their pids as the tracer sees them; every
+    other pid is a process the namespace's init or its descendants started (their clones
+    return pids of the new namespace, which mean nothing outside it, so they are never
+    followed). Computed over the whole trace: a child's first line may precede its parent's
+    clone result."""
+    if not calls:
+        return set()
+    helpers = {calls[0][0]}
+    ns_init: set[str] = set()
+    grew = True
+    while grew:
+        grew = False
+        for pid, call, args, ret, _ in calls:
+            if call not in ("clone", "clone3", "fork", "vfork") or int(ret) <= 0:
+                continue
+            if pid in helpers and pid not in ns_init and ret not in helpers:
+                helpers.add(ret)
+                if "CLONE_NEWPID" in args:
+                    ns_init.add(ret)
+                grew = True
+    return {pid for pid, *_ in calls} - helpers
+
+
+def parse_strace(
+    lines: Iterable[str], root: str, sandboxed: bool = True
+) -> Iterator[tuple[str, str]]:
+    """``(kind, path)`` in trace order, absolute in the image's terms. ``kind``: ``open`` (a
+    file opened for reading, from the fd strace decoded with -y), ``exec`` (a successful
+    execve). Sandboxed, the command sees the image root as ``/`` (pivot_root), so strace
+    decodes its paths in the image's terms already, and only the command's processes count
+    (``_sandboxed_pids``). Unsandboxed (``--unsafe-no-sandbox``), the paths under ``root``
+    count."""
+    root = root.rstrip("/")
+    calls = list(_joined(lines))
+    inside = _sandboxed_pids(calls) if sandboxed else set()
+    for pid, call, args, ret, decoded in calls:
+        if sandboxed and pid not in inside:
             continue
-        _, call, args, ret, decoded = m.groups()
-        if call in ("clone", "clone3", "fork", "vfork") and int(ret) > 0 and pid in inside:
-            inside.add(ret)
-        elif call == "chroot" and ret == "0":
-            s = _FIRST_STR.search(args)
-            if s and os.path.realpath(_unescape(s.group(1))) == os.path.realpath(root):
-                inside.add(pid)
-        elif call in ("open", "openat", "openat2") and decoded:
+        if call in ("open", "openat", "openat2") and decoded:
             flags = args.split(",")
             if any("O_WRONLY" in f for f in flags) or "O_DIRECTORY" in args:
                 continue
-            host = _unescape(decoded)
-            if host == root or host.startswith(root + "/"):
-                yield "open", host[len(root) :] or "/"
+            path = _unescape(decoded)
+            if sandboxed:
+                if path.startswith("/"):
+                    yield "open", path
+            elif path == root or path.startswith(root + "/"):
+                yield "open", path[len(root) :] or "/"
         elif call in ("execve", "execveat") and ret == "0":
             s = _FIRST_STR.search(args)
             if not s:
                 continue
             path = _unescape(s.group(1))
-            if pid in inside and path.startswith("/"):
-                yield "exec", path
+            if sandboxed:
+                if path.startswith("/"):
+                    yield "exec", path
             elif path.startswith(root + "/"):
                 yield "exec", path[len(root) :]
 
@@ -251,52 +292,101 @@ threading.Thread(target=_modules, daemon=True).start()
 """
 
 
-def _isolation(opts: ProfileOptions, root: Path) -> str:
-    if opts.isolation != "auto":
-        return opts.isolation
-    return "chroot" if os.geteuid() == 0 else "userns"
+@dataclass
+class _Server:
+    """The running command: its outermost process (strace or the sandbox's helpers), the
+    sandbox's PID-namespace init once known, and the readiness probe inside its network."""
+
+    proc: subprocess.Popen[bytes]
+    init: sandbox.SandboxInit | None
+    probe_inside: bool
+    probe: subprocess.Popen[bytes] | None = None
 
 
-def _wrap(command: list[str], root: Path, isolation: str) -> list[str]:
-    if isolation == "none":
-        return command
-    unshare = ["unshare", "--mount", "--propagation", "private"]
-    if isolation == "userns":
-        unshare[1:1] = ["--user", "--map-root-user"]
-    # /dev, /proc and /sys of the host, bound into the root in a private mount namespace
-    # (gone when the server is), so a server finds /dev/null and /proc/self.
-    script = (
-        'for d in dev proc sys; do [ -d "$0/$d" ] && mount --rbind "/$d" "$0/$d" 2>/dev/null; '
-        'done; exec chroot "$0" "$@"'
+class _LogWatch:
+    """Matches --ready-log against the server's output as it grows, a bounded window at a
+    time: the output is the image's to choose, and may be endless."""
+
+    _WINDOW = 64 << 10
+
+    def __init__(self, path: Path, pattern: str | None) -> None:
+        self._path, self._offset, self._carry = path, 0, ""
+        self._pattern = re.compile(pattern) if pattern else None
+
+    def matched(self) -> bool:
+        if self._pattern is None:
+            return False
+        try:
+            with open(self._path, "rb") as f:
+                f.seek(self._offset)
+                while data := f.read(self._WINDOW):
+                    self._offset += len(data)
+                    lines = (self._carry + data.decode("utf-8", "replace")).split("\n")
+                    self._carry = lines.pop()[-self._WINDOW :]
+                    if any(self._pattern.search(line) for line in lines):
+                        return True
+        except OSError:
+            pass
+        return False
+
+
+def _tail(path: Path, n: int = 300) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 4 * n))
+            return f.read().decode("utf-8", "replace").strip()[-n:]
+    except OSError:
+        return ""
+
+
+def _url_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as r:
+            return bool(200 <= r.status < 300)
+    except (OSError, ValueError):
+        return False
+
+
+def _probe_ready(opts: ProfileOptions, server: _Server) -> bool:
+    assert opts.ready_url is not None
+    if not server.probe_inside:
+        return _url_ready(opts.ready_url)
+    if server.probe is None:
+        assert server.init is not None
+        pid = server.init.poll()
+        if pid is None:
+            return False
+        server.probe = sandbox.start_probe(opts.ready_url, pid)
+    code = server.probe.poll()
+    if code is None:
+        return False
+    if code == 0:
+        return True
+    # The probe ends on its own only when it cannot enter the sandbox: gone already (the
+    # server exited: reported as such below) or refused.
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        server.proc.wait(timeout=5)
+    if server.proc.poll() is not None:
+        return False
+    err = server.probe.stderr.read(500).decode("utf-8", "replace") if server.probe.stderr else ""
+    raise UsageError(
+        f"--ready-url: the probe could not enter the sandbox's network: {err.strip()!r}"
     )
-    return [*unshare, "--", "/bin/sh", "-c", script, str(root), *command]
 
 
-def _ready(
-    opts: ProfileOptions, log_path: Path, proc: subprocess.Popen[bytes], start: float
-) -> float:
-    pattern = re.compile(opts.ready_log) if opts.ready_log else None
+def _ready(opts: ProfileOptions, log_path: Path, server: _Server, start: float) -> float:
+    watch = _LogWatch(log_path, opts.ready_log)
     deadline = start + opts.timeout_s
     while True:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-800:] if log_path.exists() else ""
+        if server.init is not None:
+            server.init.poll()
+        if server.proc.poll() is not None:
             raise NotReady(
-                f"the server exited with {proc.returncode} before it was ready; last output: "
-                f"{tail.strip()[-300:]!r}"
+                f"the server exited with {server.proc.returncode} before it was ready; last "
+                f"output: {_tail(log_path)!r}"
             )
-        if (
-            pattern is not None
-            and log_path.exists()
-            and pattern.search(log_path.read_text(errors="replace"))
-        ):
+        if watch.matched() or (opts.ready_url and _probe_ready(opts, server)):
             return time.monotonic() - start
-        if opts.ready_url:
-            try:
-                with urllib.request.urlopen(opts.ready_url, timeout=1.0) as r:
-                    if 200 <= r.status < 300:
-                        return time.monotonic() - start
-            except (OSError, ValueError):
-                pass
         if time.monotonic() > deadline:
             raise NotReady(
                 f"the server was not ready within {opts.timeout_s:g} s "
@@ -305,18 +395,32 @@ def _ready(
         time.sleep(0.05)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
+def _stop(server: _Server) -> None:
+    """End every process the command started. Sandboxed: kill the PID namespace's init (the
+    kernel then kills the whole namespace, setsid daemons included) and wait for the tracer
+    to see them go; bwrap's helpers die with it (--die-with-parent). Unsandboxed, only the
+    process group can be reached: a daemon that left it survives."""
+    proc = server.proc
+    if server.probe is not None:
+        server.probe.kill()
+        server.probe.wait()
+    if server.init is not None:
+        server.init.poll()
+        if server.init.pid is not None:
+            server.init.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+        server.init.close()
+    elif proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+    # Whatever is left (bwrap before it started the sandbox, a stuck tracer, the unsandboxed
+    # command's group): killing the outer bwrap kills the sandbox with it (--die-with-parent).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)  # stragglers the server left in its group
+    proc.wait()
 
 
 def _tracer(opts: ProfileOptions) -> str:
@@ -327,16 +431,40 @@ def _tracer(opts: ProfileOptions) -> str:
     return "strace" if shutil.which("strace") else "audit-hook"
 
 
+def _read_hook_log(hook_dir: Path) -> list[str]:
+    """The audit hook's log, written by the sandboxed command: it may have made it a link or
+    a FIFO, or made it huge."""
+    try:
+        fd = os.open(hook_dir / "reads.txt", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return []
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return []
+        return f.read(64 << 20).decode("utf-8", "replace").splitlines()
+
+
 def trace(opts: ProfileOptions, root: Path, work: Path) -> tuple[list[str], str, float]:
     tracer = _tracer(opts)
-    isolation = _isolation(opts, root)
+    sandboxed = opts.isolation != "none"
+    if sandboxed:
+        sandbox.check_tools(opts.share_network)
+        if opts.ready_url:
+            sandbox.check_ready_url(opts.ready_url, opts.share_network)
     command = list(opts.command)
-    env = dict(os.environ)
-    log_path = work / "server.log"
+    env = dict(opts.env)
     hook_dir: Path | None = None
+    if tracer == "audit-hook":
+        hook_dir = work / "hook"
+        hook_dir.mkdir(mode=0o700)
+        (hook_dir / "sitecustomize.py").write_text(_HOOK)
+        inner = sandbox.HOOK_MOUNT if sandboxed else str(hook_dir)
+        env["PYTHONPATH"] = inner + (os.pathsep + env["PYTHONPATH"] if "PYTHONPATH" in env else "")
+        env["SPOTSTART_PROFILE_LOG"] = inner + "/reads.txt"
+    prefix: list[str] = []
     if tracer == "strace":
         trace_path = work / "strace.txt"
-        argv = [
+        prefix = [
             "strace",
             "-f",
             "-qq",
@@ -347,71 +475,81 @@ def trace(opts: ProfileOptions, root: Path, work: Path) -> tuple[list[str], str,
             "-e",
             "signal=none",
             "-e",
-            "trace=open,openat,openat2,execve,execveat,chroot,clone,clone3,fork,vfork",
+            "trace=open,openat,openat2,execve,execveat,clone,clone3,fork,vfork",
             "-o",
             str(trace_path),
             "--",
-            *_wrap(command, root, isolation),
         ]
-    else:
-        # The hook lives inside the root for the run (a chroot sees nothing else), under a
-        # name no image uses, and is removed after.
-        hook_dir = Path(tempfile.mkdtemp(prefix=".spotstart-hook-", dir=root))
-        (hook_dir / "sitecustomize.py").write_text(_HOOK)
-        inner = "/" + hook_dir.name if isolation != "none" else str(hook_dir)
-        env["PYTHONPATH"] = inner + (
-            os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""
-        )
-        env["SPOTSTART_PROFILE_LOG"] = inner + "/reads.txt"
-        argv = _wrap(command, root, isolation)
-    try:
-        seconds = _run(opts, argv, env, root, isolation, log_path)
-        if tracer == "strace":
-            with open(trace_path, errors="replace") as f:
-                return ordered_files(parse_strace(f, str(root)), root), tracer, seconds
-        assert hook_dir is not None
-        reads_file = hook_dir / "reads.txt"
-        reads = reads_file.read_text(errors="replace").splitlines() if reads_file.exists() else []
-    finally:
-        if hook_dir is not None:
-            shutil.rmtree(hook_dir, ignore_errors=True)
-    prefix = str(root).rstrip("/")
-    events = []
+    seconds = _run(opts, prefix, command, env, root, work, hook_dir)
+    if tracer == "strace":
+        with open(trace_path, errors="replace") as f:
+            events = parse_strace(f, str(root), sandboxed)
+            return ordered_files(events, root), tracer, seconds
+    assert hook_dir is not None
+    reads = _read_hook_log(hook_dir)
+    root_prefix = str(root).rstrip("/")
+    hook_events = []
     for p in reads:
-        if isolation != "none":
-            events.append(("open", p))
-        elif p.startswith(prefix + "/"):
-            events.append(("open", p[len(prefix) :]))
-    hook_name = "/" + hook_dir.name
-    return [f for f in ordered_files(events, root) if not f.startswith(hook_name)], tracer, seconds
+        if sandboxed:
+            hook_events.append(("open", p))
+        elif p.startswith(root_prefix + "/"):
+            hook_events.append(("open", p[len(root_prefix) :]))
+    return ordered_files(hook_events, root), tracer, seconds
 
 
 def _run(
     opts: ProfileOptions,
-    argv: list[str],
+    prefix: list[str],
+    command: list[str],
     env: dict[str, str],
     root: Path,
-    isolation: str,
-    log_path: Path,
+    work: Path,
+    hook_dir: Path | None,
 ) -> float:
+    """Start the command (in its sandbox, under the tracer's ``prefix``), wait until it is
+    ready, and end it with everything it started."""
+    log_path = work / "server.log"
     start = time.monotonic()
-    with open(log_path, "wb") as log:
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                start_new_session=True,
-                cwd=root if isolation == "none" else None,
-            )
-        except FileNotFoundError as exc:
-            raise UsageError(f"cannot start {argv[0]}: {exc}") from None
-        try:
-            return _ready(opts, log_path, proc, start)
-        finally:
-            _stop(proc)
+    fds: list[int] = []
+    try:
+        init: sandbox.SandboxInit | None = None
+        if opts.isolation == "none":
+            argv = [*prefix, *command]
+            popen_env = {**os.environ, **env}
+        else:
+            mount_point = sandbox.prepare_work(work, hook_dir)
+            spec = sandbox.SandboxSpec(root, mount_point, env, hook_dir, opts.share_network)
+            info_read, info_write = os.pipe()
+            init = sandbox.SandboxInit(info_read)
+            fds.append(info_write)
+            argv = [*prefix, *sandbox.wrap(command, spec, info_write)]
+            # the helpers' own environment; the command's is the spec's alone (--clearenv)
+            popen_env = dict(os.environ)
+        with open(log_path, "wb") as log:
+            try:
+                proc = subprocess.Popen(
+                    argv,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=popen_env,
+                    start_new_session=True,
+                    pass_fds=fds,
+                    cwd=root if opts.isolation == "none" else None,
+                )
+            except FileNotFoundError as exc:
+                if init is not None:
+                    init.close()
+                raise UsageError(f"cannot start {argv[0]}: {exc}") from None
+    finally:
+        for fd in fds:
+            os.close(fd)
+    probe_inside = init is not None and not opts.share_network
+    server = _Server(proc, init, probe_inside)
+    try:
+        return _ready(opts, log_path, server, start)
+    finally:
+        _stop(server)
 
 
 def _rootfs_bytes(root: Path) -> int:
