@@ -9,13 +9,13 @@ Example::
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from spotstart import untrusted_json
 from spotstart.errors import NotFound, UsageError
 from spotstart.image import oci, pull, rules
 from spotstart.image.layer import LayerStats, layer_members, prefetched
@@ -390,7 +390,7 @@ def compare(before: AuditReport, after: AuditReport) -> Comparison:
 def read_profile_paths(path: str) -> tuple[str, ...]:
     """The startup paths of a profile written by `spotstart image profile` (its JSON)."""
     try:
-        doc = json.loads(Path(path).read_text())
+        doc = untrusted_json.parse(Path(path).read_bytes(), what=path)
         return tuple(str(f["path"]) for f in doc["files"])
     except FileNotFoundError:
         raise NotFound(f"{path}: no such profile") from None

@@ -4,11 +4,11 @@ field used is type-checked and every digest is checked against the spec's gramma
 
 from __future__ import annotations
 
-import json
 import platform as _platform
 from dataclasses import dataclass, field
 from typing import Any
 
+from spotstart import untrusted_json
 from spotstart.errors import InvalidImage, NotFound, UnsupportedImage, UsageError
 from spotstart.image.digest import Digest
 
@@ -113,10 +113,14 @@ class Manifest:
 
 
 def load_json(data: bytes, what: str) -> dict[str, Any]:
+    """A manifest, index or config as a JSON object; InvalidImage if it is malformed, nests
+    absurdly deep or holds NaN (checked before it is parsed: :mod:`spotstart.untrusted_json`)."""
+    if data[:3] == b"\xef\xbb\xbf":
+        data = data[3:]  # a UTF-8 byte order mark, as json.loads(bytes) always allowed
     try:
-        doc = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidImage(f"{what}: not JSON ({exc})") from None
+        doc = untrusted_json.parse(data, what=what)
+    except untrusted_json.JSONRejected as exc:
+        raise InvalidImage(str(exc)) from None
     if not isinstance(doc, dict):
         raise InvalidImage(f"{what}: a JSON object was expected")
     return doc

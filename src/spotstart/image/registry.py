@@ -2,11 +2,20 @@
 blobs by ranged GETs (several in flight, handed over in order), anonymous, Basic and bearer
 token auth as ``WWW-Authenticate`` asks (the Docker token spec), credentials from
 ``~/.docker/config.json`` (``auths``, ``credHelpers``/``credsStore``) or containers'
-``auth.json``. The one place registry answers become spotstart errors."""
+``auth.json``. The one place registry answers become spotstart errors.
+
+Every body is read to at most what was asked, with bounded ``read(amt)`` calls, never
+buffered whole: a ranged read to its length, a blob to its descriptor's size, a manifest to
+4 MiB (the distribution spec's and containerd's limit), a token answer to 1 MiB, an error or
+redirect body to 64 KiB. A longer body is refused (ProtocolError naming the registry and the
+object) and its connection closed, never handed back to the pool. Credentials go only to the
+registry's own scheme and host (a redirect to blob storage gets none) and never over plain
+http to a token service unless the registry itself is plain http."""
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -26,11 +35,11 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import urllib3
 
+from spotstart import untrusted_json
 from spotstart.errors import (
     AccessDenied,
     CredentialsNotFound,
     EndpointUnreachable,
-    InvalidImage,
     NotFound,
     ProtocolError,
     RetriesExceeded,
@@ -49,6 +58,9 @@ from spotstart.image.sources import (
 
 T = TypeVar("T")
 MANIFEST_LIMIT = 4 << 20  # distribution spec: registries may refuse larger manifests
+TOKEN_LIMIT = 1 << 20  # a token answer is a JWT or two and a few fields: a few KiB
+SMALL_BODY_LIMIT = 64 << 10  # error, redirect and challenge bodies: read for a message only
+READ_PIECE = 1 << 16  # one bounded read of a body
 RANGE_BYTES = 8 << 20  # per ranged GET: large enough that latency is a small share
 IN_FLIGHT = 4  # ranged GETs per blob at once: memory <= IN_FLIGHT * RANGE_BYTES
 ATTEMPTS = 5
@@ -57,6 +69,7 @@ _COMPONENT = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG = re.compile(r"[\w][\w.-]{0,127}")
 _CHALLENGE = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 _LOCAL = ("localhost", "127.0.0.1", "::1", "[::1]")
+_TOKEN = re.compile(r"[\x21-\x7e]{1,65536}")  # a header value: visible ASCII, no CR/LF
 
 
 @dataclass(frozen=True)
@@ -198,6 +211,8 @@ def _from_helper(helper: str, registry: str) -> Credentials | None:
         doc = json.loads(out.stdout)
     except ValueError:
         raise UsageError(f"{program}: answered something that is not JSON") from None
+    if not isinstance(doc, dict):
+        raise UsageError(f"{program}: answered JSON that is not an object")
     user, secret = str(doc.get("Username", "")), str(doc.get("Secret", ""))
     if user == "<token>":
         return Credentials(identity_token=secret, source=program)
@@ -214,6 +229,61 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
         for m in _CHALLENGE.finditer(rest)
     }
     return scheme.lower(), params
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme, parts.netloc
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """Server-sent text for a one-line message: printable characters only, cut to ``limit``."""
+    clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
+    return clean + ("..." if len(text) > limit else "")
+
+
+def close_unread(resp: urllib3.BaseHTTPResponse) -> None:
+    """Close a response whose body is not read to its end: its connection must never serve
+    the next request (what is left of an endless or refused body would be read as a head)."""
+    resp.close()
+    resp.release_conn()
+
+
+def read_at_most(resp: urllib3.BaseHTTPResponse, limit: int, what: str, host: str) -> bytes:
+    """The whole body when it is at most ``limit`` bytes, read ``READ_PIECE`` at a time;
+    ProtocolError on a longer one (declared or sent), the connection closed unread. Bytes
+    as sent: a Content-Encoding nobody asked for is not undone (digests are of these bytes)."""
+    declared = resp.headers.get("Content-Length", "").strip()
+    if declared.isdigit() and int(declared) > limit:
+        close_unread(resp)
+        raise ProtocolError(
+            f"{what}: {host} declared a {declared}-byte body where at most {limit} were "
+            "asked for; refused unread"
+        )
+    buf = bytearray()
+    try:
+        while len(buf) <= limit:
+            piece = resp.read(min(READ_PIECE, limit + 1 - len(buf)), decode_content=False)
+            if not piece:
+                break
+            buf += piece
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        close_unread(resp)
+        raise TransientError(f"{what}: body cut ({exc.__class__.__name__})") from None
+    if len(buf) > limit:
+        close_unread(resp)
+        raise ProtocolError(
+            f"{what}: {host} sent more than the {limit} bytes asked for; refused, not buffered"
+        )
+    resp.release_conn()
+    return bytes(buf)
+
+
+def discard(resp: urllib3.BaseHTTPResponse) -> None:
+    """Done with a body nobody needs (a redirect's, a challenge's): read it when small, so
+    the connection can serve again; close it otherwise."""
+    with contextlib.suppress(ProtocolError, TransientError):  # those close it themselves
+        read_at_most(resp, SMALL_BODY_LIMIT, "", "")
 
 
 class Registry:
@@ -271,7 +341,8 @@ class Registry:
         authed = False
         for _ in range(8):  # redirects and one auth round
             send = dict(headers)
-            same_host = urlsplit(url).netloc == urlsplit(self.base).netloc
+            # Scheme too: a redirect to http:// on the same host must not carry the token.
+            same_host = _origin(url) == _origin(self.base)
             if self._auth and same_host:
                 send["Authorization"] = self._auth  # never to a redirect's other host (S3, CDN)
             try:
@@ -291,30 +362,36 @@ class Registry:
                 raise TransientError(f"{what}: {exc.__class__.__name__}") from None
             status = resp.status
             if status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
-                resp.drain_conn()
+                discard(resp)
                 url = urljoin(url, resp.headers["Location"])
+                if urlsplit(url).scheme not in ("http", "https"):
+                    raise ProtocolError(f"{what}: redirected to {_shown(url)}, not http(s)")
                 continue
             if status == 401 and same_host and not authed:
                 challenge = resp.headers.get("WWW-Authenticate", "")
-                resp.drain_conn()
+                discard(resp)
                 self._authenticate(challenge, what)
                 authed = True
                 continue
             if status in (200, 206):
                 return resp
-            body = resp.read(65536)
-            resp.release_conn()
+            try:
+                body = read_at_most(resp, SMALL_BODY_LIMIT, what, urlsplit(url).netloc)
+            except ProtocolError:
+                body = b""  # an error answer too long to read: its status says enough
             self._raise(status, body, resp.headers, what)
         raise ProtocolError(f"{what}: too many redirects")
 
     def _raise(self, status: int, body: bytes, headers: Mapping[str, str], what: str) -> None:
         codes = ""
         try:
-            errors = json.loads(body).get("errors") or []
-            codes = ", ".join(
-                f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)
+            errors = untrusted_json.parse(body, what=what).get("errors") or []
+            codes = _shown(
+                ", ".join(
+                    f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)
+                )
             )
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, TypeError):
             pass
         detail = f" ({codes})" if codes else ""
         if status in _RETRY:
@@ -359,6 +436,14 @@ class Registry:
         scope = params.get("scope") or f"repository:{self.reference.repository}:pull"
         query = {k: v for k, v in (("service", params.get("service", "")), ("scope", scope)) if v}
         realm = params["realm"]
+        realm_scheme = urlsplit(realm).scheme
+        if realm_scheme not in ("http", "https"):
+            raise ProtocolError(f"{what}: token realm {_shown(realm)} is not an http(s) URL")
+        if creds is not None and realm_scheme == "http" and self.base.startswith("https:"):
+            raise ProtocolError(
+                f"{what}: {self.reference.registry} sends its credentials to a plain-http token "
+                f"service ({_shown(realm)}); refused: they would travel in clear"
+            )
         headers: dict[str, str] = {}
         if creds is not None and creds.identity_token:
             form = urlencode(
@@ -382,23 +467,54 @@ class Registry:
                     "Basic "
                     + base64.b64encode(f"{creds.username}:{creds.password}".encode()).decode()
                 )
-            resp = self._token_request("GET", f"{realm}?{urlencode(query)}", headers, None, what)
+            joiner = "&" if "?" in realm else "?"
+            resp = self._token_request(
+                "GET", f"{realm}{joiner}{urlencode(query)}", headers, None, what
+            )
         bearer = resp.get("token") or resp.get("access_token")
         if not isinstance(bearer, str) or not bearer:
-            raise ProtocolError(f"{what}: the token service at {realm} answered no token")
+            raise ProtocolError(f"{what}: the token service at {_shown(realm)} answered no token")
+        if not _TOKEN.fullmatch(bearer):
+            raise ProtocolError(
+                f"{what}: the token service at {_shown(realm)} answered a token that is not "
+                "visible ASCII (it would not fit in a header)"
+            )
         self._auth = f"Bearer {bearer}"
 
     def _token_request(
         self, method: str, url: str, headers: dict[str, str], body: bytes | None, what: str
     ) -> dict[str, object]:
-        try:
-            resp = self._pool.request(method, url, headers=headers, body=body, redirect=True)
-        except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise EndpointUnreachable(
-                f"{what}: token service {urlsplit(url).netloc} unreachable "
-                f"({exc.__class__.__name__})"
-            ) from None
+        """One token request, redirects followed by hand: credentials (the Authorization
+        header, a refresh token in a POST body) never go to another scheme or host."""
+        for _ in range(5):
+            host = urlsplit(url).netloc
+            try:
+                resp = self._pool.request(
+                    method, url, headers=headers, body=body, redirect=False, preload_content=False
+                )
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise EndpointUnreachable(
+                    f"{what}: token service {host} unreachable ({exc.__class__.__name__})"
+                ) from None
+            if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
+                discard(resp)
+                target = urljoin(url, resp.headers["Location"])
+                if urlsplit(target).scheme not in ("http", "https"):
+                    raise ProtocolError(f"{what}: token service redirected to {_shown(target)}")
+                if _origin(target) != _origin(url):
+                    if body is not None:
+                        raise ProtocolError(
+                            f"{what}: token service {host} redirected a request carrying a "
+                            "refresh token to another host; refused"
+                        )
+                    headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+                url = target
+                continue
+            break
+        else:
+            raise ProtocolError(f"{what}: token service {host}: too many redirects")
         if resp.status in (401, 403):
+            discard(resp)
             if self._credentials is None:
                 raise CredentialsNotFound(
                     f"{what}: {self.reference.registry} needs credentials; "
@@ -408,13 +524,13 @@ class Registry:
                 f"{what}: the token service refused the credentials from {self._credentials.source}"
             )
         if resp.status != 200:
+            discard(resp)
             raise ProtocolError(f"{what}: token service answered HTTP {resp.status}")
+        data = read_at_most(resp, TOKEN_LIMIT, f"{what} token answer", host)
         try:
-            doc = json.loads(resp.data)
-        except ValueError:
-            raise ProtocolError(
-                f"{what}: token service answered something that is not JSON"
-            ) from None
+            doc = untrusted_json.parse(data, what=f"{what}: token service {host}")
+        except ValueError as exc:
+            raise ProtocolError(str(exc)) from None
         return doc if isinstance(doc, dict) else {}
 
     # -- the blob store --------------------------------------------------------------------
@@ -424,10 +540,7 @@ class Registry:
         resp = self.request(
             "GET", f"/v2/{self.reference.repository}/manifests/{ref}", {"Accept": accept}, what=what
         )
-        data = resp.read(MANIFEST_LIMIT + 1)
-        resp.release_conn()
-        if len(data) > MANIFEST_LIMIT:
-            raise InvalidImage(f"{what}: larger than the distribution spec's 4 MiB")
+        data = read_at_most(resp, MANIFEST_LIMIT, what, self.reference.registry)
         content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         header = resp.headers.get("Docker-Content-Digest", "")
         if header:
@@ -449,19 +562,23 @@ class Registry:
 
 class _RangedBlob(io.RawIOBase):
     """A blob read as ranged GETs, ``IN_FLIGHT`` at once, handed over in order. A registry
-    that answers a range with 200 is read as one stream instead (if it is the first range)."""
+    that answers a range with 200 is read as one stream instead (if it is the first range).
+    Never more than the descriptor's size: each range to its length, the stream to the size
+    (a longer body is refused); the caller checks the digest of what came."""
 
     def __init__(self, registry: Registry, digest: Digest, size: int | None) -> None:
+        if size is None:
+            raise ProtocolError(f"{registry.display} blob {digest.short}: no size to read it to")
         self._reg = registry
         self._path = f"/v2/{registry.reference.repository}/blobs/{digest}"
         self._what = f"{registry.display} blob {digest.short}"
+        self._host = registry.reference.registry
         self._size = size
         self._next = 0
         self._pending: deque[Future[bytes]] = deque()
         self._buffer = memoryview(b"")
         self._stream: urllib3.BaseHTTPResponse | None = None
-        if size is None or size == 0:
-            self._stream = registry.request("GET", self._path, what=self._what)
+        self._stream_left = 0  # bytes the stream may still deliver
 
     def readable(self) -> bool:
         return True
@@ -472,28 +589,24 @@ class _RangedBlob(io.RawIOBase):
 
     def _range_once(self, start: int, end: int) -> bytes:
         resp = self._reg.send("GET", self._path, {"Range": f"bytes={start}-{end - 1}"}, self._what)
-        try:
-            if resp.status == 200:
-                if start != 0:
-                    raise ProtocolError(f"{self._what}: the registry ignored a Range request (200)")
-                return b""  # signal: read it as one stream
-            m = re.fullmatch(
-                r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", "").strip()
-            )
-            if not m or int(m.group(1)) != start:
-                raise ProtocolError(f"{self._what}: a 206 without the Content-Range asked for")
-            try:
-                data = resp.read()
-            except (urllib3.exceptions.HTTPError, OSError) as exc:
-                raise TransientError(f"{self._what}: body cut ({exc.__class__.__name__})") from None
-        finally:
-            resp.release_conn()
+        if resp.status == 200:
+            close_unread(resp)
+            if start != 0:
+                raise ProtocolError(f"{self._what}: the registry ignored a Range request (200)")
+            return b""  # signal: read it as one stream
+        m = re.fullmatch(
+            r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", "").strip()
+        )
+        if not m or int(m.group(1)) != start or int(m.group(2)) != end - 1:
+            close_unread(resp)
+            raise ProtocolError(f"{self._what}: a 206 without the Content-Range asked for")
+        what = f"{self._what} bytes {start}-{end - 1}"
+        data = read_at_most(resp, end - start, what, self._host)
         if len(data) != end - start:
             raise TransientError(f"{self._what}: short body ({len(data)} of {end - start} bytes)")
         return data
 
     def _fill(self) -> None:
-        assert self._size is not None
         while len(self._pending) < IN_FLIGHT and self._next < self._size:
             start, end = self._next, min(self._size, self._next + RANGE_BYTES)
             self._pending.append(self._reg.executor.submit(self._range, start, end))
@@ -511,7 +624,7 @@ class _RangedBlob(io.RawIOBase):
                 for f in self._pending:
                     f.cancel()
                 self._pending.clear()
-                self._stream = self._reg.request("GET", self._path, what=self._what)
+                self._open_stream()
                 return self._read_stream(buf)
             self._buffer = memoryview(data)
         n = min(len(buf), len(self._buffer))
@@ -519,21 +632,41 @@ class _RangedBlob(io.RawIOBase):
         self._buffer = self._buffer[n:]
         return n
 
+    def _open_stream(self) -> None:
+        resp = self._reg.request("GET", self._path, what=self._what)
+        declared = resp.headers.get("Content-Length", "").strip()
+        if declared.isdigit() and int(declared) > self._size:
+            close_unread(resp)
+            raise ProtocolError(
+                f"{self._what}: {self._host} declared {declared} bytes for a blob of "
+                f"{self._size}; refused unread"
+            )
+        self._stream, self._stream_left = resp, self._size
+
     def _read_stream(self, buf: memoryview) -> int:
         assert self._stream is not None
+        view = memoryview(buf)[: self._stream_left] if self._stream_left else memoryview(buf)[:1]
         try:
-            return self._stream.readinto(buf)
+            n = self._stream.readinto(view)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransientError(
                 f"{self._what}: blob stream cut ({exc.__class__.__name__})"
             ) from None
+        if n and not self._stream_left:
+            raise ProtocolError(
+                f"{self._what}: {self._host} sent more than the blob's {self._size} bytes; "
+                "refused, not buffered"
+            )
+        self._stream_left -= n
+        return n
 
     def close(self) -> None:
         for f in self._pending:
             f.cancel()
         self._pending.clear()
         if self._stream is not None:
-            self._stream.release_conn()
+            close_unread(self._stream)
+            self._stream = None
         super().close()
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import io
-import json
 import os
 import posixpath
 import tarfile
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from spotstart import untrusted_json
 from spotstart.errors import IntegrityError, InvalidImage, NotFound, UsageError
 from spotstart.image import oci
 from spotstart.image.digest import Digest
@@ -295,9 +295,11 @@ def _config(store: BlobStore, manifest: oci.Manifest, what: str) -> oci.ImageCon
 def resolve_docker_archive(archive: TarArchive, *, ref: str) -> ResolvedImage:
     what = archive.display
     try:
-        entries = json.loads(archive.read_file("manifest.json"))
-    except json.JSONDecodeError as exc:
-        raise InvalidImage(f"{what}: manifest.json is not JSON ({exc})") from None
+        entries = untrusted_json.parse(
+            archive.read_file("manifest.json"), what=f"{what}: manifest.json"
+        )
+    except untrusted_json.JSONRejected as exc:
+        raise InvalidImage(str(exc)) from None
     if (
         not isinstance(entries, list)
         or not entries
