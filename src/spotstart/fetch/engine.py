@@ -253,7 +253,9 @@ async def fetch_async(
     cfg = config or FetchConfig()
     url = parse_url(src)
     source = source_for(url, cfg)
-    dest_path = Path(os.path.abspath(dest))  # noqa: ASYNC240 (no I/O: string arithmetic)
+    # DEST itself may be the user's link (/nvme/models -> /mnt/disk1): resolved once here;
+    # beneath it nothing follows a link (spotstart.safefs).
+    dest_path = Path(os.path.realpath(dest))  # noqa: ASYNC240 (a few lstats, once)
     try:
         fetcher = Fetcher(source, url, dest_path, cfg, progress or NullProgress())
         return await fetcher.run()
