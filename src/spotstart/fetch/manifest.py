@@ -13,8 +13,8 @@ Where it lives (one file per model prefix):
   ``gs://b/m.safetensors.spotstart-manifest.json``).
 
 A fetch looks for ``<key>.spotstart-manifest.json`` of the object its URL names, then
-``.spotstart-manifest.json`` in each directory from the object's own up to the URL's (the
-nearest entry for an object wins).
+``.spotstart-manifest.json`` in each directory from the object's own up to the URL's; an
+entry of exactly the object's version counts, any other is stale and ignored.
 
 Format (``version`` 1; anything else, unknown fields, a wrong count of pieces, hex of the
 wrong length, NaN, duplicate keys, more than :data:`MAX_MANIFEST_BYTES` is malformed)::

@@ -21,6 +21,7 @@ from spotstart.errors import (
     DiskFull,
     EndpointUnreachable,
     IntegrityError,
+    LocalIOError,
     NotFound,
     ObjectChanged,
     ProtocolError,
@@ -464,7 +465,7 @@ class TransferScheduler:
             await self._apply_manifests([f for f in files if f.peer_candidate])
         wanted = any(f.peer_id is not None for f in files)
         if self.peers is None and spec is not None and spec.entries and wanted:
-            self.peers = PeerSet(spec)
+            self.peers = PeerSet(spec, self.progress.on_message)
             await self.peers.refresh()
             self.peers.start()
         try:
@@ -479,14 +480,15 @@ class TransferScheduler:
         checked on arrival. Before any target is opened (the journal records the plan)."""
         entries = await self._read_manifests([f.info.key for f in files])
         for f in files:
-            e = entries.get(f.display)
+            found = entries.get(f.display, [])
+            e = next((e for e in found if e.matches(f.display, f.info.version, f.info.size)), None)
             if e is None:
-                continue
-            if not e.matches(f.display, f.info.version, f.info.size):
-                self.progress.on_message(
-                    f"{f.rel}: the manifest describes version {e.version} ({e.size} bytes), "
-                    f"not {f.info.version} ({f.info.size} bytes): stale, ignored"
-                )
+                if found:
+                    old = found[0]
+                    self.progress.on_message(
+                        f"{f.rel}: the manifest describes version {old.version} ({old.size} "
+                        f"bytes), not {f.info.version} ({f.info.size} bytes): stale, ignored"
+                    )
                 continue
             if e.parts != f.info.parts:
                 self.progress.on_message(
@@ -506,12 +508,12 @@ class TransferScheduler:
             f.chunks, f.chunk_bytes, f.manifest = chunks, chunk_bytes, e
             f.peer_id = object_id(f.display, f.info.version, f.info.size)
 
-    async def _read_manifests(self, keys: list[str]) -> dict[str, ManifestEntry]:
-        """Entries of the manifests beside ``keys`` on the origin (nearest first wins). One
+    async def _read_manifests(self, keys: list[str]) -> dict[str, list[ManifestEntry]]:
+        """Entries of the manifests beside ``keys`` on the origin, by URL. One
         that is absent is no manifest; one that cannot be read, is too large or malformed is
         ignored with a message: without it peers give only what the origin's own MD5 proves,
         so ignoring it never widens what a peer can do."""
-        out: dict[str, ManifestEntry] = {}
+        out: dict[str, list[ManifestEntry]] = {}
         for key in manifest_candidates(self.url.scheme, self.url.key, keys):
             where = f"manifest {self._display_key(key)}"
             try:
@@ -525,7 +527,7 @@ class TransferScheduler:
                 self.progress.on_message(f"{where}: ignored ({exc})")
                 continue
             for url, e in found.entries.items():
-                out.setdefault(url, e)
+                out.setdefault(url, []).append(e)
         return out
 
     def _display_key(self, key: str) -> str:
@@ -769,7 +771,11 @@ class TransferScheduler:
                 )
             )
         req = RangeRequest(
-            peer.base + OBJECTS_PATH + oid, peers.headers(), what=f"peer {peer.address}"
+            peer.base + OBJECTS_PATH + oid,
+            peers.headers(),
+            what=f"peer {peer.address}",
+            exact=True,
+            deadline_s=peers.spec.chunk_deadline_s(ch.length, peers.origin_rate),
         )
         loop = asyncio.get_running_loop()
         peer.in_flight += 1
@@ -777,12 +783,10 @@ class TransferScheduler:
         try:
             landing = _CheckedWindow(window, check) if check is not None else window
             crc = await self._land(self._peer_reader, req, f, ch, landing)
-        except (TransientError, EndpointUnreachable, ProtocolError, DirectUnsupported) as exc:
-            if isinstance(exc, TransientError) and exc.throttled:
-                peers.busy(peer, 1.0)
-            else:
-                peers.drop(peer, str(exc))
-                self.progress.on_message(f"peer {peer.address} dropped: {exc}")
+        except LocalIOError:
+            raise  # our disk, not the peer: the origin's bytes would not land either
+        except Exception as exc:  # whatever a peer sends, it never fails a fetch
+            peers.failed(peer, oid, exc)
             return None
         finally:
             peer.in_flight -= 1
@@ -805,8 +809,7 @@ class TransferScheduler:
             peers.drop(peer, reason)
             self.progress.on_message(f"peer {peer.address} dropped: {reason}")
             return None
-        peer.bytes += ch.length
-        peer.seconds += loop.time() - t0
+        peers.served(peer, oid, ch.length, loop.time() - t0)
         self.counters.bytes_from_peers += ch.length
         self.counters.direct_chunks += 1
         f.from_peers[ch.index] = (peer.address, crc)
@@ -935,7 +938,26 @@ class TransferScheduler:
                     f"peer {peer.address} dropped: its bytes of {f.rel} fail the origin's checksum"
                 )
 
-        await self._refetch(f, [ch for ch in f.chunks if ch.index in given], lied)
+        chunks = [ch for ch in f.chunks if ch.index in given]
+        # A CRC cannot tell which chunk lied (a forged chunk keeps its CRC): compare what
+        # the peers gave with what the origin gives now, by SHA-256 of the landed bytes.
+        target = f.target
+        assert target is not None
+
+        def digests() -> dict[int, bytes]:
+            out = {}
+            for ch in chunks:
+                h = hashlib.sha256()
+                _hash_target(h, target, ch.start, ch.length)
+                out[ch.index] = h.digest()
+            return out
+
+        before = await asyncio.to_thread(digests)
+        await self._refetch(f, chunks)
+        after = await asyncio.to_thread(digests)
+        for index, digest in before.items():
+            if after[index] != digest:
+                lied(index)
 
     async def _refetch_all(self, f: TransferFile) -> None:
         """Fetch every chunk again; those whose CRC changed were the bad ones."""
