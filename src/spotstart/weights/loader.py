@@ -391,7 +391,8 @@ class Loader:
             tp_plan.plan([], *tp)  # a bad rank/world is refused before any request
         self.device = parse_device(device)
         self.dtype = dtype
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        # Resolved once (the user's own link is fine); beneath it nothing follows a link.
+        self.cache_dir = Path(os.path.realpath(cache_dir)) if cache_dir is not None else None
         self.config = config or FetchConfig()
         self.progress = progress or NullProgress()
 
