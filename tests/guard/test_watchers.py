@@ -391,13 +391,16 @@ async def test_azure_scale_set_instance_names_match_with_their_leading_underscor
 async def test_azure_events_wait_until_this_vms_name_is_known(
     azure: MetadataEmulator, streams: Callable[[NoticeWatcher], Stream]
 ) -> None:
-    azure.fail("500", count=3)  # IMDS answers 500 to the name lookups first
+    name_path = "/metadata/instance/compute/name"
+    azure.fail("500", count=3, path=name_path)  # IMDS answers 500 to the name lookups first
     azure.preempt()
-    stream = streams(azure_watcher(azure.url))
+    watcher = azure_watcher(azure.url)
+    stream = streams(watcher)
     await until(faults_served(azure, 3))
     notice = await stream.next()
     assert notice.kind is NoticeKind.PREEMPTION
-    assert azure.requests()["by_path"].get("/metadata/instance/compute/name", 0) == 4
+    assert azure.requests()["by_path"].get(name_path, 0) == 4
+    assert watcher.faults.by_endpoint[name_path] == 3
 
 
 def test_azure_resource_matching_is_exact_but_case_and_underscore_blind() -> None:

@@ -25,8 +25,16 @@ unless ``preempt`` is given ``"resources": [...]`` (another member of a scale se
 binds loopback only unless ``allow_remote`` (its admin endpoint has no authentication).
 
 Admin API (same server, prefix ``/__admin/``): ``POST preempt`` ``{"in_s", "kind", ...}``,
-``POST reset``, ``POST fail`` ``{"mode": "500"|"garbage"|"hang", "count"}``,
+``POST reset``, ``POST fail`` ``{"mode", "count", "path", "body", "status", "content_type"}``,
 ``POST revoke-tokens`` (AWS), ``GET requests``.
+
+Fault modes (what a broken server, a captive portal or a misrouted proxy answers instead):
+``500``; ``garbage`` (binary junk, 200); ``hang`` (no answer); ``html`` (a one-line captive
+portal page, 200 ``text/html``); ``huge`` (a 200 body streamed without end, up to 256 MiB, with
+the genuine content type; ``requests()["fault_bytes_sent"]`` says how much the client took);
+``truncated`` (a declared length, part of it sent, then the connection closed); ``body`` (200
+or ``status`` with the given ``body`` and ``content_type``). ``path`` limits a fault to one
+path (e.g. Azure's ``compute/name``); other paths answer normally meanwhile.
 """
 
 from __future__ import annotations
@@ -59,8 +67,16 @@ from spotstart.errors import SpotstartError, UsageError
 
 Cloud = Literal["gce", "aws", "azure"]
 CLOUDS: tuple[Cloud, ...] = ("gce", "aws", "azure")
-FaultMode = Literal["500", "garbage", "hang"]
-FAULT_MODES: tuple[FaultMode, ...] = ("500", "garbage", "hang")
+FaultMode = Literal["500", "garbage", "hang", "html", "huge", "truncated", "body"]
+FAULT_MODES: tuple[FaultMode, ...] = (
+    "500",
+    "garbage",
+    "hang",
+    "html",
+    "huge",
+    "truncated",
+    "body",
+)
 
 GCE_PREFIX = "/computeMetadata/v1/instance/"
 AWS_TOKEN_PATH = "/latest/api/token"
@@ -81,6 +97,10 @@ DEFAULT_NOTICE_S: dict[tuple[Cloud, str], float] = {
 # A hung request gives up after this long so a forgotten fault cannot wedge a test run.
 HANG_MAX_S = 120.0
 GARBAGE_BODY = b"\x00\xff<html>garbage{{ not metadata"
+# One line, printable: what a captive portal answers to any GET.
+HTML_BODY = b"<html><head><title>Sign in</title></head><body>Sign in to continue</body></html>"
+HUGE_MAX_BYTES = 256 * 1024 * 1024
+_HUGE_CHUNK = b"A" * 65536
 
 _T = TypeVar("_T")
 
@@ -98,6 +118,10 @@ def _etag(value: str) -> str:
 class _Fault:
     mode: FaultMode
     remaining: int
+    path: str | None = None  # only requests to this path are answered with the fault
+    body: bytes = b""  # mode "body"
+    status: int = 200  # mode "body"
+    content_type: str | None = None  # mode "body"/"huge"/"truncated"; None: the genuine one
 
 
 @dataclass
@@ -116,6 +140,7 @@ class _State:
     requests_total: int = 0
     requests_by_path: Counter[str] = field(default_factory=Counter)
     faults_served: int = 0
+    fault_bytes_sent: int = 0  # body bytes of "huge" faults the clients took
 
 
 class _MetadataApp:
@@ -233,20 +258,65 @@ class _MetadataApp:
         self.state.requests_total += 1
         self.state.requests_by_path[request.path] += 1
         fault = self.state.fault
-        if fault is not None and fault.remaining > 0:
+        if fault is not None and fault.remaining > 0 and fault.path in (None, request.path):
             fault.remaining -= 1
             self.state.faults_served += 1
             if fault.remaining == 0:
                 self.state.fault = None
-            if fault.mode == "500":
-                return web.Response(status=500, text="Internal Server Error")
-            if fault.mode == "garbage":
-                return web.Response(status=200, body=GARBAGE_BODY, content_type="text/plain")
-            unhang = self._unhang
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(unhang.wait(), HANG_MAX_S)
-            return web.Response(status=504, text="hung request released")
+            return await self._fault_response(request, fault)
         return await handler(request)
+
+    def _genuine_content_type(self, path: str) -> str:
+        if self.cloud == "gce":
+            return "application/text"
+        if self.cloud == "azure" and path == AZURE_EVENTS_PATH:
+            return "application/json"
+        return "text/plain"
+
+    async def _fault_response(self, request: web.Request, fault: _Fault) -> web.StreamResponse:
+        # A broken server still says who it is (GCE's flavor header), so that what the client
+        # checks next, the body, is what the fault exercises; a portal (html) does not.
+        headers = {"Metadata-Flavor": "Google"} if self.cloud == "gce" else {}
+        content_type = fault.content_type or self._genuine_content_type(request.path)
+        if fault.mode == "500":
+            return web.Response(status=500, text="Internal Server Error")
+        if fault.mode == "garbage":
+            return web.Response(
+                status=200, body=GARBAGE_BODY, content_type="text/plain", headers=headers
+            )
+        if fault.mode == "html":
+            return web.Response(status=200, body=HTML_BODY, content_type="text/html")
+        if fault.mode == "body":
+            headers["Content-Type"] = content_type
+            return web.Response(status=fault.status, body=fault.body, headers=headers)
+        if fault.mode == "huge":
+            return await self._huge(request, headers, content_type)
+        if fault.mode == "truncated":
+            headers["Content-Type"] = content_type
+            resp = web.StreamResponse(status=200, headers=headers)
+            resp.content_length = 4096
+            await resp.prepare(request)
+            await resp.write(b'{"DocumentIncarnation": 1, "Events": [')
+            if request.transport is not None:
+                request.transport.close()  # cut before the declared length
+            return resp
+        unhang = self._unhang
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(unhang.wait(), HANG_MAX_S)
+        return web.Response(status=504, text="hung request released")
+
+    async def _huge(
+        self, request: web.Request, headers: dict[str, str], content_type: str
+    ) -> web.StreamResponse:
+        headers["Content-Type"] = content_type
+        resp = web.StreamResponse(status=200, headers=headers)
+        resp.enable_chunked_encoding()  # no declared length: only reading tells it is huge
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while self.state.fault_bytes_sent < HUGE_MAX_BYTES:
+                await resp.write(_HUGE_CHUNK)
+                self.state.fault_bytes_sent += len(_HUGE_CHUNK)
+        return resp
 
     # -- admin ----------------------------------------------------------------------------------
 
@@ -265,17 +335,20 @@ class _MetadataApp:
 
     async def admin_fail(self, request: web.Request) -> web.Response:
         body = await _json_body(request)
-        mode = str(body.get("mode", ""))
+        content_type = body.get("content_type")
         try:
-            count = int(body.get("count", 1))
-        except (TypeError, ValueError):
-            count = -1
-        if mode not in FAULT_MODES or count < 0:
-            return web.json_response(
-                {"error": f"mode must be one of {FAULT_MODES} and count >= 0"}, status=400
+            fault = make_fault(
+                str(body.get("mode", "")),
+                int(body.get("count", 1)),
+                path=None if body.get("path") is None else str(body["path"]),
+                body=str(body.get("body", "")).encode(),
+                status=int(body.get("status", 200)),
+                content_type=None if content_type is None else str(content_type),
             )
-        self.state.fault = _Fault(mode, count) if count else None
-        return web.json_response({"armed": count})
+        except (TypeError, ValueError) as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        self.state.fault = fault
+        return web.json_response({"armed": fault.remaining if fault else 0})
 
     async def admin_revoke_tokens(self, request: web.Request) -> web.Response:
         revoked = len(self.state.aws_tokens)
@@ -290,6 +363,7 @@ class _MetadataApp:
             "total": self.state.requests_total,
             "by_path": dict(self.state.requests_by_path),
             "faults_served": self.state.faults_served,
+            "fault_bytes_sent": self.state.fault_bytes_sent,
         }
 
     # -- GCE ------------------------------------------------------------------------------------
@@ -446,6 +520,27 @@ class _MetadataApp:
 
     def release_hung(self) -> None:
         self._unhang.set()
+
+
+def make_fault(
+    mode: str,
+    count: int,
+    *,
+    path: str | None = None,
+    body: bytes = b"",
+    status: int = 200,
+    content_type: str | None = None,
+) -> _Fault | None:
+    """A fault to arm (None for ``count`` 0); ValueError for an unknown mode or bad numbers."""
+    if mode not in FAULT_MODES:
+        raise ValueError(f"mode must be one of {FAULT_MODES}")
+    if count < 0:
+        raise ValueError("count must be >= 0")
+    if not 100 <= status <= 599:
+        raise ValueError("status must be an HTTP status")
+    if count == 0:
+        return None
+    return _Fault(mode, count, path, body, status, content_type)
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -608,14 +703,31 @@ class MetadataEmulator:
 
         self._call(go())
 
-    def fail(self, mode: FaultMode, count: int) -> None:
-        """Answer the next ``count`` metadata requests with a fault instead of the protocol."""
-        if mode not in FAULT_MODES:
-            raise ValueError(f"mode must be one of {FAULT_MODES}")
+    def fail(
+        self,
+        mode: FaultMode,
+        count: int,
+        *,
+        path: str | None = None,
+        body: bytes = b"",
+        status: int = 200,
+        content_type: str | None = None,
+    ) -> None:
+        """Answer the next ``count`` metadata requests (to ``path`` only, if given) with a fault
+        instead of the protocol; see the module docstring for the modes. ``count`` 0 disarms.
+
+        Example::
+
+            emu.fail("html", 1, path="/metadata/instance/compute/name")  # a captive portal
+            emu.fail("body", 1, path=..., body=b"TRUEX")  # a value outside the grammar
+        """
+        fault = make_fault(
+            mode, count, path=path, body=body, status=status, content_type=content_type
+        )
         app = self._app_or_raise()
 
         async def go() -> None:
-            app.state.fault = _Fault(mode, count) if count > 0 else None
+            app.state.fault = fault
 
         self._call(go())
 
@@ -638,7 +750,8 @@ class MetadataEmulator:
         self._call(go())
 
     def requests(self) -> dict[str, Any]:
-        """``{"total": N, "by_path": {path: N}, "faults_served": N}`` (admin calls excluded)."""
+        """``{"total": N, "by_path": {path: N}, "faults_served": N, "fault_bytes_sent": N}``
+        (admin calls excluded)."""
         app = self._app_or_raise()
 
         async def go() -> dict[str, Any]:

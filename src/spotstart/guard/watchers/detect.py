@@ -1,6 +1,7 @@
 """Which cloud are we on, and the watchers for it. ``detect_cloud`` asks the three metadata
 servers at once with short timeouts; only a genuine protocol answer counts (GCE's
-``Metadata-Flavor: Google`` header, an IMDSv2 token, an Azure scheduled-events document)."""
+``Metadata-Flavor: Google`` header, an IMDSv2 token, an Azure scheduled-events document), each
+read to a bound and checked as the watchers check it."""
 
 from __future__ import annotations
 
@@ -15,11 +16,19 @@ from spotstart.guard.watchers._common import (
     Clock,
     Cloud,
     client_session,
+    read_body,
     resolve_metadata_url,
     timeout,
 )
-from spotstart.guard.watchers.aws import TOKEN_PATH, AwsWatcher, AwsWatcherConfig
+from spotstart.guard.watchers.aws import (
+    MAX_TOKEN_BYTES,
+    TOKEN_PATH,
+    AwsWatcher,
+    AwsWatcherConfig,
+    parse_token,
+)
 from spotstart.guard.watchers.azure import (
+    EVENTS_CONTENT_TYPES,
     EVENTS_PATH,
     AzureWatcher,
     AzureWatcherConfig,
@@ -57,7 +66,11 @@ async def _probe(session: aiohttp.ClientSession, cloud: Cloud, base: str, timeou
                 timeout=timeout(timeout_s),
                 allow_redirects=False,
             ) as resp:
-                return resp.status == 200 and bool((await resp.read()).strip())
+                if resp.status != 200:
+                    return False
+                token = await read_body(resp, "token PUT", limit=MAX_TOKEN_BYTES)
+                parse_token(token, resp.headers.get("X-aws-ec2-metadata-token-ttl-seconds"), 60)
+                return True
         async with session.get(
             base + EVENTS_PATH,
             params={"api-version": "2020-07-01"},
@@ -67,7 +80,10 @@ async def _probe(session: aiohttp.ClientSession, cloud: Cloud, base: str, timeou
         ) as resp:
             if resp.status != 200:
                 return False
-            parse_scheduled_events(await resp.read())
+            body = await read_body(
+                resp, EVENTS_PATH, content_types=EVENTS_CONTENT_TYPES, require_content_type=True
+            )
+            parse_scheduled_events(body)
             return True
     except WATCH_ERRORS:
         return False

@@ -5,6 +5,13 @@ tight polling). GCE gives 30 s between the notice and the stop, and 60 s before 
 Docs: https://cloud.google.com/compute/docs/metadata/querying-metadata#waitforchange,
 https://cloud.google.com/compute/docs/instances/spot#detect-preemption,
 https://cloud.google.com/compute/docs/metadata/getting-live-migration-notice
+
+What is believed: an answer is a value only with status 200, ``Metadata-Flavor: Google``, a text
+content type (GCE sends ``application/text``) if any, at most 64 KiB, and a value of the key's
+grammar: ``preempted`` exactly ``TRUE`` or ``FALSE``, ``maintenance-event`` an upper-case
+identifier (``NONE``, ``MIGRATE_ON_HOST_MAINTENANCE``...), each with at most one trailing
+``\n`` (line framing; GCE sends none). Anything else (``TRUEX``, `` TRUE``, an HTML page) is a
+fault: retried with backoff, counted in ``faults``, never a notice and never "no notice".
 """
 
 from __future__ import annotations
@@ -26,10 +33,12 @@ from spotstart.guard.watchers._common import (
     Backoff,
     Clock,
     Emit,
+    Faults,
     MalformedMetadata,
     PollConfig,
     WarningLimiter,
     client_session,
+    read_body,
     resolve_metadata_url,
     run_pollers,
     timeout,
@@ -40,6 +49,9 @@ logger = logging.getLogger("spotstart.guard.watchers.gce")
 PREEMPTED = "preempted"
 MAINTENANCE_EVENT = "maintenance-event"
 _MAINTENANCE_VALUE = re.compile(r"[A-Z][A-Z_]{1,63}")
+# GCE's ETags are 16 hex digits; whatever we accept is sent back as ``last_etag``.
+_ETAG = re.compile(r"[A-Za-z0-9_-]{1,128}")
+CONTENT_TYPES = frozenset({"application/text", "text/plain"})
 
 
 @dataclass(frozen=True)
@@ -55,16 +67,25 @@ class GceWatcherConfig:
 
 
 def parse_value(key: str, body: bytes) -> str:
-    """The metadata value of ``key``, checked; raise MalformedMetadata for anything else."""
+    """The metadata value of ``key``, checked; raise MalformedMetadata for anything else.
+    ``preempted`` is exactly ``TRUE``/``FALSE``; one trailing newline is line framing, any
+    other byte (spaces, ``TRUEX``, ``true``) makes the answer a fault."""
     try:
-        value = body.decode("ascii").strip()
+        value = body.decode("ascii")
     except UnicodeDecodeError as exc:
         raise MalformedMetadata(f"{key}: not ASCII text") from exc
+    if value.endswith("\n"):
+        value = value[:-1]
     if key == PREEMPTED and value in ("TRUE", "FALSE"):
         return value
     if key == MAINTENANCE_EVENT and _MAINTENANCE_VALUE.fullmatch(value):
         return value
     raise MalformedMetadata(f"{key}: unexpected value {value[:40]!r}")
+
+
+def checked_etag(raw: str | None) -> str | None:
+    """The ETag to long-poll on, or None (plain polling) when absent or not an ETag."""
+    return raw if raw is not None and _ETAG.fullmatch(raw) else None
 
 
 def notice_for(
@@ -117,6 +138,10 @@ class GceWatcher:
         self._clock = clock
         env = os.environ if environ is None else environ
         self.base_url = resolve_metadata_url("gce", self.config.metadata_url, env)
+        self.faults = Faults()
+        # the last value seen per key: survives a restart of a crashed poller, so a notice
+        # already reported is not reported again
+        self._current = {PREEMPTED: "FALSE", MAINTENANCE_EVENT: "NONE"}
 
     async def watch(self) -> AsyncGenerator[PreemptionNotice, None]:
         async with client_session() as session:
@@ -124,16 +149,25 @@ class GceWatcher:
                 lambda emit, key=key: self._follow(session, key, emit)
                 for key in (PREEMPTED, MAINTENANCE_EVENT)
             ]
-            async with contextlib.aclosing(run_pollers(pollers)) as notices:
+            notices_of = run_pollers(
+                pollers,
+                what="GCE watcher",
+                names=[PREEMPTED, MAINTENANCE_EVENT],
+                poll=self.config.poll,
+                clock=self._clock,
+                faults=self.faults,
+            )
+            async with contextlib.aclosing(notices_of) as notices:
                 async for notice in notices:
                     yield notice
 
     async def _follow(self, session: aiohttp.ClientSession, key: str, emit: Emit) -> None:
         poll = self.config.poll
         url = f"{self.base_url}/computeMetadata/v1/instance/{key}"
-        warnings = WarningLimiter(logger, self._clock, poll.warn_interval_s)
+        warnings = WarningLimiter(
+            logger, self._clock, poll.warn_interval_s, faults=self.faults, endpoint=key
+        )
         backoff = Backoff(poll.backoff_initial_s, poll.backoff_max_s)
-        current = "FALSE" if key == PREEMPTED else "NONE"
         etag: str | None = None
         while True:
             params: dict[str, str] = {}
@@ -154,13 +188,12 @@ class GceWatcher:
                     timeout=timeout(request_timeout_s),
                     allow_redirects=False,
                 ) as resp:
-                    body = await resp.read()
-                    status, new_etag = resp.status, resp.headers.get("ETag")
-                    flavor = resp.headers.get("Metadata-Flavor")
-                if status != 200:
-                    raise MalformedMetadata(f"HTTP {status}")
-                if flavor != "Google":
-                    raise MalformedMetadata("answer lacks Metadata-Flavor: Google")
+                    if resp.status != 200:
+                        raise MalformedMetadata(f"HTTP {resp.status}")
+                    if resp.headers.get("Metadata-Flavor") != "Google":
+                        raise MalformedMetadata("answer lacks Metadata-Flavor: Google")
+                    new_etag = checked_etag(resp.headers.get("ETag"))
+                    body = await read_body(resp, key, content_types=CONTENT_TYPES)
                 value = parse_value(key, body)
             except WATCH_ERRORS as exc:
                 warnings.warn(f"GCE metadata {url}: {type(exc).__name__}: {exc}")
@@ -169,8 +202,8 @@ class GceWatcher:
                 continue
             backoff.reset()
             warnings.ok(f"GCE metadata {url}")
-            if value != current:
-                current = value
+            if value != self._current[key]:
+                self._current[key] = value
                 notice = notice_for(key, value, self._clock(), self.config)
                 if notice is not None:
                     logger.warning("GCE %s = %s: %s notice", key, value, notice.kind.value)
