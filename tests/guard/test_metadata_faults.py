@@ -9,14 +9,18 @@ Deadlines are checked exactly on injected (fixed) clocks; time passes for real o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from spotstart.emulate.metadata import HTML_BODY, MetadataEmulator
+from spotstart.guard.kube import MAX_TOKEN_BYTES, PodRef, mark_pod, pod_from_env
 from spotstart.guard.notice import NoticeKind, NoticeWatcher, PreemptionNotice
 from spotstart.guard.watchers import AzureWatcherConfig, PollConfig
 from spotstart.guard.watchers import aws as aws_mod
@@ -508,3 +512,90 @@ def test_parsers_refuse_what_json_would_take_but_imds_never_sends() -> None:
     ]:
         with pytest.raises(MalformedMetadata):
             parse(body)
+
+
+# -- Kubernetes: marking this pod ----------------------------------------------------------------
+
+
+def _sa_dir(
+    tmp_path: Path, token: bytes = b"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJwb2QifQ.c2ln\n"
+) -> Path:
+    folder = tmp_path / "serviceaccount"
+    folder.mkdir()
+    (folder / "token").write_bytes(token)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("name", "namespace"),
+    [
+        ("../../nodes/n1", "serving"),
+        ("p", "a/b"),
+        ("p?dryRun=All", "serving"),
+        ("Pod-1", "serving"),
+        ("p", "x" * 64),
+        ("p" * 254, "serving"),
+    ],
+)
+def test_a_pod_name_or_namespace_that_is_not_a_kubernetes_name_is_not_patched(
+    tmp_path: Path, name: str, namespace: str
+) -> None:
+    env = {"POD_NAME": name, "POD_NAMESPACE": namespace, "KUBERNETES_SERVICE_HOST": "10.0.0.1"}
+    assert pod_from_env(env, _sa_dir(tmp_path)) is None
+
+
+def test_a_pod_with_kubernetes_names_is_found(tmp_path: Path) -> None:
+    env = {
+        "POD_NAME": "llama-8b-7d9f.x",
+        "POD_NAMESPACE": "serving",
+        "KUBERNETES_SERVICE_HOST": "h",
+    }
+    pod = pod_from_env(env, _sa_dir(tmp_path))
+    assert pod is not None and pod.url.endswith("/namespaces/serving/pods/llama-8b-7d9f.x")
+
+
+@contextlib.asynccontextmanager
+async def kube_api(answer_bytes: int) -> AsyncIterator[tuple[str, dict[str, int]]]:
+    """A real HTTP server on 127.0.0.1 answering every PATCH 500 with ``answer_bytes`` of body,
+    streamed; counts requests and the body bytes the client took."""
+    seen = {"requests": 0, "sent": 0}
+
+    async def patch(request: web.Request) -> web.StreamResponse:
+        seen["requests"] += 1
+        resp = web.StreamResponse(status=500)
+        resp.enable_chunked_encoding()
+        await resp.prepare(request)
+        chunk = b"E" * 65536
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            while seen["sent"] < answer_bytes:
+                await resp.write(chunk)
+                seen["sent"] += len(chunk)
+        return resp
+
+    app = web.Application()
+    app.router.add_patch("/{tail:.*}", patch)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}", seen
+    finally:
+        await runner.cleanup()
+
+
+async def test_marking_reads_a_bounded_answer_and_refuses_an_oversized_token(
+    tmp_path: Path,
+) -> None:
+    patch: dict[str, object] = {"metadata": {"annotations": {"a": "b"}}}
+    async with kube_api(answer_bytes=256 * 1024 * 1024) as (url, seen):
+        sa = _sa_dir(tmp_path)
+        pod = PodRef(url, "serving", "p", sa / "token", None)
+        assert not await mark_pod(pod, patch, timeout_s=10.0, attempts=1)
+        assert seen["requests"] == 1 and seen["sent"] < 16 * 1024 * 1024  # not 256 MiB
+        (sa / "token").write_bytes(b"x" * (MAX_TOKEN_BYTES + 1))
+        assert not await mark_pod(pod, patch, timeout_s=10.0, attempts=1)
+        (sa / "token").write_bytes(b"a\r\nX-Injected: 1")
+        assert not await mark_pod(pod, patch, timeout_s=10.0, attempts=1)
+        assert seen["requests"] == 1  # neither bad token was sent
