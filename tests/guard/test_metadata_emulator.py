@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client as http_client
 import json
 import os
 import signal
@@ -277,3 +278,64 @@ def test_cli_main_serves_until_sigterm() -> None:
         finally:
             if proc.poll() is None:
                 proc.kill()
+
+
+def test_admin_fault_limited_to_a_path_leaves_the_other_paths_answering(
+    azure: MetadataEmulator,
+) -> None:
+    name = "/metadata/instance/compute/name?api-version=2021-02-01&format=text"
+    body = {"mode": "html", "count": 2, "path": "/metadata/instance/compute/name"}
+    assert http("POST", azure.url + "/__admin/fail", body=body)[0] == 200
+    status, headers, events = http("GET", azure.url + AZURE_EVENTS, {"Metadata": "true"})
+    assert status == 200 and "DocumentIncarnation" in json.loads(events)
+    status, headers, page = http("GET", azure.url + name, {"Metadata": "true"})
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert page.startswith(b"<html>") and b"\n" not in page  # one printable line
+    http("GET", azure.url + name, {"Metadata": "true"})
+    assert http("GET", azure.url + name, {"Metadata": "true"})[2] == b"vm"
+    assert azure.requests()["faults_served"] == 2
+
+
+def test_admin_body_fault_answers_the_given_bytes_with_the_genuine_content_type(
+    gce: MetadataEmulator,
+) -> None:
+    gce.fail("body", 1, path=GCE_PREEMPTED, body=b"TRUEX")
+    status, headers, body = http("GET", gce.url + GCE_PREEMPTED, GOOGLE)
+    assert (status, body) == (200, b"TRUEX")
+    assert headers["Content-Type"] == "application/text"
+    assert headers["Metadata-Flavor"] == "Google"  # a broken server, still GCE's
+    body_fault = {"mode": "body", "body": "nope", "status": 418, "content_type": "text/x-y"}
+    assert http("POST", gce.url + "/__admin/fail", body=body_fault)[0] == 200
+    status, headers, body = http("GET", gce.url + GCE_MAINTENANCE, GOOGLE)
+    assert (status, body, headers["Content-Type"]) == (418, b"nope", "text/x-y")
+
+
+def test_admin_huge_fault_streams_until_the_client_stops_reading(aws: MetadataEmulator) -> None:
+    aws.fail("huge", 1, path=AWS_ACTION)
+    request = urllib.request.Request(aws.url + AWS_ACTION)
+    with urllib.request.urlopen(request, timeout=5) as resp:
+        assert resp.headers.get("Content-Length") is None  # chunked: no length to refuse on
+        assert len(resp.read(1024 * 1024)) == 1024 * 1024
+    poll_until(lambda: aws.requests()["fault_bytes_sent"] >= 1024 * 1024)
+
+
+def test_admin_truncated_fault_closes_before_the_declared_length(
+    azure: MetadataEmulator,
+) -> None:
+    azure.fail("truncated", 1)
+    request = urllib.request.Request(azure.url + AZURE_EVENTS, headers={"Metadata": "true"})
+    with (
+        pytest.raises(http_client.IncompleteRead),
+        urllib.request.urlopen(request, timeout=5) as resp,
+    ):
+        resp.read()
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"mode": "loud"}, {"mode": "html", "count": -1}, {"mode": "body", "status": 99}],
+)
+def test_admin_fail_refuses_what_it_cannot_arm(gce: MetadataEmulator, body: object) -> None:
+    assert http("POST", gce.url + "/__admin/fail", body=body)[0] == 400
+    with pytest.raises(ValueError):
+        gce.fail("loud", 1)  # type: ignore[arg-type]
