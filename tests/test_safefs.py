@@ -186,3 +186,38 @@ def _umask() -> int:
     old = os.umask(0)
     os.umask(old)
     return old
+
+
+def test_write_output_replaces_a_file_atomically_and_refuses_a_link_at_its_name(
+    tmp_path: Path, victim: Path
+) -> None:
+    out = tmp_path / "out.json"
+    safefs.write_output(out, "one")
+    os.link(out, tmp_path / "other-name")  # a hard link keeps the old bytes: a new inode
+    safefs.write_output(out, b"two")
+    assert out.read_bytes() == b"two" and (tmp_path / "other-name").read_bytes() == b"one"
+    os.symlink(victim, tmp_path / "link.json")
+    with pytest.raises(UnsafePath, match=r"link\.json: is a symlink"):
+        safefs.write_output(tmp_path / "link.json", b"evil", label="--out link.json")
+    assert victim.read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+    with pytest.raises(LocalIOError, match="no-such-dir"):
+        safefs.write_output(tmp_path / "no-such-dir" / "x", b"")
+
+
+def test_open_append_refuses_links_and_fifos_and_appends_to_a_plain_file(
+    tmp_path: Path, victim: Path
+) -> None:
+    log = tmp_path / "events.jsonl"
+    for _ in range(2):
+        fd = safefs.open_append(log)
+        os.write(fd, b"x\n")
+        os.close(fd)
+    assert log.read_bytes() == b"x\nx\n"
+    os.symlink(victim, tmp_path / "sym")
+    os.link(victim, tmp_path / "hard")
+    os.mkfifo(tmp_path / "fifo")
+    for name in ("sym", "hard", "fifo"):
+        with pytest.raises(OSError):
+            safefs.open_append(tmp_path / name)
+    assert victim.read_bytes() == b"precious"

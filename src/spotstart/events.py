@@ -19,6 +19,8 @@ import socket
 import sys
 from typing import Any
 
+from spotstart import safefs
+
 ENV = "SPOTSTART_EVENTS"
 VERSION = 1
 
@@ -64,7 +66,9 @@ def record(
             sys.stderr.buffer.write(line)
             sys.stderr.flush()
         else:
-            fd = os.open(where, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            # Never through a link, a hard link or into a FIFO: the file often sits in a
+            # directory others write (/tmp, a shared emptyDir).
+            fd = safefs.open_append(where)
             try:
                 os.write(fd, line)
             finally:

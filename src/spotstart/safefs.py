@@ -19,6 +19,7 @@ import contextlib
 import errno
 import functools
 import os
+import secrets
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -27,13 +28,16 @@ from typing import Any
 from spotstart.errors import DiskFull, LocalIOError, UnsafePath
 
 __all__ = [
+    "check_private",
     "create_exclusive",
     "makedirs_beneath",
+    "open_append",
     "open_beneath",
     "private_dir",
     "private_dir_fd",
     "rename_beneath",
     "resolver",
+    "write_output",
 ]
 
 # From linux/openat2.h; the syscall number is 437 on every architecture (the 5.1+ unified table).
@@ -307,12 +311,67 @@ def rename_beneath(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
     os.rename(src, dst, src_dir_fd=src_dir, dst_dir_fd=dst_dir)
 
 
+def write_output(
+    path: str | os.PathLike[str], data: bytes | str, mode: int = 0o644, *, label: str = ""
+) -> None:
+    """Write a file the user named (``--out report.json``, a metrics textfile), atomically and
+    never through a link. The directory is the user's choice, taken as given (links and all);
+    the name itself must not be a symlink: refused (:class:`UnsafePath`) rather than replaced,
+    since it may be the user's own arrangement, and never followed. The bytes go to a
+    temporary sibling created ``O_EXCL | O_NOFOLLOW`` and renamed onto the name within the
+    directory's fd, so a reader sees the old file or the new one, and a name swapped for a
+    link meanwhile is replaced, not written through. ``label`` names the file in errors
+    (``--metrics-textfile m.prom``); other failures are LocalIOError/DiskFull."""
+    p = Path(os.path.abspath(path))
+    where = label or str(p)
+    body = data.encode() if isinstance(data, str) else data
+    tmp = f".{p.name[:200]}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    try:
+        dirfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise _refused(where, exc) from None
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISLNK(os.stat(p.name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                raise UnsafePath(
+                    f"{where}: is a symlink; spotstart writes no output through a link "
+                    "(remove it, or name its target)"
+                )
+        fd = create_exclusive(dirfd, tmp, mode)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(body)
+            rename_beneath(dirfd, tmp, dirfd, p.name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dirfd)
+            raise
+    except OSError as exc:
+        raise _refused(where, exc, "cannot write it") from None
+    finally:
+        os.close(dirfd)
+
+
+def open_append(path: str | os.PathLike[str], mode: int = 0o644) -> int:
+    """An O_APPEND fd of a log several processes share (``--events FILE``), created if
+    missing. The name must be a regular file with one link: not a symlink (O_NOFOLLOW), not a
+    hard link to another file, not a FIFO or device (opened O_NONBLOCK, so a FIFO without
+    a reader fails at once instead of hanging). Raises OSError (ELOOP for those)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags, mode)
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        os.close(fd)
+        raise OSError(errno.ELOOP, "not a regular file with one link", os.fspath(path))
+    return fd
+
+
 def _describe(root: Root, rel: str) -> str:
     base = f"<fd {root}>" if isinstance(root, int) else os.fspath(root)
     return os.path.join(base, rel) if rel else base
 
 
-def _refused(where: str, exc: OSError) -> LocalIOError:
+def _refused(where: str, exc: OSError, doing: str = "cannot create it") -> LocalIOError:
     """Our error for an OSError met making or opening ``where``: UnsafePath for a link."""
     if exc.errno == errno.ELOOP:
         return UnsafePath(f"{where}: a symlink in the path; refusing to follow it (remove it)")
@@ -320,4 +379,4 @@ def _refused(where: str, exc: OSError) -> LocalIOError:
         return UnsafePath(f"{where}: a file or a symlink where a directory should be (remove it)")
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"{where}: no space left on device; free space and rerun")
-    return LocalIOError(f"{where}: cannot create it ({exc.strerror or exc})")
+    return LocalIOError(f"{where}: {doing} ({exc.strerror or exc})")

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from spotstart.errors import LocalIOError, UsageError
+from spotstart import safefs
+from spotstart.errors import UsageError
 
 if TYPE_CHECKING:  # imported where used: 30 ms of every fetch's start otherwise
     from prometheus_client import CollectorRegistry
@@ -105,10 +106,11 @@ def check_textfile_path(path: str) -> Path:
 
 
 def write_textfile(path: Path, metrics: TransferMetrics) -> None:
-    """Write atomically (a temporary file renamed into place), as the collector requires."""
-    from prometheus_client import write_to_textfile
+    """Write atomically (a temporary file renamed into place), as the collector requires, and
+    never through a link (:func:`spotstart.safefs.write_output`: the collector's directory is
+    often shared, and prometheus_client's own writer opens a guessable temporary name)."""
+    from prometheus_client import generate_latest
 
-    try:
-        write_to_textfile(str(path), metrics.registry())
-    except OSError as exc:
-        raise LocalIOError(f"--metrics-textfile {path}: cannot write it ({exc.strerror})") from None
+    safefs.write_output(
+        path, generate_latest(metrics.registry()), label=f"--metrics-textfile {path}"
+    )

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from spotstart import safefs
 from spotstart.fleet.optimal import OptimalBound
 from spotstart.fleet.simulator import FleetRun
 from spotstart.fleet.sweep import SweepPoint, versus_optimum
@@ -169,7 +170,4 @@ def write_bytes(path: str | Path, data: bytes | str) -> None:
     """Write a report file, creating its directory."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(data, str):
-        p.write_text(data)
-    else:
-        p.write_bytes(data)
+    safefs.write_output(p, data)  # atomic, and never through a link at the name

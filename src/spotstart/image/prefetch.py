@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from spotstart import safefs
 from spotstart.image.tree import MergedTree
 
 SOCI_MIN_LAYER_BYTES = 10 << 20
@@ -45,7 +46,7 @@ def write_all(out_dir: Path, files: Sequence[Any]) -> dict[str, str]:
         "nydus": (out_dir / "nydus-prefetch.txt", nydus_prefetch(code)),
     }
     for path, text in outputs.values():
-        path.write_text(text)
+        safefs.write_output(path, text)  # atomic, and never through a link at the name
     return {name: str(path) for name, (path, _) in outputs.items()} | {
         "profile": str(out_dir / "profile.json")
     }
