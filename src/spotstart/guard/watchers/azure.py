@@ -109,8 +109,9 @@ class AzureWatcherConfig:
     ``acknowledge``: approve Preempt/Terminate events as soon as they are reported (otherwise
     call :meth:`AzureWatcher.acknowledge` once drained). Events of an availability set or scale
     set reach every member: only those whose ``Resources`` name this VM are reported. The name
-    is ``resource_name`` if given, else IMDS ``compute/name``, asked before the first poll (no
-    event is acted on while it is unknown)."""
+    is ``resource_name`` if given (checked: a UsageError if it is not an Azure VM name), else
+    IMDS ``compute/name``, asked at each poll until it answers a valid name; events seen
+    before that are held, neither acted on nor dismissed (see the module docstring)."""
 
     metadata_url: str | None = None
     resource_name: str | None = None
