@@ -17,6 +17,7 @@ JSON (opens in Perfetto / chrome://tracing). Pure except the readers of files an
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import asdict, dataclass
@@ -24,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from spotstart import safefs
 from spotstart.errors import UsageError
 
 
@@ -389,8 +391,10 @@ def write_png(phases: list[Phase], path: Path, title: str = "") -> None:
     ax.set_xlabel("seconds from the first phase (black edge: critical path)")
     ax.set_title(title or "cold start timeline")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
     plt.close(fig)
+    safefs.write_output(path, buf.getvalue())  # atomic, and never through a link
 
 
 def _esc(s: str) -> str:
@@ -451,8 +455,9 @@ def write_all(phases: list[Phase], out: Path, title: str = "") -> dict[str, Path
         "trace": out / "timeline.trace.json",
         "json": out / "timeline.json",
     }
-    paths["html"].write_text(html(phases, title))
-    paths["trace"].write_text(json.dumps(chrome_trace(phases)))
-    paths["json"].write_text(json.dumps(summary(phases), indent=1))
+    # Each written atomically, never through a link at its name (spotstart.safefs).
+    safefs.write_output(paths["html"], html(phases, title))
+    safefs.write_output(paths["trace"], json.dumps(chrome_trace(phases)))
+    safefs.write_output(paths["json"], json.dumps(summary(phases), indent=1))
     write_png(phases, paths["png"], title)  # last: the one that needs matplotlib
     return paths
