@@ -559,3 +559,41 @@ def test_manifests_are_looked_for_beside_the_object_then_up_to_the_urls_director
         "https://h/x.bin.spotstart-manifest.json"
     ]
     assert manifest_candidates("https", "https://h/x.bin?sig=1", []) == []
+
+
+# -- load: the same scheduler, tensors landing straight from the peer ------------------------
+
+
+@pytest.mark.parametrize("with_manifest", [False, True])
+def test_load_from_a_crc_forging_peer_gives_the_origins_tensors(
+    clean_cloud: StorageEmulator,
+    gcs_env: dict[str, str],
+    peers: list[HostilePeer],
+    tmp_path: Path,
+    with_manifest: bool,
+) -> None:
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    from spotstart.weights.loader import load_async
+
+    g = torch.Generator().manual_seed(1)
+    tensors = {"w": torch.randn(700, 1200, generator=g), "b": torch.randn(333, generator=g)}
+    save_file(tensors, tmp_path / "model.safetensors")
+    data = (tmp_path / "model.safetensors").read_bytes()
+    key = "trust-load/model.safetensors"
+    clean_cloud.seed_gcs(BUCKET, {key: data})
+    url = f"gs://{BUCKET}/trust-load/"
+    if with_manifest:
+        _make_manifest(url)
+    info = _stat(url, key)
+    oid = object_id(f"gs://{BUCKET}/{key}", info.version, info.size)
+    liar = _liar(peers, oid, data)
+    honest = _honest(peers, oid, data)
+    got, report = asyncio.run(load_async(url, config=_config([liar.address, honest.address])))
+    for name, t in tensors.items():
+        assert torch.equal(got[name], t), name
+    assert liar.object_requests() and liar.address in report.peers_dropped
+    assert report.bytes_from_peers > 0
+    kinds = report.verified
+    assert ("sha256-manifest" in kinds) if with_manifest else ("md5" in kinds)
