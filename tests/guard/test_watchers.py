@@ -509,6 +509,34 @@ async def test_watch_all_merges_watchers_and_survives_a_crashing_one(
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+class FlakyWatcher:
+    """Crashes on its first run, then reports one notice: a bug that must not blind the guard."""
+
+    name = "flaky"
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    async def watch(self) -> AsyncIterator[PreemptionNotice]:
+        self.runs += 1
+        if self.runs == 1:
+            raise RuntimeError("transient bug in a watcher")
+        yield PreemptionNotice(NoticeKind.PREEMPTION, "flaky", 1.0, 2.0)
+        await asyncio.Event().wait()
+
+
+async def test_watch_all_restarts_a_watcher_that_crashed(caplog: pytest.LogCaptureFixture) -> None:
+    watcher = FlakyWatcher()
+    stream = streams_of(watch_all([watcher]))
+    try:
+        notice = await asyncio.wait_for(anext(stream), NOTICE_TIMEOUT_S)
+    finally:
+        await stream.aclose()
+    assert notice.source == "flaky" and watcher.runs == 2
+    assert "notice watcher 'flaky' crashed (a bug)" in caplog.text
+    assert "transient bug in a watcher" in caplog.text  # with its traceback
+
+
 def streams_of(
     iterator: AsyncIterator[PreemptionNotice],
 ) -> AsyncGenerator[PreemptionNotice, None]:
@@ -656,6 +684,12 @@ def test_parsers_answer_a_value_or_malformed_never_anything_else(body: bytes) ->
             parse(body)
     with contextlib.suppress(MalformedMetadata):
         assert gce_mod.parse_value(gce_mod.PREEMPTED, body) in ("TRUE", "FALSE")
+    with contextlib.suppress(MalformedMetadata):
+        name = azure_mod.parse_vm_name(body)
+        assert azure_mod.is_vm_name(name) and "<" not in name and " " not in name
+    with contextlib.suppress(MalformedMetadata):
+        token, ttl = aws_mod.parse_token(body, None, 21600)
+        assert token.isascii() and token.isprintable() and " " not in token and ttl == 21600
 
 
 @pytest.mark.parametrize(

@@ -124,7 +124,11 @@ def _no_constant(name: str) -> object:
 class PollConfig:
     """How a watcher polls and backs off. Failures (errors, 5xx, garbage, timeouts) wait
     ``backoff_initial_s`` doubling to ``backoff_max_s``; warnings repeat at most once per
-    ``warn_interval_s`` (with a count of the ones suppressed)."""
+    ``warn_interval_s`` (with a count of the ones suppressed).
+
+    Memory: each poller holds at most one answer, read to at most ``MAX_BODY_BYTES`` (64 KiB):
+    GCE runs 2 pollers, AWS and Azure 1, so a watcher holds at most 2 x 64 KiB of answers
+    whatever the server sends."""
 
     poll_interval_s: float = 1.0
     request_timeout_s: float = 2.0
