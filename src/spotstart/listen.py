@@ -358,6 +358,11 @@ class BoundedListener:
                 if exc.errno in _SCARCE and not self._shed_one(sock):
                     await asyncio.sleep(0.05)  # nothing to shed with: do not spin
                 continue
+            if self._spare is None:  # descriptors ran out: the spare comes first
+                _refuse_now(conn)
+                self.shed += 1
+                self._spare = _open_spare()
+                continue
             full = len(self.connections) + self.pending >= self.limits.max_connections
             if full and not self._evict_one():
                 self.refused += 1
@@ -384,11 +389,12 @@ class BoundedListener:
             conn, _ = sock.accept()
         except OSError:
             return False
+        else:
+            self.shed += 1
+            _refuse_now(conn)  # closed before the spare is taken back: its descriptor is ours
+            return True
         finally:
             self._spare = _open_spare()
-        self.shed += 1
-        _refuse_now(conn)
-        return True
 
     def _evict_one(self) -> bool:
         """Close the connection idle the longest (no request in it), to make room."""

@@ -12,6 +12,7 @@ import os
 import signal
 import stat
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from spotstart.errors import UsageError
@@ -48,6 +49,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         type=int,
         help="connections held at once; beyond it the longest idle is closed, or the new one "
         f"gets 503 (default: {DEFAULT_MAX_CONNECTIONS}, less on a low `ulimit -n`)",
+    )
+    p.add_argument(
+        "--head-timeout",
+        type=float,
+        default=ListenLimits.head_timeout_s,
+        metavar="S",
+        help="a request head not complete this long after the connection (or its first byte) "
+        f"closes the connection: slowloris ({ListenLimits.head_timeout_s:g})",
     )
     p.add_argument("--json", action="store_true", help="print the bound address as JSON")
     p.set_defaults(run=run)
@@ -174,8 +183,10 @@ def run(args: argparse.Namespace) -> int:
     if args.max_active < 1:
         raise UsageError("--max-active must be >= 1")
     host, port = split_listen(args.listen)
+    if not args.head_timeout > 0:
+        raise UsageError("--head-timeout must be > 0")
     token = serving_token(args, "--listen", host, port)
-    limits = listen_limits(args.max_connections)
+    limits = replace(listen_limits(args.max_connections), head_timeout_s=args.head_timeout)
     return asyncio.run(_serve(args.dir, host, port, token, limits, args))
 
 
