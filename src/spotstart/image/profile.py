@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spotstart import safefs
 from spotstart.errors import NotReady, UsageError
 from spotstart.image import prefetch, rules, sandbox
 from spotstart.image.tree import MergedTree
@@ -536,6 +537,7 @@ def _run(
                     start_new_session=True,
                     pass_fds=fds,
                     cwd=root if opts.isolation == "none" else None,
+                    preexec_fn=sandbox.dies_with_caller() if init and prefix else None,
                 )
             except FileNotFoundError as exc:
                 if init is not None:
@@ -619,7 +621,10 @@ def run_profile(opts: ProfileOptions) -> ProfileResult:
             assert facts is not None
             root = _unpack(facts, work, opts.platform)
         paths, tracer, seconds = trace(opts, root, work)
-        shutil.copy(work / "server.log", opts.out_dir / "server.log")
+        # The profiled command could swap its log for a link: read it with none followed,
+        # write it with none followed at the output's name (spotstart.safefs).
+        with os.fdopen(safefs.open_beneath(work, "server.log"), "rb") as log:
+            safefs.write_output(opts.out_dir / "server.log", log)
         files = []
         for p in paths:
             size = (root / p.lstrip("/")).stat().st_size
@@ -644,8 +649,8 @@ def run_profile(opts: ProfileOptions) -> ProfileResult:
             "the image: they are left out of the prefetch lists; fetch them at start with "
             "`spotstart fetch` instead of shipping them in a layer"
         )
-    (opts.out_dir / "profile.json").write_text(
-        json.dumps(_profile_doc(opts, result), indent=2) + "\n"
+    safefs.write_output(
+        opts.out_dir / "profile.json", json.dumps(_profile_doc(opts, result), indent=2) + "\n"
     )
     return result
 

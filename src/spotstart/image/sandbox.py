@@ -10,6 +10,7 @@ Not a container runtime: no seccomp filter, no resource limits, no image config 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import ipaddress
 import json
 import os
@@ -20,7 +21,7 @@ import stat
 import subprocess
 import sys
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -189,6 +190,24 @@ def prepare_work(work: Path, hook_dir: Path | None) -> Path:
         if hook_dir is not None:
             os.chown(hook_dir, *ids)
     return mount_point
+
+
+def dies_with_caller() -> Callable[[], None]:
+    """A ``preexec_fn`` for the tracer that wraps the sandbox: SIGKILL when the caller dies
+    (killed, or ended by a signal it does not handle). bwrap dies with its parent
+    (--die-with-parent), and the sandbox with bwrap; without this a tracer whose caller is
+    gone keeps the sandbox running."""
+    caller = os.getpid()
+
+    def preexec() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0 or os.getppid() != caller:
+            os._exit(127)
+
+    return preexec
+
+
+_PR_SET_PDEATHSIG = 1
 
 
 class SandboxInit:
