@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -34,11 +35,21 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def run(args: argparse.Namespace) -> int:
     from spotstart import timeline
 
-    phases = timeline.collect(args.files, pod=args.pod, year=args.year)
+    got = timeline.read(args.files, pod=args.pod, year=args.year)
+    phases = got.phases
+    if got.skipped:
+        # One line, and the timeline of the rest: a record of the wrong shape is left out.
+        err = Console(stderr=True, highlight=False)
+        err.print(f"spotstart: warning: {escape(got.skipped.line())}", soft_wrap=True)
     written = timeline.write_all(phases, args.out, args.title) if args.out else {}
     s = timeline.summary(phases)
     if args.json:
-        json.dump({**s, "written": {k: str(v) for k, v in written.items()}}, sys.stdout)
+        doc = {
+            **s,
+            "written": {k: str(v) for k, v in written.items()},
+            "skipped": got.skipped.counts,
+        }
+        json.dump(doc, sys.stdout)
         sys.stdout.write("\n")
         return 0
     out = Console()
@@ -46,8 +57,11 @@ def run(args: argparse.Namespace) -> int:
     for col in ("phase", "seconds", "share", "source"):
         table.add_column(col)
     for c in s["critical_path"]:
-        table.add_row(c["name"], f"{c['seconds']:.1f}", f"{100 * c['share']:.0f}%", c["source"])
+        # names come from the files: never rich markup
+        table.add_row(
+            escape(c["name"]), f"{c['seconds']:.1f}", f"{100 * c['share']:.0f}%", c["source"]
+        )
     out.print(table)
     for kind, path in written.items():
-        out.print(f"{kind}: {path}")
+        out.print(f"{kind}: {escape(str(path))}")
     return 0

@@ -17,15 +17,18 @@ JSON (opens in Perfetto / chrome://tracing). Pure except the readers of files an
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import re
-from dataclasses import asdict, dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from spotstart import safefs
+from spotstart import safefs, untrusted_json
 from spotstart.errors import UsageError
 
 
@@ -46,9 +49,10 @@ class Phase:
 def parse_time(text: str) -> float:
     """RFC 3339 as Kubernetes writes it (``2026-12-01T10:00:00Z``, fractions allowed)."""
     try:
-        return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+        t = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except (ValueError, AttributeError) as exc:
-        raise ValueError(f"not an RFC 3339 time: {text!r}") from exc
+        raise ValueError(f"not an RFC 3339 time: {text[:64]!r}") from exc
+    return (t if t.tzinfo is not None else t.replace(tzinfo=UTC)).timestamp()
 
 
 _GO_DURATION = re.compile(r"(\d+(?:\.\d+)?)(h|ms|us|µs|ns|m|s)")
@@ -63,137 +67,353 @@ def parse_go_duration(text: str) -> float:
     return sum(float(n) * _UNITS[u] for n, u in parts)
 
 
+# -- reading untrusted files --------------------------------------------------------------------
+#
+# Every file is untrusted: a log carries whatever the server printed (prompts included), an
+# events file whatever wrote it, a Kubernetes dump whatever the cluster's users named things.
+# Logs and events are read as streams, a line at a time, each line bounded; bytes that are
+# not UTF-8 become U+FFFD. A Kubernetes document is read whole but bounded, and parsed with
+# its nesting bounded. A record of the wrong shape (a field of the wrong type, an impossible
+# time, NaN) is skipped and counted, never a crash: the timeline of the rest still stands, and
+# the count says something was left out.
+
+MAX_LINE_BYTES = 1 << 20  # a log or events line longer than this is skipped (and counted)
+MAX_DOCUMENT_BYTES = 256 << 20  # a Kubernetes JSON file; kubectl get -A of a large cluster
+MAX_PHASES = 10_000  # the critical path is quadratic in phases; a rollout of 1,000 pods fits
+_EARLIEST, _LATEST = 946_684_800.0, 7_258_118_400.0  # 2000-01-01 .. 2200-01-01, unix seconds
+_MAX_TEXT = 500  # characters of a name or detail kept
+
+
+class Malformed(ValueError):
+    """One record of the wrong shape; it is skipped and counted."""
+
+
+@dataclass
+class Skipped:
+    """What was left out, by kind of record, with the first reason of each kind."""
+
+    counts: dict[str, int] = field(default_factory=dict)
+    first: dict[str, str] = field(default_factory=dict)
+
+    def add(self, kind: str, reason: str) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        self.first.setdefault(kind, reason)
+
+    def __bool__(self) -> bool:
+        return bool(self.counts)
+
+    def line(self) -> str:
+        """One line for a warning: ``skipped 3 records: 2 events lines (first: ...), ...``."""
+        parts = [f"{n} {kind} (first: {self.first[kind]})" for kind, n in self.counts.items()]
+        return f"skipped {sum(self.counts.values())} malformed record(s): " + "; ".join(parts)
+
+
+@dataclass(frozen=True)
+class Collected:
+    phases: list[Phase]
+    skipped: Skipped
+
+
+def _text(value: object, what: str, *, required: bool = False) -> str:
+    """A string field: absent or null is "", anything else not a string is Malformed.
+    Control characters become "?" (names reach terminals and pictures), long ones are cut."""
+    if value is None and not required:
+        return ""
+    if not isinstance(value, str) or (required and not value):
+        raise Malformed(f"{what} is {type(value).__name__}, not a string")
+    clean = "".join(c if c.isprintable() else "?" for c in value[:_MAX_TEXT])
+    return clean + ("..." if len(value) > _MAX_TEXT else "")
+
+
+def _seconds(value: object, what: str) -> float:
+    """A unix time in seconds (a JSON number between 2000 and 2200)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise Malformed(f"{what} is {type(value).__name__}, not a number")
+    t = float(value)
+    if not _EARLIEST <= t <= _LATEST:
+        raise Malformed(f"{what} {t!r} is not a time between 2000 and 2200")
+    return t
+
+
+def _when(value: object, what: str) -> float | None:
+    """An RFC 3339 time field: absent or null is None; anything else wrong is Malformed."""
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > 64:
+        raise Malformed(f"{what} is not an RFC 3339 time")
+    try:
+        t = parse_time(value)
+    except ValueError as exc:
+        raise Malformed(f"{what}: {exc}") from None
+    return _seconds(t, what)
+
+
+def _obj(parent: dict[str, Any], key: str, what: str) -> dict[str, Any]:
+    value = parent.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise Malformed(f"{what}.{key} is {type(value).__name__}, not an object")
+    return value
+
+
+def _objs(parent: dict[str, Any], key: str, what: str) -> list[dict[str, Any]]:
+    value = parent.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise Malformed(f"{what}.{key} is not a list of objects")
+    return value
+
+
 # -- spotstart's events -----------------------------------------------------------------------
 
 
+def event_phase(e: object) -> Phase:
+    """One phase event (:mod:`spotstart.events`) as a Phase; Malformed if any field is of the
+    wrong type or value."""
+    if not isinstance(e, dict):
+        raise Malformed("not a JSON object")
+    if "phase" not in e:
+        raise Malformed("no 'phase'")
+    start, end = _seconds(e.get("start"), "start"), _seconds(e.get("end"), "end")
+    if end < start:
+        raise Malformed(f"end {end} is before start {start}")
+    detail = _text(e.get("detail"), "detail")
+    size = e.get("bytes")
+    if size is not None:
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 1 << 63:
+            raise Malformed("bytes is not a byte count")
+        if size:
+            detail = f"{size / 1e9:.2f} GB; {detail}".rstrip("; ")
+    return Phase(
+        _text(e["phase"], "phase", required=True),
+        start,
+        end,
+        "spotstart",
+        _text(e.get("pod"), "pod"),
+        detail,
+    )
+
+
 def from_events(text: str) -> list[Phase]:
-    out = []
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        e = json.loads(line)
-        if not isinstance(e, dict) or "phase" not in e:
-            raise ValueError("not a spotstart phase event")
-        detail = str(e.get("detail") or "")
-        if e.get("bytes"):
-            detail = f"{int(e['bytes']) / 1e9:.2f} GB; {detail}".rstrip("; ")
-        out.append(
-            Phase(
-                str(e["phase"]),
-                float(e["start"]),
-                float(e["end"]),
-                "spotstart",
-                str(e.get("pod") or ""),
-                detail,
-            )
-        )
-    return out
+    """The phases of an events file's text; a malformed line raises ValueError (Malformed,
+    JSONRejected). :func:`read` skips such lines instead."""
+    return [
+        event_phase(untrusted_json.parse(line, what="events line"))
+        for line in text.splitlines()
+        if line.strip()
+    ]
 
 
 # -- Kubernetes objects -----------------------------------------------------------------------
 
 
-def _items(doc: Any) -> list[dict[str, Any]]:
-    if isinstance(doc, dict) and isinstance(doc.get("items"), list):
-        return [i for i in doc["items"] if isinstance(i, dict)]
-    return [doc] if isinstance(doc, dict) else []
+@dataclass(frozen=True)
+class PodRecord:
+    name: str
+    created: float
+    node: str
+    conditions: dict[str, float]
+    init: tuple[tuple[str, float, float], ...]  # name, started, finished
+    started: tuple[float, ...]  # the containers' running.startedAt
 
 
-def _conditions(obj: dict[str, Any]) -> dict[str, float]:
+@dataclass(frozen=True)
+class NodeRecord:
+    name: str
+    created: float
+    ready: float | None
+
+
+@dataclass(frozen=True)
+class ClaimRecord:
+    node: str
+    created: float
+    conditions: dict[str, float]
+
+
+@dataclass(frozen=True)
+class PullRecord:
+    pod: str
+    image: str
+    start: float
+    end: float
+
+
+def _conditions(obj: dict[str, Any], what: str) -> dict[str, float]:
     out = {}
-    for c in obj.get("status", {}).get("conditions") or []:
-        if c.get("status") == "True" and c.get("lastTransitionTime"):
-            out[str(c["type"])] = parse_time(c["lastTransitionTime"])
+    for c in _objs(_obj(obj, "status", what), "conditions", f"{what}.status"):
+        when = _when(c.get("lastTransitionTime"), f"{what} condition time")
+        if c.get("status") == "True" and when is not None:
+            out[_text(c.get("type"), f"{what} condition type", required=True)] = when
     return out
 
 
-_PULLED = re.compile(r'Successfully pulled image "([^"]+)" in ([0-9a-zµ.]+)')
+def _created(obj: dict[str, Any], what: str) -> tuple[str, float]:
+    meta = _obj(obj, "metadata", what)
+    created = _when(meta.get("creationTimestamp"), f"{what} creationTimestamp")
+    if created is None:
+        raise Malformed(f"{what} has no creationTimestamp")
+    return _text(meta.get("name"), f"{what} name"), created
+
+
+def pod_record(obj: dict[str, Any]) -> PodRecord:
+    name, created = _created(obj, "Pod")
+    status = _obj(obj, "status", "Pod")
+    init = []
+    for c in _objs(status, "initContainerStatuses", "Pod.status"):
+        t = _obj(_obj(c, "state", "initContainerStatus"), "terminated", "state")
+        began = _when(t.get("startedAt"), "terminated.startedAt")
+        ended = _when(t.get("finishedAt"), "terminated.finishedAt")
+        if began is not None and ended is not None:
+            init.append((_text(c.get("name"), "initContainerStatus name"), began, ended))
+    started = []
+    for c in _objs(status, "containerStatuses", "Pod.status"):
+        running = _obj(_obj(c, "state", "containerStatus"), "running", "state")
+        began = _when(running.get("startedAt"), "running.startedAt")
+        if began is not None:
+            started.append(began)
+    return PodRecord(
+        name,
+        created,
+        _text(_obj(obj, "spec", "Pod").get("nodeName"), "spec.nodeName"),
+        _conditions(obj, "Pod"),
+        tuple(init),
+        tuple(started),
+    )
+
+
+def node_record(obj: dict[str, Any]) -> NodeRecord:
+    name, created = _created(obj, "Node")
+    return NodeRecord(name, created, _conditions(obj, "Node").get("Ready"))
+
+
+def claim_record(obj: dict[str, Any]) -> ClaimRecord:
+    _, created = _created(obj, "NodeClaim")
+    node = _text(_obj(obj, "status", "NodeClaim").get("nodeName"), "status.nodeName")
+    return ClaimRecord(node, created, _conditions(obj, "NodeClaim"))
+
+
+_PULLED = re.compile(r'Successfully pulled image "([^"]{1,500})" in ([0-9a-zµ.]{1,64})')
+_MAX_PULL_S = 7 * 86400.0
+
+
+def pull_record(obj: dict[str, Any]) -> PullRecord | None:
+    """A kubelet ``Pulled`` event with its duration; None for any other event (or "already
+    present on machine": no pull)."""
+    if obj.get("reason") != "Pulled":
+        return None
+    message = obj.get("message")
+    m = _PULLED.search(message) if isinstance(message, str) else None
+    if not m:
+        return None
+    when = next(
+        (
+            t
+            for key in ("lastTimestamp", "eventTime", "firstTimestamp")
+            if (t := _when(obj.get(key), f"Event {key}")) is not None
+        ),
+        None,
+    )
+    if when is None:
+        return None
+    try:
+        took = parse_go_duration(m.group(2))
+    except ValueError as exc:
+        raise Malformed(str(exc)) from None
+    if not 0.0 <= took <= _MAX_PULL_S:
+        raise Malformed(f"a pull of {took!r} s")
+    pod = _text(_obj(obj, "involvedObject", "Event").get("name"), "involvedObject.name")
+    return PullRecord(pod, _text(m.group(1), "image"), when - took, when)
 
 
 @dataclass
 class KubeObjects:
-    pods: list[dict[str, Any]]
-    events: list[dict[str, Any]]
-    nodes: dict[str, dict[str, Any]]
-    nodeclaims: list[dict[str, Any]]
+    pods: list[PodRecord] = field(default_factory=list)
+    pulls: list[PullRecord] = field(default_factory=list)
+    nodes: dict[str, NodeRecord] = field(default_factory=dict)
+    claims: list[ClaimRecord] = field(default_factory=list)
 
 
-def sort_kube(docs: list[Any]) -> KubeObjects:
-    k = KubeObjects([], [], {}, [])
+def _items(doc: Any, skipped: Skipped) -> list[dict[str, Any]]:
+    if isinstance(doc, dict) and "items" in doc:
+        items = doc["items"]
+        if not isinstance(items, list):
+            skipped.add("List", "items is not a list")
+            return []
+        good = [i for i in items if isinstance(i, dict)]
+        for _ in range(len(items) - len(good)):
+            skipped.add("List item", "not an object")
+        return good
+    return [doc] if isinstance(doc, dict) else []
+
+
+def sort_kube(docs: list[Any], skipped: Skipped | None = None) -> KubeObjects:
+    """The Pods, Nodes, NodeClaims and kubelet Pulled events of ``docs``, each validated;
+    one of the wrong shape is left out and counted in ``skipped``."""
+    skipped = skipped if skipped is not None else Skipped()
+    k = KubeObjects()
     for doc in docs:
-        for obj in _items(doc):
-            kind = obj.get("kind", "")
-            if kind == "Pod":
-                k.pods.append(obj)
-            elif kind == "Event":
-                k.events.append(obj)
-            elif kind == "Node":
-                k.nodes[obj["metadata"]["name"]] = obj
-            elif kind == "NodeClaim":
-                k.nodeclaims.append(obj)
+        for obj in _items(doc, skipped):
+            kind = obj.get("kind")
+            try:
+                if kind == "Pod":
+                    k.pods.append(pod_record(obj))
+                elif kind == "Event":
+                    pull = pull_record(obj)
+                    if pull is not None:
+                        k.pulls.append(pull)
+                elif kind == "Node":
+                    node = node_record(obj)
+                    k.nodes[node.name] = node
+                elif kind == "NodeClaim":
+                    k.claims.append(claim_record(obj))
+            except Malformed as exc:
+                skipped.add(str(kind), str(exc))
     return k
 
 
-def from_pod(pod: dict[str, Any], k: KubeObjects) -> list[Phase]:
+def from_pod(pod: PodRecord, k: KubeObjects) -> list[Phase]:
     """The phases Kubernetes recorded for one pod, its node's included."""
-    meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
-    name = str(meta.get("name", ""))
-    created = parse_time(meta["creationTimestamp"])
-    cond = _conditions(pod)
     out: list[Phase] = []
 
     def add(phase: str, start: float | None, end: float | None, detail: str = "") -> None:
         if start is not None and end is not None and end >= start:
-            out.append(Phase(phase, start, end, "kubernetes", name, detail))
+            out.append(Phase(phase, start, end, "kubernetes", pod.name, detail))
 
-    node_name = spec.get("nodeName")
-    for claim in k.nodeclaims:
-        if claim.get("status", {}).get("nodeName") == node_name:
-            c = _conditions(claim)
-            made = parse_time(claim["metadata"]["creationTimestamp"])
-            add("node: launch", made, c.get("Launched"), "Karpenter NodeClaim")
+    for claim in k.claims:
+        if pod.node and claim.node == pod.node:
+            c = claim.conditions
+            add("node: launch", claim.created, c.get("Launched"), "Karpenter NodeClaim")
             add("node: register", c.get("Launched"), c.get("Registered"))
             add("node: initialize", c.get("Registered"), c.get("Initialized"))
-    node = k.nodes.get(node_name or "")
+    node = k.nodes.get(pod.node) if pod.node else None
     if node is not None and not any(p.name.startswith("node:") for p in out):
-        made = parse_time(node["metadata"]["creationTimestamp"])
-        add("node: boot to Ready", made, _conditions(node).get("Ready"), str(node_name))
-    add("scheduling", created, cond.get("PodScheduled"))
-    for ev in k.events:
-        involved = ev.get("involvedObject", {})
-        if involved.get("name") != name or ev.get("reason") != "Pulled":
-            continue
-        m = _PULLED.search(ev.get("message", ""))
-        if not m:
-            continue  # "already present on machine": no pull
-        when = ev.get("lastTimestamp") or ev.get("eventTime") or ev.get("firstTimestamp")
-        if not when:
-            continue
-        end = parse_time(str(when))
-        add(f"image pull: {m.group(1)}", end - parse_go_duration(m.group(2)), end)
-    for c in status.get("initContainerStatuses") or []:
-        t = (c.get("state") or {}).get("terminated") or {}
-        if t.get("startedAt") and t.get("finishedAt"):
-            add(f"init: {c['name']}", parse_time(t["startedAt"]), parse_time(t["finishedAt"]))
-    started = [
-        parse_time(s["state"]["running"]["startedAt"])
-        for s in status.get("containerStatuses") or []
-        if (s.get("state") or {}).get("running", {}).get("startedAt")
-    ]
-    if started:
-        add("containers start to Ready", max(started), cond.get("Ready"))
-    if "Ready" in cond:
-        out.append(Phase("Ready", cond["Ready"], cond["Ready"], "kubernetes", name))
+        add("node: boot to Ready", node.created, node.ready, pod.node)
+    add("scheduling", pod.created, pod.conditions.get("PodScheduled"))
+    for pull in k.pulls:
+        if pull.pod == pod.name:
+            add(f"image pull: {pull.image}", pull.start, pull.end)
+    for name, began, ended in pod.init:
+        add(f"init: {name}", began, ended)
+    if pod.started:
+        add("containers start to Ready", max(pod.started), pod.conditions.get("Ready"))
+    if "Ready" in pod.conditions:
+        ready = pod.conditions["Ready"]
+        out.append(Phase("Ready", ready, ready, "kubernetes", pod.name))
     return out
 
 
 # -- the server's log -------------------------------------------------------------------------
 
-_VLLM = re.compile(
-    r"(?P<mo>\d{2})-(?P<d>\d{2}) (?P<t>\d{2}:\d{2}:\d{2})(?:\.\d+)?\b.*?"
-    r"(?P<what>Loading weights took|Model loading took .*? and|init engine \(.*?\) took)"
-    r" (?P<s>\d+(?:\.\d+)?) ?s(?:econds)?"
+# The phrase first, then the time before it: every repetition bounded, so a line costs time
+# linear in its length whatever it holds (a log carries what clients sent, prompts included).
+_VLLM_WHAT = re.compile(
+    r"(?P<what>Loading weights took|Model loading took [^\n]{0,80}? and|"
+    r"init engine \([^)\n]{0,200}\) took) (?P<s>\d{1,9}(?:\.\d{1,9})?) ?s(?:econds)?"
 )
+_VLLM_STAMP = re.compile(r"(?P<mo>\d{2})-(?P<d>\d{2}) (?P<t>\d{2}:\d{2}:\d{2})(?:\.\d+)?\b")
 _NAMES = {
     "Loading": "server: load weights",
     "Model": "server: model loading",
@@ -201,81 +421,187 @@ _NAMES = {
 }
 
 
-def from_server_log(text: str, year: int, pod: str = "") -> list[Phase]:
-    """vLLM's timing lines (``INFO 12-01 10:02:03 [...] Loading weights took 12.3 seconds``);
-    their times carry no year or zone: ``year`` given, UTC (vLLM's containers log UTC)."""
-    out = []
-    for line in text.splitlines():
-        m = _VLLM.search(line)
-        if not m:
-            continue
+def log_phase(line: str, year: int, pod: str = "") -> Phase | None:
+    """vLLM's timing line (``INFO 12-01 10:02:03 [...] Loading weights took 12.3 seconds``)
+    as a Phase; None for any other line; Malformed for a timing line with an impossible time.
+    Its time carries no year or zone: ``year`` given, UTC (vLLM's containers log UTC)."""
+    m = _VLLM_WHAT.search(line)
+    if not m:
+        return None
+    stamp = _VLLM_STAMP.search(line, 0, m.start())
+    if not stamp:
+        return None
+    try:
         end = (
-            datetime.strptime(f"{year}-{m['mo']}-{m['d']} {m['t']}", "%Y-%m-%d %H:%M:%S")
+            datetime.strptime(
+                f"{year}-{stamp['mo']}-{stamp['d']} {stamp['t']}", "%Y-%m-%d %H:%M:%S"
+            )
             .replace(tzinfo=UTC)
             .timestamp()
         )
-        name = _NAMES[m["what"].split()[0]]
-        out.append(Phase(name, end - float(m["s"]), end, "server-log", pod, line.strip()[:160]))
+    except ValueError as exc:
+        raise Malformed(f"a timing line's time: {exc}") from None
+    name = _NAMES[m["what"].split()[0]]
+    return Phase(name, end - float(m["s"]), end, "server-log", pod, _text(line.strip()[:160], ""))
+
+
+def from_server_log(text: str, year: int, pod: str = "") -> list[Phase]:
+    """The timing lines of a log's text (lines with impossible times left out)."""
+    out = []
+    for line in text.splitlines():
+        with contextlib.suppress(Malformed):
+            if (phase := log_phase(line, year, pod)) is not None:
+                out.append(phase)
     return out
 
 
 # -- reading files ----------------------------------------------------------------------------
 
 
-def collect(paths: list[Path], pod: str | None = None, year: int | None = None) -> list[Phase]:
-    """Every phase the files hold (kind found from each file's content); with ``pod`` only
-    that pod's (events without a pod name are kept: one process, one pod)."""
+def _lines(f: BinaryIO, skipped: Skipped, what: str) -> Iterator[tuple[int, str]]:
+    """Each line of ``f`` (decoded, bad bytes replaced) with its number; a line over
+    ``MAX_LINE_BYTES`` is passed over without being held, and counted."""
+    number = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            while (rest := f.readline(MAX_LINE_BYTES)) and not rest.endswith(b"\n"):
+                pass
+            skipped.add(what, f"line {number} is over {MAX_LINE_BYTES} bytes")
+            continue
+        yield number, raw.decode("utf-8", "replace")
+
+
+def _first_line(f: BinaryIO) -> str:
+    """The first line that is not blank, bounded; the file is rewound."""
+    try:
+        while raw := f.readline(MAX_LINE_BYTES):
+            if raw.strip():
+                return raw.decode("utf-8", "replace").strip()
+        return ""
+    finally:
+        f.seek(0)
+
+
+def _kind_of(first: str) -> str:
+    if not first.startswith(("{", "[")):
+        return "log"
+    if first.startswith("{"):
+        try:
+            doc = untrusted_json.parse(first, what="")
+        except ValueError:
+            return "json"
+        if isinstance(doc, dict) and "phase" in doc:
+            return "events"
+    return "json"
+
+
+def _read_events(
+    f: BinaryIO, p: Path, pod: str | None, phases: list[Phase], skipped: Skipped
+) -> None:
+    good, bad = 0, Skipped()
+    for number, line in _lines(f, bad, "events lines"):
+        if not line.strip():
+            continue
+        try:
+            phase = event_phase(untrusted_json.parse(line, what=f"{p.name}:{number}"))
+        except untrusted_json.JSONRejected as exc:
+            bad.add("events lines", str(exc))
+            continue
+        except Malformed as exc:
+            bad.add("events lines", f"{p.name}:{number}: {exc}")
+            continue
+        good += 1
+        if pod is None or phase.pod in ("", pod):
+            phases.append(phase)
+            if len(phases) > MAX_PHASES:
+                raise UsageError(f"{p}: over {MAX_PHASES} phases; pick one pod with --pod")
+    if not good and bad:
+        first = next(iter(bad.first.values()))
+        raise UsageError(f"{p}: neither Kubernetes JSON nor phase events ({first})")
+    for kind, n in bad.counts.items():
+        for _ in range(n):
+            skipped.add(kind, bad.first[kind])
+
+
+def _read_document(f: BinaryIO, p: Path) -> Any:
+    data = f.read(MAX_DOCUMENT_BYTES + 1)
+    if len(data) > MAX_DOCUMENT_BYTES:
+        raise UsageError(
+            f"{p}: over {MAX_DOCUMENT_BYTES >> 20} MiB of JSON; narrow it "
+            "(kubectl get pod NAME, or -l/--field-selector)"
+        )
+    try:
+        return untrusted_json.parse(data.removeprefix(b"\xef\xbb\xbf"), what=str(p))
+    except ValueError as exc:
+        raise UsageError(f"neither Kubernetes JSON nor phase events: {exc}") from None
+
+
+def _read_log(
+    f: BinaryIO, p: Path, year: int, pod: str, phases: list[Phase], skipped: Skipped
+) -> None:
+    for number, line in _lines(f, skipped, "log lines"):
+        try:
+            phase = log_phase(line, year, pod)
+        except Malformed as exc:
+            skipped.add("log lines", f"{p.name}:{number}: {exc}")
+            continue
+        if phase is not None:
+            phases.append(phase)
+            if len(phases) > MAX_PHASES:
+                raise UsageError(f"{p}: over {MAX_PHASES} phases")
+
+
+def read(paths: list[Path], pod: str | None = None, year: int | None = None) -> Collected:
+    """Every phase the files hold (each file's kind found from its first line: phase events,
+    a Kubernetes JSON document, else a server log); with ``pod`` only that pod's (events
+    without a pod name are kept: one process, one pod). Records of the wrong shape are left
+    out and counted in ``skipped``; a file that holds nothing usable is a UsageError."""
     phases: list[Phase] = []
+    skipped = Skipped()
     docs: list[Any] = []
-    logs: list[str] = []
+    logs: list[Path] = []
     for p in paths:
         try:
-            text = p.read_text()
+            with open(p, "rb") as f:
+                kind = _kind_of(_first_line(f))
+                if kind == "events":
+                    _read_events(f, p, pod, phases, skipped)
+                elif kind == "json":
+                    docs.append(_read_document(f, p))
+                else:
+                    logs.append(p)
         except OSError as exc:
-            raise UsageError(f"{p}: {exc.strerror}") from None
-        head = text.lstrip()[:1]
-        if head in ("{", "["):
-            try:
-                doc = json.loads(text)
-            except json.JSONDecodeError:
-                doc = None
-            if doc is not None and isinstance(doc, dict) and "phase" not in doc:
-                docs.append(doc)
-                continue
-            try:
-                phases.extend(from_events(text))
-                continue
-            except (ValueError, KeyError, TypeError) as exc:
-                raise UsageError(f"{p}: neither Kubernetes JSON nor phase events ({exc})") from None
-        logs.append(text)
-    k = sort_kube(docs)
-    pods = [x for x in k.pods if pod is None or x.get("metadata", {}).get("name") == pod]
+            raise UsageError(f"{p}: {exc.strerror or exc}") from None
+    k = sort_kube(docs, skipped)
+    pods = [x for x in k.pods if pod is None or x.name == pod]
     if pod is not None and k.pods and not pods:
         raise UsageError(f"--pod {pod}: no such pod in the files")
-    try:
-        for x in pods:
-            phases.extend(from_pod(x, k))
-    except (KeyError, ValueError) as exc:
-        raise UsageError(f"Kubernetes objects: {exc}") from None
+    for x in pods:
+        phases.extend(from_pod(x, k))
+        if len(phases) > MAX_PHASES:
+            raise UsageError(f"over {MAX_PHASES} phases; pick one pod with --pod")
     if logs:
         if year is None:
-            created = [parse_time(x["metadata"]["creationTimestamp"]) for x in pods]
-            year = datetime.fromtimestamp(
-                min(created)
-                if created
-                else phases[0].start
-                if phases
-                else datetime.now(UTC).timestamp(),
-                UTC,
-            ).year
-        name = pods[0]["metadata"]["name"] if len(pods) == 1 else ""
-        for text in logs:
-            phases.extend(from_server_log(text, year, name))
+            first = min([x.created for x in pods] or [p.start for p in phases] or [time.time()])
+            year = datetime.fromtimestamp(first, UTC).year
+        name = pods[0].name if len(pods) == 1 else ""
+        for p in logs:
+            try:
+                with open(p, "rb") as f:
+                    _read_log(f, p, year, name, phases, skipped)
+            except OSError as exc:
+                raise UsageError(f"{p}: {exc.strerror or exc}") from None
     if pod is not None:
         phases = [p for p in phases if p.pod in ("", pod)]
     if not phases:
         raise UsageError("no phases found in the files (events, Kubernetes JSON, server logs)")
-    return sorted(phases, key=lambda p: (p.start, p.end))
+    return Collected(sorted(phases, key=lambda p: (p.start, p.end)), skipped)
+
+
+def collect(paths: list[Path], pod: str | None = None, year: int | None = None) -> list[Phase]:
+    """The phases of :func:`read`, without what was skipped."""
+    return read(paths, pod, year).phases
 
 
 # -- the critical path ------------------------------------------------------------------------
@@ -386,10 +712,12 @@ def write_png(phases: list[Phase], path: Path, title: str = "") -> None:
     for p in phases:
         if p.name == "Ready":
             ax.axvline(p.start - t0, color="black", linestyle="--", linewidth=1)
-    ax.set_yticks(range(len(rows)), [f"{p.name} ({p.pod})" if p.pod else p.name for p in rows])
+    # "$" opens matplotlib's mathtext: names from the files are shown as written
+    labels = [(f"{p.name} ({p.pod})" if p.pod else p.name).replace("$", r"\$") for p in rows]
+    ax.set_yticks(range(len(rows)), labels)
     ax.invert_yaxis()
     ax.set_xlabel("seconds from the first phase (black edge: critical path)")
-    ax.set_title(title or "cold start timeline")
+    ax.set_title((title or "cold start timeline").replace("$", r"\$"))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, dpi=110, format="png")
