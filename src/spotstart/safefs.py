@@ -20,10 +20,11 @@ import errno
 import functools
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from spotstart.errors import DiskFull, LocalIOError, UnsafePath
 
@@ -312,7 +313,11 @@ def rename_beneath(src_dir: int, src: str, dst_dir: int, dst: str) -> None:
 
 
 def write_output(
-    path: str | os.PathLike[str], data: bytes | str, mode: int = 0o644, *, label: str = ""
+    path: str | os.PathLike[str],
+    data: bytes | str | BinaryIO,
+    mode: int = 0o644,
+    *,
+    label: str = "",
 ) -> None:
     """Write a file the user named (``--out report.json``, a metrics textfile), atomically and
     never through a link. The directory is the user's choice, taken as given (links and all);
@@ -321,10 +326,10 @@ def write_output(
     temporary sibling created ``O_EXCL | O_NOFOLLOW`` and renamed onto the name within the
     directory's fd, so a reader sees the old file or the new one, and a name swapped for a
     link meanwhile is replaced, not written through. ``label`` names the file in errors
-    (``--metrics-textfile m.prom``); other failures are LocalIOError/DiskFull."""
+    (``--metrics-textfile m.prom``); other failures are LocalIOError/DiskFull. ``data``: the
+    bytes, a text, or a binary file copied as a stream (a server's log)."""
     p = Path(os.path.abspath(path))
     where = label or str(p)
-    body = data.encode() if isinstance(data, str) else data
     tmp = f".{p.name[:200]}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
         dirfd = os.open(p.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -340,7 +345,10 @@ def write_output(
         fd = create_exclusive(dirfd, tmp, mode)
         try:
             with os.fdopen(fd, "wb") as f:
-                f.write(body)
+                if isinstance(data, bytes | str):
+                    f.write(data.encode() if isinstance(data, str) else data)
+                else:
+                    shutil.copyfileobj(data, f)
             rename_beneath(dirfd, tmp, dirfd, p.name)
         except BaseException:
             with contextlib.suppress(OSError):
