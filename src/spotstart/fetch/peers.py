@@ -10,22 +10,27 @@ by a path: ``sha256(source URL, version, size)``.
 
 Nothing a peer says is trusted: its bytes are checked against the origin's checksum like any
 other (a peer that fails it is dropped and reported, its chunks fetched again from the
-origin), a peer that errs, stalls or is slower than the origin is left for the origin."""
+origin), a peer that errs, stalls or is slower than the origin is left for the origin. Any
+answer but a 206 of exactly the range asked, within a deadline set by the origin's measured
+rate, sends the chunk to the origin at once (:meth:`PeerSet.failed` says what it costs the
+peer); a peer never fails a fetch."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import ipaddress
 import json
 import os
 import re
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
 
-from spotstart.errors import UsageError
+from spotstart.errors import NotFound, ObjectChanged, TransientError, UsageError
+from spotstart.store import DirectUnsupported
 from spotstart.units import parse_host_port
 
 ID_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -34,6 +39,12 @@ INVENTORY_PATH = "/v1/inventory"
 OBJECTS_PATH = "/v1/objects/"
 TOKEN_ENV = "SPOTSTART_PEER_TOKEN"
 MAX_INVENTORY_BYTES = 16 << 20
+# A DNS name (RFC 1123 labels; '_' as Kubernetes names allow) or an IPv4 address.
+_HOST_RE = re.compile(
+    r"(?=.{1,253}\.?$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
+)
+MAX_BUSY_S = 30.0  # the longest a peer's Retry-After keeps us away
 
 
 def object_id(source: str, version: str, size: int) -> str:
@@ -53,6 +64,23 @@ class PeerSpec:
     stall_timeout_s: float = 2.0
     connect_timeout_s: float = 1.0
     refresh_s: float = 1.0
+    # A chunk from a peer must be in within ``deadline_factor`` times what one origin
+    # stream would need for it (its measured rate, or ``unmeasured_bytes_per_s`` before a
+    # measure), and never less than ``deadline_floor_s``: the stall timeout restarts with
+    # each byte, so alone it never stops a peer trickling 1 B/s. A peer is worth asking only
+    # when it beats the origin; one that needs 4x as long has lost the race already.
+    deadline_factor: float = 4.0
+    deadline_floor_s: float = 5.0
+    unmeasured_bytes_per_s: float = 10e6
+
+    def chunk_deadline_s(self, length: int, origin_bytes_per_s: float) -> float:
+        """Seconds a peer gets for a chunk of ``length`` bytes.
+
+        >>> PeerSpec().chunk_deadline_s(16 << 20, 0.0), PeerSpec().chunk_deadline_s(1, 50e6)
+        (6.7108864, 5.0)
+        """
+        rate = origin_bytes_per_s if origin_bytes_per_s > 0 else self.unmeasured_bytes_per_s
+        return max(self.deadline_floor_s, self.deadline_factor * length / rate)
 
     @classmethod
     def parse(
@@ -70,15 +98,31 @@ class PeerSpec:
 
 
 def _split_entry(entry: str) -> tuple[str, str, int]:
-    """``(kind, host, port)`` of a peer entry; kind "dns" or "addr"."""
+    """``(kind, host, port)`` of a peer entry; kind "dns" or "addr". The host is a DNS name,
+    an IPv4 address or a bracketed IPv6 one, the port 1-65535; anything else (a URL, a path,
+    user info, an empty host) is a UsageError, so a typo fails at once instead of reaching
+    no peer."""
     kind, rest = ("dns", entry[4:]) if entry.startswith("dns:") else ("addr", entry)
     try:
         host, port = parse_host_port(rest)
     except ValueError:
         host, port = "", 0
-    if not host or port == 0:
-        raise UsageError(f"peer {entry!r}: expected HOST:PORT or dns:NAME:PORT")
+    if not (rest.isascii() and 0 < port <= 65535 and _valid_host(host, rest)):
+        raise UsageError(
+            f"peer {entry!r}: expected HOST:PORT or dns:NAME:PORT (a name or an address, "
+            "[v6] in brackets, no scheme or path; a port 1-65535)"
+        )
     return kind, host, port
+
+
+def _valid_host(host: str, written: str) -> bool:
+    if written.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return False
+        return written.startswith(f"[{host}]:")
+    return _HOST_RE.fullmatch(host) is not None
 
 
 def _addr(host: str, port: int) -> str:
@@ -111,6 +155,11 @@ class Peer:
     address: str
     holdings: dict[str, PeerObject] = field(default_factory=dict)
     dropped: str | None = None  # why we stopped asking it
+    # Objects it did not give (404, 416, 412: evicted, moving into place, inventory out of
+    # date): id -> why; asked again once its inventory lists them anew.
+    misses: dict[str, str] = field(default_factory=dict)
+    unreachable: str | None = None  # why its inventory could not be read, while it can't
+    told: set[str] = field(default_factory=set)  # what was reported once: miss, unreachable
     busy_until: float = 0.0  # it answered 503: not before then
     in_flight: int = 0
     bytes: int = 0
@@ -166,9 +215,11 @@ class PeerSet:
     still fetching hold more each second), choice of a peer for a byte range, and the
     record of what each gave or why it was dropped."""
 
-    def __init__(self, spec: PeerSpec) -> None:
+    def __init__(self, spec: PeerSpec, on_message: Callable[[str], None] | None = None) -> None:
         self.spec = spec
+        self.on_message = on_message or (lambda text: None)
         self.peers: dict[str, Peer] = {}
+        self.unresolved: dict[str, str] = {}  # dns: entries that gave no address, and why
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self.origin_rate = 0.0  # bytes/s of one origin stream (EWMA), set by the scheduler
@@ -190,8 +241,14 @@ class PeerSet:
                 infos = await asyncio.wait_for(
                     loop.getaddrinfo(host, port, type=0, proto=6), self.spec.connect_timeout_s
                 )
-            except (OSError, TimeoutError):
-                continue  # no such name yet (the Service may have no endpoints): no peers
+            except (OSError, TimeoutError) as exc:
+                # No such name yet (the Service may have no endpoints): no peers for now.
+                reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
+                if entry not in self.unresolved:
+                    self.on_message(f"peer {entry}: no address ({reason}); asking again")
+                self.unresolved[entry] = reason
+                continue
+            self.unresolved.pop(entry, None)
             found.extend(_addr(str(i[4][0]), port) for i in infos)
         excluded = set(self.spec.exclude)
         return [a for a in dict.fromkeys(found) if a not in excluded]
@@ -215,19 +272,35 @@ class PeerSet:
             async with self._session.get(
                 peer.base + INVENTORY_PATH, headers=self.headers(), allow_redirects=False
             ) as resp:
-                if resp.status == 401:
-                    self.drop(peer, "refused our token (401)")
+                if resp.status in (401, 403):
+                    self._drop_and_say(peer, f"refused our token (HTTP {resp.status})")
                     return
-                if resp.status != 200:
-                    return  # busy or starting: ask again next round
+                if resp.status in (408, 429) or resp.status >= 500:
+                    # busy or starting: ask again next round
+                    self._unreachable(peer, f"inventory answered HTTP {resp.status}")
+                    return
+                if resp.status != 200:  # a redirect, 404: not a peer server
+                    self._drop_and_say(peer, f"answered its inventory with HTTP {resp.status}")
+                    return
                 raw = await resp.content.read(MAX_INVENTORY_BYTES + 1)
             if len(raw) > MAX_INVENTORY_BYTES:
                 raise ValueError("inventory too large")
             peer.holdings = parse_inventory(raw)
-        except (aiohttp.ClientError, OSError, TimeoutError):
-            peer.holdings = {}  # unreachable now: nothing from it until it answers again
+            peer.unreachable = None
+        except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
+            # unreachable now (not started yet, gone): nothing from it until it answers
+            self._unreachable(peer, f"{type(exc).__name__}: {exc}".rstrip(": "))
+        except aiohttp.ClientError as exc:  # an answer that is not HTTP
+            self._drop_and_say(peer, f"broke the protocol ({type(exc).__name__}: {exc})")
         except ValueError as exc:
-            self.drop(peer, f"sent an invalid inventory ({exc})")
+            self._drop_and_say(peer, f"sent an invalid inventory ({exc})")
+
+    def _unreachable(self, peer: Peer, reason: str) -> None:
+        peer.holdings = {}
+        peer.unreachable = reason
+        if "unreachable" not in peer.told:
+            peer.told.add("unreachable")
+            self.on_message(f"peer {peer.address} unreachable: {reason}; asking again")
 
     def start(self) -> None:
         """Refresh inventories every ``refresh_s`` until :meth:`close`."""
@@ -264,16 +337,67 @@ class PeerSet:
                 best = p
         return best
 
-    def drop(self, peer: Peer, reason: str) -> None:
-        if peer.dropped is None:
-            peer.dropped = reason
-            peer.holdings = {}
+    def drop(self, peer: Peer, reason: str) -> bool:
+        """Ask ``peer`` for nothing more this run; True when it was not dropped already."""
+        if peer.dropped is not None:
+            return False
+        peer.dropped = reason
+        peer.holdings = {}
+        return True
+
+    def _drop_and_say(self, peer: Peer, reason: str) -> None:
+        if self.drop(peer, reason):
+            self.on_message(f"peer {peer.address} dropped: {reason}")
+
+    def miss(self, peer: Peer, oid: str, reason: str) -> None:
+        """``peer`` did not give ``oid`` though its inventory listed it: nothing more of it
+        from this peer until a new inventory lists it again."""
+        peer.holdings.pop(oid, None)
+        peer.misses[oid] = reason
+        if "miss" not in peer.told:
+            peer.told.add("miss")
+            self.on_message(f"peer {peer.address}: {reason}; left to the origin")
+
+    def failed(self, peer: Peer, oid: str, exc: BaseException) -> None:
+        """What one failed read of ``oid`` costs ``peer``: a busy answer (429, 503) a pause
+        (its Retry-After, at most ``MAX_BUSY_S``); an object it does not hold after all (404;
+        412, 416: not those bytes) that object, until its inventory lists it again; anything
+        else (auth refused, a redirect, a wrong range or size, a short, slow or endless
+        answer, a broken head, a 5xx, a failed connection) the rest of the run."""
+        if isinstance(exc, TransientError) and exc.throttled:
+            self.busy(peer, min(MAX_BUSY_S, exc.retry_after_s or 1.0))
+        elif isinstance(exc, NotFound | ObjectChanged):
+            self.miss(peer, oid, str(exc))
+        elif isinstance(exc, DirectUnsupported):
+            self._drop_and_say(peer, "sent a body without a length (chunked or until close)")
+        else:
+            self._drop_and_say(peer, str(exc) or type(exc).__name__)
+
+    def served(self, peer: Peer, oid: str, length: int, seconds: float) -> None:
+        """``peer`` gave ``length`` bytes of ``oid`` (checked) in ``seconds``."""
+        peer.bytes += length
+        peer.seconds += seconds
+        peer.misses.pop(oid, None)
 
     def busy(self, peer: Peer, seconds: float) -> None:
         peer.busy_until = time.monotonic() + seconds
 
     def dropped(self) -> dict[str, str]:
-        return {p.address: p.dropped for p in self.peers.values() if p.dropped is not None}
+        """Each peer this run stopped asking, for all or for some objects, and why; peers
+        whose inventory could not be read, and names that gave no address, the last time
+        they were asked for."""
+        out: dict[str, str] = {}
+        for p in self.peers.values():
+            if p.dropped is not None:
+                out[p.address] = p.dropped
+            elif p.misses:
+                last = next(reversed(p.misses.values()))
+                out[p.address] = f"left to the origin for {len(p.misses)} object(s): {last}"
+            elif p.unreachable is not None:
+                out[p.address] = f"unreachable: {p.unreachable}"
+        for entry, reason in self.unresolved.items():
+            out[entry] = f"no address: {reason}"
+        return out
 
     def bytes_by_peer(self) -> dict[str, int]:
         return {p.address: p.bytes for p in self.peers.values() if p.bytes}
