@@ -348,3 +348,41 @@ def test_a_symlink_loop_in_a_parent_path_is_a_reported_anomaly(tmp_path: Path) -
     assert report["layers"][0]["files"] == 4
     table = run_cli(["image", "audit", f"oci:{b.ref}"])
     assert table.code == 0 and "loops through symlinks" in table.stdout
+
+
+def test_a_blob_that_is_a_device_or_a_fifo_is_refused_not_read_forever(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    """An OCI layout from elsewhere may hold links to /dev/zero or FIFOs: opening a FIFO
+    blocks and a device never ends. Only regular files are read, each to its size."""
+    import os
+
+    layout = _copy_layout(images, tmp_path)
+    _, manifest, _ = _manifest(layout)
+    blob = _layer_blob(layout, manifest, 1)
+    blob.unlink()
+    blob.symlink_to("/dev/zero")
+    result = run_cli(["image", "audit", f"oci:{layout}:v1"], timeout_s=60)
+    assert result.code == 12, result.stderr
+    assert "not a regular file" in error_line(result.stderr)
+
+    fifo_layout = tmp_path / "fifo"
+    shutil.copytree(images["oci"], fifo_layout)
+    (fifo_layout / "index.json").unlink()
+    os.mkfifo(fifo_layout / "index.json")
+    result = run_cli(["image", "audit", f"oci:{fifo_layout}:v1"], timeout_s=60)
+    assert result.code == 12, result.stderr
+    assert "index.json: not a regular file" in error_line(result.stderr)
+
+
+def test_a_blob_longer_than_its_descriptor_is_read_to_its_size_only(
+    images: dict[str, Path], tmp_path: Path
+) -> None:
+    layout = _copy_layout(images, tmp_path)
+    _, manifest, _ = _manifest(layout)
+    blob = _layer_blob(layout, manifest, 0)
+    with open(blob, "ab") as f:
+        f.write(b"\0" * (8 << 20))
+    result = run_cli(["image", "audit", f"oci:{layout}:v1"])
+    assert result.code == 6, result.stderr
+    assert "longer than the" in error_line(result.stderr)

@@ -104,11 +104,21 @@ def _unzstd(pieces: Iterator[bytes]) -> Iterator[bytes]:
         yield out
 
 
-def _pieces(f: BinaryIO, first: bytes, counter: Callable[[bytes], None]) -> Iterator[bytes]:
+def _pieces(
+    f: BinaryIO, first: bytes, counter: Callable[[bytes], None], limit: int | None
+) -> Iterator[bytes]:
+    """The blob in pieces, never more than ``limit`` bytes (its size and one more, enough to
+    tell it is too long: a blob that is /dev/zero, or a server that never stops, ends here)."""
     counter(first)
     if first:
         yield first
-    while piece := f.read(READ_BYTES):
+    left = None if limit is None else limit - len(first)
+    while left is None or left > 0:
+        piece = f.read(READ_BYTES if left is None else min(READ_BYTES, left))
+        if not piece:
+            return
+        if left is not None:
+            left -= len(piece)
         counter(piece)
         yield piece
 
@@ -133,14 +143,15 @@ def layer_members(
         if blob_hash is not None:
             blob_hash.update(piece)
 
+    limit = None if size is None else size + 1
     with open_blob() as f:
-        first = f.read(READ_BYTES)
+        first = f.read(READ_BYTES if limit is None else min(READ_BYTES, limit))
         stats.compression = compression_of(first)
         plain = stats.compression == "none"
         same = plain and digest is not None and diff_id is not None and digest == diff_id
         if same:
             tar_hash = None  # one digest covers both
-        raw = _pieces(f, first, count)
+        raw = _pieces(f, first, count, limit)
         chunks = raw if plain else (_gunzip(raw) if stats.compression == "gzip" else _unzstd(raw))
         failure: SpotstartError | None = None
         try:
@@ -162,6 +173,11 @@ def layer_members(
             for _ in raw:  # read the rest: a wrong digest says more than a broken tar
                 pass
         stats.bytes_uncompressed = scanner.bytes_seen
+    if size is not None and stats.bytes_stored > size:
+        raise IntegrityError(
+            f"{what}: blob is longer than the {size} bytes the manifest says (replaced); "
+            "read no further"
+        )
     if size is not None and stats.bytes_stored != size:
         raise IntegrityError(
             f"{what}: blob is {stats.bytes_stored} bytes, the manifest says {size} "

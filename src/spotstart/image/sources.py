@@ -12,6 +12,7 @@ import functools
 import io
 import os
 import posixpath
+import stat
 import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,24 +113,44 @@ class _Slice(io.RawIOBase):
         super().close()
 
 
+def open_regular(path: Path, what: str) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file (after links): a FIFO would block
+    the open and a device (a link to /dev/zero) never end; both are InvalidImage."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise InvalidImage(f"{what}: cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise InvalidImage(f"{what}: not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 class OciDir:
-    """An OCI image layout directory: ``oci-layout``, ``index.json``, ``blobs/<alg>/<hex>``."""
+    """An OCI image layout directory: ``oci-layout``, ``index.json``, ``blobs/<alg>/<hex>``.
+    Every file must be a regular one; JSON files are read to ``JSON_LIMIT`` at most."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.display = str(root)
 
     def read_file(self, name: str) -> bytes:
-        path = self.root / name
         try:
-            return path.read_bytes()
+            with open_regular(self.root / name, f"{self.display}: {name}") as f:
+                data = f.read(JSON_LIMIT + 1)
         except FileNotFoundError:
             raise NotFound(f"{self.display}: no {name}: not an OCI image layout") from None
+        if len(data) > JSON_LIMIT:
+            raise InvalidImage(f"{self.display}: {name} is over {JSON_LIMIT} bytes, not JSON")
+        return data
 
     def open_blob(self, digest: Digest, size: int | None) -> BinaryIO:
         path = self.root / "blobs" / digest.algorithm / digest.encoded
         try:
-            return open(path, "rb")
+            return open_regular(path, f"{self.display}: blob {digest}")
         except FileNotFoundError:
             raise NotFound(f"{self.display}: blob {digest} is missing from blobs/") from None
 
