@@ -422,6 +422,30 @@ def test_a_crc_only_object_with_a_manifest_takes_only_piece_checked_peer_bytes(
     assert report.verified["sha256-manifest"] == 1  # type: ignore[attr-defined]
 
 
+class Sha256OnlySource(MemorySource):
+    """What S3 gives for an SSE-KMS object uploaded with a SHA-256 checksum: no MD5 (its
+    ETag is not one), ``x-amz-checksum-sha256`` of the whole body."""
+
+    def _info(self, key: str) -> ObjectInfo:
+        info = super()._info(key)
+        digest = hashlib.sha256(self.objects[key]).digest()
+        return ObjectInfo(info.key, info.size, info.version, Checksums(sha256=digest))
+
+
+def test_a_sha256_object_takes_peer_bytes_and_its_sha256_recomputed_catches_a_liar(
+    peers: list[HostilePeer], tmp_path: Path
+) -> None:
+    data = os.urandom(3 * MiB + 17)
+    source = Sha256OnlySource({"m/w.bin": data})
+    info = source._info("m/w.bin")
+    liar = _liar(peers, object_id("gs://mem/m/w.bin", info.version, info.size), data)
+    report = _fetch_from(source, tmp_path / "d", _config([liar.address]))
+    assert (tmp_path / "d" / "w.bin").read_bytes() == data
+    assert liar.object_requests()
+    assert "fail the origin's checksum" in report.peers_dropped[liar.address]  # type: ignore[attr-defined]
+    assert report.verified == {"size": 1, "sha256": 1}  # type: ignore[attr-defined]
+
+
 def test_a_size_only_object_never_asks_a_peer(peers: list[HostilePeer], tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()

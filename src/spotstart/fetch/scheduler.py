@@ -899,16 +899,18 @@ class TransferScheduler:
         peer_proof = f.peer_bytes and f.manifest is None
         digest = _crypto_digest(f.info)
         if digest is not None and (sums.crc is None or peer_proof):
-            want = sums.md5 if digest == "md5" else sums.md5_of_parts
+            want = {"md5": sums.md5, "md5-of-parts": sums.md5_of_parts}.get(digest, sums.sha256)
             assert want is not None
-            if md5 is not None:
-                got_md5 = md5
+            if md5 is not None and digest != "sha256":
+                got = md5
             elif digest == "md5":
-                got_md5 = _md5_of(f.target, f.info.size)
+                got = _md5_of(f.target, f.info.size)
+            elif digest == "md5-of-parts":
+                got = _md5_of_parts(f.target, f.info.parts)
             else:
-                got_md5 = _md5_of_parts(f.target, f.info.parts)
-            if got_md5 != want:
-                return False, (), f"{digest} mismatch (got {got_md5.hex()}, want {want.hex()})"
+                got = _sha256_of(f.target, f.info.size)
+            if got != want:
+                return False, (), f"{digest} mismatch (got {got.hex()}, want {want.hex()})"
             kinds.append(digest)
         elif peer_proof:  # cannot happen: plan_file gives such objects no peer id
             return False, (), "peer bytes with nothing to prove them"
@@ -1011,9 +1013,11 @@ def _crypto_digest(info: ObjectInfo) -> str | None:
     bytes when no manifest covers it), or None: a CRC or a size is no proof."""
     sums = info.checksums
     if sums.md5 is not None:
-        return "md5"
+        return "md5"  # first: streamed beside the transfer when there is no CRC
     if sums.md5_of_parts is not None and info.parts:
         return "md5-of-parts"
+    if sums.sha256 is not None:
+        return "sha256"
     return None
 
 

@@ -33,6 +33,8 @@ class Checksums:
     ``md5``: raw 16-byte digest of the body (S3 single-part ETag, GCS md5Hash).
     ``md5_of_parts``: an S3 multipart ETag ``"<hex>-N"``, the MD5 of the concatenated per-part
     MD5 digests. Per-part checks need :attr:`ObjectInfo.parts`.
+    ``sha256``: raw 32-byte SHA-256 of the whole body (S3 ``x-amz-checksum-sha256`` of a
+    single-part upload or a FULL_OBJECT checksum; never the composite of parts).
     """
 
     crc32c: int | None = None
@@ -41,6 +43,7 @@ class Checksums:
     md5_of_parts: bytes | None = None
     crc32: int | None = None
     crc64nvme: int | None = None
+    sha256: bytes | None = None
 
     @property
     def crc(self) -> tuple[str, int] | None:

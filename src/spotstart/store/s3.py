@@ -163,6 +163,11 @@ class S3Source:
         if n_parts > 1 and (sums.crc_scope != "object" or sums.md5_of_parts is not None):
             parts = await self._part_sizes(key, n_parts, size)
             sums = _without_part_checks(sums) if not parts else sums
+        sha256 = _whole_sha256(
+            headers.get("x-amz-checksum-sha256"), headers.get("x-amz-checksum-type"), n_parts
+        )
+        if sha256 is not None:
+            sums = dataclasses.replace(sums, sha256=sha256)
         return ObjectInfo(key=key, size=size, version=etag, checksums=sums, parts=parts)
 
     async def _part_sizes(self, key: str, n_parts: int, size: int) -> tuple[int, ...]:
@@ -367,6 +372,26 @@ def _checksums(
         ),
         n_parts,
     )
+
+
+def _whole_sha256(value: str | None, kind: str | None, n_parts: int) -> bytes | None:
+    """The object's SHA-256 from ``x-amz-checksum-sha256``, only when it is of the whole
+    body: a single-part upload, or ``x-amz-checksum-type: FULL_OBJECT``. A composite value
+    (``"<b64>-N"``, the SHA-256 of the parts' SHA-256s) or anything not 32 bytes is None.
+
+    >>> _whole_sha256("47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=", None, 0).hex()[:8]
+    'e3b0c442'
+    """
+    if not value or "-" in value:
+        return None
+    kind = (kind or "").strip().upper()
+    if (n_parts > 1 and kind != "FULL_OBJECT") or kind == "COMPOSITE":
+        return None
+    try:
+        raw = base64.b64decode(value.strip(), validate=True)
+    except ValueError:
+        return None
+    return raw if len(raw) == 32 else None
 
 
 def _without_part_checks(sums: Checksums) -> Checksums:
