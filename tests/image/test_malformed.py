@@ -386,3 +386,22 @@ def test_a_blob_longer_than_its_descriptor_is_read_to_its_size_only(
     result = run_cli(["image", "audit", f"oci:{layout}:v1"])
     assert result.code == 6, result.stderr
     assert "longer than the" in error_line(result.stderr)
+
+
+def test_an_archive_with_a_huge_extended_header_is_refused_before_it_is_read(
+    tmp_path: Path,
+) -> None:
+    """tarfile would read a pax header whole, whatever its size: over 1 MiB is refused."""
+    import io
+    import tarfile
+
+    archive = tmp_path / "pax.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tf:
+        data = b"[]"
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        info.pax_headers = {"comment": "x" * (2 << 20)}
+        tf.addfile(info, io.BytesIO(data))
+    result = run_cli(["image", "audit", f"docker-archive:{archive}"])
+    assert result.code == 12, result.stderr
+    assert "extended header of" in error_line(result.stderr)

@@ -161,6 +161,31 @@ class OciDir:
         pass
 
 
+# An image archive holds a few files per layer; tarfile keeps every member's header in memory.
+MAX_MEMBERS = 100_000
+_META_LIMIT = 1 << 20  # a pax header or GNU long name over 1 MiB is not a real one
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """tarfile reads a pax header or GNU long name whole into memory, whatever size its
+    header claims: refuse one over ``_META_LIMIT`` before it is read (tarfile's documented
+    hook for TarInfo subclasses: ``_proc_member``)."""
+
+    def _proc_member(self, archive: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _META_TYPES and self.size > _META_LIMIT:
+            raise InvalidImage(f"a tar extended header of {self.size} bytes")
+        return super()._proc_member(archive)  # type: ignore[misc,no-any-return]
+
+
+_META_TYPES = (
+    tarfile.GNUTYPE_LONGNAME,
+    tarfile.GNUTYPE_LONGLINK,
+    tarfile.XHDTYPE,
+    tarfile.XGLTYPE,
+    tarfile.SOLARIS_XHDTYPE,
+)
+
+
 class TarArchive:
     """A tar holding an OCI layout, a `docker save` archive, or both (Docker >= 25). Members
     are read in place by offset; symlinked members (skopeo's ``<id>/layer.tar``) are followed
@@ -177,8 +202,14 @@ class TarArchive:
                 "(members are read in place, which needs a plain tar)"
             )
         try:
-            with tarfile.open(path, "r:") as tf:
-                members = tf.getmembers()
+            with tarfile.open(path, "r:", tarinfo=_BoundedTarInfo) as tf:
+                members = []
+                for m in tf:
+                    members.append(m)
+                    if len(members) > MAX_MEMBERS:
+                        raise InvalidImage(f"over {MAX_MEMBERS} members: not an image archive")
+        except InvalidImage as exc:
+            raise InvalidImage(f"{path}: {exc}") from None
         except (tarfile.TarError, EOFError, OSError) as exc:
             raise InvalidImage(f"{path}: not a readable tar archive ({exc})") from None
         self._members: dict[str, tarfile.TarInfo] = {}
