@@ -274,3 +274,14 @@ def test_fuzz_kubernetes_and_event_shapes_end_in_phases_or_a_usage_error(
     _read_bytes(
         json.dumps({"phase": "x", **(event if isinstance(event, dict) else {})}).encode(), "e"
     )
+
+
+def test_a_kubernetes_document_over_64_mib_is_refused_unread(tmp_path: Path) -> None:
+    doc = tmp_path / "pods.json"
+    with open(doc, "w") as f:
+        f.write('{"kind": "List", "items": [')
+        f.write(" " * (65 << 20))
+        f.write("]}")
+    res = run_cli(["timeline", str(doc), str(FIX / "events.jsonl")])
+    assert res.code == 2, res.stderr
+    assert "over 64 MiB of JSON" in error_line(res.stderr)

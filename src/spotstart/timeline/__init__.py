@@ -78,7 +78,9 @@ def parse_go_duration(text: str) -> float:
 # the count says something was left out.
 
 MAX_LINE_BYTES = 1 << 20  # a log or events line longer than this is skipped (and counted)
-MAX_DOCUMENT_BYTES = 256 << 20  # a Kubernetes JSON file; kubectl get -A of a large cluster
+# A Kubernetes JSON file: ~4,000 pods with managedFields, ~60,000 events. Parsed, a document
+# takes about 10x its size in memory; each is turned into records and dropped before the next.
+MAX_DOCUMENT_BYTES = 64 << 20
 MAX_PHASES = 10_000  # the critical path is quadratic in phases; a rollout of 1,000 pods fits
 _EARLIEST, _LATEST = 946_684_800.0, 7_258_118_400.0  # 2000-01-01 .. 2200-01-01, unix seconds
 _MAX_TEXT = 500  # characters of a name or detail kept
@@ -355,23 +357,28 @@ def sort_kube(docs: list[Any], skipped: Skipped | None = None) -> KubeObjects:
     skipped = skipped if skipped is not None else Skipped()
     k = KubeObjects()
     for doc in docs:
-        for obj in _items(doc, skipped):
-            kind = obj.get("kind")
-            try:
-                if kind == "Pod":
-                    k.pods.append(pod_record(obj))
-                elif kind == "Event":
-                    pull = pull_record(obj)
-                    if pull is not None:
-                        k.pulls.append(pull)
-                elif kind == "Node":
-                    node = node_record(obj)
-                    k.nodes[node.name] = node
-                elif kind == "NodeClaim":
-                    k.claims.append(claim_record(obj))
-            except Malformed as exc:
-                skipped.add(str(kind), str(exc))
+        add_kube(k, doc, skipped)
     return k
+
+
+def add_kube(k: KubeObjects, doc: Any, skipped: Skipped) -> None:
+    """The objects of one document (an object or a ``List``) added to ``k``."""
+    for obj in _items(doc, skipped):
+        kind = obj.get("kind")
+        try:
+            if kind == "Pod":
+                k.pods.append(pod_record(obj))
+            elif kind == "Event":
+                pull = pull_record(obj)
+                if pull is not None:
+                    k.pulls.append(pull)
+            elif kind == "Node":
+                node = node_record(obj)
+                k.nodes[node.name] = node
+            elif kind == "NodeClaim":
+                k.claims.append(claim_record(obj))
+        except Malformed as exc:
+            skipped.add(str(kind), str(exc))
 
 
 def from_pod(pod: PodRecord, k: KubeObjects) -> list[Phase]:
@@ -559,7 +566,7 @@ def read(paths: list[Path], pod: str | None = None, year: int | None = None) -> 
     out and counted in ``skipped``; a file that holds nothing usable is a UsageError."""
     phases: list[Phase] = []
     skipped = Skipped()
-    docs: list[Any] = []
+    k = KubeObjects()
     logs: list[Path] = []
     for p in paths:
         try:
@@ -568,12 +575,11 @@ def read(paths: list[Path], pod: str | None = None, year: int | None = None) -> 
                 if kind == "events":
                     _read_events(f, p, pod, phases, skipped)
                 elif kind == "json":
-                    docs.append(_read_document(f, p))
+                    add_kube(k, _read_document(f, p), skipped)
                 else:
                     logs.append(p)
         except OSError as exc:
             raise UsageError(f"{p}: {exc.strerror or exc}") from None
-    k = sort_kube(docs, skipped)
     pods = [x for x in k.pods if pod is None or x.name == pod]
     if pod is not None and k.pods and not pods:
         raise UsageError(f"--pod {pod}: no such pod in the files")
