@@ -405,3 +405,99 @@ def test_an_archive_with_a_huge_extended_header_is_refused_before_it_is_read(
     result = run_cli(["image", "audit", f"docker-archive:{archive}"])
     assert result.code == 12, result.stderr
     assert "extended header of" in error_line(result.stderr)
+
+
+def test_a_negative_pax_size_is_an_invalid_layer() -> None:
+    """``size=-600`` would have the reader step backwards into what it already read."""
+    import io
+    import tarfile
+
+    from spotstart.errors import InvalidImage
+    from spotstart.image.tarscan import TarScanner
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("a")
+        info.size, info.pax_headers = 3, {"size": "-600"}
+        tf.addfile(info, io.BytesIO(b"abc"))
+    with pytest.raises(InvalidImage, match="is not a byte count"):
+        TarScanner().feed(buf.getvalue())
+
+
+def _fuzz_settings():  # type: ignore[no-untyped-def]
+    from hypothesis import HealthCheck, settings
+
+    return settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def test_fuzz_any_bytes_through_the_tar_reader_and_tree_raise_only_invalid_image() -> None:
+    """Any bytes, in any chunking, after a valid header or not: the layer reader raises
+    InvalidImage or yields members, and the tree takes whatever it yields."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from spotstart.errors import InvalidImage
+    from spotstart.image.tarscan import TarScanner
+    from spotstart.image.tree import MergedTree
+
+    header = _valid_header()
+
+    @_fuzz_settings()
+    @given(st.binary(max_size=3000), st.integers(1, 700), st.booleans())
+    def check(data: bytes, chunk: int, prefixed: bool) -> None:
+        stream = (header + data) if prefixed else data
+        scanner, tree = TarScanner(), MergedTree()
+        try:
+            for i in range(0, len(stream), chunk):
+                for entry in scanner.feed(stream[i : i + chunk]):
+                    tree.add(0, entry)
+            scanner.close()
+        except InvalidImage:
+            pass
+
+    check()
+
+
+def _valid_header() -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("x" * 120)  # a pax path record
+        info.size = 5
+        tf.addfile(info, io.BytesIO(b"hello"))
+    return buf.getvalue()[:1536]
+
+
+def test_fuzz_any_members_build_a_tree_without_raising() -> None:
+    """Names and link targets from a small alphabet rich in "/", ".." and links to each
+    other (loops, links through links, whiteouts of links): the tree never raises, and
+    what it reports unreachable is counted."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from spotstart.image.tarscan import TarEntry
+    from spotstart.image.tree import MergedTree
+
+    seg = st.sampled_from(["a", "b", "..", ".", "", ".wh.a", ".wh..wh..opq", "c"])
+    path = st.lists(seg, min_size=1, max_size=6).map("/".join)
+    entry = st.builds(
+        TarEntry,
+        path,
+        st.sampled_from(["file", "dir", "symlink", "hardlink", "other"]),
+        st.integers(0, 100),
+        path,
+    )
+
+    @_fuzz_settings()
+    @given(st.lists(st.tuples(st.integers(0, 2), entry), max_size=30))
+    def check(members: list[tuple[int, TarEntry]]) -> None:
+        tree = MergedTree()
+        for layer, e in sorted(members, key=lambda m: m[0]):
+            tree.add(layer, e)
+        for p, _ in tree.walk():
+            tree.lookup(p)
+        assert all(w.size >= 0 for w in tree.wasted)
+
+    check()

@@ -73,15 +73,26 @@ _WEIGHT_EXT = (
     ".msgpack",
     ".tflite",
 )
-_WEIGHT_BIN = re.compile(
-    r"(?:pytorch_model|model|adapter_model|consolidated)[^/]*\.bin$|/huggingface/hub/.+\.bin$"
-)
+_HF_HUB = "/huggingface/hub/"
+
+
+def _weight_bin(path: str) -> bool:
+    """``*model*.bin`` / ``*consolidated*.bin`` (pytorch_model, adapter_model too) or any
+    ``.bin`` under a Hugging Face hub cache. Plain string tests: the regex these replace
+    rescanned the name from every "model" in it (quadratic in a hostile member's name)."""
+    if not path.endswith(".bin"):
+        return False
+    stem = path[path.rfind("/") + 1 : -4]
+    if "model" in stem or "consolidated" in stem:
+        return True
+    hub = path.find(_HF_HUB)
+    return hub >= 0 and hub + len(_HF_HUB) < len(path) - 4
 
 
 def _weights(path: str) -> bool:
     if _SITE.search(path):
         return False
-    return path.endswith(_WEIGHT_EXT) or _WEIGHT_BIN.search(path) is not None
+    return path.endswith(_WEIGHT_EXT) or _weight_bin(path)
 
 
 def is_weight_file(path: str, size: int) -> bool:

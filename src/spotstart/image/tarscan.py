@@ -188,10 +188,12 @@ class TarScanner:
         name = records.get("path", name)
         linkname = records.get("linkpath", linkname)
         if "size" in records:
-            try:
-                size = int(records["size"])
-            except ValueError:
-                raise InvalidImage("pax size record is not a number") from None
+            # decimal digits only: int() would take "-600" (a member reading backwards),
+            # " 5" and "5_0"; 20 digits hold any 64-bit size
+            text = records["size"]
+            if not (0 < len(text) <= 20 and text.isascii() and text.isdigit()):
+                raise InvalidImage(f"pax size record {text[:24]!r} is not a byte count")
+            size = int(text)
             padded = -(-size // BLOCK) * BLOCK
         self._pax, self._long_name, self._long_link = {}, None, None
         kind = _KINDS.get(typeflag, "file")  # unknown types store data like files (POSIX)
