@@ -501,3 +501,17 @@ def test_fuzz_any_members_build_a_tree_without_raising() -> None:
         assert all(w.size >= 0 for w in tree.wasted)
 
     check()
+
+
+def test_text_from_the_image_never_drives_the_terminal(tmp_path: Path) -> None:
+    """A layer's history and its member names are the image author's: an ESC sequence or
+    rich markup in them is printed as "?" and as written, not interpreted."""
+    b = builder.OciBuilder(tmp_path / "esc", "v1")
+    b.layer(
+        [builder.file("root/.cache/pip/\x1b]0;owned\x07[red]x", 5000)],
+        "RUN \x1b[2J[bold]pwned[/bold]",
+    )
+    result = run_cli(["image", "audit", f"oci:{b.ref}"])
+    assert result.code == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\x07" not in result.stdout
+    assert "?[2J[bold]pwned[/bold]" in result.stdout

@@ -159,8 +159,14 @@ def _size(n: int | None) -> str:
     return "?" if n is None else format_bytes(n)
 
 
+def _shown(text: str) -> str:
+    """Text from the image (layer commands, member names) for the terminal: no rich markup,
+    no control characters (an ESC sequence in a layer's history would drive the terminal)."""
+    return escape("".join(c if c.isprintable() else "?" for c in text))
+
+
 def _print_report(out: Console, r: AuditReport) -> None:
-    out.print(f"[bold]{escape(r.image)}[/bold]  {r.kind}  {r.platform}  {r.manifest_digest[:19]}")
+    out.print(f"[bold]{_shown(r.image)}[/bold]  {r.kind}  {r.platform}  {r.manifest_digest[:19]}")
     t = Table(title="layers", title_justify="left")
     for col in ("#", "compressed", "uncompressed", "wasted", "files", "created by"):
         t.add_column(col, justify="right" if col not in ("created by",) else "left")
@@ -172,7 +178,7 @@ def _print_report(out: Console, r: AuditReport) -> None:
             format_bytes(layer.bytes_uncompressed),
             format_bytes(layer.bytes_wasted) if layer.bytes_wasted else "",
             str(layer.files),
-            escape(layer.command[:90]),
+            _shown(layer.command[:90]),
         )
     out.print(t)
     if r.findings:
@@ -180,9 +186,9 @@ def _print_report(out: Console, r: AuditReport) -> None:
         for col in ("rule", "bytes", "files", "fix"):
             f.add_column(col, justify="right" if col in ("bytes", "files") else "left")
         for x in r.findings:
-            fix = x.fix + (f"\n[dim]{escape(x.note)}[/dim]" if x.note else "")
+            fix = x.fix + (f"\n[dim]{_shown(x.note)}[/dim]" if x.note else "")
             if x.examples:
-                fix += f"\n[dim]e.g. {escape(x.examples[0])}[/dim]"
+                fix += f"\n[dim]e.g. {_shown(x.examples[0])}[/dim]"
             f.add_row(
                 x.rule + ("" if x.counted else " (check)"), format_bytes(x.bytes), str(x.files), fix
             )
@@ -212,7 +218,7 @@ def _print_report(out: Console, r: AuditReport) -> None:
             )
         )
     for note in r.notes:
-        out.print(f"[dim]note: {escape(note)}[/dim]")
+        out.print(f"[dim]note: {_shown(note)}[/dim]")
 
 
 def _print_comparison(out: Console, c: Comparison) -> None:
