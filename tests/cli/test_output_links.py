@@ -100,3 +100,14 @@ def test_events_append_to_a_plain_file_of_ours(tmp_path: Path, src: Path) -> Non
     assert res.code == 0, res.stderr
     phases = [json.loads(line)["phase"] for line in events.read_text().splitlines()]
     assert "fetch" in phases
+
+
+def test_k8s_render_refuses_a_link_at_a_manifest_name(tmp_path: Path, victim: Path) -> None:
+    example = Path(__file__).parents[2] / "examples" / "deploy.yaml"
+    out = tmp_path / "manifests"
+    out.mkdir()
+    os.symlink(victim, out / "Kustomization")
+    res = run_cli(["k8s", "render", "--config", str(example), "--cloud", "gke", "-o", str(out)])
+    assert res.code == 8, res.stderr
+    assert "Kustomization" in error_line(res.stderr)
+    assert victim.read_bytes() == b"precious"

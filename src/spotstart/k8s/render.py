@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from spotstart import safefs
 from spotstart.k8s.config import GUARD_CLOUD, GUARD_PORT, PEER_PORT, Cloud, DeployConfig
 from spotstart.k8s.gpus import GPUS
 
@@ -931,7 +932,8 @@ def write_manifests(manifests: list[Manifest], out: Path) -> list[Path]:
     written = []
     for m in manifests:
         path = out / m.filename
-        path.write_text("# Rendered by `spotstart k8s render`.\n" + to_yaml(m))
+        # Atomic, and never through a link at the name (spotstart.safefs).
+        safefs.write_output(path, "# Rendered by `spotstart k8s render`.\n" + to_yaml(m))
         written.append(path)
     kustomization = {
         "apiVersion": "kustomize.config.k8s.io/v1beta1",
@@ -939,7 +941,7 @@ def write_manifests(manifests: list[Manifest], out: Path) -> list[Path]:
         "resources": [m.filename for m in manifests],
     }
     path = out / "Kustomization"
-    path.write_text(yaml.safe_dump(kustomization, sort_keys=False))
+    safefs.write_output(path, yaml.safe_dump(kustomization, sort_keys=False))
     written.append(path)
     return written
 
