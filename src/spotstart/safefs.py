@@ -6,8 +6,10 @@ writes to plants a symlink (``DEST/.spotstart/doctor-<pid>.tmp -> /etc/passwd``,
 subdirectory -> ``/``), and spotstart, often running as root, writes through it. Everything here
 resolves every component beneath a directory file descriptor: Linux ``openat2(2)`` with
 ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS`` where the kernel has it (5.6+,
-and not blocked by a seccomp filter), else one ``openat(O_NOFOLLOW)`` per component. Not a path
-library: callers still build names; this module only opens, creates and checks them.
+and not blocked by a seccomp filter), else one ``openat(O_NOFOLLOW)`` per component. Files a
+user names (``--out``, ``--metrics-textfile``, ``--events``) go through :func:`write_output`
+and :func:`open_append`: no link at the name is followed. Not a path library: callers still
+build names; this module only opens, creates and checks them.
 
     fd = private_dir_fd(dest, ".spotstart")          # ours, not a link, not writable by others
     out = create_exclusive(fd, "doctor-123.tmp")      # O_CREAT | O_EXCL | O_NOFOLLOW
