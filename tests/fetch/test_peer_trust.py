@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from spotstart import Concurrency, FetchConfig, Retry, fetch
+from spotstart.emulate.crosscheck import MotoS3
 from spotstart.emulate.storage import StorageEmulator
 from spotstart.fetch import plan as planning
 from spotstart.fetch.engine import Fetcher
@@ -621,3 +622,29 @@ def test_load_from_a_crc_forging_peer_gives_the_origins_tensors(
     assert report.bytes_from_peers > 0
     kinds = report.verified
     assert ("sha256-manifest" in kinds) if with_manifest else ("md5" in kinds)
+
+
+def test_a_multipart_objects_chunks_line_up_with_the_manifests_pieces(
+    moto: MotoS3, monkeypatch: pytest.MonkeyPatch, peers: list[HostilePeer], tmp_path: Path
+) -> None:
+    """Pieces restart at every part boundary (as chunks do): parts of 5 MiB + 1 and 6 MiB
+    cut every 512 KiB grid, and each peer chunk is still whole pieces, checked on arrival."""
+    from tests.fetch.test_multipart import part_bodies, upload_multipart
+
+    for k, v in moto.env().items():
+        monkeypatch.setenv(k, v)
+    parts = part_bodies("trust")
+    data = b"".join(parts)
+    upload_multipart(moto, "trust-mp/w.bin", parts, crc=True)
+    url = f"s3://{BUCKET}/trust-mp/"
+    _make_manifest(url)
+    info = _stat(url, "trust-mp/w.bin")
+    assert len(info.parts) == 3
+    oid = object_id(f"s3://{BUCKET}/trust-mp/w.bin", info.version, info.size)
+    liar, honest = _liar(peers, oid, data), _honest(peers, oid, data)
+    report = fetch(url, tmp_path / "d", _config([liar.address, honest.address]))
+    assert (tmp_path / "d" / "w.bin").read_bytes() == data
+    assert "fail the manifest's SHA-256" in report.peers_dropped[liar.address]
+    assert report.bytes_from_peers > 0 and report.refetched_chunks == 0
+    files = {Path(r.path).name: r for r in report.files}
+    assert "sha256-manifest" in files["w.bin"].verified
