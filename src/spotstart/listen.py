@@ -218,6 +218,8 @@ class _Connection(asyncio.Protocol):
         self.handling = max(0, self.handling - 1)
         if self.handling == 0:
             self.listener._idle(self)
+            if self.reading_head and self.deadline is None:
+                self._arm()  # a next head that began during the request: its deadline now
 
     def abort(self) -> None:
         if self.transport is not None:

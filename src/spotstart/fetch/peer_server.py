@@ -340,7 +340,7 @@ class PeerIndex:
     async def open(self, oid: str) -> tuple[Holding, int] | None:
         """(holding, a descriptor of its bytes for the caller to close), or None when we do not
         hold ``oid``. A miss rescans once (a file may have just moved into place)."""
-        for max_age in (None, 0.05):
+        for max_age in (None, 0.1):  # a miss rescans, at most ten times a second
             holding = (await self.table(max_age)).get(oid)
             if holding is None:
                 continue
