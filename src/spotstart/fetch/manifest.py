@@ -31,7 +31,9 @@ wrong length, NaN, duplicate keys, more than :data:`MAX_MANIFEST_BYTES` is malfo
 Pieces are ``plan.plan_chunks(size, piece_bytes, part_boundaries(parts))``: fixed
 ``piece_bytes`` pieces that restart at every multipart boundary, so a fetch whose chunks are
 a whole number of pieces (and that cuts at the same part boundaries) has chunks made of whole
-pieces: each chunk from a peer is checked piece by piece as it lands.
+pieces: each chunk from a peer is checked piece by piece as it lands. A fetch with peers plans
+a covered object's chunks so (its chunk size rounded down to whole pieces, at least one). The
+manifest file is an object like any other: a fetch of the prefix copies it too.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ MAX_OBJECTS = 100_000
 MAX_PIECES = 1 << 22  # per object: 16 TiB at 4 MiB
 MAX_PARTS = 10_000  # S3's own limit
 MIN_PIECE_BYTES = 64 << 10
-MAX_PIECE_BYTES = 1 << 30
+MAX_PIECE_BYTES = 64 << 20  # a fetch chunk is whole pieces: reads past 64 MiB lose throughput
 DEFAULT_PIECE_BYTES = 4 << 20  # = plan.MIN_CHUNK: every fetch chunk can be whole pieces
 MAX_TEXT = 4096  # URL and version strings
 _HEX = frozenset("0123456789abcdef")
