@@ -196,10 +196,12 @@ class HostilePeer:
                 w.write(body[i : i + 1])
         elif mode == "silent":
             await asyncio.sleep(3600)
-        elif mode == "continue":
+        elif mode.startswith("continue"):  # as fast as it goes, or one every 50 ms
             while True:
                 w.write(b"HTTP/1.1 100 Continue\r\n\r\n")
                 await w.drain()
+                if mode == "continue-slowly":
+                    await asyncio.sleep(0.05)
         elif mode == "garbage":
             w.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n" + bytes(range(256)) * 4)
             return False
@@ -262,6 +264,7 @@ OBJECT_FAULTS = [
     "trickle",
     "silent",
     "continue",
+    "continue-slowly",
     "garbage",
 ]
 
@@ -395,10 +398,10 @@ def test_a_peer_entry_that_cannot_be_a_peer_is_a_usage_error(entry: str) -> None
 
 
 def test_the_cli_refuses_a_url_as_a_peer_with_exit_2_and_one_line(tmp_path: Path) -> None:
-    r = run_cli(["fetch", "gs://b/m/", str(tmp_path), "--peers", "http://127.0.0.1:1"])
+    r = run_cli(["fetch", "gs://models/m/", str(tmp_path), "--peers", "http://127.0.0.1:1"])
     assert r.code == 2, (r.code, r.stderr)
     assert len(r.stderr.strip().splitlines()) == 1 and "peer" in r.stderr, r.stderr
-    r = run_cli(["fetch", "gs://b/m/", str(tmp_path)], {"SPOTSTART_PEERS": "h:1,http://h:1"})
+    r = run_cli(["fetch", "gs://models/m/", str(tmp_path)], {"SPOTSTART_PEERS": "h:1,http://h:1"})
     assert r.code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 

@@ -127,7 +127,6 @@ class DirectReader:
         deadline = _Deadline(req.deadline_s)
         sock: socket.socket | None = None
         reusable = False
-        got = 0
         try:
             sock, head = self._exchange(key, request, req.what, deadline)
             status, headers, rest = head.status, head.headers, head.rest
@@ -150,14 +149,14 @@ class DirectReader:
                 raise TransientError(
                     f"{req.what}: Content-Length {declared or 'missing'} for {length} bytes"
                 )
-            got = self._receive(sock, rest, length, sink, on_bytes, deadline, req, start)
+            self._receive(sock, rest, length, sink, on_bytes, deadline, req, start)
             reusable = head.keep_alive and len(rest) <= length
         except SinkError:
             raise
         except TimeoutError as exc:
             if deadline.expired():
                 raise StallDetected(
-                    f"{req.what}: {got} of {length} bytes at offset {start} within "
+                    f"{req.what}: {length} bytes at offset {start} not in within "
                     f"{req.deadline_s:g}s, the deadline for this read"
                 ) from exc
             raise StallDetected(
@@ -219,9 +218,9 @@ class DirectReader:
         deadline: _Deadline,
         req: RangeRequest,
         start: int,
-    ) -> int:
+    ) -> None:
         """The body: what came with the head, then ``recv_into`` the sink until ``length``
-        bytes; returns how many arrived."""
+        bytes."""
         got, reported = min(len(rest), length), 0
         lead = memoryview(rest)[:got]
         while lead:
@@ -266,7 +265,6 @@ class DirectReader:
             sock.settimeout(stall)
             if waitall and deadline.at is not None:
                 _set_rcvtimeo(sock, stall)
-        return got
 
     def _connect(
         self, scheme: str, host: str, port: int, what: str, deadline: _Deadline
