@@ -182,3 +182,46 @@ def test_binding_an_address_in_use_raises_and_leaves_nothing_open() -> None:
         asyncio.run(go())
     finally:
         holder.close()
+
+
+def test_at_the_cap_with_every_connection_in_a_request_a_new_one_gets_503_at_once() -> None:
+    async def go() -> tuple[bytes, bytes, int]:
+        release = asyncio.Event()
+
+        async def held(_: web.Request) -> web.Response:
+            await release.wait()
+            return web.Response(text="done")
+
+        app = web.Application()
+        app.router.add_get("/held", held)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        assert runner.server is not None
+        limits = ListenLimits(max_connections=1)
+        listener = BoundedListener(runner.server, limits, logging.getLogger("t"), "t")
+        port = await listener.start("127.0.0.1", 0)
+        try:
+            busy_r, busy_w = await asyncio.open_connection("127.0.0.1", port)
+            busy_w.write(b"GET /held HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+
+            async def in_request() -> None:
+                while not listener.connections or any(  # noqa: ASYNC110
+                    c.reading_head for c in listener.connections
+                ):
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(in_request(), 10)
+            new_r, new_w = await asyncio.open_connection("127.0.0.1", port)
+            refused = await _read_all(new_r)
+            new_w.close()
+            release.set()
+            done = await _read_all(busy_r)
+            busy_w.close()
+            return refused, done, listener.refused
+        finally:
+            await listener.close()
+            await runner.cleanup()
+
+    refused, done, count = asyncio.run(go())
+    assert refused.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in refused
+    assert done.startswith(b"HTTP/1.1 200") and done.endswith(b"done") and count == 1
