@@ -32,6 +32,14 @@ HEAD_LIMIT = 64 << 10  # all the heads of one answer, interim 1xx ones included
 MAX_INTERIM = 8  # 1xx heads before the final one: a server sending more is broken or hostile
 REPORT_BYTES = 1 << 20  # progress granularity: a bar that moves, 50 wake-ups a second at 50 MB/s
 IDLE_PER_HOST = 64
+# How a connection the server already closed fails a send or the first read of an answer.
+_GONE = (
+    BrokenPipeError,
+    ConnectionResetError,
+    ConnectionAbortedError,
+    ssl.SSLEOFError,
+    ssl.SSLZeroReturnError,
+)
 _EXACT_RANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/([0-9]{1,19})")
 
 
@@ -193,7 +201,7 @@ class DirectReader:
             try:
                 try:
                     sock.sendall(request)
-                except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError) as exc:
+                except _GONE as exc:
                     raise _ClosedEarly from exc
                 return sock, _read_head(sock, what, deadline, self.options.stall_timeout_s)
             except BaseException as exc:
@@ -423,7 +431,7 @@ def _read_head(sock: socket.socket, what: str, deadline: _Deadline, stall_s: flo
                 sock.settimeout(deadline.timeout(stall_s))
             try:
                 more = sock.recv(65536)
-            except (ConnectionResetError, ssl.SSLEOFError, ssl.SSLZeroReturnError) as exc:
+            except _GONE as exc:
                 if not seen:
                     raise _ClosedEarly from exc
                 raise
