@@ -65,6 +65,11 @@ class ListenLimits:
     max_head_bytes: int = 16 << 10
     backlog: int = 1024
     accept_log_interval_s: float = 10.0
+    # The application reads request bodies (the guard's proxy): the bytes after a head belong
+    # to its request until ``request_done`` (this listener cannot frame a body, so they are
+    # neither counted as a head nor given a deadline); the next head is timed from its first
+    # byte after that. False: every byte after a head starts the next one (GET-only servers).
+    request_bodies: bool = False
 
     @classmethod
     def for_process(cls, max_connections: int | None = None, share: int = 2) -> ListenLimits:
@@ -154,6 +159,7 @@ class _Connection(asyncio.Protocol):
         self.head_bytes = 0
         self.tail = b""  # the last 3 bytes seen: a blank line may straddle two reads
         self.handling = 0  # requests inside the application now
+        self.in_request = False  # request_bodies: a head was read, its request not done yet
         self.deadline: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------------
@@ -166,6 +172,9 @@ class _Connection(asyncio.Protocol):
         self.inner.connection_made(transport)
 
     def data_received(self, data: bytes) -> None:
+        if self.in_request:  # request_bodies: a body (or whatever follows it) is the request's
+            self.inner.data_received(data)
+            return
         if not self.reading_head:
             # Bytes after a complete head start the next one (keep-alive, pipelining; our
             # routes take no bodies): its deadline runs from now.
@@ -185,6 +194,13 @@ class _Connection(asyncio.Protocol):
                 self._refuse(_TOO_LARGE)
                 return
             self.reading_head, self.tail = False, b""
+            if self.listener.limits.request_bodies:
+                # What follows is its body. The deadline stays (and the slot evictable) until
+                # the application takes the request: a head seen to end here that the server
+                # does not take as one must not hold a slot for ever.
+                self.in_request = True
+                self.inner.data_received(data)
+                return
             self._disarm()
             self.listener._busy(self)
             rest = seen[end:]
@@ -213,11 +229,17 @@ class _Connection(asyncio.Protocol):
     def request_started(self) -> None:
         self.handling += 1
         self.listener._busy(self)
+        if self.listener.limits.request_bodies:
+            self.in_request, self.reading_head = True, False
+            self._disarm()
 
     def request_done(self) -> None:
         self.handling = max(0, self.handling - 1)
         if self.handling == 0:
             self.listener._idle(self)
+            if self.in_request:  # idle now: the next byte starts a head, timed from then
+                self.in_request, self.reading_head, self.head_bytes = False, False, 0
+                return
             if self.reading_head and self.deadline is None:
                 self._arm()  # a next head that began during the request: its deadline now
 
@@ -246,7 +268,7 @@ class _Connection(asyncio.Protocol):
 
     def _expired(self) -> None:
         self.deadline = None
-        if self.reading_head and self.handling == 0:
+        if (self.reading_head or self.in_request) and self.handling == 0:
             self.listener.head_timeouts += 1
             self.abort()
 

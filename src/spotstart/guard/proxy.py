@@ -1,6 +1,13 @@
 """The guard's HTTP side: a streaming aiohttp reverse proxy in front of any HTTP inference server
 (vLLM, TGI, Triton), plus the guard's own /readyz, /livez and /spotstart/metrics. It asks the
-DrainController whether to accept each request and tells it when each ends; it decides nothing."""
+DrainController whether to accept each request and tells it when each ends; it decides nothing.
+
+Who can reach it: every client of the inference server (often a whole cluster, or the internet
+behind a load balancer), and the kubelet's probes. Its port is a
+:class:`spotstart.listen.BoundedListener`: a connection cap, a deadline for each request head,
+accept errors logged once per interval. Only connections outside a request (idle keep-alive,
+an unfinished head) are ever evicted or timed out; a request in progress (a long generation, a
+slow stream) is the DrainController's alone to end."""
 
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from spotstart.errors import UsageError
 from spotstart.guard.drain import Clock, DrainController, Phase
 from spotstart.guard.metrics import CONTENT_TYPE, GuardMetrics
+from spotstart.listen import BoundedListener, ListenLimits, raise_open_files_limit
 
 log = logging.getLogger("spotstart.guard")
 
@@ -61,6 +69,26 @@ class ProxyConfig:
     health_timeout_s: float = 2.0
     upstream_connections: int = 1024
     connect_timeout_s: float = 10.0
+    limits: ListenLimits | None = None  # None: proxy_limits() for this process
+
+
+def proxy_limits(max_connections: int | None = None) -> ListenLimits:
+    """The guard port's bounds: at most 4096 connections, or a quarter of ``ulimit -n`` (each
+    forwarded request holds a second descriptor upstream, and ``--serve-peers`` takes its own
+    quarter). Idle keep-alive connections are kept 620 s, longer than the load balancers in
+    front keep theirs (Google's 600 s, AWS ALB's 60 s): a backend that closes first races the
+    balancer's next request on that connection into a 502. Heads up to 64 KiB (large tokens and
+    cookies), complete within 10 s."""
+    soft = raise_open_files_limit()
+    if max_connections is None:
+        max_connections = max(8, min(4096, soft // 4))
+    return ListenLimits(
+        max_connections=max_connections,
+        head_timeout_s=10.0,
+        idle_timeout_s=620.0,
+        max_head_bytes=64 << 10,
+        request_bodies=True,
+    )
 
 
 def _forwardable(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
@@ -112,6 +140,8 @@ class GuardProxy:
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.limits = config.limits or proxy_limits()
+        self.listener: BoundedListener | None = None
         self.bound_port: int = config.listen_port
 
     async def start(self) -> None:
@@ -134,17 +164,15 @@ class GuardProxy:
             handle_signals=False,
             shutdown_timeout=1,
             handler_cancellation=True,
+            keepalive_timeout=self.limits.idle_timeout_s,
         )
         await self._runner.setup()
-        site = web.TCPSite(
-            self._runner,
-            self.config.listen_host,
-            self.config.listen_port,
-            backlog=1024,
-            reuse_address=True,
-        )
+        assert self._runner.server is not None
+        self.listener = BoundedListener(self._runner.server, self.limits, log, "guard port")
         try:
-            await site.start()
+            self.bound_port = await self.listener.start(
+                self.config.listen_host, self.config.listen_port
+            )
         except OSError as exc:
             await self._runner.cleanup()
             await self._session.close()
@@ -152,14 +180,13 @@ class GuardProxy:
             raise UsageError(
                 f"--listen {where}: cannot listen: {exc.strerror or exc}; choose another port"
             ) from exc
-        server = site._server
-        assert isinstance(server, asyncio.base_events.Server)
-        self.bound_port = server.sockets[0].getsockname()[1]
         self._health_task = asyncio.create_task(self._poll_health())
 
     async def close(self) -> None:
         if self._health_task is not None:
             self._health_task.cancel()
+        if self.listener is not None:
+            await self.listener.close()
         if self._runner is not None:
             await self._runner.cleanup()
         if self._session is not None:
@@ -176,6 +203,28 @@ class GuardProxy:
     # -- the guard's own endpoints ---------------------------------------------------------------
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
+        # In a request from here to its end: the listener neither evicts this connection nor
+        # times it out, however long the generation runs.
+        conn = self.listener.connection_of(request.transport) if self.listener else None
+        if conn is not None:
+            conn.request_started()
+        try:
+            resp = await self._answer(request)
+            if conn is not None and not resp.prepared:
+                # sent before the request counts as done: a slow reader's answer is not
+                # evictable while it is still being written
+                try:
+                    await resp.prepare(request)
+                    await resp.write_eof()
+                except (aiohttp.ClientError, OSError) as exc:
+                    log.info("%s %s: answer cut (%s)", request.method, request.path[:200], exc)
+                    raise asyncio.CancelledError from exc
+            return resp
+        finally:
+            if conn is not None:
+                conn.request_done()
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         path = request.path
         if path == self.config.readyz_path:
             if self.controller.ready:
