@@ -1,10 +1,12 @@
 """The guard's Prometheus metrics, on a registry of its own (several guards can live in one test
-process). Request counters are read from the DrainController at scrape time, so there is one
-bookkeeping only; histograms are observed by the proxy."""
+process). Request counters are read from the DrainController, and the watchers' metadata faults
+and restarts from their ``faults``, at scrape time, so there is one bookkeeping only;
+histograms are observed by the proxy."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -43,12 +45,54 @@ class _ControllerCollector(Collector):
         )
 
 
-class GuardMetrics:
-    """Every metric of one guard; ``render()`` is the /metrics body."""
+class WatcherFaults(Protocol):
+    """What the metrics read of a watcher's fault counts (``watchers._common.Faults``)."""
 
-    def __init__(self, controller: DrainController) -> None:
+    @property
+    def by_endpoint(self) -> Mapping[str, int]: ...
+
+    @property
+    def crashes(self) -> int: ...
+
+
+# (source, its fault counts), one per watcher, read at each scrape
+FaultSources = Callable[[], Iterable[tuple[str, WatcherFaults]]]
+
+
+class _WatcherCollector(Collector):
+    def __init__(self, sources: FaultSources) -> None:
+        self._sources = sources
+
+    def collect(self) -> Iterable[Metric]:
+        faults = CounterMetricFamily(
+            "spotstart_guard_metadata_faults",
+            "metadata answers that failed or could not be read (errors, timeouts, garbage), "
+            "by watcher and endpoint; each retried, none taken as a notice",
+            labels=["source", "endpoint"],
+        )
+        restarts = CounterMetricFamily(
+            "spotstart_guard_watcher_restarts",
+            "times a notice watcher crashed or stopped (a bug) and was started again",
+            labels=["source"],
+        )
+        for source, counts in self._sources():
+            for endpoint, n in sorted(counts.by_endpoint.items()):
+                faults.add_metric([source, endpoint], n)
+            restarts.add_metric([source], counts.crashes)
+        yield faults
+        yield restarts
+
+
+class GuardMetrics:
+    """Every metric of one guard; ``render()`` is the /metrics body. ``watcher_faults`` gives
+    each watcher's fault counts at scrape time."""
+
+    def __init__(
+        self, controller: DrainController, watcher_faults: FaultSources = lambda: ()
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_ControllerCollector(controller))
+        self.registry.register(_WatcherCollector(watcher_faults))
         self.notices = Counter(
             "spotstart_guard_notices",
             "preemption notices received",

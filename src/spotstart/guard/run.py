@@ -30,6 +30,7 @@ from spotstart.guard.supervise import (
     exit_status,
     stop_group,
 )
+from spotstart.guard.watchers._common import Faults, supervise
 
 log = logging.getLogger("spotstart.guard")
 
@@ -69,7 +70,13 @@ class _Guard:
         self.watchers = list(watchers)
         self.clock = clock
         self.controller = DrainController(config.drain, clock)
-        self.metrics = GuardMetrics(self.controller)
+        # Each watcher's fault counts (its own ``faults``, or ours for one without, such as
+        # the signal watcher): its restarts are counted there, and /metrics reads them.
+        self.faults = [
+            (w, f if isinstance(f := getattr(w, "faults", None), Faults) else Faults())
+            for w in self.watchers
+        ]
+        self.metrics = GuardMetrics(self.controller, lambda: [(w.name, f) for w, f in self.faults])
         self.changed = asyncio.Event()
         self.proxy = GuardProxy(
             config.proxy, self.controller, self.metrics, clock, self.changed.set
@@ -151,14 +158,18 @@ class _Guard:
         self.background.add(task)
         task.add_done_callback(self.background.discard)
 
-    async def _watch(self, watcher: NoticeWatcher) -> None:
-        try:
+    async def _watch(self, watcher: NoticeWatcher, faults: Faults) -> None:
+        """Watch for ever: a watcher that raises or ends (a bug; metadata failures never
+        escape one) is logged once per interval, counted, and started again with backoff,
+        since a dead watcher is a missed preemption."""
+
+        async def watch_once() -> None:
             async for notice in watcher.watch():
                 self.on_notice(notice)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # a broken watcher must not take the guard down
-            log.error("watcher %s failed: %s: %s", watcher.name, type(exc).__name__, exc)
+
+        await supervise(
+            watch_once, f"notice watcher {watcher.name!r}", clock=self.clock, faults=faults
+        )
 
     async def _reap(self) -> None:
         assert self.supervisor is not None
@@ -234,7 +245,7 @@ class _Guard:
         )
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.add_signal_handler(sig, self.on_signal, sig)
-        tasks = [asyncio.create_task(self._watch(w)) for w in self.watchers]
+        tasks = [asyncio.create_task(self._watch(w, f)) for w, f in self.faults]
         reap: asyncio.Task[None] | None = None
         try:
             if self.supervisor is not None:
