@@ -117,9 +117,17 @@ def _openat2_usable() -> bool:
 
 def _components(rel: str) -> list[str]:
     """The names in ``rel``; absolute paths, ``..``, ``.`` and empty components are refused
-    (both mechanisms refuse the same names, so a test on one holds for the other)."""
+    (both mechanisms refuse the same names, so a test on one holds for the other), and so is
+    a name no file can hold: a NUL (openat2's C string would end there and open another
+    name, the walk raised ValueError) or text with no bytes (a lone surrogate)."""
     if not rel or rel.startswith("/"):
         raise OSError(errno.EINVAL, "not a relative path", rel)
+    try:
+        encoded = os.fsencode(rel)
+    except UnicodeError:
+        raise OSError(errno.EINVAL, "a name with no file-system bytes", ascii(rel)) from None
+    if b"\0" in encoded:
+        raise OSError(errno.EINVAL, "a NUL in the name", ascii(rel))
     parts = rel.split("/")
     for part in parts:
         if part == "..":

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -16,7 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from spotstart import units
+from spotstart import safefs, units
 from spotstart.errors import IntegrityError, LocalIOError, UsageError
 
 
@@ -137,18 +136,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_local(path: Path, body: bytes) -> None:
-    """``body`` to ``path`` through a fresh temporary name beside it, then a rename."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    try:
-        fd = os.open(tmp, flags, 0o644)
-        try:
-            view = memoryview(body)
-            while view:
-                view = view[os.write(fd, view) :]
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise LocalIOError(f"{path}: cannot write: {exc.strerror or exc}") from exc
+    """``body`` to ``path`` atomically, never through a link at its name, through a temporary
+    name nobody can guess (:func:`spotstart.safefs.write_output`)."""
+    safefs.write_output(path, body)

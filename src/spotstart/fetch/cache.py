@@ -49,7 +49,7 @@ class CacheIndex:
         self._saved_at = -1e9
         self.root = dest
         try:
-            raw = json.loads(_read_beneath(dest, f"{INDEX_DIR}/{INDEX_NAME}"))
+            raw = json.loads(_read_index(dest))
             self.entries = {
                 k: CacheEntry(
                     **{**v, "parts": tuple(v.get("parts", ())), "crcs": tuple(v.get("crcs", ()))}
@@ -67,11 +67,31 @@ class CacheIndex:
         entry = self.entries.get(rel)
         if entry is None or (entry.source, entry.version, entry.size) != (source, version, size):
             return False
+        st = self._lstat(local)
+        # A link at the name is not the file we wrote, nor a file someone else owns (the
+        # size and mtime of theirs are theirs to choose: utimensat).
+        return (
+            st is not None
+            and stat.S_ISREG(st.st_mode)
+            and st.st_uid == os.geteuid()
+            and (st.st_size, st.st_mtime_ns) == (size, entry.mtime_ns)
+        )
+
+    def _lstat(self, local: Path) -> os.stat_result | None:
+        """``local``'s lstat, resolved beneath the root with no link in any component when
+        it lies beneath the root (a directory swapped for a link since the file was renamed
+        into place names no file of ours); None when there is none."""
+        rel = os.path.relpath(local, self.root)
         try:
-            st = local.lstat()  # a link at the name is not the file we wrote
-        except FileNotFoundError:
-            return False
-        return stat.S_ISREG(st.st_mode) and (st.st_size, st.st_mtime_ns) == (size, entry.mtime_ns)
+            if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+                return local.lstat()
+            fd = safefs.open_beneath(self.root, rel, os.O_PATH)
+        except OSError:
+            return None
+        try:
+            return os.fstat(fd)
+        finally:
+            os.close(fd)
 
     def record(
         self,
@@ -84,11 +104,14 @@ class CacheIndex:
     ) -> None:
         """``chunks``: (chunk_bytes, crc algorithm, parts, per-chunk CRCs in plan order)."""
         chunk_bytes, crc, parts, crcs = chunks or (0, "", (), ())
+        st = self._lstat(local)
+        if st is None:
+            return  # its name no longer leads to it (a parent swapped): fetched again next run
         entry = CacheEntry(
             source,
             version,
             size,
-            local.lstat().st_mtime_ns,
+            st.st_mtime_ns,
             chunk_bytes,
             crc,
             parts,
@@ -124,7 +147,15 @@ class CacheIndex:
                 os.close(dirfd)
 
 
-def _read_beneath(root: Path, rel: str) -> bytes:
-    fd = safefs.open_beneath(root, rel)
+def _read_index(root: Path) -> bytes:
+    """The index's bytes, from a state directory that only we can write: one another user
+    made (DEST was theirs first) could name their own files as the ones we fetched, so it
+    is refused (UnsafePath), as saving into it would be."""
+    dirfd = safefs.open_beneath(root, INDEX_DIR, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        safefs.check_private(dirfd, str(root / INDEX_DIR))
+        fd = safefs.open_beneath(dirfd, INDEX_NAME)
+    finally:
+        os.close(dirfd)
     with os.fdopen(fd, "rb") as f:
         return f.read()

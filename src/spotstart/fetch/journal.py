@@ -204,7 +204,9 @@ class PartFile:
             if exc.errno == errno.ELOOP:
                 return False  # a link in our own directory: never followed, made afresh
             raise
-        if not stat.S_ISREG(part.st_mode):
+        # A resume writes into the part file: only one we made (ours, its one link) may
+        # take those writes; a hard link to a file elsewhere is replaced, never written to.
+        if not stat.S_ISREG(part.st_mode) or part.st_nlink != 1 or part.st_uid != os.geteuid():
             return False
         header, done, self._intact_bytes = read_journal(raw)
         if header != self.header or part.st_size != self.header.size:
