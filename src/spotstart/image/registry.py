@@ -10,7 +10,17 @@ buffered whole: a ranged read to its length, a blob to its descriptor's size, a 
 redirect body to 64 KiB. A longer body is refused (ProtocolError naming the registry and the
 object) and its connection closed, never handed back to the pool. Credentials go only to the
 registry's own scheme and host (a redirect to blob storage gets none) and never over plain
-http to a token service unless the registry itself is plain http."""
+http to a token service unless the registry itself is plain http.
+
+Where a registry may send us. Like Docker, any http(s) redirect and any token realm are
+followed (blob storage and token services live on other hosts), with one exception: a
+link-local address (169.254.0.0/16, where every cloud's metadata server and its credentials
+live, fe80::/10, AWS's fd00:ec2::254), or a loopback one when the registry is not itself on
+loopback, is refused, checked on the address actually connected to (so a DNS name pointing
+there is caught too). A token realm there would make us fetch "a token" from the metadata
+server (or a local agent) and hand it to the registry; a redirect there reads nothing the
+registry sees (blobs are checked by digest), but nothing a registry says is a reason to talk
+to our own metadata server either."""
 
 from __future__ import annotations
 
@@ -18,6 +28,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import ipaddress
 import json
 import os
 import random
@@ -70,6 +81,12 @@ _TAG = re.compile(r"[\w][\w.-]{0,127}")
 _CHALLENGE = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^,\s]*))')
 _LOCAL = ("localhost", "127.0.0.1", "::1", "[::1]")
 _TOKEN = re.compile(r"[\x21-\x7e]{1,65536}")  # a header value: visible ASCII, no CR/LF
+# Where a registry's redirects and token realms may never lead (see the module docstring).
+LINK_LOCAL = (
+    ipaddress.ip_network("169.254.0.0/16"),  # GCE, EC2, Azure, OCI... metadata: 169.254.169.254
+    ipaddress.ip_network("fe80::/10"),
+    ipaddress.ip_network("fd00:ec2::254/128"),  # EC2's IMDS over IPv6 (not link-local itself)
+)
 
 
 @dataclass(frozen=True)
@@ -242,6 +259,52 @@ def _shown(text: str, limit: int = 200) -> str:
     return clean + ("..." if len(text) > limit else "")
 
 
+def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(host.strip("[]").split("%")[0])
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def forbidden_destination(peer: str, home: str) -> str:
+    """Why a registry whose own address (or host name) is ``home`` may not send us to
+    ``peer`` (the address we connected to), or "": a link-local address (cloud metadata)
+    unless the registry itself is on one, a loopback one unless the registry itself is."""
+    address = _address(peer)
+    if address is None:
+        return ""
+    own = _address(home)
+    own_link_local = own is not None and any(own in net for net in LINK_LOCAL)
+    if any(address in net for net in LINK_LOCAL) and not own_link_local:
+        return f"{address}, a link-local address where the cloud's metadata server answers"
+    own_loopback = home == "localhost" or (own is not None and own.is_loopback)
+    if address.is_loopback and not own_loopback:
+        return f"{address}, this machine's loopback, where the registry is not"
+    return ""
+
+
+def _peer(resp: urllib3.BaseHTTPResponse) -> str | None:
+    """The address ``resp`` came from (None when its socket is gone)."""
+    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    try:
+        return str(sock.getpeername()[0]) if sock is not None else None
+    except OSError:
+        return None
+
+
+def check_destination(resp: urllib3.BaseHTTPResponse, home: str, what: str) -> None:
+    """ProtocolError (the response closed unread) when a redirect or a token realm led to an
+    address a registry at ``home`` may not send us to (:func:`forbidden_destination`)."""
+    peer = _peer(resp)
+    why = forbidden_destination(peer, home) if peer is not None else ""
+    if why:
+        close_unread(resp)
+        raise ProtocolError(f"{what}: the registry sent us to {why}; refused")
+
+
 def close_unread(resp: urllib3.BaseHTTPResponse) -> None:
     """Close a response whose body is not read to its end: its connection must never serve
     the next request (what is left of an endless or refused body would be read as a head)."""
@@ -307,6 +370,9 @@ class Registry:
         self._credentials = find_credentials(reference.registry)
         self._auth: str | None = None  # the Authorization header that worked
         self._lock = threading.Lock()
+        # where the registry itself answered (its host name until then): what decides whether
+        # its redirects may lead to loopback or link-local addresses
+        self._home = urlsplit(self.base).hostname or ""
         self.executor = ThreadPoolExecutor(IN_FLIGHT, thread_name_prefix="spotstart-blob")
 
     # -- requests --------------------------------------------------------------------------
@@ -360,6 +426,10 @@ class Registry:
                 ) from None
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 raise TransientError(f"{what}: {exc.__class__.__name__}") from None
+            if same_host:
+                self._home = _peer(resp) or self._home
+            else:  # a redirect led here: not to our metadata server
+                check_destination(resp, self._home, what)
             status = resp.status
             if status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 discard(resp)
@@ -496,6 +566,9 @@ class Registry:
                 raise EndpointUnreachable(
                     f"{what}: token service {host} unreachable ({exc.__class__.__name__})"
                 ) from None
+            # a realm (or its redirect) on the metadata server: its "token" would go to the
+            # registry in our next request
+            check_destination(resp, self._home, f"{what}: token service {host}")
             if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 discard(resp)
                 target = urljoin(url, resp.headers["Location"])
