@@ -96,6 +96,18 @@ def token_from_args(args: argparse.Namespace) -> str | None:
             f"${TOKEN_ENV}: {len(token.encode())} bytes; a peer token needs at least "
             f"{MIN_TOKEN_BYTES} (make one with: openssl rand -hex 32)"
         )
+    return _visible(token, f"${TOKEN_ENV}")
+
+
+def _visible(token: str, where: str) -> str:
+    """The token, when it is visible ASCII only (what an HTTP header can carry as is): a
+    space, CR/LF or a control character would split or end the Authorization line our
+    requests send, and a non-ASCII one never matches what the server decodes."""
+    if not all("!" <= c <= "~" for c in token):
+        raise UsageError(
+            f"{where}: the token has spaces, control or non-ASCII characters; a peer token is "
+            f"visible ASCII (make one with: openssl rand -hex 32)"
+        )
     return token
 
 
@@ -132,7 +144,7 @@ def _read_token_file(path: Path) -> str:
             f"{where}: {what}; a peer token needs at least {MIN_TOKEN_BYTES} "
             f"(make one with: {MAKE_TOKEN})"
         )
-    return token
+    return _visible(token, where)
 
 
 def serving_token(args: argparse.Namespace, flag: str, host: str, port: int) -> str | None:

@@ -58,7 +58,8 @@ MAX_STATE_BYTES = 64 << 20  # a cache index or journal larger than this is not o
 # How long a part file whose journal vanished (renamed into place) is still served from the
 # descriptor held on it, while the fetch has not yet saved the cache index that lists it.
 RETAIN_S = 300.0
-_RANGE = re.compile(r"^bytes=(\d{1,19})-(\d{0,19})$")
+# ASCII digits only: \d alone takes any Unicode digit, which int() reads ("٣" is 3).
+_RANGE = re.compile(r"bytes=([0-9]{1,19})-([0-9]{0,19})")
 _FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK  # NONBLOCK: a FIFO planted under DIR cannot hang us
 
 
@@ -483,7 +484,7 @@ class PeerServer:
                 os.close(fd)
 
     async def _send(self, request: web.Request, holding: Holding, fd: int) -> web.StreamResponse:
-        m = _RANGE.match(request.headers.get("Range", "").strip())
+        m = _RANGE.fullmatch(request.headers.get("Range", "").strip())
         start = int(m.group(1)) if m else -1
         end = (int(m.group(2)) + 1 if m.group(2) else holding.size) if m else -1
         end = min(end, holding.size)

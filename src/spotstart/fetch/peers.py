@@ -18,13 +18,14 @@ peer); a peer never fails a fetch."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import ipaddress
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -45,6 +46,10 @@ _HOST_RE = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
 )
 MAX_BUSY_S = 30.0  # the longest a peer's Retry-After keeps us away
+# Peers one run asks (a name may resolve to hundreds of addresses, some hostile: each costs
+# an inventory a second and, at worst, one chunk deadline before it is dropped).
+MAX_PEERS = 64
+INVENTORY_CPU_SHARE = 20  # parsing inventories: at most 1/20 of a CPU, all peers together
 
 
 def object_id(source: str, version: str, size: int) -> str:
@@ -141,6 +146,13 @@ class PeerObject:
     parts: tuple[int, ...] = ()
     crcs: dict[int, int] = field(default_factory=dict)
 
+    def covers(self, start: int, end: int) -> bool:
+        """Whether one range holds ``[start, end)``: a binary search (the ranges are sorted
+        and disjoint, :func:`parse_inventory` keeps no others), so a peer listing a million
+        ranges costs each chunk's pick microseconds, not a scan."""
+        i = bisect.bisect_right(self.ranges, start, key=lambda r: r[0]) - 1
+        return i >= 0 and end <= self.ranges[i][1]
+
     def crc_of(self, chunk_bytes: int, crc: str, parts: tuple[int, ...], index: int) -> int | None:
         """The published CRC of chunk ``index`` when the plans agree, else None."""
         if (chunk_bytes, crc, parts) != (self.chunk_bytes, self.crc, self.parts):
@@ -161,6 +173,7 @@ class Peer:
     unreachable: str | None = None  # why its inventory could not be read, while it can't
     told: set[str] = field(default_factory=set)  # what was reported once: miss, unreachable
     busy_until: float = 0.0  # it answered 503: not before then
+    ask_at: float = 0.0  # its inventory is asked for again no sooner (monotonic)
     in_flight: int = 0
     bytes: int = 0
     seconds: float = 0.0
@@ -174,26 +187,50 @@ class Peer:
 
     def has(self, oid: str, start: int, end: int) -> bool:
         obj = self.holdings.get(oid)
-        return obj is not None and any(lo <= start and end <= hi for lo, hi in obj.ranges)
+        return obj is not None and obj.covers(start, end)
 
 
-def parse_inventory(raw: bytes) -> dict[str, PeerObject]:
-    """``{id: PeerObject}`` from an inventory document; entries that break the format (bad
-    id, ranges out of order or past the size) are left out, not trusted; chunk CRCs that do
-    not parse are dropped (the whole-object check still stands)."""
-    doc = json.loads(raw)
+def _not_json(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _disjoint(ranges: tuple[tuple[int, int], ...], size: int) -> bool:
+    """Sorted, non-empty, non-overlapping ranges inside ``[0, size]`` (what a peer server
+    sends: its ranges merged)."""
+    at = 0
+    for lo, hi in ranges:
+        if not at <= lo < hi <= size:
+            return False
+        at = hi
+    return True
+
+
+def parse_inventory(raw: bytes, wanted: Collection[str] | None = None) -> dict[str, PeerObject]:
+    """``{id: PeerObject}`` from an inventory document, only the ids in ``wanted`` (all when
+    None); entries that break the format (bad id, ranges out of order, overlapping or past the
+    size, numbers that are not integers) are left out, not trusted; chunk CRCs that do not
+    parse are dropped (the whole-object check still stands). ValueError for a document that
+    is not one (not JSON, NaN or Infinity, nested past the parser's depth): a peer's
+    inventory may be anything, and nothing in it may raise anything else."""
+    try:
+        doc = json.loads(raw, parse_constant=_not_json)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     out: dict[str, PeerObject] = {}
     if not isinstance(doc, dict) or not isinstance(doc.get("objects"), list):
         raise ValueError("no objects list")
     for o in doc["objects"]:
         try:
-            oid, size = o["id"], int(o["size"])
+            oid = o["id"]
+            if not isinstance(oid, str) or not ID_RE.fullmatch(oid):
+                continue
+            if wanted is not None and oid not in wanted:
+                continue  # not ours to fetch: never walked
+            size = int(o["size"])
             ranges = tuple((int(a), int(b)) for a, b in o["ranges"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, ArithmeticError):
             continue
-        if not isinstance(oid, str) or not ID_RE.match(oid):
-            continue
-        if not all(0 <= a < b <= size for a, b in ranges):
+        if not _disjoint(ranges, size):
             continue
         try:
             ch = o.get("chunks") or {}
@@ -204,7 +241,7 @@ def parse_inventory(raw: bytes) -> dict[str, PeerObject]:
                 tuple(int(p) for p in ch.get("parts", ())),
                 {int(i): int(c, 16) for i, c in (ch.get("crcs") or {}).items()},
             )
-        except (AttributeError, TypeError, ValueError):
+        except (AttributeError, TypeError, ValueError, ArithmeticError):
             obj = PeerObject(ranges)
         out[oid] = obj
     return out
@@ -215,10 +252,18 @@ class PeerSet:
     still fetching hold more each second), choice of a peer for a byte range, and the
     record of what each gave or why it was dropped."""
 
-    def __init__(self, spec: PeerSpec, on_message: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        spec: PeerSpec,
+        on_message: Callable[[str], None] | None = None,
+        wanted: Collection[str] | None = None,
+    ) -> None:
         self.spec = spec
         self.on_message = on_message or (lambda text: None)
+        # The ids this run may ask for: an inventory's other entries are never walked.
+        self.wanted = frozenset(wanted) if wanted is not None else None
         self.peers: dict[str, Peer] = {}
+        self.told: set[str] = set()
         self.unresolved: dict[str, str] = {}  # dns: entries that gave no address, and why
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -261,9 +306,18 @@ class PeerSet:
                     total=4 * self.spec.connect_timeout_s, connect=self.spec.connect_timeout_s
                 )
             )
-        for address in await self.discover():
+        found = await self.discover()
+        for address in found:
+            if len(self.peers) >= MAX_PEERS and address not in self.peers:
+                if "too many" not in self.told:
+                    self.told.add("too many")
+                    self.on_message(
+                        f"peers: {len(found)} addresses; asking the first {MAX_PEERS} only"
+                    )
+                break
             self.peers.setdefault(address, Peer(address))
-        live = [p for p in self.peers.values() if p.dropped is None]
+        now = time.monotonic()
+        live = [p for p in self.peers.values() if p.dropped is None and p.ask_at <= now]
         await asyncio.gather(*(self._inventory(p) for p in live))
 
     async def _inventory(self, peer: Peer) -> None:
@@ -285,7 +339,13 @@ class PeerSet:
                 raw = await resp.content.read(MAX_INVENTORY_BYTES + 1)
             if len(raw) > MAX_INVENTORY_BYTES:
                 raise ValueError("inventory too large")
-            peer.holdings = parse_inventory(raw)
+            # Parsed off the loop; what it cost spaces the next ask, so that inventories take
+            # at most ~1/INVENTORY_CPU_SHARE of a CPU whatever size and however many peers.
+            t0 = time.monotonic()
+            peer.holdings = await asyncio.to_thread(parse_inventory, raw, self.wanted)
+            spent = time.monotonic() - t0
+            live = sum(p.dropped is None for p in self.peers.values())
+            peer.ask_at = t0 + spent * INVENTORY_CPU_SHARE * max(1, live)
             peer.unreachable = None
         except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
             # unreachable now (not started yet, gone): nothing from it until it answers

@@ -366,7 +366,9 @@ class TransferScheduler:
         # Peer bytes are taken only where a digest a peer cannot forge proves them: the
         # origin's MD5 (recomputed over the whole object when a peer gave any of it), or a
         # manifest's SHA-256 pieces (transfer() reads it). A CRC is linear: never proof.
-        candidate = self.config.verify != "size" and info.ranges
+        # An object with no version has no identity between peers or manifests: any version
+        # of it (one a peer holds, one a stale manifest describes) would pass for this one.
+        candidate = self.config.verify != "size" and info.ranges and bool(info.version)
         peer_id = (
             object_id(self.display_of(info), info.version, info.size)
             if candidate and _crypto_digest(info) is not None
@@ -465,7 +467,8 @@ class TransferScheduler:
             await self._apply_manifests([f for f in files if f.peer_candidate])
         wanted = any(f.peer_id is not None for f in files)
         if self.peers is None and spec is not None and spec.entries and wanted:
-            self.peers = PeerSet(spec, self.progress.on_message)
+            ids = {f.peer_id for f in files if f.peer_id is not None}
+            self.peers = PeerSet(spec, self.progress.on_message, wanted=ids)
             await self.peers.refresh()
             self.peers.start()
         try:
