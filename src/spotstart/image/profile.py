@@ -22,6 +22,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -341,8 +342,12 @@ def _tail(path: Path, n: int = 300) -> str:
 
 
 def _url_ready(url: str) -> bool:
+    # A loopback URL never through the host's http_proxy: the proxy cannot see this host's
+    # loopback, and the server would never be seen ready.
+    host = urllib.parse.urlsplit(url).hostname or ""
+    handlers = [urllib.request.ProxyHandler({})] if sandbox.is_loopback(host) else []
     try:
-        with urllib.request.urlopen(url, timeout=1.0) as r:
+        with urllib.request.build_opener(*handlers).open(url, timeout=1.0) as r:
             return bool(200 <= r.status < 300)
     except (OSError, ValueError):
         return False

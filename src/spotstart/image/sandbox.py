@@ -37,13 +37,17 @@ SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HOOK_MOUNT = "/tmp/.spotstart-hook"
 
 # The readiness probe, run inside the sandbox's network namespace (by nsenter, as the
-# sandbox's user): exits 0 once the URL answers 2xx, the profiler kills it otherwise.
+# sandbox's user): exits 0 once the URL answers 2xx, the profiler kills it otherwise. No
+# proxy: the namespace has only loopback, so a host's http_proxy (CI runners set one) would
+# take every try to a proxy it cannot reach and the server would never be seen ready. The
+# probe is started with an empty environment (the host's secrets stay out of it).
 _PROBE = r"""
 import sys, time, urllib.request
 url = sys.argv[1]
+opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 while True:
     try:
-        with urllib.request.urlopen(url, timeout=1.0) as r:
+        with opener.open(url, timeout=1.0) as r:
             if 200 <= r.status < 300:
                 sys.exit(0)
     except (OSError, ValueError):
@@ -104,16 +108,19 @@ def check_reachable(work: Path) -> None:
             )
 
 
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def check_ready_url(url: str, share_network: bool) -> None:
     """In its own network namespace the server is reachable on loopback only."""
     if share_network:
         return
-    host = urllib.parse.urlsplit(url).hostname or ""
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if not loopback:
+    if not is_loopback(urllib.parse.urlsplit(url).hostname or ""):
         raise UsageError(
             f"--ready-url {url}: the sandbox has only a loopback network; give a 127.0.0.1 "
             "URL, or --share-host-network for a server that must reach the network"
@@ -272,6 +279,7 @@ def start_probe(url: str, init_pid: int) -> subprocess.Popen[bytes]:
         enter += ["--clear-groups", "--"]
     return subprocess.Popen(
         [*enter, sys.executable, "-I", "-S", "-c", _PROBE, url],
+        env={},
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
