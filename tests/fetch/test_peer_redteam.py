@@ -380,3 +380,49 @@ def test_a_token_that_is_not_one_visible_header_value_is_refused(
         monkeypatch.setenv("SPOTSTART_PEER_TOKEN", token)
     with pytest.raises(UsageError, match="visible ASCII"):
         token_from_args(argparse.Namespace(peer_token_file=path))
+
+
+def test_a_resolver_that_hangs_holds_one_thread_not_one_more_every_refresh() -> None:
+    """``dns:NAME:PORT`` whose resolver never answers (a slow or hostile DNS server): the
+    lookup runs on the loop's default executor, which the fetch needs for verification and
+    journal commits. Broke before: each refresh (every second) started one more lookup, so
+    a handful of seconds filled the executor with hung threads. The resolver here is a stand
+    in (a real one cannot be pointed at a test server without root)."""
+    release = threading.Event()
+    started: list[str] = []
+
+    def hung(host: str) -> list[tuple[object, ...]]:
+        started.append(host)
+        release.wait(10)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 1))]
+
+    async def go() -> PeerSet:
+        loop = asyncio.get_running_loop()
+
+        def getaddrinfo(host: str, *args: object, **kw: object) -> asyncio.Future[object]:
+            return loop.run_in_executor(None, hung, host)
+
+        loop.getaddrinfo = getaddrinfo  # type: ignore[assignment,method-assign]
+        recorder = Recorder()
+        peers = PeerSet(
+            PeerSpec(("dns:peers.example:8471",), connect_timeout_s=0.05),
+            recorder.on_message,
+            wanted=set(),
+        )
+        try:
+            for _ in range(5):
+                await peers.refresh()
+            assert started == ["peers.example"]
+            assert "dns:peers.example:8471" in peers.dropped()
+            release.set()
+            deadline = loop.time() + 10
+            while not peers.peers and loop.time() < deadline:  # the answer, when it comes
+                await asyncio.sleep(0.02)
+                await peers.refresh()
+        finally:
+            release.set()
+            await peers.close()
+        return peers
+
+    peers = asyncio.run(go())
+    assert list(peers.peers) == ["127.0.0.1:8471"]

@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 
@@ -247,6 +248,12 @@ def parse_inventory(raw: bytes, wanted: Collection[str] | None = None) -> dict[s
     return out
 
 
+def _retrieve(lookup: asyncio.Future[Any]) -> None:
+    """A lookup that ended after its waiter gave up: its error is read (and dropped)."""
+    if not lookup.cancelled():
+        lookup.exception()
+
+
 class PeerSet:
     """The peers of one run: discovery, inventories (refreshed while the run lasts: peers
     still fetching hold more each second), choice of a peer for a byte range, and the
@@ -264,6 +271,7 @@ class PeerSet:
         self.wanted = frozenset(wanted) if wanted is not None else None
         self.peers: dict[str, Peer] = {}
         self.told: set[str] = set()
+        self._lookups: dict[str, asyncio.Future[Any]] = {}  # dns: entry -> its lookup
         self.unresolved: dict[str, str] = {}  # dns: entries that gave no address, and why
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
@@ -282,17 +290,26 @@ class PeerSet:
             if kind == "addr":
                 found.append(_addr(host, port))
                 continue
+            # One lookup per name at a time: a resolver that hangs (a slow or hostile DNS)
+            # holds one thread of the loop's default executor, which the fetch also needs
+            # (verification, journal commits), not one more every refresh.
+            lookup = self._lookups.get(entry)
+            if lookup is None:
+                lookup = asyncio.ensure_future(loop.getaddrinfo(host, port, type=0, proto=6))
+                lookup.add_done_callback(_retrieve)
+                self._lookups[entry] = lookup
             try:
-                infos = await asyncio.wait_for(
-                    loop.getaddrinfo(host, port, type=0, proto=6), self.spec.connect_timeout_s
-                )
+                infos = await asyncio.wait_for(asyncio.shield(lookup), self.spec.connect_timeout_s)
             except (OSError, TimeoutError) as exc:
+                if lookup.done():  # it failed: the next refresh asks anew
+                    self._lookups.pop(entry, None)
                 # No such name yet (the Service may have no endpoints): no peers for now.
                 reason = f"{type(exc).__name__}: {exc}".rstrip(": ")
                 if entry not in self.unresolved:
                     self.on_message(f"peer {entry}: no address ({reason}); asking again")
                 self.unresolved[entry] = reason
                 continue
+            self._lookups.pop(entry, None)
             self.unresolved.pop(entry, None)
             found.extend(_addr(str(i[4][0]), port) for i in infos)
         excluded = set(self.spec.exclude)
@@ -378,6 +395,9 @@ class PeerSet:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        for lookup in self._lookups.values():
+            lookup.cancel()  # its thread ends when the resolver gives up; nobody waits
+        self._lookups = {}
         if self._session is not None:
             await self._session.close()
             self._session = None
