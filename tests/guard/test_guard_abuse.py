@@ -144,7 +144,13 @@ async def test_the_cap_evicts_idle_and_slow_heads_never_a_stream_or_a_slow_body(
         assert _complete(await stream, 15)
         async with await post as r:
             assert r.status == 200 and await r.read() == b"".join(payload)
-        assert proxy.listener is not None and proxy.listener.evicted >= 8
+        closed = {
+            s.labels["reason"]: s.value
+            for family in text_string_to_metric_families(proxy.metrics.render().decode())
+            for s in family.samples
+            if s.name == "spotstart_guard_connections_closed_total"
+        }
+        assert closed["evicted"] + closed["head_timeout"] >= 12 and closed["refused"] == 0
 
 
 async def test_at_the_cap_with_every_connection_in_a_request_a_new_one_is_refused_not_a_stream(
@@ -249,6 +255,9 @@ async def test_a_flood_and_a_slowloris_on_the_guard_port_leave_readyz_and_a_stre
         assert flood.closed >= FLOOD - 256, flood.closed
         assert not slow.open and slow.closed == 300
         assert guard.popen.poll() is None
+        samples = _samples(url)
+        evicted = samples[("spotstart_guard_connections_closed_total", (("reason", "evicted"),))]
+        assert evicted >= FLOOD - 256
     finally:
         for attack in (flood, slow):
             if attack is not None:

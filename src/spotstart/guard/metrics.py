@@ -5,7 +5,7 @@ histograms are observed by the proxy."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Set
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -83,6 +83,63 @@ class _WatcherCollector(Collector):
         yield restarts
 
 
+class _Total(Protocol):
+    @property
+    def total(self) -> int: ...
+
+
+class ListenerCounts(Protocol):
+    """What the metrics read of the guard port's listener (``listen.BoundedListener``)."""
+
+    @property
+    def connections(self) -> Set[object]: ...
+    @property
+    def evicted(self) -> int: ...
+    @property
+    def refused(self) -> int: ...
+    @property
+    def shed(self) -> int: ...
+    @property
+    def head_timeouts(self) -> int: ...
+    @property
+    def accept_errors(self) -> _Total: ...
+
+
+class _ListenerCollector(Collector):
+    def __init__(self, metrics: GuardMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        listener = self._metrics.listener
+        if listener is None:
+            return
+        yield GaugeMetricFamily(
+            "spotstart_guard_connections_open",
+            "connections open on the guard's port",
+            value=len(listener.connections),
+        )
+        closed = CounterMetricFamily(
+            "spotstart_guard_connections_closed",
+            "connections the guard's port closed to stay up: evicted (idle or an unfinished "
+            "head, to make room at the cap), refused (503 at the cap, every connection in a "
+            "request), shed (out of descriptors), head_timeout (no complete head in time)",
+            labels=["reason"],
+        )
+        for reason, n in (
+            ("evicted", listener.evicted),
+            ("refused", listener.refused),
+            ("shed", listener.shed),
+            ("head_timeout", listener.head_timeouts),
+        ):
+            closed.add_metric([reason], n)
+        yield closed
+        yield CounterMetricFamily(
+            "spotstart_guard_accept_errors",
+            "accept() failures on the guard's port (EMFILE...), logged once per interval",
+            value=listener.accept_errors.total,
+        )
+
+
 class GuardMetrics:
     """Every metric of one guard; ``render()`` is the /metrics body. ``watcher_faults`` gives
     each watcher's fault counts at scrape time."""
@@ -93,6 +150,8 @@ class GuardMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_ControllerCollector(controller))
         self.registry.register(_WatcherCollector(watcher_faults))
+        self.listener: ListenerCounts | None = None  # set by the proxy once it listens
+        self.registry.register(_ListenerCollector(self))
         self.notices = Counter(
             "spotstart_guard_notices",
             "preemption notices received",

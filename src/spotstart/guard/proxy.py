@@ -169,6 +169,7 @@ class GuardProxy:
         await self._runner.setup()
         assert self._runner.server is not None
         self.listener = BoundedListener(self._runner.server, self.limits, log, "guard port")
+        self.metrics.listener = self.listener
         try:
             self.bound_port = await self.listener.start(
                 self.config.listen_host, self.config.listen_port
