@@ -17,12 +17,17 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from spotstart.errors import UnsupportedImage
 from spotstart.image.tarscan import TarEntry
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 _MAX_LINKS = 40  # Linux's MAXSYMLINKS
 PATH_MAX = 4096  # Linux's: a longer name or link target cannot be extracted (ENAMETOOLONG)
+# The tree holds about 450 bytes for each member it was fed (its node, its inode, the name):
+# members are what bounds its memory, not bytes (a 60 MiB gzip layer of empty files holds
+# 10 million of them: 4.5 GB). The largest images seen hold well under a million files.
+MAX_MEMBERS = 3_000_000  # ~1.4 GB
 
 
 class Unextractable(Exception):
@@ -98,6 +103,7 @@ class MergedTree:
         self.inodes: list[Inode] = []
         self.wasted: list[Wasted] = []
         self.notes = TreeNotes()
+        self.members = 0
 
     # -- the view --------------------------------------------------------------------------
 
@@ -122,6 +128,12 @@ class MergedTree:
     # -- applying a layer ------------------------------------------------------------------
 
     def add(self, layer: int, entry: TarEntry) -> None:
+        self.members += 1
+        if self.members > MAX_MEMBERS:
+            raise UnsupportedImage(
+                f"layer {layer}: the image's layers hold over {MAX_MEMBERS:,} members; refused "
+                "(the merged tree would need gigabytes of memory)"
+            )
         if len(entry.name) > PATH_MAX or len(entry.linkname) > PATH_MAX:
             self.notes.unextractable += 1
             self._unreachable(layer, entry, f"its name or link target is over {PATH_MAX} bytes")
