@@ -90,27 +90,35 @@ def test_a_sparse_member_outside_the_gnu_format_is_invalid() -> None:
         _scan(_checksummed(header) + b"\0" * (2 * BLOCK))
 
 
-def test_a_global_pax_header_keeps_only_the_keys_read() -> None:
-    """Global pax records apply to every later member: 100 global headers of 20,000
-    distinct keys each were all kept (memory without bound) and copied for every member
-    (seconds a thousand members). Only path, linkpath and size are kept now."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
-        for g in range(100):
-            payload = b"".join(_pax_record(f"k{g}.{i}", "v") for i in range(20_000))
-            info = tarfile.TarInfo("pax_global_header")
-            info.type, info.size = tarfile.XGLTYPE, len(payload)
-            tf.addfile(info, io.BytesIO(payload))
-        for i in range(10):
-            tf.addfile(tarfile.TarInfo(f"f{i}"))
-    scanner = TarScanner()
-    data = buf.getvalue()
-    names = []
-    for i in range(0, len(data), 1 << 20):
-        names += [e.name for e in scanner.feed(data[i : i + (1 << 20)])]
-    scanner.close()
-    assert names == [f"f{i}" for i in range(10)]
-    assert len(scanner._global) <= 3, len(scanner._global)
+def _meta(kind: bytes, payload: bytes) -> bytes:
+    info = tarfile.TarInfo("././@meta")
+    info.type, info.size = kind, len(payload)
+    return info.tobuf(tarfile.GNU_FORMAT) + payload + b"\0" * (-len(payload) % BLOCK)
+
+
+def test_a_global_pax_header_renames_nothing() -> None:
+    """`g` with path=decoy: Go's archive/tar applies a global header to no member and
+    containerd skips it, so the image holds f0..f9. Applied (as before), every member was
+    "decoy" to the audit alone: the files an extractor writes hidden from the report. 100
+    global headers of 20,000 keys each were also all kept, and copied for every member."""
+    archive = _meta(b"g", _pax_record("path", "decoy"))
+    for g in range(100):
+        archive += _meta(b"g", b"".join(_pax_record(f"k{g}.{i}", "v") for i in range(20_000)))
+    archive += b"".join(_member(f"f{i}", b"w" * i) for i in range(10)) + b"\0" * (2 * BLOCK)
+    assert _scan(archive, piece=1 << 20) == [f"f{i}" for i in range(10)]
+
+
+def test_a_gnu_long_name_wins_over_a_pax_path_as_in_go() -> None:
+    """A member with both: Go (containerd) names it by the GNU long name (reader.go merges
+    the pax records, then sets the long name). Before, the audit named it by the pax path."""
+    real = "usr/lib/" + "m" * 120 + ".safetensors"
+    archive = (
+        _meta(b"L", real.encode() + b"\0")
+        + _meta(b"x", _pax_record("path", "tmp/harmless.txt"))
+        + _member("short", b"weights")
+        + b"\0" * (2 * BLOCK)
+    )
+    assert _scan(archive) == [real]
 
 
 def _pax_record(key: str, value: str) -> bytes:

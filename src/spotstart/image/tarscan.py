@@ -4,7 +4,10 @@ and yields one :class:`TarEntry` per member, skipping file data without copying 
 Why not ``tarfile``: measured on a 646 MB layer of 20,000 files, ``tarfile`` in stream mode
 spends 1.3 s on top of 0.6 s of inflate (65 us a member), this reader 0.1 s. It reads what
 image layers use (POSIX ustar and pax, GNU long names and sparse headers, V7) and checks each
-header's checksum; it is not a writer and never extracts.
+header's checksum; it is not a writer and never extracts. Where readers differ, it reads as
+Go's archive/tar does (what containerd and Docker extract): a global pax header applies to
+nothing, a GNU long name wins over a pax path, old GNU sparse maps continue in extension
+headers before the data.
 """
 
 from __future__ import annotations
@@ -29,9 +32,7 @@ _KINDS: dict[bytes, EntryKind] = {
 }
 _META = (b"x", b"g", b"L", b"K")  # pax per-file / global headers, GNU long name / long link
 _META_LIMIT = 1 << 20  # a pax header or long name beyond 1 MiB is not a real one
-# The pax keys this reader uses; others (mtime, uid, xattrs...) are dropped as read: a global
-# header's records apply to every later member, and copying thousands of them per member
-# made a 150 KiB layer cost seconds a thousand members.
+# The pax keys this reader uses; others (mtime, uid, xattrs...) are dropped as read.
 _PAX_KEYS = frozenset({"path", "linkpath", "size"})
 
 
@@ -106,7 +107,6 @@ class TarScanner:
         self._meta_kind = b""
         self._meta_size = 0
         self._pax: dict[str, str] = {}
-        self._global: dict[str, str] = {}
         self._long_name: str | None = None
         self._long_link: str | None = None
         self._zero_blocks = 0
@@ -198,13 +198,16 @@ class TarScanner:
         if block[257:263] == b"ustar\0" and block[345] != 0:
             name = _text(block[345:500]) + "/" + name
         linkname = _text(block[157:257])
-        records = {**self._global, **self._pax}
+        # Names as Go's archive/tar (and so containerd and Docker) gives them to the
+        # extractor: the pax record, then a GNU long name over it. What an extractor does
+        # not see must not be what we report.
+        records = self._pax
+        name = records.get("path", name)
+        linkname = records.get("linkpath", linkname)
         if self._long_name is not None:
             name = self._long_name
         if self._long_link is not None:
             linkname = self._long_link
-        name = records.get("path", name)
-        linkname = records.get("linkpath", linkname)
         if "size" in records:
             # decimal digits only: int() would take "-600" (a member reading backwards),
             # " 5" and "5_0"; 20 digits hold any 64-bit size
@@ -242,7 +245,10 @@ class TarScanner:
         if self._meta_kind == b"x":
             self._pax = _pax_records(data)
         elif self._meta_kind == b"g":
-            self._global.update(_pax_records(data))
+            # Checked, then ignored: Go's archive/tar applies a global header to no member
+            # and containerd skips it. Applied (as POSIX says), a global "path" renamed every
+            # later member for us alone, hiding the image's files from the audit.
+            _pax_records(data)
         elif self._meta_kind == b"L":
             self._long_name = _text(data)
         else:
