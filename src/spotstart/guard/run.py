@@ -30,7 +30,7 @@ from spotstart.guard.supervise import (
     exit_status,
     stop_group,
 )
-from spotstart.guard.watchers._common import Faults, supervise
+from spotstart.guard.watchers import Faults, supervise
 
 log = logging.getLogger("spotstart.guard")
 

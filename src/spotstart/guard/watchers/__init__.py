@@ -4,7 +4,14 @@ observe and report; what to do about a notice is the drain controller's business
 
 from __future__ import annotations
 
-from spotstart.guard.watchers._common import Cloud, PollConfig, resolve_metadata_url, watch_all
+from spotstart.guard.watchers._common import (
+    Cloud,
+    Faults,
+    PollConfig,
+    resolve_metadata_url,
+    supervise,
+    watch_all,
+)
 from spotstart.guard.watchers.aws import AwsWatcher, AwsWatcherConfig
 from spotstart.guard.watchers.azure import AzureWatcher, AzureWatcherConfig
 from spotstart.guard.watchers.detect import detect_cloud, make_watchers
@@ -17,6 +24,7 @@ __all__ = [
     "AzureWatcher",
     "AzureWatcherConfig",
     "Cloud",
+    "Faults",
     "GceWatcher",
     "GceWatcherConfig",
     "PollConfig",
@@ -25,5 +33,6 @@ __all__ = [
     "detect_cloud",
     "make_watchers",
     "resolve_metadata_url",
+    "supervise",
     "watch_all",
 ]
