@@ -121,6 +121,36 @@ def test_a_gnu_long_name_wins_over_a_pax_path_as_in_go() -> None:
     assert _scan(archive) == [real]
 
 
+def test_a_size_field_with_a_leading_nul_is_read_as_go_reads_it() -> None:
+    """Size "\\0" + "0000001000": Go trims NULs at both ends (512 bytes of data, which here
+    hold a valid header); cut at the first NUL (as tarfile does, and this reader did) it is
+    0, and the data was read as a member containerd never extracts."""
+    injected = tarfile.TarInfo("injected").tobuf(tarfile.GNU_FORMAT)
+    header = bytearray(tarfile.TarInfo("carrier").tobuf(tarfile.GNU_FORMAT))
+    header[124:136] = b"\0" + b"%010o\0" % len(injected)
+    archive = _checksummed(header) + injected + _member("real", b"w") + b"\0" * (2 * BLOCK)
+    assert _scan(archive) == ["carrier", "real"]
+
+
+@pytest.mark.parametrize("size", [b"0000001000x\0", b"00000 01000\0", b"+0000001000\0"])
+def test_a_size_field_go_refuses_is_invalid(size: bytes) -> None:
+    header = bytearray(tarfile.TarInfo("f").tobuf(tarfile.GNU_FORMAT))
+    header[124:136] = size
+    with pytest.raises(InvalidImage, match="octal"):
+        _scan(_checksummed(header) + b"\0" * (4 * BLOCK))
+
+
+def test_a_star_header_prefix_ends_where_star_says() -> None:
+    """star's format (ustar magic, "tar\\0" at 508) has a 131-byte prefix, then times; Go
+    joins only those 131 bytes to the name. Reading 155 named a member differently."""
+    header = bytearray(tarfile.TarInfo("name").tobuf(tarfile.USTAR_FORMAT))
+    header[345:476] = b"d" * 131  # the whole prefix, no NUL to end it
+    header[476:488] = b"01234567012\0"  # star's atime: not part of the name
+    header[508:512] = b"tar\0"
+    archive = _checksummed(header) + b"\0" * (2 * BLOCK)
+    assert _scan(archive) == ["d" * 131 + "/name"]
+
+
 def _pax_record(key: str, value: str) -> bytes:
     body = f" {key}={value}\n".encode()
     n = len(body) + 1

@@ -52,13 +52,16 @@ def _number(field: bytes) -> int:
     if field and field[0] & 0x80:  # GNU base-256 for values too big for octal
         value = int.from_bytes(field[1:], "big")
         return value - (1 << (8 * len(field) - 8)) if field[0] & 0x40 else value
-    text = field.split(b"\0", 1)[0].strip(b" ")
+    # As Go's archive/tar: NULs and spaces trimmed at both ends, then octal digits only.
+    # Cut at the first NUL instead (as tarfile does), "\0" + "0001000" was a size of 0 to
+    # us and 512 to containerd: that member's data read as headers of members it never
+    # extracts.
+    text = field.strip(b" \0")
     if not text:
         return 0
-    try:
-        return int(text, 8)
-    except ValueError:
-        raise InvalidImage(f"tar header field {field!r} is not a number") from None
+    if text.strip(b"01234567"):
+        raise InvalidImage(f"tar header field {field!r} is not an octal number")
+    return int(text, 8)
 
 
 def _text(field: bytes) -> str:
@@ -196,7 +199,9 @@ class TarScanner:
             return None
         name = _text(block[0:100])
         if block[257:263] == b"ustar\0" and block[345] != 0:
-            name = _text(block[345:500]) + "/" + name
+            # star's header ends its prefix at 476 (times follow) and says so at 508
+            star = block[508:512] == b"tar\0"
+            name = _text(block[345 : 476 if star else 500]) + "/" + name
         linkname = _text(block[157:257])
         # Names as Go's archive/tar (and so containerd and Docker) gives them to the
         # extractor: the pax record, then a GNU long name over it. What an extractor does
