@@ -14,6 +14,7 @@ import signal
 import subprocess
 import tempfile
 import time
+import tracemalloc
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from spotstart.emulate.servers import free_port
+from spotstart.image.profile import ordered_files, parse_strace
 from tests.conftest import error_line, run_cli
 from tests.image import pyroot
 
@@ -266,3 +268,31 @@ def test_a_host_http_proxy_does_not_keep_the_probe_from_the_sandboxed_server(
     )
     assert result.code == 0, result.stderr  # type: ignore[attr-defined]
     assert (out / "profile.json").exists()
+
+
+def test_a_trace_of_an_open_loop_is_parsed_in_bounded_memory(tmp_path: Path) -> None:
+    """A command that opens a file in a loop until --timeout (300 s by default) writes a
+    line per open: the trace was held whole as parsed tuples (~330 bytes a line, 1.5 GB of
+    the profiler's memory for 300 s of one process). Now read twice as a stream: memory is
+    the helpers' clones and the distinct files, not the lines."""
+    root = tmp_path / "root"
+    (root / "app").mkdir(parents=True)
+    (root / "app" / "x.py").write_text("x")
+    trace = tmp_path / "strace.txt"
+    with open(trace, "w") as f:
+        f.write('100 execve("/usr/bin/setpriv", ["setpriv"], 0x0 /* 0 vars */) = 0\n')
+        f.write("100 clone3({flags=CLONE_NEWPID, exit_signal=SIGCHLD}, 88) = 101\n")
+        f.write("101 clone(child_stack=NULL, flags=SIGCHLD) = 102\n")
+        f.write('102 execve("/app/x.py", ["/app/x.py"], 0x0 /* 0 vars */) = 0\n')
+        line = '102 openat(AT_FDCWD, "/app/x.py", O_RDONLY|O_CLOEXEC) = 3</app/x.py>\n'
+        f.write(line * 100_000)
+    tracemalloc.start()
+    try:
+        with contextlib.ExitStack() as opened:
+            events = parse_strace(lambda: opened.enter_context(open(trace)), str(root))
+            files = ordered_files(events, root)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert files == ["/app/x.py"]
+    assert peak < 8 << 20, f"{peak / 1e6:.0f} MB to parse {trace.stat().st_size / 1e6:.0f} MB"

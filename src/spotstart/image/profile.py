@@ -12,6 +12,7 @@ helpers' host reads are dropped. Without strace, Python servers are traced by an
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -24,7 +25,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,46 +123,53 @@ def _joined(lines: Iterable[str]) -> Iterator[tuple[str, str, str, str, str | No
             yield m.group(1), m.group(2), m.group(3), m.group(4), m.group(5)
 
 
-def _sandboxed_pids(calls: list[tuple[str, str, str, str, str | None]]) -> set[str]:
-    """The pids of the sandboxed command and its descendants. The helpers (setpriv, bwrap
-    and the PID namespace's init, which bwrap clones with CLONE_NEWPID) are the first traced
-    process and the children it and they clone, their pids as the tracer sees them; every
-    other pid is a process the namespace's init or its descendants started (their clones
-    return pids of the new namespace, which mean nothing outside it, so they are never
-    followed). Computed over the whole trace: a child's first line may precede its parent's
-    clone result."""
-    if not calls:
+def _helper_pids(calls: Iterable[tuple[str, str, str, str, str | None]]) -> set[str]:
+    """The pids of the sandbox's helpers (setpriv, bwrap and the PID namespace's init, which
+    bwrap clones with CLONE_NEWPID): the first traced process and the children it and they
+    clone, their pids as the tracer sees them. Every other pid in the trace is the
+    sandboxed command or a process it started (the clones of the namespace's init and its
+    descendants return pids of the new namespace, which mean nothing outside it, so they are
+    never followed). Computed over the whole trace (a child's first line may precede its
+    parent's clone result), keeping only the clones: a command that opens files in a loop
+    for the whole --timeout writes millions of lines, and holding them cost ~330 bytes each
+    (1.5 GB at 300 s)."""
+    first: str | None = None
+    clones: set[tuple[str, str, bool]] = set()  # (parent, child, with a new PID namespace)
+    for pid, call, args, ret, _ in calls:
+        if first is None:
+            first = pid
+        if call in ("clone", "clone3", "fork", "vfork") and ret.isdigit() and int(ret) > 0:
+            clones.add((pid, ret, "CLONE_NEWPID" in args))
+    if first is None:
         return set()
-    helpers = {calls[0][0]}
+    helpers = {first}
     ns_init: set[str] = set()
     grew = True
     while grew:
         grew = False
-        for pid, call, args, ret, _ in calls:
-            if call not in ("clone", "clone3", "fork", "vfork") or int(ret) <= 0:
-                continue
+        for pid, ret, newpid in clones:
             if pid in helpers and pid not in ns_init and ret not in helpers:
                 helpers.add(ret)
-                if "CLONE_NEWPID" in args:
+                if newpid:
                     ns_init.add(ret)
                 grew = True
-    return {pid for pid, *_ in calls} - helpers
+    return helpers
 
 
 def parse_strace(
-    lines: Iterable[str], root: str, sandboxed: bool = True
+    lines: Callable[[], Iterable[str]], root: str, sandboxed: bool = True
 ) -> Iterator[tuple[str, str]]:
     """``(kind, path)`` in trace order, absolute in the image's terms. ``kind``: ``open`` (a
     file opened for reading, from the fd strace decoded with -y), ``exec`` (a successful
     execve). Sandboxed, the command sees the image root as ``/`` (pivot_root), so strace
     decodes its paths in the image's terms already, and only the command's processes count
-    (``_sandboxed_pids``). Unsandboxed (``--unsafe-no-sandbox``), the paths under ``root``
-    count."""
+    (not :func:`_helper_pids`). Unsandboxed (``--unsafe-no-sandbox``), the paths under
+    ``root`` count. ``lines()`` gives the trace's lines afresh: read twice as a stream (the
+    helpers first), never held whole."""
     root = root.rstrip("/")
-    calls = list(_joined(lines))
-    inside = _sandboxed_pids(calls) if sandboxed else set()
-    for pid, call, args, ret, decoded in calls:
-        if sandboxed and pid not in inside:
+    helpers = _helper_pids(_joined(lines())) if sandboxed else set()
+    for pid, call, args, ret, decoded in _joined(lines()):
+        if sandboxed and pid in helpers:
             continue
         if call in ("open", "openat", "openat2") and decoded:
             flags = args.split(",")
@@ -249,8 +257,11 @@ def elf_interpreter(path: Path) -> str | None:
 def ordered_files(events: Iterable[tuple[str, str]], root: Path) -> list[str]:
     """First-read order, each file once, symlinks resolved; an exec brings its interpreter."""
     seen: dict[str, None] = {}
+    # A command reopens the same files (a loop can for the whole timeout): each path's
+    # lstats once, in a bounded memo (it may also open endless distinct names in /tmp).
+    resolve = functools.lru_cache(maxsize=4096)(lambda p: resolve_in_root(root, p))
     for kind, path in events:
-        real = resolve_in_root(root, path)
+        real = resolve(path)
         if real is None:
             continue
         seen.setdefault(real, None)
@@ -488,8 +499,12 @@ def trace(opts: ProfileOptions, root: Path, work: Path) -> tuple[list[str], str,
         ]
     seconds = _run(opts, prefix, command, env, root, work, hook_dir)
     if tracer == "strace":
-        with open(trace_path, errors="replace") as f:
-            events = parse_strace(f, str(root), sandboxed)
+        with contextlib.ExitStack() as files:
+
+            def lines() -> Iterable[str]:
+                return files.enter_context(open(trace_path, errors="replace"))
+
+            events = parse_strace(lines, str(root), sandboxed)
             return ordered_files(events, root), tracer, seconds
     assert hook_dir is not None
     reads = _read_hook_log(hook_dir)
