@@ -151,6 +151,17 @@ def test_a_star_header_prefix_ends_where_star_says() -> None:
     assert _scan(archive) == ["d" * 131 + "/name"]
 
 
+def test_a_regular_member_named_like_a_directory_keeps_its_data() -> None:
+    """Type '0' named "w/" with 512 bytes of data (a valid header): a file to Go, whose
+    trailing-slash rule is V7's type NUL only. Read as a directory (no data), its data was
+    read as a member containerd never extracts."""
+    injected = tarfile.TarInfo("injected").tobuf(tarfile.GNU_FORMAT)
+    carrier = tarfile.TarInfo("w/")
+    carrier.size = len(injected)
+    archive = carrier.tobuf(tarfile.GNU_FORMAT) + injected + _member("real", b"x") + b"\0" * 1024
+    assert _scan(archive) == ["w/", "real"]
+
+
 def _pax_record(key: str, value: str) -> bytes:
     body = f" {key}={value}\n".encode()
     n = len(body) + 1

@@ -232,8 +232,11 @@ class TarScanner:
             if block[482] != 0:  # its map continues in extension headers before the data
                 self._sparse_ext, self._sparse_data = True, padded
                 return TarEntry(name, kind, size, linkname, _number(block[100:108]))
-        if kind == "file" and typeflag in (b"0", b"\0") and name.endswith("/"):
-            kind = "dir"  # V7 archives mark directories by the trailing slash
+        if kind == "file" and typeflag == b"\0" and name.endswith("/"):
+            # V7 archives mark directories by the trailing slash. Only V7's type: a '0'
+            # member named "d/" is a file with data to Go (and containerd), and read as a
+            # directory its data was read as headers
+            kind = "dir"
         if kind == "dir" and len(name) > 1:
             name = name.rstrip("/")
         if kind != "file":
