@@ -50,6 +50,9 @@ MAX_BUSY_S = 30.0  # the longest a peer's Retry-After keeps us away
 # Peers one run asks (a name may resolve to hundreds of addresses, some hostile: each costs
 # an inventory a second and, at worst, one chunk deadline before it is dropped).
 MAX_PEERS = 64
+# Peers that gave nothing and failed (dropped for the run) before the untried ones are tried
+# one chunk at a time: honest peers rarely fail, and then take every stream at once.
+PROBATION_AFTER = 2
 INVENTORY_CPU_SHARE = 20  # parsing inventories: at most 1/20 of a CPU, all peers together
 
 
@@ -276,6 +279,7 @@ class PeerSet:
         self._session: aiohttp.ClientSession | None = None
         self._task: asyncio.Task[None] | None = None
         self.origin_rate = 0.0  # bytes/s of one origin stream (EWMA), set by the scheduler
+        self.unproven_failures = 0  # peers dropped for a failed read before giving a byte
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.spec.token}"} if self.spec.token else {}
@@ -405,11 +409,19 @@ class PeerSet:
     def pick(self, oid: str, start: int, end: int) -> Peer | None:
         """The peer to ask for ``[start, end)`` of ``oid``: one that holds it, is not
         dropped or busy, and (once measured) is not slower than an origin stream; the
-        least loaded first, then the fastest."""
+        least loaded first, then the fastest. Once ``PROBATION_AFTER`` peers that had given
+        nothing failed, the peers that have not yet given a checked chunk are tried one chunk
+        at a time, all of them together: each hostile peer then costs at most a chunk
+        deadline on one stream (the others carry on from the origin), so a name resolving to
+        many of them costs the fetch a stream, not a deadline per peer on every stream."""
         now = time.monotonic()
         best: Peer | None = None
+        probation = self.unproven_failures >= PROBATION_AFTER
+        trying = sum(p.in_flight for p in self.peers.values() if not p.bytes) if probation else 0
         for p in self.peers.values():
             if p.dropped is not None or p.busy_until > now or not p.has(oid, start, end):
+                continue
+            if probation and not p.bytes and trying >= 1:
                 continue
             if p.seconds > 1.0 and self.origin_rate and p.rate() < 0.5 * self.origin_rate:
                 continue  # measured slower than the origin: the origin serves it
@@ -451,6 +463,8 @@ class PeerSet:
         elif isinstance(exc, DirectUnsupported):
             self._drop_and_say(peer, "sent a body without a length (chunked or until close)")
         else:
+            if not peer.bytes and peer.dropped is None:
+                self.unproven_failures += 1
             self._drop_and_say(peer, str(exc) or type(exc).__name__)
 
     def served(self, peer: Peer, oid: str, length: int, seconds: float) -> None:
