@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,8 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urljoin, urlsplit
 
-from spotstart import events
-from spotstart.errors import InvalidCheckpoint, NotFound, UsageError
+from spotstart import events, safefs
+from spotstart.errors import InvalidCheckpoint, NotFound, UnsafePath, UsageError
 from spotstart.fetch import FetchConfig, NullProgress, ProgressListener, layout
 from spotstart.fetch.cache import CacheIndex
 from spotstart.fetch.metrics import TransferMetrics
@@ -250,34 +251,31 @@ class ShardTarget:
             out += self.flat[lo:hi].cpu().numpy().tobytes()
         return out
 
-    def fill_from_file(self, path: Path, threads: int = 4) -> None:
-        """Read the data region of a local copy straight into the buffer (preadv into the
-        tensor memory: no intermediate copy on CPU)."""
+    def fill_from_file(self, path: Path, fd: int, threads: int = 4) -> None:
+        """Read the data region of a local copy (open at ``fd``, named ``path`` in errors)
+        straight into the buffer (preadv into the tensor memory: no intermediate copy on
+        CPU). The caller closes ``fd``."""
         from concurrent.futures import ThreadPoolExecutor
 
         start, size = self.header.data_start, self.header.data_bytes
         piece = 16 << 20
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            host = (
-                self.flat
-                if self.device.type == "cpu"
-                else _torch().empty(size, dtype=_torch().uint8, pin_memory=True)
-            )
-            view = memoryview(host.numpy())
+        host = (
+            self.flat
+            if self.device.type == "cpu"
+            else _torch().empty(size, dtype=_torch().uint8, pin_memory=True)
+        )
+        view = memoryview(host.numpy())
 
-            def one(off: int) -> None:
-                n = min(piece, size - off)
-                got = os.preadv(fd, [view[off : off + n]], start + off)
-                if got != n:
-                    raise InvalidCheckpoint(f"{path}: shorter than its header says (truncated)")
+        def one(off: int) -> None:
+            n = min(piece, size - off)
+            got = os.preadv(fd, [view[off : off + n]], start + off)
+            if got != n:
+                raise InvalidCheckpoint(f"{path}: shorter than its header says (truncated)")
 
-            with ThreadPoolExecutor(threads) as pool:
-                list(pool.map(one, range(0, size, piece)))
-            if host is not self.flat:
-                self.flat.copy_(host)
-        finally:
-            os.close(fd)
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(one, range(0, size, piece)))
+        if host is not self.flat:
+            self.flat.copy_(host)
         self.finished = True
 
     def stored_size(self) -> int:
@@ -521,6 +519,34 @@ class Loader:
             return path
         return None
 
+    def _open_local(self, path: Path, size: int) -> int:
+        """A descriptor of the local copy :meth:`_local_path` chose. A copy in the cache
+        directory is opened beneath it with no link followed and judged again on the
+        descriptor (a regular file of ours of the shard's size): between the index's check
+        and this open, a user who can write a subdirectory could swap the name for a link
+        to bytes of theirs or a FIFO (O_NONBLOCK: refused, not waited on). A file:// source
+        is the user's own path."""
+        if self.url.scheme == "file" or self.cache_dir is None:
+            return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            fd = safefs.open_beneath(
+                self.cache_dir, os.path.relpath(path, self.cache_dir), os.O_RDONLY | os.O_NONBLOCK
+            )
+        except OSError as exc:
+            raise UnsafePath(
+                f"{path}: the cached copy changed as it was opened ({exc.strerror}); nothing "
+                "beneath the cache directory is followed through a link: check who else "
+                "writes there, and rerun"
+            ) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size != size:
+            os.close(fd)
+            raise UnsafePath(
+                f"{path}: the cached copy changed as it was opened (not a regular file of "
+                "ours of its size): check who else writes the cache directory, and rerun"
+            )
+        return fd
+
     async def _load(
         self,
         scheduler: TransferScheduler,
@@ -562,7 +588,11 @@ class Loader:
             s.target = ShardTarget(None, s.header, self.device, None, s.prefix)
             path = local[s.rel]
             assert path is not None
-            await asyncio.to_thread(s.target.fill_from_file, path)
+            fd = self._open_local(path, s.info.size)
+            try:
+                await asyncio.to_thread(s.target.fill_from_file, path, fd)
+            finally:
+                os.close(fd)
             self.progress.on_bytes(s.info.size)
             self.progress.on_file_done(s.rel, cached=self.url.scheme != "file")
 
@@ -628,7 +658,7 @@ class Loader:
             dst = [th.empty(sl.shape, dtype=torch_dtype(sl.dtype)) for sl in slices]
             views = [d.reshape(-1).view(th.uint8).numpy() for d in dst]
             path = local[s.rel]
-            fd = os.open(path, os.O_RDONLY) if path is not None else None
+            fd = self._open_local(path, s.info.size) if path is not None else None
 
             async def one(r: tp_plan.Read) -> None:
                 async with sem:
