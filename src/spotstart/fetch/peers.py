@@ -53,7 +53,7 @@ MAX_PEERS = 64
 # Peers that gave nothing and failed (dropped for the run) before the untried ones are tried
 # one chunk at a time: honest peers rarely fail, and then take every stream at once.
 PROBATION_AFTER = 2
-INVENTORY_CPU_SHARE = 20  # parsing inventories: at most 1/20 of a CPU, all peers together
+INVENTORY_CPU_SHARE = 10  # parsing inventories: at most 1/10 of a CPU, all peers together
 
 
 def object_id(source: str, version: str, size: int) -> str:
