@@ -266,3 +266,27 @@ def test_a_directory_swapped_with_a_link_in_a_loop_never_lets_a_byte_out(
                 break
     assert swaps[0] > 0
     assert (outside / "victim").read_bytes() == b"precious" * 1000
+
+
+# -- object names that are markup or terminal control -----------------------------------------
+
+
+def test_object_names_that_are_markup_or_control_codes_are_shown_as_text(tmp_path: Path) -> None:
+    """Names a bucket's writer chooses: ``x[/dim]y.bin`` was read as rich markup by the
+    progress lines (MarkupError: exit 1 after the bytes landed), an escape sequence went to
+    the operator's terminal as is, a newline forged a line of output."""
+    src = tmp_path / "src"
+    (src / "x[").mkdir(parents=True)
+    names = ["x[/dim]y.bin", "\x1b]0;pwned\x07title.bin", "forged\nline.bin", "[bold]b.bin"]
+    for name in names:
+        (src / name).write_bytes(name.encode())
+    dest = tmp_path / "dest"
+    for _ in range(2):  # fetched, then each already current
+        result = run_cli(["fetch", str(src) + "/", str(dest)])
+        assert result.code == 0, result.stderr
+        assert "\x1b" not in result.stderr and "\x07" not in result.stderr
+        assert "dim]y.bin" in result.stderr
+        assert "[bold]b.bin" in result.stderr
+        assert not any(line.startswith("line.bin") for line in result.stderr.splitlines())
+    for name in names:
+        assert (dest / name).read_bytes() == name.encode()

@@ -6,6 +6,7 @@ from __future__ import annotations
 from types import TracebackType
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -15,6 +16,14 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+
+def _plain(text: str) -> str:
+    """Text from outside (an object name a bucket's writer chose, a peer's or a server's
+    answer) shown as itself: no rich markup (``x[/dim]y`` raised MarkupError, exit 1, after
+    the bytes landed) and no control character (an escape sequence would drive the
+    operator's terminal, a newline forge a line)."""
+    return escape("".join(c if c.isprintable() else "?" for c in text))
 
 
 class RichProgress:
@@ -74,10 +83,10 @@ class RichProgress:
         if self._task is not None:
             self._progress.update(self._task, files=self._files())
         if cached:
-            self.console.print(f"  [dim]{rel}: already current, skipped[/dim]")
+            self.console.print(f"  [dim]{_plain(rel)}: already current, skipped[/dim]")
 
     def on_message(self, text: str) -> None:
-        self.console.print(f"  {text}")
+        self.console.print(f"  {_plain(text)}")
 
 
 class LineProgress:
@@ -93,10 +102,10 @@ class LineProgress:
         return None
 
     def on_retry(self, what: str, error: str, delay_s: float) -> None:
-        self.console.print(f"retry in {delay_s:.2f}s: {error}")
+        self.console.print(f"retry in {delay_s:.2f}s: {_plain(error)}")
 
     def on_file_done(self, rel: str, *, cached: bool) -> None:
-        self.console.print(f"{rel}: {'already current, skipped' if cached else 'done'}")
+        self.console.print(f"{_plain(rel)}: {'already current, skipped' if cached else 'done'}")
 
     def on_message(self, text: str) -> None:
-        self.console.print(text)
+        self.console.print(_plain(text))
