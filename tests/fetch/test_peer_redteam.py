@@ -15,6 +15,7 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -514,3 +515,84 @@ def test_many_silent_peers_cost_one_stream_not_a_deadline_each_on_every_stream(
     assert report.bytes_from_peers == 0  # type: ignore[attr-defined]
     assert sum(kind == "+" for kind, _ in silent.events) >= 3  # at first: on every stream
     assert silent.most_at_once_after(ended=2) <= 1
+
+
+# -- forging that held: every peer byte is checked by a digest the peer cannot forge ---------
+
+
+class Alternating(dict[str, tuple[bytes, bytes]]):
+    """A HostilePeer's objects whose served bytes alternate read by read: the true ones,
+    then forged ones (each chunk keeping its CRC-32C), then true ones again..."""
+
+    def __init__(self, oid: str, true: bytes, forged: bytes) -> None:
+        super().__init__({oid: (true, true)})
+        self.forged = forged
+        self.reads = 0
+        self.lock = threading.Lock()
+
+    def __getitem__(self, oid: str) -> tuple[bytes, bytes]:
+        true, _ = super().__getitem__(oid)
+        with self.lock:
+            self.reads += 1
+            odd = self.reads % 2 == 0
+        return (true, self.forged if odd else true)
+
+
+class CrcOnly(MemorySource):
+    """A CRC-32C and no MD5 (a GCS composite object): only a manifest lets peers give it."""
+
+    def _info(self, key: str) -> ObjectInfo:
+        info = super()._info(key)
+        return ObjectInfo(info.key, info.size, info.version, Checksums(info.checksums.crc32c))
+
+
+@pytest.mark.parametrize("proof", ["md5", "manifest"])
+def test_a_peer_right_on_one_read_and_forging_on_the_next_gives_no_wrong_byte(
+    proof: str, closing: list[RawInventoryPeer | HostilePeer], tmp_path: Path
+) -> None:
+    from tests.fetch.test_peer_trust import forge_object
+
+    data = os.urandom(6 * MiB + 17)
+    objects: dict[str, bytes] = {"m/w.bin": data}
+    kind = MemorySource if proof == "md5" else CrcOnly
+    info = kind(dict(objects))._info("m/w.bin")
+    if proof == "manifest":
+        pieces, whole = _pieces(data, 512 << 10)
+        e = ManifestEntry("gs://mem/m/w.bin", info.version, len(data), (), 512 << 10, pieces, whole)
+        objects["m/.spotstart-manifest.json"] = Manifest({e.url: e}).to_bytes()
+    oid = object_id("gs://mem/m/w.bin", info.version, info.size)
+    peer = HostilePeer({})
+    peer.objects = Alternating(oid, data, forge_object(data))
+    closing.append(peer)
+    report = _fetch_from(kind(objects), tmp_path / "d", _config([peer.address]))
+    assert (tmp_path / "d" / "w.bin").read_bytes() == data
+    assert peer.objects.reads >= 2  # a right read, then a forged one
+    assert peer.address in report.peers_dropped  # type: ignore[attr-defined]
+    index = json.loads((tmp_path / "d" / ".spotstart" / "index.json").read_text())
+    assert index["files"]["w.bin"]["size"] == len(data)
+
+
+def test_a_chunk_size_that_is_not_whole_pieces_still_checks_every_peer_byte(
+    closing: list[RawInventoryPeer | HostilePeer], tmp_path: Path
+) -> None:
+    """--chunk-size 3 MiB + 12345 with 512 KiB pieces and a last piece of 17 bytes, from a
+    peer whose bytes are right but for the last one. A CRC-only object takes peer bytes only
+    through the manifest: the bytes it took prove the chunks were planned on whole pieces
+    (else the manifest is ignored), the drop that the partial last piece is checked too."""
+    data = os.urandom(7 * MiB + 17)
+    probe = CrcOnly({"m/w.bin": data})._info("m/w.bin")
+    pieces, whole = _pieces(data, 512 << 10)
+    e = ManifestEntry("gs://mem/m/w.bin", probe.version, len(data), (), 512 << 10, pieces, whole)
+    manifest = Manifest({e.url: e}).to_bytes()
+    source = CrcOnly({"m/w.bin": data, "m/.spotstart-manifest.json": manifest})
+    oid = object_id("gs://mem/m/w.bin", probe.version, probe.size)
+    tail = bytearray(data)
+    tail[-1] ^= 0xFF
+    liar = HostilePeer({oid: (data, bytes(tail))})
+    closing.append(liar)
+    cfg = replace(_config([liar.address]), chunk_bytes=3 * MiB + 12345)
+    report = _fetch_from(source, tmp_path / "d", cfg)
+    assert (tmp_path / "d" / "w.bin").read_bytes() == data
+    assert report.bytes_from_peers == 6 * MiB  # type: ignore[attr-defined]  # two 3 MiB chunks
+    assert "manifest's SHA-256" in report.peers_dropped[liar.address]  # type: ignore[attr-defined]
+    assert report.verified["sha256-manifest"] == 1  # type: ignore[attr-defined]
