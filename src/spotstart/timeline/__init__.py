@@ -79,7 +79,9 @@ def parse_go_duration(text: str) -> float:
 
 MAX_LINE_BYTES = 1 << 20  # a log or events line longer than this is skipped (and counted)
 # A Kubernetes JSON file: ~4,000 pods with managedFields, ~60,000 events. Parsed, a document
-# takes about 10x its size in memory; each is turned into records and dropped before the next.
+# takes about 10x its size in memory (a hostile one of tiny values up to 30x: at most
+# untrusted_json.MAX_VALUES values are parsed, ~400 MB); each is turned into records and
+# dropped before the next.
 MAX_DOCUMENT_BYTES = 64 << 20
 MAX_PHASES = 10_000  # the critical path is quadratic in phases; a rollout of 1,000 pods fits
 _EARLIEST, _LATEST = 946_684_800.0, 7_258_118_400.0  # 2000-01-01 .. 2200-01-01, unix seconds
