@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import socket
 import threading
@@ -596,3 +597,37 @@ def test_a_chunk_size_that_is_not_whole_pieces_still_checks_every_peer_byte(
     assert report.bytes_from_peers == 6 * MiB  # type: ignore[attr-defined]  # two 3 MiB chunks
     assert "manifest's SHA-256" in report.peers_dropped[liar.address]  # type: ignore[attr-defined]
     assert report.verified["sha256-manifest"] == 1  # type: ignore[attr-defined]
+
+
+def test_malformed_requests_from_a_stranger_log_one_line_per_interval_not_a_traceback_each(
+    tmp_path: Path,
+) -> None:
+    """Anyone who reaches the port, no token needed, sends requests aiohttp cannot parse.
+    Broke before: an 11-line traceback on stderr for each (300 requests: 3,300 lines), the
+    log flood the issue saw for accept errors, by another door."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep()
+    root = logging.getLogger()
+    root.addHandler(keep)
+    log = logging.getLogger("tests.redteam.peers")
+    thread = PeerServerThread(PeerServer(tmp_path, token=TOKEN, log=log))
+    port = thread.start("127.0.0.1", 0)
+    try:
+        for _ in range(20):
+            for bad in (b"GET /\n\n", b"GET / HTTP/1.1\r\nHost: x\r\nX: \x01\r\n\r\n"):
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                    s.sendall(bad)
+                    with contextlib.suppress(OSError):
+                        s.recv(100)
+    finally:
+        thread.close()
+        root.removeHandler(keep)
+    errors = [r for r in records if r.levelno >= logging.WARNING]
+    assert 1 <= len(errors) <= 2, [r.getMessage() for r in errors]
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in errors)
+    assert "BadHttpMessage" in errors[0].getMessage()

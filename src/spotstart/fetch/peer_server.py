@@ -364,6 +364,33 @@ class PeerIndex:
         return None
 
 
+class _OneLinePerInterval(logging.Filter):
+    """aiohttp's request errors, as one line per interval with a count and no traceback:
+    anyone who reaches the port (no token needed) gets one logged per malformed request,
+    eleven lines each, so a loop of them would bury the log and cost the CPU the server
+    needs (as accept errors would, see :mod:`spotstart.listen`)."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.interval_s, self.clock = interval_s, clock
+        self.last = -float("inf")
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        if now - self.last < self.interval_s:
+            self.suppressed += 1
+            return False
+        self.last = now
+        exc = record.exc_info[1] if record.exc_info else None
+        cause = f": {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}" if exc else ""
+        more = f" ({self.suppressed} more since the last line)" if self.suppressed else ""
+        record.msg, record.args = f"{record.getMessage()}{cause}{more}", ()
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        self.suppressed = 0
+        return True
+
+
 class PeerServer:
     """The HTTP server over a :class:`PeerIndex`; ``start`` binds, ``close`` stops."""
 
@@ -383,6 +410,11 @@ class PeerServer:
         self.limits = limits or ListenLimits()
         self.send_stall_s = send_stall_s
         self.log = log or logging.getLogger("spotstart.peers")
+        # aiohttp's own errors (malformed requests...) through a limiter, to this log; an
+        # unregistered logger, so each server has its own count.
+        self.http_log = logging.Logger(f"{self.log.name}.http")
+        self.http_log.parent = self.log
+        self.http_log.addFilter(_OneLinePerInterval())
         self.index: PeerIndex | None = None
         self.active = 0
         self.bytes_served = 0
@@ -412,6 +444,7 @@ class PeerServer:
             max_field_size=4096,
             max_headers=32,
             lingering_time=1.0,
+            logger=self.http_log,
         )
         await self._runner.setup()
         assert self._runner.server is not None
