@@ -23,6 +23,8 @@ import pytest
 
 from spotstart import FetchConfig, fetch, safefs
 from spotstart.errors import LocalIOError, UnsafePath
+from spotstart.fetch import NullProgress
+from spotstart.fetch.config import Concurrency
 from spotstart.fetch.journal import JournalHeader, PartFile
 from tests.conftest import error_line, run_cli
 from tests.test_safefs import resolver  # noqa: F401 - the fixture both resolvers run under
@@ -247,10 +249,10 @@ def test_a_directory_swapped_with_a_link_in_a_loop_never_lets_a_byte_out(
     errors; nothing ever appears outside."""
     dest = tmp_path / "dest"
     fetch(str(src), dest, SMALL)  # every directory exists
-    parent = (dest / where).parent
+    swapped = dest / where
     deadline = time.monotonic() + 20
     outcomes: dict[str, int] = {}
-    with _swapping(parent, Path(where).name, outside) as swaps:
+    with _swapping(swapped.parent, swapped.name, outside) as swaps:
         for _ in range(25):
             for rel in ("m.safetensors", "sub/extra.bin"):
                 with contextlib.suppress(FileNotFoundError, NotADirectoryError):
@@ -290,3 +292,43 @@ def test_object_names_that_are_markup_or_control_codes_are_shown_as_text(tmp_pat
         assert not any(line.startswith("line.bin") for line in result.stderr.splitlines())
     for name in names:
         assert (dest / name).read_bytes() == name.encode()
+
+
+# -- DEST itself swapped for a link mid-run ---------------------------------------------------
+
+
+def test_dest_swapped_for_a_link_mid_run_redirects_no_file(
+    resolver: str,  # noqa: F811
+    tmp_path: Path,
+    outside: Path,
+) -> None:
+    """Whoever can write DEST's parent (a DEST they made first in a shared directory) moves
+    it away once the first file is done and puts a link to a directory of their choice (say
+    /etc/cron.d) at its name. DEST was resolved once, but each file opened it again by path:
+    the rest of the files (names the bucket's writer chose) were created through the link."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(12):
+        (src / f"f{i:02d}").write_bytes(os.urandom(1000 + i))
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    dest = shared / "dest"
+    moved = shared / "moved"
+    swapped: list[str] = []
+
+    class Swapper(NullProgress):
+        def on_file_done(self, rel: str, *, cached: bool) -> None:
+            if not swapped:
+                os.rename(dest, moved)
+                os.symlink(outside, dest)
+                swapped.append(rel)
+
+    cfg = FetchConfig(chunk_bytes=MiB, concurrency=Concurrency(streams=1))
+    with contextlib.suppress(UnsafePath, LocalIOError):
+        fetch(str(src), dest, cfg, progress=Swapper())
+    assert swapped
+    assert sorted(p.name for p in outside.iterdir()) == ["victim"]
+    assert (outside / "victim").read_bytes() == b"precious" * 1000
+    for p in moved.iterdir():
+        if p.is_file():
+            assert _same(p, src / p.name)

@@ -24,7 +24,8 @@ import os
 import secrets
 import shutil
 import stat
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -36,6 +37,8 @@ __all__ = [
     "makedirs_beneath",
     "open_append",
     "open_beneath",
+    "open_root_dir",
+    "pinned_root",
     "private_dir",
     "private_dir_fd",
     "rename_beneath",
@@ -137,13 +140,58 @@ def _components(rel: str) -> list[str]:
     return parts
 
 
+# Roots held open for a run (:func:`pinned_root`): path -> [fd, or -1 until first opened; users]
+_pins: dict[str, list[int]] = {}
+_pins_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def pinned_root(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Within the block, ``path`` (a directory the caller resolved once: fetch's DEST after
+    ``realpath``) names the directory it named when first opened here, for every safefs call
+    given that path: it is opened once (O_NOFOLLOW: by then no longer a link) and held. A
+    user who can write its parent and swaps it for a link mid-run (to ``/etc/cron.d``) then
+    redirects nothing: without the pin each file opened the path again and followed the link.
+    """
+    key = os.fspath(path)
+    with _pins_lock:
+        entry = _pins.setdefault(key, [-1, 0])
+        entry[1] += 1
+    try:
+        yield
+    finally:
+        with _pins_lock:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _pins[key]
+                if entry[0] >= 0:
+                    os.close(entry[0])
+
+
 def _open_root(root: Root) -> tuple[int, bool]:
     """(a directory fd for ``root``, whether we opened it). The root itself is the caller's
     choice and may be a symlink (``/nvme/models -> /mnt/disk1``); only names beneath it are
-    resolved without following."""
+    resolved without following. A pinned root is the directory held for it."""
     if isinstance(root, int):
         return root, False
-    return os.open(os.fspath(root), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), True
+    key = os.fspath(root)
+    with _pins_lock:
+        entry = _pins.get(key)
+        if entry is not None:
+            if entry[0] < 0:
+                entry[0] = os.open(key, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            return entry[0], False
+    return os.open(key, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC), True
+
+
+def open_root_dir(root: Root) -> int:
+    """An O_RDONLY fd of ``root`` itself (the directory held for it when pinned)."""
+    dirfd, owned = _open_root(root)
+    try:
+        return os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dirfd)
+    finally:
+        if owned:
+            os.close(dirfd)
 
 
 def open_beneath(root: Root, rel: str, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from spotstart import events
+from spotstart import events, safefs
 from spotstart.errors import (
     DiskFull,
     EndpointUnreachable,
@@ -100,7 +100,10 @@ class Fetcher:
                 raise UsageError(f"--serve-peers {self.config.serve_peers}: {exc}") from exc
         started = time.time()
         try:
-            report = await self._run()
+            # DEST, resolved once, is held open from its first use: swapped for a link
+            # mid-run by whoever can write its parent, it redirects no file (safefs).
+            with safefs.pinned_root(self.dest):
+                report = await self._run()
         finally:
             if server is not None:
                 await server.close()

@@ -311,5 +311,5 @@ def _open_dir(root: Path, rel: str) -> int:
     """An O_RDONLY fd of ``root/rel``, missing levels made, no link beneath ``root`` followed
     (``root`` itself, the user's DEST, may be one)."""
     if rel == ".":
-        return os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        return safefs.open_root_dir(root)
     return safefs.makedirs_beneath(root, rel)
