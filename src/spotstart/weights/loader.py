@@ -401,9 +401,13 @@ class Loader:
         scheduler = TransferScheduler(source, self.url, cfg, self.progress)
         try:
             shards, index = await self._resolve(scheduler)
-            if self.cache_dir is not None:
-                self._place_in_cache(scheduler, shards, self.cache_dir)
-            tensors, report = await self._load(scheduler, shards, index, t0)
+            with contextlib.ExitStack() as held:
+                if self.cache_dir is not None:
+                    self._place_in_cache(scheduler, shards, self.cache_dir)
+                    # resolved once, then held from its first use: a name swapped for a
+                    # link mid-run redirects no shard (safefs.pinned_root)
+                    held.enter_context(safefs.pinned_root(self.cache_dir))
+                tensors, report = await self._load(scheduler, shards, index, t0)
         finally:
             scheduler.close()
             await source.close()
