@@ -144,10 +144,12 @@ def test_a_file_another_user_put_at_a_cached_name_is_fetched_again(
 # -- a resumed part file that is a hard link ---------------------------------------------------
 
 
+@pytest.mark.parametrize("linked", ["part", "journal"])
 def test_a_part_file_that_is_a_hard_link_is_never_resumed_into(
     resolver: str,  # noqa: F811
     tmp_path: Path,
     outside: Path,
+    linked: str,
 ) -> None:
     """A resume opens the part file O_RDWR and writes the missing chunks into it: where the
     part file is a hard link (to a file outside DEST of the object's size, beside a journal
@@ -160,15 +162,19 @@ def test_a_part_file_that_is_a_hard_link_is_never_resumed_into(
     assert first.open() == {}
     first.close()  # an interrupted run: a part file and a journal holding the header
     victim = outside / "victim"
-    victim.write_bytes(b"\x00" * size)
-    os.unlink(first.part)
-    os.link(victim, first.part)
+    name = first.part if linked == "part" else first.journal_path
+    # the victim holds what the name held: the journal's header, or the part's size
+    victim.write_bytes(name.read_bytes() + b"0 0badf00d\n" * (linked == "journal"))
+    before = victim.read_bytes()
+    os.unlink(name)
+    os.link(victim, name)
     again = PartFile(final, header, fsync=False)
     assert again.open() == {}
     os.pwrite(again.fd, b"chunk", 0)
+    again.commit({1: 0x1234})
     again.close()
-    assert victim.read_bytes() == b"\x00" * size
-    assert os.stat(first.part).st_nlink == 1
+    assert victim.read_bytes() == before
+    assert os.stat(name).st_nlink == 1
 
 
 # -- manifest --out beside a predictable temporary name --------------------------------------

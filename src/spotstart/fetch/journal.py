@@ -194,9 +194,10 @@ class PartFile:
 
     def _load_journal(self) -> bool:
         try:
-            fd = safefs.open_beneath(self._dir, self.journal_path.name)
+            fd = safefs.open_beneath(self._dir, self.journal_path.name, os.O_NONBLOCK)
             with os.fdopen(fd, "rb") as f:
-                raw = f.read()
+                journal = os.fstat(fd)
+                raw = f.read() if _made_by_us(journal) else b""
             part = os.stat(self.part.name, dir_fd=self._dir, follow_symlinks=False)
         except FileNotFoundError:
             return False
@@ -204,9 +205,10 @@ class PartFile:
             if exc.errno == errno.ELOOP:
                 return False  # a link in our own directory: never followed, made afresh
             raise
-        # A resume writes into the part file: only one we made (ours, its one link) may
-        # take those writes; a hard link to a file elsewhere is replaced, never written to.
-        if not stat.S_ISREG(part.st_mode) or part.st_nlink != 1 or part.st_uid != os.geteuid():
+        # A resume writes into the part file and truncates and appends to the journal: only
+        # files we made (ours, one link each) take those writes; a hard link to a file
+        # elsewhere is replaced, never written to.
+        if not (raw and _made_by_us(journal) and _made_by_us(part)):
             return False
         header, done, self._intact_bytes = read_journal(raw)
         if header != self.header or part.st_size != self.header.size:
@@ -305,6 +307,11 @@ class PartFile:
                 with contextlib.suppress(OSError):
                     os.close(fd)
         self._dir = self._final_dir = -1
+
+
+def _made_by_us(st: os.stat_result) -> bool:
+    """A regular file of ours with one link: one we created, not a hard link to another."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
 
 
 def _open_dir(root: Path, rel: str) -> int:
