@@ -14,6 +14,9 @@ import errno
 import hashlib
 import json
 import os
+import shutil
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -26,7 +29,7 @@ from spotstart.errors import LocalIOError, UnsafePath
 from spotstart.fetch import NullProgress
 from spotstart.fetch.config import Concurrency
 from spotstart.fetch.journal import JournalHeader, PartFile
-from tests.conftest import error_line, run_cli
+from tests.conftest import error_line, isolated_environ, run_cli
 from tests.test_safefs import resolver  # noqa: F401 - the fixture both resolvers run under
 
 MiB = 1 << 20
@@ -338,3 +341,38 @@ def test_dest_swapped_for_a_link_mid_run_redirects_no_file(
     for p in moved.iterdir():
         if p.is_file():
             assert _same(p, src / p.name)
+
+
+@as_root
+def test_a_complete_dest_fetched_by_root_is_current_for_another_user(
+    tmp_path: Path, src: Path
+) -> None:
+    """Root's state directory and files are trusted as ours are (root could write anything
+    anyway): an init container's fetch as root, then a rerun as the server's user, copies
+    nothing and exits 0."""
+    top = Path(tempfile.mkdtemp(prefix="spotstart-redteam-", dir="/tmp"))
+    try:
+        os.chmod(top, 0o755)  # the other user must reach it
+        shutil.copytree(src, top / "src")
+        dest = top / "dest"
+        fetch(str(top / "src"), dest, SMALL)
+        result = run_cli_as(STRANGER, ["fetch", f"{top}/src/", str(dest), "--json"])
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["files_fetched"] == 0
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def run_cli_as(uid: int, args: list[str]) -> subprocess.CompletedProcess[str]:
+    import sys
+
+    drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
+    return subprocess.run(
+        [*drop, sys.executable, "-m", "spotstart.cli.main", *args],
+        env=isolated_environ(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd="/",
+    )

@@ -68,12 +68,13 @@ class CacheIndex:
         if entry is None or (entry.source, entry.version, entry.size) != (source, version, size):
             return False
         st = self._lstat(local)
-        # A link at the name is not the file we wrote, nor a file someone else owns (the
-        # size and mtime of theirs are theirs to choose: utimensat).
+        # A link at the name is not the file we wrote, nor a file another user owns (the
+        # size and mtime of theirs are theirs to choose: utimensat); root's may be (a fetch
+        # as root, then a rerun or load as the server's user).
         return (
             st is not None
             and stat.S_ISREG(st.st_mode)
-            and st.st_uid == os.geteuid()
+            and st.st_uid in (os.geteuid(), 0)
             and (st.st_size, st.st_mtime_ns) == (size, entry.mtime_ns)
         )
 
@@ -148,12 +149,15 @@ class CacheIndex:
 
 
 def _read_index(root: Path) -> bytes:
-    """The index's bytes, from a state directory that only we can write: one another user
-    made (DEST was theirs first) could name their own files as the ones we fetched, so it
-    is refused (UnsafePath), as saving into it would be."""
+    """The index's bytes, from a state directory that only we (or root) can write: one
+    another user made (DEST was theirs first) could name their own files as the ones we
+    fetched, so it is refused (UnsafePath), as saving into it would be. Root's is read (a
+    fetch as root, then a rerun or load as the server's user, all files current)."""
     dirfd = safefs.open_beneath(root, INDEX_DIR, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        safefs.check_private(dirfd, str(root / INDEX_DIR))
+        st = os.fstat(dirfd)
+        if st.st_uid != 0 or st.st_mode & 0o022:
+            safefs.check_private(dirfd, str(root / INDEX_DIR))
         fd = safefs.open_beneath(dirfd, INDEX_NAME)
     finally:
         os.close(dirfd)

@@ -526,10 +526,10 @@ class Loader:
     def _open_local(self, path: Path, size: int) -> int:
         """A descriptor of the local copy :meth:`_local_path` chose. A copy in the cache
         directory is opened beneath it with no link followed and judged again on the
-        descriptor (a regular file of ours of the shard's size): between the index's check
-        and this open, a user who can write a subdirectory could swap the name for a link
-        to bytes of theirs or a FIFO (O_NONBLOCK: refused, not waited on). A file:// source
-        is the user's own path."""
+        descriptor (a regular file of ours, or root's, of the shard's size): between the
+        index's check and this open, a user who can write a subdirectory could swap the
+        name for a link to bytes of theirs or a FIFO (O_NONBLOCK: refused, not waited on).
+        A file:// source is the user's own path."""
         if self.url.scheme == "file" or self.cache_dir is None:
             return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
@@ -543,7 +543,7 @@ class Loader:
                 "writes there, and rerun"
             ) from None
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_size != size:
+        if not stat.S_ISREG(st.st_mode) or st.st_uid not in (os.geteuid(), 0) or st.st_size != size:
             os.close(fd)
             raise UnsafePath(
                 f"{path}: the cached copy changed as it was opened (not a regular file of "
