@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -364,8 +365,6 @@ def test_a_complete_dest_fetched_by_root_is_current_for_another_user(
 
 
 def run_cli_as(uid: int, args: list[str]) -> subprocess.CompletedProcess[str]:
-    import sys
-
     drop = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--"]
     return subprocess.run(
         [*drop, sys.executable, "-m", "spotstart.cli.main", *args],
@@ -376,3 +375,75 @@ def run_cli_as(uid: int, args: list[str]) -> subprocess.CompletedProcess[str]:
         check=False,
         cwd="/",
     )
+
+
+RACER = r"""
+import os, sys, time
+dest, outside, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+deadline = time.monotonic() + seconds
+n = 0
+print("racing", flush=True)
+while time.monotonic() < deadline:
+    n += 1
+    try:
+        os.rename(os.path.join(dest, ".spotstart"), os.path.join(dest, f".gone-{n}"))
+    except OSError:
+        pass
+    try:
+        os.mkdir(os.path.join(dest, ".spotstart"), 0o777)
+        os.chmod(os.path.join(dest, ".spotstart"), 0o777)
+        os.symlink(outside, os.path.join(dest, ".spotstart", "parts"))
+    except OSError:
+        pass
+print("swaps", n, flush=True)
+"""
+
+
+@as_root
+def test_another_user_racing_to_replace_the_state_directory_gets_no_byte_out(
+    resolver: str,  # noqa: F811
+) -> None:
+    """Another user who can write DEST (mode 0777) renames our fresh .spotstart away and
+    makes their own, with parts -> a directory of theirs, in a loop while fetch runs
+    (between our mkdir and open, or between two files): every run ends with the right
+    bytes or exit 8, and nothing lands in their directory."""
+    top = Path(tempfile.mkdtemp(prefix="spotstart-redteam-", dir="/tmp"))
+    try:
+        os.chmod(top, 0o755)
+        src = top / "src"
+        src.mkdir()
+        for i in range(6):
+            (src / f"f{i}").write_bytes(os.urandom(1000 + i))
+        dest, theirs = top / "dest", top / "theirs"
+        dest.mkdir(mode=0o777)
+        os.chmod(dest, 0o777)
+        theirs.mkdir()
+        os.chown(theirs, STRANGER, STRANGER)
+        drop = ["setpriv", f"--reuid={STRANGER}", f"--regid={STRANGER}", "--clear-groups", "--"]
+        racer = subprocess.Popen(
+            [*drop, sys.executable, "-c", RACER, str(dest), str(theirs), "15"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert racer.stdout is not None and racer.stdout.readline() == "racing\n"
+            outcomes: dict[str, int] = {}
+            for _ in range(30):
+                if racer.poll() is not None:
+                    break
+                for p in dest.glob("f*"):
+                    p.unlink()
+                try:
+                    fetch(str(src), dest, SMALL)
+                    outcomes["ok"] = outcomes.get("ok", 0) + 1
+                    for i in range(6):
+                        assert _same(dest / f"f{i}", src / f"f{i}")
+                except (UnsafePath, LocalIOError) as exc:
+                    outcomes[type(exc).__name__] = outcomes.get(type(exc).__name__, 0) + 1
+                assert list(theirs.iterdir()) == [], outcomes
+        finally:
+            racer.kill()
+            racer.communicate()
+        assert outcomes.get("UnsafePath", 0) > 0, outcomes  # the race was met
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
