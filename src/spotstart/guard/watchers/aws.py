@@ -88,6 +88,9 @@ def parse_utc(text: str) -> datetime:
     anything else (a date alone, a time without a zone, ISO 8601's basic format...)."""
     if not _RFC3339.fullmatch(text):
         raise MalformedMetadata(f"not an RFC 3339 time: {text[:40]!r}")
+    # A leap second (23:59:60) is a real instant datetime cannot hold: read as :59, the
+    # deadline one second early, never a fault that hides the notice.
+    text = text[:17] + "59" + text[19:] if text[17:19] == "60" else text
     try:
         when = datetime.fromisoformat(text.upper().replace("Z", "+00:00").replace(" ", "T"))
     except ValueError as exc:  # 2026-13-45T...: the right shape, not a date

@@ -179,6 +179,9 @@ def parse_not_before(text: str) -> float | None:
         return None
     if not _RFC1123.fullmatch(text):
         raise MalformedMetadata(f"NotBefore {text[:40]!r} is not an RFC 1123 date")
+    # A leap second (23:59:60) is a real instant datetime cannot hold: read as :59, the
+    # deadline one second early, never a fault that hides the event.
+    text = re.sub(r"(\d{2}:\d{2}):60 ", r"\1:59 ", text)
     try:
         when = email.utils.parsedate_to_datetime(text)
     except (TypeError, ValueError) as exc:  # the right shape, not a date (31 Feb...)
