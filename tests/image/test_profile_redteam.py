@@ -7,6 +7,7 @@ way of the readiness probe. Run as root in CI: the sandbox then runs as nobody."
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -78,6 +79,17 @@ while True:
 """
 
 
+FORGED_LOG = r"""
+import os
+with open(os.environ["SPOTSTART_PROFILE_LOG"], "a") as log:
+    log.write("/" + "x/" * 3000 + "y\n")  # longer than any path the kernel resolves
+    log.write("/" + "app/" * 400_000 + "\n")  # endless components
+    log.write("/app/../../../models/model.safetensors\n")  # above the root: clamped
+print("forged done", flush=True)
+import time; time.sleep(600)
+"""
+
+
 @pytest.fixture(scope="module")
 def image_root() -> Iterator[Path]:
     """A Python image root with the hostile scripts, under a path every user can traverse
@@ -92,6 +104,7 @@ def image_root() -> Iterator[Path]:
             ("setuid.py", SETUID),
             ("linked.py", LINKED_DIRS),
             ("stubborn.py", STUBBORN),
+            ("forged.py", FORGED_LOG),
         ):
             (root / "app" / name).write_text(text)
         yield root
@@ -296,3 +309,21 @@ def test_a_trace_of_an_open_loop_is_parsed_in_bounded_memory(tmp_path: Path) -> 
         tracemalloc.stop()
     assert files == ["/app/x.py"]
     assert peak < 8 << 20, f"{peak / 1e6:.0f} MB to parse {trace.stat().st_size / 1e6:.0f} MB"
+
+
+def test_a_forged_audit_hook_log_is_judged_not_crashed_on(image_root: Path, tmp_path: Path) -> None:
+    """The audit hook's log is whatever the command writes: a path longer than PATH_MAX
+    raised ENAMETOOLONG out of resolve_in_root (exit 1), a path of 400,000 components took
+    quadratic time; a path climbing above the root stays in it."""
+    out = tmp_path / "p"
+    result = _profile(
+        image_root,
+        out,
+        ["--tracer", "audit-hook", "--ready-log", "forged done"],
+        "/usr/bin/python3",
+        "/app/forged.py",
+    )
+    assert result.code == 0, result.stderr  # type: ignore[attr-defined]
+    files = [f["path"] for f in json.loads((out / "profile.json").read_text())["files"]]
+    assert "/models/model.safetensors" in files
+    assert all(len(f) < 4096 for f in files)

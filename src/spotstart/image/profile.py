@@ -25,6 +25,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,31 +194,47 @@ def parse_strace(
                 yield "exec", path[len(root) :]
 
 
+_PATH_MAX = 4096  # Linux: no path the kernel resolves is longer, nor has more components
+
+
 def resolve_in_root(root: Path, path: str) -> str | None:
     """``path`` with its symlinks followed as the image sees them (never above ``root``);
-    None when it does not name a regular file there."""
-    parts = [p for p in path.split("/") if p not in ("", ".")]
+    None when it does not name a regular file there. The path comes from the traced
+    command (the audit hook's log is whatever it wrote) and the links from the image: a
+    path or a link target longer than the kernel resolves, or more than 40 links, names
+    nothing (before, an over-long one raised ENAMETOOLONG: exit 1; a million components
+    took quadratic time)."""
+    if len(path) > _PATH_MAX:
+        return None
+    parts = deque(p for p in path.split("/") if p not in ("", "."))
     done: list[str] = []
     hops = 0
-    while parts:
-        seg = parts.pop(0)
-        if seg == "..":
-            if done:
-                done.pop()
-            continue
-        host = root.joinpath(*done, seg)
-        if host.is_symlink():
-            hops += 1
-            if hops > 40:
-                return None
-            target = os.readlink(host)
-            if target.startswith("/"):
-                done = []
-            parts = [p for p in target.split("/") if p not in ("", ".")] + parts
-            continue
-        done.append(seg)
-    final = root.joinpath(*done)
-    return "/" + "/".join(done) if final.is_file() else None
+    try:
+        while parts:
+            seg = parts.popleft()
+            if seg == "..":
+                if done:
+                    done.pop()
+                continue
+            host = root.joinpath(*done, seg)
+            mode = os.lstat(host).st_mode  # missing: the kernel could not have opened it
+            if stat.S_ISLNK(mode):
+                hops += 1
+                if hops > 40:
+                    return None
+                target = os.readlink(host)
+                if target.startswith("/"):
+                    done = []
+                parts.extendleft(reversed([p for p in target.split("/") if p not in ("", ".")]))
+                if len(parts) > _PATH_MAX:
+                    return None
+                continue
+            if parts and not stat.S_ISDIR(mode):
+                return None  # a file or nothing in the middle: the kernel stops there too
+            done.append(seg)
+        return "/" + "/".join(done) if done and stat.S_ISREG(mode) else None
+    except OSError:  # ENAMETOOLONG, EACCES: no file the command could have read there
+        return None
 
 
 def elf_interpreter(path: Path) -> str | None:
