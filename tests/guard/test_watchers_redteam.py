@@ -172,3 +172,11 @@ async def test_azure_preempt_with_a_leap_second_drains() -> None:
             await stream.close()
     assert notice.kind is NoticeKind.PREEMPTION
     assert notice.deadline == pytest.approx(100.0 + 59)
+
+
+@pytest.mark.parametrize("ttl", ["\u00b2", "\u0663", "1\u00b2", "-5", "0", "99999"])
+def test_an_imdsv2_ttl_header_that_is_no_ascii_number_is_a_fault(ttl: str) -> None:
+    """ "²" passes str.isdigit() and fails int(): a ValueError is no WATCH_ERROR, so each
+    token fetch crashed the poller (restarted, crashed again: no poll ever ran)."""
+    with pytest.raises(aws_mod.MalformedMetadata, match="TTL"):
+        aws_mod.parse_token(b"AQAEAFakeToken==", ttl, 21600)

@@ -249,3 +249,32 @@ def test_the_token_never_follows_a_redirect_to_another_port(
         server.server_close()
     assert code == 0, err
     assert storage.seen and all("authorization" not in s.headers for s in storage.seen)
+
+
+@pytest.mark.parametrize(
+    ("status", "header"),
+    [(503, "Retry-After"), (200, "Content-Length")],
+)
+def test_a_header_of_digits_that_are_not_ascii_is_the_servers_fault(
+    hostile: tuple[Hostile, str], status: int, header: str
+) -> None:
+    """ "\\xb2" ("²" as latin-1 decodes it) passes str.isdigit() and fails int(): exit 1 (a
+    bug) before; now an unusable header, ignored (a retry without the server's pause; a
+    body read to the bound)."""
+    state, address = hostile
+
+    def odd(h: Handler, seen: Seen) -> bool:
+        if "/manifests/" not in h.path:
+            return False
+        h.send_response(status)
+        h.send_header(header, "\u00b2")
+        h.send_header("Connection", "close")
+        h.end_headers()
+        h.close_connection = True
+        h.wfile.write(state.manifest if status == 200 else b"{}")
+        return True
+
+    state.answer = odd
+    code, _, err = _audit(address)
+    assert "Traceback" not in err
+    assert code == (7 if status == 503 else 0), err

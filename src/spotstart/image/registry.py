@@ -253,6 +253,12 @@ def _origin(url: str) -> tuple[str, str]:
     return parts.scheme, parts.netloc
 
 
+def _decimal(text: str) -> bool:
+    """ASCII digits only: a header is decoded as latin-1, and str.isdigit() takes "\xb2"
+    ("²"), which int() and float() refuse (exit 1, where a bad header is the server's fault)."""
+    return text.isascii() and text.isdigit()
+
+
 def _shown(text: str, limit: int = 200) -> str:
     """Server-sent text for a one-line message: printable characters only, cut to ``limit``."""
     clean = "".join(c if c.isprintable() else "?" for c in text[:limit])
@@ -317,7 +323,7 @@ def read_at_most(resp: urllib3.BaseHTTPResponse, limit: int, what: str, host: st
     ProtocolError on a longer one (declared or sent), the connection closed unread. Bytes
     as sent: a Content-Encoding nobody asked for is not undone (digests are of these bytes)."""
     declared = resp.headers.get("Content-Length", "").strip()
-    if declared.isdigit() and int(declared) > limit:
+    if _decimal(declared) and int(declared) > limit:
         close_unread(resp)
         raise ProtocolError(
             f"{what}: {host} declared a {declared}-byte body where at most {limit} were "
@@ -468,7 +474,7 @@ class Registry:
             retry_after = headers.get("Retry-After", "")
             raise TransientError(
                 f"{what}: HTTP {status}{detail}",
-                retry_after_s=float(retry_after) if retry_after.isdigit() else None,
+                retry_after_s=float(retry_after) if _decimal(retry_after) else None,
                 status=status,
             )
         if status == 404:
@@ -668,7 +674,7 @@ class _RangedBlob(io.RawIOBase):
                 raise ProtocolError(f"{self._what}: the registry ignored a Range request (200)")
             return b""  # signal: read it as one stream
         m = re.fullmatch(
-            r"bytes (\d+)-(\d+)/(\d+|\*)", resp.headers.get("Content-Range", "").strip()
+            r"bytes ([0-9]+)-([0-9]+)/([0-9]+|\*)", resp.headers.get("Content-Range", "").strip()
         )
         if not m or int(m.group(1)) != start or int(m.group(2)) != end - 1:
             close_unread(resp)
@@ -708,7 +714,7 @@ class _RangedBlob(io.RawIOBase):
     def _open_stream(self) -> None:
         resp = self._reg.request("GET", self._path, what=self._what)
         declared = resp.headers.get("Content-Length", "").strip()
-        if declared.isdigit() and int(declared) > self._size:
+        if _decimal(declared) and int(declared) > self._size:
             close_unread(resp)
             raise ProtocolError(
                 f"{self._what}: {self._host} declared {declared} bytes for a blob of "

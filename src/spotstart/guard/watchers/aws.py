@@ -130,7 +130,12 @@ def parse_token(body: bytes, ttl_header: str | None, asked_ttl_s: int) -> tuple[
         raise MalformedMetadata(f"token PUT: not an IMDSv2 token: {token[:40]!r}")
     ttl = asked_ttl_s
     if ttl_header is not None:
-        if not ttl_header.isdigit() or not 1 <= int(ttl_header) <= asked_ttl_s:
+        # ASCII digits: str.isdigit() also takes "²", which int() refuses (a crash, not a fault)
+        if (
+            not ttl_header.isascii()
+            or not ttl_header.isdigit()
+            or not 1 <= int(ttl_header) <= asked_ttl_s
+        ):
             raise MalformedMetadata(f"token PUT: TTL {ttl_header[:20]!r} not within 1..{ttl}")
         ttl = int(ttl_header)
     return token, ttl
