@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from spotstart.emulate.servers import free_port
+from spotstart.image.prefetch import nydus_prefetch
 from spotstart.image.profile import ordered_files, parse_strace
 from tests.conftest import error_line, run_cli
 from tests.image import pyroot
@@ -327,3 +328,10 @@ def test_a_forged_audit_hook_log_is_judged_not_crashed_on(image_root: Path, tmp_
     files = [f["path"] for f in json.loads((out / "profile.json").read_text())["files"]]
     assert "/models/model.safetensors" in files
     assert all(len(f) < 4096 for f in files)
+
+
+def test_a_file_name_with_a_line_break_adds_no_line_to_the_nydus_list() -> None:
+    """The image chooses its file names: ``/app/x\\n/`` in the one-path-a-line Nydus list
+    added a line ``/`` (prefetch everything)."""
+    text = nydus_prefetch(["/app/a.py", "/app/x\n/", "/app/y\r", "/app/b.py"])
+    assert text.splitlines() == ["/app/a.py", "/app/b.py"]

@@ -34,7 +34,9 @@ def soci_prefetch(paths: Sequence[str]) -> str:
 
 
 def nydus_prefetch(paths: Sequence[str]) -> str:
-    return "".join(p + "\n" for p in paths)
+    # One path a line: a name from the image holding a line break would add lines of the
+    # image's choosing (``/`` prefetches everything), so such a name is left out.
+    return "".join(p + "\n" for p in paths if "\n" not in p and "\r" not in p)
 
 
 def write_all(out_dir: Path, files: Sequence[Any]) -> dict[str, str]:
