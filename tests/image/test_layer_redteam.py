@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import struct
 import tarfile
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +21,7 @@ from spotstart.errors import IntegrityError, InvalidImage, UnsupportedImage
 from spotstart.image import tree as tree_module
 from spotstart.image.digest import Digest
 from spotstart.image.layer import LayerStats, layer_members
+from spotstart.image.sources import TarArchive, resolve_docker_archive
 from spotstart.image.tarscan import BLOCK, TarScanner
 from spotstart.image.tree import MergedTree
 
@@ -257,3 +260,27 @@ def test_more_members_than_the_tree_holds_is_refused(monkeypatch: pytest.MonkeyP
     with pytest.raises(UnsupportedImage, match="over 1,000 members"):
         for layer, e in enumerate(entries):
             tree.add(layer // 600, e)
+
+
+@pytest.mark.parametrize(
+    ("tags", "ref"),
+    [([1, "x:1"], ""), ("app:v1-evil", "app:v1"), ([["a"]], "a"), ({"a": 1}, "a")],
+)
+def test_docker_archive_repo_tags_that_are_not_a_list_of_strings_are_invalid(
+    tmp_path: Path, tags: object, ref: str
+) -> None:
+    """RepoTags [1, "x:1"]: the tags shown when none is named were sorted (TypeError, exit
+    1); a string matched a tag by substring ("app:v1" chose "app:v1-evil")."""
+    entries = [{"Config": "c.json", "Layers": [], "RepoTags": tags}] * 2
+    path = tmp_path / "image.tar"
+    with tarfile.open(path, "w") as tf:
+        data = json.dumps(entries).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(data)
+        tf.addfile(info, io.BytesIO(data))
+    archive = TarArchive(path)
+    try:
+        with pytest.raises(InvalidImage, match="RepoTags"):
+            resolve_docker_archive(archive, ref=ref)
+    finally:
+        archive.close()

@@ -358,14 +358,15 @@ def resolve_docker_archive(archive: TarArchive, *, ref: str) -> ResolvedImage:
         or not all(isinstance(e, dict) for e in entries)
     ):
         raise InvalidImage(f"{what}: manifest.json must be a non-empty list of images")
+    repo_tags = [_repo_tags(e, what) for e in entries]
     if ref:
-        chosen = [e for e in entries if ref in (e.get("RepoTags") or [])]
+        chosen = [e for e, tags in zip(entries, repo_tags, strict=True) if ref in tags]
         if not chosen:
-            tags = sorted(t for e in entries for t in (e.get("RepoTags") or []))
+            tags = sorted(t for ts in repo_tags for t in ts)
             raise NotFound(f"{what}: no image tagged {ref!r} (it has: {', '.join(tags)})")
         entry = chosen[0]
     elif len(entries) > 1:
-        tags = sorted(t for e in entries for t in (e.get("RepoTags") or []))
+        tags = sorted(t for ts in repo_tags for t in ts)
         raise UsageError(f"{what} holds {len(entries)} images ({', '.join(tags)}); name one")
     else:
         entry = entries[0]
@@ -397,7 +398,7 @@ def resolve_docker_archive(archive: TarArchive, *, ref: str) -> ResolvedImage:
                 open=functools.partial(_member_stream, archive, name),
             )
         )
-    tags = entry.get("RepoTags") or []
+    tags = _repo_tags(entry, what)
     return ResolvedImage(
         name=f"{what}{':' + str(tags[0]) if tags else ''}",
         kind="docker-archive",
@@ -406,6 +407,17 @@ def resolve_docker_archive(archive: TarArchive, *, ref: str) -> ResolvedImage:
         layers=tuple(refs),
         transport=f"docker-archive:{what}{':' + ref if ref else ''}",
     )
+
+
+def _repo_tags(entry: dict[str, object], what: str) -> list[str]:
+    """An entry's ``RepoTags``: a list of strings (null or absent: none). A string would
+    match a tag by substring, numbers would crash the sort of the tags shown."""
+    tags = entry.get("RepoTags")
+    if tags is None:
+        return []
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise InvalidImage(f"{what}: manifest.json RepoTags must be a list of strings")
+    return tags
 
 
 def _member_stream(archive: TarArchive, name: str) -> BinaryIO:
