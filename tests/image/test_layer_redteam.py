@@ -284,3 +284,12 @@ def test_docker_archive_repo_tags_that_are_not_a_list_of_strings_are_invalid(
             resolve_docker_archive(archive, ref=ref)
     finally:
         archive.close()
+
+
+@pytest.mark.parametrize("history", [42, -1.5, True, "abc", {"a": 1}, [1, "x", None]])
+def test_an_image_config_whose_history_is_no_list_of_entries_is_read(history: object) -> None:
+    """history: 42 was a TypeError (exit 1); history is informational: it is ignored."""
+    from spotstart.image import oci
+
+    doc = {"rootfs": {"type": "layers", "diff_ids": []}, "history": history}
+    assert oci.parse_config(doc, "config").history == ()

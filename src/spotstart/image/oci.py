@@ -224,7 +224,8 @@ def parse_config(doc: dict[str, Any], what: str) -> ImageConfig:
         raise InvalidImage(f"{what}: config has no rootfs.diff_ids")
     diff_ids = tuple(Digest.parse(d) for d in rootfs["diff_ids"])
     history = []
-    for h in doc.get("history") or []:
+    entries = doc.get("history")
+    for h in entries if isinstance(entries, list) else []:  # a number was a TypeError
         if isinstance(h, dict):
             history.append(
                 HistoryEntry(
