@@ -35,8 +35,10 @@ from dataclasses import dataclass
 __all__ = [
     "BoundedListener",
     "ListenLimits",
+    "OneLinePerInterval",
     "is_loopback",
     "raise_open_files_limit",
+    "request_error_log",
 ]
 
 # What a client over the cap, or with a head too large, is told before the close.
@@ -108,6 +110,43 @@ def raise_open_files_limit() -> int:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+class OneLinePerInterval(logging.Filter):
+    """A server's request errors (aiohttp's, for a malformed request), as one line per interval
+    with a count and no traceback: anyone who reaches the port gets one logged per malformed
+    request, eleven lines each, so a loop of them would bury the log and cost the CPU the
+    server needs (as accept errors would)."""
+
+    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
+        super().__init__()
+        self.interval_s, self.clock = interval_s, clock
+        self.last = -float("inf")
+        self.suppressed = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = self.clock()
+        if now - self.last < self.interval_s:
+            self.suppressed += 1
+            return False
+        self.last = now
+        exc = record.exc_info[1] if record.exc_info else None
+        cause = f": {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}" if exc else ""
+        more = f" ({self.suppressed} more since the last line)" if self.suppressed else ""
+        record.msg, record.args = f"{record.getMessage()}{cause}{more}", ()
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        self.suppressed = 0
+        return True
+
+
+def request_error_log(parent: logging.Logger) -> logging.Logger:
+    """A child of ``parent`` for one server's HTTP request errors, through a
+    :class:`OneLinePerInterval` of its own (an unregistered logger: each server counts its
+    own). Pass it as aiohttp's ``logger=``."""
+    log = logging.Logger(f"{parent.name}.http")
+    log.parent = parent
+    log.addFilter(OneLinePerInterval())
+    return log
 
 
 class _RateLimitedLog:

@@ -354,3 +354,40 @@ async def test_metadata_faults_and_watcher_restarts_are_on_the_guards_metrics() 
         assert endpoints and all(endpoints), endpoints
         status, _ = await _status(url + "/readyz")  # junk is never a notice
         assert status == 200 and guard.popen.poll() is None
+
+
+async def test_malformed_requests_on_the_guard_port_log_one_line_per_interval_not_a_traceback_each(
+    upstream: str,
+) -> None:
+    """Anyone who reaches the guard's port sends requests aiohttp cannot parse: one line per
+    interval with a count, no traceback (before: an 11-line traceback each, a log flood that
+    any client of the Service could cause)."""
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    keep = Keep()
+    root = logging.getLogger()
+    root.addHandler(keep)
+    try:
+        async with _proxy(upstream, ListenLimits()) as (_, url):
+            port = int(url.rsplit(":", 1)[1])
+
+            def send_bad() -> None:
+                for _ in range(20):
+                    for bad in (b"GET /\n\n", b"GET / HTTP/1.1\r\nHost: x\r\nX: \x01\r\n\r\n"):
+                        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                            s.sendall(bad)
+                            with contextlib.suppress(OSError):
+                                s.recv(100)
+
+            await asyncio.to_thread(send_bad)
+            status, _ = await _status(url + "/fast")
+            assert status == 200
+    finally:
+        root.removeHandler(keep)
+    errors = [r for r in records if r.levelno >= logging.WARNING and r.name.endswith(".http")]
+    assert 1 <= len(errors) <= 2, [r.getMessage() for r in errors]
+    assert all(r.exc_info is None and "\n" not in r.getMessage() for r in errors)

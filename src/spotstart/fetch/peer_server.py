@@ -49,7 +49,7 @@ from spotstart.fetch.cache import INDEX_NAME, CacheEntry
 from spotstart.fetch.journal import read_journal
 from spotstart.fetch.layout import JOURNAL_SUFFIX, PART_SUFFIX, PARTS_DIR, STATE_DIR, normalize
 from spotstart.fetch.peers import ID_RE, INVENTORY_PATH, OBJECTS_PATH, object_id
-from spotstart.listen import BoundedListener, ListenLimits
+from spotstart.listen import BoundedListener, ListenLimits, request_error_log
 from spotstart.safefs import open_beneath
 from spotstart.units import parse_host_port
 
@@ -364,33 +364,6 @@ class PeerIndex:
         return None
 
 
-class _OneLinePerInterval(logging.Filter):
-    """aiohttp's request errors, as one line per interval with a count and no traceback:
-    anyone who reaches the port (no token needed) gets one logged per malformed request,
-    eleven lines each, so a loop of them would bury the log and cost the CPU the server
-    needs (as accept errors would, see :mod:`spotstart.listen`)."""
-
-    def __init__(self, interval_s: float = 10.0, clock: Callable[[], float] = time.monotonic):
-        super().__init__()
-        self.interval_s, self.clock = interval_s, clock
-        self.last = -float("inf")
-        self.suppressed = 0
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = self.clock()
-        if now - self.last < self.interval_s:
-            self.suppressed += 1
-            return False
-        self.last = now
-        exc = record.exc_info[1] if record.exc_info else None
-        cause = f": {type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}" if exc else ""
-        more = f" ({self.suppressed} more since the last line)" if self.suppressed else ""
-        record.msg, record.args = f"{record.getMessage()}{cause}{more}", ()
-        record.exc_info, record.exc_text, record.stack_info = None, None, None
-        self.suppressed = 0
-        return True
-
-
 class PeerServer:
     """The HTTP server over a :class:`PeerIndex`; ``start`` binds, ``close`` stops."""
 
@@ -412,9 +385,7 @@ class PeerServer:
         self.log = log or logging.getLogger("spotstart.peers")
         # aiohttp's own errors (malformed requests...) through a limiter, to this log; an
         # unregistered logger, so each server has its own count.
-        self.http_log = logging.Logger(f"{self.log.name}.http")
-        self.http_log.parent = self.log
-        self.http_log.addFilter(_OneLinePerInterval())
+        self.http_log = request_error_log(self.log)
         self.index: PeerIndex | None = None
         self.active = 0
         self.bytes_served = 0

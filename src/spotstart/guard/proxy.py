@@ -26,7 +26,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from spotstart.errors import UsageError
 from spotstart.guard.drain import Clock, DrainController, Phase
 from spotstart.guard.metrics import CONTENT_TYPE, GuardMetrics
-from spotstart.listen import BoundedListener, ListenLimits, raise_open_files_limit
+from spotstart.listen import (
+    BoundedListener,
+    ListenLimits,
+    raise_open_files_limit,
+    request_error_log,
+)
 
 log = logging.getLogger("spotstart.guard")
 
@@ -165,6 +170,7 @@ class GuardProxy:
             shutdown_timeout=1,
             handler_cancellation=True,
             keepalive_timeout=self.limits.idle_timeout_s,
+            logger=request_error_log(log),
         )
         await self._runner.setup()
         assert self._runner.server is not None
