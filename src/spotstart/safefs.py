@@ -43,6 +43,7 @@ __all__ = [
     "private_dir_fd",
     "rename_beneath",
     "resolver",
+    "stat_beneath",
     "write_output",
 ]
 
@@ -266,6 +267,19 @@ def _not_a_link(fd: int, rel: str) -> int:
         os.close(fd)
         raise OSError(errno.ELOOP, "a symlink in the path", rel)
     return fd
+
+
+def stat_beneath(root: Root, rel: str) -> os.stat_result | None:
+    """What ``rel`` beneath ``root`` is (the file itself, never a link's target), or None when
+    no such name can be reached with no link in any component."""
+    try:
+        fd = open_beneath(root, rel, os.O_PATH)
+    except OSError:
+        return None
+    try:
+        return os.fstat(fd)
+    finally:
+        os.close(fd)
 
 
 def create_exclusive(root: Root, rel: str, mode: int = 0o600, flags: int = os.O_WRONLY) -> int:

@@ -83,16 +83,12 @@ class CacheIndex:
         it lies beneath the root (a directory swapped for a link since the file was renamed
         into place names no file of ours); None when there is none."""
         rel = os.path.relpath(local, self.root)
-        try:
-            if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+        if rel == os.pardir or rel.startswith(os.pardir + os.sep):
+            try:
                 return local.lstat()
-            fd = safefs.open_beneath(self.root, rel, os.O_PATH)
-        except OSError:
-            return None
-        try:
-            return os.fstat(fd)
-        finally:
-            os.close(fd)
+            except OSError:
+                return None
+        return safefs.stat_beneath(self.root, rel)
 
     def record(
         self,

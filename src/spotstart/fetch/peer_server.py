@@ -50,7 +50,7 @@ from spotstart.fetch.journal import read_journal
 from spotstart.fetch.layout import JOURNAL_SUFFIX, PART_SUFFIX, PARTS_DIR, STATE_DIR, normalize
 from spotstart.fetch.peers import ID_RE, INVENTORY_PATH, OBJECTS_PATH, object_id
 from spotstart.listen import BoundedListener, ListenLimits, request_error_log
-from spotstart.safefs import open_beneath
+from spotstart.safefs import open_beneath, stat_beneath
 from spotstart.units import parse_host_port
 
 PIECE = 1 << 20
@@ -134,17 +134,6 @@ def _index_entries(root_fd: int) -> dict[str, CacheEntry]:
         }
     except (OSError, ValueError, TypeError, AttributeError):
         return {}
-
-
-def _stat_beneath(root_fd: int, rel: str) -> os.stat_result | None:
-    try:
-        fd = open_beneath(root_fd, rel, os.O_PATH)
-    except OSError:
-        return None
-    try:
-        return os.fstat(fd)
-    finally:
-        os.close(fd)
 
 
 class PeerIndex:
@@ -234,7 +223,7 @@ class PeerIndex:
                     continue  # not a name we would have written
             except ValueError:
                 continue
-            st = _stat_beneath(self.root_fd, rel)
+            st = stat_beneath(self.root_fd, rel)
             if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != e.size:
                 continue
             if st.st_mtime_ns != e.mtime_ns:
