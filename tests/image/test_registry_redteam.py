@@ -229,7 +229,7 @@ def test_redirect_loops_and_other_schemes_end_in_one_line(
     code, _, err = _audit(address)
     assert code == 11, err
     line = error_line(err)
-    assert ("too many redirects" if location == "LOOP" else "not http(s)") in line
+    assert ("too many redirects" if location == "LOOP" else "not an http(s) URL") in line
     assert len(state.requests("/manifests/")) <= 8 * 5
 
 
@@ -278,3 +278,49 @@ def test_a_header_of_digits_that_are_not_ascii_is_the_servers_fault(
     code, _, err = _audit(address)
     assert "Traceback" not in err
     assert code == (7 if status == 503 else 0), err
+
+
+@pytest.mark.parametrize(
+    ("challenge", "needle"),
+    [
+        ('Bearer realm="http://[::1/token"', "is not a URL"),  # was ValueError, exit 1
+        ('Bearer realm="http://127.0.0.1:99999/token"', "is not a URL"),
+        ('Bearer realm="https://"', "not an http(s) URL with a host"),
+        ('Bearer realm="file:///etc/passwd"', "not an http(s) URL"),
+        ('Bearer realm="/token"', "not an http(s) URL"),
+        ("Bearer realm=" + "x" * 60000, "not an http(s) URL"),
+        ("Bearer " + ",".join(f"k{i}=v" for i in range(5000)), "usable WWW-Authenticate"),
+        ("Negotiate", "usable WWW-Authenticate"),
+    ],
+)
+def test_a_hostile_challenge_is_one_short_line(
+    hostile: tuple[Hostile, str], challenge: str, needle: str
+) -> None:
+    state, address = hostile
+
+    def unauthorized(h: Handler, seen: Seen) -> bool:
+        if h.headers.get("Authorization"):
+            return False
+        h.send_body(401, b"{}", seen, {"WWW-Authenticate": challenge})
+        return True
+
+    state.answer = unauthorized
+    code, _, err = _audit(address)
+    assert code == 11, err
+    line = error_line(err)
+    assert needle in line and len(line) < 1000, line
+
+
+def test_a_redirect_to_a_broken_url_is_one_line(hostile: tuple[Hostile, str]) -> None:
+    state, address = hostile
+
+    def broken(h: Handler, seen: Seen) -> bool:
+        if "/manifests/" not in h.path:
+            return False
+        h.send_body(302, b"", seen, {"Location": "http://[::1/v2/x"})
+        return True
+
+    state.answer = broken
+    code, _, err = _audit(address)
+    assert code == 11, err
+    assert "is not a URL" in error_line(err)

@@ -248,6 +248,21 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
+def target_url(base: str, reference: str, what: str) -> str:
+    """``reference`` (a Location, a realm) resolved against ``base``: an http(s) URL with a
+    host and a valid port, or ProtocolError (urlsplit raises ValueError on "http://[::1/",
+    which was exit 1)."""
+    try:
+        url = urljoin(base, reference)
+        parts = urlsplit(url)
+        _ = parts.port  # ValueError when out of range or not a number
+    except ValueError:
+        raise ProtocolError(f"{what}: {_shown(reference)} is not a URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ProtocolError(f"{what}: sent to {_shown(url)}, not an http(s) URL with a host")
+    return url
+
+
 def _origin(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     return parts.scheme, parts.netloc
@@ -439,9 +454,7 @@ class Registry:
             status = resp.status
             if status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 discard(resp)
-                url = urljoin(url, resp.headers["Location"])
-                if urlsplit(url).scheme not in ("http", "https"):
-                    raise ProtocolError(f"{what}: redirected to {_shown(url)}, not http(s)")
+                url = target_url(url, resp.headers["Location"], f"{what}: redirect")
                 continue
             if status == 401 and same_host and not authed:
                 challenge = resp.headers.get("WWW-Authenticate", "")
@@ -507,14 +520,13 @@ class Registry:
             return
         if scheme != "bearer" or not params.get("realm"):
             raise ProtocolError(
-                f"{what}: 401 without a usable WWW-Authenticate challenge ({challenge!r})"
+                f"{what}: 401 without a usable WWW-Authenticate challenge ({_shown(challenge)!r})"
             )
         scope = params.get("scope") or f"repository:{self.reference.repository}:pull"
         query = {k: v for k, v in (("service", params.get("service", "")), ("scope", scope)) if v}
         realm = params["realm"]
+        realm = target_url(realm, "", f"{what}: token realm")
         realm_scheme = urlsplit(realm).scheme
-        if realm_scheme not in ("http", "https"):
-            raise ProtocolError(f"{what}: token realm {_shown(realm)} is not an http(s) URL")
         if creds is not None and realm_scheme == "http" and self.base.startswith("https:"):
             raise ProtocolError(
                 f"{what}: {self.reference.registry} sends its credentials to a plain-http token "
@@ -577,9 +589,7 @@ class Registry:
             check_destination(resp, self._home, f"{what}: token service {host}")
             if resp.status in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 discard(resp)
-                target = urljoin(url, resp.headers["Location"])
-                if urlsplit(target).scheme not in ("http", "https"):
-                    raise ProtocolError(f"{what}: token service redirected to {_shown(target)}")
+                target = target_url(url, resp.headers["Location"], f"{what}: token redirect")
                 if _origin(target) != _origin(url):
                     if body is not None:
                         raise ProtocolError(
