@@ -153,3 +153,43 @@ def test_cache_entries_survive_a_reload_and_a_missing_file_is_not_current(
     assert fresh.is_current("a", "s3://b/a", "e1", 1, tmp_path / "a")
     assert not fresh.is_current("b", "s3://b/b", "e2", 1, tmp_path / "b")
     assert not list((tmp_path / ".spotstart").glob("*.tmp"))
+
+
+def test_state_files_naming_a_url_with_a_query_are_readable_by_us_alone(tmp_path: Path) -> None:
+    """A presigned URL's query string is a credential: the journal and the index that record
+    it are 0600; plain URLs stay readable by all, as the files in DEST are."""
+    signed = JournalHeader("https://h/m.bin?X-Amz-Signature=SECRET", 100, "v1", 10)
+    part = PartFile(tmp_path / "s", signed, fsync=False)
+    part.open()
+    assert os.stat(part.journal_path).st_mode & 0o777 == 0o600
+    part.close()
+    plain = PartFile(tmp_path / "p", header(), fsync=False)
+    plain.open()
+    assert os.stat(plain.journal_path).st_mode & 0o777 == 0o644
+    plain.close()
+    index = CacheIndex(tmp_path)
+    (tmp_path / "p2").write_bytes(b"x")
+    index.record("p2", "gs://b/p2", "v1", 1, tmp_path / "p2")
+    index.save()
+    assert os.stat(index.path).st_mode & 0o777 == 0o644
+    (tmp_path / "s2").write_bytes(b"x")
+    index.record("s2", "https://h/s2?sig=SECRET", "v1", 1, tmp_path / "s2")
+    index.save()
+    assert os.stat(index.path).st_mode & 0o777 == 0o600
+
+
+def test_a_presigned_url_fetched_leaves_no_world_readable_copy_of_its_signature(
+    tmp_path: Path, nginx: object
+) -> None:
+    import spotstart
+
+    endpoint = nginx.endpoint  # type: ignore[attr-defined]
+    nginx.seed({"signed/m.bin": os.urandom(3 << 20)})  # type: ignore[attr-defined]
+    dest = tmp_path / "dest"
+    spotstart.fetch(f"{endpoint}/signed/m.bin?X-Amz-Signature=SECRET", str(dest))
+    holding = [
+        p for p in (dest / ".spotstart").rglob("*") if p.is_file() and b"SECRET" in p.read_bytes()
+    ]
+    assert holding  # the index records the URL it was fetched from
+    for path in holding:
+        assert os.stat(path).st_mode & 0o077 == 0, path

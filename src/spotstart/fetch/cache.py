@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from spotstart import safefs
-from spotstart.fetch.journal import STATE_MODE, local_error
+from spotstart.fetch.journal import STATE_MODE, local_error, record_mode
 from spotstart.fetch.layout import STATE_DIR
 
 INDEX_DIR = STATE_DIR
@@ -134,7 +134,8 @@ class CacheIndex:
             try:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp, dir_fd=dirfd)  # a leftover of a killed run with our pid
-                fd = safefs.create_exclusive(dirfd, tmp, 0o644)
+                mode = record_mode(e.source for e in self.entries.values())
+                fd = safefs.create_exclusive(dirfd, tmp, mode)
                 with os.fdopen(fd, "wb") as f:
                     f.write(text)
                 safefs.rename_beneath(dirfd, tmp, dirfd, INDEX_NAME)

@@ -12,6 +12,7 @@ import errno
 import json
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,14 @@ def local_error(path: Path | str, exc: OSError, doing: str) -> LocalIOError:
 STATE_MODE = 0o755
 
 
+def record_mode(sources: Iterable[str]) -> int:
+    """The mode of a state file (journal, cache index) naming ``sources``: readable by all, as
+    the files in DEST are, unless a URL carries a query string, which may be a credential
+    (a presigned S3/GCS URL, an Azure SAS): then ours alone (a serve-peers under another uid
+    then cannot serve it; one under ours can)."""
+    return 0o600 if any("?" in s for s in sources) else 0o644
+
+
 class PartFile:
     """A destination file in progress. ``work``: its (part file, journal) paths; by default
     those of ``final`` in the state directory of its own directory.
@@ -156,7 +165,9 @@ class PartFile:
                         os.unlink(p.name, dir_fd=self._dir)
                 self.fd = safefs.create_exclusive(self._dir, self.part.name, 0o644, os.O_RDWR)
                 self._preallocate()
-                self._journal = safefs.create_exclusive(self._dir, self.journal_path.name, 0o644)
+                self._journal = safefs.create_exclusive(
+                    self._dir, self.journal_path.name, record_mode([self.header.source])
+                )
                 head = self.header.to_json() + "\n"
                 os.write(self._journal, head.encode())
             else:
