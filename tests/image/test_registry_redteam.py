@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from spotstart.errors import ProtocolError
+from spotstart.errors import ProtocolError, RetriesExceeded, TransientError
 from spotstart.image import oci, registry
 from spotstart.image.digest import Digest
 from spotstart.image.registry import forbidden_destination, open_registry_image
@@ -187,12 +187,12 @@ def test_a_gzip_bomb_range_is_taken_as_sent_not_inflated(hostile: tuple[Hostile,
     error_line(err)
 
 
-def test_a_gzip_bomb_whole_blob_is_inflated_no_further_than_the_blob(
+def test_a_gzip_bomb_whole_blob_is_read_as_sent_never_inflated(
     hostile: tuple[Hostile, str],
 ) -> None:
-    """The range ignored (200), the whole blob sent as a gzip bomb (32 MiB of zeros in
-    fewer bytes than the blob, so its Content-Length passes): inflated to the blob's size
-    plus one byte, then refused."""
+    """The range ignored (200), the whole blob sent as `Content-Encoding: gzip` of 32 MiB of
+    zeros (fewer bytes than the blob, so its Content-Length passes): the bytes as sent, as
+    the ranges are read (nobody asked for an encoding); short of the blob's size: exit 6."""
     state, address = hostile
     layer = _layer(state)
     bomb = _bomb(32 << 20)
@@ -206,8 +206,8 @@ def test_a_gzip_bomb_whole_blob_is_inflated_no_further_than_the_blob(
 
     state.answer = whole
     code, _, err = _audit(address)
-    assert code == 11, err
-    assert "more than the blob's" in error_line(err)
+    assert code == 6, err
+    assert f"blob is {len(bomb)} bytes" in error_line(err)
 
 
 @pytest.mark.parametrize(
@@ -324,3 +324,45 @@ def test_a_redirect_to_a_broken_url_is_one_line(hostile: tuple[Hostile, str]) ->
     code, _, err = _audit(address)
     assert code == 11, err
     assert "is not a URL" in error_line(err)
+
+
+@pytest.mark.parametrize("where", ["manifest", "range", "stream"])
+def test_a_body_trickled_a_byte_at_a_time_is_dropped_not_waited_for(
+    hostile: tuple[Hostile, str], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Each byte inside the socket's read timeout, so it never fires: before, a manifest
+    trickled a byte a minute held the audit for years. Now a body under the rate floor
+    (after the grace, here 0.3 s) is dropped, retried, then one error."""
+    monkeypatch.setattr(registry, "GRACE_S", 0.3)
+    state, address = hostile
+    layer = _layer(state)
+    stop = threading.Event()
+
+    def trickle(h: Handler, seen: Seen) -> bool:
+        if where == "manifest" and "/manifests/" not in h.path:
+            return False
+        if where != "manifest" and layer not in h.path:
+            return False
+        body = state.manifest if where == "manifest" else state.blobs[layer]
+        h.send_response(206 if where == "range" else 200)
+        if where == "range":
+            lo, hi = asked_range(h, len(body))
+            body = body[lo : hi + 1]
+            h.send_header("Content-Range", f"bytes {lo}-{hi}/{len(state.blobs[layer])}")
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        for i in range(len(body)):
+            if stop.wait(0.05):
+                break
+            h.wfile.write(body[i : i + 1])
+            h.wfile.flush()
+            seen.sent += 1
+        return True
+
+    state.answer = trickle
+    try:
+        expected = TransientError if where == "stream" else RetriesExceeded  # a stream: once
+        with pytest.raises(expected, match="KiB/s"):
+            _open(address)
+    finally:
+        stop.set()

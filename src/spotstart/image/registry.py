@@ -72,6 +72,11 @@ MANIFEST_LIMIT = 4 << 20  # distribution spec: registries may refuse larger mani
 TOKEN_LIMIT = 1 << 20  # a token answer is a JWT or two and a few fields: a few KiB
 SMALL_BODY_LIMIT = 64 << 10  # error, redirect and challenge bodies: read for a message only
 READ_PIECE = 1 << 16  # one bounded read of a body
+# A body must keep coming: after GRACE_S, at least MIN_RATE bytes a second on average. The
+# socket's read timeout alone never fires on a body trickled a byte a minute (a 4 MiB
+# manifest would take 8 years); 16 KiB/s is far below any registry that works at all.
+GRACE_S = 60.0
+MIN_RATE = 16 << 10
 RANGE_BYTES = 8 << 20  # per ranged GET: large enough that latency is a small share
 IN_FLIGHT = 4  # ranged GETs per blob at once: memory <= IN_FLIGHT * RANGE_BYTES
 ATTEMPTS = 5
@@ -345,12 +350,15 @@ def read_at_most(resp: urllib3.BaseHTTPResponse, limit: int, what: str, host: st
             "asked for; refused unread"
         )
     buf = bytearray()
+    started = time.monotonic()
     try:
         while len(buf) <= limit:
-            piece = resp.read(min(READ_PIECE, limit + 1 - len(buf)), decode_content=False)
+            # read1: what one receive gives, so the rate is checked as bytes trickle in
+            piece = resp.read1(min(READ_PIECE, limit + 1 - len(buf)), decode_content=False)
             if not piece:
                 break
             buf += piece
+            check_rate(resp, started, len(buf), what, host)
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         close_unread(resp)
         raise TransientError(f"{what}: body cut ({exc.__class__.__name__})") from None
@@ -361,6 +369,19 @@ def read_at_most(resp: urllib3.BaseHTTPResponse, limit: int, what: str, host: st
         )
     resp.release_conn()
     return bytes(buf)
+
+
+def check_rate(
+    resp: urllib3.BaseHTTPResponse, started: float, got: int, what: str, host: str
+) -> None:
+    """TransientError (the response closed) when a body comes slower than the floor."""
+    elapsed = time.monotonic() - started
+    if elapsed > GRACE_S + got / MIN_RATE:
+        close_unread(resp)
+        raise TransientError(
+            f"{what}: {host} sent {got} bytes in {elapsed:.0f} s, under {MIN_RATE >> 10} "
+            "KiB/s; dropped"
+        )
 
 
 def discard(resp: urllib3.BaseHTTPResponse) -> None:
@@ -626,10 +647,14 @@ class Registry:
 
     def get_manifest(self, ref: str, accept: str = oci.ACCEPT) -> tuple[bytes, str]:
         what = f"{self.display} manifest {ref}"
-        resp = self.request(
-            "GET", f"/v2/{self.reference.repository}/manifests/{ref}", {"Accept": accept}, what=what
-        )
-        data = read_at_most(resp, MANIFEST_LIMIT, what, self.reference.registry)
+        path = f"/v2/{self.reference.repository}/manifests/{ref}"
+
+        def once() -> tuple[bytes, urllib3.BaseHTTPResponse]:
+            # the body inside the retry too: one cut or trickled is tried again, like a range
+            resp = self.send("GET", path, {"Accept": accept}, what)
+            return read_at_most(resp, MANIFEST_LIMIT, what, self.reference.registry), resp
+
+        data, resp = self.retrying(once, what)
         content_type = resp.headers.get("Content-Type", "").split(";")[0].strip()
         header = resp.headers.get("Docker-Content-Digest", "")
         if header:
@@ -668,6 +693,7 @@ class _RangedBlob(io.RawIOBase):
         self._buffer = memoryview(b"")
         self._stream: urllib3.BaseHTTPResponse | None = None
         self._stream_left = 0  # bytes the stream may still deliver
+        self._stream_started = 0.0
 
     def readable(self) -> bool:
         return True
@@ -731,16 +757,23 @@ class _RangedBlob(io.RawIOBase):
                 f"{self._size}; refused unread"
             )
         self._stream, self._stream_left = resp, self._size
+        self._stream_started = time.monotonic()
 
     def _read_stream(self, buf: memoryview) -> int:
         assert self._stream is not None
         view = memoryview(buf)[: self._stream_left] if self._stream_left else memoryview(buf)[:1]
         try:
-            n = self._stream.readinto(view)
+            # bytes as sent (digests are of them), one receive at a time (the rate floor)
+            piece = self._stream.read1(len(view), decode_content=False)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
             raise TransientError(
                 f"{self._what}: blob stream cut ({exc.__class__.__name__})"
             ) from None
+        n = len(piece)
+        view[:n] = piece
+        if n:
+            got = self._size - self._stream_left + n
+            check_rate(self._stream, self._stream_started, got, self._what, self._host)
         if n and not self._stream_left:
             raise ProtocolError(
                 f"{self._what}: {self._host} sent more than the blob's {self._size} bytes; "
