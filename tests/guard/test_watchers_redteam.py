@@ -180,3 +180,43 @@ def test_an_imdsv2_ttl_header_that_is_no_ascii_number_is_a_fault(ttl: str) -> No
     token fetch crashed the poller (restarted, crashed again: no poll ever ran)."""
     with pytest.raises(aws_mod.MalformedMetadata, match="TTL"):
         aws_mod.parse_token(b"AQAEAFakeToken==", ttl, 21600)
+
+
+@pytest.mark.parametrize(
+    ("not_before", "left_s"),
+    [
+        ("Fri, 31 Dec 9999 23:59:59 -1400", 900.0),  # past year 9999 in UTC
+        ("Fri, 15 Jan 2027 09:00:00 GMT", 900.0),  # an hour off: our clock behind
+        ("Fri, 15 Jan 2027 08:00:30 GMT", 30.0),  # a Preempt's 30 s, as written
+    ],
+)
+def test_an_azure_deadline_is_never_further_than_azure_gives_and_marks_the_pod(
+    not_before: str, left_s: float
+) -> None:
+    """A NotBefore in year 9999 (-14:00: year 10000 in UTC) made a deadline no datetime
+    holds: marking the pod raised ValueError out of the guard's notice handler. Scheduled
+    Events give 15 minutes at most: a deadline is never further."""
+    from spotstart.guard.kube import DEADLINE_ANNOTATION, notice_patch
+
+    event = azure_mod.parse_event(
+        {
+            "EventId": "602D9444-D2CD-49C7-8624-8643E7171297",
+            "EventType": "Preempt",
+            "Resources": ["vm"],
+            "EventStatus": "Scheduled",
+            "NotBefore": not_before,
+        }
+    )
+    notice = azure_mod.event_notice(event, NoticeKind.PREEMPTION, 100.0, W)
+    assert notice.deadline == 100.0 + left_s
+    annotations = notice_patch(notice, 100.0, W)["metadata"]["annotations"]  # type: ignore[index]
+    assert annotations[DEADLINE_ANNOTATION].startswith("2027-01-15T08:")
+
+
+def test_marking_a_pod_with_a_deadline_past_year_9999_does_not_raise() -> None:
+    from spotstart.guard.kube import notice_patch
+    from spotstart.guard.notice import PreemptionNotice
+
+    notice = PreemptionNotice(NoticeKind.PREEMPTION, "azure", 0.0, 1e300, {})
+    patch = notice_patch(notice, 0.0, W)
+    assert "9999-12-31" in json.dumps(patch)

@@ -117,7 +117,10 @@ def pod_from_env(environ: Mapping[str, str], sa_dir: Path | None = None) -> PodR
 
 def notice_patch(notice: PreemptionNotice, now: float, wall_now: float) -> dict[str, object]:
     """The merge-patch: the notice's kind and its deadline as wall-clock UTC."""
-    deadline = datetime.fromtimestamp(wall_now + notice.deadline - now, UTC)
+    # within what datetime holds: a deadline past year 9999 (a watcher's absurd date) was a
+    # ValueError out of the notice handler
+    when = min(max(wall_now + notice.deadline - now, 0.0), 253_402_300_799.0)
+    deadline = datetime.fromtimestamp(when, UTC)
     return {
         "metadata": {
             "annotations": {

@@ -239,13 +239,19 @@ def names_this_vm(resources: tuple[str, ...], vm_name: str) -> bool:
     return bool(want) and any(r.strip().lstrip("_").casefold() == want for r in resources)
 
 
+# The longest notice Scheduled Events give (Terminate's configurable 5-15 min; Reboot,
+# Redeploy and Freeze 15 min; Preempt 30 s): a NotBefore further off (a year-9999 date, our
+# clock behind) is read as this far, never a deadline nothing can represent.
+MAX_NOTICE_WINDOW_S = 15 * 60.0
+
+
 def event_notice(
     event: ScheduledEvent, kind: NoticeKind, received_at: float, wall_now: float
 ) -> PreemptionNotice:
-    """Deadline: ``NotBefore`` moved onto the monotonic clock; an empty NotBefore (the event has
-    started) or one in the past means now."""
+    """Deadline: ``NotBefore`` moved onto the monotonic clock, at most MAX_NOTICE_WINDOW_S
+    away; an empty NotBefore (the event has started) or one in the past means now."""
     when = parse_not_before(event.not_before)
-    left_s = 0.0 if when is None else max(0.0, when - wall_now)
+    left_s = 0.0 if when is None else min(MAX_NOTICE_WINDOW_S, max(0.0, when - wall_now))
     detail = {
         "event_id": event.event_id,
         "event_type": event.event_type,
