@@ -6,8 +6,11 @@ packs millions of values in a few MB, times at the ends of the calendar. Any byt
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import error_line, run_cli
 
@@ -119,3 +122,17 @@ def test_times_at_the_ends_of_the_calendar_are_skipped_not_a_crash(tmp_path: Pat
     assert res.code == 0, res.stderr
     assert "Traceback" not in res.stderr and "spotstart: warning:" in res.stderr
     assert [p["name"] for p in json.loads(res.stdout)["phases"]] == ["ok"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_fifo_or_a_device_is_one_line_exit_2(tmp_path: Path, kind: str) -> None:
+    """A FIFO with no writer blocked the open for ever; /dev/zero was read as a log
+    without end (a megabyte line skipped, and the next, for ever)."""
+    if kind == "fifo":
+        path = tmp_path / "pods.json"
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/zero")
+    res = run_cli(["timeline", str(path)], timeout_s=60)
+    assert res.code == 2, res.stderr
+    assert "not a regular file" in error_line(res.stderr)

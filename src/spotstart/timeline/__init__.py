@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import re
+import stat
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -561,6 +563,17 @@ def _read_log(
                 raise UsageError(f"{p}: over {MAX_PHASES} phases")
 
 
+def _open_regular(p: Path) -> BinaryIO:
+    """``p`` for reading if it is a regular file: a FIFO blocked the open for ever and a
+    device (/dev/zero, /dev/urandom) was read as a log without end. UsageError otherwise."""
+    fd = os.open(p, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{p}: not a regular file (save the output to a file first)")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
 def read(paths: list[Path], pod: str | None = None, year: int | None = None) -> Collected:
     """Every phase the files hold (each file's kind found from its first line: phase events,
     a Kubernetes JSON document, else a server log); with ``pod`` only that pod's (events
@@ -572,7 +585,7 @@ def read(paths: list[Path], pod: str | None = None, year: int | None = None) -> 
     logs: list[Path] = []
     for p in paths:
         try:
-            with open(p, "rb") as f:
+            with _open_regular(p) as f:
                 kind = _kind_of(_first_line(f))
                 if kind == "events":
                     _read_events(f, p, pod, phases, skipped)
@@ -596,7 +609,7 @@ def read(paths: list[Path], pod: str | None = None, year: int | None = None) -> 
         name = pods[0].name if len(pods) == 1 else ""
         for p in logs:
             try:
-                with open(p, "rb") as f:
+                with _open_regular(p) as f:
                     _read_log(f, p, year, name, phases, skipped)
             except OSError as exc:
                 raise UsageError(f"{p}: {exc.strerror or exc}") from None
