@@ -45,9 +45,10 @@ PLATFORM = oci.Platform("linux", "amd64")
 
 class _Metadata(BaseHTTPRequestHandler):
     """A metadata server: answers every GET with a JSON "token" (as GCE's and Azure's token
-    endpoints do, were the right header sent) and counts the requests."""
+    endpoints do, were the right header sent) and counts the requests. HTTP/1.0: the answer
+    closes its connection, and urllib3's connection lets go of its socket at once."""
 
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.0"
     hits: list[str] = []
 
     def log_message(self, *args: object) -> None:

@@ -312,9 +312,43 @@ def forbidden_destination(peer: str, home: str) -> str:
     return ""
 
 
+class _PeerHTTPConnection(urllib3.connection.HTTPConnection):
+    """Remembers the address it connected to: http.client drops a connection's socket as
+    soon as an answer says it closes the connection (HTTP/1.0, ``Connection: close``), and
+    where an answer came from must be known after that too."""
+
+    peer: str | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        with contextlib.suppress(OSError, AttributeError):
+            self.peer = str(self.sock.getpeername()[0])
+
+
+class _PeerHTTPSConnection(urllib3.connection.HTTPSConnection):
+    peer: str | None = None
+
+    def connect(self) -> None:
+        super().connect()
+        with contextlib.suppress(OSError, AttributeError):
+            self.peer = str(self.sock.getpeername()[0])
+
+
+class _PeerHTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _PeerHTTPConnection
+
+
+class _PeerHTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _PeerHTTPSConnection
+
+
 def _peer(resp: urllib3.BaseHTTPResponse) -> str | None:
-    """The address ``resp`` came from (None when its socket is gone)."""
-    sock = getattr(getattr(resp, "connection", None), "sock", None)
+    """The address ``resp`` came from (None when unknown)."""
+    conn = getattr(resp, "connection", None)
+    peer = getattr(conn, "peer", None)
+    if isinstance(peer, str):
+        return peer
+    sock = getattr(conn, "sock", None)
     try:
         return str(sock.getpeername()[0]) if sock is not None else None
     except OSError:
@@ -323,9 +357,10 @@ def _peer(resp: urllib3.BaseHTTPResponse) -> str | None:
 
 def check_destination(resp: urllib3.BaseHTTPResponse, home: str, what: str) -> None:
     """ProtocolError (the response closed unread) when a redirect or a token realm led to an
-    address a registry at ``home`` may not send us to (:func:`forbidden_destination`)."""
+    address a registry at ``home`` may not send us to (:func:`forbidden_destination`), or
+    to one we cannot tell."""
     peer = _peer(resp)
-    why = forbidden_destination(peer, home) if peer is not None else ""
+    why = forbidden_destination(peer, home) if peer is not None else "an address unknown"
     if why:
         close_unread(resp)
         raise ProtocolError(f"{what}: the registry sent us to {why}; refused")
@@ -409,6 +444,8 @@ class Registry:
             timeout=urllib3.Timeout(connect=10.0, read=60.0),
             ca_certs=ca if ca and os.path.exists(ca) else None,
         )
+        # connections that remember their peer (check_destination)
+        self._pool.pool_classes_by_scheme = {"http": _PeerHTTPPool, "https": _PeerHTTPSPool}
         self._credentials = find_credentials(reference.registry)
         self._auth: str | None = None  # the Authorization header that worked
         self._lock = threading.Lock()
