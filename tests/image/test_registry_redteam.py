@@ -367,3 +367,108 @@ def test_a_body_trickled_a_byte_at_a_time_is_dropped_not_waited_for(
             _open(address)
     finally:
         stop.set()
+
+
+@pytest.mark.parametrize("how", ["endless", "huge-size", "long-line", "endless-trailers"])
+def test_chunked_bodies_are_bounded_like_any_other(hostile: tuple[Hostile, str], how: str) -> None:
+    """Transfer-Encoding: chunked: one endless chunk, a chunk claiming 2^64 bytes, a chunk
+    size line of 100 KB, endless trailers: each read to the range's length plus one byte
+    at most, then refused or retried; one line, never a traceback."""
+    state, address = hostile
+    layer = _layer(state)
+
+    def chunked(h: Handler, seen: Seen) -> bool:
+        if layer not in h.path:
+            return False
+        lo, hi = asked_range(h, len(state.blobs[layer]))
+        h.send_response(206)
+        h.send_header("Content-Range", f"bytes {lo}-{hi}/{len(state.blobs[layer])}")
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        h.close_connection = True
+        try:
+            if how == "long-line":
+                h.wfile.write(b"1" * 100_000 + b"\r\n")
+            elif how == "endless-trailers":
+                data = state.blobs[layer][lo : hi + 1]
+                h.wfile.write(b"%x\r\n%s\r\n0\r\n" % (len(data), data))
+                for _ in range(20_000):
+                    h.wfile.write(b"X-T: 1\r\n")
+            else:
+                size = b"FFFFFFFFFFFFFFFF" if how == "huge-size" else b"8000000"
+                h.wfile.write(size + b"\r\n")
+                while seen.sent < 64 << 20:
+                    h.wfile.write(b"\0" * (64 << 10))
+                    seen.sent += 64 << 10
+        except (BrokenPipeError, ConnectionResetError):
+            seen.hung_up = True
+        return True
+
+    state.answer = chunked
+    code, _, err = _audit(address)
+    assert "Traceback" not in err
+    assert code in (0, 7, 11), err
+    if code:
+        error_line(err)
+
+
+def test_a_response_head_trickled_a_byte_at_a_time_is_cut(
+    hostile: tuple[Hostile, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Headers a byte every 50 ms (each inside the read timeout; 64 KiB lines, 100 of
+    them, allowed): before, the audit waited as long as the server liked. The head has
+    HEAD_DEADLINE_S (here 0.5 s), then the connection is cut and the read retried."""
+    monkeypatch.setattr(registry, "HEAD_DEADLINE_S", 0.5)
+    state, address = hostile
+    stop = threading.Event()
+
+    def slow_head(h: Handler, seen: Seen) -> bool:
+        if "/manifests/" not in h.path:
+            return False
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(600):  # 30 s, then a valid answer: what the old reader got
+            if stop.wait(0.05):
+                return True
+            h.wfile.write(b"a")
+            h.wfile.flush()
+        body = state.manifest
+        h.wfile.write(b"\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return True
+
+    state.answer = slow_head
+    try:
+        with pytest.raises(RetriesExceeded, match="manifest"):
+            _open(address)
+    finally:
+        stop.set()
+
+
+def test_endless_chunk_trailers_are_cut_at_the_bodys_deadline(
+    hostile: tuple[Hostile, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The manifest, then its last chunk, then trailer lines without end: http.client reads
+    trailers inside one read, out of reach of the rate check; the body's deadline cuts it."""
+    monkeypatch.setattr(registry, "GRACE_S", 0.5)
+    monkeypatch.setattr(registry, "MIN_RATE", 1 << 40)
+    state, address = hostile
+    stop = threading.Event()
+
+    def trailers(h: Handler, seen: Seen) -> bool:
+        if "/manifests/" not in h.path:
+            return False
+        h.send_response(200)
+        h.send_header("Transfer-Encoding", "chunked")
+        h.end_headers()
+        body = state.manifest
+        h.wfile.write(b"%x\r\n%s\r\n0\r\n" % (len(body), body))
+        while not stop.wait(0.01):
+            h.wfile.write(b"X-Trailer: 1\r\n")
+            h.wfile.flush()
+        return True
+
+    state.answer = trailers
+    try:
+        with pytest.raises(RetriesExceeded, match="manifest"):
+            _open(address)
+    finally:
+        stop.set()

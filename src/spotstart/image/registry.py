@@ -33,15 +33,16 @@ import json
 import os
 import random
 import re
+import socket
 import subprocess
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import urllib3
@@ -77,6 +78,7 @@ READ_PIECE = 1 << 16  # one bounded read of a body
 # manifest would take 8 years); 16 KiB/s is far below any registry that works at all.
 GRACE_S = 60.0
 MIN_RATE = 16 << 10
+HEAD_DEADLINE_S = 120.0  # a response head (status line and headers), however it trickles
 RANGE_BYTES = 8 << 20  # per ranged GET: large enough that latency is a small share
 IN_FLIGHT = 4  # ranged GETs per blob at once: memory <= IN_FLIGHT * RANGE_BYTES
 ATTEMPTS = 5
@@ -312,26 +314,81 @@ def forbidden_destination(peer: str, home: str) -> str:
     return ""
 
 
+def _remember(sock: Any) -> tuple[str | None, Any]:
+    try:
+        return str(sock.getpeername()[0]), sock
+    except (OSError, AttributeError):
+        return None, sock
+
+
+def _cut(conn: object) -> None:
+    """End what ``conn`` is blocked reading: its socket shut down, the read sees the end."""
+    sock = getattr(conn, "raw_sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+@contextlib.contextmanager
+def deadline(conn: object, seconds: float) -> Iterator[threading.Event]:
+    """Cut ``conn`` if the block takes longer than ``seconds``: a read that bytes keep
+    feeding (a head trickled a byte a minute, endless chunk trailers) never meets the
+    socket's read timeout, and happens inside http.client, out of any check of ours. The
+    event yielded is set once it was cut: what the read then returned may look complete
+    (a head cut short ends the headers; a cut close-delimited body ends the body) and is
+    not to be believed."""
+    fired = threading.Event()
+
+    def cut() -> None:
+        fired.set()
+        _cut(conn)
+
+    timer = threading.Timer(seconds, cut)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield fired
+    finally:
+        timer.cancel()
+
+
 class _PeerHTTPConnection(urllib3.connection.HTTPConnection):
-    """Remembers the address it connected to: http.client drops a connection's socket as
-    soon as an answer says it closes the connection (HTTP/1.0, ``Connection: close``), and
-    where an answer came from must be known after that too."""
+    """Remembers the address it connected to (http.client drops a connection's socket as
+    soon as an answer says it closes the connection: HTTP/1.0, ``Connection: close``, and
+    where an answer came from must be known after that too) and its socket (to cut a read
+    past its deadline); reads a response head within HEAD_DEADLINE_S."""
 
     peer: str | None = None
+    raw_sock: Any = None
 
     def connect(self) -> None:
         super().connect()
-        with contextlib.suppress(OSError, AttributeError):
-            self.peer = str(self.sock.getpeername()[0])
+        self.peer, self.raw_sock = _remember(self.sock)
+
+    def getresponse(self) -> urllib3.HTTPResponse:  # type: ignore[override]
+        with deadline(self, HEAD_DEADLINE_S) as cut:
+            resp = super().getresponse()
+        if cut.is_set():
+            resp.close()
+            raise TimeoutError(f"no response head within {HEAD_DEADLINE_S:.0f} s")
+        return resp
 
 
 class _PeerHTTPSConnection(urllib3.connection.HTTPSConnection):
     peer: str | None = None
+    raw_sock: Any = None
 
     def connect(self) -> None:
         super().connect()
-        with contextlib.suppress(OSError, AttributeError):
-            self.peer = str(self.sock.getpeername()[0])
+        self.peer, self.raw_sock = _remember(self.sock)
+
+    def getresponse(self) -> urllib3.HTTPResponse:  # type: ignore[override]
+        with deadline(self, HEAD_DEADLINE_S) as cut:
+            resp = super().getresponse()
+        if cut.is_set():
+            resp.close()
+            raise TimeoutError(f"no response head within {HEAD_DEADLINE_S:.0f} s")
+        return resp
 
 
 class _PeerHTTPPool(urllib3.HTTPConnectionPool):
@@ -387,13 +444,18 @@ def read_at_most(resp: urllib3.BaseHTTPResponse, limit: int, what: str, host: st
     buf = bytearray()
     started = time.monotonic()
     try:
-        while len(buf) <= limit:
-            # read1: what one receive gives, so the rate is checked as bytes trickle in
-            piece = resp.read1(min(READ_PIECE, limit + 1 - len(buf)), decode_content=False)
-            if not piece:
-                break
-            buf += piece
-            check_rate(resp, started, len(buf), what, host)
+        # the floor's whole allowance, enforced from outside too: http.client reads chunk
+        # trailers (without end, if the server likes) inside one read1
+        with deadline(resp.connection, GRACE_S + limit / MIN_RATE) as cut:
+            while len(buf) <= limit:
+                # read1: what one receive gives, so the rate is checked as bytes trickle in
+                piece = resp.read1(min(READ_PIECE, limit + 1 - len(buf)), decode_content=False)
+                if not piece:
+                    break
+                buf += piece
+                check_rate(resp, started, len(buf), what, host)
+        if cut.is_set():
+            raise TimeoutError(f"body past its {GRACE_S + limit / MIN_RATE:.0f} s")
     except (urllib3.exceptions.HTTPError, OSError) as exc:
         close_unread(resp)
         raise TransientError(f"{what}: body cut ({exc.__class__.__name__})") from None
@@ -731,6 +793,8 @@ class _RangedBlob(io.RawIOBase):
         self._stream: urllib3.BaseHTTPResponse | None = None
         self._stream_left = 0  # bytes the stream may still deliver
         self._stream_started = 0.0
+        self._stream_deadline: threading.Timer | None = None
+        self._stream_cut = threading.Event()
 
     def readable(self) -> bool:
         return True
@@ -795,6 +859,16 @@ class _RangedBlob(io.RawIOBase):
             )
         self._stream, self._stream_left = resp, self._size
         self._stream_started = time.monotonic()
+        # the floor's whole allowance, enforced from outside too (see read_at_most)
+        self._stream_cut = threading.Event()
+
+        def cut(conn: object = resp.connection) -> None:
+            self._stream_cut.set()
+            _cut(conn)
+
+        self._stream_deadline = threading.Timer(GRACE_S + self._size / MIN_RATE, cut)
+        self._stream_deadline.daemon = True
+        self._stream_deadline.start()
 
     def _read_stream(self, buf: memoryview) -> int:
         assert self._stream is not None
@@ -806,6 +880,8 @@ class _RangedBlob(io.RawIOBase):
             raise TransientError(
                 f"{self._what}: blob stream cut ({exc.__class__.__name__})"
             ) from None
+        if self._stream_cut.is_set():  # what the cut read returned may look like the end
+            raise TransientError(f"{self._what}: blob stream past its deadline; cut")
         n = len(piece)
         view[:n] = piece
         if n:
@@ -823,6 +899,8 @@ class _RangedBlob(io.RawIOBase):
         for f in self._pending:
             f.cancel()
         self._pending.clear()
+        if self._stream_deadline is not None:
+            self._stream_deadline.cancel()
         if self._stream is not None:
             close_unread(self._stream)
             self._stream = None
