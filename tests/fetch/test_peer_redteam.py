@@ -354,17 +354,25 @@ def test_the_right_token_and_a_range_get_exactly_those_bytes(
 # -- the token: one header value, nothing more ------------------------------------------------
 
 
+_BAD_TOKENS = [
+    "a" * 32 + "\r\nX-Injected: 1",  # would add a header to every request to a peer
+    "a" * 32 + "\rb",
+    "a" * 16 + " " + "b" * 16,
+    "a" * 32 + "\x00",
+    "ä" * 16,  # never matches: sent as latin-1, compared as UTF-8
+]
+
+
 @pytest.mark.parametrize(
-    "token",
+    ("token", "how"),
+    # an environment variable cannot hold a NUL: that one only from a file
     [
-        "a" * 32 + "\r\nX-Injected: 1",  # would add a header to every request to a peer
-        "a" * 32 + "\rb",
-        "a" * 16 + " " + "b" * 16,
-        "a" * 32 + "\x00",
-        "ä" * 16,  # never matches: sent as latin-1, compared as UTF-8
+        (t, how)
+        for t in _BAD_TOKENS
+        for how in ("file", "env")
+        if not (how == "env" and "\x00" in t)
     ],
 )
-@pytest.mark.parametrize("how", ["file", "env"])
 def test_a_token_that_is_not_one_visible_header_value_is_refused(
     token: str, how: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -376,8 +384,6 @@ def test_a_token_that_is_not_one_visible_header_value_is_refused(
     from spotstart.errors import UsageError
     from tests.fetch.peer_dirs import make_token_file
 
-    if how == "env" and "\x00" in token:
-        pytest.skip("an environment variable cannot hold a NUL")
     path = make_token_file(tmp_path / "t", token) if how == "file" else None
     if how == "env":
         monkeypatch.setenv("SPOTSTART_PEER_TOKEN", token)
