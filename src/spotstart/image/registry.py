@@ -352,43 +352,36 @@ def deadline(conn: object, seconds: float) -> Iterator[threading.Event]:
         timer.cancel()
 
 
-class _PeerHTTPConnection(urllib3.connection.HTTPConnection):
+class _RememberingConnection:
     """Remembers the address it connected to (http.client drops a connection's socket as
     soon as an answer says it closes the connection: HTTP/1.0, ``Connection: close``, and
     where an answer came from must be known after that too) and its socket (to cut a read
-    past its deadline); reads a response head within HEAD_DEADLINE_S."""
+    past its deadline); reads a response head within HEAD_DEADLINE_S. Mixed into urllib3's
+    HTTP and HTTPS connections."""
 
     peer: str | None = None
     raw_sock: Any = None
+    sock: Any
 
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # type: ignore[misc]
         self.peer, self.raw_sock = _remember(self.sock)
 
-    def getresponse(self) -> urllib3.HTTPResponse:  # type: ignore[override]
+    def getresponse(self) -> urllib3.HTTPResponse:
         with deadline(self, HEAD_DEADLINE_S) as cut:
-            resp = super().getresponse()
+            resp: urllib3.HTTPResponse = super().getresponse()  # type: ignore[misc]
         if cut.is_set():
             resp.close()
             raise TimeoutError(f"no response head within {HEAD_DEADLINE_S:.0f} s")
         return resp
 
 
-class _PeerHTTPSConnection(urllib3.connection.HTTPSConnection):
-    peer: str | None = None
-    raw_sock: Any = None
+class _PeerHTTPConnection(_RememberingConnection, urllib3.connection.HTTPConnection):  # type: ignore[misc]
+    pass
 
-    def connect(self) -> None:
-        super().connect()
-        self.peer, self.raw_sock = _remember(self.sock)
 
-    def getresponse(self) -> urllib3.HTTPResponse:  # type: ignore[override]
-        with deadline(self, HEAD_DEADLINE_S) as cut:
-            resp = super().getresponse()
-        if cut.is_set():
-            resp.close()
-            raise TimeoutError(f"no response head within {HEAD_DEADLINE_S:.0f} s")
-        return resp
+class _PeerHTTPSConnection(_RememberingConnection, urllib3.connection.HTTPSConnection):  # type: ignore[misc]
+    pass
 
 
 class _PeerHTTPPool(urllib3.HTTPConnectionPool):
