@@ -53,6 +53,7 @@ import aiohttp
 from spotstart.errors import UsageError
 from spotstart.guard.notice import NoticeKind, PreemptionNotice
 from spotstart.guard.watchers._common import (
+    MAX_BODY_BYTES,
     WATCH_ERRORS,
     Backoff,
     Clock,
@@ -398,42 +399,39 @@ class AzureWatcher:
             await asyncio.sleep(delay)
 
     async def _read_events(self, session: aiohttp.ClientSession) -> ScheduledEvents:
-        async with session.get(
-            self._url,
-            params=self._params,
-            headers={"Metadata": "true"},
-            timeout=timeout(self.config.poll.request_timeout_s),
-            allow_redirects=False,
-        ) as resp:
-            if resp.status != 200:
-                raise MalformedMetadata(f"HTTP {resp.status}")
-            body = await read_body(
-                resp,
-                EVENTS_PATH,
-                content_types=EVENTS_CONTENT_TYPES,
-                require_content_type=True,
-            )
+        body = await self._get(session, self._url, self._params, EVENTS_PATH, EVENTS_CONTENT_TYPES)
         return parse_scheduled_events(body)
 
     async def _own_name(self, session: aiohttp.ClientSession) -> str:
         """This VM's name from IMDS (``compute/name``, text format), checked."""
+        params = {"api-version": NAME_API_VERSION, "format": "text"}
+        url = self.base_url + NAME_PATH
+        body = await self._get(session, url, params, NAME_PATH, NAME_CONTENT_TYPES, MAX_NAME_BYTES)
+        return parse_vm_name(body)
+
+    async def _get(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        params: Mapping[str, str],
+        what: str,
+        content_types: frozenset[str],
+        limit: int = MAX_BODY_BYTES,
+    ) -> bytes:
+        """One IMDS GET as Azure documents it (``Metadata: true``, no redirects): a 200 of
+        one of ``content_types``, read to at most ``limit``; anything else MalformedMetadata."""
         async with session.get(
-            self.base_url + NAME_PATH,
-            params={"api-version": NAME_API_VERSION, "format": "text"},
+            url,
+            params=params,
             headers={"Metadata": "true"},
             timeout=timeout(self.config.poll.request_timeout_s),
             allow_redirects=False,
         ) as resp:
             if resp.status != 200:
                 raise MalformedMetadata(f"HTTP {resp.status}")
-            body = await read_body(
-                resp,
-                NAME_PATH,
-                content_types=NAME_CONTENT_TYPES,
-                require_content_type=True,
-                limit=MAX_NAME_BYTES,
+            return await read_body(
+                resp, what, content_types=content_types, require_content_type=True, limit=limit
             )
-        return parse_vm_name(body)
 
     def _new_notices(self, document: ScheduledEvents) -> list[PreemptionNotice]:
         """Notices for events not reported yet; nothing when the incarnation is unchanged. While
