@@ -3,10 +3,13 @@ after a zone loss), each with its own emulated NIC, the origin behind its own ca
 runs what `spotstart k8s render` gives a pod with `peers: true`: a `serve-peers` sidecar on
 its weights dir from the start, and `spotstart fetch --peers <every other node>`.
 
-Reported for N = 1, 4, 8, with and without peers: bytes the origin served (goal ~1x the model,
-not N x) and the time from the first node's start until the last node holds the verified
-model. Uplinks of serving nodes are not capped (each node's downlink is); everything shares
-this machine's 2 cores, which the table states.
+Reported for N = 1, 4, 8, without peers and with them two ways: peers' bytes proven by the
+origin's MD5 recomputed over each whole file (no manifest), and by a chunk manifest
+(`spotstart manifest`: SHA-256 per piece, checked as each peer chunk lands). Per run: bytes
+the origin served (goal ~1x the model, not N x), the time from the first node's start until
+the last node holds the verified model, and what verified it. Uplinks of serving nodes are
+not capped (each node's downlink is); everything shares this machine's 2 cores, which the
+table states.
 
     python bench/peers/run.py                  # 256 MB model, N = 1, 4, 8
     python bench/peers/run.py --model-mb 64 --nodes 1 4   # smoke
@@ -31,6 +34,8 @@ from spotstart.emulate.proxy import LinkEmulator
 from spotstart.emulate.storage import StorageEmulator, StorageEmulatorOptions, env_for_gcs
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+MODES = ("origin", "md5", "manifest")
+MODE_NAMES = {"origin": "no", "md5": "yes (origin's MD5)", "manifest": "yes (manifest)"}
 BUCKET = "models"
 PREFIX = "llm/"
 
@@ -49,7 +54,7 @@ def run_fleet(
     emu: StorageEmulator,
     work: Path,
     n: int,
-    peers: bool,
+    mode: str,
     stagger_s: float,
     nic: LinkConfig,
 ) -> dict[str, Any]:
@@ -61,6 +66,7 @@ def run_fleet(
     links = [LinkEmulator(nic) for _ in range(n)]  # node i's NIC: all it downloads
     servers: list[subprocess.Popen[str]] = []
     fetches: list[subprocess.Popen[str]] = []
+    peers = mode != "origin"
     try:
         serve_ports = []
         if peers:
@@ -108,12 +114,13 @@ def run_fleet(
         stats = emu.stats()
         return {
             "nodes": n,
-            "peers": peers,
+            "mode": mode,
             "origin_body_bytes": int(stats["body_bytes_down"]),
             "last_ready_s": round(max(ready), 2),
             "ready_s": [round(r, 2) for r in ready],
             "bytes_from_peers": [int(r.get("bytes_from_peers", 0)) for r in reports],
             "peers_dropped": [r.get("peers_dropped", {}) for r in reports],
+            "verified": sorted({k for r in reports for k in (r.get("verified") or {})}),
         }
     finally:
         for proc in servers:
@@ -156,20 +163,30 @@ def main() -> int:
                 },
             )
             model = 2 * shard + 23
-            for n in args.nodes:
-                for peers in (False, True):
-                    if n == 1 and peers:
+            for mode in MODES:
+                if mode == "manifest":  # written by the model's owner, once, next to the model
+                    made = _spotstart(
+                        "manifest",
+                        f"gs://{BUCKET}/{PREFIX}",
+                        env={**os.environ, **env_for_gcs(emu.info)},
+                    )
+                    _, err = made.communicate(timeout=900)
+                    if made.returncode != 0:
+                        raise RuntimeError(f"spotstart manifest: exit {made.returncode}: {err}")
+                for n in args.nodes:
+                    if n == 1 and mode != "origin":
                         continue  # one node has no peer
-                    run_dir = work / f"n{n}-{'peers' if peers else 'origin'}"
+                    run_dir = work / f"n{n}-{mode}"
                     run_dir.mkdir()
-                    row = run_fleet(emu, run_dir, n, peers, args.stagger_s, nic)
+                    row = run_fleet(emu, run_dir, n, mode, args.stagger_s, nic)
                     row["origin_x_model"] = round(row["origin_body_bytes"] / model, 2)
                     rows.append(row)
                     print(
-                        f"N={n} peers={peers}: origin {row['origin_x_model']}x the model, "
+                        f"N={n} {mode}: origin {row['origin_x_model']}x the model, "
                         f"last node ready {row['last_ready_s']} s",
                         flush=True,
                     )
+    rows.sort(key=lambda r: (r["nodes"], MODES.index(r["mode"])))
     env = {
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
@@ -186,14 +203,15 @@ def main() -> int:
         f"{args.origin_mbps:g} MB/s for all, {args.nic_mbps:g} MB/s NIC per node, "
         f"{os.cpu_count()} CPUs shared by every node)",
         "",
-        "| nodes | peers | origin bytes / model | last node ready s | from peers per node MB |",
-        "|---|---|---|---|---|",
+        "| nodes | peers | origin bytes / model | last node ready s | from peers per node MB "
+        "| verified by |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
         per = ", ".join(f"{b / 1e6:.0f}" for b in r["bytes_from_peers"])
         lines.append(
-            f"| {r['nodes']} | {'yes' if r['peers'] else 'no'} | {r['origin_x_model']} | "
-            f"{r['last_ready_s']} | {per} |"
+            f"| {r['nodes']} | {MODE_NAMES[r['mode']]} | {r['origin_x_model']} | "
+            f"{r['last_ready_s']} | {per} | {', '.join(r['verified'])} |"
         )
     (RESULTS / "peers-latest.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
