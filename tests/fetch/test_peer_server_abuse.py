@@ -36,17 +36,23 @@ FLOOD = 1100
 DATA = bytes(range(256)) * 4096  # 1 MiB
 
 
+def descriptors_for(flood: int) -> Iterator[None]:
+    """Raise this test process's open-files limit for ``flood`` attacking sockets and then
+    some, for the length of a test (a fixture body)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 4 * flood if hard == resource.RLIM_INFINITY else min(hard, 4 * flood)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2 * flood:
+        pytest.skip(f"the open-files limit of this test run is too low for a {flood:,} flood")
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
 @pytest.fixture(autouse=True)
 def _enough_descriptors() -> Iterator[None]:
     """This test process holds every attacking socket: 1,100 and then some."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 4 * FLOOD if hard == resource.RLIM_INFINITY else min(hard, 4 * FLOOD)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2 * FLOOD:
-        pytest.skip("the open-files limit of this test run is too low for a 1,100 flood")
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    yield from descriptors_for(FLOOD)
 
 
 def _limited(nofile: int) -> list[str]:

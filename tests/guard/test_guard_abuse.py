@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import resource
 import socket
 import subprocess
 import time
@@ -28,7 +27,7 @@ from spotstart.guard.proxy import GuardProxy, ProxyConfig
 from spotstart.guard.run import GuardConfig, run_guard
 from spotstart.guard.watchers import GceWatcher, GceWatcherConfig, PollConfig
 from spotstart.listen import ListenLimits
-from tests.fetch.test_peer_server_abuse import Attack
+from tests.fetch.test_peer_server_abuse import Attack, descriptors_for
 from tests.guard.test_guard_cli import guard_on
 from tests.guard.test_proxy import (
     GUARD_CMD,
@@ -182,14 +181,7 @@ async def test_at_the_cap_with_every_connection_in_a_request_a_new_one_is_refuse
 @pytest.fixture
 def _enough_descriptors() -> Iterator[None]:
     """This test process holds every attacking socket: 1,400 and then some."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    want = 4 * FLOOD if hard == resource.RLIM_INFINITY else min(hard, 4 * FLOOD)
-    if soft != resource.RLIM_INFINITY and soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2 * FLOOD:
-        pytest.skip("the open-files limit of this test run is too low for a 1,100 flood")
-    yield
-    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    yield from descriptors_for(FLOOD)
 
 
 async def _status(url: str) -> tuple[int, bytes]:

@@ -11,14 +11,13 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import pytest
 
 from spotstart.emulate.metadata import MetadataEmulator
+from tests.guard.conftest import W
 
-W = 1_800_000_000.0  # a fixed wall clock: 2027-01-15T08:00:00Z
 GCE_PREEMPTED = "/computeMetadata/v1/instance/preempted"
 GCE_MAINTENANCE = "/computeMetadata/v1/instance/maintenance-event"
 AWS_ACTION = "/latest/meta-data/spot/instance-action"
@@ -48,24 +47,6 @@ def poll_until(check: object, timeout_s: float = 5.0) -> None:
     while not check():
         assert time.monotonic() < deadline, "condition not met before the deadline"
         time.sleep(0.02)
-
-
-@pytest.fixture
-def gce() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator("gce") as emu:
-        yield emu
-
-
-@pytest.fixture
-def aws() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator("aws", wall_clock=lambda: W) as emu:
-        yield emu
-
-
-@pytest.fixture
-def azure() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator("azure", wall_clock=lambda: W) as emu:
-        yield emu
 
 
 GOOGLE = {"Metadata-Flavor": "Google"}

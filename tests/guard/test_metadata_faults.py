@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,24 +63,6 @@ async def streams() -> AsyncIterator[Streams]:
     yield open_stream
     for stream in opened:
         await stream.close()
-
-
-@pytest.fixture
-def gce() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator("gce") as emu:
-        yield emu
-
-
-@pytest.fixture
-def aws() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator("aws", wall_clock=lambda: W) as emu:
-        yield emu
-
-
-@pytest.fixture
-def azure() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator("azure", wall_clock=lambda: W) as emu:
-        yield emu
 
 
 # A Preempt document as IMDS writes it, for this VM ("vm") unless told otherwise.

@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import urllib.request
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any, cast
 
 import pytest
@@ -42,8 +42,8 @@ from spotstart.guard.watchers import aws as aws_mod
 from spotstart.guard.watchers import azure as azure_mod
 from spotstart.guard.watchers import gce as gce_mod
 from spotstart.guard.watchers._common import Backoff, MalformedMetadata, WarningLimiter
+from tests.guard.conftest import W
 
-W = 1_800_000_000.0  # fixed wall clock of the emulated cloud
 FAST = PollConfig(
     poll_interval_s=0.05, request_timeout_s=0.5, backoff_initial_s=0.05, backoff_max_s=0.2
 )
@@ -122,24 +122,6 @@ def faults_served(emu: MetadataEmulator, n: int) -> Callable[[], bool]:
 
 def requests_to(emu: MetadataEmulator, path: str, n: int) -> Callable[[], bool]:
     return lambda: emu.requests()["by_path"].get(path, 0) >= n
-
-
-@pytest.fixture
-def gce() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator("gce") as emu:
-        yield emu
-
-
-@pytest.fixture
-def aws() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator("aws", wall_clock=lambda: W) as emu:
-        yield emu
-
-
-@pytest.fixture
-def azure() -> Iterator[MetadataEmulator]:
-    with MetadataEmulator("azure", wall_clock=lambda: W) as emu:
-        yield emu
 
 
 def gce_watcher(url: str, clock: Callable[[], float] | None = None) -> GceWatcher:
