@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import shutil
 import tempfile
 import time
@@ -19,6 +20,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from spotstart.cli.demo_engine import ENGINES, EngineChoice, choose_engine
+from spotstart.cli.demo_engine import ENV as VLLM_ENV
 from spotstart.cli.progress import RichProgress
 from spotstart.fetch import (
     Concurrency,
@@ -58,6 +61,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--small", action="store_true", help="a tiny model for the story (tests)")
     p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default="auto",
+        help="the server of act 2: vllm (--load-format spotstart), example "
+        "(examples/tiny_llm_server.py), auto: vllm when one is found (auto)",
+    )
+    p.add_argument(
+        "--engine-python",
+        metavar="PATH",
+        help=f"the python of the venv that has vLLM (default: ${VLLM_ENV}, else this one)",
+    )
+    p.add_argument(
         "--serve-seconds", type=float, default=8.0, help="load before the preemption (8)"
     )
     p.add_argument("--json", action="store_true", help="a JSON summary on stdout at the end")
@@ -80,10 +95,16 @@ def run(args: argparse.Namespace) -> int:
     console = Console(stderr=True) if args.json else Console()
     err = Console(stderr=True)
     story: dict[str, object] = {}
+    # chosen first: a wrong --engine-python fails now, not after act 1
+    engine = None if args.no_story else choose_engine(args.engine, args.engine_python, os.environ)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="spotstart-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     src_dir = work / "checkpoint"
     console.rule("[bold]spotstart demo")
+    if engine is not None:
+        console.print(
+            f"act 2 runs {'vLLM' if engine.name == 'vllm' else 'the example server'}: {engine.why}"
+        )
     console.print(
         f"1. writing a {args.shards} x {args.shard_mb} MB safetensors checkpoint to {src_dir}"
     )
@@ -144,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         load_note = _demo_load(console, err, url, base, rows)
         stats = emu.stats()
         if not args.no_story:
-            story = _story(console, work, emu, args)
+            assert engine is not None
+            story = _story(console, work, emu, args, engine)
 
     table = Table(
         title=f"{total / 1e6:.0f} MB through a {args.per_conn_mbps:g} MB/s-per-"
@@ -193,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _story(
-    console: Console, work: Path, emu: object, args: argparse.Namespace
+    console: Console, work: Path, emu: object, args: argparse.Namespace, engine: EngineChoice
 ) -> dict[str, object]:
     import importlib.util
 
@@ -203,23 +225,33 @@ def _story(
             "-e '.[demo]')"
         )
         return {}
-    from spotstart.cli.story import run_story
+    from spotstart.cli.demo_engine import server_for
+    from spotstart.cli.story import SERVER, run_story
 
-    console.rule("[bold]the cold start, served, preempted and replaced")
-    return run_story(console, work, emu, args.small, args.serve_seconds)
+    server = server_for(engine, SERVER, work)
+    console.rule(f"[bold]the cold start, served, preempted and replaced ({server.label})")
+    return run_story(console, work, emu, args.small, args.serve_seconds, server)
 
 
 def _print_story(console: Console, s: dict[str, object]) -> None:
     console.rule("[bold]what happened")
     console.print(
-        f"requests served {s['requests_served']} ({s['requests_streamed']} streamed; by replica "
-        f"{s['served_by']}), lost {s['requests_lost']}; answered 503 while draining or "
-        f"loading and retried on the other replica: {s['rejected_503_retried']}"
+        f"{s['engine']}: requests served {s['requests_served']} ({s['requests_streamed']} "
+        f"streamed; by replica {s['served_by']}), lost {s['requests_lost']}; answered 503 "
+        f"while draining or loading and retried on the other replica: "
+        f"{s['rejected_503_retried']}; no replica ready for "
+        f"{s['seconds_without_a_ready_replica']} s"
     )
+    for why in s["lost"]:  # type: ignore[attr-defined]
+        console.print(f"  lost: {why}")
     console.print(
-        f"same tokens from the replacement: {s['same_tokens_after_replacement']}; "
+        f"same answer from the replacement: {s['same_answer_after_replacement']}; "
         f"exit codes A {s['replica_a_exit']}, B {s['replica_b_exit']}"
     )
+    if "engine_cache" in s:
+        console.print(
+            f"vLLM's compile caches (shared by A and B, so B started warm): {s['engine_cache']}"
+        )
     table = Table(title="phases (spotstart events)")
     for col in ("replica", "phase", "seconds", "detail"):
         table.add_column(col)

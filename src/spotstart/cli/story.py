@@ -1,12 +1,13 @@
 """The demo's second act: the whole cold-start story on this machine.
 
-A Llama-shaped model generated into the emulated bucket; replica A (the example server in
-``examples/tiny_llm_server.py`` behind ``spotstart guard``, its own GCE metadata server) cold
-starts from object storage with ``spotstart.load`` and serves a closed-loop load (plain and
-streaming requests); a preemption notice arrives; A drains while replica B starts and takes
-the weights from A (``--serve-peers``/``--peers``); the load moves to B. At the end:
-requests served and lost, each replica's phase timeline (PNG, HTML, Chrome trace), and what
-such a cold start is worth on the shared 9-zone spot trace (`plan`)."""
+A Llama-shaped model generated into the emulated bucket; replica A (vLLM with
+``--load-format spotstart``, or the example server in ``examples/tiny_llm_server.py``, behind
+``spotstart guard``, its own GCE metadata server) cold starts from object storage and serves
+a closed-loop load (plain and streaming requests); a preemption notice arrives; A drains
+while replica B starts and takes the weights from A (``--serve-peers``/``--peers``); the
+load moves to B. At the end: requests served and lost, each replica's phase timeline (PNG,
+HTML, Chrome trace), and what such a cold start is worth on the shared 9-zone spot trace
+(`plan`). Which server, and how it is run and asked: :mod:`spotstart.cli.demo_engine`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,10 +30,11 @@ from typing import Any
 
 from rich.console import Console
 
+from spotstart.cli.demo_engine import DemoServer, VllmServer, weights_dir
+
 REPO = Path(__file__).resolve().parents[3]
 SERVER = REPO / "examples" / "tiny_llm_server.py"
 FLEET = REPO / "examples" / "fleet.yaml"
-PROMPT = [1, 2, 3, 4]
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class Tally:
     rejected: int = 0  # 503 while draining or loading: retried, not lost
     lost: list[str] = field(default_factory=list)
     by_replica: dict[str, int] = field(default_factory=dict)
+    no_ready_s: float = 0.0  # while clients ran: no replica ready (the cold start, seen)
 
 
 def _free_port() -> int:
@@ -69,15 +73,54 @@ def _ready(url: str) -> bool:
         return False
 
 
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout_s: float) -> float:
+# vLLM's prefix, "(EngineCore pid=7) INFO 12-06 14:31:02 [file.py:12] ", and the guard's
+_LOG_PREFIX = re.compile(
+    r"^(?:\(\w+ pid=\d+\) )?(?:[A-Z]+ \d\d-\d\d [\d:.]+ \[[^\]]{0,120}\] |"
+    r"[\d-]+ [\d:,.]+ [A-Z]+ [\w.]+: )?"
+)
+
+
+def _last_log_line(path: Path) -> str:
+    """The last line of a replica's log, its prefix dropped: what the server is doing."""
+    try:
+        with path.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode("utf-8", "replace")
+    except OSError:
+        return ""
+    lines = [ln.strip() for ln in tail.splitlines() if ln.strip()]
+    return _LOG_PREFIX.sub("", lines[-1])[:90] if lines else ""
+
+
+def _wait_ready(r: Replica, timeout_s: float, console: Console) -> float:
+    """Seconds until the replica's guard says ready; its log's last line shown meanwhile
+    (a spinner on a terminal, a line every 10 s otherwise: vLLM takes a minute or more)."""
     t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout_s:
-        if _ready(url):
-            return time.monotonic() - t0
-        if proc.poll() is not None:
-            raise SystemExit(f"demo: a replica exited with {proc.returncode} before it was ready")
-        time.sleep(0.05)
-    raise SystemExit(f"demo: a replica was not ready within {timeout_s:.0f}s")
+    status = console.status(f"{r.name} starting") if console.is_terminal else None
+    said = t0
+    try:
+        if status is not None:
+            status.start()
+        while time.monotonic() - t0 < timeout_s:
+            if _ready(r.url):
+                return time.monotonic() - t0
+            if r.proc.poll() is not None:
+                raise SystemExit(
+                    f"demo: {r.name} exited with {r.proc.returncode} before it was ready; "
+                    f"its log: {r.log_path}\n  last line: {_last_log_line(r.log_path)}"
+                )
+            now = time.monotonic()
+            doing = _last_log_line(r.log_path)
+            if status is not None:
+                status.update(f"{r.name} starting, {now - t0:.0f} s: {doing}")
+            elif now - said >= 10:
+                said = now
+                console.print(f"   ... {now - t0:.0f} s: {doing}")
+            time.sleep(0.05 if status is None and now - t0 < 10 else 0.2)
+    finally:
+        if status is not None:
+            status.stop()
+    raise SystemExit(f"demo: {r.name} was not ready within {timeout_s:.0f}s; its log: {r.log_path}")
 
 
 def _make_checkpoint(out: Path, size: Size) -> int:
@@ -89,6 +132,9 @@ def _make_checkpoint(out: Path, size: Size) -> int:
 
 
 class Replica:
+    """One node: its GCE metadata server, ``spotstart guard`` in front of the server, the
+    guard's peer server over the replica's weight cache."""
+
     def __init__(
         self,
         name: str,
@@ -97,17 +143,23 @@ class Replica:
         env: dict[str, str],
         events: Path,
         peers: str | None,
+        server: DemoServer,
     ) -> None:
         from spotstart.emulate.metadata import MetadataEmulator
 
         self.name = name
         self.ready = False  # as a Service's endpoints see it: /readyz, polled
+        self.held = False  # ready, but kept from clients a moment (the answer check)
         self.metadata = MetadataEmulator("gce")  # each node its own metadata server
         self.metadata.__enter__()
-        self.cache = work / name / "weights"
+        replica_dir = work / name
+        self.cache = weights_dir(replica_dir)
+        self.cache.mkdir(parents=True, exist_ok=True)
         self.peer_port = _free_port()
         self.port, upstream = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        env = {**env, **server.env(), "POD_NAME": name, "SPOTSTART_EVENTS": str(events)}
+        server.prepare(replica_dir, model_url, env)
         argv = [
             sys.executable,
             "-m",
@@ -123,12 +175,7 @@ class Replica:
             self.metadata.url,
             "--termination-window",
             "15",
-            "--safety-margin",
-            "2",
-            # a preempted node lives on until its deadline: keep its peer server up a while
-            # after the drain so the replacement can take the weights from it
-            "--linger",
-            "6",
+            *server.guard_flags,
             "--health-path",
             "/health",
             "--health-interval",
@@ -138,26 +185,12 @@ class Replica:
             "--serve-peers",
             f"{self.cache}:127.0.0.1:{self.peer_port}",
             "--",
-            sys.executable,
-            str(SERVER),
-            "--model",
-            model_url,
-            "--port",
-            str(upstream),
-            "--cache-dir",
-            str(self.cache),
+            *server.argv(model_url, upstream, replica_dir, peers),
         ]
-        if peers:
-            argv += ["--peers", peers]
-        self.cache.mkdir(parents=True, exist_ok=True)
-        self.log = (work / f"{name}.log").open("wb")
+        self.log_path = work / f"{name}.log"
+        self.log = self.log_path.open("wb")
         self.started = time.time()
-        self.proc = subprocess.Popen(
-            argv,
-            env={**env, "POD_NAME": name, "SPOTSTART_EVENTS": str(events)},
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        self.proc = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def stop(self, timeout_s: float = 30) -> int:
         if self.proc.poll() is None:
@@ -172,10 +205,12 @@ class Replica:
         return code
 
 
-async def _clients(replicas: list[Replica], tally: Tally, stop: threading.Event, n: int) -> None:
+async def _clients(
+    replicas: list[Replica], tally: Tally, stop: threading.Event, n: int, server: DemoServer
+) -> None:
     import aiohttp
 
-    timeout = aiohttp.ClientTimeout(total=60)
+    timeout = aiohttp.ClientTimeout(total=120)
 
     async def client(i: int) -> None:
         stream = i % 2 == 1
@@ -184,23 +219,19 @@ async def _clients(replicas: list[Replica], tally: Tally, stop: threading.Event,
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
             while not stop.is_set():
-                body = {"tokens": [i + 1, *PROMPT], "max_tokens": 4, "stream": stream}
+                body = server.request(i, stream)
                 sent = False
-                for r in [r for r in replicas if r.ready]:  # a Service routes to ready pods
+                # a Service routes to ready pods
+                for r in [r for r in replicas if r.ready and not r.held]:
                     try:
-                        async with session.post(r.url + "/generate", json=body) as resp:
+                        async with session.post(r.url + server.path, json=body) as resp:
                             if resp.status == 503:
                                 tally.rejected += 1
                                 continue  # draining or loading: the next replica
                             sent = True
-                            raw = await resp.read()
-                            ok = resp.status == 200 and (
-                                raw.rstrip().endswith(b"data: [DONE]")
-                                if stream
-                                else len(json.loads(raw)["tokens"]) == 4
-                            )
-                            if not ok:
-                                tally.lost.append(f"{r.name}: {resp.status} {raw[:80]!r}")
+                            verdict = server.judge(resp.status, await resp.read(), stream)
+                            if not verdict.served:
+                                tally.lost.append(f"{r.name}: {verdict.why}")
                             else:
                                 tally.served += 1
                                 tally.streamed += stream
@@ -217,6 +248,7 @@ async def _clients(replicas: list[Replica], tally: Tally, stop: threading.Event,
 
     async def endpoints() -> None:
         """Readiness as kube-proxy learns it: each replica's /readyz, every 100 ms."""
+        last = time.monotonic()
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
             while not stop.is_set():
                 for r in list(replicas):
@@ -225,19 +257,23 @@ async def _clients(replicas: list[Replica], tally: Tally, stop: threading.Event,
                             r.ready = resp.status == 200
                     except (aiohttp.ClientError, TimeoutError):
                         r.ready = False
+                now = time.monotonic()
+                if not any(r.ready for r in replicas):
+                    tally.no_ready_s += now - last
+                last = now
                 await asyncio.sleep(0.1)
 
     await asyncio.gather(endpoints(), *(client(i) for i in range(n)))
 
 
-def _answer(url: str) -> list[int]:
+def _answer(url: str, server: DemoServer) -> str:
     req = urllib.request.Request(
-        url + "/generate",
-        data=json.dumps({"tokens": PROMPT, "max_tokens": 4}).encode(),
+        url + server.path,
+        data=json.dumps(server.question()).encode(),
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return [int(t) for t in json.loads(r.read())["tokens"]]
+    with urllib.request.urlopen(req, timeout=120) as r:
+        return server.answer_of(r.read())
 
 
 def _plan_line(cold_start_s: float) -> str:
@@ -262,8 +298,39 @@ def _plan_line(cold_start_s: float) -> str:
     )
 
 
+def _model_files(ckpt: Path, size: Size, server: DemoServer) -> int:
+    """The checkpoint (and for vLLM its config and tokenizer) in ``ckpt``; tensor bytes."""
+    total = _make_checkpoint(ckpt, size)
+    if isinstance(server, VllmServer):
+        from spotstart.cli.demo_model import write_hf_files
+
+        write_hf_files(
+            ckpt, size.hidden, size.intermediate, size.layers, size.vocab, server.max_model_len
+        )
+    return total
+
+
+def _server_phases(replicas: list[Replica], year: int) -> list[Any]:
+    """vLLM's own timing lines (load weights, init engine) from each replica's log."""
+    from spotstart import timeline
+
+    out = []
+    for r in replicas:
+        try:
+            text = r.log_path.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        out += timeline.from_server_log(text, year, pod=r.name)
+    return out
+
+
 def run_story(
-    console: Console, work: Path, emu: Any, small: bool, serve_s: float
+    console: Console,
+    work: Path,
+    emu: Any,
+    small: bool,
+    serve_s: float,
+    server: DemoServer,
 ) -> dict[str, Any]:
     """Act 2 of `spotstart demo`; returns the JSON summary."""
     from spotstart import timeline
@@ -272,28 +339,34 @@ def run_story(
         raise SystemExit(f"demo: {SERVER} is missing (run the demo from a clone of the repo)")
     size = SMALL if small else FULL
     ckpt = work / "llm-checkpoint"
-    total = _make_checkpoint(ckpt, size)
+    total = _model_files(ckpt, size, server)
     emu.seed_gcs("models", {f"llm/{p.name}": p for p in ckpt.iterdir()})
     url = "gs://models/llm/"
     console.print(
         f"8. a Llama-shaped model ({size.layers} layers, hidden {size.hidden}, vocab "
         f"{size.vocab}: {total / 1e6:.0f} MB of BF16 tensors) is at {url}"
     )
+    vllm = isinstance(server, VllmServer)
     env = {**os.environ, "STORAGE_EMULATOR_HOST": emu.gcs.endpoint}
     events = work / "events.jsonl"
     events.unlink(missing_ok=True)
     tally, stop = Tally(), threading.Event()
     replicas: list[Replica] = []
-    a = Replica("replica-a", work, url, env, events, None)
+    how = (
+        "vLLM, --load-format spotstart from the bucket; config and tokenizer fetched first"
+        if vllm
+        else "the example server, spotstart.load from the bucket"
+    )
+    console.print(f"9. replica A cold-starts behind `spotstart guard` ({how})")
+    a = Replica("replica-a", work, url, env, events, None, server)
     replicas.append(a)
     b: Replica | None = None
     try:
-        console.print("9. replica A cold-starts behind `spotstart guard` (load from the bucket)")
-        a_ready = _wait_ready(a.url, a.proc, 300)
-        expected = _answer(a.url)
-        console.print(f"   ready in {a_ready:.1f} s; tokens for {PROMPT}: {expected}")
+        a_ready = _wait_ready(a, server.ready_timeout_s, console)
+        expected = _answer(a.url, server)
+        console.print(f"   ready in {a_ready:.1f} s; its answer to the test prompt: {expected}")
         loop = threading.Thread(
-            target=lambda: asyncio.run(_clients(replicas, tally, stop, 4)), daemon=True
+            target=lambda: asyncio.run(_clients(replicas, tally, stop, 4, server)), daemon=True
         )
         loop.start()
         console.print(f"10. 4 clients (2 streaming) for {serve_s:g} s ...")
@@ -301,35 +374,45 @@ def run_story(
         console.print(
             "11. GCE preemption notice on replica A's node; replica B starts, "
             "taking the weights from A"
+            + (" (its vLLM with the compile caches A left: a warm start)" if vllm else "")
         )
         a.metadata.preempt(in_s=0)
-        b = Replica("replica-b", work, url, env, events, f"127.0.0.1:{a.peer_port}")
+        b = Replica("replica-b", work, url, env, events, f"127.0.0.1:{a.peer_port}", server)
+        b.held = True  # asked the test prompt alone first: batching must not blur the check
         replicas.append(b)
-        b_ready = _wait_ready(b.url, b.proc, 300)
+        b_ready = _wait_ready(b, server.ready_timeout_s, console)
         console.print(f"   replica B ready in {b_ready:.1f} s")
-        same = _answer(b.url) == expected
+        same = _answer(b.url, server) == expected
+        b.held = False
         code_a = a.proc.wait(timeout=60)
-        time.sleep(min(serve_s, 3))
+        time.sleep(min(serve_s, server.serve_after_s))
     finally:
         stop.set()
         time.sleep(0.5)
         code_a = a.stop()
         code_b = b.stop() if b is not None else -1
     phases = timeline.collect([events])
+    if vllm:
+        year = time.gmtime(a.started).tm_year
+        phases = sorted(phases + _server_phases(replicas, year), key=lambda p: (p.start, p.end))
     out = work / "timeline"
     written = timeline.write_all(phases, out, "spotstart demo: two replicas, one preemption")
     cold = [p for p in phases if p.pod == "replica-b" and p.name == "server-start"]
     cold_s = cold[0].seconds if cold else b_ready
     summary = {
+        "engine": server.name,
         "requests_served": tally.served,
         "requests_streamed": tally.streamed,
         "requests_lost": len(tally.lost),
         "lost": tally.lost[:5],
         "rejected_503_retried": tally.rejected,
         "served_by": tally.by_replica,
-        "same_tokens_after_replacement": same,
+        "seconds_without_a_ready_replica": round(tally.no_ready_s, 1),
+        "same_answer_after_replacement": same,
         "replica_a_exit": code_a,
         "replica_b_exit": code_b,
+        "replica_a_ready_s": round(a_ready, 2),
+        "replica_b_ready_s": round(b_ready, 2),
         "replacement_cold_start_s": round(cold_s, 2),
         "timeline": {k: str(v) for k, v in written.items()},
         "phases": [
@@ -337,5 +420,8 @@ def run_story(
             for p in phases
         ],
     }
+    if isinstance(server, VllmServer):
+        summary["engine_python"] = server.python
+        summary["engine_cache"] = str(server.cache_root)
     summary["plan"] = _plan_line(cold_s)
     return summary
