@@ -8,8 +8,8 @@ merged on one clock:
   condition, the NodeClaim's Launched/Registered/Initialized conditions, the Pod's creation,
   PodScheduled, init containers' start/finish, containers' start and the Ready condition, and
   the kubelet's ``Pulled`` event ("Successfully pulled image ... in 11m2.3s");
-- the server's log: vLLM's "Loading weights took", "Model loading took ... and X seconds",
-  "init engine (...) took" lines.
+- the server's log: vLLM's start-up lines (start, model loading, weights, warm-up and
+  compile, init engine, API server up, shutdown: :mod:`spotstart.timeline.serverlog`).
 
 The phases, the critical path from the first start to Ready (each phase's share, gaps named
 as such), and the picture: PNG (matplotlib), self-contained HTML (inline SVG), Chrome trace
@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 from spotstart import safefs, untrusted_json
 from spotstart.errors import UsageError
+from spotstart.timeline import serverlog
 
 
 @dataclass(frozen=True)
@@ -418,51 +419,41 @@ def from_pod(pod: PodRecord, k: KubeObjects) -> list[Phase]:
 
 # -- the server's log -------------------------------------------------------------------------
 
-# The phrase first, then the time before it: every repetition bounded, so a line costs time
-# linear in its length whatever it holds (a log carries what clients sent, prompts included).
-_VLLM_WHAT = re.compile(
-    r"(?P<what>Loading weights took|Model loading took [^\n]{0,80}? and|"
-    r"init engine \([^)\n]{0,200}\) took) (?P<s>\d{1,9}(?:\.\d{1,9})?) ?s(?:econds)?"
-)
-_VLLM_STAMP = re.compile(r"(?P<mo>\d{2})-(?P<d>\d{2}) (?P<t>\d{2}:\d{2}:\d{2})(?:\.\d+)?\b")
-_NAMES = {
-    "Loading": "server: load weights",
-    "Model": "server: model loading",
-    "init": "server: init engine",
-}
+# What vLLM logs while it starts, and how its times are read: spotstart.timeline.serverlog.
+
+
+def _phase(span: serverlog.LogSpan, pod: str) -> Phase:
+    return Phase(
+        span.name,
+        _seconds(span.start, f"{span.name} start"),
+        _seconds(span.end, f"{span.name} end"),
+        "server-log",
+        pod,
+        span.detail,
+    )
 
 
 def log_phase(line: str, year: int, pod: str = "") -> Phase | None:
     """vLLM's timing line (``INFO 12-01 10:02:03 [...] Loading weights took 12.3 seconds``)
     as a Phase; None for any other line; Malformed for a timing line with an impossible time.
     Its time carries no year or zone: ``year`` given, UTC (vLLM's containers log UTC)."""
-    m = _VLLM_WHAT.search(line)
-    if not m:
-        return None
-    stamp = _VLLM_STAMP.search(line, 0, m.start())
-    if not stamp:
-        return None
     try:
-        end = (
-            datetime.strptime(
-                f"{year}-{stamp['mo']}-{stamp['d']} {stamp['t']}", "%Y-%m-%d %H:%M:%S"
-            )
-            .replace(tzinfo=UTC)
-            .timestamp()
-        )
-    except ValueError as exc:
-        raise Malformed(f"a timing line's time: {exc}") from None
-    name = _NAMES[m["what"].split()[0]]
-    return Phase(name, end - float(m["s"]), end, "server-log", pod, _text(line.strip()[:160], ""))
+        span = serverlog.took_span(line, year)
+    except serverlog.BadTime as exc:
+        raise Malformed(str(exc)) from None
+    return None if span is None else _phase(span, pod)
 
 
 def from_server_log(text: str, year: int, pod: str = "") -> list[Phase]:
-    """The timing lines of a log's text (lines with impossible times left out)."""
+    """The phases of a vLLM log's text (:mod:`spotstart.timeline.serverlog`): its timing
+    lines and the spans between its start-up lines; lines with impossible times left out."""
+    reader = serverlog.ServerLogReader(year)
     out = []
     for line in text.splitlines():
-        with contextlib.suppress(Malformed):
-            if (phase := log_phase(line, year, pod)) is not None:
-                out.append(phase)
+        with contextlib.suppress(serverlog.BadTime, Malformed):
+            out += [_phase(s, pod) for s in reader.feed(line)]
+    with contextlib.suppress(Malformed):
+        out += [_phase(s, pod) for s in reader.close()]
     return out
 
 
@@ -549,18 +540,31 @@ def _read_document(f: BinaryIO, p: Path) -> Any:
 
 
 def _read_log(
-    f: BinaryIO, p: Path, year: int, pod: str, phases: list[Phase], skipped: Skipped
+    f: BinaryIO,
+    p: Path,
+    reader: serverlog.ServerLogReader,
+    pod: str,
+    phases: list[Phase],
+    skipped: Skipped,
 ) -> None:
+    def add(spans: list[serverlog.LogSpan], number: int) -> None:
+        for span in spans:
+            try:
+                phases.append(_phase(span, pod))
+            except Malformed as exc:
+                skipped.add("log lines", f"{p.name}:{number}: {exc}")
+        if len(phases) > MAX_PHASES:
+            raise UsageError(f"{p}: over {MAX_PHASES} phases")
+
+    number = 0
     for number, line in _lines(f, skipped, "log lines"):
         try:
-            phase = log_phase(line, year, pod)
-        except Malformed as exc:
+            spans = reader.feed(line)
+        except serverlog.BadTime as exc:
             skipped.add("log lines", f"{p.name}:{number}: {exc}")
             continue
-        if phase is not None:
-            phases.append(phase)
-            if len(phases) > MAX_PHASES:
-                raise UsageError(f"{p}: over {MAX_PHASES} phases")
+        add(spans, number)
+    add(reader.close(), number)
 
 
 def _open_regular(p: Path) -> BinaryIO:
@@ -603,14 +607,20 @@ def read(paths: list[Path], pod: str | None = None, year: int | None = None) -> 
         if len(phases) > MAX_PHASES:
             raise UsageError(f"over {MAX_PHASES} phases; pick one pod with --pod")
     if logs:
+        # vLLM's stamps carry no year: --year, else the year the other records begin in, else
+        # this one (a log that would begin in the future is then last year's)
+        latest = None
         if year is None:
-            first = min([x.created for x in pods] or [p.start for p in phases] or [time.time()])
-            year = datetime.fromtimestamp(first, UTC).year
+            known = [x.created for x in pods] or [p.start for p in phases]
+            if not known:
+                latest = time.time()
+            year = datetime.fromtimestamp(min(known or [time.time()]), UTC).year
         name = pods[0].name if len(pods) == 1 else ""
         for p in logs:
             try:
                 with _open_regular(p) as f:
-                    _read_log(f, p, year, name, phases, skipped)
+                    reader = serverlog.ServerLogReader(year, latest)
+                    _read_log(f, p, reader, name, phases, skipped)
             except OSError as exc:
                 raise UsageError(f"{p}: {exc.strerror or exc}") from None
     if pod is not None:
