@@ -10,8 +10,10 @@ from spotstart.fetch import Concurrency, Disk, FetchConfig, FetchReport, Retry, 
 
 if _typing.TYPE_CHECKING:
     from spotstart.weights.loader import LoadReport, load, load_async, load_into
+    from spotstart.weights.stream import aiter_tensors, iter_tensors
 
 _LAZY = {"LoadReport", "load", "load_async", "load_into"}  # spotstart.weights, on first use
+_LAZY_STREAM = {"aiter_tensors", "iter_tensors"}
 
 
 def __getattr__(name: str) -> _typing.Any:
@@ -19,11 +21,15 @@ def __getattr__(name: str) -> _typing.Any:
         from spotstart.weights import loader
 
         return getattr(loader, name)
+    if name in _LAZY_STREAM:
+        from spotstart.weights import stream
+
+        return getattr(stream, name)
     raise AttributeError(f"module 'spotstart' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | _LAZY)
+    return sorted(set(globals()) | _LAZY | _LAZY_STREAM)
 
 
 __all__ = [
@@ -34,8 +40,10 @@ __all__ = [
     "LoadReport",
     "Retry",
     "SpotstartError",
+    "aiter_tensors",
     "fetch",
     "fetch_async",
+    "iter_tensors",
     "load",
     "load_async",
     "load_into",

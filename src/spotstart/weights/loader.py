@@ -507,6 +507,22 @@ class Loader:
         shard.header = fmt.parse_header(probe[8 : 8 + n], shard.info.size, name)
         shard.prefix = probe[: 8 + n]
 
+    async def _read_headers(
+        self, scheduler: TransferScheduler, shards: list[_Shard], index: fmt.ShardIndex | None
+    ) -> None:
+        """Every shard's header, checked against the index and each other (a tensor name in
+        two shards is refused)."""
+        await asyncio.gather(*(self._header(scheduler, s) for s in shards))
+        if index is not None:
+            fmt.check_shards(index, {s.rel: s.header for s in shards if s.header is not None})
+        names: set[str] = set()
+        for s in shards:
+            assert s.header is not None
+            for spec in s.header.tensors:
+                if spec.name in names:
+                    raise InvalidCheckpoint(f"{s.rel}: tensor {spec.name} appears in two shards")
+                names.add(spec.name)
+
     def _local_path(
         self, scheduler: TransferScheduler, shard: _Shard, cache: CacheIndex | None
     ) -> Path | None:
@@ -560,16 +576,7 @@ class Loader:
     ) -> tuple[dict[str, torch.Tensor], LoadReport]:
         cache = CacheIndex(self.cache_dir) if self.cache_dir is not None else None
         local = {s.rel: self._local_path(scheduler, s, cache) for s in shards}
-        await asyncio.gather(*(self._header(scheduler, s) for s in shards))
-        if index is not None:
-            fmt.check_shards(index, {s.rel: s.header for s in shards if s.header is not None})
-        names: set[str] = set()
-        for s in shards:
-            assert s.header is not None
-            for spec in s.header.tensors:
-                if spec.name in names:
-                    raise InvalidCheckpoint(f"{s.rel}: tensor {spec.name} appears in two shards")
-                names.add(spec.name)
+        await self._read_headers(scheduler, shards, index)
         total = sum(s.info.size for s in shards)
         if self.tp is not None:
             return await self._load_slices(scheduler, shards, local, total, t0)
