@@ -1,0 +1,363 @@
+"""vLLM's ``--load-format spotstart``: a model loader that streams the weights from any source
+``spotstart fetch`` takes (gs://, s3://, az://, http(s)://, file://, and peers), verified as
+fetch verifies them, into vLLM's own weight loaders, with host memory bounded by a window
+(:mod:`spotstart.weights.stream`). Not a way to get the config or tokenizer: vLLM reads those
+from ``--model DIR`` before any loader runs, so ``spotstart fetch`` puts them there::
+
+    spotstart fetch gs://b/llama/ /models/llama --exclude '*.safetensors'
+    python -m vllm.entrypoints.openai.api_server --model /models/llama \\
+        --load-format spotstart --model-loader-extra-config '{"source": "gs://b/llama/"}'
+
+:func:`register` is the ``vllm.general_plugins`` entry point (``pip install
+'spotstart[vllm]'`` beside your own vLLM build): vLLM calls it in each of its processes; it
+imports vLLM's loader registry only, and nothing at spotstart's import time."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import stat
+import sys
+import time
+import types
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spotstart import untrusted_json
+from spotstart.errors import NotFound, UsageError
+from spotstart.fetch import Concurrency, FetchConfig
+from spotstart.fetch.peers import TOKEN_ENV, PeerSpec
+from spotstart.store import parse_url
+from spotstart.weights.stream import DEFAULT_WINDOW_BYTES
+
+LOAD_FORMAT = "spotstart"
+CONFIG_NAME = "config.json"
+MAX_CONFIG_BYTES = 4 << 20
+MIN_TOKEN_BYTES = 16
+MAX_TOKEN_BYTES = 4096
+KEYS = (
+    "source",
+    "cache_dir",
+    "peers",
+    "peer_token_file",
+    "concurrency",
+    "endpoint",
+    "anonymous",
+    "window_bytes",
+    "verify",
+    "check_config",
+)
+
+
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What ``--model-loader-extra-config`` gives the loader. ``source``: the checkpoint (a
+    prefix, an ``*.index.json`` or a ``.safetensors`` URL); ``cache_dir``: a local write-through
+    copy read on the next start (as ``spotstart load --cache-dir``); ``peers``: ``host:port`` /
+    ``dns:NAME:PORT`` entries (a list or a comma-separated string), with ``peer_token_file``
+    (else ``$SPOTSTART_PEER_TOKEN``); ``concurrency``: fixed number of streams (default:
+    adaptive); ``endpoint``/``anonymous``: as ``fetch --endpoint/--anonymous``;
+    ``window_bytes``: the stream's memory window; ``verify``: ``auto`` or ``size``;
+    ``check_config``: compare ``--model DIR``'s config.json with the source's (default on)."""
+
+    source: str
+    cache_dir: str | None = None
+    peers: tuple[str, ...] = ()
+    peer_token_file: str | None = None
+    concurrency: int | None = None
+    endpoint: str | None = None
+    anonymous: bool = False
+    window_bytes: int = DEFAULT_WINDOW_BYTES
+    verify: str = "auto"
+    check_config: bool = True
+
+    @classmethod
+    def parse(cls, extra: Mapping[str, Any] | None) -> LoaderSettings:
+        """From vLLM's ``model_loader_extra_config``; UsageError naming the key at fault."""
+        where = "--model-loader-extra-config"
+        if not isinstance(extra, Mapping):
+            raise UsageError(f'{where}: a JSON object is needed, e.g. {{"source": "gs://b/m/"}}')
+        unknown = sorted(set(extra) - set(KEYS))
+        if unknown:
+            raise UsageError(
+                f"{where}: unknown key {unknown[0]!r} for --load-format spotstart; "
+                f"known keys: {', '.join(KEYS)}"
+            )
+        source = extra.get("source")
+        if not isinstance(source, str) or not source.strip():
+            raise UsageError(
+                f'{where}: "source" is missing: the checkpoint\'s URL, e.g. '
+                f'{{"source": "gs://bucket/model/"}} (any URL spotstart fetch takes)'
+            )
+        parse_url(source)  # a malformed URL fails here, naming the fix
+
+        def text(key: str) -> str | None:
+            value = extra.get(key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise UsageError(f"{where}: {key!r} must be a non-empty string")
+            return value
+
+        def flag(key: str, default: bool) -> bool:
+            value = extra.get(key, default)
+            if not isinstance(value, bool):
+                raise UsageError(f"{where}: {key!r} must be true or false")
+            return value
+
+        def count(key: str) -> int | None:
+            value = extra.get(key)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise UsageError(f"{where}: {key!r} must be a positive integer")
+            return value
+
+        peers_raw = extra.get("peers", ())
+        if isinstance(peers_raw, str):
+            peers_list = [p.strip() for p in peers_raw.split(",") if p.strip()]
+        elif isinstance(peers_raw, list | tuple) and all(isinstance(p, str) for p in peers_raw):
+            peers_list = [p.strip() for p in peers_raw if p.strip()]
+        else:
+            raise UsageError(f"{where}: 'peers' must be a list of host:port strings")
+        verify = extra.get("verify", "auto")
+        if verify not in ("auto", "size"):
+            raise UsageError(
+                f'{where}: \'verify\' must be "auto" or "size" (a stream cannot reread '
+                'every byte after the last, as "full" does)'
+            )
+        return cls(
+            source=source.strip(),
+            cache_dir=text("cache_dir"),
+            peers=tuple(peers_list),
+            peer_token_file=text("peer_token_file"),
+            concurrency=count("concurrency"),
+            endpoint=text("endpoint"),
+            anonymous=flag("anonymous", False),
+            window_bytes=count("window_bytes") or DEFAULT_WINDOW_BYTES,
+            verify=verify,
+            check_config=flag("check_config", True),
+        )
+
+    def fetch_config(self) -> FetchConfig:
+        """The FetchConfig these settings describe (peers with their token)."""
+        peers = None
+        if self.peers:
+            peers = PeerSpec.parse(list(self.peers), token=self._token())
+        concurrency = Concurrency(streams=self.concurrency) if self.concurrency else Concurrency()
+        return FetchConfig(
+            concurrency=concurrency,
+            endpoint=self.endpoint,
+            anonymous=self.anonymous,
+            verify="size" if self.verify == "size" else "auto",
+            peers=peers,
+        )
+
+    def _token(self) -> str | None:
+        if self.peer_token_file is not None:
+            return read_token_file(Path(self.peer_token_file))
+        value = os.environ.get(TOKEN_ENV, "").strip()
+        return value or None
+
+    def config_url(self) -> str:
+        """Where the source's config.json is: beside a file URL, inside a prefix."""
+        src = self.source
+        if src.endswith(".safetensors") or src.endswith(".index.json"):
+            return src[: src.rfind("/") + 1] + CONFIG_NAME
+        return src.rstrip("/") + "/" + CONFIG_NAME
+
+
+def read_token_file(path: Path) -> str:
+    """The peer token in ``path``: a regular file only its owner reads, 16-4096 bytes of
+    visible ASCII (the rules of ``--peer-token-file``)."""
+    where = f"peer_token_file {path}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"{where}: {exc.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{where}: not a regular file")
+        if st.st_mode & 0o077:
+            raise UsageError(f"{where}: other users may read it: chmod 600 it")
+        raw = os.read(fd, MAX_TOKEN_BYTES + 1)
+    finally:
+        os.close(fd)
+    token = raw.decode("utf-8", "replace").strip()
+    if len(raw) > MAX_TOKEN_BYTES or len(token.encode()) < MIN_TOKEN_BYTES:
+        raise UsageError(f"{where}: a token is {MIN_TOKEN_BYTES}-{MAX_TOKEN_BYTES} bytes")
+    if not all("!" <= c <= "~" for c in token):
+        raise UsageError(f"{where}: the token has spaces, control or non-ASCII characters")
+    return token
+
+
+async def _read_small(url_text: str, config: FetchConfig) -> bytes | None:
+    """A small object's bytes, or None when there is none."""
+    from spotstart.fetch.scheduler import source_for
+
+    url = parse_url(url_text)
+    source = source_for(url, config)
+    key = url.key.lstrip("/") if url.scheme == "file" else url.key
+    try:
+        try:
+            info = await source.stat(key)
+        except NotFound:
+            return None
+        if info.size > MAX_CONFIG_BYTES:
+            raise UsageError(f"{url_text}: {info.size} bytes; not a model config")
+        out: list[bytes] = []
+
+        async def sink(piece: bytes) -> None:
+            out.append(piece)
+
+        if info.size:
+            await source.read(info, 0, info.size, sink)
+        return b"".join(out)
+    finally:
+        await source.close()
+
+
+def check_config(settings: LoaderSettings, model_dir: str) -> str:
+    """Compare ``model_dir``'s config.json with the source's; UsageError when they differ
+    (vLLM built the model from one and would be filled with the other's weights). Returns
+    what was found, for the log."""
+    local = Path(model_dir) / CONFIG_NAME
+    if not local.is_file():
+        return f"no {local}: config not compared"
+    plain = FetchConfig(endpoint=settings.endpoint, anonymous=settings.anonymous)
+    # On a thread of its own: the caller (a vLLM worker) may be running an event loop.
+    with ThreadPoolExecutor(1, thread_name_prefix="spotstart-config") as pool:
+        remote = pool.submit(asyncio.run, _read_small(settings.config_url(), plain)).result()
+    if remote is None:
+        return f"the source has no {CONFIG_NAME}: config not compared"
+    mine = untrusted_json.parse(local.read_bytes(), what=str(local))
+    theirs = untrusted_json.parse(remote, what=settings.config_url())
+    if mine != theirs:
+        raise UsageError(
+            f"{local} differs from {settings.config_url()}: vLLM built the model from one "
+            "config and would fill it with another model's weights; fetch the config again "
+            f"(spotstart fetch {settings.source} {model_dir} --exclude '*.safetensors'), or "
+            'set "check_config": false'
+        )
+    return f"{CONFIG_NAME} matches the source"
+
+
+def summary(report: Any, peak_bytes: int, seconds: float) -> str:
+    """The one line the loader logs."""
+    mb = report.bytes_total / 1e6
+    return (
+        f"spotstart: {report.tensors} tensors, {mb:.1f} MB from {report.source} in "
+        f"{seconds:.2f} s ({mb / seconds if seconds > 0 else 0.0:.1f} MB/s), "
+        f"{report.bytes_from_peers / 1e6:.1f} MB from peers, "
+        f"{report.bytes_from_cache / 1e6:.1f} MB from the cache, "
+        f"verified {report.verified or {}}, peak tensor memory held "
+        f"{peak_bytes / 1e6:.1f} MB"
+    )
+
+
+_REGISTRY = "vllm.model_executor.model_loader"
+_REGISTERED: list[type] = []
+
+
+def register() -> None:
+    """The ``vllm.general_plugins`` entry point: adds ``--load-format spotstart``. Cheap and
+    harmless in every vLLM process: where vLLM's loader registry is not imported yet (the API
+    server never imports it; importing it costs ~0.9 s there, measured), the loader is
+    registered when vLLM itself imports the registry. Run more than once, it registers once."""
+    if _REGISTERED or any(isinstance(f, _RegisterOnImport) for f in sys.meta_path):
+        return
+    module = sys.modules.get(_REGISTRY)
+    if module is not None and getattr(module, "register_model_loader", None) is not None:
+        _register_into(module)
+    else:
+        sys.meta_path.insert(0, _RegisterOnImport())
+
+
+def _register_into(module: Any) -> None:
+    if _REGISTERED:
+        return
+    cls = _loader_class()
+    module.register_model_loader(LOAD_FORMAT)(cls)
+    _REGISTERED.append(cls)
+
+
+class _RegisterOnImport(importlib.abc.MetaPathFinder):
+    """Registers the loader right after vLLM's loader registry module has run (a post-import
+    hook: the module's own loader runs it, then we register), then steps aside."""
+
+    def find_spec(
+        self, fullname: str, path: Any = None, target: Any = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != _REGISTRY:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        loader = spec.loader if spec is not None else None
+        if spec is None or loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        run = loader.exec_module
+
+        def exec_module(module: types.ModuleType) -> None:
+            run(module)
+            _register_into(module)
+
+        loader.exec_module = exec_module  # type: ignore[method-assign]
+        return spec
+
+
+def _loader_class() -> type:
+    from vllm.logger import init_logger
+    from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    logger = init_logger("vllm.model_executor.model_loader.spotstart")
+
+    class SpotstartModelLoader(BaseModelLoader):  # type: ignore[misc]
+        """Streams the checkpoint named by ``source`` into vLLM's weight loaders."""
+
+        def __init__(self, load_config: Any) -> None:
+            super().__init__(load_config)
+            self.settings = LoaderSettings.parse(load_config.model_loader_extra_config)
+            self.settings.fetch_config()  # a bad peer entry or token fails at start
+
+        def download_model(self, model_config: Any) -> None:
+            """Nothing ahead of time: the weights stream in during load_weights."""
+
+        def load_weights(self, model: Any, model_config: Any) -> None:
+            from spotstart.weights.stream import iter_tensors
+
+            settings = self.settings
+            if settings.check_config:
+                logger.info("spotstart: %s", check_config(settings, model_config.model))
+            t0 = time.perf_counter()
+            stream = iter_tensors(
+                settings.source,
+                cache_dir=settings.cache_dir,
+                config=settings.fetch_config(),
+                window_bytes=settings.window_bytes,
+            )
+            with stream:
+                loaded = model.load_weights(stream)
+                # A model that stops early must not skip the objects' final checks.
+                for _ in stream:
+                    pass
+            seconds = time.perf_counter() - t0
+            report = stream.report
+            assert report is not None, "a stream that ended without error has its report"
+            logger.info("Loading weights took %.2f seconds", seconds)
+            logger.info("%s", summary(report, stream.bytes_held_peak, seconds))
+            track = model_config.quantization is None and loaded is not None
+            if track:
+                DefaultModelLoader.track_weights_loading(
+                    self, model, loaded, quantized=model_config.quantization is not None
+                )
+
+    return SpotstartModelLoader
+
+
+__all__ = ["LOAD_FORMAT", "LoaderSettings", "check_config", "register", "summary"]
