@@ -42,6 +42,23 @@ def test_a_named_python_without_vllm_is_an_error_even_under_auto(tmp_path: Path)
         choose_engine("vllm", None, {})
 
 
+def _fake_python(path: Path, script: str) -> str:
+    path.write_text("#!/bin/sh\n" + script + "\n")
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_vllm_without_spotstarts_entry_point_is_named_with_the_fix(tmp_path: Path) -> None:
+    # what the probe prints for a venv whose spotstart is importable (PYTHONPATH) but not
+    # installed: vLLM would never find --load-format spotstart there
+    python = _fake_python(tmp_path / "python", "printf spotstart-vllm-plugin")
+    with pytest.raises(UsageError, match=r"not installed .*pip install -e '\.\[vllm\]'"):
+        choose_engine("vllm", python, {})
+    broken = _fake_python(tmp_path / "broken", "echo 'ImportError: libfoo.so' >&2; exit 3")
+    with pytest.raises(UsageError, match=r"exited 3 when asked for vLLM: ImportError: libfoo\.so"):
+        choose_engine("auto", None, {ENV: broken})
+
+
 @no_vllm_here
 def test_the_cli_refuses_a_missing_engine_before_any_work(tmp_path: Path) -> None:
     res = run_cli(

@@ -68,6 +68,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "(examples/tiny_llm_server.py), auto: vllm when one is found (auto)",
     )
     p.add_argument(
+        "--engine-cache",
+        type=Path,
+        metavar="DIR",
+        help="vLLM's compile caches, shared by both replicas (default: WORKDIR/engine-cache); "
+        "kept from an earlier run, replica A starts warm too",
+    )
+    p.add_argument(
         "--engine-python",
         metavar="PATH",
         help=f"the python of the venv that has vLLM (default: ${VLLM_ENV}, else this one)",
@@ -228,7 +235,7 @@ def _story(
     from spotstart.cli.demo_engine import server_for
     from spotstart.cli.story import SERVER, run_story
 
-    server = server_for(engine, SERVER, work)
+    server = server_for(engine, SERVER, work, args.engine_cache)
     console.rule(f"[bold]the cold start, served, preempted and replaced ({server.label})")
     return run_story(console, work, emu, args.small, args.serve_seconds, server)
 
@@ -248,6 +255,9 @@ def _print_story(console: Console, s: dict[str, object]) -> None:
         f"same answer from the replacement: {s['same_answer_after_replacement']}; "
         f"exit codes A {s['replica_a_exit']}, B {s['replica_b_exit']}"
     )
+    console.print(f"weights from peers, MB: {s['weights_from_peers_mb']}")
+    for name, line in s.get("loader_log", {}).items():  # type: ignore[attr-defined]
+        console.print(f"  {name} vLLM log: {line}")
     if "engine_cache" in s:
         console.print(
             f"vLLM's compile caches (shared by A and B, so B started warm): {s['engine_cache']}"

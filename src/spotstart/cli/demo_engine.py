@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 from spotstart.errors import UsageError
 
@@ -26,11 +26,16 @@ ENV = "SPOTSTART_VLLM_PYTHON"
 ENGINES = ("auto", "vllm", "example")
 CHECK_TIMEOUT_S = 60.0  # an interpreter's start on a busy 2-core machine; no import of vLLM
 
-# find_spec only: importing vLLM takes 10-20 s here, finding it milliseconds
-_PROBE = (
-    "import importlib.util as u, sys; "
-    "sys.stdout.write(' '.join(m for m in ('vllm', 'spotstart') if u.find_spec(m) is None))"
-)
+# find_spec and entry points only: importing vLLM takes 10-20 s here, finding it milliseconds.
+# The loader is found by vLLM through spotstart's installed entry point, not its import path.
+_PROBE = """
+import importlib.metadata as md, importlib.util as u, sys
+missing = [m for m in ("vllm", "spotstart") if u.find_spec(m) is None]
+plugins = [e.value for e in md.entry_points(group="vllm.general_plugins")]
+if "spotstart" not in missing and not any(v.startswith("spotstart.") for v in plugins):
+    missing.append("spotstart-vllm-plugin")
+sys.stdout.write(" ".join(missing))
+"""
 
 
 @dataclass(frozen=True)
@@ -90,6 +95,14 @@ def choose_engine(
     )
     if named:
         missing = _missing_in(named)
+        if "vllm" in missing:  # what the plugin lacks matters only beside a vLLM
+            missing = [m for m in missing if m != "spotstart-vllm-plugin"]
+        if missing == ["spotstart-vllm-plugin"]:
+            raise UsageError(
+                f"{source} {named}: spotstart is importable there but not installed (vLLM finds "
+                f"--load-format spotstart through its entry point): pip install -e "
+                f"'.[vllm]' (or 'spotstart[vllm]') with that python"
+            )
         if missing:
             raise UsageError(f"{source} {named}: no {' and no '.join(missing)} there; {fix}")
         return EngineChoice("vllm", named, f"vLLM found by {source} ({named})")
@@ -128,7 +141,9 @@ class DemoServer(Protocol):
     serve_after_s: float  # the load on the replacement before the summary
     guard_flags: tuple[str, ...]
 
-    def prepare(self, replica_dir: Path, model_url: str, env: Mapping[str, str]) -> None: ...
+    def prepare(
+        self, replica_dir: Path, model_url: str, env: Mapping[str, str], peers: str | None
+    ) -> list[str]: ...
     def argv(
         self, model_url: str, port: int, replica_dir: Path, peers: str | None
     ) -> list[str]: ...
@@ -161,8 +176,10 @@ class ExampleServer:
         self.script = script
         self.label = f"the example server ({script.name})"
 
-    def prepare(self, replica_dir: Path, model_url: str, env: Mapping[str, str]) -> None:
-        pass
+    def prepare(
+        self, replica_dir: Path, model_url: str, env: Mapping[str, str], peers: str | None
+    ) -> list[str]:
+        return []  # the server loads everything itself, peers included
 
     def argv(self, model_url: str, port: int, replica_dir: Path, peers: str | None) -> list[str]:
         argv = [sys.executable, str(self.script), "--model", model_url, "--port", str(port)]
@@ -222,20 +239,31 @@ class VllmServer:
         self.python = python
         self.cache_root = cache_root
 
-    def prepare(self, replica_dir: Path, model_url: str, env: Mapping[str, str]) -> None:
-        """``spotstart fetch URL DIR --exclude '*.safetensors'``: the config and tokenizer."""
-        argv = [sys.executable, "-m", "spotstart", "fetch", model_url, str(replica_dir / "model")]
-        res = subprocess.run(
-            [*argv, "--exclude", "*.safetensors", "--json"],
-            env=dict(env),
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
+    def prepare(
+        self, replica_dir: Path, model_url: str, env: Mapping[str, str], peers: str | None
+    ) -> list[str]:
+        """What an init container does before vLLM starts: the config and tokenizer into
+        ``--model DIR`` (``spotstart fetch URL DIR --exclude '*.safetensors'``); with peers,
+        the weights into the cache from them at once. A preempted GCE node is gone 30 s
+        after its notice, and vLLM reaches its weight phase 35-45 s after launch here: it
+        would find the peer gone. Taken now, they are in the cache when vLLM asks, and
+        ``--load-format spotstart`` reads them there (the bucket is never asked for them)."""
+        notes = []
+        r = _fetch(model_url, replica_dir / "model", env, ["--exclude", "*.safetensors"])
+        notes.append(
+            f"config and tokenizer fetched to {replica_dir / 'model'} ({r['files_total']} files, "
+            f"{int(r['bytes_total']) / 1e6:.1f} MB)"
         )
-        if res.returncode != 0:
-            tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
-            raise SystemExit(f"demo: fetching the model's config failed: {tail}")
+        if peers:
+            flags = ["--include", "*.safetensors", "--include", "*.index.json", "--peers", peers]
+            r = _fetch(model_url, weights_dir(replica_dir), env, flags)
+            notes.append(
+                f"weights into its cache first, {int(r['bytes_transferred']) / 1e6:.0f} MB in "
+                f"{float(r['seconds']):.1f} s, {int(r['bytes_from_peers']) / 1e6:.0f} MB of it "
+                "from the preempted node's peer server (vLLM starts too slowly to find it "
+                "there itself)"
+            )
+        return notes
 
     def argv(self, model_url: str, port: int, replica_dir: Path, peers: str | None) -> list[str]:
         extra: dict[str, object] = {
@@ -279,9 +307,22 @@ class VllmServer:
         }
         for d in dirs.values():
             d.mkdir(parents=True, exist_ok=True)
+        bin_dir = Path(self.python).parent
+        venv = {}
+        if (bin_dir.parent / "pyvenv.cfg").is_file():  # its venv, not the demo's
+            venv = {
+                "VIRTUAL_ENV": str(bin_dir.parent),
+                "PATH": str(bin_dir) + os.pathsep + os.environ.get("PATH", ""),
+            }
         return {
             **{k: str(v) for k, v in dirs.items()},
+            **venv,
             "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "VLLM_NO_USAGE_STATS": "1",
+            "DO_NOT_TRACK": "1",
+            "PYTHONUNBUFFERED": "1",  # its log shows what it is doing while the demo waits
+            "TZ": "UTC",  # its log's times carry no zone; the timeline reads them as UTC
             "VLLM_CPU_KVCACHE_SPACE": "1",
             # this build's AOT-compiled artifact fails to load and is recompiled anyway
             "VLLM_USE_AOT_COMPILE": "0",
@@ -334,8 +375,27 @@ class VllmServer:
         return str(json.loads(raw)["choices"][0]["text"])
 
 
-def server_for(choice: EngineChoice, example_script: Path, work: Path) -> DemoServer:
-    """The act-2 server for an engine choice; vLLM's caches under ``work``."""
+def _fetch(url: str, dest: Path, env: Mapping[str, str], flags: list[str]) -> dict[str, Any]:
+    """``spotstart fetch URL DEST FLAGS --json`` as a replica's init step; its summary."""
+    argv = [sys.executable, "-m", "spotstart", "fetch", url, str(dest), *flags, "--json"]
+    try:
+        res = subprocess.run(
+            argv, env=dict(env), capture_output=True, text=True, timeout=300, check=False
+        )
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"demo: {' '.join(argv)}: not done in 300 s") from None
+    if res.returncode != 0:
+        tail = (res.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SystemExit(f"demo: {' '.join(argv)}: exit {res.returncode}: {tail}")
+    doc: dict[str, Any] = json.loads(res.stdout)
+    return doc
+
+
+def server_for(
+    choice: EngineChoice, example_script: Path, work: Path, engine_cache: Path | None = None
+) -> DemoServer:
+    """The act-2 server for an engine choice; vLLM's caches in ``engine_cache`` (default
+    ``work/engine-cache``)."""
     if choice.name == "vllm":
-        return VllmServer(choice.python, work / "engine-cache")
+        return VllmServer(choice.python, engine_cache or work / "engine-cache")
     return ExampleServer(example_script)

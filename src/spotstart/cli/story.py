@@ -73,10 +73,11 @@ def _ready(url: str) -> bool:
         return False
 
 
-# vLLM's prefix, "(EngineCore pid=7) INFO 12-06 14:31:02 [file.py:12] ", and the guard's
+# vLLM's prefix, "(EngineCore pid=7) INFO 12-06 14:31:02 [file.py:12] ", and the guard's,
+# "spotstart guard: INFO "
 _LOG_PREFIX = re.compile(
     r"^(?:\(\w+ pid=\d+\) )?(?:[A-Z]+ \d\d-\d\d [\d:.]+ \[[^\]]{0,120}\] |"
-    r"[\d-]+ [\d:,.]+ [A-Z]+ [\w.]+: )?"
+    r"spotstart guard: [A-Z]+ )?"
 )
 
 
@@ -159,7 +160,8 @@ class Replica:
         self.port, upstream = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**env, **server.env(), "POD_NAME": name, "SPOTSTART_EVENTS": str(events)}
-        server.prepare(replica_dir, model_url, env)
+        self.created = time.monotonic()
+        self.notes = server.prepare(replica_dir, model_url, env, peers)
         argv = [
             sys.executable,
             "-m",
@@ -310,6 +312,41 @@ def _model_files(ckpt: Path, size: Size, server: DemoServer) -> int:
     return total
 
 
+_PEER_MB = re.compile(r"(\d+) MB from peers")
+_PEER_BYTES = re.compile(r"(\d+) bytes from peers")
+_LOADER_LINE = re.compile(r"spotstart: \d+ tensors, [^\n]{0,300}")
+
+
+def _from_peers_mb(phases: list[Any]) -> dict[str, float]:
+    """Per replica, the MB its fetch and load events say peers gave."""
+    out: dict[str, float] = {}
+    for p in phases:
+        if p.source != "spotstart" or p.name not in ("fetch", "load"):
+            continue
+        mb = (m := _PEER_MB.search(p.detail)) and float(m[1])
+        mb = mb or ((m := _PEER_BYTES.search(p.detail)) and int(m[1]) / 1e6) or 0.0
+        out[p.pod] = round(out.get(p.pod, 0.0) + mb, 1)
+    return out
+
+
+def _loader_lines(replicas: list[Replica]) -> dict[str, str]:
+    """The line ``--load-format spotstart`` logs in each vLLM: sources, MB, peak memory."""
+    out = {}
+    for r in replicas:
+        try:
+            found = _LOADER_LINE.findall(r.log_path.read_text("utf-8", errors="replace"))
+        except OSError:
+            continue
+        if found:
+            out[r.name] = found[-1].strip()
+    return out
+
+
+def _say_notes(console: Console, r: Replica) -> None:
+    for note in r.notes:
+        console.print(f"   {r.name}: {note}")
+
+
 def _server_phases(replicas: list[Replica], year: int) -> list[Any]:
     """vLLM's own timing lines (load weights, init engine) from each replica's log."""
     from spotstart import timeline
@@ -362,7 +399,9 @@ def run_story(
     replicas.append(a)
     b: Replica | None = None
     try:
-        a_ready = _wait_ready(a, server.ready_timeout_s, console)
+        _say_notes(console, a)
+        _wait_ready(a, server.ready_timeout_s, console)
+        a_ready = time.monotonic() - a.created
         expected = _answer(a.url, server)
         console.print(f"   ready in {a_ready:.1f} s; its answer to the test prompt: {expected}")
         loop = threading.Thread(
@@ -380,7 +419,9 @@ def run_story(
         b = Replica("replica-b", work, url, env, events, f"127.0.0.1:{a.peer_port}", server)
         b.held = True  # asked the test prompt alone first: batching must not blur the check
         replicas.append(b)
-        b_ready = _wait_ready(b, server.ready_timeout_s, console)
+        _say_notes(console, b)
+        _wait_ready(b, server.ready_timeout_s, console)
+        b_ready = time.monotonic() - b.created
         console.print(f"   replica B ready in {b_ready:.1f} s")
         same = _answer(b.url, server) == expected
         b.held = False
@@ -397,8 +438,7 @@ def run_story(
         phases = sorted(phases + _server_phases(replicas, year), key=lambda p: (p.start, p.end))
     out = work / "timeline"
     written = timeline.write_all(phases, out, "spotstart demo: two replicas, one preemption")
-    cold = [p for p in phases if p.pod == "replica-b" and p.name == "server-start"]
-    cold_s = cold[0].seconds if cold else b_ready
+    cold_s = b_ready  # from the replacement's first step (its init fetches) to ready
     summary = {
         "engine": server.name,
         "requests_served": tally.served,
@@ -409,6 +449,7 @@ def run_story(
         "served_by": tally.by_replica,
         "seconds_without_a_ready_replica": round(tally.no_ready_s, 1),
         "same_answer_after_replacement": same,
+        "weights_from_peers_mb": _from_peers_mb(phases),
         "replica_a_exit": code_a,
         "replica_b_exit": code_b,
         "replica_a_ready_s": round(a_ready, 2),
@@ -423,5 +464,6 @@ def run_story(
     if isinstance(server, VllmServer):
         summary["engine_python"] = server.python
         summary["engine_cache"] = str(server.cache_root)
+        summary["loader_log"] = _loader_lines(replicas)
     summary["plan"] = _plan_line(cold_s)
     return summary
