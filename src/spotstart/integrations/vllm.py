@@ -334,10 +334,14 @@ def _loader_class() -> type:
             settings = self.settings
             if settings.check_config:
                 logger.info("spotstart: %s", check_config(settings, model_config.model))
+            rank, world = _tp_rank()
+            # Ranks of one tensor-parallel group share a node and would race on one cache
+            # directory (nothing locks it): the first rank keeps it, the others stream.
+            cache_dir = settings.cache_dir if rank == 0 else None
             t0 = time.perf_counter()
             stream = iter_tensors(
                 settings.source,
-                cache_dir=settings.cache_dir,
+                cache_dir=cache_dir,
                 config=settings.fetch_config(),
                 window_bytes=settings.window_bytes,
             )
@@ -350,7 +354,8 @@ def _loader_class() -> type:
             report = stream.report
             assert report is not None, "a stream that ended without error has its report"
             logger.info("Loading weights took %.2f seconds", seconds)
-            logger.info("%s", summary(report, stream.bytes_held_peak, seconds))
+            where = f" (tensor-parallel rank {rank} of {world})" if world > 1 else ""
+            logger.info("%s%s", summary(report, stream.bytes_held_peak, seconds), where)
             track = model_config.quantization is None and loaded is not None
             if track:
                 DefaultModelLoader.track_weights_loading(
@@ -358,6 +363,19 @@ def _loader_class() -> type:
                 )
 
     return SpotstartModelLoader
+
+
+def _tp_rank() -> tuple[int, int]:
+    """(rank, world size) of this worker's tensor-parallel group; (0, 1) outside one."""
+    try:
+        from vllm.distributed import (
+            get_tensor_model_parallel_rank,
+            get_tensor_model_parallel_world_size,
+        )
+
+        return int(get_tensor_model_parallel_rank()), int(get_tensor_model_parallel_world_size())
+    except (ImportError, AssertionError, RuntimeError, AttributeError):
+        return 0, 1
 
 
 __all__ = ["LOAD_FORMAT", "LoaderSettings", "check_config", "register", "summary"]
