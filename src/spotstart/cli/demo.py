@@ -236,7 +236,7 @@ def _story(
     from spotstart.cli.story import SERVER, run_story
 
     server = server_for(engine, SERVER, work, args.engine_cache)
-    console.rule(f"[bold]the cold start, served, preempted and replaced ({server.label})")
+    console.rule(f"[bold]the cold start, served, preempted and replaced: {server.label}")
     return run_story(console, work, emu, args.small, args.serve_seconds, server)
 
 

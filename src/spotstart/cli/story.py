@@ -111,13 +111,14 @@ def _wait_ready(r: Replica, timeout_s: float, console: Console) -> float:
                     f"its log: {r.log_path}\n  last line: {_last_log_line(r.log_path)}"
                 )
             now = time.monotonic()
-            doing = _last_log_line(r.log_path)
             if status is not None:
-                status.update(f"{r.name} starting, {now - t0:.0f} s: {doing}")
+                status.update(f"{r.name} starting, {now - t0:.0f} s: {_last_log_line(r.log_path)}")
             elif now - said >= 10:
                 said = now
-                console.print(f"   ... {now - t0:.0f} s: {doing}")
-            time.sleep(0.05 if status is None and now - t0 < 10 else 0.2)
+                console.print(f"   ... {now - t0:.0f} s: {_last_log_line(r.log_path)}")
+            # 20 polls a second while a fast server may be ready; then 5, to leave the CPU to
+            # a slow one
+            time.sleep(0.05 if now - t0 < 10 else 0.2)
     finally:
         if status is not None:
             status.stop()
