@@ -209,6 +209,7 @@ def test_stop_grace_never_runs_past_the_budget() -> None:
 
 def test_guard_leaves_anyway_when_the_server_survives_sigkill() -> None:
     ctl, clock = make(safety_margin_s=5, stop_grace_s=10, supervising=True)
+    ctl.set_upstream_health(True)  # it came up (one still starting gets less: see below)
     ctl.on_notice(notice(clock, 30))
     assert ctl.tick() == [Command.STOP_SERVER]
     clock.now += 10

@@ -542,15 +542,18 @@ async def test_metrics_of_the_server_are_forwarded_the_guards_have_a_path_of_the
         assert "spotstart_guard_in_flight" in await r.text()
 
 
-async def test_unreachable_upstream_is_a_502_that_names_no_internal_address(
+async def test_unreachable_upstream_is_a_retryable_503_that_names_no_internal_address(
     http: aiohttp.ClientSession,
 ) -> None:
+    # a refused connection: the server never saw the request, so the client may send it to
+    # another replica (a 502 says nothing of the kind)
     dead = f"http://127.0.0.1:{free_port()}"
     proc, url = start_guard(dead, "--cloud", "none", "--health-path", "")
     try:
         async with http.get(url + "/fast") as r:
             body = await r.text()
-        assert r.status == 502 and "127.0.0.1" not in body and dead not in body
+        assert r.status == 503 and r.headers["Retry-After"] == "1"
+        assert "127.0.0.1" not in body and dead not in body
         assert any(dead in line for line in proc.lines)  # the operator's log has it
     finally:
         proc.stop()

@@ -6,6 +6,15 @@ Stages, as kopf's ``running.py`` does them: signal (a notice) -> flag (unready, 
 rejected at once) -> grace (in-flight requests run until ``drain_until``) -> cancel (requests
 still running then are cut and counted as dropped) -> stop the supervised server (stop signal,
 then SIGKILL at ``stop_by``) -> DONE, always before ``notice.deadline - safety_margin_s``.
+The server is never signalled while a request is in flight: the stop signal comes only once
+every accepted request has ended or been cut (vLLM's SIGTERM aborts what it is generating).
+
+What the engine does on its own is an input too: an answer it aborted (``finish_reason``
+"abort") is counted as lost, never drained; an engine that says it is shutting down (vLLM's
+500 "cannot schedule new futures after shutdown") turns the guard unready and every new
+request is answered 503 + Retry-After instead of being forwarded; a server that never became
+healthy (still starting: vLLM ignores SIGTERM then) gets ``starting_stop_grace_s``, not
+``stop_grace_s``, before SIGKILL.
 
 Example::
 
@@ -26,6 +35,7 @@ from typing import Literal
 from spotstart.guard.notice import PreemptionNotice
 
 Clock = Callable[[], float]
+Outcome = Literal["ok", "failed", "cut", "aborted", "refused"]
 
 KILL_WAIT_S = 1.0  # after SIGKILL, how long to wait for the reap before leaving regardless
 
@@ -68,12 +78,18 @@ class DrainConfig:
     linger_s: float = 0.0
     min_grace_s: float = 5.0
     retry_after_s: int = 1  # clients should retry elsewhere now: this replica will not be back
+    # a server that never answered its health check healthy is still starting: vLLM ignores
+    # SIGTERM then (it comes up and serves), so SIGKILL follows soon, not after stop_grace_s
+    starting_stop_grace_s: float = 1.0
 
 
 @dataclass(frozen=True)
 class DrainCounters:
-    """Requests seen by the guard. ``drained``: completed after a notice; ``dropped``: cut at the
-    drain deadline; ``failed``: ended by an upstream or client error (not by the drain)."""
+    """Requests seen by the guard. ``drained``: completed after a notice; ``rejected``: answered
+    503 + Retry-After without the engine starting them (draining, the engine shutting down or
+    not accepting connections); ``dropped``: cut at the drain deadline; ``aborted``: ended by
+    the engine with ``finish_reason`` "abort" (lost: never counted drained); ``failed``: ended
+    by an upstream or client error (not by the drain). Lost requests: ``dropped + aborted``."""
 
     accepted: int
     in_flight: int
@@ -81,6 +97,12 @@ class DrainCounters:
     rejected: int
     dropped: int
     failed: int
+    aborted: int = 0
+
+    @property
+    def lost(self) -> int:
+        """Accepted requests the engine did not finish: cut by the drain or aborted by it."""
+        return self.dropped + self.aborted
 
 
 @dataclass(frozen=True)
@@ -103,6 +125,9 @@ class DrainController:
         self._clock = clock
         self.phase = Phase.SERVING
         self.upstream_healthy = not config.supervising
+        self.upstream_ever_healthy = self.upstream_healthy
+        self.upstream_shutting_down = False
+        self._down_since_shutdown = False
         self.notice: PreemptionNotice | None = None
         self.drain_started_at: float | None = None
         self.drain_until: float | None = None
@@ -114,7 +139,7 @@ class DrainController:
         self._stop_sent = False
         self._kill_sent = False
         self._accepted = self._in_flight = self._drained = 0
-        self._rejected = self._dropped = self._failed = 0
+        self._rejected = self._dropped = self._failed = self._aborted = 0
 
     def now(self) -> float:
         """The injected clock's time (the I/O layer schedules ``next_wakeup()`` against it)."""
@@ -124,7 +149,12 @@ class DrainController:
 
     @property
     def ready(self) -> bool:
-        return self.phase is Phase.SERVING and self.upstream_healthy and not self.crashed
+        return (
+            self.phase is Phase.SERVING
+            and self.upstream_healthy
+            and not self.upstream_shutting_down
+            and not self.crashed
+        )
 
     @property
     def counters(self) -> DrainCounters:
@@ -135,25 +165,54 @@ class DrainController:
             rejected=self._rejected,
             dropped=self._dropped,
             failed=self._failed,
+            aborted=self._aborted,
         )
 
     def set_upstream_health(self, healthy: bool) -> None:
+        """The health poll's verdict. A shutdown the engine announced is over only once its
+        health has failed and come back (a new process: vLLM's /health stays 200 while it
+        shuts down, so a 200 alone proves nothing)."""
         self.upstream_healthy = healthy
+        if healthy:
+            self.upstream_ever_healthy = True
+        if self.upstream_shutting_down:
+            if not healthy:
+                self._down_since_shutdown = True
+            elif self._down_since_shutdown:
+                self.upstream_shutting_down = self._down_since_shutdown = False
+
+    def on_upstream_shutting_down(self) -> bool:
+        """The engine refused a request because it is shutting down: unready, and new requests
+        are answered 503 without being forwarded. True when this is news."""
+        news = not self.upstream_shutting_down
+        self.upstream_shutting_down = True
+        self._down_since_shutdown = False
+        return news
 
     def try_accept(self) -> bool:
-        """A new request: True (count it in flight) while SERVING, else False (answer 503)."""
-        if self.phase is Phase.SERVING and not self.crashed:
+        """A new request: True (count it in flight) while SERVING and the engine is not
+        shutting down, else False (answer 503)."""
+        if self.phase is Phase.SERVING and not self.crashed and not self.upstream_shutting_down:
             self._accepted += 1
             self._in_flight += 1
             return True
         self._rejected += 1
         return False
 
-    def finish(self, outcome: Literal["ok", "failed", "cut"] = "ok") -> None:
-        """An accepted request ended: "ok" completed, "failed" by an error, "cut" by the drain."""
+    def finish(self, outcome: Outcome = "ok") -> None:
+        """An accepted request ended: "ok" completed, "failed" by an error, "cut" by the drain,
+        "aborted" by the engine (``finish_reason`` "abort"), "refused" by the engine before it
+        started it (answered 503: counted rejected, not accepted)."""
         self._in_flight -= 1
+        if outcome in ("ok", "aborted"):
+            self.upstream_ever_healthy = True  # it answered: it has started
         if outcome == "cut":
             self._dropped += 1
+        elif outcome == "aborted":
+            self._aborted += 1
+        elif outcome == "refused":
+            self._accepted -= 1
+            self._rejected += 1
         elif outcome == "failed":
             self._failed += 1
         elif self.notice is not None:
@@ -237,6 +296,9 @@ class DrainController:
             elif not self._stop_sent:
                 self._stop_sent = True
                 commands.append(Command.STOP_SERVER)
+                if not self.upstream_ever_healthy:  # still starting: it may ignore the signal
+                    limit = now + self.config.starting_stop_grace_s
+                    self.stop_by = limit if self.stop_by is None else min(self.stop_by, limit)
             elif not self._kill_sent and self.stop_by is not None and now >= self.stop_by:
                 self._kill_sent = True
                 commands.append(Command.KILL_SERVER)

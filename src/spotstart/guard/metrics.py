@@ -30,9 +30,21 @@ class _ControllerCollector(Collector):
         for name, value, doc in (
             ("accepted", c.accepted, "requests accepted and forwarded upstream"),
             ("drained", c.drained, "accepted requests that completed after a notice"),
-            ("rejected", c.rejected, "requests answered 503 because the guard was draining"),
+            (
+                "rejected",
+                c.rejected,
+                "requests answered 503 + Retry-After that the server never started (draining, "
+                "or the server shutting down or not accepting connections)",
+            ),
             ("dropped", c.dropped, "in-flight requests cut at the drain deadline"),
             ("failed", c.failed, "accepted requests ended by an upstream or client error"),
+            (
+                "aborted",
+                c.aborted,
+                "accepted requests the server ended with finish_reason abort (lost: a stream "
+                "passed on as the server ended it, a non-streaming answer turned into a 503)",
+            ),
+            ("lost", c.lost, "accepted requests not finished: dropped + aborted"),
         ):
             yield CounterMetricFamily(f"spotstart_guard_requests_{name}", doc, value=value)
         yield GaugeMetricFamily(
@@ -42,6 +54,12 @@ class _ControllerCollector(Collector):
             "spotstart_guard_ready",
             "1 while /readyz answers 200",
             value=int(self._controller.ready),
+        )
+        yield GaugeMetricFamily(
+            "spotstart_guard_upstream_shutting_down",
+            "1 once the server refused a request because it is shutting down (new requests "
+            "are answered 503, not forwarded)",
+            value=int(self._controller.upstream_shutting_down),
         )
 
 

@@ -7,7 +7,13 @@ behind a load balancer), and the kubelet's probes. Its port is a
 :class:`spotstart.listen.BoundedListener`: a connection cap, a deadline for each request head,
 accept errors logged once per interval. Only connections outside a request (idle keep-alive,
 an unfinished head) are ever evicted or timed out; a request in progress (a long generation, a
-slow stream) is the DrainController's alone to end."""
+slow stream) is the DrainController's alone to end.
+
+What the engine's answers say is read on the way through (guard/answers.py): a completion it
+aborted (``finish_reason`` "abort") is counted lost, and a non-streaming one reaches the client
+as 503 + Retry-After instead of a truncated 200; a request it refused because it is shutting
+down, or a connection it refused, is answered 503 + Retry-After (it never started it, so the
+client may retry elsewhere) and turns the guard unready."""
 
 from __future__ import annotations
 
@@ -15,7 +21,6 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -24,7 +29,17 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from spotstart.errors import UsageError
-from spotstart.guard.drain import Clock, DrainController, Phase
+from spotstart.guard.answers import (
+    REFUSAL_PEEK_BYTES,
+    AbortScanner,
+    aborted_answer,
+    body_aborted,
+    is_event_stream,
+    is_json,
+    is_shutdown_refusal,
+    refused_answer,
+)
+from spotstart.guard.drain import Clock, DrainController, Outcome, Phase
 from spotstart.guard.metrics import CONTENT_TYPE, GuardMetrics
 from spotstart.listen import (
     BoundedListener,
@@ -59,8 +74,12 @@ SMALL_BODY_BYTES = 256 * 1024  # a complete response up to this size: sent in on
 class ProxyConfig:
     """Where to listen, where to forward, and the guard's own paths (answered, not forwarded).
 
-    Memory: one read buffer per in-flight stream (aiohttp's 64 KiB by default); bodies are never
-    held whole. ``health_path=None`` means the upstream counts as healthy whenever it answers.
+    Memory: one read buffer per in-flight stream (aiohttp's 64 KiB by default), plus at most
+    ``json_buffer_budget_bytes`` in all for non-streaming JSON answers held whole (each up to
+    ``json_buffer_bytes``) so that one the engine aborted can be answered 503 instead of a
+    truncated 200; an answer that does not fit is streamed (still counted if aborted).
+    Streams are never held. ``health_path=None`` means the upstream counts as healthy
+    whenever it answers.
     """
 
     upstream: str
@@ -75,6 +94,11 @@ class ProxyConfig:
     upstream_connections: int = 1024
     connect_timeout_s: float = 10.0
     limits: ListenLimits | None = None  # None: proxy_limits() for this process
+    # A non-streaming completion is sent by the engine at once when it is done (vLLM: a few
+    # KiB): holding it costs no latency a client can use, and lets the guard turn an aborted
+    # one into a 503 the client retries. 1 MiB covers n=16 with logprobs.
+    json_buffer_bytes: int = 1 << 20
+    json_buffer_budget_bytes: int = 64 << 20
 
 
 def proxy_limits(max_connections: int | None = None) -> ListenLimits:
@@ -123,6 +147,33 @@ def request_target(raw: str) -> str | None:
     return None
 
 
+class _Exchange:
+    """One forwarded request's fate as the forwarding learns it."""
+
+    __slots__ = ("outcome", "responding")
+
+    def __init__(self) -> None:
+        self.outcome: Outcome = "ok"
+        self.responding = False  # the client has the status line: a cut can only close it
+
+
+async def _read_upto(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """The body if it ends within ``limit`` bytes (True), else what was read so far (False)."""
+    parts: list[bytes] = []
+    size = 0
+    async for chunk in upstream.content.iter_any():
+        parts.append(chunk)
+        size += len(chunk)
+        if size > limit:
+            return b"".join(parts), False
+    return b"".join(parts), True
+
+
+def _identity(headers: CIMultiDictProxy[str]) -> bool:
+    """The body is as the engine wrote it (no Content-Encoding: its JSON can be read)."""
+    return headers.get("Content-Encoding", "identity").strip().lower() in ("", "identity")
+
+
 class GuardProxy:
     """Serves until ``close()``; ``cancel_in_flight()`` cuts the requests still running."""
 
@@ -145,6 +196,7 @@ class GuardProxy:
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._json_buffered = 0  # bytes reserved for JSON answers held whole, all requests
         self.limits = config.limits or proxy_limits()
         self.listener: BoundedListener | None = None
         self.bound_port: int = config.listen_port
@@ -252,14 +304,26 @@ class GuardProxy:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        outcome: Literal["ok", "failed", "cut"] = "failed"
+        outcome: Outcome = "failed"
+        exchange = _Exchange()
         try:
-            resp = await self._forward(request)
-            outcome = "ok"
+            resp = await self._forward(request, exchange)
+            outcome = exchange.outcome
             return resp
         except asyncio.CancelledError:
             if task in self._cut:
                 outcome = "cut"
+                if not exchange.responding:
+                    # cut before the answer began (a non-streaming generation): the client
+                    # gets a 503 it can retry elsewhere, not a dropped connection
+                    task.uncancel()
+                    return self._unavailable(
+                        *refused_answer(
+                            self.controller.retry_after_s,
+                            "this replica is being preempted and could not finish the request "
+                            "in time",
+                        )
+                    )
             raise
         finally:
             self._tasks.discard(task)
@@ -268,19 +332,26 @@ class GuardProxy:
             if self.controller.phase is not Phase.SERVING:
                 self._on_change()  # only a drain waits on requests ending
 
+    def _unavailable(self, status: int, headers: dict[str, str], body: bytes) -> web.Response:
+        resp = web.Response(status=status, body=body, headers=headers)
+        resp.force_close()  # this replica is going: no keep-alive for the next request
+        return resp
+
     def _why_unready(self) -> str:
         c = self.controller
         if c.crashed:
             return f"upstream server exited with code {c.server_exit_code}"
         if c.notice is not None:
             return f"draining after a {c.notice.kind.value} notice from {c.notice.source}"
+        if c.upstream_shutting_down:
+            return "upstream server is shutting down"
         if not c.upstream_healthy:
             return "upstream not healthy"
         return c.phase.value
 
     # -- forwarding ------------------------------------------------------------------------------
 
-    async def _forward(self, request: web.Request) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, exchange: _Exchange) -> web.StreamResponse:
         assert self._session is not None
         target = request_target(request.raw_path)
         if target is None:
@@ -304,52 +375,132 @@ class GuardProxy:
                 allow_redirects=False,
             )
             upstream = await upstream_cm.__aenter__()
+        except aiohttp.ClientConnectorError as exc:
+            # no connection: the engine never saw the request (starting, stopped, crashed)
+            log.warning("upstream %s not accepting connections: %s", self._upstream, exc)
+            exchange.outcome = "refused"
+            return self._unavailable(
+                *refused_answer(
+                    self.controller.retry_after_s, "the server is not accepting connections"
+                )
+            )
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             log.warning("upstream %s unreachable: %s", self._upstream, exc)
             # the body names no internal address: clients see only that the server is down
             return web.Response(status=502, text="bad gateway: the server is not reachable\n")
         try:
             self.metrics.upstream_latency.observe(self._clock() - started)
-            headers = _forwardable(upstream.headers)
-            length = upstream.content_length
-            if (
-                length is not None
-                and length <= SMALL_BODY_BYTES
-                and request.method != "HEAD"
-                and upstream.content.is_eof()
-            ):
-                # small and already complete: one write instead of headers + chunks + eof
-                # (measured: about a fifth of the guard's CPU per short request). A small body
-                # still arriving is streamed like any other, not held back.
-                body = await upstream.read()
-                headers.popall("Content-Length", None)
-                small = web.Response(
-                    status=upstream.status, reason=upstream.reason, body=body, headers=headers
-                )
-                if not self.controller.ready:
-                    small.force_close()
-                return small
-            resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            resp.headers.extend(headers)
-            if not self.controller.ready:
-                resp.force_close()  # draining: no keep-alive for the next request
-            await resp.prepare(request)
-            try:
-                # iter_any: each chunk as it arrives (SSE tokens must not wait for a buffer)
-                async for chunk in upstream.content.iter_any():
-                    await resp.write(chunk)
-                await resp.write_eof()
-            except (aiohttp.ClientError, OSError) as exc:
-                # The upstream broke off mid-body, or the client left: end the client's
-                # connection without a final chunk, so a cut response never looks complete.
-                # One line, not a traceback: anyone can hang up.
-                log.info("%s %s: response cut (%s)", request.method, target[:200], exc)
-                if request.transport is not None:
-                    request.transport.abort()
-                raise asyncio.CancelledError from exc
-            return resp
+            return await self._relay(request, target, upstream, exchange)
         finally:
             await upstream_cm.__aexit__(None, None, None)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        target: str,
+        upstream: aiohttp.ClientResponse,
+        exchange: _Exchange,
+    ) -> web.StreamResponse:
+        """The upstream's answer to the client: read whole where its verdict must come before
+        the status line (a refusal, an aborted JSON completion), streamed otherwise."""
+        headers = _forwardable(upstream.headers)
+        length = upstream.content_length
+        ctype = upstream.headers.get("Content-Type", "")
+        readable = request.method != "HEAD" and _identity(upstream.headers)
+        fits = length is None or length <= self.config.json_buffer_bytes
+        head = b""  # what was read of the body before streaming the rest
+        if upstream.status == 500 and readable and (length is None or length <= REFUSAL_PEEK_BYTES):
+            head, whole = await _read_upto(upstream, REFUSAL_PEEK_BYTES)
+            if whole and is_shutdown_refusal(upstream.status, head):
+                if self.controller.on_upstream_shutting_down():
+                    log.warning(
+                        "upstream %s is shutting down (it refused a request): unready; new "
+                        "requests are answered 503 + Retry-After, not forwarded",
+                        self._upstream,
+                    )
+                self._on_change()
+                exchange.outcome = "refused"
+                return self._unavailable(
+                    *refused_answer(self.controller.retry_after_s, "the server is shutting down")
+                )
+            if whole:
+                return self._whole(upstream, headers, head)
+        elif upstream.status == 200 and readable and is_json(ctype) and fits:
+            reserve = min(length or self.config.json_buffer_bytes, self.config.json_buffer_bytes)
+            if self._json_buffered + reserve <= self.config.json_buffer_budget_bytes:
+                self._json_buffered += reserve
+                try:
+                    head, whole = await _read_upto(upstream, self.config.json_buffer_bytes)
+                finally:
+                    self._json_buffered -= reserve
+                if whole and body_aborted(head):
+                    log.info(
+                        "%s %s: the server aborted the generation: 503",
+                        request.method,
+                        target[:200],
+                    )
+                    exchange.outcome = "aborted"
+                    return self._unavailable(*aborted_answer(self.controller.retry_after_s))
+                if whole:
+                    return self._whole(upstream, headers, head)
+        elif (
+            length is not None
+            and length <= SMALL_BODY_BYTES
+            and request.method != "HEAD"
+            and upstream.content.is_eof()
+        ):
+            # small and already complete: one write instead of headers + chunks + eof
+            # (measured: about a fifth of the guard's CPU per short request). A small body
+            # still arriving is streamed like any other, not held back.
+            body = await upstream.read()
+            if readable and is_event_stream(ctype) and body_aborted(body):
+                exchange.outcome = "aborted"
+            return self._whole(upstream, headers, body)
+        scan = (
+            AbortScanner()
+            if readable and upstream.status == 200 and (is_event_stream(ctype) or is_json(ctype))
+            else None
+        )
+        resp = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        resp.headers.extend(headers)
+        if not self.controller.ready:
+            resp.force_close()  # draining: no keep-alive for the next request
+        exchange.responding = True
+        await resp.prepare(request)
+        try:
+            if head:
+                if scan is not None:
+                    scan.feed(head)
+                await resp.write(head)
+            # iter_any: each chunk as it arrives (SSE tokens must not wait for a buffer)
+            async for chunk in upstream.content.iter_any():
+                if scan is not None:
+                    scan.feed(chunk)
+                await resp.write(chunk)
+            await resp.write_eof()
+        except (aiohttp.ClientError, OSError) as exc:
+            # The upstream broke off mid-body, or the client left: end the client's
+            # connection without a final chunk, so a cut response never looks complete.
+            # One line, not a traceback: anyone can hang up.
+            log.info("%s %s: response cut (%s)", request.method, target[:200], exc)
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError from exc
+        if scan is not None and scan.aborted:
+            log.info("%s %s: the server aborted the generation", request.method, target[:200])
+            exchange.outcome = "aborted"
+        return resp
+
+    def _whole(
+        self, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], body: bytes
+    ) -> web.Response:
+        headers.popall("Content-Length", None)
+        resp = web.Response(
+            status=upstream.status, reason=upstream.reason, body=body, headers=headers
+        )
+        if not self.controller.ready:
+            resp.force_close()
+        return resp
 
     async def _poll_health(self) -> None:
         assert self._session is not None
@@ -357,8 +508,12 @@ class GuardProxy:
         timeout = aiohttp.ClientTimeout(total=self.config.health_timeout_s)
         was: bool | None = None
         while True:
+            if self.controller.notice is not None:
+                # draining: the server's health no longer matters, and a verdict now must not
+                # make a server still starting look started (it would get the full stop grace)
+                return
             healthy = True
-            if path is not None and self.controller.notice is None:
+            if path is not None:
                 try:
                     async with self._session.get(self._upstream + path, timeout=timeout) as r:
                         await r.read()
@@ -366,6 +521,8 @@ class GuardProxy:
                 except (aiohttp.ClientError, OSError, TimeoutError):
                     healthy = False
                 self.metrics.upstream_health_checks.labels("ok" if healthy else "fail").inc()
+                if self.controller.notice is not None:
+                    return  # the notice came while we asked
             if healthy != was:
                 log.info("upstream %s: %s", self._upstream, "healthy" if healthy else "unhealthy")
                 was = healthy

@@ -281,15 +281,19 @@ class _Guard:
                 "drain",
                 self.notice_wall,
                 time.time(),
-                detail=f"{c.drained} drained, {c.rejected} rejected, {c.dropped} dropped",
+                detail=f"{c.drained} drained, {c.rejected} rejected, {c.dropped} dropped, "
+                f"{c.aborted} aborted",
             )
         log.info(
-            "guard done: %d accepted, %d drained, %d rejected, %d dropped, %d failed; exit %d",
+            "guard done: %d accepted, %d drained, %d rejected, %d dropped, %d aborted, "
+            "%d failed (%d lost); exit %d",
             c.accepted,
             c.drained,
             c.rejected,
             c.dropped,
+            c.aborted,
             c.failed,
+            c.lost,
             self.controller.exit_code,
         )
         return self.controller.exit_code
