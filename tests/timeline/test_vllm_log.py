@@ -193,3 +193,28 @@ def test_a_hostile_line_of_heads_is_read_in_linear_time() -> None:
     line = ("(x) INFO 12-01 10:00:00 [a.py:1] [t] " * 30_000)[: 1 << 20]
     assert spans(line) == []
     assert timeline.log_phase("2026-01-01T00:00:00Z " * 50_000, 2026) is None
+
+
+def test_the_rendered_gke_pod_log_guard_and_vllm_interleaved_is_read() -> None:
+    """The server container of `k8s render` (GKE: --shutdown-timeout 4), recorded: the guard's
+    own lines and the plugin's registration line are passed over, and vLLM's drain-mode
+    shutdown spans the 4 s the render gave it."""
+    got = timeline.read([FIX / "vllm-0.32-cpu-guard.log"], year=2026)
+    assert not got.skipped
+    by = {p.name: p for p in got.phases}
+    assert list(by) == [
+        "server: start-up",
+        "server: load weights",
+        "server: model loading",
+        "server: init engine",
+        "server: warm-up",
+        "server: profiling run",
+        "server: API start",
+        "server: API up",
+        "server: shutdown",
+    ]
+    assert by["server: start-up"].start == at("2026-12-06T14:42:04")
+    assert by["server: API up"].start == at("2026-12-06T14:42:41")
+    assert by["server: init engine"].seconds == pytest.approx(13.35)
+    shutdown = by["server: shutdown"]
+    assert (shutdown.start, shutdown.end) == (at("2026-12-06T14:42:42"), at("2026-12-06T14:42:46"))
