@@ -11,13 +11,14 @@ import json
 from typing import Any
 
 import pytest
+import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spotstart.cli.main import build_parser
 from spotstart.guard.drain import Command, DrainController
 from spotstart.guard.notice import NoticeKind, PreemptionNotice
-from spotstart.k8s import CLOUDS, DeployConfigError, load_config, parse_config, render
+from spotstart.k8s import CLOUDS, DeployConfigError, load_config, parse_config, render, to_yaml
 from spotstart.k8s.config import NOTICE_WINDOW_S, VLLM_OWNED_FLAGS
 from spotstart.k8s.render import (
     STOP_GRACE_S,
@@ -32,6 +33,7 @@ from tests.k8s.test_render import (
     token_ref,
     validate_core,
 )
+from tests.k8s.test_render_redteam import BREAKOUT
 
 BASE: dict[str, Any] = {
     "name": "llm",
@@ -270,3 +272,20 @@ def test_any_vllm_config_renders_valid_objects_with_the_render_owning_its_flags(
         streamed = cfg.vllm.load_format == "spotstart"
         assert ("fetch-config" in inits, "fetch-weights" in inits) == (streamed, not streamed)
         assert ("--load-format" in vllm) == streamed
+
+
+@pytest.mark.parametrize("kcloud", CLOUDS)
+def test_a_hostile_model_url_stays_one_value_in_the_loader_config_and_the_yaml(
+    kcloud: str,
+) -> None:
+    """The URL goes into vLLM's --model-loader-extra-config as JSON in one argv element (no
+    shell anywhere): quotes, braces and YAML breakers come back as they went in."""
+    url = 'gs://b/m/"},"source":"gs://evil/",' + BREAKOUT
+    raw = {**BASE, "model_url": url, "server": {"engine": "vllm", "load_format": "spotstart"}}
+    cfg = parse_config(raw, kcloud)  # type: ignore[arg-type]
+    for m in render(cfg, kcloud):  # type: ignore[arg-type]
+        assert list(yaml.safe_load_all(to_yaml(m))) == [m.obj], m.filename
+    for pod in model_pods([m.obj for m in render(cfg, kcloud)], "llm"):  # type: ignore[arg-type]
+        _, vllm = split_guard(pod["containers"][0]["command"])
+        extra = json.loads(vllm[vllm.index("--model-loader-extra-config") + 1])
+        assert extra == {"source": url, "cache_dir": "/weights"}
