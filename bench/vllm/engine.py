@@ -124,6 +124,7 @@ class TreeSampler:
     peak_procs: int = 0
     hwm_kb: dict[int, int] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
+    cpus: dict[int, str] = field(default_factory=dict)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
 
@@ -145,6 +146,10 @@ class TreeSampler:
             if pid not in self.names:
                 with contextlib.suppress(OSError):
                     self.names[pid] = Path(f"/proc/{pid}/comm").read_text().strip()
+            with contextlib.suppress(OSError):  # vLLM's CPU worker pins itself: when, to what
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("Cpus_allowed_list:"):
+                        self.cpus[pid] = line.split(":", 1)[1].strip()
         self.peak_rss_kb = max(self.peak_rss_kb, rss)
         self.peak_pss_kb = max(self.peak_pss_kb, pss)
         self.peak_procs = max(self.peak_procs, len(pids))
@@ -168,6 +173,9 @@ class TreeSampler:
             "processes": self.peak_procs,
             "vmhwm_by_process": {
                 f"{self.names.get(p, '?')}[{p}]": kb * 1024 for p, kb in self.hwm_kb.items() if kb
+            },
+            "cpus_allowed_by_process": {
+                f"{self.names.get(p, '?')}[{p}]": c for p, c in self.cpus.items()
             },
         }
 
@@ -274,6 +282,11 @@ _TOOK = re.compile(r"took ([0-9.]+) ?s")
 _RUNAI = re.compile(r"Overall time to stream .*: ([0-9.]+)s")
 
 
+def _loader_line(msg: str) -> bool:
+    spotstart = msg.startswith("spotstart:") and " tensors, " in msg
+    return spotstart or ("[RunAI Streamer]" in msg and "CPU ring" in msg)
+
+
 def phases(path: Path, t0_wall: float) -> dict[str, Any]:
     """vLLM's start-up phases from its log, seconds. ``at_*``: since launch (t0_wall);
     the others: spans vLLM reports or that lie between two of its lines."""
@@ -312,8 +325,8 @@ def phases(path: Path, t0_wall: float) -> dict[str, Any]:
             own.setdefault("torch_compile_s", float(_TOOK.findall(msg)[-1]))
         elif "Dynamo bytecode transform time" in msg:
             own.setdefault("dynamo_s", float(msg.rsplit(":", 1)[1].split()[0]))
-        elif msg.startswith("spotstart:") and "weights_note" not in own:
-            own["weights_note"] = msg  # type: ignore[assignment]
+        elif _loader_line(msg):
+            own.setdefault("loader_note", msg)  # type: ignore[arg-type]
         if "Directly load" in msg:
             compile_hits += 1
         elif "Compiling a graph for" in msg:

@@ -14,6 +14,7 @@ MB = 1e6
 COLUMNS: list[tuple[str, str]] = [
     ("First token s", "first_token_s"),
     ("Ready s", "ready_s"),
+    ("Load starts at s", "phases.at_load_start_s"),
     ("Before vLLM s", "before_vllm_s"),
     ("Weights s", "phases.weights_s"),
     ("Model load s", "phases.model_load_s"),
@@ -177,15 +178,17 @@ def markdown(
         f"{max(r.get('load_1m', 0) for r in records):.1f} on {env['cores']} cores (shared machine)",
         f"- Machine: {env['cpu_model']}, {env['cores']} cores, {env['mem_gb']} GB, kernel "
         f"{env['kernel']}; engines venv: " + ", ".join(f"{k} {val}" for k, val in v.items()),
-        f"- Run {env['started']} to {env['finished']}: `{' '.join(env['argv'])}`",
+        f"- Run {env['started']} to {env['finished']}: `{' '.join(env['argv'])}`; git "
+        f"{env.get('git_head')}, src/spotstart/integrations/vllm.py sha256 "
+        f"{env.get('plugin_sha256')}" + (" (uncommitted)" if env.get("plugin_uncommitted") else ""),
     ]
     lines += guard_lines(guard)
     lines += ["", "Per start (seconds):", ""]
     lines.append(
         "| Round | Contender | First token | Before vLLM | Weights | Model load | Init engine | "
-        "Compile graphs loaded/compiled | Output equal | Load 1m |"
+        "AOT cache load failed | Link conns | Output equal | Load 1m |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     refs = [r for r in records if r.get("ok") and r["contender"] == "fetch"]
     ref = refs[0]["first_request"].get("text") if refs else None
     for r in records:
@@ -200,9 +203,28 @@ def markdown(
             f"| {r['round']} | {r['contender']} | {r['first_token_s']:.2f} | "
             f"{r['before_vllm_s']:.2f} | {ph.get('weights_s', '-')} | "
             f"{ph.get('model_load_s', '-')} | "
-            f"{ph.get('init_engine_s', '-')} | {cc.get('graphs_loaded', 0)}/"
-            f"{cc.get('graphs_compiled', 0)} | {same} | {r.get('load_1m', 0):.1f} |"
+            f"{ph.get('init_engine_s', '-')} | {cc.get('aot_load_failures', 0)} | "
+            f"{r['link']['max_concurrent_connections']} | {same} | {r.get('load_1m', 0):.1f} |"
         )
+    notes = sorted(
+        {
+            f"{r['contender']}: {r['phases']['loader_note']}"
+            for r in records
+            if r.get("ok") and r["phases"].get("loader_note")
+        }
+    )
+    fetch_s = [
+        (r["contender"], r["step"]["summary"].get("seconds"))
+        for r in records
+        if r.get("ok") and r.get("step") and r["step"].get("summary")
+    ]
+    if notes or fetch_s:
+        lines += ["", "Loaders' own lines (one per start):", ""]
+        lines += [f"- {n}" for n in notes]
+        lines += [
+            "- `spotstart fetch --json` seconds (its own clock, per start, in order): "
+            + ", ".join(f"{k} {x:.2f}" for k, x in fetch_s if isinstance(x, int | float))
+        ]
     lines += ["", "Commands (URL = s3://bkt/llama/; DIR a fresh directory; same env for all):", ""]
     seen = set()
     for r in records:
@@ -216,10 +238,14 @@ def markdown(
 
 
 def _short(argv: Sequence[str]) -> list[str]:
-    out = []
-    for a in argv:
-        if "/" in a and not a.startswith("s3://") and (a.startswith("/") or a.endswith("python")):
-            a = Path(a).name if a.endswith(("python", "spotstart")) else "DIR"
+    out: list[str] = []
+    for i, a in enumerate(argv):
+        if i == 0:
+            a = Path(a).name
+        elif a.startswith("/"):
+            a = "DIR"
+        elif out and out[-1] == "--port":
+            a = "PORT"
         if a.startswith("{"):
             a = f"'{a}'"
         elif a == "*.safetensors":

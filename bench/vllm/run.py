@@ -26,6 +26,7 @@ sys.path.append(str(Path(__file__).resolve().parent.parent / "fetch"))
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -157,6 +158,7 @@ def vllm_env(work: Path, emu_info: dict[str, Any]) -> dict[str, str]:
         "XDG_CACHE_HOME": cache / "xdg",
         "HF_HOME": cache / "hf",
         "TMPDIR": cache / "tmp",  # inductor's precompiled headers land here too
+        "VLLM_ASSETS_CACHE": cache / "assets",  # runai_streamer's copy of config + tokenizer
     }
     for path in dirs.values():
         path.mkdir(parents=True, exist_ok=True)
@@ -240,6 +242,9 @@ def one_start(
     py, cli = venv / "bin" / "python", venv / "bin" / "spotstart"
     model_dir = work / "models" / c.key  # the same path every round: vLLM's cache key holds it
     shutil.rmtree(model_dir, ignore_errors=True)
+    # runai_streamer's copy of the config and tokenizer (vLLM keeps it under VLLM_ASSETS_CACHE):
+    # gone before every start, so it pulls them as the others fetch theirs
+    shutil.rmtree(work / "cache" / "assets" / "model_streamer", ignore_errors=True)
     run_dir = work / "runs" / f"{c.key}-{round_label}"
     run_dir.mkdir(parents=True)
     log = run_dir / "vllm.log"
@@ -438,7 +443,18 @@ def environment(venv: Path, link: LinkConfig, model_files: dict[str, int]) -> di
     versions = json.loads(subprocess.run([str(py), "-c", code], capture_output=True).stdout)
     import platform
 
+    plugin = REPO / "src" / "spotstart" / "integrations" / "vllm.py"
+    git = ["git", "-C", str(REPO)]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", str(plugin)], capture_output=True, text=True
+    )
     return {
+        "git_head": head.stdout.strip(),
+        "plugin_sha256": hashlib.sha256(plugin.read_bytes()).hexdigest()[:16]
+        if plugin.exists()
+        else "missing",
+        "plugin_uncommitted": bool(dirty.stdout.strip()),
         "cpu_model": cpu,
         "cores": os.cpu_count(),
         "mem_gb": round(mem_kb / 1e6, 1),
