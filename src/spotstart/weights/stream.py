@@ -24,6 +24,7 @@ is refused."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import dataclasses
 import os
@@ -157,6 +158,7 @@ class _StreamTarget:
         self.file = file
         self.disk = disk
         self.slots = [_Slot(spec, file.display) for spec in shard.header.tensors]
+        self._ends = [s.spec.file_end for s in self.slots]  # ascending: the tensors tile
         self.by_chunk: dict[int, list[_Slot]] = {}
         self.finished = False
         self._hashed_upto = 0  # an in-order hash has read this far (its thread's view)
@@ -255,7 +257,7 @@ class _StreamTarget:
         """(slot, lo, hi): the file bytes ``[lo, hi)`` of ``[offset, offset+length)`` that
         belong to each tensor, in order (header bytes have none)."""
         end = offset + length
-        for s in self.slots:
+        for s in self.slots[bisect.bisect_right(self._ends, offset) :]:
             lo, hi = max(offset, s.spec.file_begin), min(end, s.spec.file_end)
             if hi > lo:
                 yield s, lo, hi
