@@ -218,3 +218,18 @@ def test_the_rendered_gke_pod_log_guard_and_vllm_interleaved_is_read() -> None:
     assert by["server: init engine"].seconds == pytest.approx(13.35)
     shutdown = by["server: shutdown"]
     assert (shutdown.start, shutdown.end) == (at("2026-12-06T14:42:42"), at("2026-12-06T14:42:46"))
+
+
+def test_a_start_with_spotstarts_loader_reads_its_weights_line_and_passes_its_summary() -> None:
+    """The rendered `load_format: spotstart` pod, recorded: spotstart's loader prints vLLM's
+    "Loading weights took" (read) and its own "spotstart: ..." lines (passed over)."""
+    got = timeline.read([FIX / "vllm-0.32-cpu-spotstart.log"], year=2026)
+    assert not got.skipped
+    by = {p.name: p for p in got.phases}
+    weights = by["server: load weights"]
+    assert "[vllm.py:356] Loading weights took 0.04 seconds" in weights.detail
+    assert weights.end == at("2026-12-06T15:07:13") and weights.seconds == pytest.approx(0.04)
+    assert by["server: model loading"].start == at("2026-12-06T15:07:13")
+    assert by["server: API up"].start == at("2026-12-06T15:07:55")
+    assert by["server: shutdown"].seconds == 4.0
+    assert not any("spotstart:" in p.name for p in got.phases)
