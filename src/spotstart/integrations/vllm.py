@@ -23,7 +23,7 @@ import stat
 import sys
 import time
 import types
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,6 +327,19 @@ def _loader_class() -> type:
 
         def download_model(self, model_config: Any) -> None:
             """Nothing ahead of time: the weights stream in during load_weights."""
+
+        def get_all_weights(self, model_config: Any, model: Any) -> Iterator[tuple[str, Any]]:
+            """The weights as vLLM's in-place reload (``reload_weights``) asks for them."""
+            from spotstart.weights.stream import iter_tensors
+
+            settings = self.settings
+            with iter_tensors(
+                settings.source,
+                cache_dir=settings.cache_dir if _tp_rank()[0] == 0 else None,
+                config=settings.fetch_config(),
+                window_bytes=settings.window_bytes,
+            ) as stream:
+                yield from stream
 
         def load_weights(self, model: Any, model_config: Any) -> None:
             from spotstart.weights.stream import iter_tensors
