@@ -58,7 +58,11 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "preemption notice (cloud metadata, or SIGTERM as Kubernetes sends it) turn unready at "
         "once, answer new requests 503 + Retry-After, let in-flight requests and streams finish "
         "until deadline - safety margin, stop the server and exit before the deadline. With "
-        "'-- CMD ...', start and supervise the server too.",
+        "'-- CMD ...', start and supervise the server too (in a session of its own; one that "
+        "never became healthy gets SIGKILL 1 s after the stop signal). A completion the server "
+        "aborts (finish_reason abort, as vLLM's SIGTERM does) is counted lost, and a "
+        "non-streaming one answered 503 + Retry-After; a server that refuses requests because "
+        "it is shutting down turns the guard unready and gets no more.",
     )
     p.add_argument(
         "--upstream", required=True, metavar="URL", help="the server, e.g. http://127.0.0.1:8000"
