@@ -16,6 +16,7 @@ COLUMNS: list[tuple[str, str]] = [
     ("Ready s", "ready_s"),
     ("Load starts at s", "phases.at_load_start_s"),
     ("Before vLLM s", "before_vllm_s"),
+    ("Loader path s", "loader_path_s"),
     ("Weights s", "phases.weights_s"),
     ("Model load s", "phases.model_load_s"),
     ("Init engine s", "phases.init_engine_s"),
@@ -27,7 +28,17 @@ COLUMNS: list[tuple[str, str]] = [
 ]
 
 
+def _loader_path(rec: dict[str, Any]) -> float | None:
+    """The part of a start that depends on the contender: the fetch before vLLM (if any) plus
+    vLLM's model load (modules, weights, post-processing)."""
+    load = _get(rec, "phases.model_load_s")
+    before = _get(rec, "before_vllm_s")
+    return None if load is None or before is None else round(load + before, 3)
+
+
 def _get(rec: dict[str, Any], path: str) -> float | None:
+    if path == "loader_path_s":
+        return _loader_path(rec)
     cur: Any = rec
     for part in path.split("."):
         if not isinstance(cur, dict) or part not in cur:
@@ -80,6 +91,7 @@ def ratio_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
         parts = []
         for name, path in (
             ("first token", "first_token_s"),
+            ("loader path", "loader_path_s"),
             ("weights", "phases.weights_s"),
             ("model load", "phases.model_load_s"),
             ("peak PSS", "memory.peak_tree_pss_bytes"),
@@ -159,6 +171,10 @@ def markdown(
         "- First token s: launch of the contender (the fetch, where there is one) to the first "
         "streamed token of a 16-token completion; Ready s: to /health 200; Before vLLM s: the "
         "fetch (all files for fetch-then-load, config + tokenizer for spotstart)",
+        "- Load starts at s: launch to vLLM's `Starting to load model` (vLLM's own start-up "
+        "before any loader runs, plus the fetch where there is one: it varies by 10-20 s from "
+        "start to start on this shared machine whatever the loader); Loader path s: Before "
+        "vLLM + Model load, per start: the part of the start that depends on the contender",
         "- Weights s: the loader's own figure from vLLM's log (`Loading weights took` for the "
         "default loader and spotstart; Run:ai's `Overall time to stream` for runai_streamer); "
         "Model load s: `Starting to load model` to `Warming up model` (building the modules, "
@@ -173,6 +189,7 @@ def markdown(
         "- Link MB: response-body bytes the link carried during the start (all of the weights "
         "should cross it once)",
         f"- Page cache dropped before each start: {env['page_cache_dropped']}",
+        *_affinity_lines(records),
         f"- Load average (1 min) at starts: median "
         f"{statistics.median(r.get('load_1m', 0) for r in records):.1f}, max "
         f"{max(r.get('load_1m', 0) for r in records):.1f} on {env['cores']} cores (shared machine)",
@@ -237,6 +254,25 @@ def markdown(
     return "\n".join(lines) + "\n"
 
 
+def _affinity_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """Which CPUs vLLM's largest process (its worker, where every loader runs) may use."""
+    seen: dict[str, str] = {}
+    for r in records:
+        mem = r.get("memory") or {}
+        hwm, cpus = mem.get("vmhwm_by_process") or {}, mem.get("cpus_allowed_by_process") or {}
+        if hwm and r.get("ok"):
+            big = max(hwm, key=lambda k: hwm[k])
+            seen.setdefault(r["contender"], cpus.get(big, "?"))
+    if not seen:
+        return []
+    return [
+        "- CPUs the vLLM worker (the largest process: where the weights are loaded, by every "
+        "loader) may run on, from /proc: "
+        + ", ".join(f"{k} {v}" for k, v in seen.items())
+        + " (vLLM's CPU backend pins it; the fetch before vLLM runs on all cores)"
+    ]
+
+
 def _short(argv: Sequence[str]) -> list[str]:
     out: list[str] = []
     for i, a in enumerate(argv):
@@ -268,3 +304,30 @@ def write_results(
     path_json.write_text(json.dumps(doc, indent=1, default=str) + "\n")
     path_md.write_text(markdown(records, rows, guard, env))
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite the markdown from a results JSON: python bench/vllm/report.py RESULTS.json"""
+    import argparse
+    import types
+
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("results", type=Path)
+    p.add_argument(
+        "--md",
+        type=Path,
+        default=Path(__file__).resolve().parent.parent / "results" / "vllm-latest.md",
+    )
+    args = p.parse_args(argv)
+    doc = json.loads(args.results.read_text())
+    keys = [row["key"] for row in doc["summary"]]
+    names = {row["key"]: row["name"] for row in doc["summary"]}
+    contenders = [types.SimpleNamespace(key=k, name=names[k]) for k in keys]
+    rows = summarize(doc["runs"], contenders)
+    args.md.write_text(markdown(doc["runs"], rows, doc["guard"], doc["environment"]))
+    print(f"wrote {args.md}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
