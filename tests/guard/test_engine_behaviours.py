@@ -528,3 +528,60 @@ while True: time.sleep(1)
     assert popen.returncode == 0, text
     assert "server-got-SIGINT" not in text, text
     assert text.count("server-got-SIGTERM") == 1, text  # from the guard, after the drain
+
+
+# vLLM's error event when its engine core dies under a stream (a SIGTERM that reaches the engine
+# core before the API server aborts the request; seen once in ten real runs): built as vLLM's
+# create_streaming_error_response builds it (json.dumps of its ErrorResponse), not recorded.
+ENGINE_DEAD_EVENT = (
+    b'data: {"error": {"message": "EngineCore encountered an issue. See stack trace (above) '
+    b'for the root cause.", "type": "InternalServerError", "param": null, "code": 500}}\n\n'
+)
+
+
+def test_an_error_event_in_a_stream_is_seen_however_it_is_split() -> None:
+    body = events(recorded("chat_stream_ok.sse"))[1] + ENGINE_DEAD_EVENT + b"data: [DONE]\n\n"
+    for cut in range(len(body) + 1):
+        scan = AbortScanner()
+        scan.feed(body[:cut])
+        scan.feed(body[cut:])
+        assert scan.errored and not scan.aborted, cut
+    scan = AbortScanner()
+    scan.feed(recorded("chat_stream_ok.sse"))
+    assert not scan.errored
+
+
+async def test_a_stream_that_ends_in_an_error_event_counts_failed_never_drained() -> None:
+    async def died(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": SSE})
+        await resp.prepare(request)
+        await resp.write(events(recorded("chat_stream_ok.sse"))[1])
+        await asyncio.sleep(0.3)
+        await resp.write(ENGINE_DEAD_EVENT + b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", died)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    controller = DrainController(DrainConfig(), time.monotonic)
+    config = ProxyConfig(f"http://127.0.0.1:{port}", listen_port=0, health_path=None)
+    gp = GuardProxy(config, controller, GuardMetrics(controller), time.monotonic)
+    await gp.start()
+    try:
+        async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+            path, body = ask("chat", stream=True, max_tokens=1500)
+            async with s.post(f"http://127.0.0.1:{gp.bound_port}{path}", json=body) as r:
+                await r.content.readuntil(b"\n\n")
+                now = time.monotonic()
+                controller.on_notice(PreemptionNotice(NoticeKind.PREEMPTION, "t", now, now + 30))
+                assert (await r.read()).startswith(ENGINE_DEAD_EVENT)  # passed on as sent
+        c = controller.counters
+        assert (c.failed, c.drained, c.in_flight) == (1, 0, 0)
+    finally:
+        await gp.close()
+        await runner.cleanup()

@@ -16,6 +16,9 @@ from collections.abc import Mapping
 # vLLM and SGLang write compact JSON ("finish_reason":"abort"); a little whitespace is allowed
 # for servers that pretty-print. The longest match is 15 + 8 + 1 + 8 + 7 = 39 bytes.
 _ABORT = re.compile(rb'"finish_reason"[ \t\r\n]{0,8}:[ \t\r\n]{0,8}"abort"')
+# vLLM's error event inside a 200 stream (its engine died under the request: a SIGTERM that
+# reached the engine core first): data: {"error": {"message": ..., "code": 500}} then [DONE]
+_ERROR_EVENT = re.compile(rb'data:[ ]?\{"error"[ \t]{0,8}:')
 _TAIL_BYTES = 48  # kept from one chunk to the next: longer than any match
 
 # vLLM's answer to a request that arrives once its SIGTERM handler has begun shutting down
@@ -40,6 +43,7 @@ class AbortScanner:
 
     def __init__(self) -> None:
         self.aborted = False
+        self.errored = False  # an error event in the stream: the generation failed
         self._tail = b""
 
     def feed(self, chunk: bytes) -> None:
@@ -47,9 +51,12 @@ class AbortScanner:
             return
         # the boundary (a match split across two chunks), then the chunk itself: no copy of
         # the whole chunk is made
-        if _ABORT.search(self._tail + chunk[:_TAIL_BYTES]) or _ABORT.search(chunk):
+        edge = self._tail + chunk[:_TAIL_BYTES]
+        if _ABORT.search(edge) or _ABORT.search(chunk):
             self.aborted = True
             return
+        if not self.errored and (_ERROR_EVENT.search(edge) or _ERROR_EVENT.search(chunk)):
+            self.errored = True
         if len(chunk) >= _TAIL_BYTES:
             self._tail = chunk[-_TAIL_BYTES:]
         else:

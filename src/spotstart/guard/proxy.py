@@ -424,6 +424,7 @@ class GuardProxy:
                     *refused_answer(self.controller.retry_after_s, "the server is shutting down")
                 )
             if whole:
+                exchange.outcome = "failed"  # an error passed on: not served
                 return self._whole(upstream, headers, head)
         elif upstream.status == 200 and readable and is_json(ctype) and fits:
             reserve = min(length or self.config.json_buffer_bytes, self.config.json_buffer_bytes)
@@ -455,6 +456,8 @@ class GuardProxy:
             body = await upstream.read()
             if readable and is_event_stream(ctype) and body_aborted(body):
                 exchange.outcome = "aborted"
+            elif upstream.status >= 500:
+                exchange.outcome = "failed"  # an error passed on: not served
             return self._whole(upstream, headers, body)
         scan = (
             AbortScanner()
@@ -489,6 +492,8 @@ class GuardProxy:
         if scan is not None and scan.aborted:
             log.info("%s %s: the server aborted the generation", request.method, target[:200])
             exchange.outcome = "aborted"
+        elif (scan is not None and scan.errored) or upstream.status >= 500:
+            exchange.outcome = "failed"  # passed on as sent, but not served
         return resp
 
     def _whole(
