@@ -28,9 +28,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from spotstart import untrusted_json
-from spotstart.errors import NotFound, UsageError
+from spotstart.errors import NotFound, TransientError, UsageError
 from spotstart.fetch import Concurrency, FetchConfig
 from spotstart.fetch.peers import TOKEN_ENV, PeerSpec
 from spotstart.store import parse_url
@@ -39,6 +40,8 @@ from spotstart.weights.stream import DEFAULT_WINDOW_BYTES
 LOAD_FORMAT = "spotstart"
 CONFIG_NAME = "config.json"
 MAX_CONFIG_BYTES = 4 << 20
+CONFIG_TIMEOUT_S = 60.0  # the source's config.json, all of it, within this (a slow store)
+MAX_CONCURRENCY = 1024  # streams: each a connection and a descriptor in the vLLM worker
 MIN_TOKEN_BYTES = 16
 MAX_TOKEN_BYTES = 4096
 KEYS = (
@@ -117,6 +120,28 @@ class LoaderSettings:
                 raise UsageError(f"{where}: {key!r} must be a positive integer")
             return value
 
+        concurrency = count("concurrency")
+        if concurrency is not None and concurrency > MAX_CONCURRENCY:
+            raise UsageError(
+                f"{where}: 'concurrency' {concurrency} is more than {MAX_CONCURRENCY} streams "
+                "(each is a connection and a file descriptor); leave it out for adaptive"
+            )
+        cache_dir = text("cache_dir")
+        if cache_dir is not None and not os.path.isabs(cache_dir):
+            raise UsageError(
+                f"{where}: 'cache_dir' must be an absolute path (a relative one lands in "
+                "whatever directory vLLM was started from)"
+            )
+        endpoint = text("endpoint")
+        if endpoint is not None:
+            parts = urlsplit(endpoint)
+            if parts.username is not None or parts.password is not None or parts.query:
+                raise UsageError(
+                    f"{where}: 'endpoint' carries credentials (user:password@ or a query "
+                    "string), which would end up in logs and errors: give the store's "
+                    "credentials through its environment (e.g. AWS_ACCESS_KEY_ID)"
+                )
+
         peers_raw = extra.get("peers", ())
         if isinstance(peers_raw, str):
             peers_list = [p.strip() for p in peers_raw.split(",") if p.strip()]
@@ -132,11 +157,11 @@ class LoaderSettings:
             )
         return cls(
             source=source.strip(),
-            cache_dir=text("cache_dir"),
+            cache_dir=cache_dir,
             peers=tuple(peers_list),
             peer_token_file=text("peer_token_file"),
-            concurrency=count("concurrency"),
-            endpoint=text("endpoint"),
+            concurrency=concurrency,
+            endpoint=endpoint,
             anonymous=flag("anonymous", False),
             window_bytes=count("window_bytes") or DEFAULT_WINDOW_BYTES,
             verify=verify,
@@ -166,6 +191,8 @@ class LoaderSettings:
     def config_url(self) -> str:
         """Where the source's config.json is: beside a file URL, inside a prefix."""
         src = self.source
+        if "?" in src or "#" in src:  # checked by the caller: a signed URL has no sibling
+            src = src.split("?", 1)[0].split("#", 1)[0]
         if src.endswith(".safetensors") or src.endswith(".index.json"):
             return src[: src.rfind("/") + 1] + CONFIG_NAME
         return src.rstrip("/") + "/" + CONFIG_NAME
@@ -209,7 +236,7 @@ async def _read_small(url_text: str, config: FetchConfig) -> bytes | None:
         except NotFound:
             return None
         if info.size > MAX_CONFIG_BYTES:
-            raise UsageError(f"{url_text}: {info.size} bytes; not a model config")
+            raise UsageError(f"{redact(url_text)}: {info.size} bytes; not a model config")
         out: list[bytes] = []
 
         async def sink(piece: bytes) -> None:
@@ -229,29 +256,57 @@ def check_config(settings: LoaderSettings, model_dir: str) -> str:
     local = Path(model_dir) / CONFIG_NAME
     if not local.is_file():
         return f"no {local}: config not compared"
+    if urlsplit(settings.source).query:
+        # A signed URL (?X-Amz-Signature=, ?sig=) signs one object: config.json beside it
+        # is not covered by the signature, and asking for it would only fail the start.
+        return "the source is a signed URL: config not compared"
+    where = redact(settings.config_url())
     plain = FetchConfig(endpoint=settings.endpoint, anonymous=settings.anonymous)
+
+    async def bounded() -> bytes | None:
+        try:
+            return await asyncio.wait_for(
+                _read_small(settings.config_url(), plain), CONFIG_TIMEOUT_S
+            )
+        except TimeoutError:
+            raise TransientError(
+                f"{where}: not read within {CONFIG_TIMEOUT_S:g} s; the store is too slow "
+                'to compare the config (retry, or set "check_config": false)'
+            ) from None
+
     # On a thread of its own: the caller (a vLLM worker) may be running an event loop.
     with ThreadPoolExecutor(1, thread_name_prefix="spotstart-config") as pool:
-        remote = pool.submit(asyncio.run, _read_small(settings.config_url(), plain)).result()
+        remote = pool.submit(asyncio.run, bounded()).result()
     if remote is None:
         return f"the source has no {CONFIG_NAME}: config not compared"
     mine = untrusted_json.parse(local.read_bytes(), what=str(local))
-    theirs = untrusted_json.parse(remote, what=settings.config_url())
+    theirs = untrusted_json.parse(remote, what=where)
     if mine != theirs:
         raise UsageError(
-            f"{local} differs from {settings.config_url()}: vLLM built the model from one "
+            f"{local} differs from {where}: vLLM built the model from one "
             "config and would fill it with another model's weights; fetch the config again "
-            f"(spotstart fetch {settings.source} {model_dir} --exclude '*.safetensors'), or "
-            'set "check_config": false'
+            f"(spotstart fetch {redact(settings.source)} {model_dir} --exclude "
+            "'*.safetensors'), or set \"check_config\": false"
         )
     return f"{CONFIG_NAME} matches the source"
+
+
+def redact(url: str) -> str:
+    """``url`` fit for a log line: no query string (a presigned signature, a SAS token), no
+    fragment, no ``user:password@``."""
+    parts = urlsplit(url)
+    if not (parts.query or parts.fragment or "@" in parts.netloc):
+        return url
+    host = parts.netloc.rsplit("@", 1)[-1]
+    query = "<redacted>" if parts.query else ""
+    return urlunsplit((parts.scheme, host, parts.path, query, ""))
 
 
 def summary(report: Any, peak_bytes: int, seconds: float) -> str:
     """The one line the loader logs."""
     mb = report.bytes_total / 1e6
     return (
-        f"spotstart: {report.tensors} tensors, {mb:.1f} MB from {report.source} in "
+        f"spotstart: {report.tensors} tensors, {mb:.1f} MB from {redact(report.source)} in "
         f"{seconds:.2f} s ({mb / seconds if seconds > 0 else 0.0:.1f} MB/s), "
         f"{report.bytes_from_peers / 1e6:.1f} MB from peers, "
         f"{report.bytes_from_cache / 1e6:.1f} MB from the cache, "
