@@ -89,6 +89,19 @@ class NullProgress:
         return None
 
 
+class ChunkHooks(Protocol):
+    """What a consumer that takes an object's bytes as they land (a tensor stream) may ask
+    of the scheduler for one file, set as :attr:`TransferFile.hooks` by its ``make_target``.
+    ``admit(chunk)`` is awaited before each fetch of a chunk (its first request, and any
+    refetch): the consumer makes room for it there, or raises to fail the transfer.
+    ``landed(index)`` is called once chunk ``index`` is in place and accepted (a peer's
+    chunk checked against its manifest pieces), on the event loop."""
+
+    async def admit(self, chunk: planning.Chunk) -> None: ...
+
+    def landed(self, index: int) -> None: ...
+
+
 @dataclass
 class TransferFile:
     """One object being transferred: its chunk plan, its target, per-chunk CRCs. Build with
@@ -133,6 +146,11 @@ class TransferFile:
     unproven: dict[int, int] = field(default_factory=dict)
     # Serialises journal commits (commit loop) with the final commit + rename (_finish).
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    hooks: ChunkHooks | None = None  # see ChunkHooks; set by make_target
+    # Hash the origin's MD5 in order as chunks land even where the store also gives a CRC
+    # (the scheduler then hashes what landed after the last byte, which a target that gives
+    # its bytes away as they land no longer holds). Set by make_target, read when it opens.
+    md5_in_order: bool = False
 
     def journal_header(self) -> JournalHeader:
         """What a part file of this object records about it (resume, peer serving)."""
@@ -436,10 +454,12 @@ class TransferScheduler:
             ) from exc
         f.crcs.update(done)
         sums = f.info.checksums
-        streamed_md5 = self.config.verify == "auto"  # "full" hashes what landed, after
-        if streamed_md5 and sums.crc is None and sums.md5 is not None:
+        # In order as chunks land, or else from what landed after the last byte: "full"
+        # always does the latter, "auto" where a CRC checks the object (unless asked).
+        streamed_md5 = self.config.verify == "auto" and (sums.crc is None or f.md5_in_order)
+        if streamed_md5 and sums.md5 is not None:
             f.md5 = _OrderedMd5(f.chunks)
-        elif streamed_md5 and sums.crc is None and sums.md5_of_parts is not None and f.info.parts:
+        elif streamed_md5 and sums.md5_of_parts is not None and f.info.parts:
             f.md5 = _OrderedMd5(f.chunks, f.info.parts)
         if f.md5 is not None:
             f.md5.kick(f.target, f.crcs)
@@ -722,6 +742,8 @@ class TransferScheduler:
         """Fetch one chunk with bounded retries; returns its CRC."""
         target = f.target
         assert target is not None
+        if f.hooks is not None:
+            await f.hooks.admit(ch)
         chunk = _ChunkWriter(self, f, target, ch.start)
 
         async def attempt() -> int:
@@ -1045,6 +1067,8 @@ def _landed(f: TransferFile, index: int, crc: int) -> None:
     else:
         f.uncommitted[index] = crc
         f.unproven.pop(index, None)
+    if f.hooks is not None:
+        f.hooks.landed(index)
 
 
 def _hash_target(h: Any, target: FileTarget, start: int, length: int) -> None:
