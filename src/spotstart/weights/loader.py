@@ -15,10 +15,10 @@ import contextlib
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
 from spotstart import events, safefs
@@ -35,6 +35,7 @@ from spotstart.fetch.scheduler import (
 )
 from spotstart.fetch.target import DiskTarget, FileTarget, Window, pwrite_all
 from spotstart.fetch.verify import CrcAlgorithm
+from spotstart.fetch.writer import DiskWriter
 from spotstart.store import ObjectInfo, SinkError, parse_url
 from spotstart.weights import format as fmt
 from spotstart.weights import tp as tp_plan
@@ -42,6 +43,7 @@ from spotstart.weights import tp as tp_plan
 if TYPE_CHECKING:
     import torch
 
+T = TypeVar("T")
 INDEX_NAME = "model.safetensors.index.json"
 HEADER_PROBE_BYTES = 1 << 20  # one read gets the header of nearly every real shard
 
@@ -161,28 +163,23 @@ class TeeWindow(Window):
         return crc
 
 
-class ShardTarget:
-    """A shard's bytes in memory: the data region lands in one flat uint8 buffer (pinned
-    host memory staged to the GPU when the device is CUDA); the header bytes are skipped. A
-    :class:`DiskTarget` may ride along (write-through cache)."""
+class TensorMemoryTarget:
+    """What every in-memory target of a shard shares (a FileTarget whose bytes land in
+    tensor memory, with a :class:`DiskTarget` that may ride along as the write-through
+    cache): the disk copy's part of each step, the landing window, and copies through the
+    scheduler's writer. Subclasses say where bytes go: ``_copy`` and ``window``."""
 
     def __init__(
         self,
-        scheduler: TransferScheduler | None,
+        writer: DiskWriter | None,
         header: fmt.SafetensorsHeader,
-        device: torch.device,
         disk: DiskTarget | None,
         prefix: bytes,
     ) -> None:
-        torch = _torch()
-        self.scheduler = scheduler
+        self.writer = writer
         self.header = header
         self.prefix = prefix[: header.data_start]  # length word + JSON header, for MD5
-        self.device = device
         self.disk = disk
-        self.flat = torch.empty(header.data_bytes, dtype=torch.uint8, device=device)
-        self._host = None if device.type == "cpu" else _Staging(device)
-        self._view = self.flat.numpy() if device.type == "cpu" else None
         self.finished = False
 
     def open(self) -> dict[int, int]:
@@ -201,9 +198,65 @@ class ShardTarget:
         futures: list[asyncio.Future[None]] = []
         if self.disk is not None:
             futures.append(await self.disk.write(offset, pieces))
-        assert self.scheduler is not None
-        futures.append(await self.scheduler.writer.submit(n, self._copy, offset, pieces))
-        return asyncio.ensure_future(_all(futures))
+        assert self.writer is not None
+        futures.append(await self.writer.submit(n, self._copy, offset, pieces))
+        return asyncio.ensure_future(all_of(futures))
+
+    def _copy(self, offset: int, pieces: list[bytes]) -> None:
+        raise NotImplementedError
+
+    def landing(self, offset: int, segments: list[memoryview]) -> Window:
+        """The window over ``segments`` (the chunk at ``offset``), teed to the cache copy."""
+        if self.disk is not None:
+            return TeeWindow(self.disk.fd, offset, *segments)
+        return Window(*segments)
+
+    def header_bytes(self, offset: int, length: int) -> bytes:
+        """The part of ``[offset, offset+length)`` that is the header (for MD5)."""
+        start = self.header.data_start
+        return self.prefix[offset : min(offset + length, start)] if offset < start else b""
+
+    def stored_size(self) -> int:
+        return self.header.data_start + self.header.data_bytes
+
+    def commit(self, chunks: dict[int, int]) -> None:
+        if self.disk is not None:
+            self.disk.commit(chunks)
+
+    def finish(self) -> None:
+        if self.disk is not None:
+            self.disk.finish()
+        self.finished = True
+
+    def discard(self) -> None:
+        if self.disk is not None:
+            self.disk.discard()
+        self.finished = True
+
+    def close(self) -> None:
+        if self.disk is not None:
+            self.disk.close()
+
+
+class ShardTarget(TensorMemoryTarget):
+    """A shard's bytes in memory: the data region lands in one flat uint8 buffer (pinned
+    host memory staged to the GPU when the device is CUDA); the header bytes are skipped. A
+    :class:`DiskTarget` may ride along (write-through cache)."""
+
+    def __init__(
+        self,
+        writer: DiskWriter | None,
+        header: fmt.SafetensorsHeader,
+        device: torch.device,
+        disk: DiskTarget | None,
+        prefix: bytes,
+    ) -> None:
+        super().__init__(writer, header, disk, prefix)
+        torch = _torch()
+        self.device = device
+        self.flat = torch.empty(header.data_bytes, dtype=torch.uint8, device=device)
+        self._host = None if device.type == "cpu" else _Staging(device)
+        self._view = self.flat.numpy() if device.type == "cpu" else None
 
     def _copy(self, offset: int, pieces: list[bytes]) -> None:
         import numpy as np
@@ -236,16 +289,13 @@ class ShardTarget:
         lo = max(offset, start) - start
         tensors = memoryview(self._view)[lo : offset + length - start] if length > skip else None
         segments = [memoryview(bytearray(skip))] if skip else []
-        parts = [*segments, *([tensors] if tensors is not None else [])]
-        if self.disk is not None:
-            return TeeWindow(self.disk.fd, offset, *parts)
-        return Window(*parts)
+        return self.landing(offset, [*segments, *([tensors] if tensors is not None else [])])
 
     def read(self, offset: int, length: int) -> bytes:
         if self.disk is not None:
             return self.disk.read(offset, length)
         start = self.header.data_start
-        out = self.prefix[offset : min(offset + length, start)] if offset < start else b""
+        out = self.header_bytes(offset, length)
         lo, hi = max(offset, start) - start, offset + length - start
         if hi > lo:
             out += self.flat[lo:hi].cpu().numpy().tobytes()
@@ -278,31 +328,14 @@ class ShardTarget:
             self.flat.copy_(host)
         self.finished = True
 
-    def stored_size(self) -> int:
-        return self.header.data_start + self.header.data_bytes
-
-    def commit(self, chunks: dict[int, int]) -> None:
-        if self.disk is not None:
-            self.disk.commit(chunks)
-
     def finish(self) -> None:
         if self._host is not None:
             self._host.drain()
-        if self.disk is not None:
-            self.disk.finish()
-        self.finished = True
-
-    def discard(self) -> None:
-        if self.disk is not None:
-            self.disk.discard()
-        self.finished = True
-
-    def close(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
+        super().finish()
 
 
-async def _all(futures: list[asyncio.Future[None]]) -> None:
+async def all_of(futures: list[asyncio.Future[None]]) -> None:
+    """Wait for every one of ``futures`` (a target's write future over several writes)."""
     await asyncio.gather(*futures)
 
 
@@ -396,9 +429,25 @@ class Loader:
 
     async def run(self) -> tuple[dict[str, torch.Tensor], LoadReport]:
         t0, started = time.monotonic(), time.time()
-        cfg = self.config
-        source = source_for(self.url, cfg)
-        scheduler = TransferScheduler(source, self.url, cfg, self.progress)
+
+        async def body(
+            scheduler: TransferScheduler, shards: list[_Shard], index: fmt.ShardIndex | None
+        ) -> tuple[dict[str, torch.Tensor], LoadReport]:
+            return await self._load(scheduler, shards, index, t0)
+
+        tensors, report = await self._with_shards(body)
+        record_load(started, report, "to")
+        return tensors, report
+
+    async def _with_shards(
+        self,
+        body: Callable[[TransferScheduler, list[_Shard], fmt.ShardIndex | None], Awaitable[T]],
+    ) -> T:
+        """Run ``body(scheduler, shards, index)`` with this load's scheduler and its shards
+        resolved (placed in the cache directory, held from their first use), then close the
+        scheduler and the source."""
+        source = source_for(self.url, self.config)
+        scheduler = TransferScheduler(source, self.url, self.config, self.progress)
         try:
             shards, index = await self._resolve(scheduler)
             with contextlib.ExitStack() as held:
@@ -407,19 +456,10 @@ class Loader:
                     # resolved once, then held from its first use: a name swapped for a
                     # link mid-run redirects no shard (safefs.pinned_root)
                     held.enter_context(safefs.pinned_root(self.cache_dir))
-                tensors, report = await self._load(scheduler, shards, index, t0)
+                return await body(scheduler, shards, index)
         finally:
             scheduler.close()
             await source.close()
-        events.record(
-            "load",
-            started,
-            time.time(),
-            bytes=report.bytes_transferred,
-            detail=f"{report.source}: {report.tensors} tensors to {report.device}, "
-            f"{report.bytes_from_peers / 1e6:.0f} MB from peers",
-        )
-        return tensors, report
 
     async def _resolve(
         self, scheduler: TransferScheduler
@@ -567,6 +607,80 @@ class Loader:
             )
         return fd
 
+    async def _prepare(
+        self, scheduler: TransferScheduler, shards: list[_Shard], index: fmt.ShardIndex | None
+    ) -> tuple[CacheIndex | None, dict[str, Path | None], int]:
+        """The cache index (with ``cache_dir``), each shard's local copy (or None: fetch
+        it), every header read and checked, and the bytes of all shards."""
+        cache = CacheIndex(self.cache_dir) if self.cache_dir is not None else None
+        local = {s.rel: self._local_path(scheduler, s, cache) for s in shards}
+        await self._read_headers(scheduler, shards, index)
+        return cache, local, sum(s.info.size for s in shards)
+
+    def _plan_files(
+        self,
+        scheduler: TransferScheduler,
+        remote: list[_Shard],
+        cache: CacheIndex | None,
+        make_target: Callable[[TransferScheduler, _Shard], Callable[[TransferFile], FileTarget]],
+    ) -> list[TransferFile]:
+        """The transfer of each shard to fetch, recorded in ``cache`` once verified."""
+        return [
+            scheduler.plan_file(
+                s.info,
+                s.rel,
+                make_target(scheduler, s),
+                record_in(cache) if cache is not None else None,
+                local_path=self.cache_dir / s.rel if self.cache_dir is not None else None,
+            )
+            for s in remote
+        ]
+
+    def _disk_target(
+        self, scheduler: TransferScheduler, shard: _Shard, f: TransferFile
+    ) -> DiskTarget | None:
+        """The write-through copy of ``shard`` in ``cache_dir``, if there is one."""
+        if self.cache_dir is None:
+            return None
+        return DiskTarget(
+            self.cache_dir / shard.rel,
+            f.journal_header(),
+            scheduler.writer,
+            fsync=self.config.disk.fsync,
+            work=layout.work_paths(self.cache_dir, shard.rel),
+        )
+
+    def _report(
+        self,
+        scheduler: TransferScheduler,
+        shards: list[_Shard],
+        files: list[TransferFile],
+        from_disk: list[_Shard],
+        tensors: int,
+        total: int,
+        t0: float,
+    ) -> LoadReport:
+        """What a whole-checkpoint load (all of every tensor) did, from its transfer."""
+        seconds = time.monotonic() - t0
+        c = scheduler.counters
+        return LoadReport(
+            source=str(self.url),
+            device=str(self.device),
+            files=len(shards),
+            tensors=tensors,
+            bytes_total=total,
+            bytes_transferred=c.bytes_transferred,
+            bytes_from_cache=sum(s.info.size for s in from_disk),
+            seconds=round(seconds, 3),
+            mb_per_s=round(total / seconds / 1e6, 1) if seconds > 0 else 0.0,
+            retries=c.retries,
+            verified=count_verified(files),
+            refetched_chunks=c.refetched_chunks,
+            bytes_rank=total,
+            bytes_from_peers=c.bytes_from_peers,
+            peers_dropped=scheduler.peers.dropped() if scheduler.peers else {},
+        )
+
     async def _load(
         self,
         scheduler: TransferScheduler,
@@ -574,25 +688,13 @@ class Loader:
         index: fmt.ShardIndex | None,
         t0: float,
     ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-        cache = CacheIndex(self.cache_dir) if self.cache_dir is not None else None
-        local = {s.rel: self._local_path(scheduler, s, cache) for s in shards}
-        await self._read_headers(scheduler, shards, index)
-        total = sum(s.info.size for s in shards)
+        cache, local, total = await self._prepare(scheduler, shards, index)
         if self.tp is not None:
             return await self._load_slices(scheduler, shards, local, total, t0)
         self.progress.on_start(files_total=len(shards), bytes_total=total, bytes_done=0)
         remote = [s for s in shards if local[s.rel] is None]
         from_disk = [s for s in shards if local[s.rel] is not None]
-        files = [
-            scheduler.plan_file(
-                s.info,
-                s.rel,
-                self._make_target(scheduler, s),
-                record_in(cache) if cache is not None else None,
-                local_path=self.cache_dir / s.rel if self.cache_dir is not None else None,
-            )
-            for s in remote
-        ]
+        files = self._plan_files(scheduler, remote, cache, self._make_target)
 
         async def read_local(s: _Shard) -> None:
             assert s.header is not None
@@ -612,26 +714,7 @@ class Loader:
         for s in shards:
             assert s.target is not None
             tensors.update(_tensors_of(s.target, self.dtype))
-        seconds = time.monotonic() - t0
-        c = scheduler.counters
-        verified = count_verified(files)
-        report = LoadReport(
-            source=str(self.url),
-            device=str(self.device),
-            files=len(shards),
-            tensors=len(tensors),
-            bytes_total=total,
-            bytes_transferred=c.bytes_transferred,
-            bytes_from_cache=sum(s.info.size for s in from_disk),
-            seconds=round(seconds, 3),
-            mb_per_s=round(total / seconds / 1e6, 1) if seconds > 0 else 0.0,
-            retries=c.retries,
-            verified=verified,
-            refetched_chunks=c.refetched_chunks,
-            bytes_rank=total,
-            bytes_from_peers=c.bytes_from_peers,
-            peers_dropped=scheduler.peers.dropped() if scheduler.peers else {},
-        )
+        report = self._report(scheduler, shards, files, from_disk, len(tensors), total, t0)
         return tensors, report
 
     async def _load_slices(
@@ -722,20 +805,25 @@ class Loader:
     ) -> Callable[[TransferFile], FileTarget]:
         def make(f: TransferFile) -> FileTarget:
             assert shard.header is not None
-            disk = None
-            if self.cache_dir is not None:
-                header = f.journal_header()
-                disk = DiskTarget(
-                    self.cache_dir / shard.rel,
-                    header,
-                    scheduler.writer,
-                    fsync=self.config.disk.fsync,
-                    work=layout.work_paths(self.cache_dir, shard.rel),
-                )
-            shard.target = ShardTarget(scheduler, shard.header, self.device, disk, shard.prefix)
+            disk = self._disk_target(scheduler, shard, f)
+            shard.target = ShardTarget(
+                scheduler.writer, shard.header, self.device, disk, shard.prefix
+            )
             return shard.target
 
         return make
+
+
+def record_load(started: float, report: LoadReport, verb: str) -> None:
+    """The phase event of one load (``verb``: how the tensors went to the device)."""
+    events.record(
+        "load",
+        started,
+        time.time(),
+        bytes=report.bytes_transferred,
+        detail=f"{report.source}: {report.tensors} tensors {verb} {report.device}, "
+        f"{report.bytes_from_peers / 1e6:.0f} MB from peers",
+    )
 
 
 async def load_async(

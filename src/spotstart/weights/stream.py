@@ -37,23 +37,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from spotstart import events, safefs
 from spotstart.errors import IntegrityError, InvalidCheckpoint, UsageError
-from spotstart.fetch import FetchConfig, ProgressListener, layout
-from spotstart.fetch.cache import CacheIndex
+from spotstart.fetch import FetchConfig, ProgressListener
 from spotstart.fetch.plan import Chunk
-from spotstart.fetch.scheduler import (
-    TransferFile,
-    TransferScheduler,
-    _OrderedMd5,
-    count_verified,
-    record_in,
-    source_for,
-)
+from spotstart.fetch.scheduler import TransferFile, TransferScheduler
 from spotstart.fetch.target import DiskTarget, Window
 from spotstart.fetch.verify import CrcAlgorithm
+from spotstart.fetch.writer import DiskWriter
 from spotstart.weights import format as fmt
-from spotstart.weights.loader import Loader, LoadReport, TeeWindow, _Shard, _torch, torch_dtype
+from spotstart.weights.loader import (
+    Loader,
+    LoadReport,
+    TensorMemoryTarget,
+    _Shard,
+    _torch,
+    record_load,
+    torch_dtype,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -127,40 +127,26 @@ class _Budget:
             fut.set_result(None)
 
 
-class _LandedChunks(dict[int, int]):
-    """A TransferFile's per-chunk CRCs: the scheduler records a chunk here once it is in
-    place and accepted (peer chunks checked), which is when its tensors may complete."""
-
-    def __init__(self, landed: Callable[[int], None]) -> None:
-        super().__init__()
-        self._landed = landed
-
-    def __setitem__(self, index: int, crc: int) -> None:
-        super().__setitem__(index, crc)
-        self._landed(index)
-
-
-class _StreamTarget:
+class _StreamTarget(TensorMemoryTarget):
     """One remote shard: its tensors' memory, allocated chunk by chunk as the scheduler
-    admits them, handed to the stream as each tensor completes. A FileTarget."""
+    admits them, handed to the stream as each tensor completes. A FileTarget, and the
+    scheduler's ChunkHooks for its file."""
 
     def __init__(
         self,
         stream: _Stream,
         shard: _Shard,
         file: TransferFile,
+        writer: DiskWriter,
         disk: DiskTarget | None,
     ) -> None:
         assert shard.header is not None
+        super().__init__(writer, shard.header, disk, shard.prefix)
         self.stream = stream
-        self.header = shard.header
-        self.prefix = shard.prefix[: shard.header.data_start]
         self.file = file
-        self.disk = disk
         self.slots = [_Slot(spec, file.display) for spec in shard.header.tensors]
         self._ends = [s.spec.file_end for s in self.slots]  # ascending: the tensors tile
         self.by_chunk: dict[int, list[_Slot]] = {}
-        self.finished = False
         self._hashed_upto = 0  # an in-order hash has read this far (its thread's view)
         self._hashed_applied = 0  # ... and the loop knows it
         self._loop = asyncio.get_running_loop()
@@ -182,7 +168,8 @@ class _StreamTarget:
                 j += 1
             self.by_chunk[ch.index] = touched
 
-    async def admit(self, ch: Chunk) -> None:
+    async def admit(self, chunk: Chunk) -> None:
+        ch = chunk
         touched = self.by_chunk.get(ch.index, [])
         budget = self.stream.budget
 
@@ -220,28 +207,13 @@ class _StreamTarget:
 
     # -- FileTarget ---------------------------------------------------------------------
     def open(self) -> dict[int, int]:
-        if self.disk is not None:
-            self.disk.part.discard()
-            self.disk.open()
+        done = super().open()
         self._plan()
         for s in self.slots:
             if not s.spec.nbytes:
                 self.stream.allocate(s)
                 self._emit(s)
-        return {}
-
-    @property
-    def is_open(self) -> bool:
-        return not self.finished
-
-    async def write(self, offset: int, pieces: list[bytes]) -> asyncio.Future[None]:
-        n = sum(len(p) for p in pieces)
-        futures: list[asyncio.Future[None]] = []
-        if self.disk is not None:
-            futures.append(await self.disk.write(offset, pieces))
-        writer = self.stream.scheduler_writer()
-        futures.append(await writer.submit(n, self._copy, offset, pieces))
-        return asyncio.ensure_future(_all(futures))
+        return done
 
     def _copy(self, offset: int, pieces: list[bytes]) -> None:
         import numpy as np
@@ -277,16 +249,14 @@ class _StreamTarget:
             assert s.view is not None, "a chunk lands only after its admission"
             base = s.spec.file_begin
             segments.append(memoryview(s.view)[lo - base : hi - base])
-        if self.disk is not None:
-            return TeeWindow(self.disk.fd, offset, *segments)
-        return Window(*segments)
+        return self.landing(offset, segments)
 
     def read(self, offset: int, length: int) -> bytes:
         """Bytes for an in-order MD5 (or a recheck): from the cache copy when there is one,
         else from tensors the stream still holds."""
         if self.disk is not None:
             return self.disk.read(offset, length)
-        out = bytearray(self.prefix[offset : min(offset + length, self.header.data_start)])
+        out = bytearray(self.header_bytes(offset, length))
         for s, lo, hi in self._spans(offset, length):
             if s.view is None:
                 raise IntegrityError(
@@ -308,38 +278,9 @@ class _StreamTarget:
                 s.hashed = True
                 self.stream.maybe_release(s)
 
-    def stored_size(self) -> int:
-        return self.header.data_start + self.header.data_bytes
-
-    def commit(self, chunks: dict[int, int]) -> None:
-        if self.disk is not None:
-            self.disk.commit(chunks)
-
     def finish(self) -> None:
-        if self.disk is not None:
-            self.disk.finish()
-        self.finished = True
+        super().finish()
         self._loop.call_soon_threadsafe(self._hashed, self.stored_size())
-
-    def discard(self) -> None:
-        if self.disk is not None:
-            self.disk.discard()
-        self.finished = True
-
-    def close(self) -> None:
-        if self.disk is not None:
-            self.disk.close()
-
-
-class _StreamScheduler(TransferScheduler):
-    """The transfer scheduler with one addition: a chunk waits for its tensors' memory
-    before its first request (the scheduler itself has no admission hook)."""
-
-    async def _fetch_chunk(self, f: TransferFile, ch: Chunk) -> int:
-        target = f.target
-        if isinstance(target, _StreamTarget):
-            await target.admit(ch)
-        return await super()._fetch_chunk(f, ch)
 
 
 _END = object()
@@ -363,12 +304,7 @@ class _Stream:
         self.budget = _Budget(window_bytes)
         self.ready: asyncio.Queue[Any] = asyncio.Queue()
         self.report: LoadReport | None = None
-        self._scheduler: TransferScheduler | None = None
         self.tensors = 0
-
-    def scheduler_writer(self) -> Any:
-        assert self._scheduler is not None
-        return self._scheduler.writer
 
     def allocate(self, s: _Slot) -> None:
         th = _torch()
@@ -403,28 +339,14 @@ class _Stream:
 
     async def _run(self) -> None:
         t0, started = time.monotonic(), time.time()
-        ld = self.loader
-        source = source_for(ld.url, ld.config)
-        scheduler = _StreamScheduler(source, ld.url, ld.config, ld.progress)
-        self._scheduler = scheduler
-        try:
-            shards, index = await ld._resolve(scheduler)
-            with contextlib.ExitStack() as held:
-                if ld.cache_dir is not None:
-                    ld._place_in_cache(scheduler, shards, ld.cache_dir)
-                    held.enter_context(safefs.pinned_root(ld.cache_dir))
-                report = await self._load(scheduler, shards, index, t0)
-        finally:
-            scheduler.close()
-            await source.close()
-        events.record(
-            "load",
-            started,
-            time.time(),
-            bytes=report.bytes_transferred,
-            detail=f"{report.source}: {report.tensors} tensors streamed to {report.device}, "
-            f"{report.bytes_from_peers / 1e6:.0f} MB from peers",
-        )
+
+        async def body(
+            scheduler: TransferScheduler, shards: list[_Shard], index: fmt.ShardIndex | None
+        ) -> LoadReport:
+            return await self._load(scheduler, shards, index, t0)
+
+        report = await self.loader._with_shards(body)
+        record_load(started, report, "streamed to")
         self.report = report
 
     async def _load(
@@ -435,10 +357,7 @@ class _Stream:
         t0: float,
     ) -> LoadReport:
         ld = self.loader
-        cache = CacheIndex(ld.cache_dir) if ld.cache_dir is not None else None
-        local = {s.rel: ld._local_path(scheduler, s, cache) for s in shards}
-        await ld._read_headers(scheduler, shards, index)
-        total = sum(s.info.size for s in shards)
+        cache, local, total = await ld._prepare(scheduler, shards, index)
         ld.progress.on_start(files_total=len(shards), bytes_total=total, bytes_done=0)
         from_disk = [s for s in shards if local[s.rel] is not None]
         # Local copies first, one after the other: they are fast, and the remote chunks'
@@ -447,37 +366,10 @@ class _Stream:
             path = local[s.rel]
             assert path is not None
             await self._read_local(s, path)
-        files = [
-            scheduler.plan_file(
-                s.info,
-                s.rel,
-                self._make_target(scheduler, s),
-                record_in(cache) if cache is not None else None,
-                local_path=ld.cache_dir / s.rel if ld.cache_dir is not None else None,
-            )
-            for s in shards
-            if local[s.rel] is None
-        ]
+        remote = [s for s in shards if local[s.rel] is None]
+        files = ld._plan_files(scheduler, remote, cache, self._make_target)
         await scheduler.transfer(files)
-        seconds = time.monotonic() - t0
-        c = scheduler.counters
-        return LoadReport(
-            source=str(ld.url),
-            device=str(ld.device),
-            files=len(shards),
-            tensors=self.tensors,
-            bytes_total=total,
-            bytes_transferred=c.bytes_transferred,
-            bytes_from_cache=sum(s.info.size for s in from_disk),
-            seconds=round(seconds, 3),
-            mb_per_s=round(total / seconds / 1e6, 1) if seconds > 0 else 0.0,
-            retries=c.retries,
-            verified=count_verified(files),
-            refetched_chunks=c.refetched_chunks,
-            bytes_rank=total,
-            bytes_from_peers=c.bytes_from_peers,
-            peers_dropped=scheduler.peers.dropped() if scheduler.peers else {},
-        )
+        return ld._report(scheduler, shards, files, from_disk, self.tensors, total, t0)
 
     async def _read_local(self, shard: _Shard, path: Path) -> None:
         """A current local copy (a file:// source, or the cache): consecutive tensors read
@@ -513,51 +405,36 @@ class _Stream:
         ld.progress.on_bytes(shard.info.size)
         ld.progress.on_file_done(shard.rel, cached=ld.url.scheme != "file")
 
-    def _make_target(self, scheduler: TransferScheduler, shard: _Shard) -> Any:
+    def _make_target(
+        self, scheduler: TransferScheduler, shard: _Shard
+    ) -> Callable[[TransferFile], _StreamTarget]:
         ld = self.loader
 
         def make(f: TransferFile) -> _StreamTarget:
-            disk = None
-            if ld.cache_dir is not None:
-                disk = DiskTarget(
-                    ld.cache_dir / shard.rel,
-                    f.journal_header(),
-                    scheduler.writer,
-                    fsync=ld.config.disk.fsync,
-                    work=layout.work_paths(ld.cache_dir, shard.rel),
-                )
-            target = _StreamTarget(self, shard, f, disk)
-            f.crcs = _LandedChunks(target.landed)
-            if disk is None:
-                _hash_peer_bytes_in_order(f, ld.config)
+            disk = ld._disk_target(scheduler, shard, f)
+            target = _StreamTarget(self, shard, f, scheduler.writer, disk)
+            f.hooks = target
+            f.md5_in_order = disk is None and _md5_proves_peer_bytes(f, ld.config)
             return target
 
         return make
 
 
-def _hash_peer_bytes_in_order(f: TransferFile, config: FetchConfig) -> None:
+def _md5_proves_peer_bytes(f: TransferFile, config: FetchConfig) -> bool:
     """Peer bytes without a manifest are proven by the origin's MD5 over the whole object.
     Where the store also gives a CRC, the scheduler computes that MD5 from the landed bytes
-    after the last one: a stream no longer holds them then, so it is hashed in order as
-    chunks land instead (the scheduler uses a streamed digest when there is one)."""
+    after the last one: a stream no longer holds them then, so it asks for it to be hashed
+    in order as chunks land instead (where the scheduler does that anyway, nothing to ask)."""
     sums = f.info.checksums
-    if (
-        config.peers is None
-        or config.verify != "auto"
-        or f.peer_id is None
-        or f.manifest is not None
-        or f.md5 is not None
-        or sums.crc is None
-    ):
-        return
-    if sums.md5 is not None:
-        f.md5 = _OrderedMd5(f.chunks)
-    elif sums.md5_of_parts is not None and f.info.parts:
-        f.md5 = _OrderedMd5(f.chunks, f.info.parts)
-
-
-async def _all(futures: list[asyncio.Future[None]]) -> None:
-    await asyncio.gather(*futures)
+    return (
+        config.peers is not None
+        and config.verify == "auto"
+        and f.peer_id is not None
+        and f.manifest is None
+        and f.md5 is None
+        and sums.crc is not None
+        and (sums.md5 is not None or (sums.md5_of_parts is not None and bool(f.info.parts)))
+    )
 
 
 def _preadv_exact(fd: int, path: Path, batch: list[_Slot]) -> None:
