@@ -1,6 +1,7 @@
 """`spotstart serve-peers DIR --listen HOST:PORT`: serve what DIR holds to other nodes'
-fetches (see spotstart.fetch.peer_server), until SIGTERM or SIGINT. Also the peer token's one
-reader and the one "no token on a reachable address" check, for serve-peers, fetch and guard."""
+fetches (see spotstart.fetch.peer_server), until SIGTERM or SIGINT. Also the peer token's
+flags (its rules: spotstart.fetch.peers.read_token_file) and the one "no token on a reachable
+address" check, for serve-peers, fetch and guard."""
 
 from __future__ import annotations
 
@@ -10,20 +11,22 @@ import json
 import logging
 import os
 import signal
-import stat
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from spotstart.errors import UsageError
 from spotstart.fetch.peer_server import PeerServer, split_listen
-from spotstart.fetch.peers import TOKEN_ENV
+from spotstart.fetch.peers import (
+    MAKE_TOKEN,
+    MIN_TOKEN_BYTES,
+    TOKEN_ENV,
+    read_token_file,
+    visible_token,
+)
 from spotstart.listen import ListenLimits, is_loopback
 
 DEFAULT_PORT = 8471
-MIN_TOKEN_BYTES = 16  # 128 bits of a random token; shorter is a password, not a key
-MAX_TOKEN_BYTES = 4096
-MAKE_TOKEN = "(umask 077; openssl rand -hex 32 > peer.token)"
 DEFAULT_MAX_CONNECTIONS = ListenLimits.max_connections
 
 
@@ -96,55 +99,11 @@ def token_from_args(args: argparse.Namespace) -> str | None:
             f"${TOKEN_ENV}: {len(token.encode())} bytes; a peer token needs at least "
             f"{MIN_TOKEN_BYTES} (make one with: openssl rand -hex 32)"
         )
-    return _visible(token, f"${TOKEN_ENV}")
-
-
-def _visible(token: str, where: str) -> str:
-    """The token, when it is visible ASCII only (what an HTTP header can carry as is): a
-    space, CR/LF or a control character would split or end the Authorization line our
-    requests send, and a non-ASCII one never matches what the server decodes."""
-    if not all("!" <= c <= "~" for c in token):
-        raise UsageError(
-            f"{where}: the token has spaces, control or non-ASCII characters; a peer token is "
-            f"visible ASCII (make one with: openssl rand -hex 32)"
-        )
-    return token
+    return visible_token(token, f"${TOKEN_ENV}")
 
 
 def _read_token_file(path: Path) -> str:
-    where = f"--peer-token-file {path}"
-    try:
-        # Links are followed: a Kubernetes Secret volume is a chain of them. O_NONBLOCK: a
-        # FIFO given by mistake does not hang the start.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise UsageError(f"{where}: {exc.strerror}; make one with: {MAKE_TOKEN}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{where}: not a regular file")
-        if st.st_mode & 0o077:
-            raise UsageError(
-                f"{where}: mode {stat.S_IMODE(st.st_mode):o} lets other users read the token "
-                "(anyone who has it can read every object served): chmod 600 it (a Kubernetes "
-                "Secret volume: defaultMode: 0400)"
-            )
-        raw = os.read(fd, MAX_TOKEN_BYTES + 1)
-    finally:
-        os.close(fd)
-    if len(raw) > MAX_TOKEN_BYTES:
-        raise UsageError(f"{where}: longer than {MAX_TOKEN_BYTES} bytes; not a token file")
-    try:
-        token = raw.decode().strip()
-    except UnicodeDecodeError:
-        raise UsageError(f"{where}: not UTF-8 text; make one with: {MAKE_TOKEN}") from None
-    if len(token.encode()) < MIN_TOKEN_BYTES:
-        what = "empty" if not token else f"{len(token.encode())} bytes"
-        raise UsageError(
-            f"{where}: {what}; a peer token needs at least {MIN_TOKEN_BYTES} "
-            f"(make one with: {MAKE_TOKEN})"
-        )
-    return _visible(token, where)
+    return read_token_file(path, f"--peer-token-file {path}")
 
 
 def serving_token(args: argparse.Namespace, flag: str, host: str, port: int) -> str | None:

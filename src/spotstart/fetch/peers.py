@@ -13,7 +13,10 @@ other (a peer that fails it is dropped and reported, its chunks fetched again fr
 origin), a peer that errs, stalls or is slower than the origin is left for the origin. Any
 answer but a 206 of exactly the range asked, within a deadline set by the origin's measured
 rate, sends the chunk to the origin at once (:meth:`PeerSet.failed` says what it costs the
-peer); a peer never fails a fetch."""
+peer); a peer never fails a fetch.
+
+The peer token's rules live here too (:func:`read_token_file`, :func:`visible_token`), for
+every caller that takes one: the CLI's ``--peer-token-file`` and vLLM's ``peer_token_file``."""
 
 from __future__ import annotations
 
@@ -24,9 +27,11 @@ import ipaddress
 import json
 import os
 import re
+import stat
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -40,6 +45,9 @@ ENV = "SPOTSTART_PEERS"
 INVENTORY_PATH = "/v1/inventory"
 OBJECTS_PATH = "/v1/objects/"
 TOKEN_ENV = "SPOTSTART_PEER_TOKEN"
+MIN_TOKEN_BYTES = 16  # 128 bits of a random token; shorter is a password, not a key
+MAX_TOKEN_BYTES = 4096
+MAKE_TOKEN = "(umask 077; openssl rand -hex 32 > peer.token)"
 MAX_INVENTORY_BYTES = 16 << 20
 # A DNS name (RFC 1123 labels; '_' as Kubernetes names allow) or an IPv4 address.
 _HOST_RE = re.compile(
@@ -54,6 +62,58 @@ MAX_PEERS = 64
 # one chunk at a time: honest peers rarely fail, and then take every stream at once.
 PROBATION_AFTER = 2
 INVENTORY_CPU_SHARE = 10  # parsing inventories: at most 1/10 of a CPU, all peers together
+
+
+def visible_token(token: str, where: str) -> str:
+    """The token, when it is visible ASCII only (what an HTTP header can carry as is): a
+    space, CR/LF or a control character would split or end the Authorization line our
+    requests send, and a non-ASCII one never matches what the server decodes. ``where``
+    names it in the error (a flag, a setting, an environment variable)."""
+    if not all("!" <= c <= "~" for c in token):
+        raise UsageError(
+            f"{where}: the token has spaces, control or non-ASCII characters; a peer token is "
+            f"visible ASCII (make one with: openssl rand -hex 32)"
+        )
+    return token
+
+
+def read_token_file(path: Path, where: str) -> str:
+    """The peer token in ``path``: a regular file that only its owner may read, at most
+    ``MAX_TOKEN_BYTES``, UTF-8, at least ``MIN_TOKEN_BYTES`` once stripped, visible ASCII.
+    ``where`` names the file in errors (``--peer-token-file PATH``); each is a UsageError
+    that says the fix."""
+    try:
+        # Links are followed: a Kubernetes Secret volume is a chain of them. O_NONBLOCK: a
+        # FIFO given by mistake does not hang the start.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"{where}: {exc.strerror}; make one with: {MAKE_TOKEN}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{where}: not a regular file")
+        if st.st_mode & 0o077:
+            raise UsageError(
+                f"{where}: mode {stat.S_IMODE(st.st_mode):o} lets other users read the token "
+                "(anyone who has it can read every object served): chmod 600 it (a Kubernetes "
+                "Secret volume: defaultMode: 0400)"
+            )
+        raw = os.read(fd, MAX_TOKEN_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_TOKEN_BYTES:
+        raise UsageError(f"{where}: longer than {MAX_TOKEN_BYTES} bytes; not a token file")
+    try:
+        token = raw.decode().strip()
+    except UnicodeDecodeError:
+        raise UsageError(f"{where}: not UTF-8 text; make one with: {MAKE_TOKEN}") from None
+    if len(token.encode()) < MIN_TOKEN_BYTES:
+        what = "empty" if not token else f"{len(token.encode())} bytes"
+        raise UsageError(
+            f"{where}: {what}; a peer token needs at least {MIN_TOKEN_BYTES} "
+            f"(make one with: {MAKE_TOKEN})"
+        )
+    return visible_token(token, where)
 
 
 def object_id(source: str, version: str, size: int) -> str:

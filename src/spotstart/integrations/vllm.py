@@ -19,7 +19,6 @@ import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
-import stat
 import sys
 import time
 import types
@@ -33,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 from spotstart import untrusted_json
 from spotstart.errors import NotFound, TransientError, UsageError
 from spotstart.fetch import Concurrency, FetchConfig
-from spotstart.fetch.peers import TOKEN_ENV, PeerSpec
+from spotstart.fetch.peers import TOKEN_ENV, PeerSpec, read_token_file
 from spotstart.store import parse_url
 from spotstart.weights.stream import DEFAULT_WINDOW_BYTES
 
@@ -42,8 +41,6 @@ CONFIG_NAME = "config.json"
 MAX_CONFIG_BYTES = 4 << 20
 CONFIG_TIMEOUT_S = 60.0  # the source's config.json, all of it, within this (a slow store)
 MAX_CONCURRENCY = 1024  # streams: each a connection and a descriptor in the vLLM worker
-MIN_TOKEN_BYTES = 16
-MAX_TOKEN_BYTES = 4096
 KEYS = (
     "source",
     "cache_dir",
@@ -184,7 +181,8 @@ class LoaderSettings:
 
     def _token(self) -> str | None:
         if self.peer_token_file is not None:
-            return read_token_file(Path(self.peer_token_file))
+            path = Path(self.peer_token_file)
+            return read_token_file(path, f"peer_token_file {path}")
         value = os.environ.get(TOKEN_ENV, "").strip()
         return value or None
 
@@ -196,31 +194,6 @@ class LoaderSettings:
         if src.endswith(".safetensors") or src.endswith(".index.json"):
             return src[: src.rfind("/") + 1] + CONFIG_NAME
         return src.rstrip("/") + "/" + CONFIG_NAME
-
-
-def read_token_file(path: Path) -> str:
-    """The peer token in ``path``: a regular file only its owner reads, 16-4096 bytes of
-    visible ASCII (the rules of ``--peer-token-file``)."""
-    where = f"peer_token_file {path}"
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise UsageError(f"{where}: {exc.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{where}: not a regular file")
-        if st.st_mode & 0o077:
-            raise UsageError(f"{where}: other users may read it: chmod 600 it")
-        raw = os.read(fd, MAX_TOKEN_BYTES + 1)
-    finally:
-        os.close(fd)
-    token = raw.decode("utf-8", "replace").strip()
-    if len(raw) > MAX_TOKEN_BYTES or len(token.encode()) < MIN_TOKEN_BYTES:
-        raise UsageError(f"{where}: a token is {MIN_TOKEN_BYTES}-{MAX_TOKEN_BYTES} bytes")
-    if not all("!" <= c <= "~" for c in token):
-        raise UsageError(f"{where}: the token has spaces, control or non-ASCII characters")
-    return token
 
 
 async def _read_small(url_text: str, config: FetchConfig) -> bytes | None:
