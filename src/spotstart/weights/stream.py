@@ -27,7 +27,6 @@ import asyncio
 import bisect
 import contextlib
 import dataclasses
-import inspect
 import os
 import queue
 import threading
@@ -36,7 +35,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from spotstart.errors import IntegrityError, InvalidCheckpoint, UsageError
 from spotstart.fetch import FetchConfig, ProgressListener
@@ -61,8 +60,6 @@ if TYPE_CHECKING:
 
 DEFAULT_WINDOW_BYTES = 512 << 20
 LOCAL_BATCH_BYTES = 32 << 20  # one preadv of consecutive tensors from a local copy
-_P = ParamSpec("_P")
-_S = TypeVar("_S")
 
 
 @dataclass(eq=False)
@@ -528,6 +525,37 @@ class AsyncTensorStream:
         await self.aclose()
 
 
+class _Pump:
+    """The stream thread's side of a :class:`TensorStream`: runs the async stream on its own
+    event loop and queues each item for the consumer."""
+
+    def __init__(self, inner: AsyncTensorStream) -> None:
+        self.inner = inner
+        self.items: queue.Queue[Any] = queue.Queue()
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.started = threading.Event()
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.task = asyncio.current_task()
+        self.started.set()
+        try:
+            while True:
+                self.items.put(await self.inner.next_item())
+        except StopAsyncIteration:
+            self.items.put(_END)
+        except asyncio.CancelledError:
+            self.items.put(_END)
+        except BaseException as exc:
+            self.items.put(exc)
+        finally:
+            await self.inner.aclose()
+
+
 class TensorStream:
     """``for name, tensor in stream``: :class:`AsyncTensorStream` run on a thread of its own
     (with its own event loop), so the transfer goes on while the consumer works on a tensor.
@@ -536,14 +564,14 @@ class TensorStream:
 
     def __init__(self, loader: Loader, window_bytes: int = DEFAULT_WINDOW_BYTES) -> None:
         self._inner = AsyncTensorStream(loader, window_bytes)
-        self._items: queue.Queue[Any] = queue.Queue()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._started = threading.Event()
+        # The thread holds the pump, never this object: a stream dropped unclosed is
+        # collected, and __del__ stops its transfer (else the thread kept it alive for ever).
+        self._pump = _Pump(self._inner)
+        self._items = self._pump.items
         self._finished = False
-        self._thread = threading.Thread(target=self._run, name="spotstart-stream", daemon=True)
+        self._thread = threading.Thread(target=self._pump.run, name="spotstart-stream", daemon=True)
         self._thread.start()
-        self._started.wait()
+        self._pump.started.wait()
 
     @property
     def report(self) -> LoadReport | None:
@@ -552,25 +580,6 @@ class TensorStream:
     @property
     def bytes_held_peak(self) -> int:
         return self._inner.bytes_held_peak
-
-    def _run(self) -> None:
-        asyncio.run(self._main())
-
-    async def _main(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._task = asyncio.current_task()
-        self._started.set()
-        try:
-            while True:
-                self._items.put(await self._inner.next_item())
-        except StopAsyncIteration:
-            self._items.put(_END)
-        except asyncio.CancelledError:
-            self._items.put(_END)
-        except BaseException as exc:
-            self._items.put(exc)
-        finally:
-            await self._inner.aclose()
 
     def __iter__(self) -> TensorStream:
         return self
@@ -588,9 +597,10 @@ class TensorStream:
             self._thread.join()
             raise StopIteration
         name, tensor, slot = item
-        assert self._loop is not None
+        loop = self._pump.loop
+        assert loop is not None
         with contextlib.suppress(RuntimeError):  # the loop ended: nothing left to account
-            self._loop.call_soon_threadsafe(self._inner.release, slot)
+            loop.call_soon_threadsafe(self._inner.release, slot)
         return name, tensor
 
     def close(self) -> None:
@@ -598,10 +608,12 @@ class TensorStream:
         if self._finished:
             return
         self._finished = True
-        if self._loop is not None and self._task is not None:
+        loop, task = self._pump.loop, self._pump.task
+        if loop is not None and task is not None:
             with contextlib.suppress(RuntimeError):
-                self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join()
+                loop.call_soon_threadsafe(task.cancel)
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
 
     def __enter__(self) -> TensorStream:
         return self
@@ -614,7 +626,17 @@ class TensorStream:
             self.close()
 
 
-def _options(
+def _loader(
+    src: str,
+    device: str,
+    cache_dir: str | os.PathLike[str] | None,
+    config: FetchConfig | None,
+    progress: ProgressListener | None,
+) -> Loader:
+    return Loader(src, device, None, cache_dir, config, progress)
+
+
+def iter_tensors(
     src: str,
     *,
     device: str = "cpu",
@@ -622,41 +644,13 @@ def _options(
     config: FetchConfig | None = None,
     progress: ProgressListener | None = None,
     window_bytes: int = DEFAULT_WINDOW_BYTES,
-) -> tuple[Loader, int]:
-    """The one signature of :func:`iter_tensors` and :func:`aiter_tensors`."""
-    return Loader(src, device, None, cache_dir, config, progress), window_bytes
-
-
-def _opener(
-    options: Callable[_P, tuple[Loader, int]],
-    stream: Callable[[Loader, int], _S],
-    name: str,
-    doc: str,
-) -> Callable[_P, _S]:
-    """A function ``name`` with the signature of ``options``, that opens a ``stream``: one
-    signature for the sync and the async form, none written twice."""
-
-    def open_stream(*args: _P.args, **kwargs: _P.kwargs) -> _S:
-        return stream(*options(*args, **kwargs))
-
-    open_stream.__name__ = open_stream.__qualname__ = name
-    open_stream.__doc__ = doc
-    sig = inspect.signature(options).replace(return_annotation=stream.__name__)
-    open_stream.__signature__ = sig  # type: ignore[attr-defined]  # help() shows the arguments
-    return open_stream
-
-
-iter_tensors = _opener(
-    _options,
-    TensorStream,
-    "iter_tensors",
+) -> TensorStream:
     """The tensors of a safetensors checkpoint (one file, an index, or a prefix: what
     :func:`spotstart.load` takes) as ``(name, tensor)`` pairs, each handed over as soon as
-    its bytes have arrived: ``iter_tensors(src, *, device="cpu", cache_dir=None,
-    config=None, progress=None, window_bytes=512 MiB) -> TensorStream``. Tensor memory held
-    at once: at most ``max(window_bytes, chunk_bytes + 2 * largest tensor)`` (see
-    :mod:`spotstart.weights.stream`), plus ``FetchConfig``'s transfer bounds. A failed object
-    check raises from the iterator: use what it gave only once it ended without error.
+    its bytes have arrived. Tensor memory held at once: at most
+    ``max(window_bytes, chunk_bytes + 2 * largest tensor)`` (see :mod:`spotstart.weights.stream`),
+    plus ``FetchConfig``'s transfer bounds. A failed object check raises from the iterator:
+    use what it gave only once it ended without error.
 
     Example::
 
@@ -664,15 +658,21 @@ iter_tensors = _opener(
             for name, tensor in stream:
                 model.get_parameter(name).copy_(tensor)
         print(stream.report)
-    """,
-)
-aiter_tensors = _opener(
-    _options,
-    AsyncTensorStream,
-    "aiter_tensors",
-    """:func:`iter_tensors` for ``async for`` (on the caller's event loop), with the same
-    arguments: ``aiter_tensors(src, ...) -> AsyncTensorStream``.""",
-)
+    """
+    return TensorStream(_loader(src, device, cache_dir, config, progress), window_bytes)
+
+
+def aiter_tensors(
+    src: str,
+    *,
+    device: str = "cpu",
+    cache_dir: str | os.PathLike[str] | None = None,
+    config: FetchConfig | None = None,
+    progress: ProgressListener | None = None,
+    window_bytes: int = DEFAULT_WINDOW_BYTES,
+) -> AsyncTensorStream:
+    """:func:`iter_tensors` for ``async for`` (on the caller's event loop)."""
+    return AsyncTensorStream(_loader(src, device, cache_dir, config, progress), window_bytes)
 
 
 __all__ = ["AsyncTensorStream", "TensorStream", "aiter_tensors", "iter_tensors"]
