@@ -426,16 +426,11 @@ class Loader:
         self.cache_dir = Path(os.path.realpath(cache_dir)) if cache_dir is not None else None
         self.config = config or FetchConfig()
         self.progress = progress or NullProgress()
+        self._t0 = 0.0  # time.monotonic() when the load began (_with_shards)
 
     async def run(self) -> tuple[dict[str, torch.Tensor], LoadReport]:
-        t0, started = time.monotonic(), time.time()
-
-        async def body(
-            scheduler: TransferScheduler, shards: list[_Shard], index: fmt.ShardIndex | None
-        ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-            return await self._load(scheduler, shards, index, t0)
-
-        tensors, report = await self._with_shards(body)
+        started = time.time()
+        tensors, report = await self._with_shards(self._load)
         record_load(started, report, "to")
         return tensors, report
 
@@ -445,7 +440,8 @@ class Loader:
     ) -> T:
         """Run ``body(scheduler, shards, index)`` with this load's scheduler and its shards
         resolved (placed in the cache directory, held from their first use), then close the
-        scheduler and the source."""
+        scheduler and the source. The load's time (``seconds``) runs from here."""
+        self._t0 = time.monotonic()
         source = source_for(self.url, self.config)
         scheduler = TransferScheduler(source, self.url, self.config, self.progress)
         try:
@@ -658,10 +654,9 @@ class Loader:
         from_disk: list[_Shard],
         tensors: int,
         total: int,
-        t0: float,
     ) -> LoadReport:
         """What a whole-checkpoint load (all of every tensor) did, from its transfer."""
-        seconds = time.monotonic() - t0
+        seconds = time.monotonic() - self._t0
         c = scheduler.counters
         return LoadReport(
             source=str(self.url),
@@ -686,11 +681,10 @@ class Loader:
         scheduler: TransferScheduler,
         shards: list[_Shard],
         index: fmt.ShardIndex | None,
-        t0: float,
     ) -> tuple[dict[str, torch.Tensor], LoadReport]:
         cache, local, total = await self._prepare(scheduler, shards, index)
         if self.tp is not None:
-            return await self._load_slices(scheduler, shards, local, total, t0)
+            return await self._load_slices(scheduler, shards, local, total)
         self.progress.on_start(files_total=len(shards), bytes_total=total, bytes_done=0)
         remote = [s for s in shards if local[s.rel] is None]
         from_disk = [s for s in shards if local[s.rel] is not None]
@@ -714,7 +708,7 @@ class Loader:
         for s in shards:
             assert s.target is not None
             tensors.update(_tensors_of(s.target, self.dtype))
-        report = self._report(scheduler, shards, files, from_disk, len(tensors), total, t0)
+        report = self._report(scheduler, shards, files, from_disk, len(tensors), total)
         return tensors, report
 
     async def _load_slices(
@@ -723,7 +717,6 @@ class Loader:
         shards: list[_Shard],
         local: dict[str, Path | None],
         total: int,
-        t0: float,
     ) -> tuple[dict[str, torch.Tensor], LoadReport]:
         """``tp=(rank, world)``: only this rank's part of each split tensor is read (ranged
         reads pinned to the object's version, coalesced across small gaps) and held; host
@@ -784,7 +777,7 @@ class Loader:
             self.progress.on_file_done(s.rel, cached=fd is not None)
 
         await asyncio.gather(*(one_shard(s, sl, rd) for s, sl, rd in plans))
-        seconds = time.monotonic() - t0
+        seconds = time.monotonic() - self._t0
         return tensors, LoadReport(
             source=str(self.url),
             device=str(self.device),
