@@ -27,6 +27,7 @@ import asyncio
 import bisect
 import contextlib
 import dataclasses
+import inspect
 import os
 import queue
 import threading
@@ -35,7 +36,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from spotstart.errors import IntegrityError, InvalidCheckpoint, UsageError
 from spotstart.fetch import FetchConfig, ProgressListener
@@ -60,6 +61,8 @@ if TYPE_CHECKING:
 
 DEFAULT_WINDOW_BYTES = 512 << 20
 LOCAL_BATCH_BYTES = 32 << 20  # one preadv of consecutive tensors from a local copy
+_P = ParamSpec("_P")
+_S = TypeVar("_S")
 
 
 @dataclass(eq=False)
@@ -619,17 +622,7 @@ class TensorStream:
             self.close()
 
 
-def _loader(
-    src: str,
-    device: str,
-    cache_dir: str | os.PathLike[str] | None,
-    config: FetchConfig | None,
-    progress: ProgressListener | None,
-) -> Loader:
-    return Loader(src, device, None, cache_dir, config, progress)
-
-
-def iter_tensors(
+def _options(
     src: str,
     *,
     device: str = "cpu",
@@ -637,13 +630,41 @@ def iter_tensors(
     config: FetchConfig | None = None,
     progress: ProgressListener | None = None,
     window_bytes: int = DEFAULT_WINDOW_BYTES,
-) -> TensorStream:
+) -> tuple[Loader, int]:
+    """The one signature of :func:`iter_tensors` and :func:`aiter_tensors`."""
+    return Loader(src, device, None, cache_dir, config, progress), window_bytes
+
+
+def _opener(
+    options: Callable[_P, tuple[Loader, int]],
+    stream: Callable[[Loader, int], _S],
+    name: str,
+    doc: str,
+) -> Callable[_P, _S]:
+    """A function ``name`` with the signature of ``options``, that opens a ``stream``: one
+    signature for the sync and the async form, none written twice."""
+
+    def open_stream(*args: _P.args, **kwargs: _P.kwargs) -> _S:
+        return stream(*options(*args, **kwargs))
+
+    open_stream.__name__ = open_stream.__qualname__ = name
+    open_stream.__doc__ = doc
+    sig = inspect.signature(options).replace(return_annotation=stream.__name__)
+    open_stream.__signature__ = sig  # type: ignore[attr-defined]  # help() shows the arguments
+    return open_stream
+
+
+iter_tensors = _opener(
+    _options,
+    TensorStream,
+    "iter_tensors",
     """The tensors of a safetensors checkpoint (one file, an index, or a prefix: what
     :func:`spotstart.load` takes) as ``(name, tensor)`` pairs, each handed over as soon as
-    its bytes have arrived. Tensor memory held at once: at most
-    ``max(window_bytes, chunk_bytes + 2 * largest tensor)`` (see :mod:`spotstart.weights.stream`),
-    plus ``FetchConfig``'s transfer bounds. A failed object check raises from the iterator:
-    use what it gave only once it ended without error.
+    its bytes have arrived: ``iter_tensors(src, *, device="cpu", cache_dir=None,
+    config=None, progress=None, window_bytes=512 MiB) -> TensorStream``. Tensor memory held
+    at once: at most ``max(window_bytes, chunk_bytes + 2 * largest tensor)`` (see
+    :mod:`spotstart.weights.stream`), plus ``FetchConfig``'s transfer bounds. A failed object
+    check raises from the iterator: use what it gave only once it ended without error.
 
     Example::
 
@@ -651,21 +672,15 @@ def iter_tensors(
             for name, tensor in stream:
                 model.get_parameter(name).copy_(tensor)
         print(stream.report)
-    """
-    return TensorStream(_loader(src, device, cache_dir, config, progress), window_bytes)
-
-
-def aiter_tensors(
-    src: str,
-    *,
-    device: str = "cpu",
-    cache_dir: str | os.PathLike[str] | None = None,
-    config: FetchConfig | None = None,
-    progress: ProgressListener | None = None,
-    window_bytes: int = DEFAULT_WINDOW_BYTES,
-) -> AsyncTensorStream:
-    """:func:`iter_tensors` for ``async for`` (on the caller's event loop)."""
-    return AsyncTensorStream(_loader(src, device, cache_dir, config, progress), window_bytes)
+    """,
+)
+aiter_tensors = _opener(
+    _options,
+    AsyncTensorStream,
+    "aiter_tensors",
+    """:func:`iter_tensors` for ``async for`` (on the caller's event loop), with the same
+    arguments: ``aiter_tensors(src, ...) -> AsyncTensorStream``.""",
+)
 
 
 __all__ = ["AsyncTensorStream", "TensorStream", "aiter_tensors", "iter_tensors"]
