@@ -341,8 +341,14 @@ class _Stream:
         self.ready.put_nowait(_END)
 
     async def _run(self) -> None:
-        started = time.time()
-        report = await self.loader._with_shards(self._load)
+        t0, started = time.monotonic(), time.time()
+
+        async def body(
+            scheduler: TransferScheduler, shards: list[_Shard], index: fmt.ShardIndex | None
+        ) -> LoadReport:
+            return await self._load(scheduler, shards, index, t0)
+
+        report = await self.loader._with_shards(body)
         record_load(started, report, "streamed to")
         self.report = report
 
@@ -351,6 +357,7 @@ class _Stream:
         scheduler: TransferScheduler,
         shards: list[_Shard],
         index: fmt.ShardIndex | None,
+        t0: float,
     ) -> LoadReport:
         ld = self.loader
         cache, local, total = await ld._prepare(scheduler, shards, index)
@@ -365,7 +372,7 @@ class _Stream:
         remote = [s for s in shards if local[s.rel] is None]
         files = ld._plan_files(scheduler, remote, cache, self._make_target)
         await scheduler.transfer(files)
-        return ld._report(scheduler, shards, files, from_disk, self.tensors, total)
+        return ld._report(scheduler, shards, files, from_disk, self.tensors, total, t0)
 
     async def _read_local(self, shard: _Shard, path: Path) -> None:
         """A current local copy (a file:// source, or the cache): consecutive tensors read
