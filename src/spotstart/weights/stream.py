@@ -341,14 +341,8 @@ class _Stream:
         self.ready.put_nowait(_END)
 
     async def _run(self) -> None:
-        t0, started = time.monotonic(), time.time()
-
-        async def body(
-            scheduler: TransferScheduler, shards: list[_Shard], index: fmt.ShardIndex | None
-        ) -> LoadReport:
-            return await self._load(scheduler, shards, index, t0)
-
-        report = await self.loader._with_shards(body)
+        started = time.time()
+        report = await self.loader._with_shards(self._load)
         record_load(started, report, "streamed to")
         self.report = report
 
@@ -357,7 +351,6 @@ class _Stream:
         scheduler: TransferScheduler,
         shards: list[_Shard],
         index: fmt.ShardIndex | None,
-        t0: float,
     ) -> LoadReport:
         ld = self.loader
         cache, local, total = await ld._prepare(scheduler, shards, index)
@@ -372,7 +365,7 @@ class _Stream:
         remote = [s for s in shards if local[s.rel] is None]
         files = ld._plan_files(scheduler, remote, cache, self._make_target)
         await scheduler.transfer(files)
-        return ld._report(scheduler, shards, files, from_disk, self.tensors, total, t0)
+        return ld._report(scheduler, shards, files, from_disk, self.tensors, total)
 
     async def _read_local(self, shard: _Shard, path: Path) -> None:
         """A current local copy (a file:// source, or the cache): consecutive tensors read
