@@ -72,8 +72,19 @@ def body_aborted(body: bytes) -> bool:
 
 
 def is_shutdown_refusal(status: int, body: bytes) -> bool:
-    """The engine refused the request because it is shutting down (it never started it)."""
-    return status == 500 and SHUTDOWN_REFUSAL in body[:REFUSAL_PEEK_BYTES]
+    """The engine refused the request because it is shutting down (it never started it): a 500
+    whose whole body is an OpenAI-style error whose message is exactly vLLM's. Not a search
+    for the words: a 500 can carry text the client chose (an error echoing the prompt), and a
+    false reading would keep a healthy engine from its clients."""
+    if status != 500 or len(body) > REFUSAL_PEEK_BYTES or SHUTDOWN_REFUSAL not in body:
+        return False
+    try:
+        answer = json.loads(body)
+    except (ValueError, RecursionError):  # not JSON (UnicodeDecodeError is a ValueError)
+        return False
+    error = answer.get("error") if isinstance(answer, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    return isinstance(message, str) and message.strip() == SHUTDOWN_REFUSAL.decode()
 
 
 def is_json(content_type: str) -> bool:

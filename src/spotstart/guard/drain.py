@@ -81,6 +81,10 @@ class DrainConfig:
     # a server that never answered its health check healthy is still starting: vLLM ignores
     # SIGTERM then (it comes up and serves), so SIGKILL follows soon, not after stop_grace_s
     starting_stop_grace_s: float = 1.0
+    # how long a refusal "shutting down" keeps requests from the engine before one request is
+    # let through to ask again: the 500's body is the engine's, and an engine that is not
+    # shutting down (a false reading) must not stay unready for good
+    shutdown_recheck_s: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,8 @@ class DrainController:
         self.upstream_ever_healthy = self.upstream_healthy
         self.upstream_shutting_down = False
         self._down_since_shutdown = False
+        self._shutdown_seen_at = 0.0
+        self._probing = False  # a request let through to ask an engine "shutting down" again
         self.notice: PreemptionNotice | None = None
         self.drain_started_at: float | None = None
         self.drain_until: float | None = None
@@ -137,6 +143,8 @@ class DrainController:
         self.crashed = False
         self.server_stuck = False
         self._stop_sent = False
+        self._stop_again = False  # a server that started after ignoring the stop signal
+        self._budget_stop_by: float | None = None  # stop_by before a starting server's cut
         self._kill_sent = False
         self._accepted = self._in_flight = self._drained = 0
         self._rejected = self._dropped = self._failed = self._aborted = 0
@@ -174,38 +182,80 @@ class DrainController:
         shuts down, so a 200 alone proves nothing)."""
         self.upstream_healthy = healthy
         if healthy:
-            self.upstream_ever_healthy = True
+            self.note_upstream_started()
         if self.upstream_shutting_down:
             if not healthy:
                 self._down_since_shutdown = True
             elif self._down_since_shutdown:
                 self.upstream_shutting_down = self._down_since_shutdown = False
 
+    def note_upstream_started(self) -> None:
+        """The server answered (its health check, or a request): it has started, so it acts on
+        the stop signal and gets ``stop_grace_s``, never a still-starting server's short cut.
+        Learnt after a starting server's stop signal (it came up meanwhile, or was up and the
+        health poll had not said so yet): the stop signal is sent again (one a starting vLLM
+        ignored is lost) and the grace is the full one, within the notice."""
+        if self.upstream_ever_healthy:
+            return
+        self.upstream_ever_healthy = True
+        if self._stop_sent and not self._kill_sent and self.phase is Phase.STOPPING:
+            self._stop_again = True
+            limit = self._clock() + self.config.stop_grace_s
+            budget = self._budget_stop_by
+            self.stop_by = limit if budget is None else min(budget, limit)
+
     def on_upstream_shutting_down(self) -> bool:
         """The engine refused a request because it is shutting down: unready, and new requests
-        are answered 503 without being forwarded. True when this is news."""
+        are answered 503 without being forwarded, but for one every ``shutdown_recheck_s`` to
+        ask again (a refusal again keeps it so; any other answer ends it). True when this is
+        news."""
         news = not self.upstream_shutting_down
         self.upstream_shutting_down = True
         self._down_since_shutdown = False
+        self._shutdown_seen_at = self._clock()
         return news
 
     def try_accept(self) -> bool:
         """A new request: True (count it in flight) while SERVING and the engine is not
-        shutting down, else False (answer 503)."""
-        if self.phase is Phase.SERVING and not self.crashed and not self.upstream_shutting_down:
+        shutting down, else False (answer 503). While it is shutting down, one request every
+        ``shutdown_recheck_s`` is accepted to ask again (``probing`` is then True until its
+        ``finish(..., probe=True)``)."""
+        if (
+            self.phase is Phase.SERVING
+            and not self.crashed
+            and (not self.upstream_shutting_down or self._may_probe())
+        ):
+            if self.upstream_shutting_down:
+                self._probing = True
             self._accepted += 1
             self._in_flight += 1
             return True
         self._rejected += 1
         return False
 
-    def finish(self, outcome: Outcome = "ok") -> None:
+    @property
+    def probing(self) -> bool:
+        return self._probing
+
+    def _may_probe(self) -> bool:
+        return (
+            not self._probing
+            and self._clock() - self._shutdown_seen_at >= self.config.shutdown_recheck_s
+        )
+
+    def finish(self, outcome: Outcome = "ok", probe: bool = False) -> None:
         """An accepted request ended: "ok" completed, "failed" by an error, "cut" by the drain,
         "aborted" by the engine (``finish_reason`` "abort"), "refused" by the engine before it
-        started it (answered 503: counted rejected, not accepted)."""
+        started it (answered 503: counted rejected, not accepted). ``probe``: the request
+        ``try_accept`` let through to an engine said to be shutting down; an answer that is
+        not a refusal means it is not (the engine started the request)."""
         self._in_flight -= 1
+        if probe:
+            self._probing = False
+            if outcome in ("ok", "aborted", "failed") and self.upstream_shutting_down:
+                self.upstream_shutting_down = self._down_since_shutdown = False
         if outcome in ("ok", "aborted"):
-            self.upstream_ever_healthy = True  # it answered: it has started
+            self.note_upstream_started()  # it answered: it has started
         if outcome == "cut":
             self._dropped += 1
         elif outcome == "aborted":
@@ -298,7 +348,11 @@ class DrainController:
                 commands.append(Command.STOP_SERVER)
                 if not self.upstream_ever_healthy:  # still starting: it may ignore the signal
                     limit = now + self.config.starting_stop_grace_s
+                    self._budget_stop_by = self.stop_by
                     self.stop_by = limit if self.stop_by is None else min(self.stop_by, limit)
+            elif self._stop_again and not self._kill_sent:
+                self._stop_again = False
+                commands.append(Command.STOP_SERVER)
             elif not self._kill_sent and self.stop_by is not None and now >= self.stop_by:
                 self._kill_sent = True
                 commands.append(Command.KILL_SERVER)
@@ -316,6 +370,8 @@ class DrainController:
             if self._in_flight == 0:
                 return self.linger_until
             return self.drain_until
+        if self.phase is Phase.STOPPING and self._stop_again:
+            return self._clock()
         if self.phase is Phase.STOPPING and self.stop_by is not None:
             return self.stop_by + (KILL_WAIT_S if self._kill_sent else 0.0)
         return None

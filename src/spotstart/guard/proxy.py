@@ -18,6 +18,7 @@ client may retry elsewhere) and turns the guard unready."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,6 +197,7 @@ class GuardProxy:
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._poll_now = asyncio.Event()
         self._json_buffered = 0  # bytes reserved for JSON answers held whole, all requests
         self.limits = config.limits or proxy_limits()
         self.listener: BoundedListener | None = None
@@ -301,6 +303,9 @@ class GuardProxy:
             )
             rejection.force_close()
             return rejection
+        # accepted while the engine is said to be shutting down: the one request let through
+        # to ask it again
+        probe = self.controller.upstream_shutting_down
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
@@ -328,7 +333,7 @@ class GuardProxy:
         finally:
             self._tasks.discard(task)
             self._cut.discard(task)
-            self.controller.finish(outcome)
+            self.controller.finish(outcome, probe=probe)
             if self.controller.phase is not Phase.SERVING:
                 self._on_change()  # only a drain waits on requests ending
 
@@ -388,6 +393,11 @@ class GuardProxy:
             log.warning("upstream %s unreachable: %s", self._upstream, exc)
             # the body names no internal address: clients see only that the server is down
             return web.Response(status=502, text="bad gateway: the server is not reachable\n")
+        if upstream.status != 503 and not self.controller.upstream_ever_healthy:
+            # it answers HTTP: it has started (a health poll may not have said so yet), so it
+            # acts on the stop signal and must not get a starting server's 1 s SIGKILL
+            self.controller.note_upstream_started()
+            self._on_change()
         try:
             self.metrics.upstream_latency.observe(self._clock() - started)
             return await self._relay(request, target, upstream, exchange)
@@ -409,8 +419,20 @@ class GuardProxy:
         readable = request.method != "HEAD" and _identity(upstream.headers)
         fits = length is None or length <= self.config.json_buffer_bytes
         head = b""  # what was read of the body before streaming the rest
-        if upstream.status == 500 and readable and (length is None or length <= REFUSAL_PEEK_BYTES):
-            head, whole = await _read_upto(upstream, REFUSAL_PEEK_BYTES)
+        if (
+            upstream.status == 500
+            and readable
+            and (length is None or length <= REFUSAL_PEEK_BYTES)
+            and self._json_buffered + REFUSAL_PEEK_BYTES <= self.config.json_buffer_budget_bytes
+        ):
+            # held within the same budget as JSON answers: a flood of 500s holds no more
+            self._json_buffered += REFUSAL_PEEK_BYTES
+            try:
+                head, whole = await _read_upto(upstream, REFUSAL_PEEK_BYTES)
+            except (aiohttp.ClientError, OSError) as exc:
+                return self._cut_before_answer(request, target, exchange, exc)
+            finally:
+                self._json_buffered -= REFUSAL_PEEK_BYTES
             if whole and is_shutdown_refusal(upstream.status, head):
                 if self.controller.on_upstream_shutting_down():
                     log.warning(
@@ -432,6 +454,8 @@ class GuardProxy:
                 self._json_buffered += reserve
                 try:
                     head, whole = await _read_upto(upstream, self.config.json_buffer_bytes)
+                except (aiohttp.ClientError, OSError) as exc:
+                    return self._cut_before_answer(request, target, exchange, exc)
                 finally:
                     self._json_buffered -= reserve
                 if whole and body_aborted(head):
@@ -496,6 +520,17 @@ class GuardProxy:
             exchange.outcome = "failed"  # passed on as sent, but not served
         return resp
 
+    def _cut_before_answer(
+        self, request: web.Request, target: str, exchange: _Exchange, exc: Exception
+    ) -> web.Response:
+        """The upstream broke off an answer the guard was holding (it died, or its
+        Content-Length lied): nothing of it reached the client, so a 502, counted failed."""
+        log.info("%s %s: the server's answer was cut (%s): 502", request.method, target[:200], exc)
+        exchange.outcome = "failed"
+        resp = web.Response(status=502, text="bad gateway: the server's answer was cut short\n")
+        resp.force_close()
+        return resp
+
     def _whole(
         self, upstream: aiohttp.ClientResponse, headers: CIMultiDict[str], body: bytes
     ) -> web.Response:
@@ -513,10 +548,11 @@ class GuardProxy:
         timeout = aiohttp.ClientTimeout(total=self.config.health_timeout_s)
         was: bool | None = None
         while True:
-            if self.controller.notice is not None:
-                # draining: the server's health no longer matters, and a verdict now must not
-                # make a server still starting look started (it would get the full stop grace)
-                return
+            # Polled through a drain too: the guard is unready whatever the verdict, but a
+            # server seen healthy has started (it acts on the stop signal, and gets the full
+            # stop grace, never a still-starting server's 1 s SIGKILL; one that came up after
+            # ignoring the stop signal is sent it again)
+            self._poll_now.clear()
             healthy = True
             if path is not None:
                 try:
@@ -526,11 +562,18 @@ class GuardProxy:
                 except (aiohttp.ClientError, OSError, TimeoutError):
                     healthy = False
                 self.metrics.upstream_health_checks.labels("ok" if healthy else "fail").inc()
-                if self.controller.notice is not None:
-                    return  # the notice came while we asked
+            if healthy and not self.controller.upstream_ever_healthy:
+                self.controller.note_upstream_started()
+                self._on_change()
             if healthy != was:
                 log.info("upstream %s: %s", self._upstream, "healthy" if healthy else "unhealthy")
                 was = healthy
                 self.controller.set_upstream_health(healthy)
                 self._on_change()
-            await asyncio.sleep(self.config.health_interval_s)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._poll_now.wait(), self.config.health_interval_s)
+
+    def poll_health_now(self) -> None:
+        """Ask the server's health at once (the guard is about to stop a server it has not
+        seen started: a verdict within the short grace saves a started one from SIGKILL)."""
+        self._poll_now.set()

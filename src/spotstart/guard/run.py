@@ -316,6 +316,8 @@ class _Guard:
                         "stopping server with %s", signal.Signals(self.config.stop_signal).name
                     )
                     self.supervisor.send(self.config.stop_signal)
+                    if not self.controller.upstream_ever_healthy:
+                        self.proxy.poll_health_now()  # started after all? then the full grace
                 elif command is Command.KILL_SERVER and self.supervisor is not None:
                     log.warning("server still running at its stop deadline: SIGKILL")
                     self.supervisor.kill()
