@@ -250,3 +250,64 @@ def test_a_signed_source_is_not_compared_and_its_signature_not_shown(
     assert "signed URL" in said and SECRET not in said
     assert not any(SECRET in p for p in handler.seen)
     assert s.config_url() == f"{url}/m/config.json"
+
+
+# -- errors raised while streaming, as vLLM logs them -----------------------------------------
+def test_a_stream_error_keeps_its_type_and_loses_the_signature(tmp_path: Path) -> None:
+    """A presigned source whose origin fails mid-stream: the store's error names the URL with
+    its signature (a credential, good until it expires); vLLM logs that traceback. The loader
+    re-raises it scrubbed."""
+    torch = pytest.importorskip("torch")
+    from spotstart.errors import RetriesExceeded
+    from spotstart.weights.stream import iter_tensors
+    from tests.weights.test_stream_redteam import FAST_FAIL, _Origin, checkpoint
+
+    checkpoint(tmp_path / "m.safetensors")
+    handler = type("Origin", (_Origin,), {"body": (tmp_path / "m.safetensors").read_bytes()})
+    handler.mode = "short"
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/m.safetensors?X-Amz-Signature={SECRET}"
+    try:
+        with (
+            pytest.raises(RetriesExceeded) as raw,
+            iter_tensors(url, config=FAST_FAIL, window_bytes=1 << 20) as stream,
+        ):
+            list(stream)
+        assert SECRET in str(raw.value)  # what the stream itself says: the leak
+        with (
+            pytest.raises(RetriesExceeded) as err,
+            plugin.errors_scrubbed(),
+            iter_tensors(url, config=FAST_FAIL, window_bytes=1 << 20) as stream,
+        ):
+            list(stream)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert SECRET not in str(err.value) and "?<redacted>" in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    del torch
+
+
+def test_scrub_leaves_plain_urls_alone_and_strips_every_secret() -> None:
+    text = f"gs://models/tiny/ then https://u:{SECRET}@h/x?sig={SECRET} and s3://b/k"
+    out = plugin.scrub(text)
+    assert SECRET not in out and "gs://models/tiny/" in out and "s3://b/k" in out
+    with pytest.raises(ValueError, match="plain") as err, plugin.errors_scrubbed():
+        raise ValueError("plain message")
+    assert err.value.__cause__ is None
+
+
+def test_a_size_only_load_says_so_in_the_summary() -> None:
+    report = SimpleNamespace(
+        tensors=1,
+        bytes_total=1,
+        source="http://h/m.safetensors",
+        bytes_from_peers=0,
+        bytes_from_cache=0,
+        verified={"size": 1},
+    )
+    assert "sizes only" in summary(report, 1, 1.0)
+    report.verified = {"size": 1, "crc32c": 1}
+    assert "sizes only" not in summary(report, 1, 1.0)

@@ -15,10 +15,13 @@ imports vLLM's loader registry only, and nothing at spotstart's import time."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import importlib.abc
 import importlib.machinery
 import importlib.util
 import os
+import re
 import sys
 import time
 import types
@@ -30,7 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from spotstart import untrusted_json
-from spotstart.errors import NotFound, TransientError, UsageError
+from spotstart.errors import NotFound, SpotstartError, TransientError, UsageError
 from spotstart.fetch import Concurrency, FetchConfig
 from spotstart.fetch.peers import TOKEN_ENV, PeerSpec, read_token_file
 from spotstart.store import parse_url
@@ -275,6 +278,39 @@ def redact(url: str) -> str:
     return urlunsplit((parts.scheme, host, parts.path, query, ""))
 
 
+_QUERY = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://[^\s?#'\"<>]*)\?[^\s'\"<>)]*")
+_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"<>]+@")
+
+
+def scrub(text: str) -> str:
+    """``text`` with every URL's query string and ``user:password@`` taken out."""
+    return _USERINFO.sub(r"\1", _QUERY.sub(r"\1?<redacted>", text))
+
+
+@contextlib.contextmanager
+def errors_scrubbed() -> Iterator[None]:
+    """Re-raise an error whose message carries a URL's query string (a presigned signature,
+    a SAS token) or a password with those taken out, same type, its cause not shown: vLLM
+    logs the traceback of a failed start, and logs are read by more people than the bucket."""
+    try:
+        yield
+    except Exception as exc:
+        text = str(exc)
+        clean = scrub(text)
+        if clean == text:
+            raise
+        raise _with_message(exc, clean) from None
+
+
+def _with_message(exc: Exception, message: str) -> Exception:
+    with contextlib.suppress(Exception):
+        new = copy.copy(exc)
+        new.args = (message,)
+        if str(new) == message:
+            return new
+    return SpotstartError(message)
+
+
 def summary(report: Any, peak_bytes: int, seconds: float) -> str:
     """The one line the loader logs."""
     mb = report.bytes_total / 1e6
@@ -283,9 +319,15 @@ def summary(report: Any, peak_bytes: int, seconds: float) -> str:
         f"{seconds:.2f} s ({mb / seconds if seconds > 0 else 0.0:.1f} MB/s), "
         f"{report.bytes_from_peers / 1e6:.1f} MB from peers, "
         f"{report.bytes_from_cache / 1e6:.1f} MB from the cache, "
-        f"verified {report.verified or {}}, peak tensor memory held "
-        f"{peak_bytes / 1e6:.1f} MB"
+        f"verified {report.verified or {}}{_sizes_only(report.verified)}, peak tensor "
+        f"memory held {peak_bytes / 1e6:.1f} MB"
     )
+
+
+def _sizes_only(verified: Mapping[str, int] | None) -> str:
+    if verified and set(verified) != {"size"}:
+        return ""
+    return " (sizes only: the source gives no checksum, a changed byte would pass)"
 
 
 _REGISTRY = "vllm.model_executor.model_loader"
@@ -361,15 +403,22 @@ def _loader_class() -> type:
             from spotstart.weights.stream import iter_tensors
 
             settings = self.settings
-            with iter_tensors(
-                settings.source,
-                cache_dir=settings.cache_dir if _tp_rank()[0] == 0 else None,
-                config=settings.fetch_config(),
-                window_bytes=settings.window_bytes,
-            ) as stream:
+            with (
+                errors_scrubbed(),
+                iter_tensors(
+                    settings.source,
+                    cache_dir=settings.cache_dir if _tp_rank()[0] == 0 else None,
+                    config=settings.fetch_config(),
+                    window_bytes=settings.window_bytes,
+                ) as stream,
+            ):
                 yield from stream
 
         def load_weights(self, model: Any, model_config: Any) -> None:
+            with errors_scrubbed():
+                self._load_weights(model, model_config)
+
+        def _load_weights(self, model: Any, model_config: Any) -> None:
             from spotstart.weights.stream import iter_tensors
 
             settings = self.settings
