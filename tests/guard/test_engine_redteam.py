@@ -505,3 +505,89 @@ async def test_a_server_that_answers_requests_is_started_before_its_health_says_
         async with s.post(r.url + "/v1/completions", json={}) as resp:
             assert resp.status == 500
         assert r.controller.upstream_ever_healthy
+
+
+# -- 5. objects the client wrote, echoed by vLLM as JSON: a real "finish_reason":"abort" ----------
+
+# vLLM's Responses API answers with the request's ``metadata`` (and ``tools``, ``text``) as given:
+# the client writes a genuine key and value, not escaped text
+ECHOED = {"finish_reason": "abort", "x": '"finish_reason":"abort"'}
+RESPONSES_JSON = json.dumps(
+    {
+        "id": "resp_1",
+        "object": "response",
+        "status": "completed",
+        "metadata": ECHOED,
+        "tools": [{"type": "function", "name": "f", "parameters": {"choices": [ECHOED]}}],
+        "output": [{"type": "message", "content": [{"type": "output_text", "text": "hi"}]}],
+        "error": None,
+    },
+    separators=(",", ":"),
+).encode()
+RESPONSES_SSE = (
+    b"event: response.created\ndata: "
+    + json.dumps({"type": "response.created", "response": json.loads(RESPONSES_JSON)}).encode()
+    + b"\n\nevent: response.completed\ndata: "
+    + json.dumps({"type": "response.completed", "response": json.loads(RESPONSES_JSON)}).encode()
+    + b"\n\n"
+)
+
+
+def test_an_echoed_object_with_finish_reason_abort_is_not_an_abort() -> None:
+    assert b'"finish_reason":"abort"' in RESPONSES_JSON
+    assert not body_aborted(RESPONSES_JSON) and not body_aborted(RESPONSES_SSE)
+    for cut in range(0, len(RESPONSES_SSE) + 1, 3):
+        scan = AbortScanner()
+        scan.feed(RESPONSES_SSE[:cut])
+        scan.feed(RESPONSES_SSE[cut:])
+        assert not scan.aborted and not scan.errored, cut
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_client_echoed_abort_key_gets_its_answer_and_counts_nothing_lost(
+    stream: bool,
+) -> None:
+    body = RESPONSES_SSE if stream else RESPONSES_JSON
+    ctype = SSE if stream else "application/json"
+    async with (
+        rig({"/v1/responses": fixed(200, body, ctype)}) as r,
+        aiohttp.ClientSession(timeout=TIMEOUT) as s,
+    ):
+        async with s.post(r.url + "/v1/responses", json={}) as resp:
+            assert resp.status == 200 and await resp.read() == body
+        c = r.controller.counters
+        assert (c.accepted, c.aborted, c.lost, c.failed) == (1, 0, 0, 0)
+
+
+@pytest.mark.parametrize(
+    "spell",
+    [
+        lambda b: b,
+        lambda b: b.replace(b"\n", b"\r\n"),
+        lambda b: b.replace(b"\n", b"\r"),
+        lambda b: b.replace(b"data: ", b"data:"),
+        lambda b: b": keep-alive\n\n" + b.replace(b"\n\n", b"\n: ping\n\n"),
+        lambda b: b.rstrip(b"\n") + b"\n",  # ends without the blank line
+    ],
+)
+def test_vllms_abort_is_seen_in_every_sse_spelling_and_split(
+    spell: Callable[[bytes], bytes],
+) -> None:
+    for name, aborted in (("chat_stream_aborted.sse", True), ("chat_stream_ok.sse", False)):
+        body = spell(recorded(name))
+        for cut in range(len(body) + 1):
+            scan = AbortScanner()
+            scan.feed(body[:cut])
+            scan.feed(body[cut:])
+            assert scan.aborted is aborted, (name, cut)
+
+
+def test_an_event_over_the_hold_limit_is_scanned_as_bytes_not_held() -> None:
+    from spotstart.guard import answers
+
+    big = b'data: {"choices":[{"text":"' + b"y" * answers.EVENT_BYTES + b'","finish_reason":'
+    scan = AbortScanner()
+    scan.feed(big)
+    assert scan._bytes_mode and len(scan._line) == 0 and not scan._data
+    scan.feed(b'"abort"}]}\n\n')
+    assert scan.aborted

@@ -3,9 +3,11 @@ completion the engine aborted (``"finish_reason": "abort"``: vLLM on SIGTERM, SG
 refusal of a request the engine never started (vLLM shutting down with ``--shutdown-timeout``).
 Pure: bytes in, verdicts out; guard/proxy.py reads the bodies and acts on the verdicts.
 
-Not a JSON or SSE parser: the byte pattern is enough because JSON escapes every ``"`` inside
-a string (``\\"``), so ``"finish_reason":"abort"`` in the raw bytes is a key and its value,
-never text a model generated or a prompt echoed back."""
+Read by structure (each SSE event's JSON, a JSON answer's ``choices``), not by byte pattern:
+JSON escapes every ``"`` a model generates, but vLLM also echoes objects the client gave (the
+Responses API's ``metadata`` and ``tools``), so ``"finish_reason":"abort"`` can be a real key
+and value that the client wrote. The byte pattern is kept only for a JSON answer too big to
+hold, streamed as it comes."""
 
 from __future__ import annotations
 
@@ -29,9 +31,37 @@ SHUTDOWN_REFUSAL = b"cannot schedule new futures after shutdown"
 REFUSAL_PEEK_BYTES = 64 * 1024  # the most of a 500's body read to recognise a refusal
 
 
+EVENT_BYTES = 1 << 20  # an SSE event held to read its JSON; beyond it, scanned as bytes
+_EOL = re.compile(rb"[\r\n]")
+
+
+def _verdict(data: bytes) -> tuple[bool, bool]:
+    """(aborted, errored) for one JSON document as an OpenAI-style server writes it: some
+    ``choices[i].finish_reason`` is "abort"; or the document is an error (``{"error": {...}}``,
+    vLLM's error event). Read by structure, not by bytes: vLLM echoes client-given objects as
+    JSON (the Responses API's ``metadata``, ``tools``, ``text.format.schema``), so a client can
+    put a real ``"finish_reason":"abort"`` key and value anywhere but in ``choices``."""
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return False, False
+    if not isinstance(doc, dict):
+        return False, False
+    choices = doc.get("choices")
+    aborted = isinstance(choices, list) and any(
+        isinstance(c, dict) and c.get("finish_reason") == "abort" for c in choices
+    )
+    errored = choices is None and isinstance(doc.get("error"), dict)
+    return aborted, errored
+
+
 class AbortScanner:
-    """Watches a streamed body, chunk by chunk, for ``"finish_reason":"abort"``; holds at most
-    ``_TAIL_BYTES`` of it between chunks (a stream is never held back, only looked at).
+    """Watches a streamed body, chunk by chunk, for a choice that ended with ``finish_reason``
+    "abort" (and for vLLM's error event). An SSE stream (``sse=True``) is read event by event:
+    each event's ``data:`` lines are held until its blank line (at most ``EVENT_BYTES``; a
+    longer event turns the scanner to the byte pattern for the rest of the stream) and read as
+    JSON. Otherwise (a JSON answer streamed because it did not fit the buffer) the byte
+    pattern: ``_TAIL_BYTES`` held between chunks. The stream itself is never held back.
 
     Example::
 
@@ -41,22 +71,111 @@ class AbortScanner:
         scan.aborted  # True once an event said the engine aborted the generation
     """
 
-    def __init__(self) -> None:
-        self.aborted = False
-        self.errored = False  # an error event in the stream: the generation failed
+    def __init__(self, sse: bool = True) -> None:
+        self._aborted = False
+        self._errored = False  # an error event in the stream: the generation failed
+        self._bytes_mode = not sse
         self._tail = b""
+        self._line = bytearray()  # an unfinished line
+        self._data: list[bytes] = []  # the current event's data lines
+        self._size = 0
+        self._cr = False  # the last chunk ended in \r: a \n first in the next belongs to it
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted or self._pending()[0]
+
+    @property
+    def errored(self) -> bool:
+        return self._errored or self._pending()[1]
 
     def feed(self, chunk: bytes) -> None:
-        if self.aborted or not chunk:
+        if self._aborted or not chunk:
             return
+        if self._bytes_mode:
+            self._scan_bytes(chunk)
+            return
+        pos = 1 if self._cr and chunk[:1] == b"\n" else 0
+        self._cr = False
+        n = len(chunk)
+        while pos < n:
+            eol = _EOL.search(chunk, pos)
+            if eol is None:
+                self._line += chunk[pos:]
+                break
+            end = eol.start()
+            if self._line:
+                self._line += chunk[pos:end]
+                line = bytes(self._line)
+                self._line.clear()
+            else:
+                line = chunk[pos:end]
+            self._on_line(line)
+            if self._aborted or self._bytes_mode:
+                if self._bytes_mode:
+                    self._scan_bytes(chunk[end:])
+                return
+            pos = end + 1
+            if chunk[end] == 13:  # \r: a \r\n is one line end
+                if pos < n and chunk[pos] == 10:
+                    pos += 1
+                elif pos == n:
+                    self._cr = True
+        if self._size + len(self._line) > EVENT_BYTES:
+            self._to_bytes_mode()
+
+    def _on_line(self, line: bytes) -> None:
+        if not line:
+            self._dispatch()
+        elif line.startswith(b"data:"):
+            value = line[5:]
+            if value[:1] == b" ":
+                value = value[1:]
+            self._data.append(value)
+            self._size += len(value)
+            if self._size > EVENT_BYTES:
+                self._to_bytes_mode()
+        # comments (":..."), event:, id:, retry: say nothing about the generation
+
+    def _dispatch(self) -> None:
+        data = b"\n".join(self._data)
+        self._data.clear()
+        self._size = 0
+        # parsed only when it could say something (most token events cannot)
+        if (b'"abort"' in data or b'"error"' in data) and data != b"[DONE]":
+            aborted, errored = _verdict(data)
+            self._aborted = self._aborted or aborted
+            self._errored = self._errored or errored
+
+    def _pending(self) -> tuple[bool, bool]:
+        """The verdict of an event the stream ended in without its blank line."""
+        if self._bytes_mode or self._aborted:
+            return False, False
+        data = list(self._data)
+        line = bytes(self._line)
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        return _verdict(b"\n".join(data)) if data else (False, False)
+
+    def _to_bytes_mode(self) -> None:
+        held = b"\n".join(self._data) + b"\n" + bytes(self._line)
+        self._data.clear()
+        self._line.clear()
+        self._size = 0
+        self._bytes_mode = True
+        self._scan_bytes(held)
+
+    def _scan_bytes(self, chunk: bytes) -> None:
         # the boundary (a match split across two chunks), then the chunk itself: no copy of
         # the whole chunk is made
+        if self._aborted or not chunk:
+            return
         edge = self._tail + chunk[:_TAIL_BYTES]
         if _ABORT.search(edge) or _ABORT.search(chunk):
-            self.aborted = True
+            self._aborted = True
             return
-        if not self.errored and (_ERROR_EVENT.search(edge) or _ERROR_EVENT.search(chunk)):
-            self.errored = True
+        if not self._errored and (_ERROR_EVENT.search(edge) or _ERROR_EVENT.search(chunk)):
+            self._errored = True
         if len(chunk) >= _TAIL_BYTES:
             self._tail = chunk[-_TAIL_BYTES:]
         else:
@@ -66,6 +185,8 @@ class AbortScanner:
 def body_aborted(body: bytes) -> bool:
     """A whole body (a non-streaming completion, or a buffered SSE stream) records an aborted
     generation: some choice ended with ``finish_reason`` "abort"."""
+    if body.lstrip()[:1] == b"{":
+        return b'"abort"' in body and _verdict(body)[0]
     scan = AbortScanner()
     scan.feed(body)
     return scan.aborted

@@ -484,7 +484,7 @@ class GuardProxy:
                 exchange.outcome = "failed"  # an error passed on: not served
             return self._whole(upstream, headers, body)
         scan = (
-            AbortScanner()
+            AbortScanner(sse=is_event_stream(ctype))
             if readable and upstream.status == 200 and (is_event_stream(ctype) or is_json(ctype))
             else None
         )
