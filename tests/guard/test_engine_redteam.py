@@ -292,8 +292,12 @@ async def test_a_false_shutdown_reading_is_asked_again_and_a_served_request_ends
                 statuses.append(resp.status)
         assert statuses == [503, 503, 503] and received == 2, (statuses, received)
         assert not r.controller.ready
-        refuse = False  # the engine was never shutting down (or a new one is up)
         await asyncio.sleep(0.35)
+        # ready again for the recheck: no request comes to an unready replica behind a load
+        # balancer, and without one a false reading would last for good
+        async with s.get(r.url + "/readyz") as resp:
+            assert resp.status == 200
+        refuse = False  # the engine was never shutting down (or a new one is up)
         async with s.post(r.url + "/v1/completions", json={}) as resp:
             assert resp.status == 200 and await resp.read() == recorded("completion_ok.json")
         assert r.controller.ready and not r.controller.upstream_shutting_down
@@ -591,3 +595,38 @@ def test_an_event_over_the_hold_limit_is_scanned_as_bytes_not_held() -> None:
     assert scan._bytes_mode and len(scan._line) == 0 and not scan._data
     scan.feed(b'"abort"}]}\n\n')
     assert scan.aborted
+
+
+async def test_a_probe_the_engine_keeps_generating_ends_the_false_shutdown_reading() -> None:
+    """The request let through to ask again may be a long generation: the engine took it
+    (vLLM refuses a new request within milliseconds once shutting down), so other requests
+    are not kept waiting behind it."""
+    calls = 0
+
+    async def generate(_: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            refusal = recorded("shutdown_refusal_500.json")
+            return web.Response(status=500, body=refusal, content_type="application/json")
+        if calls == 2:
+            await asyncio.sleep(3)  # the probe: a long non-streaming generation
+        return web.Response(body=recorded("completion_ok.json"), content_type="application/json")
+
+    drain = DrainConfig(min_grace_s=0.5, shutdown_recheck_s=0.3)
+    async with (
+        rig({"/v1/completions": generate}, drain) as r,
+        aiohttp.ClientSession(timeout=TIMEOUT) as s,
+    ):
+        async with s.post(r.url + "/v1/completions", json={}) as resp:
+            assert resp.status == 503
+        await asyncio.sleep(0.35)
+        probe = asyncio.create_task(s.post(r.url + "/v1/completions", json={}))
+        await until(lambda: calls == 2, "the probe forwarded")
+        await asyncio.sleep(0.35)
+        t0 = time.monotonic()
+        async with s.post(r.url + "/v1/completions", json={}) as resp:
+            assert resp.status == 200 and time.monotonic() - t0 < 2
+        assert r.controller.ready
+        async with await probe as resp:
+            assert resp.status == 200

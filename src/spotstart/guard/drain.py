@@ -134,6 +134,7 @@ class DrainController:
         self._down_since_shutdown = False
         self._shutdown_seen_at = 0.0
         self._probing = False  # a request let through to ask an engine "shutting down" again
+        self._probe_since = 0.0
         self.notice: PreemptionNotice | None = None
         self.drain_started_at: float | None = None
         self.drain_until: float | None = None
@@ -157,12 +158,19 @@ class DrainController:
 
     @property
     def ready(self) -> bool:
+        """Serving, the server healthy, not crashed, and no refusal "shutting down" within the
+        last ``shutdown_recheck_s`` (after that, ready again so that a request comes to ask
+        the engine again: behind a load balancer no request comes to an unready replica, and
+        a false reading would keep a healthy engine out for good)."""
         return (
             self.phase is Phase.SERVING
             and self.upstream_healthy
-            and not self.upstream_shutting_down
+            and not (self.upstream_shutting_down and not self._recheck_due())
             and not self.crashed
         )
+
+    def _recheck_due(self) -> bool:
+        return self._clock() - self._shutdown_seen_at >= self.config.shutdown_recheck_s
 
     @property
     def counters(self) -> DrainCounters:
@@ -220,6 +228,10 @@ class DrainController:
         shutting down, else False (answer 503). While it is shutting down, one request every
         ``shutdown_recheck_s`` is accepted to ask again (``probing`` is then True until its
         ``finish(..., probe=True)``)."""
+        if self._probing and self._clock() - self._probe_since >= self.config.shutdown_recheck_s:
+            # the engine has held the probe that long: it took it (vLLM refuses within
+            # milliseconds once shutting down), so it is not shutting down
+            self.upstream_shutting_down = self._down_since_shutdown = False
         if (
             self.phase is Phase.SERVING
             and not self.crashed
@@ -227,6 +239,7 @@ class DrainController:
         ):
             if self.upstream_shutting_down:
                 self._probing = True
+                self._probe_since = self._clock()
             self._accepted += 1
             self._in_flight += 1
             return True
@@ -238,10 +251,7 @@ class DrainController:
         return self._probing
 
     def _may_probe(self) -> bool:
-        return (
-            not self._probing
-            and self._clock() - self._shutdown_seen_at >= self.config.shutdown_recheck_s
-        )
+        return not self._probing and self._recheck_due()
 
     def finish(self, outcome: Outcome = "ok", probe: bool = False) -> None:
         """An accepted request ended: "ok" completed, "failed" by an error, "cut" by the drain,
