@@ -7,9 +7,12 @@ stream (vLLM's model.load_weights, a user's loop)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import http.server
+import json
 import os
+import signal
 import struct
 import threading
 import time
@@ -25,8 +28,10 @@ torch = pytest.importorskip("torch")
 from safetensors.torch import save_file  # noqa: E402
 
 from spotstart import FetchConfig  # noqa: E402
-from spotstart.errors import InvalidCheckpoint, SpotstartError  # noqa: E402
+from spotstart.emulate.storage import StorageEmulator  # noqa: E402
+from spotstart.errors import IntegrityError, InvalidCheckpoint, SpotstartError  # noqa: E402
 from spotstart.weights.stream import iter_tensors  # noqa: E402
+from tests.conftest import BUCKET, spawn_cli  # noqa: E402
 
 MiB = 1 << 20
 FAST_FAIL = FetchConfig(
@@ -241,3 +246,50 @@ def test_a_plain_http_origin_proves_only_sizes_and_says_so(
     assert all(torch.equal(got[n], ts[n]) for n in ts)
     assert stream.report is not None and set(stream.report.verified) == {"size"}
     assert stream.bytes_held_peak <= MiB + (256 << 10)
+
+
+# -- a peer that lies ------------------------------------------------------------------------------
+def test_a_lying_peer_fails_the_stream_with_an_integrity_error(
+    clean_cloud: StorageEmulator, tmp_path: Path, gcs_env: dict[str, str]
+) -> None:
+    """A peer (anyone in the cluster who wears the labels) serves a flipped byte and publishes
+    the CRC of its wrong bytes, so its chunk checks out on arrival. ``load`` would refetch
+    that chunk from the origin; the stream may have handed the tensor over already, so the
+    origin's MD5 over the whole object must fail the iteration: never a clean end."""
+    from spotstart import fetch
+    from spotstart.fetch.peers import PeerSpec
+    from spotstart.fetch.verify import crc32c
+
+    (tmp_path / "ckpt").mkdir()
+    checkpoint(tmp_path / "ckpt" / "model.safetensors", tensors=16)  # 4 MiB: 5 chunks
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    clean_cloud.seed_gcs(BUCKET, {f"lying-peer/{p.name}": p for p in (tmp_path / "ckpt").iterdir()})
+    url = f"gs://{BUCKET}/lying-peer/"
+    node = tmp_path / "node-a"
+    fetch(url, node, FAST_FAIL)
+    shard = node / "model.safetensors"
+    st = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[2 * MiB + 5] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as its index says
+    index_path = node / ".spotstart" / "index.json"
+    index = json.loads(index_path.read_text())
+    index["files"]["model.safetensors"]["crcs"][2] = f"{crc32c(bytes(data[2 * MiB : 3 * MiB])):x}"
+    index_path.write_text(json.dumps(index))
+    proc = spawn_cli(["serve-peers", str(node), "--listen", "127.0.0.1:0", "--json"])
+    before = fds()
+    try:
+        assert proc.stdout is not None
+        address = json.loads(proc.stdout.readline())["listen"]
+        config = dataclasses.replace(FAST_FAIL, peers=PeerSpec((address,)))
+        with (
+            pytest.raises(IntegrityError, match=r"handed over|mismatch|checksum"),
+            iter_tensors(url, config=config, window_bytes=MiB) as stream,
+        ):
+            for _ in stream:
+                pass
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=10)
+    settle(before)
