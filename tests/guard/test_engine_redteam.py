@@ -22,7 +22,7 @@ from spotstart.guard.drain import Command, DrainConfig, DrainController
 from spotstart.guard.metrics import GuardMetrics
 from spotstart.guard.notice import NoticeKind, PreemptionNotice
 from spotstart.guard.proxy import GuardProxy, ProxyConfig
-from tests.guard.test_engine_behaviours import SSE, FakeClock, recorded
+from tests.guard.test_engine_behaviours import SSE, FakeClock, events, recorded
 
 TIMEOUT = aiohttp.ClientTimeout(total=30)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -587,12 +587,28 @@ def test_vllms_abort_is_seen_in_every_sse_spelling_and_split(
 
 
 def test_an_event_over_the_hold_limit_is_scanned_as_bytes_not_held() -> None:
+    """A client can make one event long (echo of a long prompt, its token ids): held, that
+    was up to 1 MiB per stream outside any budget; now at most 64 KiB, and the next events
+    are read as JSON again."""
     from spotstart.guard import answers
 
-    big = b'data: {"choices":[{"text":"' + b"y" * answers.EVENT_BYTES + b'","finish_reason":'
-    scan = AbortScanner()
-    scan.feed(big)
-    assert scan._bytes_mode and len(scan._line) == 0 and not scan._data
+    huge = b"y" * (4 * answers.EVENT_BYTES)
+    echoed = json.dumps({"metadata": ECHOED}, separators=(",", ":")).encode()
+    for big in (
+        b'data: {"choices":[{"text":"' + huge + b'"}]}\n\n',  # one long line
+        b"".join(b"data: " + huge[:1000] + b"\n" for _ in range(300)) + b"\n",  # many lines
+    ):
+        for step in (1000, 70000):
+            scan = AbortScanner()
+            ok = big + b"data: " + echoed + b"\n\n"  # read as JSON again: not an abort
+            for i in range(0, len(ok), step):
+                scan.feed(ok[i : i + step])
+                assert len(scan._line) + scan._size <= answers.EVENT_BYTES
+            assert not scan.aborted, step
+            scan.feed(events(recorded("chat_stream_aborted.sse"))[-2])
+            assert scan.aborted
+    scan = AbortScanner()  # an abort inside a long event: the byte pattern still sees it
+    scan.feed(b'data: {"choices":[{"text":"' + huge + b'","finish_reason":')
     scan.feed(b'"abort"}]}\n\n')
     assert scan.aborted
 

@@ -6,8 +6,8 @@ Pure: bytes in, verdicts out; guard/proxy.py reads the bodies and acts on the ve
 Read by structure (each SSE event's JSON, a JSON answer's ``choices``), not by byte pattern:
 JSON escapes every ``"`` a model generates, but vLLM also echoes objects the client gave (the
 Responses API's ``metadata`` and ``tools``), so ``"finish_reason":"abort"`` can be a real key
-and value that the client wrote. The byte pattern is kept only for a JSON answer too big to
-hold, streamed as it comes."""
+and value that the client wrote. The byte pattern is kept only for what is too big to hold (a
+JSON answer over the buffer, an SSE event over 64 KiB), scanned as it passes."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ SHUTDOWN_REFUSAL = b"cannot schedule new futures after shutdown"
 REFUSAL_PEEK_BYTES = 64 * 1024  # the most of a 500's body read to recognise a refusal
 
 
-EVENT_BYTES = 1 << 20  # an SSE event held to read its JSON; beyond it, scanned as bytes
+EVENT_BYTES = 64 << 10  # an SSE event held to read its JSON; a longer one: scanned as bytes
 _EOL = re.compile(rb"[\r\n]")
 
 
@@ -58,10 +58,12 @@ def _verdict(data: bytes) -> tuple[bool, bool]:
 class AbortScanner:
     """Watches a streamed body, chunk by chunk, for a choice that ended with ``finish_reason``
     "abort" (and for vLLM's error event). An SSE stream (``sse=True``) is read event by event:
-    each event's ``data:`` lines are held until its blank line (at most ``EVENT_BYTES``; a
-    longer event turns the scanner to the byte pattern for the rest of the stream) and read as
-    JSON. Otherwise (a JSON answer streamed because it did not fit the buffer) the byte
-    pattern: ``_TAIL_BYTES`` held between chunks. The stream itself is never held back.
+    each event's ``data:`` lines are held until its blank line and read as JSON; an event
+    longer than ``EVENT_BYTES`` (a client can make one: a completion with ``echo``, a long
+    prompt's token ids) is not held but scanned with the byte pattern as it passes, and the
+    next event is read as JSON again. Otherwise (a JSON answer streamed because it did not fit
+    the buffer) the byte pattern for the whole body. Held: at most ``EVENT_BYTES`` (+ 48
+    bytes); the stream itself is never held back.
 
     Example::
 
@@ -77,8 +79,10 @@ class AbortScanner:
         self._bytes_mode = not sse
         self._tail = b""
         self._line = bytearray()  # an unfinished line
+        self._line_skipped = False  # part of the unfinished line was scanned, not held
         self._data: list[bytes] = []  # the current event's data lines
         self._size = 0
+        self._skipping = False  # the current event is too long to hold: scanned as bytes
         self._cr = False  # the last chunk ended in \r: a \n first in the next belongs to it
 
     @property
@@ -98,31 +102,43 @@ class AbortScanner:
         pos = 1 if self._cr and chunk[:1] == b"\n" else 0
         self._cr = False
         n = len(chunk)
-        while pos < n:
+        while pos < n and not self._aborted:
             eol = _EOL.search(chunk, pos)
             if eol is None:
-                self._line += chunk[pos:]
-                break
+                self._hold_partial(chunk[pos:])
+                return
             end = eol.start()
-            if self._line:
+            if self._line_skipped:  # the end of a line too long to hold
+                self._scan_bytes(chunk[pos:end])
+                self._line_skipped = False
+                self._line.clear()
+                line = None
+            elif self._line:
                 self._line += chunk[pos:end]
                 line = bytes(self._line)
                 self._line.clear()
             else:
                 line = chunk[pos:end]
-            self._on_line(line)
-            if self._aborted or self._bytes_mode:
-                if self._bytes_mode:
-                    self._scan_bytes(chunk[end:])
-                return
+            if line is not None:
+                self._on_line(line)
             pos = end + 1
             if chunk[end] == 13:  # \r: a \r\n is one line end
                 if pos < n and chunk[pos] == 10:
                     pos += 1
                 elif pos == n:
                     self._cr = True
-        if self._size + len(self._line) > EVENT_BYTES:
-            self._to_bytes_mode()
+
+    def _hold_partial(self, piece: bytes) -> None:
+        if self._line_skipped:
+            self._scan_bytes(piece)
+        elif self._size + len(self._line) + len(piece) > EVENT_BYTES:
+            self._skip_event()
+            self._scan_bytes(bytes(self._line))
+            self._scan_bytes(piece)
+            self._line.clear()
+            self._line_skipped = True
+        else:
+            self._line += piece
 
     def _on_line(self, line: bytes) -> None:
         if not line:
@@ -131,16 +147,28 @@ class AbortScanner:
             value = line[5:]
             if value[:1] == b" ":
                 value = value[1:]
+            if self._skipping:
+                self._scan_bytes(value)
+                return
             self._data.append(value)
             self._size += len(value)
             if self._size > EVENT_BYTES:
-                self._to_bytes_mode()
+                self._skip_event()
         # comments (":..."), event:, id:, retry: say nothing about the generation
+
+    def _skip_event(self) -> None:
+        if not self._skipping:
+            self._skipping = True
+            for held in self._data:
+                self._scan_bytes(held)
+            self._data.clear()
+            self._size = 0
 
     def _dispatch(self) -> None:
         data = b"\n".join(self._data)
         self._data.clear()
         self._size = 0
+        self._skipping = False
         # parsed only when it could say something (most token events cannot)
         if (b'"abort"' in data or b'"error"' in data) and data != b"[DONE]":
             aborted, errored = _verdict(data)
@@ -149,21 +177,13 @@ class AbortScanner:
 
     def _pending(self) -> tuple[bool, bool]:
         """The verdict of an event the stream ended in without its blank line."""
-        if self._bytes_mode or self._aborted:
+        if self._bytes_mode or self._aborted or self._skipping:
             return False, False
         data = list(self._data)
         line = bytes(self._line)
-        if line.startswith(b"data:"):
+        if line.startswith(b"data:") and not self._line_skipped:
             data.append(line[6:] if line[5:6] == b" " else line[5:])
         return _verdict(b"\n".join(data)) if data else (False, False)
-
-    def _to_bytes_mode(self) -> None:
-        held = b"\n".join(self._data) + b"\n" + bytes(self._line)
-        self._data.clear()
-        self._line.clear()
-        self._size = 0
-        self._bytes_mode = True
-        self._scan_bytes(held)
 
     def _scan_bytes(self, chunk: bytes) -> None:
         # the boundary (a match split across two chunks), then the chunk itself: no copy of
