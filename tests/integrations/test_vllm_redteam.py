@@ -311,3 +311,18 @@ def test_a_size_only_load_says_so_in_the_summary() -> None:
     assert "sizes only" in summary(report, 1, 1.0)
     report.verified = {"size": 1, "crc32c": 1}
     assert "sizes only" not in summary(report, 1, 1.0)
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        f"ftp://u:{SECRET}@h.example/x?sig={SECRET}",
+        f"gs://u:{SECRET}@bucket/x",
+        f"https://h.example/m/?X-Amz-Signature={SECRET}&",
+    ],
+)
+def test_a_malformed_source_is_refused_without_echoing_its_secrets(source: str) -> None:
+    try:
+        LoaderSettings.parse({"source": source})
+    except UsageError as exc:
+        assert SECRET not in str(exc)

@@ -98,7 +98,10 @@ class LoaderSettings:
                 f'{where}: "source" is missing: the checkpoint\'s URL, e.g. '
                 f'{{"source": "gs://bucket/model/"}} (any URL spotstart fetch takes)'
             )
-        parse_url(source)  # a malformed URL fails here, naming the fix
+        try:
+            parse_url(source)  # a malformed URL fails here, naming the fix
+        except UsageError as exc:  # ... without echoing a password or signature it holds
+            raise UsageError(_without_secrets_of(source, str(exc))) from None
 
         def text(key: str) -> str | None:
             value = extra.get(key)
@@ -309,6 +312,16 @@ def _with_message(exc: Exception, message: str) -> Exception:
         if str(new) == message:
             return new
     return SpotstartError(message)
+
+
+def _without_secrets_of(url: str, text: str) -> str:
+    """``text`` (which quotes ``url`` whole or in pieces) without ``url``'s password and
+    query string, wherever they appear."""
+    parts = urlsplit(url)
+    for secret in (parts.password, parts.query):
+        if secret:
+            text = text.replace(secret, "<redacted>")
+    return scrub(text)
 
 
 def summary(report: Any, peak_bytes: int, seconds: float) -> str:
