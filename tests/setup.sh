@@ -46,7 +46,14 @@ if [ "${SPOTSTART_SKIP_ENGINES:-0}" != 1 ]; then
     "$ev/bin/python" -c 'import vllm, transformers, accelerate, runai_model_streamer'
     touch "$ev/.spotstart-complete"
   fi
-  # the --load-format spotstart entry point (the tests also put this checkout's src first)
-  "$ev/bin/pip" install -q --no-deps -e .
+  # spotstart itself with what it needs (the --load-format spotstart entry point; vLLM's pins
+  # already satisfy most of it); the tests also put this checkout's src first on the engines'
+  # path. (`pip check` cannot be the test: vLLM declares the torchvision it must not have.)
+  "$ev/bin/pip" install -q -e '.[vllm]'
+  "$ev/bin/python" - <<'PY'
+from importlib.metadata import entry_points
+import vllm, spotstart.fetch, spotstart.integrations.vllm  # noqa: F401
+assert "spotstart" in {e.name for e in entry_points(group="vllm.general_plugins")}
+PY
   ln -sfn "$ev" .venv-engines
 fi
