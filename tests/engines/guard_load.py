@@ -46,6 +46,7 @@ class Answer:
     done_marker: bool = False  # a stream ended with data: [DONE]
     retry_after: str | None = None
     error: str = ""
+    refused: bool = False  # no connection: the guard had already exited (never sent)
 
     @property
     def served(self) -> bool:
@@ -58,7 +59,9 @@ class Answer:
 
     @property
     def retryable(self) -> bool:
-        return self.status == 503 and self.retry_after is not None
+        """A 503 with Retry-After, or a connection refused (the request never left the
+        client: a drained guard that has exited; any client retries that elsewhere)."""
+        return (self.status == 503 and self.retry_after is not None) or self.refused
 
 
 async def ask(
@@ -88,6 +91,8 @@ async def ask(
     try:
         async with session.post(url + path, json=body) as r:
             raw = await r.read()
+    except aiohttp.ClientConnectorError as exc:
+        return Answer(kind, None, error=repr(exc), refused=True)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         return Answer(kind, None, error=repr(exc))
     if r.status != 200:

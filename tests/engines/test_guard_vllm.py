@@ -51,7 +51,7 @@ def assert_drained(answers: list[Answer], counts: dict[str, int], log: str) -> N
     streams = [a for a in short if a.kind == "fit-stream" and a.status == 200]
     assert streams and all(a.done_marker for a in streams), streams
     assert len(long) == 1 and long[0].status != 200, (long, log[-3000:])
-    assert long[0].retryable, long  # cut before its answer began: 503 + Retry-After
+    assert long[0].status == 503 and long[0].retryable, long  # cut before its answer began
     assert counts["dropped"] == 1 and counts["aborted"] == 0 and counts["lost"] == 1, counts
     assert counts["failed"] == 0, counts
     assert counts["drained"] >= 1, counts  # short requests in flight at the notice finished
@@ -151,8 +151,13 @@ def test_guards_drain_vllm_on_aws_azure_and_gce_notices_losing_only_what_cannot_
                 assert gone_after_s < window_s, (gone_after_s, log[-3000:])
                 assert_drained(answers, summary(log), log)
             gce_log = g_gce.log()
-            assert "stopping server with SIGTERM" in gce_log
-            assert "SIGKILL" not in gce_log, gce_log[-3000:]  # idle vLLM stops on SIGTERM
+            # the stop signal only once nothing was in flight (the long request cut first);
+            # whether vLLM's interpreter then exits within the 3 s stop grace is vLLM's (under
+            # CI load it once finished its shutdown but exited later: SIGKILL, in time)
+            stop_at = gce_log.index("stopping server with SIGTERM")
+            assert gce_log.index("cutting 1 in-flight requests") < stop_at, gce_log[-3000:]
+            if "SIGKILL" in gce_log:
+                assert "Application shutdown complete" in gce_log[stop_at:], gce_log[-3000:]
             assert not kit.group_pids(vllm_pid), kit.group_pids(vllm_pid)
             assert not processes_with(str(tiny_llama))
 
@@ -224,7 +229,7 @@ def test_vllm_stopped_behind_the_guards_back_counts_its_aborted_requests_lost(
     assert not streamed.served and not whole.served, (streamed, whole)
     assert whole.status != 200, whole  # never vLLM's truncated 200
     if whole.status == 503:
-        assert whole.retryable and counts["aborted"] >= 1, (whole, counts)
+        assert whole.status == 503 and whole.retryable and counts["aborted"] >= 1, (whole, counts)
     assert counts["aborted"] + counts["failed"] == 2 and counts["drained"] == 0, counts
     assert "server exited unexpectedly" in log, log[-3000:]
     assert code == 0  # vLLM exited 0 after its SIGTERM: passed on, as an init would

@@ -222,7 +222,9 @@ async def test_upstream_crash_turns_guard_unready_logs_exit_code_and_exits_nonze
     try:
         wait_until_ready(url, proc=guard)
         async with aiohttp.ClientSession(timeout=TIMEOUT) as s, s.get(url + "/crash") as r:
-            assert r.status == 502  # the upstream died before answering
+            # the upstream died before answering: 502 when it dropped the request, 503 +
+            # Retry-After when it was already gone and refused the connection (timing)
+            assert r.status in (502, 503), r.status
         code = wait_exit(guard, 10)
     finally:
         guard.stop()
