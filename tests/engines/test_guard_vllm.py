@@ -40,21 +40,30 @@ EAGER = "--enforce-eager"
 LONG_TOKENS = 1900  # ~9 s alone at ~220 tokens/s: never fits the 4-6 s the drains below allow
 
 
-def assert_drained(answers: list[Answer], counts: dict[str, int], log: str) -> None:
-    """Short requests: each served in full or refused with a Retry-After, none lost; the long
-    one: never a 200, and lost in the guard's own count."""
+def assert_drained(answers: list[Answer], counts: dict[str, int], log: str) -> bool:
+    """Short requests: each served in full or refused (a Retry-After, or a connection the
+    guard never accepted because it had exited), none lost: every request the guard accepted
+    was served or is in its lost count. The long one: never a truncated 200; cut (503 +
+    Retry-After, lost in the guard's own count) unless this machine generated it inside the
+    window (then served in full). Returns whether it was cut."""
     short = [a for a in answers if a.kind != "long"]
     long = [a for a in answers if a.kind == "long"]
     assert sum(a.served for a in short) >= 4, answers
-    bad = [a for a in short if not (a.served or a.retryable)]
+    bad = [a for a in short if not (a.served or a.retryable or a.status is None)]
     assert not bad, (bad, log[-3000:])
+    served = sum(a.served for a in answers)
+    assert counts["accepted"] == served + counts["lost"] + counts["failed"], (counts, answers)
     streams = [a for a in short if a.kind == "fit-stream" and a.status == 200]
     assert streams and all(a.done_marker for a in streams), streams
-    assert len(long) == 1 and long[0].status != 200, (long, log[-3000:])
-    assert long[0].status == 503 and long[0].retryable, long  # cut before its answer began
-    assert counts["dropped"] == 1 and counts["aborted"] == 0 and counts["lost"] == 1, counts
-    assert counts["failed"] == 0, counts
+    assert len(long) == 1, long
+    assert counts["aborted"] == 0 and counts["failed"] == 0, counts
     assert counts["drained"] >= 1, counts  # short requests in flight at the notice finished
+    if long[0].status == 200:  # generated inside the window on this machine: served in full
+        assert long[0].served and counts["lost"] == 0, (long, counts)
+        return False
+    assert long[0].status == 503 and long[0].retryable, long  # cut before its answer began
+    assert counts["dropped"] == 1 and counts["lost"] == 1, counts
+    return True
 
 
 @contextlib.contextmanager
@@ -123,6 +132,7 @@ def test_guards_drain_vllm_on_aws_azure_and_gce_notices_losing_only_what_cannot_
             for guard, port in ((g_gce, gce_port), (g_aws, aws_port), (g_azure, azure_port)):
                 guard.wait_ready(f"http://127.0.0.1:{port}/readyz", timeout_s=400)
             vllm_pid = server_pid(g_gce.log())
+            cut: list[bool] = []
             for guard, port, inject, window_s in (
                 (g_aws, aws_port, lambda: aws.preempt(notice_s=8), 8.0),
                 (g_azure, azure_port, lambda: azure.preempt(notice_s=8), 8.0),
@@ -149,13 +159,15 @@ def test_guards_drain_vllm_on_aws_azure_and_gce_notices_losing_only_what_cannot_
                 log = guard.log()
                 assert code == 0, log[-3000:]
                 assert gone_after_s < window_s, (gone_after_s, log[-3000:])
-                assert_drained(answers, summary(log), log)
+                cut.append(assert_drained(answers, summary(log), log))
+            assert any(cut), "the long request fitted every window: make LONG_TOKENS longer"
             gce_log = g_gce.log()
             # the stop signal only once nothing was in flight (the long request cut first);
             # whether vLLM's interpreter then exits within the 3 s stop grace is vLLM's (under
             # CI load it once finished its shutdown but exited later: SIGKILL, in time)
             stop_at = gce_log.index("stopping server with SIGTERM")
-            assert gce_log.index("cutting 1 in-flight requests") < stop_at, gce_log[-3000:]
+            if cut[-1]:
+                assert gce_log.index("cutting 1 in-flight requests") < stop_at, gce_log[-3000:]
             if "SIGKILL" in gce_log:
                 assert "Application shutdown complete" in gce_log[stop_at:], gce_log[-3000:]
             assert not kit.group_pids(vllm_pid), kit.group_pids(vllm_pid)
