@@ -57,7 +57,6 @@ def assert_drained(answers: list[Answer], counts: dict[str, int], log: str) -> b
     assert streams and all(a.done_marker for a in streams), streams
     assert len(long) == 1, long
     assert counts["aborted"] == 0 and counts["failed"] == 0, counts
-    assert counts["drained"] >= 1, counts  # short requests in flight at the notice finished
     if long[0].status == 200:  # generated inside the window on this machine: served in full
         assert long[0].served and counts["lost"] == 0, (long, counts)
         return False
