@@ -61,6 +61,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     p.add_argument("--small", action="store_true", help="a tiny model for the story (tests)")
     p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the smallest run (about half a minute): a 1 x 8 MB checkpoint, no single-stream "
+        "baseline, the tiny model, 2 s of load before the preemption",
+    )
+    p.add_argument(
         "--engine",
         choices=ENGINES,
         default="auto",
@@ -99,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
     from spotstart.emulate.link import LinkConfig
     from spotstart.emulate.storage import StorageEmulator, StorageEmulatorOptions
 
+    if args.quick:
+        args.shards, args.shard_mb, args.no_baseline = 1, 8, True
+        args.small, args.serve_seconds = True, 2.0
     console = Console(stderr=True) if args.json else Console()
     err = Console(stderr=True)
     story: dict[str, object] = {}
