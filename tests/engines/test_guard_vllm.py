@@ -24,7 +24,6 @@ import pytest
 from spotstart.emulate.metadata import MetadataEmulator
 from tests.engines import kit
 from tests.engines.guard_load import (
-    TIMEOUT,
     Answer,
     ask,
     drain_under_load,
@@ -163,12 +162,15 @@ def test_guards_drain_vllm_on_aws_azure_and_gce_notices_losing_only_what_cannot_
             gce_log = g_gce.log()
             # the stop signal only once nothing was in flight (the long request cut first);
             # whether vLLM's interpreter then exits within the 3 s stop grace is vLLM's (under
-            # CI load it once finished its shutdown but exited later: SIGKILL, in time)
+            # CI load its shutdown has both finished late and outlasted the grace): a SIGKILL
+            # comes only after the SIGTERM, at the stop deadline, and nothing was lost to it
             stop_at = gce_log.index("stopping server with SIGTERM")
             if cut[-1]:
                 assert gce_log.index("cutting 1 in-flight requests") < stop_at, gce_log[-3000:]
             if "SIGKILL" in gce_log:
-                assert "Application shutdown complete" in gce_log[stop_at:], gce_log[-3000:]
+                kill_at = gce_log.index("server still running at its stop deadline: SIGKILL")
+                assert kill_at > stop_at, gce_log[-3000:]
+                assert "SIGKILL" not in gce_log[:kill_at], gce_log[-3000:]
             assert not kit.group_pids(vllm_pid), kit.group_pids(vllm_pid)
             assert not processes_with(str(tiny_llama))
 
@@ -197,7 +199,9 @@ def test_vllm_stopped_behind_the_guards_back_counts_its_aborted_requests_lost(
         vllm_pid = server_pid(guard.log())
 
         async def scenario() -> tuple[Answer, Answer]:
-            async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+            # a client that waits 60 s for an answer after the engine stopped gives up: what
+            # vLLM holds open after its own SIGTERM (below) needs no longer
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as s:
                 extra = {"ignore_eos": True}
                 stream = asyncio.create_task(
                     ask(
@@ -234,9 +238,15 @@ def test_vllm_stopped_behind_the_guards_back_counts_its_aborted_requests_lost(
         log = guard.log()
     counts = summary(log)
     # Most runs: both aborted ("finish_reason":"abort"). Sometimes the engine core dies first
-    # and vLLM ends the stream with an error event and answers 500: counted failed. Never
-    # served, never drained.
-    assert streamed.status == 200 and streamed.done_marker, streamed  # passed on as sent
+    # and vLLM ends the stream with an error event and answers 500: counted failed. Under load
+    # vLLM 0.32 has also force-killed its engine core before aborting the requests and then
+    # held both connections open without a byte until the client gave up (uvicorn "Waiting for
+    # connections to close"): failed too. Never served, never drained.
+    if streamed.error == "TimeoutError()":
+        assert "force killing remaining process EngineCore" in log, log[-3000:]
+        assert "Waiting for connections to close" in log, log[-3000:]
+    else:
+        assert streamed.status == 200 and streamed.done_marker, streamed  # passed on as sent
     assert not streamed.served and not whole.served, (streamed, whole)
     assert whole.status != 200, whole  # never vLLM's truncated 200
     if whole.status == 503:
