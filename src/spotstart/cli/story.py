@@ -32,9 +32,10 @@ from rich.console import Console
 
 from spotstart.cli.demo_engine import DemoServer, VllmServer, weights_dir
 
-REPO = Path(__file__).resolve().parents[3]
-SERVER = REPO / "examples" / "tiny_llm_server.py"
-FLEET = REPO / "examples" / "fleet.yaml"
+# The example configs and server ship inside the package (a wheel holds them too).
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+SERVER = EXAMPLES / "tiny_llm_server.py"
+FLEET = EXAMPLES / "fleet.yaml"
 
 
 @dataclass(frozen=True)
@@ -374,7 +375,7 @@ def run_story(
     from spotstart import timeline
 
     if not SERVER.is_file():
-        raise SystemExit(f"demo: {SERVER} is missing (run the demo from a clone of the repo)")
+        raise SystemExit(f"demo: {SERVER} is missing (reinstall spotstart: it ships there)")
     size = SMALL if small else FULL
     ckpt = work / "llm-checkpoint"
     total = _model_files(ckpt, size, server)

@@ -41,8 +41,13 @@ def config_of(hidden: int, intermediate: int, layers: int, vocab: int) -> dict[s
 
 
 def make_checkpoint(
-    out: Path, hidden: int = 768, intermediate: int = 2048, layers: int = 8, vocab: int = 32000,
-    shards: int = 2, seed: int = 0,
+    out: Path,
+    hidden: int = 768,
+    intermediate: int = 2048,
+    layers: int = 8,
+    vocab: int = 32000,
+    shards: int = 2,
+    seed: int = 0,
 ) -> int:
     """Write a Llama-shaped checkpoint (config.json, sharded safetensors + index); returns
     the tensor bytes."""
@@ -52,7 +57,8 @@ def make_checkpoint(
     scale = hidden**-0.5
 
     def w(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+        t: torch.Tensor = (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16)
+        return t
 
     tensors: dict[str, torch.Tensor] = {"model.embed_tokens.weight": w(vocab, hidden)}
     for i in range(layers):
@@ -105,7 +111,8 @@ class TinyLlama:
             p = f"model.layers.{i}."
             h = self._rms(x, w[p + "input_layernorm.weight"])
             q, k, v = (
-                (h @ w[p + f"self_attn.{m}_proj.weight"].T).view(n, self.heads, HEAD_DIM)
+                (h @ w[p + f"self_attn.{m}_proj.weight"].T)
+                .view(n, self.heads, HEAD_DIM)
                 .transpose(0, 1)
                 for m in "qkv"
             )
@@ -144,14 +151,16 @@ class Server:
             events.record("warmup", t0, time.time(), detail="first forward pass")
             self.model = model
             print(f"tiny-llm: {len(weights)} tensors loaded, serving", flush=True)
-        except Exception as exc:  # noqa: BLE001 - reported by /health and the log
+        except Exception as exc:
             self.failed = f"{type(exc).__name__}: {exc}"
             print(f"tiny-llm: loading failed: {self.failed}", flush=True)
 
     async def health(self, request: web.Request) -> web.Response:
         if self.model is not None:
             return web.Response(text="ok\n")
-        return web.Response(status=500 if self.failed else 503, text=(self.failed or "loading") + "\n")
+        return web.Response(
+            status=500 if self.failed else 503, text=(self.failed or "loading") + "\n"
+        )
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         if self.model is None:
@@ -161,7 +170,7 @@ class Server:
         steps = max(1, min(int(body.get("max_tokens", 4)), 32))
         model = self.model
         if not body.get("stream"):
-            out = []
+            out: list[int] = []
             for _ in range(steps):
                 async with self.lock:
                     t = await asyncio.to_thread(model.next_token, tokens + out)
