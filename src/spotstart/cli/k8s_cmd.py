@@ -144,6 +144,27 @@ def _add_controller(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
     c.add_argument(
         "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port (0: off)"
     )
+    c.add_argument(
+        "--record-trace",
+        metavar="DIR",
+        help="record what the controller sees per zone (spot replicas alive, preemption "
+        "notices, unschedulable time) as spot traces in DIR, with the fleet.yaml that "
+        "`spotstart plan run --config DIR/fleet.yaml` replays; resumes a recording in DIR",
+    )
+    c.add_argument(
+        "--record-gap",
+        type=_positive,
+        default=60.0,
+        metavar="SECONDS",
+        help="the recorded trace's tick (60; at least 1)",
+    )
+    c.add_argument(
+        "--record-assume",
+        type=int,
+        metavar="N",
+        help="spot nodes a zone is taken to have had when it never refused one in a tick "
+        "(default: --target)",
+    )
     c.set_defaults(run=run_controller)
 
 
@@ -236,6 +257,9 @@ def controller_config(args: argparse.Namespace) -> ControllerConfig:
         or os.environ.get("POD_NAME")
         or f"{os.uname().nodename}-{os.getpid()}",
         lease=timing,
+        record_dir=args.record_trace,
+        record_gap_s=args.record_gap,
+        record_assumed_nodes=args.record_assume,
     )
 
 

@@ -366,9 +366,10 @@ class TraceDirectory:
         return d
 
     def flush(self) -> bool:
-        """Write every zone's closed ticks and ``fleet.yaml``; False when nothing new."""
+        """Write every zone's closed ticks and ``fleet.yaml``; False when nothing new (or no
+        tick closed yet: plan refuses an empty trace)."""
         rec = self.recorder
-        if rec.ticks == self.flushed_ticks:
+        if rec.ticks == self.flushed_ticks or rec.ticks == 0:
             return False
         for zone in rec.zones:
             doc = {"metadata": rec.metadata(zone, self.source), "data": []}

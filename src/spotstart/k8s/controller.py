@@ -13,6 +13,10 @@ Three loops on one event loop:
   absolute replica counts only where they differ, so a retried, repeated or concurrent
   reconcile never scales up twice. Each change is logged, recorded as a Kubernetes Event on the
   Deployment and counted in Prometheus metrics; ``--dry-run`` only logs.
+
+With ``record_dir`` (``--record-trace DIR``) every decision also feeds what it saw per zone to a
+`spotstart.fleet.record` recording (no API call of its own): the traces `spotstart plan`
+replays. Only the leader decides, so only the leader records.
 """
 
 from __future__ import annotations
@@ -35,8 +39,10 @@ from lightkube.resources.core_v1 import Node, Pod
 from lightkube.types import PatchType, on_error_raise
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from spotstart.errors import SpotstartError
 from spotstart.fleet.model import Preempted, Zone
 from spotstart.fleet.policies import CalmRelease, make_policy
+from spotstart.fleet.record import TraceDirectory
 from spotstart.k8s.api import Backoff, api_status, is_transient, pause, with_retries
 from spotstart.k8s.driver import (
     DELETION_COST,
@@ -44,6 +50,7 @@ from spotstart.k8s.driver import (
     ClusterDriver,
     ClusterSpec,
     Decision,
+    observe_zones,
     pod_info,
 )
 from spotstart.k8s.lease import LeaderElector, LeaseTiming
@@ -72,6 +79,10 @@ class ControllerConfig:
     dry_run: bool = False
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{time.time_ns()}")
     lease: LeaseTiming = field(default_factory=LeaseTiming)
+    record_dir: str | None = None  # --record-trace: record what is observed per zone here
+    record_gap_s: float = 60.0
+    record_assumed_nodes: int | None = None  # None: target
+    record_flush_s: float = 60.0  # write the closed ticks at most this often (and at exit)
 
     @property
     def spot(self) -> str:
@@ -292,6 +303,21 @@ class Controller:
         self.last_decision: Decision | None = None
         self.reconciles = 0
         self._logged: tuple[int, int] | None = None
+        self.recording: TraceDirectory | None = None
+        self._flushed_at = -float("inf")
+        self._record_failed = False
+        if cfg.record_dir is not None:
+            assumed = cfg.target if cfg.record_assumed_nodes is None else cfg.record_assumed_nodes
+            self.recording = TraceDirectory.open(
+                cfg.record_dir,
+                zones=cfg.zones,
+                gap_s=cfg.record_gap_s,
+                start_s=wall(),
+                assumed_nodes=assumed,
+                source=f"spotstart k8s controller {cfg.namespace}/{cfg.name}",
+                target=cfg.target,
+                notice_s=cfg.notice_s,
+            )
 
     def _leadership(self, leading: bool) -> None:
         self.metrics.leader.set(1 if leading else 0)
@@ -324,9 +350,38 @@ class Controller:
 
     def decide(self) -> Decision:
         pods = [p for p in (pod_info(raw) for raw in self.informer.pods.values()) if p]
-        decision = self.driver.step(self._wall(), self.cfg.target, pods, self.zone_of)
+        now = self._wall()
+        decision = self.driver.step(now, self.cfg.target, pods, self.zone_of)
         self._observe(decision)
+        if self.recording is not None:
+            seen = observe_zones(
+                decision, pods, self.zone_of, self.cfg.zones, now, self.cfg.stockout_after_s
+            )
+            self.recording.recorder.observe(now, seen)
+            if self._clock() - self._flushed_at >= self.cfg.record_flush_s:
+                self.flush_recording()
         return decision
+
+    def flush_recording(self, *, final: bool = False) -> None:
+        """Write the recording's closed ticks (``final``: closing those that ended by now).
+        A recording that cannot be written is logged, never a reason to stop scaling."""
+        rec = self.recording
+        if rec is None:
+            return
+        if final:
+            rec.recorder.close_until(self._wall())
+        self._flushed_at = self._clock()
+        try:
+            rec.flush()
+            self._record_failed = False
+        except (SpotstartError, OSError) as exc:
+            if not self._record_failed:
+                log.warning("--record-trace %s: %s; the controller goes on", rec.path, exc)
+            self._record_failed = True
+        if rec.recorder.full and not final:
+            log.warning("--record-trace %s: tick limit reached; recording stopped", rec.path)
+            rec.close()
+            self.recording = None
 
     def _observe(self, d: Decision) -> None:
         self.metrics.replicas.clear()
@@ -487,6 +542,9 @@ class Controller:
             for task in (informer, reconciler, stopped):
                 task.cancel()  # a watch waits on the network: cancel, do not wait
             await asyncio.gather(*tasks, stopped, return_exceptions=True)
+            if self.recording is not None:
+                self.flush_recording(final=True)
+                self.recording.close()
 
 
 __all__ = ["ApiError", "Controller", "ControllerConfig", "ControllerMetrics", "PodInformer"]

@@ -43,6 +43,7 @@ from spotstart.fleet.model import (
     Terminate,
     Zone,
 )
+from spotstart.fleet.record import ZoneObservation
 from spotstart.fleet.simulator import FleetPolicy
 from spotstart.guard.kube import DEADLINE_ANNOTATION, NOTICE_ANNOTATION
 
@@ -335,3 +336,41 @@ class ClusterDriver:
             capped=od_wanted > od,
             names=names,
         )
+
+
+def observe_zones(
+    decision: Decision,
+    pods: Sequence[PodInfo],
+    zone_of: Mapping[str, str],
+    zones: Sequence[str],
+    now_s: float,
+    stockout_after_s: float,
+) -> list[ZoneObservation]:
+    """What one reconcile saw of each zone in ``zones``, for `spotstart.fleet.record`: our spot
+    pods on a node there (by the node's zone label) and not under notice, deleting or done;
+    the notices this step reported, in the zone of the noticed pod's node; and a spot pod
+    unschedulable for ``stockout_after_s`` or longer, which marks every zone (the pods may go
+    to any zone of the pool and the spread is ScheduleAnyway: none of them had a node). A node
+    whose label names a zone not in ``zones`` counts nowhere."""
+    by_name = {p.name: p for p in pods}
+    alive = dict.fromkeys(zones, 0)
+    notices = dict.fromkeys(zones, 0)
+    stuck = False
+    for p in pods:
+        if p.kind is not ReplicaKind.SPOT:
+            continue
+        zone = zone_of.get(p.node, "") if p.node else ""
+        gone = bool(p.notice) or p.node_shutdown or p.deleting_at_s is not None or p.finished
+        if zone in alive and not gone:
+            alive[zone] += 1
+        since = p.unschedulable_since_s
+        if not p.node and since is not None and now_s - since >= stockout_after_s:
+            stuck = True
+    for e in decision.events:
+        if isinstance(e, Preempted):
+            noticed = by_name.get(decision.names.get(e.replica_id, ""))
+            if noticed is not None and noticed.kind is ReplicaKind.SPOT:
+                zone = zone_of.get(noticed.node, "") if noticed.node else ""
+                if zone in notices:
+                    notices[zone] += 1
+    return [ZoneObservation(z, alive[z], notices[z], stuck) for z in zones]
