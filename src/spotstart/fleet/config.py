@@ -1,13 +1,15 @@
 """`spotstart plan` configuration: one YAML file -> a validated `PlanConfig`, in one place.
 
 Every problem is a `ConfigError` with a one-line message naming the key or file and the fix.
-Traces are read from ``traces_dir`` (relative paths: relative to the config file), which
-``--traces-dir`` overrides; they are never copied into the project.
+Traces are read from ``traces_dir`` (a folder, relative paths: relative to the config file; or
+a URL, fetched into spotstart's cache: :mod:`spotstart.fleet.sources`), which ``--traces-dir``
+overrides; they are never copied into the project.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,7 +21,8 @@ import numpy.typing as npt
 from spotstart.fleet.errors import ConfigError
 from spotstart.fleet.model import FleetSpec, StartupPhases, Zone
 from spotstart.fleet.policies import POLICIES
-from spotstart.fleet.traces import CapacityTrace, align, load_trace, synthetic_trace
+from spotstart.fleet.sources import TraceSource, check_sha256
+from spotstart.fleet.traces import CapacityTrace, align, parse_trace, synthetic_trace
 
 IntArray = npt.NDArray[np.int64]
 UNLIMITED = 1_000_000  # "capacity: any": k > 0 grants as many nodes as asked
@@ -41,7 +44,7 @@ _TOP = {
     "warm_start",
 }
 _PRICES = {"spot_per_hour", "on_demand_per_hour", "committed_discount"}
-_ZONE = {"name", "trace", "synthetic", "spot_per_hour", "on_demand_per_hour"}
+_ZONE = {"name", "trace", "sha256", "synthetic", "spot_per_hour", "on_demand_per_hour"}
 _SYNTH = {"mean_up_hours", "mean_down_hours", "nodes", "seed", "hours", "tick_seconds"}
 _STARTUP = {"provision_seconds", "image_pull_seconds", "weight_load_seconds"}
 _OD = {"available", "provision_seconds"}
@@ -110,7 +113,8 @@ def _number(where: str, value: Any, *, minimum: float = 0.0, positive: bool = Fa
 
 
 def load_config(path: str | Path, traces_dir: str | Path | None = None) -> PlanConfig:
-    """Read and validate a YAML plan (see ``examples/fleet.yaml``)."""
+    """Read and validate a YAML plan (see ``examples/fleet.yaml``); ``traces_dir``: a folder or
+    a URL (``--traces-dir``), overriding the file's."""
     import yaml  # type: ignore[import-untyped,unused-ignore]  # the `plan` extra
 
     p = Path(path)
@@ -131,10 +135,16 @@ def build_config(
     traces_dir: str | Path | None = None,
     source: str = "<dict>",
 ) -> PlanConfig:
-    """Validate a parsed config mapping; ``traces_dir`` overrides the file's ``traces_dir``."""
+    """Validate a parsed config mapping; ``traces_dir`` (a folder, relative to the current
+    directory, or a URL) overrides the file's ``traces_dir`` (relative to ``base_dir``)."""
     top = _check_keys(source, doc, _TOP)
     base = Path(base_dir)
-    tdir = Path(traces_dir) if traces_dir is not None else base / str(top.get("traces_dir", "."))
+    location = top.get("traces_dir", ".")
+    if not isinstance(location, str) or not location:
+        raise ConfigError(f"traces_dir: expected a folder or a URL, got {location!r}")
+    if traces_dir is not None:
+        location, base = os.fspath(traces_dir), Path.cwd()
+    tsrc: TraceSource | None = None  # opened at the first zone with a trace
 
     prices = _check_keys("prices", top.get("prices", {}), _PRICES)
     spot_default = _number("prices.spot_per_hour", prices.get("spot_per_hour", 1.0))
@@ -167,8 +177,13 @@ def build_config(
         zones.append(Zone(name, spot, od))
         if ("trace" in z) == ("synthetic" in z):
             raise ConfigError(f"{where} ({name}): give exactly one of 'trace' or 'synthetic'")
+        if "sha256" in z and "trace" not in z:
+            raise ConfigError(f"{where} ({name}): 'sha256' pins a 'trace' file; give one")
         if "trace" in z:
-            traces.append(load_trace(tdir / str(z["trace"]), name))
+            sha = check_sha256(z["sha256"], where) if "sha256" in z else None
+            tsrc = tsrc or TraceSource.at(location, base)
+            data, what = tsrc.read(z["trace"], f"{where} ({name})", sha)
+            traces.append(parse_trace(data, name, what))
         else:
             s = _check_keys(f"{where}.synthetic", z["synthetic"], _SYNTH)
             tick = _number(

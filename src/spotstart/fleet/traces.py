@@ -1,18 +1,26 @@
-"""Spot-capacity traces: read the public JSON files, synthesise capacity, and put traces of
-different tick sizes and lengths on one honest common grid. Reading files is the only I/O."""
+"""Spot-capacity traces: parse the public JSON files, synthesise capacity, fit a synthetic
+model to a real trace, and put traces of different tick sizes and lengths on one honest common
+grid. Reading a local file (:func:`load_trace`) is the only I/O; where the bytes come from (a
+folder, a URL) is :mod:`spotstart.fleet.sources`."""
 
 from __future__ import annotations
 
-import json
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
 
+from spotstart import untrusted_json
 from spotstart.fleet.errors import ConfigError
+
+# A trace file is read whole into memory and parsed: larger ones are refused before parsing.
+# The largest public one (45 days at 195 s) is 60 kB; 64 MiB holds years of 30 s ticks.
+MAX_TRACE_BYTES = 64 << 20
 
 IntArray = npt.NDArray[np.int64]
 
@@ -31,7 +39,8 @@ class CapacityTrace:
 
 
 def load_trace(path: str | Path, name: str | None = None) -> CapacityTrace:
-    """Read one ``{"metadata": {"gap_seconds": N}, "data": [k0, k1, ...]}`` file.
+    """Read one ``{"metadata": {"gap_seconds": N}, "data": [k0, k1, ...]}`` file (at most
+    :data:`MAX_TRACE_BYTES`).
 
     Example: ``load_trace(traces_dir / "gcp-a100-spothedge/us-east1-b_a100_40gb_8.json")``.
     """
@@ -39,20 +48,44 @@ def load_trace(path: str | Path, name: str | None = None) -> CapacityTrace:
     if not p.is_file():
         raise ConfigError(f"{p}: trace file not found; check traces_dir / --traces-dir")
     try:
-        doc = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{p}: not a readable JSON trace ({exc})") from None
+        fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ConfigError(f"{p}: not a readable trace ({exc.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        data = read_bounded(f, str(p))
+    return parse_trace(data, name or p.stem, str(p))
+
+
+def read_bounded(f: BinaryIO, what: str) -> bytes:
+    """The bytes of ``f``, at most :data:`MAX_TRACE_BYTES`, or :class:`ConfigError`."""
+    data = f.read(MAX_TRACE_BYTES + 1)
+    if len(data) > MAX_TRACE_BYTES:
+        raise ConfigError(
+            f"{what}: larger than {MAX_TRACE_BYTES >> 20} MiB, the most a trace may hold; "
+            "is it a trace file?"
+        )
+    return data
+
+
+def parse_trace(data: bytes, name: str, what: str) -> CapacityTrace:
+    """A trace from the bytes of its JSON file, parsed as untrusted (nesting and value count
+    bounded): ``what`` names the file in errors."""
+    try:
+        doc = untrusted_json.parse(data, what=what)
+    except untrusted_json.JSONRejected as exc:
+        raise ConfigError(f"{exc} (not a readable JSON trace)") from None
+    p = what
     if not isinstance(doc, dict) or "data" not in doc or "metadata" not in doc:
         raise ConfigError(f"{p}: expected keys 'metadata' and 'data' in a spot trace")
     gap = doc["metadata"].get("gap_seconds") if isinstance(doc["metadata"], dict) else None
     if not isinstance(gap, int | float) or isinstance(gap, bool) or gap <= 0:
         raise ConfigError(f"{p}: metadata.gap_seconds must be a positive number, got {gap!r}")
-    data = doc["data"]
-    if not isinstance(data, list) or not data:
+    samples = doc["data"]
+    if not isinstance(samples, list) or not samples:
         raise ConfigError(f"{p}: empty trace (no 'data' samples); pick another file")
-    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in data):
+    if not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62 for v in samples):
         raise ConfigError(f"{p}: 'data' must hold non-negative integers (nodes obtainable)")
-    return CapacityTrace(name or p.stem, float(gap), np.asarray(data, dtype=np.int64))
+    return CapacityTrace(name, float(gap), np.asarray(samples, dtype=np.int64))
 
 
 def resample_min(trace: CapacityTrace, tick_seconds: float) -> CapacityTrace:
@@ -115,3 +148,25 @@ def synthetic_trace(
         out[i] = nodes if up else 0
         up = (u[i] >= p_fail) if up else (u[i] < p_recover)
     return CapacityTrace(name, float(tick_seconds), out)
+
+
+def fit_two_state(trace: CapacityTrace) -> tuple[float, float]:
+    """(mean_up_hours, mean_down_hours) of the two-state model :func:`synthetic_trace` draws
+    from, fitted to ``trace`` by maximum likelihood: per tick, the share of up ticks followed
+    by a down one (and the reverse), turned into the exponential sojourn means that give those
+    per-tick probabilities. What it keeps of a trace: each zone's run lengths; what it loses:
+    how zones fail together and any daily pattern."""
+    up = trace.capacity > 0
+    before, after = up[:-1], up[1:]
+    fails, recoveries = int(np.sum(before & ~after)), int(np.sum(~before & after))
+    ups, downs = int(before.sum()), int((~before).sum())
+    if fails == 0 or recoveries == 0:
+        raise ConfigError(
+            f"{trace.name}: never {'fails' if fails == 0 else 'recovers'}; a two-state model "
+            "needs both transitions"
+        )
+
+    def mean_hours(p: float) -> float:
+        return -trace.tick_seconds / math.log1p(-p) / 3600.0
+
+    return mean_hours(fails / ups), mean_hours(recoveries / downs)
