@@ -88,6 +88,13 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     p.add_argument(
         "--serve-seconds", type=float, default=8.0, help="load before the preemption (8)"
     )
+    p.add_argument(
+        "--traces",
+        metavar="URL",
+        help="the 9-zone AWS spot traces for the plan line: a folder or any URL fetch reads, "
+        "e.g. https://raw.githubusercontent.com/skypilot-org/spot-traces/main (default: the "
+        "synthetic trace fitted to them, shipped with spotstart)",
+    )
     p.add_argument("--json", action="store_true", help="a JSON summary on stdout at the end")
     p.set_defaults(run=run)
 
@@ -246,7 +253,7 @@ def _story(
 
     server = server_for(engine, SERVER, work, args.engine_cache)
     console.rule(f"[bold]the cold start, served, preempted and replaced: {server.label}")
-    return run_story(console, work, emu, args.small, args.serve_seconds, server)
+    return run_story(console, work, emu, args.small, args.serve_seconds, server, args.traces)
 
 
 def _print_story(console: Console, s: dict[str, object]) -> None:
