@@ -57,8 +57,18 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="fleet YAML (see examples/fleet.yaml)")
-    p.add_argument("--traces-dir", help="folder of spot traces (overrides traces_dir)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="fleet YAML (see examples/fleet.yaml; examples/fleet-fitted.yaml needs no data)",
+    )
+    p.add_argument(
+        "--traces-dir",
+        metavar="DIR|URL",
+        help="where the config's traces are, overriding its traces_dir: a folder, or any URL "
+        "`spotstart fetch` reads (gs://, s3://, az://, http(s)://, file://), fetched into "
+        "$SPOTSTART_CACHE_DIR (else ~/.cache/spotstart)",
+    )
     p.add_argument(
         "--policy", action="append", default=[], metavar="NAME", help="only these policies"
     )
