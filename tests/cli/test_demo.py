@@ -170,5 +170,6 @@ def test_the_reduced_demo_serves_through_a_preemption_and_loses_nothing(tmp_path
     assert "<svg" in Path(files["html"]).read_text()
     trace = json.loads(Path(files["trace"]).read_text())
     assert {e["pid"] for e in trace["traceEvents"]} == {"replica-a", "replica-b"}
-    assert story["plan"].startswith(("plan (9-zone", "(plan:", "(install"))
+    # with nothing beside the checkout: the synthetic trace fitted to the public one
+    assert story["plan"].startswith("plan (a synthetic 9-zone trace fitted"), story["plan"]
     assert [r["run"] for r in doc["fetch"]][:2] == ["spotstart fetch", "again (cached)"]
