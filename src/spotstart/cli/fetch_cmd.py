@@ -7,13 +7,10 @@ import json
 import os
 import sys
 from collections.abc import Callable
-from typing import Protocol, TypeVar
-
-from rich.console import Console
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from spotstart import events, units
 from spotstart.cli.peers_cmd import add_token_flags, configure_log, serving_token, token_from_args
-from spotstart.cli.progress import LineProgress, RichProgress
 from spotstart.errors import SpotstartError, UsageError
 from spotstart.fetch import (
     Concurrency,
@@ -26,10 +23,12 @@ from spotstart.fetch import (
     fetch,
     metrics,
 )
-from spotstart.fetch.peer_server import split_listen
 from spotstart.fetch.peers import ENV as PEERS_ENV
 from spotstart.fetch.peers import PeerSpec
 from spotstart.store import HttpOptions
+
+if TYPE_CHECKING:  # rich draws for people: imported when output is for a person, not for --json
+    from rich.console import Console
 
 
 def parse_size(text: str) -> int:
@@ -186,6 +185,8 @@ def peers_from_args(args: argparse.Namespace) -> PeerSpec | None:
     text = args.peers if args.peers is not None else os.environ.get(PEERS_ENV)
     if not args.serve_peers:
         return PeerSpec.parse(text, token_from_args(args)) if text else None
+    from spotstart.fetch.peer_server import split_listen  # aiohttp.web: only when serving
+
     host, port = split_listen(args.serve_peers)
     token = serving_token(args, "--serve-peers", host, port)
     configure_log("spotstart.peers", "spotstart fetch")
@@ -224,18 +225,24 @@ def run(args: argparse.Namespace) -> int:
         json.dump(report.to_json(), sys.stdout)
         sys.stdout.write("\n")
     elif not args.quiet:
+        from rich.console import Console
+
         print_summary(Console(), report)
     return 0
 
 
 def _fetch(args: argparse.Namespace) -> FetchReport:
     config = config_from_args(args)
-    err = Console(stderr=True, soft_wrap=True)
     progress: ProgressListener
     if args.json or args.quiet:
         progress = NullProgress()
-        report = fetch(args.src, args.dest, config, progress=progress)
-    elif err.is_terminal:
+        return fetch(args.src, args.dest, config, progress=progress)
+    from rich.console import Console
+
+    from spotstart.cli.progress import LineProgress, RichProgress
+
+    err = Console(stderr=True, soft_wrap=True)
+    if err.is_terminal:
         with RichProgress(err, "fetch") as bar:
             report = fetch(args.src, args.dest, config, progress=bar)
     else:

@@ -16,7 +16,6 @@ from dataclasses import replace
 from pathlib import Path
 
 from spotstart.errors import UsageError
-from spotstart.fetch.peer_server import PeerServer, split_listen
 from spotstart.fetch.peers import (
     MAKE_TOKEN,
     MIN_TOKEN_BYTES,
@@ -153,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.dir}: no such directory")
     if args.max_active < 1:
         raise UsageError("--max-active must be >= 1")
+    # the peer server is aiohttp.web: imported when serve-peers runs, not by fetch and guard,
+    # which take this module's token flags
+    from spotstart.fetch.peer_server import split_listen
+
     host, port = split_listen(args.listen)
     if not args.head_timeout > 0:
         raise UsageError("--head-timeout must be > 0")
@@ -169,6 +172,8 @@ async def _serve(
     limits: ListenLimits,
     args: argparse.Namespace,
 ) -> int:
+    from spotstart.fetch.peer_server import PeerServer
+
     log = configure_log("spotstart.peers", "spotstart serve-peers")
     server = PeerServer(root, token=token, max_active=args.max_active, limits=limits, log=log)
     try:

@@ -27,7 +27,6 @@ from spotstart.fetch import plan as planning
 from spotstart.fetch.cache import INDEX_DIR, CacheIndex
 from spotstart.fetch.config import FetchConfig, FetchReport, FileResult
 from spotstart.fetch.journal import local_error
-from spotstart.fetch.peer_server import PeerServer, split_listen
 from spotstart.fetch.peers import PeerSpec
 from spotstart.fetch.scheduler import (
     NullProgress,
@@ -89,6 +88,9 @@ class Fetcher:
     async def run(self) -> FetchReport:
         server = None
         if self.config.serve_peers:
+            # the peer server is aiohttp.web: imported only by the fetches that serve
+            from spotstart.fetch.peer_server import PeerServer, split_listen
+
             host, port = split_listen(self.config.serve_peers)
             spec = self.config.peers or PeerSpec()
             # a quarter of the open files at most: the fetch's own streams and files come first
