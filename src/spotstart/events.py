@@ -6,7 +6,9 @@ One JSON object a line::
     {"v": 1, "phase": "fetch", "start": 1764590000.12, "end": 1764590042.9,
      "bytes": 16000000000, "host": "gke-a100-7f2c", "pod": "llm-spot-5d9c-x2", "detail": "..."}
 
-``start``/``end`` are unix seconds. Written where ``--events FILE`` or ``SPOTSTART_EVENTS``
+``start``/``end`` are unix seconds. An emitter may add keys of its own (guard's ``zone``,
+``notice``, ``source``: what `spotstart plan record` reads); readers ignore the keys they do
+not know. Written where ``--events FILE`` or ``SPOTSTART_EVENTS``
 says (``-`` for stderr), appended with O_APPEND in one write a line, so several processes of
 one pod may share a file. Nothing is written when neither is set."""
 
@@ -17,6 +19,7 @@ import json
 import os
 import socket
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from spotstart import safefs
@@ -44,9 +47,11 @@ def record(
     *,
     bytes: int | None = None,
     detail: str = "",
+    fields: Mapping[str, str] | None = None,
 ) -> dict[str, Any] | None:
     """Write one phase event (and return it); None when events are off. Never raises: a
-    timeline is worth less than the fetch it describes."""
+    timeline is worth less than the fetch it describes. ``fields``: extra keys (never one of
+    the schema's own)."""
     where = destination()
     if where is None:
         return None
@@ -60,6 +65,8 @@ def record(
         "pod": os.environ.get("POD_NAME", ""),
         "detail": detail,
     }
+    for key, value in (fields or {}).items():
+        event.setdefault(key, value)
     line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
     with contextlib.suppress(OSError):
         if where == "-":

@@ -87,7 +87,11 @@ class _Guard:
         self.background: set[asyncio.Task[None]] = set()
         self.started_wall = time.time()
         self.notice_wall: float | None = None
+        self.first_drain: PreemptionNotice | None = None
         self.ready_recorded = False
+        # the zone this node is in, for `spotstart plan record` (the phase events say it)
+        zone = os.environ.get("SPOTSTART_ZONE", "")
+        self.event_fields = {"zone": zone} if zone else {}
 
     # -- events ----------------------------------------------------------------------------------
 
@@ -100,6 +104,7 @@ class _Guard:
         if decision.action == "drain":
             if self.notice_wall is None:
                 self.notice_wall = time.time()
+                self.first_drain = notice
             m.notice_to_unready.observe(decision.unready_after_s)
             log.warning(
                 "%s notice from %s: unready now; in-flight requests may run %.1fs, "
@@ -283,6 +288,7 @@ class _Guard:
                 time.time(),
                 detail=f"{c.drained} drained, {c.rejected} rejected, {c.dropped} dropped, "
                 f"{c.aborted} aborted",
+                fields=self._drain_fields(),
             )
         log.info(
             "guard done: %d accepted, %d drained, %d rejected, %d dropped, %d aborted, "
@@ -298,13 +304,23 @@ class _Guard:
         )
         return self.controller.exit_code
 
+    def _drain_fields(self) -> dict[str, str]:
+        """The drain event's cause: the first notice that drained (its kind and watcher)."""
+        n = self.first_drain
+        cause = {"notice": n.kind.value, "source": n.source} if n is not None else {}
+        return {**self.event_fields, **cause}
+
     async def _loop(self) -> None:
         while True:
             self.changed.clear()
             if not self.ready_recorded and self.controller.ready:  # health changes wake us
                 self.ready_recorded = True
                 events.record(
-                    "server-start", self.started_wall, time.time(), detail="until healthy"
+                    "server-start",
+                    self.started_wall,
+                    time.time(),
+                    detail="until healthy",
+                    fields=self.event_fields,
                 )
             for command in self.controller.tick():
                 if command is Command.CANCEL_IN_FLIGHT:
