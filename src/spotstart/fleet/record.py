@@ -279,6 +279,71 @@ class TraceRecorder:
         }
 
 
+@dataclass(frozen=True)
+class NodeLife:
+    """One guard's server on one node: ready from ``ready_s`` until ``ended_s`` (None: still
+    up when the log ends); ``preempted`` when a preemption notice ended it."""
+
+    zone: str
+    ready_s: float
+    ended_s: float | None = None
+    preempted: bool = False
+
+
+# Drain causes that are the cloud taking the node back. A drain event without a ``notice`` key
+# comes from a guard older than that key: counted as a preemption (a spot node's guard drains
+# mostly for that); a plain SIGTERM (a rollout, a scale-down) is "termination" and is not.
+PREEMPTION_NOTICES = frozenset({"preemption", None})
+
+
+def lives_from_events(zone: str, events: Iterable[Mapping[str, Any]]) -> list[NodeLife]:
+    """The lives of one node's server from its guard's phase events (`spotstart.events`):
+    ready at a ``server-start``'s end, ended at a ``drain``'s start (the notice) or at the next
+    ``server-start``'s start (the guard began again: the last one died without a drain)."""
+    lives: list[NodeLife] = []
+    up: float | None = None
+    for e in sorted(events, key=lambda e: float(e["start"])):
+        if e.get("phase") == "server-start":
+            if up is not None:
+                lives.append(NodeLife(zone, up, max(up, float(e["start"]))))
+            up = float(e["end"])
+        elif e.get("phase") == "drain" and up is not None:
+            ended = max(up, float(e["start"]))
+            lives.append(NodeLife(zone, up, ended, e.get("notice") in PREEMPTION_NOTICES))
+            up = None
+    if up is not None:
+        lives.append(NodeLife(zone, up))
+    return lives
+
+
+def record_lives(rec: TraceRecorder, lives: Sequence[NodeLife], until_s: float) -> None:
+    """Feed ``rec`` the alive count of each zone at every change ``lives`` make, then close
+    the ticks that end by ``until_s``. Guard logs carry no unschedulable time: a zone says no
+    only through its notices."""
+    changes: list[tuple[float, str, int, bool]] = []
+    for life in lives:
+        changes.append((life.ready_s, life.zone, 1, False))
+        if life.ended_s is not None:
+            changes.append((life.ended_s, life.zone, -1, life.preempted))
+    changes.sort(key=lambda c: (c[0], c[2]))  # at one time: the ends first
+    alive = dict.fromkeys(rec.zones, 0)
+    rec.observe(rec.start_s, [ZoneObservation(z, 0) for z in rec.zones])
+    i = 0
+    while i < len(changes):
+        at = changes[i][0]
+        notices = dict.fromkeys(rec.zones, 0)
+        touched: set[str] = set()
+        while i < len(changes) and changes[i][0] == at:
+            _, zone, delta, preempted = changes[i]
+            if zone in alive:
+                alive[zone] = max(0, alive[zone] + delta)
+                notices[zone] += int(preempted)
+                touched.add(zone)
+            i += 1
+        rec.observe(at, [ZoneObservation(z, alive[z], notices[z]) for z in sorted(touched)])
+    rec.close_until(until_s)
+
+
 def plan_config_text(
     zones: Sequence[str], *, target: int, notice_s: float | None, source: str
 ) -> str:
@@ -543,11 +608,15 @@ __all__ = [
     "FORMAT",
     "MAX_TICKS",
     "MAX_ZONES",
+    "PREEMPTION_NOTICES",
+    "NodeLife",
     "RecordError",
     "TraceDirectory",
     "TraceRecorder",
     "ZoneObservation",
     "ZoneStats",
     "check_zone",
+    "lives_from_events",
     "plan_config_text",
+    "record_lives",
 ]
