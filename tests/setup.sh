@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 missing=()
 { command -v nginx || [ -x /usr/sbin/nginx ]; } >/dev/null 2>&1 || missing+=(nginx-light)
-for tool in docker-registry skopeo umoci strace squashfuse; do
+for tool in docker-registry skopeo umoci strace squashfuse buildah debootstrap; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("$tool")
 done
 command -v mksquashfs >/dev/null 2>&1 || missing+=(squashfs-tools)  # doctor's FUSE mount

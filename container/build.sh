@@ -1,0 +1,116 @@
+#!/usr/bin/env bash
+# container/build.sh DIR [TAG]: the spotstart image (the fetch init container, the peer
+# sidecar, the k8s controller), built without a Docker daemon (buildah, chroot isolation, vfs
+# storage of its own under a temporary directory), written as an OCI image layout at DIR
+# (tag TAG, default the package's version). Three layers, each changing at its own pace:
+#   0 Debian bookworm minbase + python3 + CA certificates (container/base.sh; the tar is
+#     cached by base.sh's hash in ~/.cache/spotstart/, or $SPOTSTART_IMAGE_CACHE)
+#   1 a venv in /opt/spotstart with spotstart[k8s]'s dependencies (container/requirements.lock,
+#     pinned by hash)
+#   2 spotstart, the wheel built from this checkout
+# Wheels come from the index pip on this host uses (pip's own proxy and CA settings); inside
+# the image nothing reaches a network. Needs root, buildah, debootstrap, python3 with pip.
+# SOURCE_DATE_EPOCH (default: the checkout's last commit) is every file's mtime and the
+# image's creation time: the same inputs give the same layers.
+set -euo pipefail
+if [ $# -lt 1 ] || [ $# -gt 2 ]; then
+  echo "usage: container/build.sh DIR [TAG]" >&2
+  exit 2
+fi
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+out=$1
+. "$here/platform.sh"
+for tool in buildah debootstrap; do
+  command -v "$tool" >/dev/null || { echo "build.sh: needs $tool (apt-get install $tool)" >&2; exit 2; }
+done
+export STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || echo 0)}
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$repo/src/spotstart/__init__.py")
+tag=${2:-$version}
+revision=$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo unknown)
+created=$(date -u -d "@$SOURCE_DATE_EPOCH" +%Y-%m-%dT%H:%M:%SZ)
+work=$(mktemp -d "${TMPDIR:-/tmp}/spotstart-build.XXXXXX")
+bh() { buildah --root "$work/storage" --runroot "$work/run" --storage-driver vfs "$@"; }
+cleanup() {
+  bh rm --all >/dev/null 2>&1 || true
+  rm -rf -- "$work"
+}
+trap cleanup EXIT
+step() { echo "build.sh: $(date -u +%T) $*" >&2; }
+
+key=$(sha256sum "$here/base.sh" | cut -c1-12)
+cache=${SPOTSTART_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/spotstart}
+base="$cache/image-base-$key.tar"
+if [ ! -f "$base" ]; then
+  step "making the base root with debootstrap (once per container/base.sh: $base)"
+  "$here/base.sh" "$base"
+fi
+
+step "wheels: spotstart from $repo, the rest from container/requirements.lock"
+python3 -m pip wheel -q --no-deps -w "$work/app" "$repo"
+python3 -m pip download -q --no-deps --require-hashes "${PIP_TARGET[@]}" \
+  -r "$here/requirements.lock" -d "$work/wheels"
+mkdir "$work/pip"
+mv "$work"/wheels/pip-*.whl "$work/pip/"
+
+site=/opt/spotstart/lib/python3.11/site-packages
+# pip runs from its wheel (no pip in the image); --no-compile, then bytecode compiled with
+# unchecked hashes: no mtime in it (reproducible), no source hash checked at import (the
+# image is immutable), and written now because uid 65532 cannot write it at run time.
+pip_install="/opt/spotstart/bin/python /pip/\$(cd /pip && ls pip-*.whl)/pip install -q \
+--no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check"
+compile="/opt/spotstart/bin/python -m compileall -q -j0 --invalidation-mode unchecked-hash"
+# Nothing a server imports: tests and docs of the dependencies (the audit's
+# tests-docs-in-site-packages rule), and what a venv keeps for interactive shells.
+prune="find $site -mindepth 2 -type d \\( -name tests -o -name docs -o -name doc \\) -prune \
+-exec rm -rf {} + && rm -f /opt/spotstart/bin/Activate.ps1 /opt/spotstart/bin/activate*"
+
+step "layer 0: the base root"
+ctr=$(bh from --quiet scratch)
+bh add --quiet "$ctr" "$base" /
+bh config --created-by "container/base.sh: debootstrap $key (Debian bookworm minbase, python3)" "$ctr"
+bh commit --quiet --format oci --timestamp "$SOURCE_DATE_EPOCH" --rm "$ctr" spotstart-base >/dev/null
+
+step "layer 1: the venv and the locked dependencies"
+ctr=$(bh from --quiet spotstart-base)
+bh run --volume "$work/wheels:/wheels:ro" --volume "$work/pip:/pip:ro" "$ctr" -- sh -ec "
+  python3 -m venv --without-pip /opt/spotstart
+  $pip_install /wheels/*.whl
+  $prune
+  $compile $site"
+bh config --created-by "container/build.sh: venv /opt/spotstart, requirements.lock" "$ctr"
+bh commit --quiet --format oci --timestamp "$SOURCE_DATE_EPOCH" --rm "$ctr" spotstart-deps >/dev/null
+
+step "layer 2: spotstart $version"
+ctr=$(bh from --quiet spotstart-deps)
+bh run --volume "$work/app:/app:ro" --volume "$work/pip:/pip:ro" "$ctr" -- sh -ec "
+  $pip_install /app/spotstart-*.whl
+  $compile $site/spotstart
+  /opt/spotstart/bin/python /pip/\$(cd /pip && ls pip-*.whl)/pip check -q
+  /opt/spotstart/bin/spotstart --version"
+bh config \
+  --created-by "container/build.sh: spotstart $version ($revision)" \
+  --user 65532:65532 \
+  --workingdir /home/spotstart \
+  --env PATH=/opt/spotstart/bin:/usr/local/bin:/usr/bin:/bin \
+  --env HOME=/home/spotstart \
+  --env PYTHONDONTWRITEBYTECODE=1 \
+  --env PYTHONUNBUFFERED=1 \
+  --entrypoint '["/opt/spotstart/bin/spotstart"]' \
+  --cmd '["--help"]' \
+  --label org.opencontainers.image.title=spotstart \
+  --label "org.opencontainers.image.description=spotstart: fetch init container, peer sidecar and k8s controller" \
+  --label "org.opencontainers.image.version=$version" \
+  --label "org.opencontainers.image.revision=$revision" \
+  --label "org.opencontainers.image.created=$created" \
+  --label org.opencontainers.image.licenses=Apache-2.0 \
+  --label "org.opencontainers.image.base.name=debian:bookworm (debootstrap --variant=minbase)" \
+  "$ctr"
+bh commit --quiet --format oci --timestamp "$SOURCE_DATE_EPOCH" --rm "$ctr" spotstart >/dev/null
+
+step "writing oci:$out:$tag"
+mkdir -p "$out"
+bh push --quiet spotstart "oci:$out:$tag"
+step "done"
