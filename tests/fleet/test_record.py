@@ -238,3 +238,16 @@ def test_a_link_planted_at_a_zone_trace_is_not_read(tmp_path: Path) -> None:
     with pytest.raises(UnsafePath):
         record(lock_dir, [A])
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_planted_fifo_or_a_deeply_nested_file_is_refused_without_hanging(
+    tmp_path: Path,
+) -> None:
+    os.mkfifo(tmp_path / "zone-a.json")
+    with pytest.raises(UnsafePath, match="not a regular file"):
+        record(tmp_path, [A])
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    (nested / "zone-a.json").write_text("[" * 100_000)
+    with pytest.raises(RecordError, match="not a readable trace"):
+        record(nested, [A])

@@ -34,13 +34,14 @@ import math
 import os
 import re
 import secrets
+import stat
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from spotstart import safefs
+from spotstart import safefs, untrusted_json
 from spotstart.errors import DiskFull, LocalIOError, UnsafePath
 from spotstart.fleet.errors import ConfigError
 
@@ -496,6 +497,9 @@ def _lock(dirfd: int, p: Path) -> int:
         fd = safefs.open_beneath(dirfd, LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         raise _io_error(str(p / LOCK_NAME), exc) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(f"{p / LOCK_NAME}: not a regular file; remove it")
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -511,17 +515,21 @@ def _lock(dirfd: int, p: Path) -> int:
 def _read_trace(dirfd: int, p: Path, name: str) -> dict[str, Any] | None:
     """A recorded trace file, read without following a link and bounded; None if absent."""
     try:
-        fd = safefs.open_beneath(dirfd, name, os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO planted at the name fails here instead of hanging the open
+        fd = safefs.open_beneath(dirfd, name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise _io_error(str(p / name), exc, "cannot read it") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafePath(f"{p / name}: not a regular file; remove it")
     with os.fdopen(fd, "rb") as f:
         raw = f.read(MAX_FILE_BYTES + 1)
     if len(raw) > MAX_FILE_BYTES:
         raise RecordError(f"{p / name}: over {MAX_FILE_BYTES} bytes; not a recording of ours")
     try:
-        doc = json.loads(raw)
+        doc = untrusted_json.parse(raw.decode("utf-8", "replace"), what=str(p / name))
     except ValueError:
         raise RecordError(
             f"{p / name}: not a readable trace; move it away or record into another directory"
