@@ -15,11 +15,11 @@ import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]
 
 from spotstart.emulate.crosscheck import Nginx
-from spotstart.errors import IntegrityError
+from spotstart.errors import IntegrityError, SpotstartError
 from spotstart.fleet import ConfigError
 from spotstart.fleet.sources import TraceSource, cache_root, trace_relpath
 from spotstart.fleet.traces import MAX_TRACE_BYTES
-from tests.conftest import error_line, run_cli
+from tests.conftest import Store, error_line, run_cli
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "src" / "spotstart" / "examples" / "fleet.yaml"
 AWS = "availability/1-node/aws-02-15-2023"
@@ -115,6 +115,13 @@ def test_a_rerun_reads_the_cache_and_offline_uses_what_was_fetched(
     assert code == 0, err
     assert offline == first
     assert "unreachable" in err and "fetched from it before" in err
+    # offline, a trace that is not in the cache is not made up: the connection error
+    (two,) = [p for p in cache.rglob("two.json")]
+    two.unlink()
+    code, _, err = plan_json(cfg, url, cache, "--no-optimal")
+    assert code == 5, err
+    line = error_line(err)
+    assert "zones[1] (two)" in line and "not fetched before" in line and "unreachable" in line
     # offline with nothing fetched before: the connection error, with its exit code
     code, _, err = plan_json(cfg, url, tmp_path / "empty-cache", "--no-optimal")
     assert code == 5, err
@@ -273,3 +280,16 @@ def test_a_file_url_is_read_in_place(tmp_path: Path) -> None:
     src = TraceSource.at(f"file://{tmp_path / 't'}", Path("/nowhere"))
     assert src.root == tmp_path / "t" and src.url is None  # read in place, not fetched
     assert src.read("a.json", "z")[0] == trace_bytes([1, 1])
+
+
+def test_every_store_fetch_reads_serves_traces(store: Store, tmp_path: Path) -> None:
+    """gs://, s3:// (three servers each way), http and https: the same bytes, cached."""
+    data = trace_bytes([1, 0, 1, 1])
+    store.seed({"traces/aws/a.json": data})
+    src = TraceSource.at(store.url("traces"), tmp_path, cache=tmp_path / "cache")
+    got, what = src.read("aws/a.json", "zones[0]", hashlib.sha256(data).hexdigest())
+    assert got == data and what == store.url("traces/aws/a.json")
+    assert [p.read_bytes() for p in (tmp_path / "cache").rglob("a.json")] == [data]
+    with pytest.raises(SpotstartError) as missing:
+        src.read("aws/gone.json", "zones[1]")
+    assert missing.value.exit_code == 3 and "zones[1]" in str(missing.value)

@@ -93,7 +93,8 @@ class TraceSource:
     root: Path | None = None
     url: str | None = None
     cache: Path | None = None
-    offline: bool = field(default=False, init=False)
+    # set when the URL could not be reached: the rest is read from what was fetched before
+    unreachable: SpotstartError | None = field(default=None, init=False)
 
     @classmethod
     def at(
@@ -154,14 +155,14 @@ class TraceSource:
         parent, _, _ = rel.rpartition("/")
         name = url.rsplit("/", 1)[-1]
         here = f"{parent}/{name}" if parent else name
-        if not self.offline:
+        if self.unreachable is None:
             try:
                 safefs.private_dir(folder.parent)
                 asyncio.run(_fetch_one(url, folder / parent if parent else folder))
             except _OFFLINE as exc:
                 if safefs.stat_beneath(folder, here) is None:
                     raise _with_context(exc, where) from None
-                self.offline = True
+                self.unreachable = exc
                 _LOG.warning(
                     "plan: %s unreachable (%s); using the traces fetched from it before, in %s",
                     self.url,
@@ -172,6 +173,12 @@ class TraceSource:
                 if isinstance(exc, ConfigError):
                     raise
                 raise _with_context(exc, where) from None
+        elif safefs.stat_beneath(folder, here) is None:
+            gone = self.unreachable
+            raise _with_context(
+                type(gone)(f"{url}: not fetched before, and {self.url} is unreachable ({gone})"),
+                where,
+            ) from None
         return _read_beneath(folder, here, url, where), url
 
 
