@@ -56,7 +56,19 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     sweep_p.set_defaults(run=sweep)
 
 
+EXIT_CODES = """exit codes:
+  0  done
+  2  the config or a trace is unusable: bad key or value, a trace path that leaves
+     traces_dir, a trace over 64 MiB or not a JSON trace, a local trace not found
+  3  a trace is not at its URL         4  the store refused the credentials
+  5  the URL cannot be reached (and was never fetched before)
+  6  a trace differs from its sha256 in the config, or from the store's checksum
+  7  the store kept failing            8  the cache cannot be written (9: its disk is full)"""
+
+
 def _common(p: argparse.ArgumentParser) -> None:
+    p.epilog = EXIT_CODES
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument(
         "--config",
         required=True,
