@@ -293,3 +293,17 @@ def test_every_store_fetch_reads_serves_traces(store: Store, tmp_path: Path) -> 
     with pytest.raises(SpotstartError) as missing:
         src.read("aws/gone.json", "zones[1]")
     assert missing.value.exit_code == 3 and "zones[1]" in str(missing.value)
+
+
+def test_a_cache_others_may_write_is_refused_before_anything_is_fetched(
+    server: Nginx, tmp_path: Path
+) -> None:
+    server.seed({"t/a.json": trace_bytes([1, 1])})
+    cache = tmp_path / "cache"
+    (cache / "traces").mkdir(parents=True)
+    (cache / "traces").chmod(0o777)
+    cfg = small_config(tmp_path, [{"name": "a", "trace": "a.json"}])
+    code, _, err = plan_json(cfg, f"{server.endpoint}/t/", cache, "--no-optimal")
+    assert code == 8, err
+    assert "writable by group or others" in error_line(err) and "SPOTSTART_CACHE_DIR" in err
+    assert not list(cache.rglob("a.json"))

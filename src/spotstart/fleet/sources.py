@@ -30,6 +30,7 @@ from spotstart import safefs
 from spotstart.errors import (
     EndpointUnreachable,
     IntegrityError,
+    LocalIOError,
     RetriesExceeded,
     SpotstartError,
     UsageError,
@@ -184,8 +185,13 @@ class TraceSource:
 
 def _with_context(exc: SpotstartError, where: str) -> SpotstartError:
     """The same kind of error (the same exit code), its message prefixed by the zone."""
+    hint = (
+        f"the cache: set ${CACHE_ENV} to a folder of yours"
+        if isinstance(exc, LocalIOError)
+        else "traces_dir / --traces-dir"
+    )
     try:
-        return type(exc)(f"{where}: {exc}; check traces_dir / --traces-dir")
+        return type(exc)(f"{where}: {exc}; check {hint}")
     except TypeError:  # a constructor that wants more than a message: keep it as it is
         return exc
 
