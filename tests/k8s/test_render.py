@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from spotstart.k8s import CLOUDS, DeployConfigError, load_config, parse_config, render
-from spotstart.k8s.config import NOTICE_WINDOW_S
+from spotstart.k8s.config import NOTICE_WINDOW_S, SPOTSTART_IMAGE
 from spotstart.k8s.gpus import GPUS
 from spotstart.k8s.render import GUARD_PORT, PEER_PORT, ZONE_LABEL, peer_token_command
 from tests.conftest import error_line, run_cli
@@ -192,6 +192,8 @@ def test_the_example_renders_for_every_cloud_and_every_object_validates(
     assert not set(service["spec"]["selector"].items()) <= set(pod["metadata"]["labels"].items())
     args = pod["spec"]["containers"][0]["command"]
     assert args[:3] == ["spotstart", "k8s", "controller"]
+    # the controller runs the image container/build.sh makes, not the server's
+    assert pod["spec"]["containers"][0]["image"] == SPOTSTART_IMAGE
     # the flags it is rendered with are flags the controller takes
     from spotstart.cli.main import build_parser
 
@@ -312,6 +314,9 @@ def test_any_valid_config_renders_objects_that_validate_and_keep_the_rules(
         assert ("initContainers" in pod) == (cfg.weights == "init" or cfg.peers is not None)
         inits = {c["name"]: c for c in pod.get("initContainers", [])}
         assert ("fetch-weights" in inits) == (cfg.weights == "init")
+        # the server runs the user's image; fetch and the peer sidecar the spotstart image
+        assert server["image"] == cfg.image
+        assert {c["image"] for c in inits.values()} <= {SPOTSTART_IMAGE}
         if cfg.peers:
             # the sidecar starts first and stays; every fetch and load is told the peers
             sidecar = pod["initContainers"][0]

@@ -22,6 +22,7 @@ def _hostile(kcloud: str) -> dict[str, Any]:
     return {
         **BASE,
         "image": "registry.example/app:1" + BREAKOUT,
+        "spotstart_image": "registry.example/spotstart:1" + BREAKOUT,
         "model_url": "gs://b/m/" + BREAKOUT,
         "server": {"command": ["serve", BREAKOUT, "--x=$(id)"], "health_path": "/h" + BREAKOUT},
         "eks": {"cluster_name": "c" + BREAKOUT, "node_role": {"a": BREAKOUT}},

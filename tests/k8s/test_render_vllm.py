@@ -39,7 +39,7 @@ BASE: dict[str, Any] = {
     "name": "llm",
     "namespace": "ml",
     "model_url": "gs://models/llama-3-8b/",
-    "image": "ghcr.io/example/vllm-spotstart:0.1",
+    "image": "ghcr.io/spotstart/vllm-spotstart:0.1.0",
     "server": {"engine": "vllm"},
     "gpu": {"type": "nvidia-t4"},
     "replicas": 2,

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from spotstart import __version__
 from spotstart.errors import UsageError
 from spotstart.k8s.gpus import GPUS
 
@@ -27,6 +28,11 @@ GUARD_CLOUD: dict[Cloud, str] = {"gke": "gce", "eks": "aws", "aks": "azure"}
 # serve-peers sidecar. The server's port must differ from both (one network namespace).
 GUARD_PORT = 8080
 PEER_PORT = 8471
+# The image container/build.sh builds (spotstart alone: the fetch init container, the
+# serve-peers sidecar, the controller), and the name the docs give the server's image that
+# container/Containerfile.vllm makes (the user's vLLM image with spotstart added).
+SPOTSTART_IMAGE = f"ghcr.io/spotstart/spotstart:{__version__}"
+VLLM_SPOTSTART_IMAGE = f"ghcr.io/spotstart/vllm-spotstart:{__version__}"
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # a Secret's name: a DNS-1123 subdomain (and so nothing a shell would read specially)
@@ -36,6 +42,7 @@ _TOP = {
     "namespace",
     "model_url",
     "image",
+    "spotstart_image",
     "server",
     "port",
     "gpu",
@@ -114,7 +121,10 @@ class DeployConfig:
     ``weights``: "init" fetches the model onto the pod's local-SSD emptyDir with `spotstart
     fetch` in an init container; "in-process" leaves loading to the server (with
     `spotstart.load`, or vLLM's ``load_format: spotstart``), the emptyDir still there as its
-    cache. ``notice_window_s``: the pod's
+    cache. ``image``: the server's (it runs the guard, so it holds spotstart too: for vLLM,
+    container/Containerfile.vllm). ``spotstart_image``: the fetch init container's, the
+    serve-peers sidecar's and the controller's (default SPOTSTART_IMAGE, container/build.sh).
+    ``notice_window_s``: the pod's
     terminationGracePeriodSeconds and the guard's --termination-window; never more than the
     cloud gives (NOTICE_WINDOW_S).
     """
@@ -137,6 +147,7 @@ class DeployConfig:
     eks_node_role: str
     peers: PeerConfig | None = None
     vllm: VllmServer | None = None  # server.engine: vllm (server_command is then empty)
+    spotstart_image: str = SPOTSTART_IMAGE
 
 
 def _fail(key: str, why: str) -> DeployConfigError:
@@ -252,6 +263,7 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
         namespace=namespace,
         model_url=model_url,
         image=_str(data, "image"),
+        spotstart_image=_str(data, "spotstart_image", SPOTSTART_IMAGE),
         server_command=tuple(command),
         port=port,
         health_path=health,

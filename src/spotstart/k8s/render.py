@@ -174,7 +174,7 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
         # first finished chunk on (journals say which), and the whole files after.
         sidecar: Obj = {
             "name": "serve-peers",
-            "image": cfg.image,
+            "image": cfg.spotstart_image,
             "restartPolicy": "Always",
             "command": serve,
             "ports": [{"name": "peers", "containerPort": PEER_PORT, "protocol": "TCP"}],
@@ -194,7 +194,7 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
             {
                 # streamed: the config and tokenizer vLLM reads from --model before it loads
                 "name": "fetch-config" if streamed else "fetch-weights",
-                "image": cfg.image,
+                "image": cfg.spotstart_image,
                 "command": fetch,
                 "env": env,
                 "volumeMounts": mounts,
@@ -640,7 +640,7 @@ def _controller(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
                     "containers": [
                         {
                             "name": "controller",
-                            "image": cfg.image,
+                            "image": cfg.spotstart_image,
                             "command": args,
                             "env": [
                                 {
