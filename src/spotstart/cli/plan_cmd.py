@@ -54,6 +54,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     sweep_p.add_argument("--plot", metavar="PNG", help="write the sweep figure")
     sweep_p.set_defaults(run=sweep)
+    from spotstart.cli import plan_record  # `plan record`: imported only when plan is chosen
+
+    plan_record.add_parser(psub)
 
 
 EXIT_CODES = """exit codes:
