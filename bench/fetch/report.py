@@ -235,3 +235,95 @@ def write_results(
     }
     path_json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     path_md.write_text(markdown(rows, env, invocations))
+
+
+def startup_lines(start_up: Mapping[str, Any]) -> list[str]:
+    """The start-up section: spotstart's own figures (startup.py), then each tool's version
+    command, the nearest thing every tool has to "start and do nothing"."""
+    if not start_up:
+        return ["Start-up not measured (--startup-repeats 0)."]
+    ours = start_up["spotstart"]
+    v, h = ours["version_imports"], ours["help_imports"]
+    lines = [
+        f"`spotstart --version`: {ours['version_s'] * 1000:.0f} ms wall "
+        f"(a bare `python -c pass`: {ours['python_bare_s'] * 1000:.0f} ms), {v['modules']} "
+        f"modules, {v['import_ms']:.0f} ms importing (`-X importtime`), heavy: "
+        f"{', '.join(v['heavy']) or 'none'}",
+        f"`spotstart --help`: {ours['help_s'] * 1000:.0f} ms wall, {h['modules']} modules, "
+        f"{h['import_ms']:.0f} ms importing, heavy: {', '.join(h['heavy']) or 'none'}",
+        f"`spotstart fetch http://127.0.0.1/... --json` (4 MiB, local server, no link "
+        f"emulation): first request {ours['fetch_first_request_s'] * 1000:.0f} ms after exec "
+        f"(runs: {', '.join(f'{x * 1000:.0f}' for x in ours['fetch_first_request_all_s'])} ms), "
+        f"exit after {ours['fetch_4mib_wall_s'] * 1000:.0f} ms",
+        "Version command of each tool, median wall: "
+        + ", ".join(
+            f"`{cmd}` {s * 1000:.0f} ms" for cmd, s in start_up["tools_version_command_s"].items()
+        ),
+    ]
+    env = start_up["environment"]
+    lines.append(
+        f"Measured {env['when_utc']}, load average {env['load_1m']:.1f} on {env['cores']} cores; "
+        f"bytecode {ours['bytecode']}"
+    )
+    return lines
+
+
+def _headline(sections: Sequence[Mapping[str, Any]]) -> list[str]:
+    out = []
+    for sec in sections:
+        env = sec["environment"]
+        size = f"{env['bytes_total'] / 1e6:.0f} MB"
+        for row in sec["rows"]:
+            if row.tool.startswith("spotstart") and row.of_ceiling is not None:
+                out.append(
+                    f"{size}: {row.tool} {row.of_ceiling:.2f}x of 16 curl streams "
+                    f"({row.mb_per_s:.0f} MB/s, {row.wall_s:.2f} s, "
+                    f"{row.cpu_s_per_gb:.2f} CPU-s/GB)"
+                )
+    return out
+
+
+def write_sections(
+    path_json: Path,
+    path_md: Path,
+    sections: Sequence[Mapping[str, Any]],
+    start_up: Mapping[str, Any],
+    started: Any,
+) -> None:
+    """Several data sets (rounds) and the start-up figures in one JSON and one markdown page."""
+    path_json.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "started": started.isoformat(timespec="seconds"),
+        "startup": start_up,
+        "data_sets": [
+            {
+                "environment": sec["environment"],
+                "summary": [asdict(r) for r in sec["rows"]],
+                "runs": [asdict(r) for r in sec["records"]],
+                "invocations": sec["invocations"],
+            }
+            for sec in sections
+        ],
+    }
+    path_json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    out = [
+        "# spotstart fetch next to the rivals, by data-set size",
+        "",
+        f'Run started {started.isoformat(timespec="minutes")}. "x ceiling" is MB/s over what '
+        "16 curl streams get through the same emulated link in the same round; it includes "
+        "each tool's start-up, which matters most on the small data set.",
+        "",
+    ]
+    out += [f"- {line}" for line in _headline(sections)]
+    out += ["", "## Start-up", ""]
+    out += [f"- {line}" for line in startup_lines(start_up)]
+    for sec in sections:
+        env = sec["environment"]
+        out += [
+            "",
+            f"## {env['bytes_total'] / 1e6:.0f} MB ({env['shards']} x "
+            f"{env['shard_bytes'] / 1e6:.0f} MB shards + 3 JSON files)",
+            "",
+        ]
+        out.append(markdown(sec["rows"], env, sec["invocations"]).rstrip("\n"))
+    path_md.write_text("\n".join(out) + "\n")

@@ -2,10 +2,13 @@
 
 Every tool copies the same model-shaped prefix from the same emulated S3/GCS through the same
 emulated link into a fresh directory; we time it, check every byte and write bench/results/.
-Not a load test of the emulator and not a functional test suite.
+Each data set (default: 1 x 512 MB and 4 x 512 MB) is a round of its own, with its own emulator
+and its own 16-curl-stream ceiling. Start-up comes first: `spotstart --version` / `--help`
+imports and wall time, exec to the first request of a fetch (startup.py), and each tool's
+version command. Not a load test of the emulator and not a functional test suite.
 
     python bench/fetch/run.py --shards 2 --shard-mb 64 --repeats 1   # smoke, ~2 min
-    python bench/fetch/run.py                                       # 4 x 512 MB, 3 repeats
+    python bench/fetch/run.py                                       # 512 MB and 2 GB, 3 repeats
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import os
 import platform
 import shlex
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -23,10 +28,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import startup
 from dataset import DataSet, make_dataset, verify_copy
 from measure import Ceiling, drop_caches, measure_ceiling, run_process
-from report import RunRecord, print_rich, summarize, write_results
-from tools import TOOLS, RunContext, Tool, tool_version
+from report import RunRecord, print_rich, summarize, write_sections
+from tools import TOOLS, RunContext, Tool, base_env, tool_version
 
 from spotstart.emulate.link import LinkConfig
 from spotstart.emulate.storage import StorageEmulator, StorageEmulatorOptions
@@ -39,8 +45,16 @@ RESULTS_DIR = Path(__file__).resolve().parent.parent / "results"
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--shards", type=int, default=4, help="safetensors shards (default 4)")
-    p.add_argument("--shard-mb", type=float, default=512, help="MB (1e6 B) per shard (512)")
+    p.add_argument(
+        "--data-sets",
+        default="1x512,4x512",
+        help="SHARDSxMB, comma-separated; each is a round of its own (default: 512 MB, 2 GB)",
+    )
+    p.add_argument("--shards", type=int, help="one data set of this many shards (overrides)")
+    p.add_argument("--shard-mb", type=float, help="MB (1e6 B) per shard of --shards (512)")
+    p.add_argument(
+        "--startup-repeats", type=int, default=7, help="runs per start-up figure, 0 = skip (7)"
+    )
     p.add_argument("--repeats", type=int, default=3, help="runs per tool, alternating (3)")
     p.add_argument("--per-conn-mbps", type=float, default=50, help="per-connection cap, 0=none")
     p.add_argument("--aggregate-mbps", type=float, default=400, help="link cap (8 x 50), 0=none")
@@ -61,7 +75,40 @@ def _mbps_to_bytes(value: float) -> float | None:
     return value * 1e6 if value > 0 else None
 
 
-def _environment(args: argparse.Namespace, link: LinkConfig, data: DataSet) -> dict[str, Any]:
+def _data_sets(args: argparse.Namespace) -> list[tuple[int, int]]:
+    """(shards, bytes per shard) of each round."""
+    if args.shards is not None or args.shard_mb is not None:
+        return [(args.shards or 4, int((args.shard_mb or 512) * 1e6))]
+    out = []
+    for item in args.data_sets.split(","):
+        shards, _, mb = item.strip().lower().partition("x")
+        out.append((int(shards), int(float(mb) * 1e6)))
+    return out
+
+
+def _tool_startup(tools: list[Tool], repeats: int) -> dict[str, float]:
+    """Median wall seconds of each tool's version command: its start-up, no transfer."""
+    out: dict[str, float] = {}
+    for tool in tools:
+        key = " ".join(Path(tool.version_argv[0]).name.split() + tool.version_argv[1:])
+        if key in out:
+            continue
+        walls = []
+        for _ in range(max(repeats, 1)):
+            start = time.perf_counter()
+            try:
+                subprocess.run(tool.version_argv, capture_output=True, env=base_env(), timeout=60)
+            except (OSError, subprocess.TimeoutExpired):
+                break  # not installed, or hangs: no figure (its runs will fail and say why)
+            walls.append(time.perf_counter() - start)
+        if walls:
+            out[key] = statistics.median(walls)
+    return out
+
+
+def _environment(
+    args: argparse.Namespace, link: LinkConfig, data: DataSet, shards: int, shard_bytes: int
+) -> dict[str, Any]:
     cpu_model = "unknown"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -80,8 +127,8 @@ def _environment(args: argparse.Namespace, link: LinkConfig, data: DataSet) -> d
         "kernel": platform.release(),
         "python": platform.python_version(),
         "link": link.to_dict(),
-        "shards": args.shards,
-        "shard_bytes": int(args.shard_mb * 1e6),
+        "shards": shards,
+        "shard_bytes": shard_bytes,
         "files": len(data.files),
         "bytes_total": data.bytes_total,
         "repeats": args.repeats,
@@ -217,6 +264,71 @@ def _ceilings(emu: StorageEmulator, data: DataSet, link: LinkConfig) -> list[Cei
     return results
 
 
+def run_data_set(
+    args: argparse.Namespace,
+    tools: list[Tool],
+    link: LinkConfig,
+    shards: int,
+    shard_bytes: int,
+    work: Path,
+) -> dict[str, Any]:
+    """One round: a data set, an emulator seeded with it, its ceiling, every tool x repeats."""
+    slowest = link.per_conn_bytes_per_s or 50e6
+    timeout_s = args.timeout_s or 120 + 5 * shards * shard_bytes / slowest
+    print(f"making data set ({shards} x {shard_bytes / 1e6:.0f} MB) in {work / 'src'} ...")
+    data = make_dataset(work / "src", shards, shard_bytes)
+    env = _environment(args, link, data, shards, shard_bytes)
+    env["versions"] = {}
+    for tool in tools:
+        key = tool.version_argv[0].rsplit("/", 1)[-1]
+        if key not in env["versions"]:
+            env["versions"][key] = tool_version(tool)
+    opts = StorageEmulatorOptions(data_dir=work / "emulator", link=link, buckets=(BUCKET,))
+    with StorageEmulator(opts) as emu:
+        objects = {PREFIX + f.key: f.path for f in data.files}
+        print("seeding S3 and GCS ...", flush=True)
+        emu.seed_s3(BUCKET, objects)
+        emu.seed_gcs(BUCKET, objects)
+        env["drop_caches"] = drop_caches()
+        env["ceilings"] = (
+            []
+            if args.no_ceiling
+            else [
+                {"label": c.label, "streams": c.streams, "mb_per_s": c.mb_per_s}
+                for c in _ceilings(emu, data, link)
+            ]
+        )
+        for c in env["ceilings"]:
+            print(f"  {c['label']}: {c['mb_per_s']:.0f} MB/s", flush=True)
+        records: list[RunRecord] = []
+        invocations: dict[str, str] = {}
+        for repeat in range(args.repeats):
+            # rotate the order so no tool always runs first (cold servers) or last
+            order = tools[repeat % len(tools) :] + tools[: repeat % len(tools)]
+            for tool in order:
+                record, shown = run_one(emu, tool, repeat, data, work, timeout_s)
+                invocations[tool.name] = shown
+                records.append(record)
+                status = (
+                    f"{record.mb_per_s:7.0f} MB/s {record.wall_s:6.2f} s"
+                    if record.ok
+                    else "FAILED " + record.error.splitlines()[0][:100]
+                )
+                print(f"[{repeat + 1}/{args.repeats}] {tool.name:30s} {status}", flush=True)
+    capped = next((c for c in env["ceilings"] if c["label"].startswith("capped")), None)
+    rows = summarize(
+        records,
+        [(t.name, t.concurrency) for t in tools],
+        link.aggregate_bytes_per_s,
+        REFERENCE,
+        ceiling_mb_per_s=capped["mb_per_s"] if capped else None,
+    )
+    env["load_1m_at_runs"] = [r.load_1m for r in records]
+    env["argv"] = sys.argv
+    print_rich(rows, env)
+    return {"environment": env, "rows": rows, "records": records, "invocations": invocations}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     tools = _select(args.tools)
@@ -227,72 +339,37 @@ def main(argv: list[str] | None = None) -> int:
     )
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="spotstart-bench-fetch-"))
     work.mkdir(parents=True, exist_ok=True)
-    shard_bytes = int(args.shard_mb * 1e6)
-    slowest = link.per_conn_bytes_per_s or 50e6
-    timeout_s = args.timeout_s or 120 + 5 * args.shards * shard_bytes / slowest
     started = datetime.now()
+    # an installed spotstart has its bytecode compiled (pip does it); so do the rivals
+    startup.precompile(base_env())
+    start_up: dict[str, Any] = {}
+    if args.startup_repeats > 0:
+        print("start-up ...", flush=True)
+        start_up = {
+            "spotstart": startup.measure(None, args.startup_repeats),
+            "tools_version_command_s": _tool_startup(tools, args.startup_repeats),
+            "environment": startup.environment(),
+        }
+        for line in startup.summary_lines(start_up["spotstart"]):
+            print("  " + line, flush=True)
+    sections = []
     try:
-        print(f"making data set in {work / 'src'} ...", flush=True)
-        data = make_dataset(work / "src", args.shards, shard_bytes)
-        env = _environment(args, link, data)
-        env["versions"] = {}
-        for tool in tools:
-            key = tool.version_argv[0].rsplit("/", 1)[-1]
-            if key not in env["versions"]:
-                env["versions"][key] = tool_version(tool)
-        opts = StorageEmulatorOptions(data_dir=work / "emulator", link=link, buckets=(BUCKET,))
-        with StorageEmulator(opts) as emu:
-            objects = {PREFIX + f.key: f.path for f in data.files}
-            print("seeding S3 and GCS ...", flush=True)
-            emu.seed_s3(BUCKET, objects)
-            emu.seed_gcs(BUCKET, objects)
-            env["drop_caches"] = drop_caches()
-            env["ceilings"] = (
-                []
-                if args.no_ceiling
-                else [
-                    {"label": c.label, "streams": c.streams, "mb_per_s": c.mb_per_s}
-                    for c in _ceilings(emu, data, link)
-                ]
-            )
-            for c in env["ceilings"]:
-                print(f"  {c['label']}: {c['mb_per_s']:.0f} MB/s", flush=True)
-            records: list[RunRecord] = []
-            invocations: dict[str, str] = {}
-            for repeat in range(args.repeats):
-                # rotate the order so no tool always runs first (cold servers) or last
-                order = tools[repeat % len(tools) :] + tools[: repeat % len(tools)]
-                for tool in order:
-                    record, shown = run_one(emu, tool, repeat, data, work, timeout_s)
-                    invocations[tool.name] = shown
-                    records.append(record)
-                    status = (
-                        f"{record.mb_per_s:7.0f} MB/s {record.wall_s:6.2f} s"
-                        if record.ok
-                        else "FAILED " + record.error.splitlines()[0][:100]
-                    )
-                    print(f"[{repeat + 1}/{args.repeats}] {tool.name:30s} {status}", flush=True)
+        for i, (shards, shard_bytes) in enumerate(_data_sets(args)):
+            round_dir = work / f"set-{i}"
+            try:
+                sections.append(run_data_set(args, tools, link, shards, shard_bytes, round_dir))
+            finally:
+                if args.work_dir is None:
+                    shutil.rmtree(round_dir, ignore_errors=True)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    capped = next((c for c in env["ceilings"] if c["label"].startswith("capped")), None)
-    rows = summarize(
-        records,
-        [(t.name, t.concurrency) for t in tools],
-        link.aggregate_bytes_per_s,
-        REFERENCE,
-        ceiling_mb_per_s=capped["mb_per_s"] if capped else None,
-    )
-    env["load_1m_at_runs"] = [r.load_1m for r in records]
-    env["started"] = started.isoformat(timespec="seconds")
-    env["argv"] = sys.argv
-    print_rich(rows, env)
     stamp = started.strftime("%Y%m%d-%H%M")
     path_json = args.results_dir / f"fetch-{stamp}.json"
     path_md = args.results_dir / "fetch-latest.md"
-    write_results(path_json, path_md, records, rows, env, invocations)
+    write_sections(path_json, path_md, sections, start_up, started)
     print(f"wrote {path_json} and {path_md}")
-    return 0 if all(r.ok_runs for r in rows) else 1
+    return 0 if all(r.ok_runs for sec in sections for r in sec["rows"]) else 1
 
 
 if __name__ == "__main__":

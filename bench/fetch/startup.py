@@ -4,6 +4,9 @@ exec to the first request of `spotstart fetch` arriving at a local http server.
     python bench/fetch/startup.py                      # this checkout, 7 runs each
     python bench/fetch/startup.py --src /tmp/old/src   # another tree (e.g. `git archive` of HEAD~)
     python bench/fetch/startup.py --json out.json
+    git archive HEAD~3 src | tar -x -C /tmp/old                 # a tree from before a change
+    python bench/fetch/startup.py --before /tmp/old/src --write-results   # both, alternating:
+                                     # bench/results/startup-<stamp>.json and startup-latest.md
 
 Every figure is a median of --repeats runs of a fresh interpreter (`python -m spotstart ...`),
 with the spotstart tree given by --src first on PYTHONPATH. The http server is a thread in this
@@ -97,6 +100,21 @@ def _env(src: Path | None) -> dict[str, str]:
     return env
 
 
+def precompile(env: dict[str, str]) -> str:
+    """Byte-compile the spotstart tree ``env`` imports, as pip does when it installs a wheel:
+    a checkout run with PYTHONDONTWRITEBYTECODE (this machine sets it) would otherwise compile
+    every module from source on every start, a cost no installed copy pays. Returns the tree."""
+    where = subprocess.run(
+        [sys.executable, "-c", "import spotstart, os; print(os.path.dirname(spotstart.__file__))"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    subprocess.run([sys.executable, "-m", "compileall", "-q", where], env=env, check=True)
+    return where
+
+
 def _imports(args: list[str], env: dict[str, str]) -> dict[str, Any]:
     """`python -X importtime -m spotstart ARGS`: modules imported, the summed cumulative time of
     the top-level imports (what the interpreter spent importing), the heavy ones among them."""
@@ -141,7 +159,8 @@ def _fetch_once(server: _Server, env: dict[str, str], work: Path) -> tuple[float
 def measure(src: Path | None, repeats: int) -> dict[str, Any]:
     env = _env(src)
     py = [sys.executable, "-m", "spotstart"]
-    out: dict[str, Any] = {"src": str(src) if src else "installed"}
+    out: dict[str, Any] = {"src": precompile(env), "bytecode": "precompiled (as pip installs)"}
+    _wall([*py, "--help"], env)  # the OS's file cache warm for what follows
     out["version_imports"] = _imports(["--version"], env)
     out["help_imports"] = _imports(["--help"], env)
     out["python_bare_s"] = statistics.median(
@@ -197,17 +216,85 @@ def summary_lines(m: dict[str, Any]) -> list[str]:
     ]
 
 
+def _markdown(result: dict[str, Any]) -> str:
+    env = result["environment"]
+    rows = result["rounds"]
+    out = [
+        "# spotstart start-up: imports and time to the first request",
+        "",
+        "`python bench/fetch/startup.py --before OLD/src --write-results`: each tree measured "
+        f"{len(rows) // 2} times, alternating, each time a median of {result['repeats']} runs "
+        "of a fresh interpreter; bytecode precompiled for both trees (as pip installs a wheel). "
+        "Import figures are `python -X importtime -m spotstart ...`: modules imported and the "
+        "summed cumulative time of the top-level imports.",
+        "",
+        "| Tree | --version modules | --version import ms | --version wall ms | --help modules "
+        "| --help wall ms | fetch: exec to first request ms | fetch 4 MiB: exit ms | heavy in "
+        "--version |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m, v, h = r["startup"], r["startup"]["version_imports"], r["startup"]["help_imports"]
+        out.append(
+            f"| {r['tree']} | {v['modules']} | {v['import_ms']:.0f} | {m['version_s'] * 1000:.0f} "
+            f"| {h['modules']} | {m['help_s'] * 1000:.0f} "
+            f"| {m['fetch_first_request_s'] * 1000:.0f} | {m['fetch_4mib_wall_s'] * 1000:.0f} "
+            f"| {', '.join(v['heavy']) or 'none'} |"
+        )
+    out += [
+        "",
+        f"- Machine: {env['cpu_model']}, {env['cores']} cores, kernel {env['kernel']}, "
+        f"Python {env['python']}; load average (1 min) {env['load_1m']:.1f} at the start, "
+        f"{result['load_1m_end']:.1f} at the end (shared machine: absolute times are noisy, "
+        "module counts are not)",
+        f"- Bare interpreter (`python -c pass`): {rows[-1]['startup']['python_bare_s'] * 1000:.0f} "
+        "ms wall",
+        "- The fetch figure: `spotstart fetch http://127.0.0.1:PORT/model.bin DEST --json` "
+        "against a threaded local server in the bench process that records when each "
+        "request's first line arrives (CLOCK_MONOTONIC); exec is the moment before "
+        "`subprocess.run`.",
+        f"- Measured {env['when_utc']}",
+    ]
+    return "\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--src", type=Path, help="a spotstart source tree (its src/), first on the path")
+    p.add_argument("--before", type=Path, help="also measure this tree (its src/), alternating")
+    p.add_argument("--rounds", type=int, default=2, help="alternations with --before (2)")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--json", type=Path, help="write the figures here")
+    p.add_argument(
+        "--write-results",
+        action="store_true",
+        help="write bench/results/startup-<stamp>.json and startup-latest.md",
+    )
     args = p.parse_args(argv)
-    result = {"environment": environment(), "startup": measure(args.src, args.repeats)}
-    for line in summary_lines(result["startup"]):
-        print(line)
+    result: dict[str, Any] = {"environment": environment(), "repeats": args.repeats}
+    if args.before is None:
+        result["startup"] = measure(args.src, args.repeats)
+        for line in summary_lines(result["startup"]):
+            print(line)
+    else:
+        rounds = []
+        for _ in range(args.rounds):
+            for tree, src in (("before", args.before), ("after", args.src)):
+                m = measure(src, args.repeats)
+                rounds.append({"tree": tree, "startup": m})
+                for line in summary_lines(m):
+                    print(f"{tree}: {line}", flush=True)
+        result["rounds"] = rounds
+    result["load_1m_end"] = os.getloadavg()[0]
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
+    if args.write_results:
+        results = Path(__file__).resolve().parent.parent / "results"
+        stamp = time.strftime("%Y%m%d-%H%M")
+        (results / f"startup-{stamp}.json").write_text(json.dumps(result, indent=2) + "\n")
+        if "rounds" in result:
+            (results / "startup-latest.md").write_text(_markdown(result))
+        print(f"wrote {results}/startup-{stamp}.json and startup-latest.md")
     return 0
 
 
