@@ -144,7 +144,7 @@ class TraceSource:
 
     def _url_of(self, rel: str) -> str:
         assert self.url is not None
-        if self.url.startswith(("http://", "https://")):
+        if self.url.split("://", 1)[0].lower() in ("http", "https"):
             # each component quoted: '%2e%2e', '?' or '#' in a name cannot leave the folder
             return self.url + "/".join(quote(p, safe="") for p in rel.split("/"))
         return self.url + rel
