@@ -275,10 +275,20 @@ def _headline(sections: Sequence[Mapping[str, Any]]) -> list[str]:
         size = f"{env['bytes_total'] / 1e6:.0f} MB"
         for row in sec["rows"]:
             if row.tool.startswith("spotstart") and row.of_ceiling is not None:
+                # process wall minus the transfer's own seconds (its --json report): start-up,
+                # listing before the transfer and exit after it
+                outside = _median(
+                    [
+                        r.wall_s - float(r.tool_report["seconds"])
+                        for r in sec["records"]
+                        if r.tool == row.tool and r.ok and r.tool_report
+                    ]
+                )
                 out.append(
                     f"{size}: {row.tool} {row.of_ceiling:.2f}x of 16 curl streams "
                     f"({row.mb_per_s:.0f} MB/s, {row.wall_s:.2f} s, "
-                    f"{row.cpu_s_per_gb:.2f} CPU-s/GB)"
+                    f"{row.cpu_s_per_gb:.2f} CPU-s/GB; outside the transfer "
+                    f"{_fmt(outside, '.2f', ' s')})"
                 )
     return out
 
