@@ -37,6 +37,9 @@ find "$root/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec
 rm -rf "$root/var/cache/apt/"* "$root/var/cache/debconf/"*-old "$root/var/lib/dpkg/"*-old
 find "$root/var/log" -type f -delete
 rm -f "$root/etc/machine-id" "$root/var/lib/dbus/machine-id" "$root/etc/hostname"
+# The device nodes debootstrap made: a runtime mounts /dev of its own, and a node in a layer
+# is no file a snapshotter can prefetch (nor one a rootless unpack can make).
+find "$root/dev" -mindepth 1 -delete
 # The Debian stdlib's bytecode stays: compiled by its postinst (py3compile), read at every
 # start, and a non-root user could not write it. py3compile's own is never read at run time.
 rm -rf "$root/usr/share/python3/debpython/__pycache__"
