@@ -41,8 +41,9 @@ rm -f "$root/etc/machine-id" "$root/var/lib/dbus/machine-id" "$root/etc/hostname
 # is no file a snapshotter can prefetch (nor one a rootless unpack can make).
 find "$root/dev" -mindepth 1 -delete
 # The Debian stdlib's bytecode stays: compiled by its postinst (py3compile), read at every
-# start, and a non-root user could not write it. py3compile's own is never read at run time.
-rm -rf "$root/usr/share/python3/debpython/__pycache__"
+# start, and a non-root user could not write it. Debian's own tools' (py3compile,
+# py3versions) is never read at run time.
+find "$root/usr/share/python3" -name __pycache__ -type d -prune -exec rm -rf {} +
 # No setuid or setgid programs (su, passwd, mount, chsh...): a process of the image's user,
 # or code a dependency runs, must not become root through one.
 find "$root" -xdev -type f -perm /6000 -exec chmod ug-s {} +

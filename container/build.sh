@@ -43,6 +43,11 @@ step() { echo "build.sh: $(date -u +%T) $*" >&2; }
 key=$(sha256sum "$here/base.sh" | cut -c1-12)
 cache=${SPOTSTART_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/spotstart}
 base="$cache/image-base-$key.tar"
+# The cached root becomes the image: one that another user could have written is made anew.
+if [ -f "$base" ] && { [ "$(stat -c %u "$base")" != "$(id -u)" ] || [ -n "$(find "$base" -perm /022)" ]; }; then
+  echo "build.sh: $base is not ours alone (owner or group/other write): making it anew" >&2
+  rm -f -- "$base"
+fi
 if [ ! -f "$base" ]; then
   step "making the base root with debootstrap (once per container/base.sh: $base)"
   "$here/base.sh" "$base"
