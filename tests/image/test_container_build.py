@@ -4,8 +4,9 @@ to the run's registry, audited under a waste budget, profiled in the sandbox aga
 prefetch lists committed in container/prefetch/, and run as its own user.
 
 Needs root, buildah, debootstrap (tests/setup.sh installs them) and the Debian mirror: without
-them the tests skip on a developer's machine and FAIL in CI ($CI set). A cold build (the
-debootstrap root made) took ~3.5 min on the 2-core CI machine; with the root cached, ~2 min.
+them the tests skip on a developer's machine and FAIL in CI ($CI set). On the 2-core CI
+machine the module took 2.5-3 min cold (the debootstrap root made) and 1.5 min with the root
+cached; container/build.sh alone 1m51s-3m32s cold, 1m02s-1m10s cached.
 SPOTSTART_UPDATE_PREFETCH=1 rewrites container/prefetch/ from this run's profile (after a
 change to what serve-peers imports, or to container/requirements.lock)."""
 
