@@ -19,7 +19,7 @@ from spotstart.cli.main import build_parser
 from spotstart.guard.drain import Command, DrainController
 from spotstart.guard.notice import NoticeKind, PreemptionNotice
 from spotstart.k8s import CLOUDS, DeployConfigError, load_config, parse_config, render, to_yaml
-from spotstart.k8s.config import NOTICE_WINDOW_S, VLLM_OWNED_FLAGS
+from spotstart.k8s.config import NOTICE_WINDOW_S, VLLM_OWNED_FLAGS, VLLM_SPOTSTART_IMAGE
 from spotstart.k8s.render import (
     STOP_GRACE_S,
     VLLM_EXIT_S,
@@ -39,7 +39,7 @@ BASE: dict[str, Any] = {
     "name": "llm",
     "namespace": "ml",
     "model_url": "gs://models/llama-3-8b/",
-    "image": "ghcr.io/spotstart/vllm-spotstart:0.1.0",
+    "image": VLLM_SPOTSTART_IMAGE,  # container/Containerfile.vllm
     "server": {"engine": "vllm"},
     "gpu": {"type": "nvidia-t4"},
     "replicas": 2,
