@@ -83,6 +83,11 @@ class FetchConfig:
       ``verify_passes``: refetches of a file whose check failed, before giving up.
     - ``endpoint``/``anonymous``: talk to another endpoint (S3-compatible store, emulator);
       send unsigned requests (public buckets) instead of looking for credentials.
+    - ``max_bytes``/``max_objects``: the most the URL may name (its objects' sizes as the
+      store states them when fetch resolves it, and their count); more is a UsageError before
+      anything is written. Every read stops at that stated size, so this bounds what a run
+      writes, whatever the server answered to a stat made before (``spotstart plan``: one
+      trace of 64 MiB at most). None: no limit.
 
     Example::
 
@@ -104,6 +109,8 @@ class FetchConfig:
     use_cache: bool = True
     peers: PeerSpec | None = None
     serve_peers: str | None = None  # HOST:PORT: serve DEST to peers while this runs
+    max_bytes: int | None = None
+    max_objects: int | None = None
 
 
 @dataclass(frozen=True)

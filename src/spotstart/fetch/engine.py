@@ -127,6 +127,7 @@ class Fetcher:
             objects = await self.scheduler.with_retries(self.resolve, str(self.url))
         except EndpointUnreachable as exc:
             raise EndpointUnreachable(f"{exc}; check the endpoint URL and network") from exc
+        self._check_limits(objects)
         placed = layout.place_objects(objects, self.dest, str(self.url))
         self._check_dest()
         cache = CacheIndex(self.dest)
@@ -200,6 +201,22 @@ class Fetcher:
             peers_dropped=self.scheduler.peers.dropped() if self.scheduler.peers else {},
             files=tuple(sorted(results, key=lambda r: r.key)),
         )
+
+    def _check_limits(self, objects: list[tuple[ObjectInfo, str]]) -> None:
+        """``max_objects``/``max_bytes``, on what this run resolved (the sizes its reads are
+        held to): a server that answered a caller's earlier stat with less is refused here,
+        before DEST is touched."""
+        cfg, total = self.config, sum(info.size for info, _ in objects)
+        if cfg.max_objects is not None and len(objects) > cfg.max_objects:
+            raise UsageError(
+                f"{self.url}: names {len(objects)} objects, more than the {cfg.max_objects} "
+                "this fetch takes; nothing was written"
+            )
+        if cfg.max_bytes is not None and total > cfg.max_bytes:
+            raise UsageError(
+                f"{self.url}: {total:,} bytes, more than the {cfg.max_bytes:,} this fetch "
+                "takes; nothing was written"
+            )
 
     def _check_dest(self) -> None:
         if self.dest.exists() and not self.dest.is_dir():

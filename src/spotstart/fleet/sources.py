@@ -8,9 +8,10 @@ plan reads at most ``MAX_TRACE_BYTES`` of a trace (an object that says it is lar
 fetched; a file that is larger is not read), parses it as untrusted JSON, resolves every trace
 beneath ``traces_dir`` (no absolute path, no ``..``, each URL path component quoted, no link
 followed beneath a folder), and never reads a half-written file (fetch lands a file under its
-final name only whole and checked). Left to them: a server that answers a small size to our
-stat and a large one to fetch's can make fetch write up to the disk's free space into the
-cache before plan refuses to read it. A ``sha256`` in the config pins a trace's bytes.
+final name only whole and checked). Fetch itself is held to one object of that size
+(``FetchConfig.max_bytes``): a server that answers a small size to plan's stat and a large one
+to fetch's is refused before the cache is written. The cache (and its ``traces/``) must be
+ours and writable by nobody else. A ``sha256`` in the config pins a trace's bytes.
 """
 
 from __future__ import annotations
@@ -152,13 +153,18 @@ class TraceSource:
     def _fetched(self, rel: str, where: str) -> tuple[bytes, str]:
         url = self._url_of(rel)
         key = hashlib.sha256(self.url.encode() if self.url else b"").hexdigest()[:16]
-        folder = (self.cache or cache_root()) / "traces" / key
+        root = self.cache or cache_root()
+        folder = root / "traces" / key
         parent, _, _ = rel.rpartition("/")
         name = url.rsplit("/", 1)[-1]
         here = f"{parent}/{name}" if parent else name
         if self.unreachable is None:
             try:
-                safefs.private_dir(folder.parent)
+                # the cache itself and its traces/ ours alone: a user who may write the cache
+                # (or who made it, in /tmp) could swap traces/ for a link between this check
+                # and fetch's own resolving of DEST, and a root plan would write through it
+                safefs.private_dir(root)
+                os.close(safefs.private_dir_fd(root, "traces"))
                 asyncio.run(_fetch_one(url, folder / parent if parent else folder))
             except _OFFLINE as exc:
                 if safefs.stat_beneath(folder, here) is None:
@@ -214,7 +220,10 @@ async def _fetch_one(url: str, dest: Path) -> None:
             f"{url}: {info.size:,} bytes, more than the {MAX_TRACE_BYTES >> 20} MiB a trace may "
             "hold; is it a trace file?"
         )
-    report = await fetch_async(url, dest, FetchConfig(retry=Retry(max_attempts=3)))
+    # fetch holds its own stat to the limit too: a server that answered the stat above with
+    # a small size and fetch's with a large one is refused before the cache is written
+    config = FetchConfig(retry=Retry(max_attempts=3), max_bytes=MAX_TRACE_BYTES, max_objects=1)
+    report = await fetch_async(url, dest, config)
     if report.files_total != 1:
         raise ConfigError(f"{url}: names {report.files_total} objects, not one trace file")
 

@@ -22,6 +22,12 @@ from spotstart.fleet.errors import ConfigError
 # The largest public one (45 days at 195 s) is 60 kB; 64 MiB holds years of 30 s ticks.
 MAX_TRACE_BYTES = 64 << 20
 
+# A tick a trace may have: the public traces tick every 30-600 s, a recording every 1 s or more.
+# Outside this, a hostile gap (1e308) made every duration and cost infinite and plan printed
+# NaN availabilities and Infinity costs (invalid JSON) with exit 0.
+MIN_GAP_SECONDS = 1.0
+MAX_GAP_SECONDS = 86_400.0
+
 IntArray = npt.NDArray[np.int64]
 
 
@@ -78,8 +84,15 @@ def parse_trace(data: bytes, name: str, what: str) -> CapacityTrace:
     if not isinstance(doc, dict) or "data" not in doc or "metadata" not in doc:
         raise ConfigError(f"{p}: expected keys 'metadata' and 'data' in a spot trace")
     gap = doc["metadata"].get("gap_seconds") if isinstance(doc["metadata"], dict) else None
-    if not isinstance(gap, int | float) or isinstance(gap, bool) or gap <= 0:
-        raise ConfigError(f"{p}: metadata.gap_seconds must be a positive number, got {gap!r}")
+    if (
+        not isinstance(gap, int | float)
+        or isinstance(gap, bool)
+        or not MIN_GAP_SECONDS <= gap <= MAX_GAP_SECONDS
+    ):
+        raise ConfigError(
+            f"{p}: metadata.gap_seconds must be a number of seconds from {MIN_GAP_SECONDS:g} to "
+            f"{MAX_GAP_SECONDS:g} (a tick), got {gap!r}"
+        )
     samples = doc["data"]
     if not isinstance(samples, list) or not samples:
         raise ConfigError(f"{p}: empty trace (no 'data' samples); pick another file")
