@@ -265,3 +265,29 @@ def test_the_largest_counts_a_trace_may_hold_do_not_overflow_a_plan(tmp_path: Pa
 
     result = simulate(cfg.spec, cfg.capacity, cfg.target, SpotSpread())
     assert result.availability == 1.0
+
+
+@pytest.mark.parametrize("rel", [".spotstart/index.json", "a/.spotstart/parts/x", ".spotstart"])
+def test_a_trace_named_inside_fetchs_own_files_is_refused(rel: str, tmp_path: Path) -> None:
+    """'.spotstart/index.json' made fetch write the server's bytes over the cache index of the
+    folder the other traces of that URL are fetched into (and '.spotstart/parts/...' beside
+    their partial downloads). Refused before anything is asked of the server."""
+    server = _trace_server(tmp_path)
+    for _ in serve(server):
+        src = TraceSource.at(f"{server.url}/t/", tmp_path, cache=tmp_path / "cache")
+        with pytest.raises(ConfigError, match="where spotstart keeps its own files"):
+            src.read(rel, "zones[0]")
+        assert server.heads == 0
+
+
+@pytest.mark.parametrize("rel", ["a.json?x", "a#b.json", "x/real.json?.json"])
+@pytest.mark.parametrize("url", ["s3://traces-bkt/t/", "gs://traces-bkt/t", "az://acct/c/t/"])
+def test_a_bucket_trace_name_with_query_characters_is_refused(
+    rel: str, url: str, tmp_path: Path
+) -> None:
+    """A bucket URL's key ends at '?' or '#': 'real.json?.json' fetched 'real.json' and then
+    looked for another name in the cache (a 'not found' about a file that was fetched)."""
+    src = TraceSource.at(url, tmp_path, cache=tmp_path / "cache")
+    with pytest.raises(ConfigError, match="cannot be part of"):
+        src.read(rel, "zones[0]")
+    assert not (tmp_path / "cache").exists()

@@ -58,7 +58,9 @@ def cache_root(env: Mapping[str, str] | None = None) -> Path:
 
 def trace_relpath(rel: object, where: str) -> str:
     """``rel`` as a relative path beneath traces_dir, or :class:`ConfigError`: no absolute
-    path, no ``..`` or ``.`` or empty component, no backslash or NUL."""
+    path, no ``..`` or ``.`` or empty component, no backslash or NUL, no ``.spotstart``
+    (fetch's own files in a folder it fetched into: a trace named there would overwrite the
+    cache index of the traces beside it)."""
     if not isinstance(rel, str) or not rel:
         raise ConfigError(f"{where}.trace: give the trace's path relative to traces_dir")
     parts = rel.split("/")
@@ -71,6 +73,11 @@ def trace_relpath(rel: object, where: str) -> str:
         raise ConfigError(
             f"{where}.trace {rel!r}: must be a relative path beneath traces_dir (no leading "
             "'/', no '..', '.' or empty component, no backslash)"
+        )
+    if ".spotstart" in parts:
+        raise ConfigError(
+            f"{where}.trace {rel!r}: '.spotstart' is where spotstart keeps its own files (a "
+            "fetched folder's cache index and parts); name a trace elsewhere"
         )
     return rel
 
@@ -143,15 +150,21 @@ class TraceSource:
                 )
         return data, what
 
-    def _url_of(self, rel: str) -> str:
+    def _url_of(self, rel: str, where: str) -> str:
         assert self.url is not None
         if self.url.split("://", 1)[0].lower() in ("http", "https"):
             # each component quoted: '%2e%2e', '?' or '#' in a name cannot leave the folder
             return self.url + "/".join(quote(p, safe="") for p in rel.split("/"))
+        if "?" in rel or "#" in rel:
+            # a bucket URL ends its key there: 'a.json?x' would fetch 'a.json' under another name
+            raise ConfigError(
+                f"{where}.trace {rel!r}: a '?' or '#' cannot be part of a {self.url} object's "
+                "name; rename the trace"
+            )
         return self.url + rel
 
     def _fetched(self, rel: str, where: str) -> tuple[bytes, str]:
-        url = self._url_of(rel)
+        url = self._url_of(rel, where)
         key = hashlib.sha256(self.url.encode() if self.url else b"").hexdigest()[:16]
         root = self.cache or cache_root()
         folder = root / "traces" / key
