@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import stat
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,11 +72,16 @@ def _source(text: str) -> tuple[str | None, Path]:
 
 
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
+    # O_NONBLOCK, then a regular file only: a FIFO planted among the logs (logs/*) hung the
+    # open for good, and a device (/dev/zero) was read to the size limit
     try:
-        f = path.open("rb")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise UsageError(f"{path}: cannot read it ({exc.strerror})") from None
-    with f:
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError(f"{path}: not a regular file; give guard's --events log files")
+    with os.fdopen(fd, "rb") as f:
         read = 0
         number = 0
         while raw := f.readline(MAX_LINE_BYTES + 1):
@@ -93,9 +100,12 @@ def _time(value: Any) -> float | None:
     return float(value) if math.isfinite(value) and 0 <= value < 1e11 else None
 
 
-def read_log(path: Path, zone: str | None) -> tuple[str, dict[str, list[dict[str, Any]]], int]:
+def read_log(
+    path: Path, zone: str | None, max_events: int = MAX_EVENTS
+) -> tuple[str, dict[str, list[dict[str, Any]]], int]:
     """(zone, guard events by host, lines skipped) of one log. Only server-start and drain
-    events are kept, with their times checked; a line that is not one is skipped."""
+    events are kept, with their times checked; a line that is not one is skipped. More than
+    ``max_events`` kept is a UsageError as soon as it is read (what is held stays bounded)."""
     from spotstart import untrusted_json
 
     by_host: dict[str, list[dict[str, Any]]] = {}
@@ -122,6 +132,9 @@ def read_log(path: Path, zone: str | None) -> tuple[str, dict[str, list[dict[str
         if isinstance(e.get("zone"), str) and e["zone"]:
             zones.add(e["zone"])
         host = e.get("host") if isinstance(e.get("host"), str) else ""
+        max_events -= 1
+        if max_events < 0:
+            raise UsageError(f"{path}:{number}: over {MAX_EVENTS} guard events in all")
         kept = {"phase": e["phase"], "start": start, "end": end, "notice": notice}
         by_host.setdefault(str(host)[:256], []).append(kept)
     if not by_host:
@@ -142,6 +155,7 @@ def read_log(path: Path, zone: str | None) -> tuple[str, dict[str, list[dict[str
 
 def run(args: argparse.Namespace) -> int:
     from spotstart.fleet.record import (
+        MAX_TICKS,
         TraceDirectory,
         TraceRecorder,
         check_zone,
@@ -154,10 +168,12 @@ def run(args: argparse.Namespace) -> int:
     lives = []
     zones: list[str] = []
     times: list[float] = []
+    first: tuple[float, Path] | None = None
+    last: tuple[float, Path] | None = None
     total = skipped = 0
     for text in args.events:
         zone, path = _source(text)
-        zone, by_host, bad = read_log(path, zone)
+        zone, by_host, bad = read_log(path, zone, MAX_EVENTS - total)
         check_zone(zone)
         skipped += bad
         for events in by_host.values():
@@ -165,6 +181,9 @@ def run(args: argparse.Namespace) -> int:
             if total > MAX_EVENTS:
                 raise UsageError(f"--events: over {MAX_EVENTS} guard events in all")
             times += [e["start"] for e in events] + [e["end"] for e in events]
+            lo, hi = min(e["start"] for e in events), max(e["end"] for e in events)
+            first = (lo, path) if first is None or lo < first[0] else first
+            last = (hi, path) if last is None or hi > last[0] else last
             lives += lives_from_events(zone, events)
         if zone not in zones:
             zones.append(zone)
@@ -180,6 +199,17 @@ def run(args: argparse.Namespace) -> int:
     assumed = args.assume if args.assume is not None else target
     # the ticks in memory first: a bad zone or count fails before DIR is touched
     TraceRecorder(zones, gap_s=args.gap, start_s=start, assumed_nodes=assumed)
+    ticks = (until - start) / args.gap  # a float: --until inf is over too, not an overflow
+    if not ticks <= MAX_TICKS:
+        # one event with a bogus time (start 1, 1970) made a recording of 600,000 empty ticks
+        # from 1970 on and dropped every real event after them, and said it recorded
+        assert first is not None and last is not None
+        raise UsageError(
+            f"--events: from {start:.0f} ({first[1]}) to {until:.0f} "
+            f"({'--until' if args.until is not None else last[1]}) is {ticks:,.0f} ticks of "
+            f"{args.gap:g} s, over the {MAX_TICKS:,} a recording holds; a log with a bogus "
+            "time? leave it out, or give a larger --gap"
+        )
     with TraceDirectory.open(
         args.out,
         zones=zones,

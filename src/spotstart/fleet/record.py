@@ -52,6 +52,7 @@ ZONE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 MAX_ZONES = 16
 MAX_TICKS = 600_000  # a year at 60 s is 525,600
 MIN_GAP_S = 1.0
+MAX_NODES = 2**31 - 1  # a tick's k, held as a 32-bit int
 CONFIG_NAME = "fleet.yaml"
 LOCK_NAME = ".record.lock"
 # What a resumed trace file may hold: MAX_TICKS numbers (up to 7 characters and a comma each)
@@ -147,8 +148,12 @@ class TraceRecorder:
             raise RecordError(f"record gap: must be at least {MIN_GAP_S:g} s, got {gap_s!r}")
         if not math.isfinite(start_s):
             raise RecordError(f"record start: not a time ({start_s!r})")
-        if assumed_nodes < 0:
-            raise RecordError(f"assumed nodes: must be >= 0, got {assumed_nodes}")
+        if not 0 <= assumed_nodes <= MAX_NODES:
+            # a tick's k is a 32-bit int: more raised OverflowError at the first tick closed,
+            # in the controller at every reconcile (no scaling at all)
+            raise RecordError(
+                f"assumed nodes: must be 0 to {MAX_NODES:,} per zone, got {assumed_nodes}"
+            )
         history = history or {}
         names = list(dict.fromkeys([*zones, *history]))
         if not names:
@@ -250,7 +255,7 @@ class TraceRecorder:
             z = self._zones.get(o.zone)
             if z is None:
                 continue
-            alive = max(0, int(o.spot_alive))
+            alive = min(max(0, int(o.spot_alive)), MAX_NODES)
             z.alive = alive
             z.tick_min = alive if z.tick_min is None else min(z.tick_min, alive)
             z.tick_max = alive if z.tick_max is None else max(z.tick_max, alive)
@@ -614,6 +619,7 @@ def _resume(
 __all__ = [
     "CONFIG_NAME",
     "FORMAT",
+    "MAX_NODES",
     "MAX_TICKS",
     "MAX_ZONES",
     "PREEMPTION_NOTICES",

@@ -354,12 +354,19 @@ class Controller:
         decision = self.driver.step(now, self.cfg.target, pods, self.zone_of)
         self._observe(decision)
         if self.recording is not None:
-            seen = observe_zones(
-                decision, pods, self.zone_of, self.cfg.zones, now, self.cfg.stockout_after_s
-            )
-            self.recording.recorder.observe(now, seen)
-            if self._clock() - self._flushed_at >= self.cfg.record_flush_s:
-                self.flush_recording()
+            try:
+                seen = observe_zones(
+                    decision, pods, self.zone_of, self.cfg.zones, now, self.cfg.stockout_after_s
+                )
+                self.recording.recorder.observe(now, seen)
+            except Exception:
+                # a recording never stops scaling: raised here, it failed every reconcile
+                log.exception("--record-trace %s: recording stopped", self.recording.path)
+                self.recording.close()
+                self.recording = None
+            else:
+                if self._clock() - self._flushed_at >= self.cfg.record_flush_s:
+                    self.flush_recording()
         return decision
 
     def flush_recording(self, *, final: bool = False) -> None:
