@@ -291,3 +291,34 @@ def test_a_bucket_trace_name_with_query_characters_is_refused(
     with pytest.raises(ConfigError, match="cannot be part of"):
         src.read(rel, "zones[0]")
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("synthetic", "says"),
+    [
+        # 72 million ticks: minutes at 8.5 GB before; 1e8 hours: a MemoryError traceback
+        ({"hours": 20_000, "tick_seconds": 1}, "72,000,000 ticks, more than the 4,000,000"),
+        ({"hours": 100_000_000, "tick_seconds": 1}, "more than the 4,000,000"),
+        ({"nodes": 1e300}, r"nodes: must be below 2\*\*62"),  # OverflowError traceback before
+        ({"nodes": 10**19}, r"nodes: must be below 2\*\*62"),
+        ({"tick_seconds": 1e308}, "tick_seconds: from 1 to 86400"),  # NaN results, exit 0
+        ({"tick_seconds": 0.001}, "tick_seconds: from 1 to 86400"),
+    ],
+)
+def test_a_shared_fleet_yaml_cannot_make_plan_hang_crash_or_print_nan(
+    synthetic: dict[str, float], says: str
+) -> None:
+    doc = {"zones": [{"name": "a", "synthetic": synthetic}], "target": {"replicas": 1}}
+    with pytest.raises(ConfigError, match=says):
+        build_config(doc)
+
+
+def test_a_synthetic_zone_at_the_tick_limit_is_drawn(tmp_path: Path) -> None:
+    cfg = build_config(
+        {
+            "zones": [{"name": "a", "synthetic": {"hours": 1000, "tick_seconds": 1}}],
+            "target": {"replicas": 1},
+            "policies": ["spot_spread"],
+        }
+    )
+    assert cfg.capacity.shape == (1, 3_600_000)

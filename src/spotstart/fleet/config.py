@@ -22,10 +22,21 @@ from spotstart.fleet.errors import ConfigError
 from spotstart.fleet.model import FleetSpec, StartupPhases, Zone
 from spotstart.fleet.policies import POLICIES
 from spotstart.fleet.sources import TraceSource, check_sha256
-from spotstart.fleet.traces import CapacityTrace, align, parse_trace, synthetic_trace
+from spotstart.fleet.traces import (
+    MAX_GAP_SECONDS,
+    MIN_GAP_SECONDS,
+    CapacityTrace,
+    align,
+    parse_trace,
+    synthetic_trace,
+)
 
 IntArray = npt.NDArray[np.int64]
 UNLIMITED = 1_000_000  # "capacity: any": k > 0 grants as many nodes as asked
+# A synthetic zone is drawn a tick at a time (a Python loop, 8 bytes a tick): as many ticks as
+# a trace file can hold values (untrusted_json's 4 million) is ~2 s and 32 MB. A shared
+# fleet.yaml asking 20,000 hours of 1 s ticks ran for minutes at 8.5 GB before.
+MAX_SYNTHETIC_TICKS = 4_000_000
 
 _TOP = {
     "traces_dir",
@@ -189,11 +200,26 @@ def build_config(
             tick = _number(
                 f"{where}.synthetic.tick_seconds", s.get("tick_seconds", synth_tick), positive=True
             )
+            if not MIN_GAP_SECONDS <= tick <= MAX_GAP_SECONDS:
+                raise ConfigError(
+                    f"{where}.synthetic.tick_seconds: from {MIN_GAP_SECONDS:g} to "
+                    f"{MAX_GAP_SECONDS:g} s, as a trace's tick, got {tick:g}"
+                )
             hours = _number(f"{where}.synthetic.hours", s.get("hours", 24 * 7), positive=True)
+            ticks = max(1, int(hours * 3600 / tick))
+            if ticks > MAX_SYNTHETIC_TICKS:
+                raise ConfigError(
+                    f"{where}.synthetic: {hours:g} hours of {tick:g} s ticks is {ticks:,} ticks, "
+                    f"more than the {MAX_SYNTHETIC_TICKS:,} a synthetic zone may draw; give "
+                    "fewer hours or a longer tick_seconds"
+                )
+            nodes = _number(f"{where}.synthetic.nodes", s.get("nodes", 1))
+            if nodes >= 2**62:
+                raise ConfigError(f"{where}.synthetic.nodes: must be below 2**62, got {nodes:g}")
             traces.append(
                 synthetic_trace(
                     name,
-                    ticks=max(1, int(hours * 3600 / tick)),
+                    ticks=ticks,
                     tick_seconds=tick,
                     mean_up_hours=_number(
                         f"{where}.synthetic.mean_up_hours",
@@ -205,7 +231,7 @@ def build_config(
                         s.get("mean_down_hours", 1),
                         positive=True,
                     ),
-                    nodes=int(_number(f"{where}.synthetic.nodes", s.get("nodes", 1))),
+                    nodes=int(nodes),
                     seed=int(_number(f"{where}.synthetic.seed", s.get("seed", i))),
                 )
             )
