@@ -172,3 +172,25 @@ def test_a_hard_link_planted_at_a_trace_name_is_replaced_not_written_through(
         assert d.flush()
     assert victim.read_bytes() == b"precious\n" and victim.stat().st_nlink == 1
     assert list(load_trace(out / "us-east1-b.json").capacity) == [1, 1]
+
+
+def test_a_fleet_yaml_spotstart_did_not_write_is_never_replaced(tmp_path: Path) -> None:
+    """`plan record --out .` in a project (or a controller pointed at one) renamed its
+    fleet.yaml over the user's, exit 0. Now refused before anything is written; a fleet.yaml a
+    recording wrote is still rewritten (a link planted there is replaced, never followed:
+    tests/fleet/test_record.py)."""
+    out = tmp_path / "project"
+    out.mkdir()
+    mine = b"# my plan\nzones: []\n"
+    (out / "fleet.yaml").write_bytes(mine)
+    with pytest.raises(RecordError, match=r"fleet\.yaml: not one spotstart recorded"):
+        cli("--events", str(good_log(tmp_path)), "--out", str(out))
+    assert (out / "fleet.yaml").read_bytes() == mine
+    assert not list(out.glob("*.json"))
+    with pytest.raises(RecordError):
+        TraceDirectory.open(out, zones=["a"], gap_s=60, start_s=T0, assumed_nodes=1, source="t")
+    # ours: a recording whose zone traces were removed starts again over its own fleet.yaml
+    again = tmp_path / "again"
+    assert cli("--events", str(good_log(tmp_path)), "--out", str(again)) == 0
+    (again / "us-east1-b.json").unlink()
+    assert cli("--events", str(good_log(tmp_path)), "--out", str(again)) == 0

@@ -54,6 +54,7 @@ MAX_TICKS = 600_000  # a year at 60 s is 525,600
 MIN_GAP_S = 1.0
 MAX_NODES = 2**31 - 1  # a tick's k, held as a 32-bit int
 CONFIG_NAME = "fleet.yaml"
+CONFIG_MARK = b"# Recorded by spotstart"  # the first bytes of every fleet.yaml a recording writes
 LOCK_NAME = ".record.lock"
 # What a resumed trace file may hold: MAX_TICKS numbers (up to 7 characters and a comma each)
 # and its metadata.
@@ -355,7 +356,7 @@ def plan_config_text(
 ) -> str:
     """The ``fleet.yaml`` that replays a recording (zone names checked: they are written in)."""
     lines = [
-        f"# Recorded by spotstart ({source[:200]!r}); replay: spotstart plan run --config THIS",
+        f"{CONFIG_MARK.decode()} ({source[:200]!r}); replay: spotstart plan run --config THIS",
         "# Each zone's trace: k = spot nodes obtainable per tick (see its metadata).",
         "# Prices are placeholders: set your zones' spot and on-demand prices per hour.",
         "capacity: count",
@@ -548,6 +549,27 @@ def _read_trace(dirfd: int, p: Path, name: str) -> dict[str, Any] | None:
     return dict(doc)
 
 
+def _check_config_is_ours(dirfd: int, p: Path) -> None:
+    """A directory with no recording yet may hold a ``fleet.yaml`` of the user's (``--out .``
+    in a project): the first flush renamed ours over it. A regular file is replaced only when
+    we wrote it (our first line); a link or a FIFO there is replaced, never followed."""
+    try:
+        fd = safefs.open_beneath(dirfd, CONFIG_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return  # absent, or a link: the rename replaces the name, the target is untouched
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return
+        head = os.read(fd, len(CONFIG_MARK))
+    finally:
+        os.close(fd)
+    if head != CONFIG_MARK:
+        raise RecordError(
+            f"{p / CONFIG_NAME}: not one spotstart recorded, and a recording writes its own "
+            "there; record into another directory (or move it away)"
+        )
+
+
 def _number(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise RecordError(f"{where}: not a number ({value!r}); record into another directory")
@@ -601,6 +623,8 @@ def _resume(
             exhausted_ticks=int(_number(meta.get("exhausted_ticks", 0), f"{where}: ticks")),
             filled_ticks=int(_number(meta.get("filled_ticks", 0), f"{where}: ticks")),
         )
+    if not history:
+        _check_config_is_ours(dirfd, p)
     if history:
         # the files are renamed one by one: a crash between two leaves some a flush ahead;
         # every zone resumes from the ticks all of them hold
