@@ -194,3 +194,30 @@ def test_a_fleet_yaml_spotstart_did_not_write_is_never_replaced(tmp_path: Path) 
     assert cli("--events", str(good_log(tmp_path)), "--out", str(again)) == 0
     (again / "us-east1-b.json").unlink()
     assert cli("--events", str(good_log(tmp_path)), "--out", str(again)) == 0
+
+
+def test_a_gap_plan_cannot_read_is_refused_at_start() -> None:
+    """--record-gap 100000 recorded traces plan then refused to read (a tick over a day)."""
+    from spotstart.fleet.traces import MAX_GAP_SECONDS, MIN_GAP_SECONDS
+
+    for gap in (MAX_GAP_SECONDS + 1, MIN_GAP_SECONDS / 2, float("nan"), float("inf")):
+        with pytest.raises(RecordError, match="record gap"):
+            TraceRecorder(["a"], gap_s=gap, start_s=0, assumed_nodes=1)
+    TraceRecorder(["a"], gap_s=MAX_GAP_SECONDS, start_s=0, assumed_nodes=1)
+
+
+def test_temporary_files_a_killed_writer_left_are_removed_on_resume(tmp_path: Path) -> None:
+    """A writer killed between creating its temporary file and renaming it left a file of up
+    to ~5 MB per zone per crash; a restarted recorder (holding the lock) removes them, and
+    nothing else."""
+    out = tmp_path / "rec"
+    out.mkdir()
+    left = [".us-east1-b.json.4242.0badc0de.tmp", ".fleet.yaml.17.00000000.tmp"]
+    kept = [".other.tmp", "notes.txt", ".us-east1-b.json.x.0badc0de.tmp"]
+    for name in left + kept:
+        (out / name).write_bytes(b"partial")
+    with TraceDirectory.open(
+        out, zones=["us-east1-b"], gap_s=60, start_s=T0, assumed_nodes=1, source="t"
+    ):
+        pass
+    assert sorted(n for n in os.listdir(out) if n != ".record.lock") == sorted(kept)

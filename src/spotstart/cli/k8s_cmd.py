@@ -156,7 +156,7 @@ def _add_controller(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) 
         type=_positive,
         default=60.0,
         metavar="SECONDS",
-        help="the recorded trace's tick (60; at least 1)",
+        help="the recorded trace's tick (60; 1 to 86400)",
     )
     c.add_argument(
         "--record-assume",

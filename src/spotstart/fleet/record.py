@@ -51,7 +51,10 @@ FORMAT = "spotstart-record/1"
 ZONE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 MAX_ZONES = 16
 MAX_TICKS = 600_000  # a year at 60 s is 525,600
+# plan reads traces ticking 1 s to a day (fleet.traces.MIN/MAX_GAP_SECONDS; not imported:
+# that module brings numpy, this one is the controller's)
 MIN_GAP_S = 1.0
+MAX_GAP_S = 86_400.0
 MAX_NODES = 2**31 - 1  # a tick's k, held as a 32-bit int
 CONFIG_NAME = "fleet.yaml"
 CONFIG_MARK = b"# Recorded by spotstart"  # the first bytes of every fleet.yaml a recording writes
@@ -59,6 +62,10 @@ LOCK_NAME = ".record.lock"
 # What a resumed trace file may hold: MAX_TICKS numbers (up to 7 characters and a comma each)
 # and its metadata.
 MAX_FILE_BYTES = MAX_TICKS * 8 + (64 << 10)
+
+
+# TraceDirectory._write's temporary names: .NAME.PID.HEX8.tmp
+_TMP = re.compile(r"\.(?:[a-z0-9-]{1,63}\.json|fleet\.yaml)\.[0-9]+\.[0-9a-f]{8}\.tmp")
 
 
 class RecordError(ConfigError):
@@ -145,8 +152,11 @@ class TraceRecorder:
         stats: Mapping[str, ZoneStats] | None = None,
         max_ticks: int = MAX_TICKS,
     ) -> None:
-        if not math.isfinite(gap_s) or gap_s < MIN_GAP_S:
-            raise RecordError(f"record gap: must be at least {MIN_GAP_S:g} s, got {gap_s!r}")
+        if not MIN_GAP_S <= gap_s <= MAX_GAP_S:  # NaN too
+            raise RecordError(
+                f"record gap: must be {MIN_GAP_S:g} to {MAX_GAP_S:g} s (a tick plan reads), "
+                f"got {gap_s!r}"
+            )
         if not math.isfinite(start_s):
             raise RecordError(f"record start: not a time ({start_s!r})")
         if not 0 <= assumed_nodes <= MAX_NODES:
@@ -584,7 +594,13 @@ def _resume(
     start_s: float,
     assumed_nodes: int,
 ) -> TraceRecorder:
-    names = [n[: -len(".json")] for n in os.listdir(dirfd) if n.endswith(".json")]
+    listing = os.listdir(dirfd)
+    for n in listing:
+        if _TMP.fullmatch(n):
+            # a writer killed between create and rename left it; the lock says none writes now
+            with contextlib.suppress(OSError):
+                os.unlink(n, dir_fd=dirfd)
+    names = [n[: -len(".json")] for n in listing if n.endswith(".json")]
     recorded = sorted(n for n in names if ZONE_NAME.fullmatch(n))
     if len(recorded) > MAX_ZONES:
         raise RecordError(f"{p}: {len(recorded)} zone traces, at most {MAX_ZONES} are recorded")
