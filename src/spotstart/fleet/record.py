@@ -595,11 +595,11 @@ def _resume(
     assumed_nodes: int,
 ) -> TraceRecorder:
     listing = os.listdir(dirfd)
-    for n in listing:
-        if _TMP.fullmatch(n):
+    for left in listing:
+        if _TMP.fullmatch(left):
             # a writer killed between create and rename left it; the lock says none writes now
             with contextlib.suppress(OSError):
-                os.unlink(n, dir_fd=dirfd)
+                os.unlink(left, dir_fd=dirfd)
     names = [n[: -len(".json")] for n in listing if n.endswith(".json")]
     recorded = sorted(n for n in names if ZONE_NAME.fullmatch(n))
     if len(recorded) > MAX_ZONES:
