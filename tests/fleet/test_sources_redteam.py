@@ -322,3 +322,11 @@ def test_a_synthetic_zone_at_the_tick_limit_is_drawn(tmp_path: Path) -> None:
         }
     )
     assert cfg.capacity.shape == (1, 3_600_000)
+
+
+def test_a_huge_value_in_an_error_is_cut_short() -> None:
+    """A server's 10 MB string as gap_seconds was echoed whole into the error line."""
+    body = json.dumps({"metadata": {"gap_seconds": "x" * 10_000_000}, "data": [1]}).encode()
+    with pytest.raises(ConfigError) as refused:
+        parse_trace(body, "z", "z.json")
+    assert len(str(refused.value)) < 300

@@ -91,7 +91,7 @@ def parse_trace(data: bytes, name: str, what: str) -> CapacityTrace:
     ):
         raise ConfigError(
             f"{p}: metadata.gap_seconds must be a number of seconds from {MIN_GAP_SECONDS:g} to "
-            f"{MAX_GAP_SECONDS:g} (a tick), got {gap!r}"
+            f"{MAX_GAP_SECONDS:g} (a tick), got {repr(gap)[:40]}"
         )
     samples = doc["data"]
     if not isinstance(samples, list) or not samples:
