@@ -330,3 +330,29 @@ def test_a_huge_value_in_an_error_is_cut_short() -> None:
     with pytest.raises(ConfigError) as refused:
         parse_trace(body, "z", "z.json")
     assert len(str(refused.value)) < 300
+
+
+def _read_in_a_process(args: tuple[str, str]) -> str:
+    url, cache = args
+    try:
+        data, _ = TraceSource.at(url, Path("/"), cache=Path(cache)).read("a/big.json", "z")
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_plans_fetching_one_trace_at_once_all_read_its_bytes(tmp_path: Path) -> None:
+    """Six plans (processes) over one cache and URL at once: before the lock they raced in
+    fetch's part files; some failed (exit 8: 'File exists while creating the part file', 'No
+    such file ... while finishing the file') and one read a trace of other bytes."""
+    import multiprocessing
+
+    data = trace_bytes([1, 0] * 2_000_000)  # 8 MB: several chunks
+    want = hashlib.sha256(data).hexdigest()
+    server = LyingServer(data, data)
+    for _ in serve(server):
+        for attempt in range(3):
+            cache = tmp_path / f"cache{attempt}"
+            with multiprocessing.get_context("spawn").Pool(6) as pool:
+                got = pool.map(_read_in_a_process, [(f"{server.url}/t/", str(cache))] * 6)
+            assert got == [want] * 6

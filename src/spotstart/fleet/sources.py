@@ -17,12 +17,14 @@ ours and writable by nobody else. A ``sha256`` in the config pins a trace's byte
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
@@ -171,35 +173,68 @@ class TraceSource:
         parent, _, _ = rel.rpartition("/")
         name = url.rsplit("/", 1)[-1]
         here = f"{parent}/{name}" if parent else name
-        if self.unreachable is None:
-            try:
-                # the cache itself and its traces/ ours alone: a user who may write the cache
-                # (or who made it, in /tmp) could swap traces/ for a link between this check
-                # and fetch's own resolving of DEST, and a root plan would write through it
-                safefs.private_dir(root)
-                os.close(safefs.private_dir_fd(root, "traces"))
-                asyncio.run(_fetch_one(url, folder / parent if parent else folder))
-            except _OFFLINE as exc:
-                if safefs.stat_beneath(folder, here) is None:
+        with _cache_lock(root, key, where):
+            if self.unreachable is None:
+                try:
+                    asyncio.run(_fetch_one(url, folder / parent if parent else folder))
+                except _OFFLINE as exc:
+                    if safefs.stat_beneath(folder, here) is None:
+                        raise _with_context(exc, where) from None
+                    self.unreachable = exc
+                    _LOG.warning(
+                        "plan: %s unreachable (%s); using the traces fetched from it before, in %s",
+                        self.url,
+                        str(exc).split(";")[0],
+                        folder,
+                    )
+                except SpotstartError as exc:
+                    if isinstance(exc, ConfigError):
+                        raise
                     raise _with_context(exc, where) from None
-                self.unreachable = exc
-                _LOG.warning(
-                    "plan: %s unreachable (%s); using the traces fetched from it before, in %s",
-                    self.url,
-                    str(exc).split(";")[0],
-                    folder,
-                )
-            except SpotstartError as exc:
-                if isinstance(exc, ConfigError):
-                    raise
-                raise _with_context(exc, where) from None
-        elif safefs.stat_beneath(folder, here) is None:
-            gone = self.unreachable
+            elif safefs.stat_beneath(folder, here) is None:
+                gone = self.unreachable
+                raise _with_context(
+                    type(gone)(
+                        f"{url}: not fetched before, and {self.url} is unreachable ({gone})"
+                    ),
+                    where,
+                ) from None
+            return _read_beneath(folder, here, url, where), url
+
+
+@contextlib.contextmanager
+def _cache_lock(root: Path, key: str, where: str) -> Iterator[None]:
+    """Hold ``traces/<key>.lock`` in the cache while fetching into and reading from
+    ``traces/<key>/``. The cache itself and its traces/ must be ours alone: a user who may
+    write the cache (or who made it, in /tmp) could swap traces/ for a link between this check
+    and fetch's own resolving of DEST, and a root plan would write through it. The lock: two
+    plans fetching the same trace at once (parallel CI jobs, a sweep beside the demo) raced
+    in fetch's part files: exit 8 for some, and one read a trace of other bytes."""
+    try:
+        safefs.private_dir(root)
+        traces = safefs.private_dir_fd(root, "traces")
+        try:
+            fd = safefs.open_beneath(
+                traces, f"{key}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+            )
+        finally:
+            os.close(traces)
+    except SpotstartError as exc:
+        raise _with_context(exc, where) from None
+    except OSError as exc:
+        raise _with_context(
+            LocalIOError(f"{root / 'traces' / key}.lock: cannot open it ({exc.strerror})"), where
+        ) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise _with_context(
-                type(gone)(f"{url}: not fetched before, and {self.url} is unreachable ({gone})"),
+                LocalIOError(f"{root / 'traces' / key}.lock: not a regular file; remove it"),
                 where,
-            ) from None
-        return _read_beneath(folder, here, url, where), url
+            )
+        fcntl.flock(fd, fcntl.LOCK_EX)  # a fetch of one trace: a second or so at most
+        yield
+    finally:
+        os.close(fd)
 
 
 def _with_context(exc: SpotstartError, where: str) -> SpotstartError:
