@@ -257,3 +257,23 @@ def test_skipping_quiet_ticks_gives_the_exhaustive_replay(
                     assert got == value, (name, key)
             np.testing.assert_allclose(fast.ready_replicas, slow.ready_replicas, atol=1e-9)
             np.testing.assert_allclose(fast.cost_per_tick, slow.cost_per_tick, atol=1e-9)
+
+
+def test_a_presolve_optimum_its_own_relaxation_beats_is_solved_again() -> None:
+    """HiGHS's presolve (scipy 1.17) called 0.0083 optimal here, where a free committed node
+    keeps everything covered at no cost (hypothesis found it)."""
+    phases = StartupPhases(provision_s=60.0, image_pull_s=0.0, weight_load_s=0.0)
+    spec = FleetSpec(
+        zones=(Zone("z0", 0.5, 3.0), Zone("z1", 0.5, 3.0)),
+        tick_seconds=60.0,
+        spot_startup=phases,
+        on_demand_startup=phases,
+        preemption_notice_s=30.0,
+        on_demand_available=False,
+        committed_replicas=1,
+        committed_per_hour=0.0,
+    )
+    bound = offline_optimum(spec, [[0, 0, 0, 2], [0, 0, 2, 1]], 1, availability=0.0)
+    assert bound.kind == "optimal" and bound.cost == 0.0, bound
+    best = offline_optimum(spec, [[0, 0, 0, 2], [0, 0, 2, 1]], 1)
+    assert best.availability == 1.0 and best.cost == 0.0, best
