@@ -89,7 +89,7 @@ async def started(api: Any, wall: Wall, record: Path) -> tuple[Controller, async
     c = Controller(cfg, make_client(str(api.url)), wall=wall)
     stop = asyncio.Event()
     task = asyncio.create_task(c.run(stop))
-    await until(lambda: c.elector.is_leader or task.done())
+    await until(lambda: c.recording is not None or task.done())
     return c, stop, task
 
 

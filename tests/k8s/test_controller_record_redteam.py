@@ -29,7 +29,8 @@ def test_a_recording_that_raises_stops_recording_never_deciding(
     """Before the fix an exception in the recorder (an OverflowError from --record-assume
     2**31 was one) left `decide`, so every reconcile failed and nothing was ever scaled."""
     c = recording_controller(tmp_path)
-    assert c.recording is not None
+    assert c.recording is None  # taken on leading, never at start
+    assert c.start_recording() and c.recording is not None
 
     def broken(at_s: float, observations: Any) -> int:
         raise OverflowError("signed integer is greater than maximum")
@@ -40,6 +41,7 @@ def test_a_recording_that_raises_stops_recording_never_deciding(
     assert decision is not None and c.recording is None
     assert "recording stopped" in caplog.text
     assert c.decide() is not None  # and it goes on deciding
+    assert c.recording is None  # stopped for good: not taken again
 
 
 def test_an_assumed_count_over_32_bits_is_refused_at_start(tmp_path: Path) -> None:

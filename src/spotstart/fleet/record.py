@@ -73,6 +73,10 @@ class RecordError(ConfigError):
     zones, a directory recorded with another tick or by another process (exit code 2)."""
 
 
+class RecordingBusy(RecordError):
+    """Another process holds the recording's lock (a controller standby waits for it)."""
+
+
 def check_zone(name: object) -> str:
     """``name`` if it can name a zone's trace file; RecordError otherwise (never sanitised into
     another name: two zones must not share a file)."""
@@ -521,7 +525,7 @@ def _lock(dirfd: int, p: Path) -> int:
     except OSError as exc:
         os.close(fd)
         if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            raise RecordError(
+            raise RecordingBusy(
                 f"{p}: another process is recording into it; give each recorder its own directory"
             ) from None
         raise LocalIOError(f"{p / LOCK_NAME}: cannot lock it ({exc.strerror})") from None

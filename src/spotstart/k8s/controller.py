@@ -16,7 +16,11 @@ Three loops on one event loop:
 
 With ``record_dir`` (``--record-trace DIR``) every decision also feeds what it saw per zone to a
 `spotstart.fleet.record` recording (no API call of its own): the traces `spotstart plan`
-replays. Only the leader decides, so only the leader records.
+replays. Only the leader decides, so only the leader records: the recording (and its lock) is
+taken when this replica becomes leader and written and handed back when it stops leading, so a
+leader and its standby can share one directory on a shared volume. A standby never exits for
+the lock; a new leader whose predecessor still holds it (a lease lost during a hung write)
+decides without recording and tries the lock again every lease retry period.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from spotstart.errors import SpotstartError
 from spotstart.fleet.model import Preempted, Zone
 from spotstart.fleet.policies import CalmRelease, make_policy
-from spotstart.fleet.record import TraceDirectory
+from spotstart.fleet.record import RecordingBusy, TraceDirectory, TraceRecorder
 from spotstart.k8s.api import Backoff, api_status, is_transient, pause, with_retries
 from spotstart.k8s.driver import (
     DELETION_COST,
@@ -306,23 +310,83 @@ class Controller:
         self.recording: TraceDirectory | None = None
         self._flushed_at = -float("inf")
         self._record_failed = False
+        self._record_off = cfg.record_dir is None  # no recording, or stopped for good
+        self._record_tried_at = -float("inf")
+        self._record_busy_logged = False
         if cfg.record_dir is not None:
-            assumed = cfg.target if cfg.record_assumed_nodes is None else cfg.record_assumed_nodes
-            self.recording = TraceDirectory.open(
-                cfg.record_dir,
-                zones=cfg.zones,
-                gap_s=cfg.record_gap_s,
-                start_s=wall(),
-                assumed_nodes=assumed,
-                source=f"spotstart k8s controller {cfg.namespace}/{cfg.name}",
-                target=cfg.target,
-                notice_s=cfg.notice_s,
-            )
+            # checked at start, so a bad directory, zone or gap is exit 2 here and not a
+            # warning at every election; the lock is held only while leading
+            try:
+                self._open_recording().close()
+            except RecordingBusy:
+                # the leader records there now: check what can be checked without the lock
+                TraceRecorder(
+                    cfg.zones,
+                    gap_s=cfg.record_gap_s,
+                    start_s=wall(),
+                    assumed_nodes=self._record_assumed,
+                )
+
+    @property
+    def _record_assumed(self) -> int:
+        cfg = self.cfg
+        return cfg.target if cfg.record_assumed_nodes is None else cfg.record_assumed_nodes
+
+    def _open_recording(self) -> TraceDirectory:
+        cfg = self.cfg
+        assert cfg.record_dir is not None
+        return TraceDirectory.open(
+            cfg.record_dir,
+            zones=cfg.zones,
+            gap_s=cfg.record_gap_s,
+            start_s=self._wall(),
+            assumed_nodes=self._record_assumed,
+            source=f"spotstart k8s controller {cfg.namespace}/{cfg.name}",
+            target=cfg.target,
+            notice_s=cfg.notice_s,
+        )
+
+    def start_recording(self) -> bool:
+        """Take the recording (its lock) if it is wanted and free; True when held afterwards.
+        Busy (a predecessor still writes) or unreadable: logged, tried again later; never an
+        exit and never a reason not to decide."""
+        if self.recording is not None:
+            return True
+        if self._record_off:
+            return False
+        self._record_tried_at = self._clock()
+        try:
+            self.recording = self._open_recording()
+        except RecordingBusy as exc:
+            if not self._record_busy_logged:
+                log.info("--record-trace: %s; recording once it is free", exc)
+            self._record_busy_logged = True
+            return False
+        except (SpotstartError, OSError) as exc:
+            log.warning("--record-trace: %s; not recording, trying again later", exc)
+            return False
+        self._record_busy_logged = False
+        self._flushed_at = -float("inf")
+        log.info("--record-trace %s: recording (leader)", self.recording.path)
+        return True
+
+    def stop_recording(self) -> None:
+        """Write what is closed (ticks that ended by now) and hand the lock back."""
+        if self.recording is None:
+            return
+        self.flush_recording(final=True)
+        if self.recording is not None:
+            self.recording.close()
+            log.info("--record-trace %s: written and released", self.recording.path)
+            self.recording = None
 
     def _leadership(self, leading: bool) -> None:
         self.metrics.leader.set(1 if leading else 0)
         if leading:
+            self.start_recording()
             self.informer.changed.set()  # act at once on what we see
+        else:
+            self.stop_recording()
 
     async def _zones(self, nodes: set[str]) -> None:
         for node in nodes - set(self.zone_of):
@@ -353,6 +417,12 @@ class Controller:
         now = self._wall()
         decision = self.driver.step(now, self.cfg.target, pods, self.zone_of)
         self._observe(decision)
+        if (
+            self.recording is None
+            and not self._record_off
+            and self._clock() - self._record_tried_at >= self.cfg.lease.retry_period_s
+        ):
+            self.start_recording()  # a predecessor's lock, or a volume, freed since
         if self.recording is not None:
             try:
                 seen = observe_zones(
@@ -364,6 +434,7 @@ class Controller:
                 log.exception("--record-trace %s: recording stopped", self.recording.path)
                 self.recording.close()
                 self.recording = None
+                self._record_off = True
             else:
                 if self._clock() - self._flushed_at >= self.cfg.record_flush_s:
                     self.flush_recording()
@@ -389,6 +460,7 @@ class Controller:
             log.warning("--record-trace %s: tick limit reached; recording stopped", rec.path)
             rec.close()
             self.recording = None
+            self._record_off = True
 
     def _observe(self, d: Decision) -> None:
         self.metrics.replicas.clear()
@@ -517,6 +589,8 @@ class Controller:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), self.cfg.resync_s)
             changed.clear()
+            if not self.elector.is_leader and self.recording is not None:
+                self.stop_recording()  # the lease ran out while its renewal hung
             if stop.is_set() or not self.informer.synced.is_set() or not self.elector.is_leader:
                 continue
             try:
@@ -549,9 +623,7 @@ class Controller:
             for task in (informer, reconciler, stopped):
                 task.cancel()  # a watch waits on the network: cancel, do not wait
             await asyncio.gather(*tasks, stopped, return_exceptions=True)
-            if self.recording is not None:
-                self.flush_recording(final=True)
-                self.recording.close()
+            self.stop_recording()
 
 
 __all__ = ["ApiError", "Controller", "ControllerConfig", "ControllerMetrics", "PodInformer"]
