@@ -61,6 +61,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="GLOB",
         help="skip keys matching GLOB (repeatable)",
     )
+    p.add_argument(
+        "--no-wait",
+        action="store_true",
+        help="another fetch into DEST is writing one of these files: exit 17 at once instead "
+        "of waiting for it to finish",
+    )
     add_transfer_flags(p)
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
@@ -175,6 +181,7 @@ def config_from_args(args: argparse.Namespace) -> FetchConfig:
         exclude=tuple(args.exclude),
         peers=peers_from_args(args),
         serve_peers=args.serve_peers,
+        wait=not getattr(args, "no_wait", False),  # fetch's flag; load waits
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import os
 import stat
@@ -15,12 +16,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from spotstart import safefs
+from spotstart.errors import LocalIOError
 from spotstart.fetch.journal import STATE_MODE, local_error, record_mode
 from spotstart.fetch.layout import STATE_DIR
 
 INDEX_DIR = STATE_DIR
 
 INDEX_NAME = "index.json"
+INDEX_LOCK = "index.lock"  # held while a save merges into the index on disk
 
 
 @dataclass(frozen=True)
@@ -48,20 +51,15 @@ class CacheIndex:
         self._lock = threading.Lock()  # files finish concurrently; saves run on threads
         self._saved_at = -1e9
         self.root = dest
-        try:
-            raw = json.loads(_read_index(dest))
-            self.entries = {
-                k: CacheEntry(
-                    **{**v, "parts": tuple(v.get("parts", ())), "crcs": tuple(v.get("crcs", ()))}
-                )
-                for k, v in raw.get("files", {}).items()
-            }
-        except (FileNotFoundError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
-            self.entries = {}
-        except OSError as exc:
-            if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
-            self.entries = {}  # a link where our index goes: never read (save refuses it)
+        self._recorded: set[str] = set()  # entries this run wrote: they win over the disk's
+        self.entries = _load_entries(dest)
+
+    def reload(self) -> None:
+        """Take in what other fetches into this DEST saved since (another runner finished a
+        file whose lock we waited for); entries this run recorded stay ours."""
+        disk = _load_entries(self.root)
+        with self._lock:
+            self.entries = {**disk, **{k: self.entries[k] for k in self._recorded}}
 
     def is_current(self, rel: str, source: str, version: str, size: int, local: Path) -> bool:
         entry = self.entries.get(rel)
@@ -116,6 +114,7 @@ class CacheIndex:
         )
         with self._lock:
             self.entries[rel] = entry
+            self._recorded.add(rel)
 
     def save(self, min_interval_s: float = 0.0) -> None:
         """Write the index atomically; skipped when the last save is younger than
@@ -125,13 +124,30 @@ class CacheIndex:
             if min_interval_s and now - self._saved_at < min_interval_s:
                 return
             self._saved_at = now
-            body = {"version": 1, "files": {k: asdict(v) for k, v in sorted(self.entries.items())}}
-            text = json.dumps(body, indent=1).encode()
             # Created O_EXCL in our own state directory, renamed within it: no link planted
             # there (or at DEST/.spotstart itself) is ever written through.
             dirfd = safefs.private_dir_fd(self.root, INDEX_DIR, STATE_MODE)
             tmp = f"{INDEX_NAME}.{os.getpid()}.tmp"
+            lock = -1
             try:
+                # Fetches into one DEST at once each save the index: read, merge and replace
+                # it under a lock, or one runner's save drops the files another recorded.
+                lock = safefs.open_beneath(
+                    dirfd, INDEX_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+                )
+                if not stat.S_ISREG(os.fstat(lock).st_mode):
+                    raise OSError(errno.ELOOP, "not a regular file", INDEX_LOCK)
+                fcntl.flock(lock, fcntl.LOCK_EX)  # held for one read and one write
+                try:
+                    disk = _load_entries(self.root)
+                except LocalIOError:
+                    disk = {}
+                self.entries = {**disk, **{k: self.entries[k] for k in self._recorded}}
+                body = {
+                    "version": 1,
+                    "files": {k: asdict(v) for k, v in sorted(self.entries.items())},
+                }
+                text = json.dumps(body, indent=1).encode()
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(tmp, dir_fd=dirfd)  # a leftover of a killed run with our pid
                 mode = record_mode(e.source for e in self.entries.values())
@@ -142,7 +158,28 @@ class CacheIndex:
             except OSError as exc:
                 raise local_error(self.path, exc, "saving the index") from exc
             finally:
+                if lock >= 0:
+                    os.close(lock)
                 os.close(dirfd)
+
+
+def _load_entries(root: Path) -> dict[str, CacheEntry]:
+    """The entries of the index saved in ``root``; none where there is none or it is not
+    one we can read (a link where it goes: never read, and saving refuses it)."""
+    try:
+        raw = json.loads(_read_index(root))
+        return {
+            k: CacheEntry(
+                **{**v, "parts": tuple(v.get("parts", ())), "crcs": tuple(v.get("crcs", ()))}
+            )
+            for k, v in raw.get("files", {}).items()
+        }
+    except (FileNotFoundError, json.JSONDecodeError, TypeError, ValueError, AttributeError):
+        return {}
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        return {}
 
 
 def _read_index(root: Path) -> bytes:

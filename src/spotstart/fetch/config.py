@@ -88,6 +88,10 @@ class FetchConfig:
       anything is written. Every read stops at that stated size, so this bounds what a run
       writes, whatever the server answered to a stat made before (``spotstart plan``: one
       trace of 64 MiB at most). None: no limit.
+    - ``wait``: a file another fetch into the same DEST is writing (its lock,
+      ``DEST/.spotstart/parts/<hash>.lock``, is held: see fetch/lock.py) is waited for, then
+      taken as current when that fetch finished it; False: fail at once with
+      :class:`~spotstart.fetch.lock.DestinationBusy` (exit 17), nothing written.
 
     Example::
 
@@ -111,6 +115,7 @@ class FetchConfig:
     serve_peers: str | None = None  # HOST:PORT: serve DEST to peers while this runs
     max_bytes: int | None = None
     max_objects: int | None = None
+    wait: bool = True  # another fetch writing one of DEST's files: wait (False: exit 17)
 
 
 @dataclass(frozen=True)

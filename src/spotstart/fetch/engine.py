@@ -27,6 +27,7 @@ from spotstart.fetch import plan as planning
 from spotstart.fetch.cache import INDEX_DIR, CacheIndex
 from spotstart.fetch.config import FetchConfig, FetchReport, FileResult
 from spotstart.fetch.journal import local_error
+from spotstart.fetch.lock import FileLock, busy
 from spotstart.fetch.peers import PeerSpec
 from spotstart.fetch.scheduler import (
     NullProgress,
@@ -131,14 +132,71 @@ class Fetcher:
         placed = layout.place_objects(objects, self.dest, str(self.url))
         self._check_dest()
         cache = CacheIndex(self.dest)
+        stale = [
+            (info, safe)
+            for info, safe in placed
+            if not (self.config.use_cache and self._current(cache, info, safe))
+        ]
+        locks = await self._lock_files([safe for _, safe in stale])
+        try:
+            return await self._transfer(objects, placed, {s for _, s in stale}, cache, t0)
+        finally:
+            for lock in locks:  # after the index is saved: a waiter then finds the file current
+                lock.release()
+
+    def _current(self, cache: CacheIndex, info: ObjectInfo, safe: str) -> bool:
+        return cache.is_current(
+            safe, self.scheduler.display_of(info), info.version, info.size, self.dest / safe
+        )
+
+    async def _lock_files(self, rels: list[str]) -> list[FileLock]:
+        """The lock of each file this run may write (fetch/lock.py), taken in one order
+        (sorted by path) by every runner, so two runners wanting overlapping sets never hold
+        one each and wait for the other's. Waits for a lock another fetch holds, unless
+        ``config.wait`` is off: then :class:`DestinationBusy`, nothing taken."""
+        locks = [FileLock(self.dest, rel) for rel in sorted(rels)]
+        held: list[FileLock] = []
+        try:
+            told = False
+            for lock in locks:
+                if lock.try_acquire():
+                    held.append(lock)
+                    continue
+                if not self.config.wait:
+                    raise busy([x for x in locks if not x.try_acquire()], self.dest)
+                if not told:
+                    told = True
+                    self.progress.on_message(
+                        f"{lock.rel}: another fetch into {self.dest} is writing it; waiting "
+                        "for it to finish (--no-wait: exit 17 instead)"
+                    )
+                await lock.acquire()
+                held.append(lock)
+        except BaseException:
+            for lock in locks:
+                lock.release()
+            raise
+        return held
+
+    async def _transfer(
+        self,
+        objects: list[tuple[ObjectInfo, str]],
+        placed: list[tuple[ObjectInfo, str]],
+        stale: set[str],
+        cache: CacheIndex,
+        t0: float,
+    ) -> FetchReport:
+        # Every file this run may write is ours alone now; one another runner finished
+        # while we waited is current in the index it saved before letting go.
+        if stale:
+            cache.reload()
         files: list[TransferFile] = []
         results: list[FileResult] = []
         bytes_cached = 0
         for info, safe in placed:
             final = self.dest / safe
-            if self.config.use_cache and cache.is_current(
-                safe, self.scheduler.display_of(info), info.version, info.size, final
-            ):
+            # Not ours to write (current when we looked, so not locked), or current now.
+            if safe not in stale or (self.config.use_cache and self._current(cache, info, safe)):
                 bytes_cached += info.size
                 results.append(FileResult(info.key, str(final), info.size, 0, 0, True, ()))
                 continue

@@ -18,6 +18,7 @@ STATE_DIR = ".spotstart"  # DEST/.spotstart: ours alone; no object may land ther
 PARTS_DIR = "parts"
 PART_SUFFIX = ".part"
 JOURNAL_SUFFIX = ".journal"
+LOCK_SUFFIX = ".lock"  # beside them: held while one fetch writes the file (fetch/lock.py)
 # Linux: a name is at most 255 bytes (NAME_MAX), a path at most 4095 (PATH_MAX less the NUL).
 NAME_MAX_BYTES = 255
 PATH_MAX_BYTES = 4095
