@@ -377,7 +377,7 @@ class VllmServer:
 
 def _fetch(url: str, dest: Path, env: Mapping[str, str], flags: list[str]) -> dict[str, Any]:
     """``spotstart fetch URL DEST FLAGS --json`` as a replica's init step; its summary."""
-    argv = [sys.executable, "-m", "spotstart", "fetch", url, str(dest), *flags, "--json"]
+    argv = [sys.executable, "-P", "-m", "spotstart", "fetch", url, str(dest), *flags, "--json"]
     try:
         res = subprocess.run(
             argv, env=dict(env), capture_output=True, text=True, timeout=300, check=False

@@ -164,10 +164,14 @@ class Replica:
         self.port, upstream = _free_port(), _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**env, **server.env(), "POD_NAME": name, "SPOTSTART_EVENTS": str(events)}
+        # the server under the guard (vLLM's `python -m vllm...`) neither: a `vllm/` or
+        # `spotstart/` in the directory the demo runs from is no module of theirs (3.11+)
+        env["PYTHONSAFEPATH"] = "1"
         self.created = time.monotonic()
         self.notes = server.prepare(replica_dir, model_url, env, peers)
         argv = [
             sys.executable,
+            "-P",  # not the working directory's `spotstart/` (sys.path[0] of `-m`)
             "-m",
             "spotstart",
             "guard",

@@ -42,7 +42,7 @@ class MotoS3(LocalServer):
         self.port = free_port(self.host)
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"  # the IAM calls below, then SigV4 only
-        argv = [sys.executable, "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
+        argv = [sys.executable, "-P", "-m", "moto.server", "-H", self.host, "-p", str(self.port)]
         self._launch(argv, "/moto-api/", timeout_s, env)
         boot = {"aws_access_key_id": "boot", "aws_secret_access_key": "boot"}
         iam = boto3.client("iam", endpoint_url=self.endpoint, region_name=REGION, **boot)

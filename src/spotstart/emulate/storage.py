@@ -573,7 +573,7 @@ class StorageEmulator:
             prefix="spotstart-emulate-", suffix=".stderr", delete=False
         )
         self._stderr_path = Path(stderr_file.name)
-        argv = [sys.executable, "-m", "spotstart.emulate.storage", "--json", "--exit-on-stdin-eof"]
+        argv = [sys.executable, "-P", "-m", "spotstart.emulate.storage", "--json", "--exit-on-stdin-eof"]
         self._proc = subprocess.Popen(
             argv + self.options.to_argv(),
             stdin=subprocess.PIPE,
