@@ -573,7 +573,9 @@ class StorageEmulator:
             prefix="spotstart-emulate-", suffix=".stderr", delete=False
         )
         self._stderr_path = Path(stderr_file.name)
-        argv = [sys.executable, "-P", "-m", "spotstart.emulate.storage", "--json", "--exit-on-stdin-eof"]
+        # -P: not a `spotstart/` of the working directory (sys.path[0] of `python -m`)
+        argv = [sys.executable, "-P", "-m", "spotstart.emulate.storage"]
+        argv += ["--json", "--exit-on-stdin-eof"]
         self._proc = subprocess.Popen(
             argv + self.options.to_argv(),
             stdin=subprocess.PIPE,
