@@ -53,6 +53,7 @@ _TOP = {
     "max_on_demand",
     "eks",
     "peers",
+    "controller",
 }
 _SERVER = {"command", "health_path", "engine", "load_format", "args", "served_model_name", "python"}
 ENGINES = ("vllm",)
@@ -72,6 +73,12 @@ _EXECUTABLE = re.compile(r"[A-Za-z0-9._/-]{1,256}")
 _GPU = {"type", "count"}
 _EKS = {"cluster_name", "node_role"}
 _PEERS = {"token", "token_secret"}
+_CONTROLLER = {"record_trace"}
+_RECORD_TRACE = {"volume", "gap_seconds"}
+# The uid and gid of the spotstart image's user (container/build.sh): its containers run as
+# it, and the volumes they write (weights, the controller's recording) are given its group.
+SPOTSTART_UID = 65532
+RECORD_EMPTY_DIR = "emptyDir"
 
 
 class DeployConfigError(UsageError):
@@ -91,6 +98,25 @@ class PeerConfig:
 
     token: bool = True
     token_secret: str = ""
+
+
+@dataclass(frozen=True)
+class RecordTrace:
+    """`controller: {record_trace: {volume: CLAIM | emptyDir, gap_seconds: 60}}` (or
+    `record_trace: true`: emptyDir, 60 s): the controller records what it sees per zone
+    (`spotstart k8s controller --record-trace`) into /var/lib/spotstart/trace, the traces and
+    fleet.yaml `spotstart plan run` replays.
+
+    ``volume``: the name of a PersistentVolumeClaim the user creates (ReadWriteMany: both
+    controller replicas mount it; only the leader records, the standby takes the recording
+    over, its ticks resumed, when it becomes leader), or ``emptyDir``: a trial, the recording
+    lives as long as the pod and each leader records into its own pod's directory.
+    ``gap_seconds``: the trace's tick, 1 to 86400 (60). The volume is made writable by the
+    image's uid 65532 through the pod's fsGroup 65532.
+    """
+
+    volume: str = RECORD_EMPTY_DIR
+    gap_seconds: int = 60
 
 
 @dataclass(frozen=True)
@@ -123,7 +149,10 @@ class DeployConfig:
     `spotstart.load`, or vLLM's ``load_format: spotstart``), the emptyDir still there as its
     cache. ``image``: the server's (it runs the guard, so it holds spotstart too: for vLLM,
     container/Containerfile.vllm). ``spotstart_image``: the fetch init container's, the
-    serve-peers sidecar's and the controller's (default SPOTSTART_IMAGE, container/build.sh).
+    serve-peers sidecar's and the controller's (default SPOTSTART_IMAGE, container/build.sh);
+    they run as its uid 65532, non-root, read-only root, no capabilities; the server's
+    container keeps its image's user. ``record_trace``: `controller: {record_trace: ...}`
+    (`RecordTrace`), the controller's recording; None: not recorded.
     ``notice_window_s``: the pod's
     terminationGracePeriodSeconds and the guard's --termination-window; never more than the
     cloud gives (NOTICE_WINDOW_S).
@@ -148,6 +177,7 @@ class DeployConfig:
     peers: PeerConfig | None = None
     vllm: VllmServer | None = None  # server.engine: vllm (server_command is then empty)
     spotstart_image: str = SPOTSTART_IMAGE
+    record_trace: RecordTrace | None = None
 
 
 def _fail(key: str, why: str) -> DeployConfigError:
@@ -278,6 +308,7 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
         eks_node_role=str(eks.get("node_role", f"KarpenterNodeRole-{eks.get('cluster_name', '')}")),
         peers=peers,
         vllm=vllm,
+        record_trace=_controller(data.get("controller")),
     )
 
 
@@ -361,6 +392,40 @@ def _peers(value: Any, name: str) -> PeerConfig | None:
             "peers.token_secret", f"{secret!r}: a Secret name (lowercase, digits, '-', '.')"
         )
     return PeerConfig(token=True, token_secret=secret)
+
+
+def _controller(value: Any) -> RecordTrace | None:
+    """`controller: {record_trace: true|false|{volume: ..., gap_seconds: ...}}`."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _fail("controller", f"{str(value)[:40]!r}: a mapping, {{record_trace: ...}}")
+    _unknown(value, _CONTROLLER, "controller")
+    record = value.get("record_trace", False)
+    if record is False or record is None:
+        return None
+    if record is True:
+        record = {}
+    if not isinstance(record, Mapping):
+        raise _fail(
+            "controller.record_trace",
+            f"{str(record)[:40]!r}: true, false or {{volume: CLAIM | emptyDir, gap_seconds: 60}}",
+        )
+    _unknown(record, _RECORD_TRACE, "controller.record_trace")
+    volume = record.get("volume", RECORD_EMPTY_DIR)
+    if volume != RECORD_EMPTY_DIR and (
+        not isinstance(volume, str) or len(volume) > 253 or not _DNS_SUBDOMAIN.fullmatch(volume)
+    ):
+        raise _fail(
+            "controller.record_trace.volume",
+            f"{str(volume)[:40]!r}: a PersistentVolumeClaim's name (lowercase, digits, '-', "
+            f"'.'), or {RECORD_EMPTY_DIR}",
+        )
+    try:
+        gap = _int(record, "gap_seconds", 60, 1, 86_400)
+    except DeployConfigError as exc:
+        raise _fail("controller.record_trace.gap_seconds", str(exc).split(": ", 2)[-1]) from None
+    return RecordTrace(volume=volume, gap_seconds=gap)
 
 
 def load_config(path: Path, cloud: Cloud) -> DeployConfig:

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from spotstart import safefs
-from spotstart.k8s.config import GUARD_CLOUD, GUARD_PORT, PEER_PORT, Cloud, DeployConfig
+from spotstart.k8s.config import (
+    GUARD_CLOUD,
+    GUARD_PORT,
+    PEER_PORT,
+    RECORD_EMPTY_DIR,
+    SPOTSTART_UID,
+    Cloud,
+    DeployConfig,
+)
 from spotstart.k8s.gpus import GPUS
 
 WEIGHTS_DIR = "/weights"
@@ -34,6 +42,39 @@ VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 STREAMED_EXCLUDE = "*.safetensors"
 
 Obj = dict[str, Any]
+
+# The spotstart containers (fetch, serve-peers, the controller) need no writable root: fetch
+# writes into the weights volume, the controller into its trace volume; /tmp is an emptyDir of
+# its own for the libraries that want one. The server's container is left as its image says
+# (a user's vLLM image may need root).
+TMP_DIR = "/tmp"  # an emptyDir per pod, not the node's /tmp
+TMP_VOLUME = "spotstart-tmp"
+TRACE_DIR = "/var/lib/spotstart/trace"
+TRACE_VOLUME = "trace"
+
+
+def spotstart_security() -> Obj:
+    """The securityContext of every container that runs the spotstart image."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": SPOTSTART_UID,
+        "runAsGroup": SPOTSTART_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _pod_security() -> Obj:
+    """Pod level: the volumes (weights, trace) belong to group 65532, so the spotstart
+    containers can write them; only at the volume's root is ownership changed when it is not
+    already so (a large claim is not walked at every start)."""
+    return {"fsGroup": SPOTSTART_UID, "fsGroupChangePolicy": "OnRootMismatch"}
+
+
+def _tmp_volume() -> Obj:
+    return {"name": TMP_VOLUME, "emptyDir": {"sizeLimit": "64Mi"}}
 
 
 @dataclass(frozen=True)
@@ -103,6 +144,8 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
         {"name": "SPOTSTART_WEIGHTS_DIR", "value": WEIGHTS_DIR},
     ]
     mounts = [{"name": "weights", "mountPath": WEIGHTS_DIR}]
+    # the spotstart containers': the weights and their own /tmp
+    own_mounts = [*mounts, {"name": TMP_VOLUME, "mountPath": TMP_DIR}]
     server: Obj = {
         "name": "server",
         "image": cfg.image,
@@ -132,6 +175,7 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
     spec: Obj = {
         "serviceAccountName": cfg.name,  # the guard patches its own pod on a notice (rbac.yaml)
         "terminationGracePeriodSeconds": cfg.notice_window_s,
+        "securityContext": _pod_security(),
         "containers": [server],
         "volumes": [{"name": "weights", "emptyDir": {}}],
         "topologySpreadConstraints": [
@@ -178,7 +222,8 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
             "restartPolicy": "Always",
             "command": serve,
             "ports": [{"name": "peers", "containerPort": PEER_PORT, "protocol": "TCP"}],
-            "volumeMounts": mounts,
+            "volumeMounts": own_mounts,
+            "securityContext": spotstart_security(),
         }
         if token_env is not None:
             # the server and every client of the peers (fetch, in-process load) carry the same
@@ -197,11 +242,13 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
                 "image": cfg.spotstart_image,
                 "command": fetch,
                 "env": env,
-                "volumeMounts": mounts,
+                "volumeMounts": own_mounts,
+                "securityContext": spotstart_security(),
             }
         )
     if init:
         spec["initContainers"] = init
+        spec["volumes"].append(_tmp_volume())
     selectors, tolerations = _placement(cfg, cloud, kind)
     if selectors:
         spec["nodeSelector"] = selectors
@@ -619,6 +666,17 @@ def _controller(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
         "--metrics-port",
         str(CONTROLLER_METRICS_PORT),
     ]
+    mounts: list[Obj] = [{"name": TMP_VOLUME, "mountPath": TMP_DIR}]
+    volumes: list[Obj] = [_tmp_volume()]
+    record = cfg.record_trace
+    if record is not None:
+        args += ["--record-trace", TRACE_DIR, "--record-gap", str(record.gap_seconds)]
+        mounts.append({"name": TRACE_VOLUME, "mountPath": TRACE_DIR})
+        volumes.append(
+            {"name": TRACE_VOLUME, "emptyDir": {}}
+            if record.volume == RECORD_EMPTY_DIR
+            else {"name": TRACE_VOLUME, "persistentVolumeClaim": {"claimName": record.volume}}
+        )
     deployment = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -659,14 +717,12 @@ def _controller(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
                                 "requests": {"cpu": "50m", "memory": "128Mi"},
                                 "limits": {"memory": "256Mi"},
                             },
-                            "securityContext": {
-                                "allowPrivilegeEscalation": False,
-                                "readOnlyRootFilesystem": True,
-                                "runAsNonRoot": True,
-                                "capabilities": {"drop": ["ALL"]},
-                            },
+                            "volumeMounts": mounts,
+                            "securityContext": spotstart_security(),
                         }
                     ],
+                    "securityContext": _pod_security(),
+                    "volumes": volumes,
                     # not on the spot pool it watches: it must outlive a zone's preemptions
                     "affinity": {
                         "nodeAffinity": {
