@@ -263,3 +263,32 @@ def test_fetch_and_serve_peers_run_with_a_read_only_root_as_65532(tmp_path: Path
         proc.terminate()
         proc.wait(10)
     assert "Traceback" not in log.read_text()
+
+
+def test_the_example_names_the_images_container_builds_and_its_comments_parse() -> None:
+    """examples/deploy.yaml names the server image container/Containerfile.vllm makes and
+    (commented: the default) the one container/build.sh makes, at this version; the commented
+    spotstart_image and controller keys are ones the config takes."""
+    from spotstart.k8s.config import VLLM_SPOTSTART_IMAGE
+
+    text = EXAMPLE.read_text()
+    assert "example/" not in text
+    raw = yaml.safe_load(text)
+    assert raw["image"] == VLLM_SPOTSTART_IMAGE
+    # uncomment the commented top-level keys (`# key:` at column 0 and what is indented under)
+    lines, on = [], False
+    for line in text.splitlines():
+        if line.startswith("# ") and line[2:3].isalpha() and ":" in line.split()[1]:
+            key = line.split()[1].rstrip(":")
+            on = key in ("spotstart_image", "controller")
+            line = line[2:] if on else line
+        elif on and line.startswith("#   "):
+            line = line[2:]
+        elif on and not line.startswith("#    "):
+            on = False
+        lines.append(line)
+    uncommented = yaml.safe_load("\n".join(lines))
+    assert uncommented["spotstart_image"] == SPOTSTART_IMAGE
+    cfg = parse_config(uncommented, "gke")
+    assert cfg.spotstart_image == SPOTSTART_IMAGE
+    assert cfg.record_trace is not None and cfg.record_trace.volume == "llama-8b-traces"
