@@ -22,6 +22,7 @@ from tests.conftest import BUCKET, error_line, run_cli, spawn_cli
 
 KiB, MiB = 1 << 10, 1 << 20
 SLOW = LinkConfig(per_conn_bytes_per_s=3e6, first_byte_latency_s=0.0)
+SLOWER = LinkConfig(per_conn_bytes_per_s=1e6, first_byte_latency_s=0.0)  # a kill lands mid-file
 
 
 def _seed(cloud: StorageEmulator, prefix: str) -> dict[str, bytes]:
@@ -136,7 +137,7 @@ def test_a_killed_holder_does_not_block_the_waiter_which_resumes_its_part_file(
 ) -> None:
     objects = _seed(clean_cloud, "killed")
     dest = tmp_path / "dest"
-    clean_cloud.set_link(SLOW)
+    clean_cloud.set_link(SLOWER)
     holder = spawn_cli(_args("killed", dest), gcs_env)
     _, journal = work_paths(dest, "a.bin")
 
