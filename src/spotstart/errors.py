@@ -13,7 +13,9 @@
     +-- LocalIOError                    exit 8  the destination cannot be written
     |   +-- DiskFull                    exit 9  ENOSPC / EDQUOT on the destination
     |   +-- UnsafePath                  exit 8  a symlink, or a directory others may write, where
-    |                                           spotstart creates files
+    |   |                                       spotstart creates files
+    |   +-- DestinationBusy             exit 17 `fetch --no-wait`: another fetch is writing a
+    |                                           file of this DEST
     +-- InvalidCheckpoint               exit 10 malformed checkpoint: header, offsets, dtype, index
     +-- ProtocolError                   exit 11 the server broke its protocol (a 200 to a ranged
                                                 read, a listing that is not S3 XML)
@@ -172,6 +174,13 @@ class NodeUnfit(SpotstartError):
     exit_code = 16
 
 
+class DestinationBusy(LocalIOError):
+    """Another fetch is writing a file of this DEST, and this one was asked not to wait
+    (``--no-wait``). Nothing of theirs was touched; rerun once it is done."""
+
+    exit_code = 17
+
+
 EXIT_CODES: dict[str, int] = {
     "ok": 0,
     "error": SpotstartError.exit_code,
@@ -190,5 +199,6 @@ EXIT_CODES: dict[str, int] = {
     "budget_exceeded": BudgetExceeded.exit_code,
     "not_ready": NotReady.exit_code,
     "node_unfit": NodeUnfit.exit_code,
+    "busy": DestinationBusy.exit_code,
     "interrupted": 130,
 }

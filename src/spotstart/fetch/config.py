@@ -91,7 +91,7 @@ class FetchConfig:
     - ``wait``: a file another fetch into the same DEST is writing (its lock,
       ``DEST/.spotstart/parts/<hash>.lock``, is held: see fetch/lock.py) is waited for, then
       taken as current when that fetch finished it; False: fail at once with
-      :class:`~spotstart.fetch.lock.DestinationBusy` (exit 17), nothing written.
+      :class:`~spotstart.errors.DestinationBusy` (exit 17), nothing written.
 
     Example::
 

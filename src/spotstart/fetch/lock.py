@@ -27,16 +27,9 @@ import stat
 from pathlib import Path
 
 from spotstart import safefs
-from spotstart.errors import LocalIOError
+from spotstart.errors import DestinationBusy, LocalIOError
 from spotstart.fetch.journal import STATE_MODE, local_error
 from spotstart.fetch.layout import LOCK_SUFFIX, work_paths
-
-
-class DestinationBusy(LocalIOError):
-    """Another fetch is writing a file of this DEST, and this one was asked not to wait
-    (``--no-wait``). Nothing of theirs was touched; rerun once it is done."""
-
-    exit_code = 17
 
 
 class FileLock:
