@@ -154,6 +154,7 @@ def read_log(
 
 
 def run(args: argparse.Namespace) -> int:
+    from spotstart.fleet.config import MAX_TARGET_REPLICAS
     from spotstart.fleet.record import (
         MAX_TICKS,
         TraceDirectory,
@@ -196,6 +197,17 @@ def run(args: argparse.Namespace) -> int:
     target = args.target if args.target is not None else _most_at_once(lives)
     if target < 1:
         raise UsageError("--target: no node was ever ready in these logs; give --target")
+    if target > MAX_TARGET_REPLICAS:
+        # a log (or many) claiming 20,000 nodes ready at once made a plan that ran 47 s
+        said = (
+            f"--target {target:,}"
+            if args.target is not None
+            else f"--events: the most nodes ready at once is {target:,}"
+        )
+        raise UsageError(
+            f"{said}, over the {MAX_TARGET_REPLICAS:,} replicas a plan keeps; give a --target "
+            f"of at most {MAX_TARGET_REPLICAS:,}"
+        )
     assumed = args.assume if args.assume is not None else target
     # the ticks in memory first: a bad zone or count fails before DIR is touched
     TraceRecorder(zones, gap_s=args.gap, start_s=start, assumed_nodes=assumed)

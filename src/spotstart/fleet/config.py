@@ -37,6 +37,24 @@ UNLIMITED = 1_000_000  # "capacity: any": k > 0 grants as many nodes as asked
 # a trace file can hold values (untrusted_json's 4 million) is ~2 s and 32 MB. A shared
 # fleet.yaml asking 20,000 hours of 1 s ticks ran for minutes at 8.5 GB before.
 MAX_SYNTHETIC_TICKS = 4_000_000
+# The most replicas a plan keeps ready (target.replicas, the peak of requests_per_second, a
+# recording's target): a replay's time grows with the target (each tick walks every replica),
+# and a shared fleet.yaml or a recorded guard log claiming 20,000 replicas ran 47 s, a million
+# for hours. 10,000 serving replicas of one model is beyond any fleet this plans for.
+MAX_TARGET_REPLICAS = 10_000
+
+
+def check_target(where: str, replicas: float) -> int:
+    """``replicas`` as the int a plan keeps, or ConfigError (exit 2) over MAX_TARGET_REPLICAS
+    (inf too) or under 1."""
+    if not 1 <= replicas <= MAX_TARGET_REPLICAS:  # NaN too
+        shown = f"{replicas:,.0f}" if math.isfinite(replicas) else repr(replicas)
+        raise ConfigError(
+            f"{where}: {shown} replicas; a plan keeps 1 to {MAX_TARGET_REPLICAS:,} "
+            "(its time grows with the target)"
+        )
+    return int(replicas)
+
 
 _TOP = {
     "traces_dir",
@@ -282,6 +300,7 @@ def _target(doc: Any, ticks: int, tick: float) -> IntArray:
         raise ConfigError("target: give either 'replicas' or 'requests_per_second', not both")
     if "requests_per_second" not in t:
         n = _number("target.replicas", t.get("replicas", 1), positive=True)
+        check_target("target.replicas", n)  # before int(): inf was an OverflowError
         if n != int(n):
             raise ConfigError(f"target.replicas: must be a whole number, got {n}")
         return np.full(ticks, int(n), dtype=np.int64)
@@ -293,7 +312,11 @@ def _target(doc: Any, ticks: int, tick: float) -> IntArray:
     step = _number("target.tick_seconds", t.get("tick_seconds", tick), positive=True)
     # sample i covers [i*step, (i+1)*step); the series repeats (a daily profile, say)
     idx = (np.arange(ticks) * tick // step).astype(np.int64) % len(rates)
-    return np.maximum(1, np.ceil(rates[idx] / per - 1e-9)).astype(np.int64)
+    wanted = np.ceil(rates[idx] / per - 1e-9)
+    peak = float(wanted.max()) if len(wanted) else 1.0
+    if peak > MAX_TARGET_REPLICAS or not math.isfinite(peak):
+        check_target("target.requests_per_second / replica_rps at its peak", peak)
+    return np.maximum(1, wanted).astype(np.int64)
 
 
 def _policies(top: Mapping[str, Any]) -> tuple[tuple[str, Mapping[str, Any]], ...]:

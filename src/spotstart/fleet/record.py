@@ -43,6 +43,7 @@ from typing import Any
 
 from spotstart import safefs, untrusted_json
 from spotstart.errors import DiskFull, LocalIOError, UnsafePath
+from spotstart.fleet.config import check_target
 from spotstart.fleet.errors import ConfigError
 
 FORMAT = "spotstart-record/1"
@@ -429,6 +430,8 @@ class TraceDirectory:
         (a different gap is refused); zones are the union of the recorded and ``zones``."""
         for z in zones:
             check_zone(z)
+        # the fleet.yaml written names it: one plan would refuse is refused before anything
+        check_target("record target", target if target is not None else max(1, assumed_nodes))
         p = Path(os.path.abspath(path))
         try:
             p.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ from lightkube.types import PatchType, on_error_raise
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from spotstart.errors import SpotstartError
+from spotstart.fleet.config import check_target
 from spotstart.fleet.model import Preempted, Zone
 from spotstart.fleet.policies import CalmRelease, make_policy
 from spotstart.fleet.record import RecordingBusy, TraceDirectory, TraceRecorder
@@ -320,6 +321,7 @@ class Controller:
                 self._open_recording().close()
             except RecordingBusy:
                 # the leader records there now: check what can be checked without the lock
+                check_target("record target", cfg.target)
                 TraceRecorder(
                     cfg.zones,
                     gap_s=cfg.record_gap_s,
