@@ -12,10 +12,15 @@ epoch=${SOURCE_DATE_EPOCH:-0}
 root=$(mktemp -d "${TMPDIR:-/tmp}/spotstart-base.XXXXXX")
 trap 'rm -rf -- "$root"' EXIT
 
+keyring=${SPOTSTART_IMAGE_KEYRING:-/usr/share/keyrings/debian-archive-keyring.gpg}
+
 # --variant=minbase: the Essential packages and apt, nothing of "important" (no init system,
-# no editor, no networking tools). debootstrap checks the Release file's signature with
-# the host's debian-archive-keyring.
-debootstrap --variant=minbase --include=python3,ca-certificates "$suite" "$root" "$mirror" >&2
+# no editor, no networking tools). The Release file's signature is checked with Debian's
+# archive keyring, and --force-check-gpg makes a host without it an error: otherwise
+# debootstrap only warns ("Cannot check Release signature") and takes whatever the mirror
+# (plain http) serves.
+debootstrap --force-check-gpg --keyring="$keyring" --variant=minbase \
+  --include=python3,ca-certificates "$suite" "$root" "$mirror" >&2
 
 # Users who extend the image (FROM this, apt-get install ...) get no docs either.
 cat >"$root/etc/dpkg/dpkg.cfg.d/spotstart-slim" <<'EOF'
@@ -55,7 +60,11 @@ echo 'spotstart:!*:19000::::::' >>"$root/etc/shadow"
 install -d -m 0755 -o 65532 -g 65532 "$root/home/spotstart"
 
 # One tar, its members in name order with one time, so the same packages make the same bytes.
+# A part file of a name of its own (mktemp: O_EXCL, mode 0600), never a fixed "$out.part" that
+# a symlink planted beside it would send root's tar elsewhere through.
 mkdir -p "$(dirname "$out")"
+part=$(mktemp "$out.XXXXXX")
+trap 'rm -rf -- "$root" "$part"' EXIT
 tar --sort=name --mtime="@$epoch" --clamp-mtime --numeric-owner --xattrs --xattrs-include='*' \
-  -C "$root" -cf "$out.part" .
-mv -f "$out.part" "$out"
+  -C "$root" -cf "$part" .
+mv -f -- "$part" "$out"

@@ -7,7 +7,8 @@
 #     cached by base.sh's hash in ~/.cache/spotstart/, or $SPOTSTART_IMAGE_CACHE)
 #   1 a venv in /opt/spotstart with spotstart[k8s]'s dependencies (container/requirements.lock,
 #     pinned by hash)
-#   2 spotstart, the wheel built from this checkout
+#   2 spotstart, the wheel built from this checkout's tracked files (container/wheel.sh,
+#     setuptools pinned by hash in container/build-requirements.lock)
 # Wheels come from the index pip on this host uses (pip's own proxy and CA settings); inside
 # the image nothing reaches a network. Needs root, buildah, debootstrap, python3 with pip.
 # SOURCE_DATE_EPOCH (default: the checkout's last commit) is every file's mtime and the
@@ -40,8 +41,33 @@ cleanup() {
 trap cleanup EXIT
 step() { echo "build.sh: $(date -u +%T) $*" >&2; }
 
-key=$(sha256sum "$here/base.sh" | cut -c1-12)
+key=$({ cat "$here/base.sh"; echo "${SPOTSTART_IMAGE_SUITE:-bookworm}"; } | sha256sum | cut -c1-12)
 cache=${SPOTSTART_IMAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/spotstart}
+# The cached root becomes every file of the image's base, and base.sh writes it as root: a
+# cache another user can write (a shared SPOTSTART_IMAGE_CACHE, /tmp, a sudo that kept a
+# user's HOME) could swap it between our check and buildah's read, or hold a symlink that
+# sends root's write elsewhere. The cache and every directory above it: owned by root or
+# us, and no group/other write but on a sticky directory above it (as /tmp).
+private_dir() {
+  local d p owner mode
+  (umask 077 && mkdir -p -- "$1") || return 1
+  d=$(realpath -e -- "$1") || return 1
+  p=$d
+  while :; do
+    read -r owner mode < <(stat -c '%u %a' -- "$p") || return 1
+    if [ "$owner" != 0 ] && [ "$owner" != "$(id -u)" ]; then return 1; fi
+    if (((8#$mode & 8#022) != 0)); then
+      [ "$p" != "$d" ] && (((8#$mode & 8#1000) != 0)) || return 1
+    fi
+    [ "$p" = / ] && return 0
+    p=$(dirname -- "$p")
+  done
+}
+if ! private_dir "$cache"; then
+  echo "build.sh: the cache $cache (or a directory above it) is owned or writable by another" \
+    "user: set SPOTSTART_IMAGE_CACHE to a directory only $(id -un) can write" >&2
+  exit 2
+fi
 base="$cache/image-base-$key.tar"
 # The cached root becomes the image: one that another user could have written is made anew.
 if [ -f "$base" ] && { [ "$(stat -c %u "$base")" != "$(id -u)" ] || [ -n "$(find "$base" -perm /022)" ]; }; then
@@ -54,7 +80,7 @@ if [ ! -f "$base" ]; then
 fi
 
 step "wheels: spotstart from $repo, the rest from container/requirements.lock"
-python3 -m pip wheel -q --no-deps -w "$work/app" "$repo"
+"$here/wheel.sh" "$repo" "$work/app"
 python3 -m pip download -q --no-deps --require-hashes "${PIP_TARGET[@]}" \
   -r "$here/requirements.lock" -d "$work/wheels"
 mkdir "$work/pip"
