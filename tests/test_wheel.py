@@ -102,6 +102,11 @@ def test_the_wheel_holds_every_file_of_the_package_and_nothing_of_the_checkout(
     assert {n for n in tracked if not n.endswith(".py")}, "no package data tracked at all?"
     missing = sorted(set(tracked) - names)
     assert not missing, f"tracked under src/spotstart but not in {wheel.name}: {missing}"
+    # and nothing else of the checkout: no untracked file (a local secret beside the examples),
+    # no stale module of an earlier build's build/lib or egg-info, no bytecode
+    package = {n for n in names if n.startswith("spotstart/")}
+    extra = sorted(package - set(tracked))
+    assert not extra, f"in {wheel.name} but not tracked under src/spotstart: {extra}"
     tops = {n.split("/", 1)[0] for n in names}  # no tests/, bench/, examples/ at the top
     assert all(t == "spotstart" or t.endswith(".dist-info") for t in tops), tops
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
