@@ -42,6 +42,12 @@ find "$root/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec
 rm -rf "$root/var/cache/apt/"* "$root/var/cache/debconf/"*-old "$root/var/lib/dpkg/"*-old
 find "$root/var/log" -type f -delete
 rm -f "$root/etc/machine-id" "$root/var/lib/dbus/machine-id" "$root/etc/hostname"
+# Nothing of the build host or its network: debootstrap copies the host's /etc/resolv.conf
+# (its nameservers and search domains; a runtime mounts the pod's own over it) and writes
+# the mirror it used into apt's sources (SPOTSTART_IMAGE_MIRROR may be an internal mirror,
+# user:password@ in its URL). An image that is extended (apt-get install) uses Debian's.
+: >"$root/etc/resolv.conf"
+echo "deb http://deb.debian.org/debian $suite main" >"$root/etc/apt/sources.list"
 # The device nodes debootstrap made: a runtime mounts /dev of its own, and a node in a layer
 # is no file a snapshotter can prefetch (nor one a rootless unpack can make).
 find "$root/dev" -mindepth 1 -delete

@@ -97,6 +97,16 @@ def test_image_config_runs_spotstart_as_uid_65532_with_oci_labels(layout: Path) 
     assert len(labels["org.opencontainers.image.revision"]) == 40
     history = [h.get("created_by", "") for h in config["history"]]
     assert history[0].startswith("container/base.sh: debootstrap")
+    # nothing of the build host in the config: no proxy or pip settings, no build paths
+    text = json.dumps(config)
+    for leak in ("proxy", "PIP_", "spotstart-build.", "spotstart-base.", "/root/", "TMPDIR"):
+        assert leak.lower() not in text.lower(), leak
+    assert {e.split("=", 1)[0] for e in c["Env"]} == {
+        "PATH",
+        "HOME",
+        "PYTHONDONTWRITEBYTECODE",
+        "PYTHONUNBUFFERED",
+    }
 
 
 def test_the_built_image_runs_spotstart_version_as_its_user(layout: Path, tmp_path: Path) -> None:
@@ -127,6 +137,28 @@ def test_the_built_image_runs_spotstart_version_as_its_user(layout: Path, tmp_pa
         if os.lstat(os.path.join(d, n)).st_mode & 0o6000
     ]
     assert setuid == []
+    # nothing the image's user (or code a dependency runs) may change for the next reader:
+    # no world-writable file, no world-writable directory without the sticky bit (/tmp's)
+    writable = [
+        p
+        for d, dirs, names in os.walk(root)
+        for p in (os.path.join(d, n) for n in dirs + names)
+        if not os.path.islink(p)
+        and os.lstat(p).st_mode & 0o002
+        and not (os.path.isdir(p) and os.lstat(p).st_mode & 0o1000)
+    ]
+    assert writable == []
+    assert root.stat().st_mode & 0o755 == 0o755  # `/` itself, not mktemp's 0700
+    # no secret or setting of the build host: pip's, netrc, root's caches
+    for leak in ("root/.netrc", "root/.cache", "root/.config", "etc/pip.conf", "etc/xdg/pip"):
+        assert not (root / leak).exists(), leak
+    assert (root / "etc/resolv.conf").read_bytes() == b""  # not the build host's nameservers
+    assert (root / "etc/apt/sources.list").read_text().split() == [
+        "deb",
+        "http://deb.debian.org/debian",
+        "bookworm",
+        "main",
+    ]
     assert not list((root / "var/lib/apt/lists").iterdir())
     assert not (root / "opt/spotstart/bin/pip").exists()
     assert (root / "home/spotstart").stat().st_uid == 65532
