@@ -11,8 +11,10 @@
 #     setuptools pinned by hash in container/build-requirements.lock)
 # Wheels come from the index pip on this host uses (pip's own proxy and CA settings); inside
 # the image nothing reaches a network. Needs root, buildah, debootstrap, python3 with pip.
-# SOURCE_DATE_EPOCH (default: the checkout's last commit) is every file's mtime and the
-# image's creation time: the same inputs give the same layers.
+# File times: each layer's are the last commit of that layer's inputs (layer 2 and the image's
+# creation time: the checkout's last commit), or SOURCE_DATE_EPOCH for all where it is set:
+# the same inputs give the same layers (layer 1 measured byte for byte across two builds; the
+# base root is the cached tar, so the same on one machine, not across machines).
 set -euo pipefail
 if [ $# -lt 1 ] || [ $# -gt 2 ]; then
   echo "usage: container/build.sh DIR [TAG]" >&2
@@ -26,7 +28,17 @@ for tool in buildah debootstrap; do
   command -v "$tool" >/dev/null || { echo "build.sh: needs $tool (apt-get install $tool)" >&2; exit 2; }
 done
 export STORAGE_DRIVER=vfs BUILDAH_ISOLATION=chroot
-export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(git -C "$repo" log -1 --format=%ct 2>/dev/null || echo 0)}
+SOURCE_DATE_EPOCH_FIXED=${SOURCE_DATE_EPOCH:-}
+# Each layer's file times (and so its digest) come from the last commit of its own inputs:
+# a commit that changes only spotstart leaves layers 0 and 1 byte for byte as they were, and
+# a node that holds them pulls only layer 2. (One SOURCE_DATE_EPOCH of HEAD for all three
+# gave every commit three new layers of identical content.) A SOURCE_DATE_EPOCH set by the
+# caller is every layer's.
+epoch_of() { git -C "$repo" log -1 --format=%ct -- "$@" 2>/dev/null | grep . || echo 0; }
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-$(epoch_of .)}
+epoch_base=${SOURCE_DATE_EPOCH_FIXED:-$(epoch_of container/base.sh)}
+epoch_deps=${SOURCE_DATE_EPOCH_FIXED:-$(epoch_of container/base.sh container/build.sh \
+  container/platform.sh container/requirements.lock)}
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 version=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$repo/src/spotstart/__init__.py")
 tag=${2:-$version}
@@ -102,7 +114,7 @@ step "layer 0: the base root"
 ctr=$(bh from --quiet scratch)
 bh add --quiet "$ctr" "$base" /
 bh config --created-by "container/base.sh: debootstrap $key (Debian bookworm minbase, python3)" "$ctr"
-bh commit --quiet --format oci --timestamp "$SOURCE_DATE_EPOCH" --rm "$ctr" spotstart-base >/dev/null
+bh commit --quiet --format oci --timestamp "$epoch_base" --rm "$ctr" spotstart-base >/dev/null
 
 step "layer 1: the venv and the locked dependencies"
 ctr=$(bh from --quiet spotstart-base)
@@ -112,7 +124,7 @@ bh run --volume "$work/wheels:/wheels:ro" --volume "$work/pip:/pip:ro" "$ctr" --
   $prune
   $compile $site"
 bh config --created-by "container/build.sh: venv /opt/spotstart, requirements.lock" "$ctr"
-bh commit --quiet --format oci --timestamp "$SOURCE_DATE_EPOCH" --rm "$ctr" spotstart-deps >/dev/null
+bh commit --quiet --format oci --timestamp "$epoch_deps" --rm "$ctr" spotstart-deps >/dev/null
 
 step "layer 2: spotstart $version"
 ctr=$(bh from --quiet spotstart-deps)
