@@ -185,6 +185,15 @@ def test_the_example_renders_every_spotstart_container_locked_down(tmp_path: Pat
 # --- the rendered commands under a read-only root, as uid 65532 ---------------------------
 
 
+def _beneath_tmp() -> set[Path]:
+    """The venv (its scripts, an editable install's source) and the checkout, where /tmp holds
+    them: the sandbox's own /tmp would hide them."""
+    here = Path(__file__).resolve().parents[2]
+    paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), here}
+    tmp = Path("/tmp").resolve()
+    return {p for p in paths if p.is_relative_to(tmp)}
+
+
 def sandbox(tmp_path: Path) -> list[str]:
     """bubblewrap: the host's root read-only, uid/gid 65532, a fresh /tmp; /mnt/weights the
     only other writable path (the pod's emptyDir), the model read-only at /mnt/src."""
@@ -198,6 +207,12 @@ def sandbox(tmp_path: Path) -> list[str]:
         "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp", "--tmpfs", "/mnt",
         "--bind", str(tmp_path / "weights"), "/mnt/weights",
         "--ro-bind", str(tmp_path / "src"), "/mnt/src", "--remount-ro", "/mnt",
+        # this checkout and its venv, where they lie beneath the fresh /tmp (a clone in /tmp)
+        *[
+            a
+            for d in sorted(_beneath_tmp())
+            for a in ("--ro-bind", str(d), str(d))
+        ],
         "--setenv", "HOME", "/nonexistent",
         "--setenv", "PATH", f"{Path(sys.executable).parent}:/usr/bin:/bin",
         "--",
