@@ -45,7 +45,7 @@ def test_a_log_with_a_byte_that_is_not_utf8_is_read(tmp_path: Path) -> None:
     res = run_cli(["timeline", *map(str, FILES[:3]), str(log), "--pod", POD, "--json"])
     assert res.code == 0, res.stderr
     names = {p["name"] for p in json.loads(res.stdout)["phases"]}
-    assert {"server: load weights", "server: init engine"} <= names
+    assert {"server: load weights", "server: engine-init"} <= names
 
 
 def test_malformed_event_lines_are_skipped_and_counted(tmp_path: Path) -> None:

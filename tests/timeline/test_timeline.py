@@ -47,7 +47,7 @@ def test_every_phase_lands_where_the_records_put_it() -> None:
         "fetch": (at("10:04:01"), at("10:05:29"), "spotstart"),
         "server: load weights": (at("10:05:39.750"), at("10:06:10"), "server-log"),
         "server: model loading": (at("10:05:39.520"), at("10:06:11"), "server-log"),
-        "server: init engine": (at("10:06:15"), at("10:07:05"), "server-log"),
+        "server: engine-init": (at("10:06:15"), at("10:07:05"), "server-log"),
     }
     assert set(got) == set(want)
     for name, (s, e, src) in want.items():

@@ -34,7 +34,7 @@ RECORDED = [
     ("server: model loading", "2026-12-06T14:28:44", "2026-12-06T14:28:45"),
     ("server: load weights", "2026-12-06T14:28:44.990", "2026-12-06T14:28:45"),
     ("server: warm-up", "2026-12-06T14:28:45", "2026-12-06T14:29:22"),
-    ("server: init engine", "2026-12-06T14:28:45.360", "2026-12-06T14:29:24"),
+    ("server: engine-init", "2026-12-06T14:28:45.360", "2026-12-06T14:29:24"),
     ("server: profiling run", "2026-12-06T14:29:20.650", "2026-12-06T14:29:22"),
     ("server: API start", "2026-12-06T14:29:24", "2026-12-06T14:29:25"),
     ("server: API up", "2026-12-06T14:29:25", "2026-12-06T14:29:25"),
@@ -50,7 +50,7 @@ def test_every_phase_of_a_real_vllm_start_lands_where_its_lines_put_it() -> None
         assert p.start == pytest.approx(at(start), abs=1e-6), name
         assert p.end == pytest.approx(at(end), abs=1e-6), name
         assert p.source == "server-log"
-    init = next(p for p in got.phases if p.name == "server: init engine")
+    init = next(p for p in got.phases if p.name == "server: engine-init")
     assert "(EngineCore pid=6153)" in init.detail and init.seconds == pytest.approx(38.64)
 
 
@@ -63,7 +63,7 @@ def test_the_cli_reads_the_recorded_log_and_its_critical_path_adds_up() -> None:
     assert [c["name"] for c in path] == [
         "server: start-up",
         "server: model loading",
-        "server: init engine",
+        "server: engine-init",
         "server: API start",
     ]
     assert doc["total_s"] == pytest.approx(at("2026-12-06T14:29:25") - at("2026-12-06T14:28:02"))
@@ -182,7 +182,7 @@ def test_older_vllm_lines_and_a_carriage_return_progress_bar_are_read() -> None:
         "server: model loading": (t("10:05:39.520"), t("10:06:11")),
         "server: torch.compile": (t("10:06:20.500"), t("10:06:41")),
         "server: CUDA graphs": (t("10:06:53"), t("10:07:02")),
-        "server: init engine": (t("10:06:15"), t("10:07:05")),
+        "server: engine-init": (t("10:06:15"), t("10:07:05")),
         # uvicorn's line has no time: the last one logged before it
         "server: API start": (t("10:07:05"), t("10:07:05")),
         "server: API up": (t("10:07:05"), t("10:07:05")),
@@ -206,7 +206,7 @@ def test_the_rendered_gke_pod_log_guard_and_vllm_interleaved_is_read() -> None:
         "server: start-up",
         "server: load weights",
         "server: model loading",
-        "server: init engine",
+        "server: engine-init",
         "server: warm-up",
         "server: profiling run",
         "server: API start",
@@ -215,7 +215,7 @@ def test_the_rendered_gke_pod_log_guard_and_vllm_interleaved_is_read() -> None:
     ]
     assert by["server: start-up"].start == at("2026-12-06T14:42:04")
     assert by["server: API up"].start == at("2026-12-06T14:42:41")
-    assert by["server: init engine"].seconds == pytest.approx(13.35)
+    assert by["server: engine-init"].seconds == pytest.approx(13.35)
     shutdown = by["server: shutdown"]
     assert (shutdown.start, shutdown.end) == (at("2026-12-06T14:42:42"), at("2026-12-06T14:42:46"))
 

@@ -9,7 +9,12 @@ merged on one clock:
   PodScheduled, init containers' start/finish, containers' start and the Ready condition, and
   the kubelet's ``Pulled`` event ("Successfully pulled image ... in 11m2.3s");
 - the server's log: vLLM's start-up lines (start, model loading, weights, warm-up and
-  compile, init engine, API server up, shutdown: :mod:`spotstart.timeline.serverlog`).
+  compile, engine-init, API server up, shutdown: :mod:`spotstart.timeline.serverlog`).
+
+With ``guard --engine-cache`` the guard's events say whether the engine started warm (its
+compile caches restored) or cold: the ``engine-init`` phase and vLLM's own "init engine ...
+took" span are named ``(warm)`` or ``(cold)``, and the cache restore is a phase of its own
+on the critical path (:func:`engine_phases`).
 
 The phases, the critical path from the first start to Ready (each phase's share, gaps named
 as such), and the picture: PNG (matplotlib), self-contained HTML (inline SVG), Chrome trace
@@ -627,7 +632,60 @@ def read(paths: list[Path], pod: str | None = None, year: int | None = None) -> 
         phases = [p for p in phases if p.pod in ("", pod)]
     if not phases:
         raise UsageError("no phases found in the files (events, Kubernetes JSON, server logs)")
-    return Collected(sorted(phases, key=lambda p: (p.start, p.end)), skipped)
+    return Collected(sorted(engine_phases(phases), key=lambda p: (p.start, p.end)), skipped)
+
+
+# -- the engine's start: warm or cold --------------------------------------------------------
+
+ENGINE_INIT = "engine-init"  # the guard's event: the server's start to its first ready
+CACHE_RESTORE = "engine-cache-restore"  # spotstart.enginecache's event
+LOG_ENGINE_INIT = "server: engine-init"  # vLLM's "init engine (...) took N s"
+_TEMPERATURES = ("warm", "cold")
+
+
+def _same_pod(a: Phase, b: Phase) -> bool:
+    return a.pod == b.pod or not a.pod or not b.pod
+
+
+def _overlap(a: Phase, b: Phase) -> bool:
+    return a.start <= b.end and b.start <= a.end
+
+
+def engine_phases(phases: list[Phase]) -> list[Phase]:
+    """The guard's ``engine-init`` events named by their temperature (``engine-init
+    (warm)``: the cache restore was a hit), vLLM's engine-init span inside one named the same
+    way, and the guard's ``server-start`` cut at the first cache restore or engine start
+    inside it, so that the restore shows as its own phase on the critical path (the critical
+    path takes the phase that started first: uncut, server-start hid both)."""
+    inits = [
+        p
+        for p in phases
+        if p.source == "spotstart" and p.name == ENGINE_INIT and p.detail in _TEMPERATURES
+    ]
+    starts = [
+        p for p in phases if p.source == "spotstart" and p.name in (ENGINE_INIT, CACHE_RESTORE)
+    ]
+    out = []
+    for p in phases:
+        if p in inits:
+            p = Phase(f"{p.name} ({p.detail})", p.start, p.end, p.source, p.pod, p.detail)
+        elif p.source == "server-log" and p.name == LOG_ENGINE_INIT:
+            temp = next((i.detail for i in inits if _same_pod(i, p) and _overlap(i, p)), None)
+            if temp is not None:
+                p = Phase(f"{p.name} ({temp})", p.start, p.end, p.source, p.pod, p.detail)
+        elif p.source == "spotstart" and p.name == "server-start":
+            inside = [q.start for q in starts if _same_pod(q, p) and p.start <= q.start <= p.end]
+            if inside:
+                p = Phase(
+                    p.name,
+                    p.start,
+                    min(inside),
+                    p.source,
+                    p.pod,
+                    "the guard's start until the engine cache restore or the server's start",
+                )
+        out.append(p)
+    return out
 
 
 def collect(paths: list[Path], pod: str | None = None, year: int | None = None) -> list[Phase]:
@@ -694,6 +752,16 @@ COLORS = {
     "server-log": "#c44e52",
     "gap": "#bbbbbb",
 }
+# the engine's start by temperature, and the cache restore: whatever their source
+PHASE_COLORS = {"(warm)": "#f0a030", "(cold)": "#5a8fd8", CACHE_RESTORE: "#8c6bb1"}
+
+
+def color(p: Phase) -> str:
+    """A phase's fill: warm and cold engine starts and the cache restore stand out."""
+    for mark, fill in PHASE_COLORS.items():
+        if p.name.endswith(mark) or p.name == mark:
+            return fill
+    return COLORS.get(p.source, "#8172b2")
 
 
 def chrome_trace(phases: list[Phase]) -> dict[str, Any]:
@@ -753,7 +821,7 @@ def write_png(phases: list[Phase], path: Path, title: str = "") -> None:
             i,
             p.seconds,
             left=p.start - t0,
-            color=COLORS.get(p.source, "#8172b2"),
+            color=color(p),
             edgecolor="black" if (p.name, p.start) in crit else "none",
             linewidth=1.5,
         )
@@ -799,7 +867,7 @@ def html(phases: list[Phase], title: str = "") -> str:
         bars.append(
             f'<text x="{left - 6}" y="{y + 15}" text-anchor="end" font-size="12">{label}</text>'
             f'<rect x="{x:.1f}" y="{y}" width="{w:.1f}" height="{row_h - 6}" '
-            f'fill="{COLORS.get(p.source, "#8172b2")}"{stroke}>'
+            f'fill="{color(p)}"{stroke}>'
             f"<title>{_esc(p.detail or p.name)}: {p.seconds:.2f} s</title></rect>"
             f'<text x="{x + w + 4:.1f}" y="{y + 14}" font-size="11">{p.seconds:.1f}s</text>'
         )

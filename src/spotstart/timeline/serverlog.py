@@ -14,7 +14,7 @@ What vLLM (0.9 to 0.32, GPU and CPU builds) prints, and what each becomes::
     ... torch.compile took 12.1 s in total (0.9: takes)      -> "server: torch.compile"
     ... Initial profiling/warmup run took 1.35 s               -> "server: profiling run"
     ... Graph capturing finished in 9 secs, took 0.5 GiB       -> "server: CUDA graphs"
-    ... init engine (profile, create kv cache, warmup model) took 38.64 s -> "server: init engine"
+    ... init engine (profile, create kv cache, warmup model) took 38.64 s -> "server: engine-init"
     ... Starting vLLM server on http://...  (0.9: Starting vLLM API server 0 on ...)
       -> "server: API start" (from the end of init engine) and the instant "server: API up"
     ... [shutdown] ...  (first to last)                        -> "server: shutdown"
@@ -72,7 +72,7 @@ _NUM = r"(?P<s>\d{1,9}(?:\.\d{1,9})?)"
 _TOOK: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(rf"Loading weights took {_NUM} ?s"), "server: load weights"),
     (re.compile(rf"Model loading took [^\n]{{0,80}}? and {_NUM} ?s"), "server: model loading"),
-    (re.compile(rf"init engine \([^)\n]{{0,200}}\) took {_NUM} ?s"), "server: init engine"),
+    (re.compile(rf"init engine \([^)\n]{{0,200}}\) took {_NUM} ?s"), "server: engine-init"),
     (re.compile(rf"torch\.compile (?:took|takes) {_NUM} ?s"), "server: torch.compile"),
     (re.compile(rf"Initial profiling/warmup run took {_NUM} ?s"), "server: profiling run"),
     (re.compile(rf"Graph capturing finished in {_NUM} ?s"), "server: CUDA graphs"),
@@ -201,7 +201,7 @@ class ServerLogReader:
                 run.weights_end = when
             elif span.name == "server: model loading":
                 run.model_loading_logged = True
-            elif span.name == "server: init engine":
+            elif span.name == "server: engine-init":
                 run.engine_done = when
         elif message.startswith(_LOAD_STARTS) and run.load_start is None:
             run.load_start = when
