@@ -1,0 +1,121 @@
+"""Where the engine's caches go: one private root holding a directory per cache, and the
+environment that points the engine there. Names only and directory creation; no packing.
+
+Each variable and why (checked in each project's source):
+
+- ``VLLM_CACHE_ROOT`` -> ``root/vllm``: vLLM's torch.compile artifacts (``torch_compile_cache``).
+- ``TORCHINDUCTOR_CACHE_DIR`` -> ``root/inductor``: inductor's FX graph and code caches.
+- ``TRITON_CACHE_DIR`` -> ``root/triton``: compiled Triton kernels.
+- ``FLASHINFER_WORKSPACE_BASE`` -> ``root/flashinfer``: FlashInfer keeps its JIT ops and
+  downloaded cubins in ``$FLASHINFER_WORKSPACE_BASE/.cache/flashinfer`` (flashinfer/jit/env.py).
+- ``CUDA_CACHE_PATH`` -> ``root/cuda``: the driver's PTX JIT cache.
+- ``DG_JIT_CACHE_DIR`` -> ``root/deep_gemm``: DeepGEMM's JIT kernels.
+- ``TORCH_EXTENSIONS_DIR`` -> ``root/torch_extensions``: torch cpp/CUDA extensions built at run.
+- ``TMPDIR`` -> ``root/tmp``: inductor keeps precompiled headers (and more) in
+  ``tempfile.gettempdir()/torchinductor_<user>`` whatever TORCHINDUCTOR_CACHE_DIR says (torch
+  2.13: ``_inductor/runtime/cache_dir_utils.py`` ``default_cache_dir``, used for
+  ``codecache._HEADER_DIR``); only that subdirectory of tmp is packed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+from spotstart import safefs
+from spotstart.enginecache.config import EngineCacheConfig
+from spotstart.enginecache.key import inductor_user
+
+# env var -> directory beneath root
+CACHE_DIRS: dict[str, str] = {
+    "VLLM_CACHE_ROOT": "vllm",
+    "TORCHINDUCTOR_CACHE_DIR": "inductor",
+    "TRITON_CACHE_DIR": "triton",
+    "FLASHINFER_WORKSPACE_BASE": "flashinfer",
+    "CUDA_CACHE_PATH": "cuda",
+    "DG_JIT_CACHE_DIR": "deep_gemm",
+    "TORCH_EXTENSIONS_DIR": "torch_extensions",
+}
+TMP_DIR = "tmp"
+# How the inductor directory in tmp is named inside an archive (the user may differ per node)
+ARCHIVED_TMP = "tmp/torchinductor"
+ARCHIVES_DIR = "archives"
+PACKED_DIR = "packed"
+
+
+def tmp_inductor() -> str:
+    """``tmp/torchinductor_<user>``: the one part of tmp that is a cache."""
+    return f"{TMP_DIR}/torchinductor_{inductor_user()}"
+
+
+def packed_dirs() -> list[tuple[str, str]]:
+    """(local path beneath root, name inside an archive) of every directory packed."""
+    out = [(d, d) for d in sorted(CACHE_DIRS.values())]
+    out.append((tmp_inductor(), ARCHIVED_TMP))
+    return out
+
+
+def engine_env(config: EngineCacheConfig, argv: Sequence[str]) -> dict[str, str]:
+    """The variables the server gets so every cache it writes lands beneath ``config.root``
+    (created here, 0700, ours, no link followed). ``argv`` is not needed today: every engine
+    gets the same set (a variable an engine does not read costs nothing). Example::
+
+        env = os.environ | engine_env(cfg, argv)   # VLLM_CACHE_ROOT=<root>/vllm, ...
+    """
+    del argv
+    root = prepare(config)
+    env = {var: str(root / name) for var, name in CACHE_DIRS.items()}
+    env["TMPDIR"] = str(root / TMP_DIR)
+    return env
+
+
+def prepare(config: EngineCacheConfig) -> Path:
+    """Create root and every cache directory (0700, ours, not a link); the root's path."""
+    root = safefs.private_dir(config.root)
+    for name in [*CACHE_DIRS.values(), TMP_DIR, tmp_inductor(), ARCHIVES_DIR, PACKED_DIR]:
+        os.close(safefs.private_dir_fd(root, name))
+    return root
+
+
+def archives_dir(config: EngineCacheConfig) -> Path:
+    """The fetch destination restored archives land in (``root/archives``): a guard serves it
+    to peers with :class:`spotstart.fetch.peer_server.PeerServer`; another replica fetching the
+    same archive URL with ``--peers`` finds it there (peers name an object by its URL, the
+    store's version and its size)."""
+    return Path(os.path.abspath(config.root)) / ARCHIVES_DIR
+
+
+def empty_cache_dirs(root: Path) -> None:
+    """Replace every cache directory with an empty one (the old moved aside, then removed):
+    what the engine sees after a miss or a failed restore."""
+    root_fd = safefs.open_root_dir(root)
+    try:
+        trash = f".trash-{secrets.token_hex(6)}"
+        os.mkdir(trash, 0o700, dir_fd=root_fd)
+        trash_fd = safefs.open_beneath(root_fd, trash, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for i, (local, _) in enumerate(packed_dirs()):
+                parent, _, name = local.rpartition("/")
+                pfd = safefs.private_dir_fd(root_fd, parent) if parent else os.dup(root_fd)
+                try:
+                    with contextlib.suppress(FileNotFoundError):
+                        safefs.rename_beneath(pfd, name, trash_fd, str(i))
+                    os.mkdir(name, 0o700, dir_fd=pfd)
+                finally:
+                    os.close(pfd)
+        finally:
+            os.close(trash_fd)
+        remove_beneath(root, trash)
+    finally:
+        os.close(root_fd)
+
+
+def remove_beneath(root: Path, name: str) -> None:
+    """Remove ``root/name`` and all beneath it (shutil's fd-based rmtree: never follows a
+    link planted inside)."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(root / name)
