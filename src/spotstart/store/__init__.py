@@ -15,6 +15,7 @@ from spotstart.store._http import HttpOptions
 from spotstart.store.base import (
     Checksums,
     Named,
+    ObjectCreator,
     ObjectInfo,
     ObjectWriter,
     RangeSource,
@@ -31,6 +32,7 @@ __all__ = [
     "DirectUnsupported",
     "HttpOptions",
     "Named",
+    "ObjectCreator",
     "ObjectInfo",
     "ObjectWriter",
     "RangeRequest",

@@ -8,7 +8,7 @@ import asyncio
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -17,12 +17,15 @@ import yarl
 from spotstart.errors import (
     AccessDenied,
     EndpointUnreachable,
+    IntegrityError,
+    LocalIOError,
     NotFound,
     ObjectChanged,
     ProtocolError,
     SpotstartError,
     StallDetected,
     TransientError,
+    UsageError,
 )
 from spotstart.store.base import Sink
 
@@ -301,3 +304,149 @@ def check_range_answer(
             "it honoured ranges before; nothing was kept, rerun (or report the server)"
         )
     raise ProtocolError(f"{what}: unexpected HTTP {status} for a ranged read")
+
+
+# --------------------------------------------------------------------------------------------
+# Create-only uploads of a local file (ObjectCreator): the digests first, then the body
+# streamed from the file with the same bytes checked again on the way.
+# --------------------------------------------------------------------------------------------
+
+# One request of S3 PutObject takes at most 5 GiB; GCS and Azure are held to the same bound so
+# every source behaves alike (one request, no multipart state left behind on failure).
+MAX_CREATE_BYTES = 5 << 30
+# 1 MiB file reads: memory per upload is two pieces (one held back, see file_body) plus
+# aiohttp's socket buffer, whatever the file's size.
+UPLOAD_PIECE_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileDigests:
+    """What a file held when it was first read: the figures the store is asked to check."""
+
+    size: int
+    sha256: bytes
+    md5: bytes
+    crc32c: int
+
+
+def digest_file(path: os.PathLike[str] | str, what: str) -> FileDigests:
+    """Size, SHA-256, MD5 and CRC-32C of ``path`` in one streaming pass (blocking: run it in a
+    thread). Over :data:`MAX_CREATE_BYTES` is refused before any byte is read."""
+    import hashlib
+
+    import google_crc32c
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise LocalIOError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    try:
+        size = os.fstat(fd).st_size
+        if size > MAX_CREATE_BYTES:
+            raise UsageError(
+                f"{what}: {path} is {size} bytes; one upload takes at most {MAX_CREATE_BYTES} "
+                "(5 GiB): make it smaller"
+            )
+        sha, md5, crc, total = hashlib.sha256(), hashlib.md5(), 0, 0
+        while piece := os.read(fd, UPLOAD_PIECE_BYTES):
+            sha.update(piece)
+            md5.update(piece)
+            crc = google_crc32c.extend(crc, piece)
+            total += len(piece)
+    except OSError as exc:
+        raise LocalIOError(f"{path}: cannot read it ({exc.strerror or exc})") from exc
+    finally:
+        os.close(fd)
+    if total != size:
+        raise IntegrityError(f"{path}: changed while being read ({size} then {total} bytes)")
+    return FileDigests(size, sha.digest(), md5.digest(), crc)
+
+
+class FileBody:
+    """The body of one upload: ``prefix``, the file's bytes, ``suffix``. The file is read
+    again piece by piece and its SHA-256 recomputed; the last piece is held back until the
+    end of the file shows the bytes are the ones digested, so a file changed meanwhile (by
+    us, or by someone who can write it) never completes a request: the connection is dropped
+    short of its Content-Length and the store keeps nothing. ``failure`` then says why."""
+
+    def __init__(
+        self,
+        path: os.PathLike[str] | str,
+        expected: FileDigests,
+        prefix: bytes = b"",
+        suffix: bytes = b"",
+    ) -> None:
+        self.path = path
+        self.expected = expected
+        self.prefix = prefix
+        self.suffix = suffix
+        self.failure: IntegrityError | None = None
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + self.expected.size + len(self.suffix)
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        import hashlib
+
+        if self.prefix:
+            yield self.prefix
+        fd = await asyncio.to_thread(os.open, self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            sha, total, held = hashlib.sha256(), 0, b""
+            while True:
+                piece = await asyncio.to_thread(os.read, fd, UPLOAD_PIECE_BYTES)
+                if not piece:
+                    break
+                sha.update(piece)
+                total += len(piece)
+                if total > self.expected.size:
+                    break
+                if held:
+                    yield held
+                held = piece
+            if total != self.expected.size or sha.digest() != self.expected.sha256:
+                self.failure = IntegrityError(
+                    f"{self.path}: changed while being uploaded (size or SHA-256 differ from "
+                    "the first read); nothing was written, rerun"
+                )
+                raise self.failure
+            if held:
+                yield held
+        finally:
+            os.close(fd)
+        if self.suffix:
+            yield self.suffix
+
+
+async def upload(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: FileBody,
+    what: str,
+    *,
+    hint: str = "",
+    answered: frozenset[int] = frozenset(),
+) -> tuple[int, Mapping[str, str], bytes]:
+    """Send ``body`` (its exact length declared: no chunked encoding, which S3 refuses) and
+    return (status, headers, at most 64 KiB of the answer). A status in ``answered`` (a
+    failed precondition) is returned, not raised; other non-2xx answers are our errors."""
+    hdrs = dict(headers)
+    hdrs["Content-Length"] = str(body.length)
+    try:
+        async with session.request(
+            method, wire_url(url), headers=hdrs, data=body.__aiter__()
+        ) as resp:
+            if resp.status not in answered:
+                await raise_for_status(resp, what, hint=hint)
+            return resp.status, resp.headers, await resp.content.read(64 << 10)
+    except SpotstartError:
+        if body.failure is not None:
+            raise body.failure from None
+        raise
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        if body.failure is not None:
+            raise body.failure from exc
+        raise translate_client_error(exc, what) from exc

@@ -1,13 +1,17 @@
 """Azure Blob Storage through obstore's ``AzureStore`` (Rust object_store): stat, list and ranged
 reads pinned to an ETag with If-Match. Credentials are found the way Azure tools find them
 (account key, SAS token, client secret, workload identity, managed identity, Azure CLI); we
-choose only the account, the endpoint and anonymity. Read-only; no retries of its own."""
+choose only the account, the endpoint and anonymity. Reads, and two writes (put, create-only
+create); no retries of its own."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import os
 import re
+import secrets
 from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import obstore
 from obstore.exceptions import (
+    AlreadyExistsError,
     BaseError,
     NotFoundError,
     PermissionDeniedError,
@@ -27,6 +32,7 @@ from spotstart.errors import (
     AccessDenied,
     CredentialsNotFound,
     EndpointUnreachable,
+    IntegrityError,
     NotFound,
     ObjectChanged,
     SpotstartError,
@@ -34,10 +40,12 @@ from spotstart.errors import (
     TransientError,
     UsageError,
 )
+from spotstart.store import _http
 from spotstart.store._http import RETRYABLE_STATUS, HttpOptions
 from spotstart.store.base import ObjectInfo, Sink
 
 if TYPE_CHECKING:
+    from obstore import Attributes
     from obstore.store import ClientConfig
 
 _CRED_HINT = (
@@ -47,6 +55,11 @@ _CRED_HINT = (
 # obstore hands the body over in pieces of at least this size (the last one may be smaller).
 # 2 MiB like the aiohttp backends' socket reads: few Python wake-ups, little memory per stream.
 STREAM_PIECE_BYTES = 2 << 20
+# A create up to this size is one Put Blob, its body in memory (obstore builds a create's body
+# whole); above it, staged in blocks: memory STAGE_BLOCK_BYTES * STAGE_CONCURRENCY + 2 MiB.
+CREATE_IN_ONE_BYTES = 8 << 20
+STAGE_BLOCK_BYTES = 8 << 20
+STAGE_CONCURRENCY = 4
 _STATUS = re.compile(r"status code: (\d{3})")
 _AZURE_CODE = re.compile(r"<Code>([^<]+)</Code>")
 
@@ -204,6 +217,76 @@ class AzureSource:
             )
         except Exception as exc:
             raise translate_error(exc, self._what(key), self._hint()) from exc
+
+    async def create(self, key: str, path: Path, content_type: str) -> bool:
+        """Put Blob with ``If-None-Match: *`` (obstore ``mode="create"``; Azure answers 409
+        BlobAlreadyExists, obstore ``AlreadyExistsError``) for a file up to
+        :data:`CREATE_IN_ONE_BYTES`. obstore holds a create's whole body in memory, so a
+        larger file is staged (Put Block pieces, bounded memory) under a fresh name beside
+        ``key``, copied onto ``key`` with Copy Blob ``If-None-Match: *``, and the staged blob
+        deleted. obstore sends no Content-MD5: the bytes are protected on the way by TLS,
+        checked against the file as they are read, and the size of the result is checked."""
+        what = self._what(key)
+        sums = await asyncio.to_thread(_http.digest_file, path, what)
+        attributes: Attributes = {"Content-Type": content_type}
+        try:
+            if sums.size <= CREATE_IN_ONE_BYTES:
+                data = await asyncio.to_thread(Path(path).read_bytes)
+                if hashlib.sha256(data).digest() != sums.sha256:
+                    raise IntegrityError(f"{path}: changed while being uploaded; rerun")
+                try:
+                    await obstore.put_async(
+                        self._store, key, data, attributes=attributes, mode="create"
+                    )
+                except (AlreadyExistsError, PreconditionError):
+                    return False
+            elif not await self._create_staged(key, path, sums, attributes):
+                return False
+            made = await obstore.head_async(self._store, key)
+        except SpotstartError:
+            raise
+        except Exception as exc:
+            raise translate_error(exc, what, self._hint()) from exc
+        if int(made["size"]) != sums.size:
+            raise IntegrityError(
+                f"{what}: the store holds {made['size']} bytes, {sums.size} were sent"
+            )
+        return True
+
+    async def _create_staged(
+        self, key: str, path: Path, sums: _http.FileDigests, attributes: Attributes
+    ) -> bool:
+        staged = f"{key}.spotstart-upload-{secrets.token_hex(8)}"
+        body = _http.FileBody(path, sums)
+        try:
+            try:
+                await obstore.put_async(
+                    self._store,
+                    staged,
+                    body.__aiter__(),
+                    attributes=attributes,
+                    chunk_size=STAGE_BLOCK_BYTES,
+                    max_concurrency=STAGE_CONCURRENCY,
+                )
+            except Exception:
+                if body.failure is not None:
+                    raise body.failure from None
+                raise
+            if body.failure is not None:
+                raise body.failure
+            head = await obstore.head_async(self._store, staged)
+            if int(head["size"]) != sums.size:
+                raise IntegrityError(
+                    f"{self._what(staged)}: staged {head['size']} bytes, {sums.size} were sent"
+                )
+            try:
+                await obstore.copy_async(self._store, staged, key, overwrite=False)
+            except (AlreadyExistsError, PreconditionError):
+                return False
+            return True
+        finally:
+            with contextlib.suppress(Exception):
+                await obstore.delete_async(self._store, staged)
 
     def _hint(self) -> str:
         return "" if self._anonymous else _CRED_HINT

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Protocol, runtime_checkable
 
 from spotstart.errors import NotFound
@@ -124,6 +125,20 @@ class ObjectWriter(Protocol):
     as reads do."""
 
     async def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+
+@runtime_checkable
+class ObjectCreator(Protocol):
+    """Create-only upload (gs, s3, az, file; not http): the local file at ``path`` becomes
+    the NEW object ``key`` only if no object is there. True when written, False when one
+    already exists (it is left as it is). The body is streamed from the file (memory bounded,
+    whatever its size) in one request, at most 5 GiB (``UsageError`` beyond); the store is
+    given the file's checksums so a body damaged on the way is refused, and a file that
+    changes while it is sent publishes nothing (``IntegrityError``). Other failures are
+    translated as reads do; a ``TransientError`` may leave the object written (the answer
+    was lost): a retry then answers False, and the caller checks what is there."""
+
+    async def create(self, key: str, path: Path, content_type: str) -> bool: ...
 
 
 @dataclass(frozen=True)

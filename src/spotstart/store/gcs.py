@@ -7,14 +7,24 @@ google-cloud-storage."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
-from spotstart.errors import CredentialsNotFound, NotFound, SpotstartError
+from spotstart.errors import (
+    CredentialsNotFound,
+    IntegrityError,
+    NotFound,
+    ProtocolError,
+    SpotstartError,
+)
 from spotstart.store import _http
 from spotstart.store._direct import RangeRequest
 from spotstart.store.base import Checksums, ObjectInfo, Sink
@@ -176,27 +186,91 @@ class GCSSource:
             hint=self._hint(),
         )
 
+    async def _write_auth(self) -> dict[str, str]:
+        """Headers for a write: a read-write token, asked for only when writing."""
+        if self._anonymous:
+            return {}
+        if self._write_token is None:
+            creds = await asyncio.to_thread(_load_credentials, WRITE_SCOPE)
+            if creds is None:
+                raise CredentialsNotFound(f"{self.display}: no credentials to write{_CRED_HINT}")
+            self._write_token = _Token(creds)
+        try:
+            return await self._write_token.header()
+        except Exception as exc:  # google-auth raises many types
+            raise CredentialsNotFound(f"{self.display}: cannot get a token: {exc}") from exc
+
+    def _upload_url(self, params: Mapping[str, str]) -> str:
+        query = urlencode(dict(params))
+        return f"{self._base}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o?{query}"
+
     async def put(self, key: str, data: bytes, content_type: str) -> None:
         """A media upload (JSON API ``uploadType=media``, as GCS and its emulators take it),
         with a read-write token asked for only now."""
-        headers = {"Content-Type": content_type}
-        if not self._anonymous:
-            if self._write_token is None:
-                creds = await asyncio.to_thread(_load_credentials, WRITE_SCOPE)
-                if creds is None:
-                    raise CredentialsNotFound(
-                        f"{self.display}: no credentials to write{_CRED_HINT}"
-                    )
-                self._write_token = _Token(creds)
-            try:
-                headers.update(await self._write_token.header())
-            except Exception as exc:  # google-auth raises many types
-                raise CredentialsNotFound(f"{self.display}: cannot get a token: {exc}") from exc
-        params = urlencode({"uploadType": "media", "name": key})
-        url = f"{self._base}/upload/storage/v1/b/{quote(self.bucket, safe='')}/o?{params}"
+        headers = {"Content-Type": content_type, **(await self._write_auth())}
+        url = self._upload_url({"uploadType": "media", "name": key})
         await _http.request_json_or_text(
             self._session, "POST", url, headers, f"gs://{self.bucket}/{key}", data=data
         )
+
+    async def create(self, key: str, path: Path, content_type: str) -> bool:
+        """A multipart upload (JSON API ``uploadType=multipart``: metadata, then the body
+        streamed from ``path``) with ``ifGenerationMatch=0``: GCS answers 412 when the object
+        exists. The metadata carries the file's md5Hash and crc32c, which GCS checks against
+        the bytes it received (400 when they differ); the object it answers with is checked
+        too (an emulator that ignores them), and deleted when it holds other bytes."""
+        what = f"gs://{self.bucket}/{key}"
+        sums = await asyncio.to_thread(_http.digest_file, path, what)
+        metadata = {
+            "name": key,
+            "contentType": content_type,
+            "md5Hash": base64.b64encode(sums.md5).decode(),
+            "crc32c": base64.b64encode(sums.crc32c.to_bytes(4, "big")).decode(),
+        }
+        boundary = f"spotstart-{secrets.token_hex(16)}"
+        prefix = (
+            f"--{boundary}\r\nContent-Type: application/json; charset=UTF-8\r\n\r\n"
+            f"{json.dumps(metadata)}\r\n--{boundary}\r\nContent-Type: {content_type}\r\n\r\n"
+        ).encode()
+        suffix = f"\r\n--{boundary}--\r\n".encode()
+        headers = {
+            "Content-Type": f"multipart/related; boundary={boundary}",
+            **(await self._write_auth()),
+        }
+        url = self._upload_url({"uploadType": "multipart", "ifGenerationMatch": "0"})
+        status, _, answer = await _http.upload(
+            self._session,
+            "POST",
+            url,
+            headers,
+            _http.FileBody(path, sums, prefix, suffix),
+            what,
+            hint=self._hint(),
+            answered=frozenset({412}),
+        )
+        if status == 412:
+            return False
+        try:
+            made = _object_info(json.loads(answer))
+        except ValueError as exc:
+            raise ProtocolError(f"{what}: the upload's answer is not JSON ({exc})") from exc
+        got = made.checksums
+        if (
+            made.key != key
+            or made.size != sums.size
+            or got.md5 not in (None, sums.md5)
+            or got.crc32c not in (None, sums.crc32c)
+        ):
+            delete = f"{self._object_url(made.key)}?ifGenerationMatch={made.version}"
+            with contextlib.suppress(SpotstartError):
+                await _http.request_json_or_text(
+                    self._session, "DELETE", delete, await self._write_auth(), what
+                )
+            raise IntegrityError(
+                f"{what}: the store kept other bytes than were sent ({made.key}, "
+                f"{made.size} bytes, md5 {got.md5!r}); deleted it"
+            )
+        return True
 
     async def close(self) -> None:
         await self._session.close()

@@ -6,11 +6,22 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import errno
+import hashlib
 import os
 import secrets
 from pathlib import Path
 
-from spotstart.errors import LocalIOError, NotFound, ObjectChanged
+from spotstart import safefs
+from spotstart.errors import (
+    DiskFull,
+    IntegrityError,
+    LocalIOError,
+    NotFound,
+    ObjectChanged,
+    UnsafePath,
+)
+from spotstart.store import _http
 from spotstart.store.base import ObjectInfo, Sink
 
 _PIECE = 8 << 20
@@ -104,5 +115,80 @@ class LocalSource:
                 os.unlink(tmp)
             raise LocalIOError(f"{path}: cannot write: {exc.strerror or exc}") from exc
 
+    async def create(self, key: str, path: Path, content_type: str) -> bool:
+        """Copy the file at ``path`` to ``key`` only if no file is there. ``key`` is resolved
+        beneath the root with no symlink followed (parents included) and no ``..``; missing
+        directories are made. The bytes go to a fresh temporary name (``O_EXCL |
+        O_NOFOLLOW``), are fsynced, and are linked to ``key`` with ``link(2)``, which never
+        replaces a name (EEXIST -> False, whatever is there, a dangling link included)."""
+        return await asyncio.to_thread(self._create_sync, key, path)
+
+    def _create_sync(self, key: str, path: Path) -> bool:
+        where = str(self._path(key))
+        parent, _, name = key.rpartition("/")
+        try:
+            if not name or key.startswith("/"):
+                raise OSError(errno.EINVAL, "not a relative file name", key)
+            dirfd = (
+                safefs.makedirs_beneath(self.root, parent)
+                if parent
+                else (safefs.open_root_dir(self.root))
+            )
+        except OSError as exc:
+            raise _refused(where, exc) from None
+        tmp = f".{name[:200]}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+        try:
+            expected = _http.digest_file(path, where)
+            out = safefs.create_exclusive(dirfd, tmp, 0o644)
+            try:
+                try:
+                    got = _copy(path, out)
+                    os.fsync(out)
+                finally:
+                    os.close(out)
+                if got != (expected.size, expected.sha256):
+                    raise IntegrityError(f"{path}: changed while being copied; rerun")
+                try:
+                    os.link(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd, follow_symlinks=False)
+                except FileExistsError:
+                    return False
+                os.fsync(dirfd)
+                return True
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=dirfd)
+        except OSError as exc:
+            raise _refused(where, exc) from None
+        finally:
+            os.close(dirfd)
+
     async def close(self) -> None:
         return None
+
+
+def _refused(where: str, exc: OSError) -> LocalIOError:
+    """Our error for a create refused by the file system: UnsafePath for a name that would
+    leave the root or pass through a link."""
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        return UnsafePath(f"{where}: a symlink or a file in the path; refusing to follow it")
+    if exc.errno in (errno.EXDEV, errno.EINVAL):
+        return UnsafePath(f"{where}: not a name beneath {exc.filename or 'the root'} ({exc})")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DiskFull(f"{where}: no space left on device; free space and rerun")
+    return LocalIOError(f"{where}: cannot write it ({exc.strerror or exc})")
+
+
+def _copy(path: Path, out: int) -> tuple[int, bytes]:
+    """Copy ``path`` into the fd ``out`` piece by piece: (bytes, SHA-256) of what was copied."""
+    sha, total = hashlib.sha256(), 0
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        while piece := os.read(fd, _http.UPLOAD_PIECE_BYTES):
+            sha.update(piece)
+            total += len(piece)
+            view = memoryview(piece)
+            while view:
+                view = view[os.write(out, view) :]
+    finally:
+        os.close(fd)
+    return total, sha.digest()

@@ -7,17 +7,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import os
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
 
 from spotstart.errors import (
     CredentialsNotFound,
     EndpointUnreachable,
+    IntegrityError,
     NotFound,
     ProtocolError,
     SpotstartError,
@@ -248,6 +251,56 @@ class S3Source:
         md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
         extra = {"Content-Type": content_type, "Content-MD5": md5}
         await self._request("PUT", self._url(key), f"s3://{self.bucket}/{key}", extra, data)
+
+    async def create(self, key: str, path: Path, content_type: str) -> bool:
+        """PutObject with ``If-None-Match: *`` (S3 answers 412 when the key exists), the body
+        streamed from ``path``: its SHA-256 signed (x-amz-content-sha256) and sent as
+        x-amz-checksum-sha256, its MD5 as Content-MD5, so the store refuses damaged bytes.
+        A 409 ConditionalRequestConflict (a race with another write) is False only when an
+        object is then there; otherwise a TransientError, to retry."""
+        what = f"s3://{self.bucket}/{key}"
+        sums = await asyncio.to_thread(_http.digest_file, path, what)
+        url = self._url(key)
+        extra = {
+            "Content-Type": content_type,
+            "Content-MD5": base64.b64encode(sums.md5).decode(),
+            "Content-Length": str(sums.size),
+            "If-None-Match": "*",
+            "x-amz-checksum-sha256": base64.b64encode(sums.sha256).decode(),
+        }
+        headers = await self._signed("PUT", url, extra, sums.sha256.hex())
+        status, answer, _ = await _http.upload(
+            self._session,
+            "PUT",
+            url,
+            headers,
+            _http.FileBody(path, sums),
+            what,
+            hint=self._hint(),
+            answered=frozenset({409, 412}),
+        )
+        if status == 412:
+            return False
+        if status == 409:
+            try:
+                await self.stat(key)
+            except NotFound:
+                raise TransientError(
+                    f"{what}: HTTP 409 (a conflicting write raced this one) and no object is "
+                    "there; retry",
+                    status=409,
+                ) from None
+            return False
+        etag = answer.get("ETag", "").strip('"')
+        echoed = answer.get("x-amz-checksum-sha256")
+        md5_bad = not _etag_not_md5(answer) and _hex_md5(etag) not in (None, sums.md5)
+        if md5_bad or (echoed and echoed != extra["x-amz-checksum-sha256"]):
+            with contextlib.suppress(SpotstartError):
+                await self._request("DELETE", url, what, {})
+            raise IntegrityError(
+                f"{what}: the store kept other bytes than were sent (ETag {etag}); deleted it"
+            )
+        return True
 
     async def close(self) -> None:
         await self._session.close()
