@@ -3,7 +3,13 @@ its weights with `spotstart.load` (from object storage, a peer, or its cache) an
 greedy next tokens with them. No tokenizer: prompts and answers are token ids.
 
     python examples/tiny_llm_server.py --model gs://bkt/llm/ --port 8000 [--cache-dir DIR]
-        [--peers HOST:PORT,...]
+        [--peers HOST:PORT,...] [--compile]
+
+``--compile``: the forward pass goes through ``torch.compile`` (inductor, C++ on the CPU) with
+dynamic shapes, compiled by the warm-up before /health answers 200: a compile phase whose
+artifacts land in ``TORCHINDUCTOR_CACHE_DIR`` (and inductor's precompiled headers in
+``$TMPDIR/torchinductor_<user>``), so a later start with those directories kept is warm.
+The answers are the same greedy tokens as without it.
 
     GET  /health    200 once the weights are loaded (503 before)
     POST /generate  {"tokens": [1, 2, 3], "max_tokens": 4, "stream": false}
@@ -92,10 +98,13 @@ def make_checkpoint(
 
 
 class TinyLlama:
-    def __init__(self, w: dict[str, torch.Tensor]) -> None:
+    def __init__(self, w: dict[str, torch.Tensor], compile: bool = False) -> None:
         self.w = w
         self.layers = 1 + max(int(k.split(".")[2]) for k in w if k.startswith("model.layers."))
         self.heads = w["model.embed_tokens.weight"].shape[1] // HEAD_DIM
+        self._forward: Any = self.forward
+        if compile:
+            self._forward = torch.compile(self.forward, backend="inductor", dynamic=True)
 
     @staticmethod
     def _rms(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -103,8 +112,12 @@ class TinyLlama:
 
     @torch.inference_mode()
     def next_token(self, tokens: list[int]) -> int:
+        return int(torch.argmax(self._forward(torch.tensor(tokens))))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """The last position's logits."""
         w = self.w
-        x = w["model.embed_tokens.weight"][torch.tensor(tokens)]
+        x = w["model.embed_tokens.weight"][ids]
         n = x.shape[0]
         mask = torch.full((n, n), float("-inf")).triu(1)
         for i in range(self.layers):
@@ -123,7 +136,8 @@ class TinyLlama:
             gate = torch.nn.functional.silu(h @ w[p + "mlp.gate_proj.weight"].T)
             x = x + (gate * (h @ w[p + "mlp.up_proj.weight"].T)) @ w[p + "mlp.down_proj.weight"].T
         last = self._rms(x[-1], w["model.norm.weight"])
-        return int(torch.argmax(last @ w["lm_head.weight"].T))
+        logits: torch.Tensor = last @ w["lm_head.weight"].T
+        return logits
 
 
 class Server:
@@ -145,10 +159,15 @@ class Server:
             weights = spotstart.load(
                 self.args.model, dtype=torch.float32, cache_dir=self.args.cache_dir, config=config
             )
-            model = TinyLlama(weights)
+            model = TinyLlama(weights, compile=self.args.compile)
             t0 = time.time()
-            model.next_token([1, 2, 3])  # warm up: the first forward allocates
-            events.record("warmup", t0, time.time(), detail="first forward pass")
+            if self.args.compile:  # one token is a shape of its own for the compiler
+                model.next_token([1])
+            model.next_token([1, 2, 3])  # warm up: the first forward allocates (and compiles)
+            detail = "first forward pass" + (" (torch.compile)" if self.args.compile else "")
+            events.record("warmup", t0, time.time(), detail=detail)
+            if self.args.compile:
+                print(f"tiny-llm: torch.compile warm-up took {time.time() - t0:.2f} s", flush=True)
             self.model = model
             print(f"tiny-llm: {len(weights)} tensors loaded, serving", flush=True)
         except Exception as exc:
@@ -195,6 +214,7 @@ def main() -> int:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--cache-dir", type=Path)
     ap.add_argument("--peers")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     args = ap.parse_args()
     torch.set_num_threads(1)
     server = Server(args)
