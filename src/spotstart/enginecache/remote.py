@@ -33,7 +33,6 @@ import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 from spotstart import events, safefs
 from spotstart.enginecache.archive import ArchiveRefused, FileEntry, extract, file_sha256, pack
@@ -50,6 +49,7 @@ from spotstart.enginecache.manifest import MANIFEST_NAME, MAX_MANIFEST_BYTES, bu
 from spotstart.errors import NotFound, SpotstartError, UsageError
 from spotstart.store import (
     HttpOptions,
+    ObjectCreator,
     ObjectInfo,
     ObjectWriter,
     RangeSource,
@@ -59,13 +59,6 @@ from spotstart.store import (
 
 RESTORE_EVENT = "engine-cache-restore"
 PUBLISH_EVENT = "engine-cache-publish"
-
-
-@runtime_checkable
-class _Creator(Protocol):
-    """spotstart.store's create-only upload (ObjectCreator), matched by shape."""
-
-    async def create(self, key: str, path: Path, content_type: str) -> bool: ...
 
 
 def _base(config: EngineCacheConfig) -> str:
@@ -261,7 +254,7 @@ async def _publish(config: EngineCacheConfig, key: CacheKey, t0: float) -> Outco
         return Outcome("skipped", f"{_base(config)}: an http(s) URL is read-only; restore only")
     source = _open(f"{base}/{MANIFEST_NAME}")
     try:
-        if not isinstance(source, _Creator | ObjectWriter):
+        if not isinstance(source, ObjectCreator | ObjectWriter):
             raise UsageError(f"{_base(config)}: this store takes no writes")
         if await _exists(source, manifest_key):
             return Outcome("exists", f"a cache for key {key.digest[:16]} is published already")
@@ -316,7 +309,7 @@ async def _create(
     """Create ``key`` from ``path`` only if absent. A store without create-only writes gets a
     check-then-put (a race two replicas may both win: the content-addressed archive is the
     same bytes either way; for the manifest, the later put replaces the earlier)."""
-    if isinstance(source, _Creator):
+    if isinstance(source, ObjectCreator):
         return await source.create(key, path, content_type)
     assert isinstance(source, ObjectWriter)
     if await _exists(source, key):
