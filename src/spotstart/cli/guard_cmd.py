@@ -6,20 +6,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import stat
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from spotstart.cli.peers_cmd import add_token_flags, listen_limits, serving_token
+from spotstart.cli.peers_cmd import (
+    add_token_flags,
+    listen_limits,
+    serving_token,
+    token_from_args,
+)
 from spotstart.errors import UsageError
 from spotstart.fetch.peer_server import PeerServer, PeerServerThread, split_listen
 from spotstart.listen import raise_open_files_limit
 from spotstart.units import parse_host_port
 
 if TYPE_CHECKING:  # the proxy pulls in aiohttp.web and prometheus: only when guard runs
+    from spotstart.enginecache import EngineCacheConfig
     from spotstart.guard.notice import NoticeWatcher
     from spotstart.guard.run import GuardConfig
 
@@ -191,6 +199,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "notice, so a controller can start the replacement at once; auto: when running in a "
         "pod with POD_NAME and a service-account token (auto)",
     )
+    add_engine_cache_flags(p)
     p.add_argument(
         "server",
         nargs=argparse.REMAINDER,
@@ -198,6 +207,172 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="start and supervise this server",
     )
     p.set_defaults(run=run)
+
+
+SECRET_ENV = "SPOTSTART_ENGINE_CACHE_SECRET"
+MIN_SECRET_BYTES = 16
+MAX_SECRET_BYTES = 4096
+MAKE_SECRET = "(umask 077; openssl rand -hex 32 > cache.secret)"
+
+
+def add_engine_cache_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "engine cache",
+        "Restore the engine's compile caches (vLLM, torch inductor, Triton, FlashInfer) for "
+        "this server's key before starting it, and publish them after its first ready when the "
+        "key had none (once: create-only; the manifest goes last). Needs '-- CMD'.",
+    )
+    g.add_argument(
+        "--engine-cache",
+        metavar="URL",
+        help="where caches live: any source `spotstart fetch` takes (gs://, s3://, az://, "
+        "file://; http(s):// restores only)",
+    )
+    g.add_argument(
+        "--engine-cache-dir",
+        type=Path,
+        metavar="DIR",
+        help="the local cache root the server's cache env points into, created 0700 "
+        "(default: $XDG_CACHE_HOME or ~/.cache, /spotstart/engine-cache)",
+    )
+    g.add_argument(
+        "--engine-cache-peers",
+        metavar="LIST",
+        help="replicas serving their caches (--engine-cache-serve): HOST:PORT or "
+        "dns:NAME:PORT, comma separated; the peer token as for --serve-peers",
+    )
+    g.add_argument(
+        "--engine-cache-serve",
+        metavar="HOST:PORT",
+        help="serve the caches this node holds to other replicas (on an address other hosts "
+        "can reach: with a token, or --no-token)",
+    )
+    g.add_argument(
+        "--engine-cache-secret-file",
+        type=Path,
+        metavar="FILE",
+        help="HMAC key (at least 16 bytes, readable by its owner only) manifests are signed "
+        f"and checked with; a manifest without a valid signature is refused (default: "
+        f"${SECRET_ENV}, which the server does not inherit); make one with: {MAKE_SECRET}",
+    )
+    g.add_argument(
+        "--engine-cache-no-publish",
+        action="store_true",
+        help="restore only; never write to URL",
+    )
+    g.add_argument(
+        "--engine-cache-key-extra",
+        action="append",
+        default=[],
+        metavar="S",
+        help="one more string in the cache key (repeatable): anything the key cannot see "
+        "that changes what the engine compiles",
+    )
+
+
+def read_secret_file(path: Path, where: str) -> bytes:
+    """The HMAC key in ``path``: a regular file only its owner may read, at most
+    MAX_SECRET_BYTES, at least MIN_SECRET_BYTES once surrounding whitespace is stripped."""
+    try:
+        # links followed (a Kubernetes Secret volume is a chain of them); O_NONBLOCK: a FIFO
+        # does not hang the start
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"{where}: {exc.strerror}; make one with: {MAKE_SECRET}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{where}: not a regular file")
+        if st.st_mode & 0o077:
+            raise UsageError(
+                f"{where}: mode {stat.S_IMODE(st.st_mode):o} lets other users read the key "
+                "(anyone who has it can sign a cache this server would run): chmod 600 it"
+            )
+        raw = os.read(fd, MAX_SECRET_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_SECRET_BYTES:
+        raise UsageError(f"{where}: longer than {MAX_SECRET_BYTES} bytes; not a key file")
+    return _secret(raw.strip(), where)
+
+
+def _secret(raw: bytes, where: str) -> bytes:
+    if len(raw) < MIN_SECRET_BYTES:
+        what = "empty" if not raw else f"{len(raw)} bytes"
+        raise UsageError(
+            f"{where}: {what}; the key needs at least {MIN_SECRET_BYTES} (make one with: "
+            f"{MAKE_SECRET})"
+        )
+    return raw
+
+
+def default_engine_cache_dir(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
+    """$XDG_CACHE_HOME/spotstart/engine-cache, else ~/.cache/spotstart/engine-cache."""
+    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "spotstart" / "engine-cache"
+
+
+def engine_cache_from_args(args: argparse.Namespace, has_server: bool) -> EngineCacheConfig | None:
+    """EngineCacheConfig of the --engine-cache flags; UsageError for a flag without
+    --engine-cache, or --engine-cache without a server command."""
+    given = [
+        flag
+        for flag, value in (
+            ("--engine-cache-dir", args.engine_cache_dir),
+            ("--engine-cache-peers", args.engine_cache_peers),
+            ("--engine-cache-serve", args.engine_cache_serve),
+            ("--engine-cache-secret-file", args.engine_cache_secret_file),
+            ("--engine-cache-no-publish", args.engine_cache_no_publish),
+            ("--engine-cache-key-extra", args.engine_cache_key_extra),
+        )
+        if value
+    ]
+    if args.engine_cache is None:
+        if given:
+            raise UsageError(f"{given[0]} needs --engine-cache URL")
+        return None
+    if not has_server:
+        raise UsageError(
+            "--engine-cache needs the server command after '--': the guard starts the server "
+            "with its cache directories pointed into the cache"
+        )
+    if "://" not in args.engine_cache:
+        raise UsageError(
+            f"--engine-cache {args.engine_cache!r}: a URL (gs://, s3://, az://, file://, https://)"
+        )
+    from spotstart import safefs
+    from spotstart.enginecache import EngineCacheConfig
+    from spotstart.fetch.peers import PeerSpec
+
+    root = args.engine_cache_dir or default_engine_cache_dir()
+    # The engine runs what it finds here: ours alone (0700, not writable by others)
+    root = safefs.private_dir(root)
+    token = token_from_args(args)
+    peers: tuple[str, ...] = ()
+    if args.engine_cache_peers:
+        peers = PeerSpec.parse(args.engine_cache_peers, token).entries
+        if not peers:
+            raise UsageError(f"--engine-cache-peers {args.engine_cache_peers!r}: no peer in it")
+    secret = None
+    if args.engine_cache_secret_file is not None:
+        where = f"--engine-cache-secret-file {args.engine_cache_secret_file}"
+        secret = read_secret_file(args.engine_cache_secret_file, where)
+    elif os.environ.get(SECRET_ENV):
+        secret = _secret(os.environ[SECRET_ENV].strip().encode(), f"${SECRET_ENV}")
+    for extra in args.engine_cache_key_extra:
+        if not extra or len(extra) > 1024 or not extra.isprintable():
+            raise UsageError(
+                f"--engine-cache-key-extra {extra[:40]!r}: printable text, 1 to 1024 characters"
+            )
+    return EngineCacheConfig(
+        url=args.engine_cache,
+        root=root,
+        publish=not args.engine_cache_no_publish,
+        key_extra=tuple(args.engine_cache_key_extra),
+        peers=peers,
+        peer_token=token,
+        secret=secret,
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> GuardConfig:
@@ -262,6 +437,7 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
         webhook_url=args.webhook,
         hook_timeout_s=args.hook_timeout,
         mark_pod=pod,
+        engine_cache=engine_cache_from_args(args, bool(server)),
     )
 
 
@@ -290,12 +466,19 @@ async def build_watchers(args: argparse.Namespace) -> list[NoticeWatcher]:
 async def _main(args: argparse.Namespace, config: GuardConfig) -> int:
     from spotstart.guard.run import run_guard
 
-    peers = await asyncio.to_thread(_peer_server, *args.peer_serving) if args.peer_serving else None
+    servers = [
+        await asyncio.to_thread(_peer_server, *serving, flag=flag)
+        for flag, serving in (
+            ("--serve-peers", args.peer_serving),
+            ("--engine-cache-serve", args.cache_serving),
+        )
+        if serving
+    ]
     try:
         return await run_guard(config, await build_watchers(args), time.monotonic)
     finally:
-        if peers is not None:
-            await asyncio.to_thread(peers.close)
+        for server in servers:
+            await asyncio.to_thread(server.close)
 
 
 def parse_serve_peers(spec: str) -> tuple[Path, str, int]:
@@ -307,7 +490,9 @@ def parse_serve_peers(spec: str) -> tuple[Path, str, int]:
     return Path(root), host, port
 
 
-def _peer_server(root: Path, host: str, port: int, token: str | None) -> PeerServerThread:
+def _peer_server(
+    root: Path, host: str, port: int, token: str | None, *, flag: str
+) -> PeerServerThread:
     """The peer server on its own thread and event loop, with at most a quarter of the open
     files: a flood or a slowloris on the peer port cannot take the guard's proxy, probes or
     descriptors with it."""
@@ -316,13 +501,15 @@ def _peer_server(root: Path, host: str, port: int, token: str | None) -> PeerSer
     try:
         bound = thread.start(host, port)
     except OSError as exc:
-        raise UsageError(f"--serve-peers {root}:{host}:{port}: {exc.strerror or exc}") from None
+        raise UsageError(f"{flag} {host}:{port}: {exc.strerror or exc}") from None
     log.info("serving %s to peers on %s:%d", root, host, bound)
     return thread
 
 
 def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    # the key signs what the server will run: neither the server nor a hook inherits it
+    os.environ.pop(SECRET_ENV, None)
     if args.events is not None:
         from spotstart import events
 
@@ -335,6 +522,17 @@ def run(args: argparse.Namespace) -> int:
         root, host, port = parse_serve_peers(args.serve_peers)
         token = serving_token(args, "--serve-peers", host, port)
         args.peer_serving = (root, host, port, token)
+    args.cache_serving = None
+    if args.engine_cache_serve:
+        if config.engine_cache is None:
+            raise UsageError("--engine-cache-serve needs --engine-cache URL")
+        from spotstart.enginecache import archives_dir
+
+        host, port = split_listen(args.engine_cache_serve)
+        token = serving_token(args, "--engine-cache-serve", host, port)
+        served = archives_dir(config.engine_cache)
+        served.mkdir(mode=0o700, parents=True, exist_ok=True)
+        args.cache_serving = (served, host, port, token)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("spotstart guard: %(levelname)s %(message)s"))
     log.addHandler(handler)

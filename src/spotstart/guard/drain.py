@@ -147,6 +147,7 @@ class DrainController:
         self._stop_again = False  # a server that started after ignoring the stop signal
         self._budget_stop_by: float | None = None  # stop_by before a starting server's cut
         self._kill_sent = False
+        self._no_server = False  # a drain began before the supervised server was started
         self._accepted = self._in_flight = self._drained = 0
         self._rejected = self._dropped = self._failed = self._aborted = 0
 
@@ -317,6 +318,12 @@ class DrainController:
             self.drain_until = self.linger_until = now
             self.stop_by = now + min(self.config.stop_grace_s, 1.0)
 
+    def server_never_started(self) -> None:
+        """A notice came before the supervised server was started (the guard was still
+        restoring the engine's cache): there is no server to stop, so the drain ends as an
+        unsupervised one does, with exit code 0."""
+        self._no_server = True
+
     def on_server_exit(self, code: int) -> None:
         """The supervised server exited (``code``: its exit status, 128+N for signal N)."""
         self.server_exit_code = code
@@ -351,7 +358,7 @@ class DrainController:
                 last = self.stop_by if self.stop_by is not None else now
                 self.stop_by = max(now, min(last, now + self.config.stop_grace_s))
         if self.phase is Phase.STOPPING:
-            if not self.config.supervising:
+            if not self.config.supervising or self._no_server:
                 self.phase = Phase.DONE
             elif not self._stop_sent:
                 self._stop_sent = True

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping, Set
 from typing import Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -192,6 +192,32 @@ class GuardMetrics:
             "spotstart_guard_upstream_health_checks",
             "upstream health polls by result",
             ["result"],
+            registry=self.registry,
+        )
+
+        # --engine-cache: one restore before the server starts, at most one publish after
+        self.engine_cache_restores = Counter(
+            "spotstart_guard_engine_cache_restores",
+            "engine cache restores before the server started, by outcome (hit: the server "
+            "started warm; miss, failed, skipped: cold)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.engine_cache_restore_seconds = Gauge(
+            "spotstart_guard_engine_cache_restore_seconds",
+            "how long the engine cache restore delayed the server's start",
+            registry=self.registry,
+        )
+        self.engine_cache_restore_bytes = Gauge(
+            "spotstart_guard_engine_cache_restore_bytes",
+            "bytes of engine cache restored (0 on a miss)",
+            registry=self.registry,
+        )
+        self.engine_cache_publishes = Counter(
+            "spotstart_guard_engine_cache_publishes",
+            "engine cache publishes after the server's first ready, by outcome (published, "
+            "exists: another replica was first, failed, skipped, cancelled: by a notice)",
+            ["outcome"],
             registry=self.registry,
         )
 

@@ -13,11 +13,12 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
 
 from spotstart import events
-from spotstart.guard.drain import Clock, Command, DrainConfig, DrainController
+from spotstart.guard.drain import Clock, Command, DrainConfig, DrainController, Phase
 from spotstart.guard.kube import PodRef, mark_pod, notice_patch
 from spotstart.guard.metrics import GuardMetrics
 from spotstart.guard.notice import NoticeKind, NoticeWatcher, PreemptionNotice
@@ -31,6 +32,10 @@ from spotstart.guard.supervise import (
     stop_group,
 )
 from spotstart.guard.watchers import Faults, supervise
+
+if TYPE_CHECKING:  # the cache's code is imported only when --engine-cache is given
+    from spotstart.enginecache import EngineCacheConfig
+    from spotstart.guard.warmstart import WarmStart
 
 log = logging.getLogger("spotstart.guard")
 
@@ -49,6 +54,9 @@ class GuardConfig:
     webhook_url: str | None = None
     hook_timeout_s: float = 5.0
     mark_pod: PodRef | None = None  # annotate this pod with the notice (Kubernetes)
+    # restore the engine's compile caches before the server starts, publish them after its
+    # first ready (needs server_argv): see spotstart.guard.warmstart
+    engine_cache: EngineCacheConfig | None = None
 
 
 def notice_env(notice: PreemptionNotice, now: float) -> dict[str, str]:
@@ -89,6 +97,12 @@ class _Guard:
         self.notice_wall: float | None = None
         self.first_drain: PreemptionNotice | None = None
         self.ready_recorded = False
+        self.warmstart: WarmStart | None = None
+        if config.engine_cache is not None and config.server_argv:
+            from spotstart.guard.warmstart import WarmStart
+
+            self.warmstart = WarmStart(config.engine_cache, config.server_argv, self.metrics)
+        self.server_started_wall: float | None = None
         # the zone this node is in, for `spotstart plan record` (the phase events say it)
         zone = os.environ.get("SPOTSTART_ZONE", "")
         self.event_fields = {"zone": zone} if zone else {}
@@ -115,6 +129,10 @@ class _Guard:
                 notice.deadline - now,
             )
             self._spawn(self._run_hooks(notice))
+            if self.warmstart is not None and self.warmstart.publishing:
+                # the node is going: a half-done upload is worth nothing, and nothing of it is
+                # visible (the manifest goes last)
+                self._spawn(self.warmstart.cancel_publish())
             if self.config.mark_pod is not None:  # only a drain: the pod is really going
                 patch = notice_patch(notice, now, time.time())
                 self._spawn(
@@ -258,8 +276,10 @@ class _Guard:
                 # them, leaving our own children (server, hooks) to their waiters.
                 if become_subreaper() or os.getpid() == 1:
                     tasks.append(asyncio.create_task(OrphanReaper(self._own).run()))
-                await self.supervisor.start()
-                reap = asyncio.create_task(self._reap())
+                if await self._restore_engine_cache():
+                    await self.supervisor.start()
+                    self.server_started_wall = time.time()
+                    reap = asyncio.create_task(self._reap())
             await self._loop()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -275,6 +295,8 @@ class _Guard:
             if self.supervisor is not None and self.supervisor.running:
                 self.supervisor.kill()  # no-op after a clean stop; never leave it orphaned
             await self.proxy.close()
+            if self.warmstart is not None:
+                await self.warmstart.cancel_publish()
             if self.background:  # hooks get what is left of their own timeout, no more
                 await asyncio.wait(set(self.background), timeout=0.5)
                 for task in set(self.background):
@@ -304,6 +326,35 @@ class _Guard:
         )
         return self.controller.exit_code
 
+    async def _restore_engine_cache(self) -> bool:
+        """With --engine-cache: the server's env pointed at the cache, its key computed and
+        the cache restored, before the server starts. A notice (or SIGTERM) during the restore
+        cancels it: False, no server is started and the drain ends as one with nothing to
+        drain. True: start the server (warm or cold)."""
+        ws, sup = self.warmstart, self.supervisor
+        if ws is None or sup is None:
+            return True
+        env = ws.server_env(os.environ)
+        sup.env = env
+        restoring = asyncio.create_task(ws.restore(env))
+        noticed = asyncio.create_task(self._until_notice())
+        try:
+            await asyncio.wait({restoring, noticed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            noticed.cancel()
+        if restoring.done():
+            return True
+        restoring.cancel()
+        await asyncio.gather(restoring, return_exceptions=True)
+        log.warning("notice during the engine cache restore: restore cancelled, server not started")
+        self.controller.server_never_started()
+        return False
+
+    async def _until_notice(self) -> None:
+        while self.controller.phase is Phase.SERVING:
+            self.changed.clear()
+            await self.changed.wait()
+
     def _drain_fields(self) -> dict[str, str]:
         """The drain event's cause: the first notice that drained (its kind and watcher)."""
         n = self.first_drain
@@ -322,6 +373,7 @@ class _Guard:
                     detail="until healthy",
                     fields=self.event_fields,
                 )
+                self._server_ready()
             for command in self.controller.tick():
                 if command is Command.CANCEL_IN_FLIGHT:
                     n = self.controller.counters.in_flight
@@ -345,6 +397,21 @@ class _Guard:
             timeout = None if wake is None else max(0.0, wake - self.clock())
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.changed.wait(), timeout)
+
+    def _server_ready(self) -> None:
+        """The server's first ready: the engine-init event (warm or cold), then the publish."""
+        ws = self.warmstart
+        if ws is None or self.server_started_wall is None:
+            return
+        events.record(
+            "engine-init",
+            self.server_started_wall,
+            time.time(),
+            detail="warm" if ws.warm else "cold",
+            fields={**self.event_fields, "cache": ws.outcome},
+        )
+        if self.controller.phase is Phase.SERVING:
+            ws.publish_soon()
 
 
 async def run_guard(

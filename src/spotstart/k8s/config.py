@@ -28,6 +28,7 @@ GUARD_CLOUD: dict[Cloud, str] = {"gke": "gce", "eks": "aws", "aks": "azure"}
 # serve-peers sidecar. The server's port must differ from both (one network namespace).
 GUARD_PORT = 8080
 PEER_PORT = 8471
+ENGINE_CACHE_PORT = 8472  # the guard's --engine-cache-serve (with engine_cache.peers)
 # The image container/build.sh builds (spotstart alone: the fetch init container, the
 # serve-peers sidecar, the controller), and the name the docs give the server's image that
 # container/Containerfile.vllm makes (the user's vLLM image with spotstart added).
@@ -54,6 +55,7 @@ _TOP = {
     "eks",
     "peers",
     "controller",
+    "engine_cache",
 }
 _SERVER = {"command", "health_path", "engine", "load_format", "args", "served_model_name", "python"}
 ENGINES = ("vllm",)
@@ -75,6 +77,7 @@ _EKS = {"cluster_name", "node_role"}
 _PEERS = {"token", "token_secret"}
 _CONTROLLER = {"record_trace"}
 _RECORD_TRACE = {"volume", "gap_seconds"}
+_ENGINE_CACHE = {"url", "secret_name", "publish", "peers", "key_extra"}
 # The uid and gid of the spotstart image's user (container/build.sh): its containers run as
 # it, and the volumes they write (weights, the controller's recording) are given its group.
 SPOTSTART_UID = 65532
@@ -117,6 +120,31 @@ class RecordTrace:
 
     volume: str = RECORD_EMPTY_DIR
     gap_seconds: int = 60
+
+
+@dataclass(frozen=True)
+class EngineCache:
+    """`engine_cache: {url: gs://b/engine-cache, secret_name: NAME, publish: first|never,
+    peers: true|false, key_extra: [...]}`: the guard restores the engine's compile caches
+    before the server starts and, for a key the bucket does not hold yet, publishes them after
+    the server's first ready (`spotstart guard --engine-cache`).
+
+    ``url``: any source `spotstart fetch` takes (http(s):// restores only). ``publish``:
+    "first" (the first replica of a new key writes it, create-only: the manifest is written
+    last and never replaces one) or "never" (restore only: the pods' identity needs read
+    access alone). ``secret_name``: a Secret (key ``secret``, at least 16 bytes) whose value
+    signs and checks every manifest (HMAC-SHA256): given, a cache without a valid signature
+    is refused, so a bucket writer without the key cannot get code into the engine; created
+    outside the manifests, like the peer token. ``peers``: replicas serve their caches to each
+    other on ENGINE_CACHE_PORT (needs the top-level ``peers``, whose token and NetworkPolicy
+    it shares; default: on when ``peers`` is). ``key_extra``: strings added to the key.
+    """
+
+    url: str
+    publish: bool = True
+    secret_name: str = ""
+    peers: bool = False
+    key_extra: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,6 +206,7 @@ class DeployConfig:
     vllm: VllmServer | None = None  # server.engine: vllm (server_command is then empty)
     spotstart_image: str = SPOTSTART_IMAGE
     record_trace: RecordTrace | None = None
+    engine_cache: EngineCache | None = None
 
 
 def _fail(key: str, why: str) -> DeployConfigError:
@@ -279,7 +308,10 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
     replicas = _int(data, "replicas", None, 1, 1000)
     peers = _peers(data.get("peers", False), name)
     port = _int(data, "port", 8000, 1, 65535)
+    engine_cache = _engine_cache(data.get("engine_cache"), peers)
     taken = {GUARD_PORT: "the guard's"} | ({PEER_PORT: "the peer sidecar's"} if peers else {})
+    if engine_cache is not None and engine_cache.peers:
+        taken[ENGINE_CACHE_PORT] = "the engine cache peers'"
     if port in taken:
         raise _fail("port", f"{port} is {taken[port]} port in the same pod; pick another")
     eks = data.get("eks", {})
@@ -309,6 +341,54 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
         peers=peers,
         vllm=vllm,
         record_trace=_controller(data.get("controller")),
+        engine_cache=engine_cache,
+    )
+
+
+def _engine_cache(value: Any, peers: PeerConfig | None) -> EngineCache | None:
+    """`engine_cache: {url, secret_name?, publish: first|never, peers?, key_extra?}`."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise _fail("engine_cache", f"{str(value)[:40]!r}: a mapping, {{url: gs://..., ...}}")
+    _unknown(value, _ENGINE_CACHE, "engine_cache")
+    url = value.get("url")
+    if not isinstance(url, str) or "://" not in url or len(url) > 2048 or not url.isprintable():
+        raise _fail("engine_cache.url", f"{str(url)[:60]!r}: a gs://, s3://, az:// or https:// URL")
+    publish = value.get("publish", "first")
+    if publish not in ("first", "never"):
+        raise _fail("engine_cache.publish", f"{str(publish)[:40]!r}: first or never")
+    if publish == "first" and url.startswith(("http://", "https://")):
+        raise _fail(
+            "engine_cache.publish", "an http(s) URL can only be restored from: publish: never"
+        )
+    secret = value.get("secret_name", "")
+    if secret and (
+        not isinstance(secret, str) or len(secret) > 253 or not _DNS_SUBDOMAIN.fullmatch(secret)
+    ):
+        raise _fail(
+            "engine_cache.secret_name",
+            f"{str(secret)[:40]!r}: a Secret name (lowercase, digits, '-', '.')",
+        )
+    cache_peers = value.get("peers", peers is not None)
+    if not isinstance(cache_peers, bool):
+        raise _fail("engine_cache.peers", f"{cache_peers!r}: true or false")
+    if cache_peers and peers is None:
+        raise _fail(
+            "engine_cache.peers",
+            "needs the top-level peers (its headless Service, token and NetworkPolicy)",
+        )
+    extra = value.get("key_extra", [])
+    if not isinstance(extra, list) or not all(
+        isinstance(e, str) and e and len(e) <= 1024 and e.isprintable() for e in extra
+    ):
+        raise _fail("engine_cache.key_extra", "a list of printable strings")
+    return EngineCache(
+        url=url,
+        publish=publish == "first",
+        secret_name=str(secret or ""),
+        peers=cache_peers,
+        key_extra=tuple(extra),
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from spotstart import safefs
 from spotstart.k8s.config import (
+    ENGINE_CACHE_PORT,
     GUARD_CLOUD,
     GUARD_PORT,
     PEER_PORT,
@@ -51,6 +52,13 @@ TMP_DIR = "/tmp"  # an emptyDir per pod, not the node's /tmp
 TMP_VOLUME = "spotstart-tmp"
 TRACE_DIR = "/var/lib/spotstart/trace"
 TRACE_VOLUME = "trace"
+# engine_cache: the guard's cache root in an emptyDir beside the weights' (local SSD where the
+# node pools give one); the root is a directory the guard creates 0700 inside the mount
+ENGINE_CACHE_MOUNT = "/engine-cache"
+ENGINE_CACHE_DIR = f"{ENGINE_CACHE_MOUNT}/root"
+ENGINE_CACHE_VOLUME = "engine-cache"
+ENGINE_CACHE_SECRET_ENV = "SPOTSTART_ENGINE_CACHE_SECRET"  # what the guard reads
+ENGINE_CACHE_SECRET_KEY = "secret"
 
 
 def spotstart_security() -> Obj:
@@ -134,6 +142,7 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
         str(min(5, guard_budget_s(cfg.notice_window_s))),
         "--health-path",
         cfg.health_path,
+        *engine_cache_flags(cfg),
         "--",
         *server_argv(cfg),
     ]
@@ -172,12 +181,25 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
             "failureThreshold": 120,
         },
     }
+    server_env = env  # the fetch shares it; the server's own additions come below
+    volumes: list[Obj] = [{"name": "weights", "emptyDir": {}}]
+    if cfg.engine_cache is not None:
+        # the same kind of volume as the weights': the node's local SSD where its pool has one
+        volumes.append({"name": ENGINE_CACHE_VOLUME, "emptyDir": {}})
+        server["volumeMounts"] = [
+            *mounts,
+            {"name": ENGINE_CACHE_VOLUME, "mountPath": ENGINE_CACHE_MOUNT},
+        ]
+        if cfg.engine_cache.peers:
+            server["ports"].append(
+                {"name": "engine-cache", "containerPort": ENGINE_CACHE_PORT, "protocol": "TCP"}
+            )
     spec: Obj = {
         "serviceAccountName": cfg.name,  # the guard patches its own pod on a notice (rbac.yaml)
         "terminationGracePeriodSeconds": cfg.notice_window_s,
         "securityContext": _pod_security(),
         "containers": [server],
-        "volumes": [{"name": "weights", "emptyDir": {}}],
+        "volumes": volumes,
         "topologySpreadConstraints": [
             {
                 "maxSkew": 1,
@@ -246,6 +268,9 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
                 "securityContext": spotstart_security(),
             }
         )
+    secret = _engine_cache_secret_env(cfg)
+    if secret is not None:  # the server's container alone: the guard reads it, hides it
+        server["env"] = [*server_env, secret]
     if init:
         spec["initContainers"] = init
         spec["volumes"].append(_tmp_volume())
@@ -265,6 +290,67 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
         },
         "spec": spec,
     }
+
+
+def engine_cache_flags(cfg: DeployConfig) -> list[str]:
+    """The guard's --engine-cache flags for ``engine_cache:`` (none without it). Peers: the
+    guard serves its caches on ENGINE_CACHE_PORT and asks the other replicas through the
+    headless Service, with the weights' peer token ($SPOTSTART_PEER_TOKEN) or --no-token as
+    ``peers.token`` says."""
+    ec = cfg.engine_cache
+    if ec is None:
+        return []
+    flags = ["--engine-cache", ec.url, "--engine-cache-dir", ENGINE_CACHE_DIR]
+    if not ec.publish:
+        flags.append("--engine-cache-no-publish")
+    for extra in ec.key_extra:
+        flags += ["--engine-cache-key-extra", extra]
+    if ec.peers and cfg.peers is not None:
+        flags += [
+            "--engine-cache-serve",
+            f"0.0.0.0:{ENGINE_CACHE_PORT}",
+            "--engine-cache-peers",
+            _peer_dns(cfg, ENGINE_CACHE_PORT),
+        ]
+        if not cfg.peers.token:
+            flags.append("--no-token")
+    return flags
+
+
+def _engine_cache_secret_env(cfg: DeployConfig) -> Obj | None:
+    """$SPOTSTART_ENGINE_CACHE_SECRET from the Secret ``engine_cache.secret_name``: a
+    reference, never the value; not optional (a pod whose Secret is missing waits rather than
+    trusting unsigned caches). An env var, not a mounted file: with the pod's fsGroup the
+    kubelet makes a Secret volume's files group-readable (0440), which the guard refuses for
+    a key file; the guard drops the variable before it starts the server or a hook."""
+    ec = cfg.engine_cache
+    if ec is None or not ec.secret_name:
+        return None
+    ref = {"name": ec.secret_name, "key": ENGINE_CACHE_SECRET_KEY, "optional": False}
+    return {"name": ENGINE_CACHE_SECRET_ENV, "valueFrom": {"secretKeyRef": ref}}
+
+
+def engine_cache_secret_command(cfg: DeployConfig) -> str | None:
+    """The command that creates the engine cache's HMAC key Secret (as peer_token_command)."""
+    ec = cfg.engine_cache
+    if ec is None or not ec.secret_name:
+        return None
+    create = shlex.join(
+        [
+            "kubectl",
+            "create",
+            "secret",
+            "generic",
+            ec.secret_name,
+            "--namespace",
+            cfg.namespace,
+            f"--from-file={ENGINE_CACHE_SECRET_KEY}=/dev/stdin",
+        ]
+    )
+    script = (
+        f'key="$(openssl rand -hex 32)" && [ "${{#key}}" -eq 64 ] && printf %s "$key" | {create}'
+    )
+    return f"sh -c {shlex.quote(script)}"
 
 
 def safety_margin_s(window_s: int) -> int:
@@ -386,9 +472,13 @@ def peer_token_command(cfg: DeployConfig) -> str | None:
     return f"sh -c {shlex.quote(script)}"
 
 
-def _peer_dns(cfg: DeployConfig) -> str:
+def _peer_dns(cfg: DeployConfig, port: int = PEER_PORT) -> str:
     """The headless Service's name: one A record per pod, ready or not."""
-    return f"dns:{cfg.name}-peers.{cfg.namespace}.svc.cluster.local:{PEER_PORT}"
+    return f"dns:{cfg.name}-peers.{cfg.namespace}.svc.cluster.local:{port}"
+
+
+def _cache_peers(cfg: DeployConfig) -> bool:
+    return cfg.engine_cache is not None and cfg.engine_cache.peers
 
 
 def _peer_service(cfg: DeployConfig) -> Manifest:
@@ -416,7 +506,19 @@ def _peer_service(cfg: DeployConfig) -> Manifest:
                 "publishNotReadyAddresses": True,
                 "selector": _selector(cfg),
                 "ports": [
-                    {"name": "peers", "port": PEER_PORT, "targetPort": "peers", "protocol": "TCP"}
+                    {"name": "peers", "port": PEER_PORT, "targetPort": "peers", "protocol": "TCP"},
+                    *(
+                        [
+                            {
+                                "name": "engine-cache",
+                                "port": ENGINE_CACHE_PORT,
+                                "targetPort": "engine-cache",
+                                "protocol": "TCP",
+                            }
+                        ]
+                        if _cache_peers(cfg)
+                        else []
+                    ),
                 ],
             },
         },
@@ -477,7 +579,13 @@ def _peer_network_policy(cfg: DeployConfig, cloud: Cloud) -> Manifest:
                     {"ports": [{"protocol": "TCP", "port": p} for p in serving]},
                     {
                         "from": [{"podSelector": _own_pods(cfg)}],
-                        "ports": [{"protocol": "TCP", "port": PEER_PORT}],
+                        "ports": [
+                            {"protocol": "TCP", "port": p}
+                            for p in (
+                                PEER_PORT,
+                                *([ENGINE_CACHE_PORT] if _cache_peers(cfg) else []),
+                            )
+                        ],
                     },
                 ],
             },
@@ -572,7 +680,8 @@ def _common(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
         *_controller(cfg, cloud),
         Manifest(
             "deployment-spot.yaml",
-            f"{cfg.replicas} replicas on spot nodes, spread over {len(cfg.zones)} zones.",
+            f"{cfg.replicas} replicas on spot nodes, spread over {len(cfg.zones)} zones."
+            + _engine_cache_note(cfg),
             _deployment(cfg, cloud, "spot", cfg.replicas),
         ),
         Manifest(
@@ -597,6 +706,26 @@ def _common(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
             pdb,
         ),
     ]
+
+
+def _engine_cache_note(cfg: DeployConfig) -> str:
+    ec = cfg.engine_cache
+    if ec is None:
+        return ""
+    note = f" The guard restores the engine's compile caches from {ec.url} before vLLM starts" + (
+        " and publishes them once per new key (create-only: give the pods' identity "
+        "object-create rights on that prefix, never overwrite or delete)."
+        if ec.publish
+        else " (restore only: the pods' identity needs read access alone)."
+    )
+    command = engine_cache_secret_command(cfg)
+    if command is not None:
+        note += (
+            f" Manifests are signed with the Secret {ec.secret_name} (key "
+            f"{ENGINE_CACHE_SECRET_KEY}); the pods wait until it exists. Create it once with:"
+            f"\n  {command}"
+        )
+    return note
 
 
 CONTROLLER_METRICS_PORT = 9090
