@@ -289,3 +289,40 @@ def test_engine_env_refuses_a_planted_link_for_a_cache_dir(tmp_path: Path) -> No
     (root / "triton").symlink_to("/etc")
     with pytest.raises(UnsafePath):
         engine_env(EngineCacheConfig("file:///x", root), [])
+
+
+@pytest.mark.parametrize(
+    ("argv_a", "argv_b"),
+    [
+        # a positional model after a dropped flag is still the model
+        (["--port", "1", "{m1}"], ["--port", "1", "{m2}"]),
+        (["--disable-log-stats", "{m1}"], ["--disable-log-stats", "{m2}"]),
+        # a short option after a dropped one is not swallowed as its value
+        (
+            ["--port", "1", "-tp", "2", "--model", "{m1}"],
+            ["--port", "1", "-tp", "4", "--model", "{m1}"],
+        ),
+        (
+            ["--model={m1}", "--served-model-name", "x", "-pp", "2"],
+            ["--model={m1}", "--served-model-name", "x", "-pp", "3"],
+        ),
+    ],
+)
+def test_dropped_options_never_take_an_argument_that_matters_with_them(
+    cfg: EngineCacheConfig, tmp_path: Path, argv_a: list[str], argv_b: list[str]
+) -> None:
+    py = _fake_python(tmp_path / "bin")
+    m1, m2 = _model(tmp_path / "m1", 1024), _model(tmp_path / "m2", 4096)
+
+    def argv(args: list[str]) -> list[str]:
+        filled = [a.format(m1=m1, m2=m2) for a in args]
+        return [str(py), "-m", "vllm.entrypoints.openai.api_server", *filled]
+
+    assert _key(cfg, argv(argv_a)).digest != _key(cfg, argv(argv_b)).digest
+
+
+def test_a_negative_number_is_a_value(cfg: EngineCacheConfig, tmp_path: Path) -> None:
+    py = _fake_python(tmp_path / "bin")
+    m = _model(tmp_path / "m")
+    k = _key(cfg, _vllm(py, m, "--seed", "-1", "--port", "2"))
+    assert ["--seed", "-1"] in k.parts["args"]  # type: ignore[operator]

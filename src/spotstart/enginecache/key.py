@@ -15,8 +15,9 @@ What is in it (``CacheKey.parts``, published in the manifest so two keys can be 
   engine's PATH; else the CPU model and its ISA flags (sorted) from /proc/cpuinfo.
 - ``engine``/``args``: for vLLM (``-m vllm.entrypoints...`` or ``vllm serve``) every argument
   except those in :data:`VLLM_NOT_IN_KEY` (they cannot change compiled code: addresses, names,
-  keys, logging, TLS, CORS, how and where the weights are read), ``--model`` (or the positional
-  model) replaced by the SHA-256 of its config.json, generation_config.json and
+  keys, logging, TLS, CORS, how and where the weights are read; each drops only as many
+  values as vLLM gives it, so a positional after a dropped flag is still seen), ``--model``
+  (or the positional model) replaced by the SHA-256 of its config.json, generation_config.json and
   tokenizer_config.json (a bucket URL or a hub id: its literal). Any other engine
   (``generic``): the whole argv except the values of ``--host``, ``--port``, ``--listen``;
   what that misses (a model directory's contents) the user adds with ``key_extra``.
@@ -60,40 +61,50 @@ MAX_EXECUTABLE_HASHED = 512 << 20
 MODEL_FILES = ("config.json", "generation_config.json", "tokenizer_config.json")
 PACKAGES = ("torch", "vllm", "triton", "flashinfer", "deep_gemm", "transformers")
 
-# vLLM options that cannot change compiled code (with their values); everything else is kept.
-VLLM_NOT_IN_KEY = frozenset(
+# vLLM options that cannot change compiled code, by how many values they take (argparse's
+# nargs in vllm/entrypoints/openai/cli_args.py and engine/arg_utils.py); everything else is kept.
+VLLM_FLAGS_NOT_IN_KEY = frozenset(
     {
-        "--host",
-        "--port",
-        "--uds",
-        "--served-model-name",
-        "--api-key",
-        "--uvicorn-log-level",
         "--disable-uvicorn-access-log",
         "--disable-log-requests",
         "--enable-log-requests",
         "--disable-log-stats",
+        "--enable-ssl-refresh",
+        "--allow-credentials",
+        "--disable-fastapi-docs",
+        "--enable-request-id-headers",
+    }
+)
+VLLM_ONE_NOT_IN_KEY = frozenset(
+    {
+        "--host",
+        "--port",
+        "--uds",
+        "--uvicorn-log-level",
         "--max-log-len",
         "--log-config-file",
         "--ssl-keyfile",
         "--ssl-certfile",
         "--ssl-ca-certs",
         "--ssl-cert-reqs",
-        "--enable-ssl-refresh",
         "--root-path",
-        "--allowed-origins",
-        "--allowed-methods",
-        "--allowed-headers",
-        "--allow-credentials",
-        "--middleware",
-        "--disable-fastapi-docs",
-        "--enable-request-id-headers",
         "--load-format",
         "--model-loader-extra-config",
         "--download-dir",
         "--shutdown-timeout",
     }
 )
+VLLM_MANY_NOT_IN_KEY = frozenset(
+    {
+        "--served-model-name",
+        "--api-key",
+        "--allowed-origins",
+        "--allowed-methods",
+        "--allowed-headers",
+        "--middleware",
+    }
+)
+VLLM_NOT_IN_KEY = VLLM_FLAGS_NOT_IN_KEY | VLLM_ONE_NOT_IN_KEY | VLLM_MANY_NOT_IN_KEY
 GENERIC_NOT_IN_KEY = frozenset({"--host", "--port", "--listen"})
 ENV_PREFIXES = ("VLLM_", "TORCH_", "TORCHINDUCTOR_", "TRITON_")
 # Set per pod or per run, or secrets: in the key they would make every pod miss (or publish a
@@ -123,6 +134,7 @@ ENV_NOT_IN_KEY = frozenset(
 )
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
 _PYTHON = re.compile(r"python(\d+(\.\d+)*)?")
+_NUMBER = re.compile(r"-[0-9.]+([eE][-+]?[0-9]+)?")
 
 # Runs in the engine's interpreter: no torch import (seconds), metadata only.
 PROBE = r"""
@@ -316,20 +328,9 @@ def executable_digest(name: str, env: Mapping[str, str]) -> str:
         return f"unreadable: {exc.strerror}"
 
 
-def _split_options(args: Sequence[str]) -> tuple[list[str], list[tuple[str, list[str]]]]:
-    """(leading positionals, [(option, its values)]): ``--a=1`` and ``--a 1 2`` alike; a
-    token is a value when it does not start with ``--`` (``-1`` is a value)."""
-    positionals: list[str] = []
-    options: list[tuple[str, list[str]]] = []
-    for tok in args:
-        if tok.startswith("--") and len(tok) > 2:
-            name, eq, value = tok.partition("=")
-            options.append((name, [value] if eq else []))
-        elif options:
-            options[-1][1].append(tok)
-        else:
-            positionals.append(tok)
-    return positionals, options
+def _is_option(tok: str) -> bool:
+    """``--x``, ``-tp``; not ``-1`` or ``-0.5`` (values), not ``-`` alone."""
+    return tok.startswith("-") and len(tok) > 1 and not _NUMBER.fullmatch(tok)
 
 
 def vllm_args(argv: Sequence[str]) -> list[str] | None:
@@ -391,16 +392,37 @@ def engine_args(argv: Sequence[str]) -> dict[str, object]:
                 continue
             out.append(tok)
         return {"engine": "generic", "args": out}
-    positionals, options = _split_options(args)
-    model: str | None = positionals[0] if positionals else None
+    model: str | None = None
     kept: list[list[str]] = []
-    for name, values in options:
-        if name in VLLM_NOT_IN_KEY:
+    i = 0
+    while i < len(args):
+        tok = args[i]
+        i += 1
+        if not _is_option(tok):
+            if model is None:
+                model = tok  # ``vllm serve MODEL``, or a model after a flag we dropped
+            else:
+                kept.append(["(positional)", tok])
             continue
-        if name == "--model":
-            model = values[0] if values else model
+        name, eq, value = tok.partition("=")
+        values = [value] if eq else []
+        # how many following tokens are this option's: none for a flag we drop or an
+        # option written with '=', one for a single-valued one we drop, else all up to
+        # the next option (they stay in the key with it, whatever they are)
+        if name in VLLM_FLAGS_NOT_IN_KEY or (eq and name in VLLM_NOT_IN_KEY):
             continue
-        kept.append([name, *values])
+        if name in VLLM_ONE_NOT_IN_KEY or name == "--model":
+            if not eq and i < len(args) and not _is_option(args[i]):
+                values.append(args[i])
+                i += 1
+            if name == "--model" and values:
+                model = values[0]
+            continue
+        while not eq and i < len(args) and not _is_option(args[i]):
+            values.append(args[i])
+            i += 1
+        if name not in VLLM_MANY_NOT_IN_KEY:
+            kept.append([name, *values])
     return {
         "engine": "vllm",
         "args": kept,
