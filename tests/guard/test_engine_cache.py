@@ -92,6 +92,13 @@ def start(
     return run
 
 
+def get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as r:
+        return str(r.read().decode())
+
+
 def event_list(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -105,10 +112,19 @@ def check_three_starts(root: Path, url: str, manifests: Any, env: dict[str, str]
     assert first.report["restored"] is False
     assert len(manifests()) == 1
     # 2: a fresh node, the same key: warm, the very same files, nothing published again
-    second = start(root / "n2", url, env=env)
+    serve = free_ports(1)[0]
+    second = start(root / "n2", url, "--engine-cache-serve", f"127.0.0.1:{serve}", env=env)
     assert second.report["restored"] is True, second.proc.text
     assert second.report["files"] == first.report["files"]
     assert re.search(r"restored \d+ files, [\d.]+ MB in [\d.]+ s", second.proc.text)
+    metrics = get(second.url + "/spotstart/metrics")
+    assert 'spotstart_guard_engine_cache_restores_total{outcome="hit"} 1.0' in metrics
+    assert re.search(r"^spotstart_guard_engine_cache_restore_bytes [1-9]", metrics, re.M)
+    # the archive it restored is served to other replicas (loopback: no token needed)
+    inventory = json.loads(get(f"http://127.0.0.1:{serve}/v1/inventory"))
+    (fetched,) = [e for e in event_list(second.events) if e["phase"] == "fetch"]
+    served = [(o["size"], o["complete"]) for o in inventory["objects"]]
+    assert served == [(fetched["bytes"], True)], inventory
     assert second.stop() == 0
     assert "publishing" not in second.proc.text
     assert len(manifests()) == 1
@@ -225,6 +241,27 @@ def test_engine_cache_flags_without_what_they_need_are_usage_errors(
     )
     assert res.code == 2, res.stderr
     assert needle in error_line(res.stderr)
+
+
+def test_serving_caches_on_a_reachable_address_needs_a_token(tmp_path: Path) -> None:
+    from tests.conftest import error_line, run_cli
+
+    argv = ["--engine-cache", f"file://{tmp_path}/b", "--engine-cache-dir", str(tmp_path / "c")]
+    res = run_cli(
+        [
+            "guard",
+            "--upstream",
+            "http://127.0.0.1:9",
+            "--listen",
+            "127.0.0.1:0",
+            *argv,
+            "--engine-cache-serve",
+            "0.0.0.0:0",
+            "--",
+            "true",
+        ]
+    )
+    assert res.code == 2 and "--engine-cache-serve 0.0.0.0:0 is reachable" in error_line(res.stderr)
 
 
 def test_a_secret_file_others_may_read_is_refused(tmp_path: Path) -> None:
