@@ -303,3 +303,69 @@ def test_restore_and_publish_record_events(tmp_path: Path, monkeypatch: pytest.M
         ("engine-cache-publish", "published", key.digest),
     ]
     assert events[1]["bytes"] > 0
+
+
+def test_restore_over_http_from_a_published_tree(nginx: object, tmp_path: Path) -> None:
+    """A bucket published once (here: file:// beneath nginx's root) restores over http."""
+    root: Path = nginx.root  # type: ignore[attr-defined]
+    prefix = f"ec-{secrets.token_hex(4)}"
+    pub = EngineCacheConfig(f"file://{root}/{prefix}", tmp_path / "pub")
+    key = _key()
+    written = _fill(pub)
+    assert _run(publish(pub, key)).status == "published"
+    for dirpath, dirs, names in os.walk(root / prefix):  # nginx runs as another user
+        for n in dirs + names:
+            os.chmod(Path(dirpath) / n, 0o755)
+    base = nginx.endpoint  # type: ignore[attr-defined]
+    cfg = EngineCacheConfig(f"{base}/{prefix}", tmp_path / "r")
+    out = _run(restore(cfg, key))
+    assert out.status == "hit", out
+    assert _caches(cfg.root) == written
+    assert (
+        _run(restore(EngineCacheConfig(f"{base}/{prefix}", tmp_path / "m"), _key())).status
+        == "miss"
+    )
+
+
+def test_a_peer_that_serves_other_bytes_never_gets_them_extracted(
+    clean_cloud: StorageEmulator,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """A peer whose copy of the archive was altered (same size, same mtime, so it still
+    serves it) answers the second replica: the bytes it sends are never extracted; the
+    restore either fetches the true bytes from the origin (fetch's own checks) or fails
+    on the manifest's SHA-256, with the cache dirs empty."""
+    for k, v in clean_cloud.env_for_s3().items():
+        monkeypatch.setenv(k, v)
+    url = f"s3://{BUCKET}/ec-liar-{secrets.token_hex(4)}"
+    key = _key()
+    pub = EngineCacheConfig(url, tmp_path / "pub")
+    written = _fill(pub)
+    assert _run(publish(pub, key)).status == "published"
+    first = EngineCacheConfig(url, tmp_path / "first")
+    assert _run(restore(first, key)).status == "hit"
+    arch = next(p for p in archives_dir(first).iterdir() if p.name.endswith(".tar.zst"))
+    st = arch.stat()
+    data = bytearray(arch.read_bytes())
+    for i in range(0, len(data), 997):
+        data[i] ^= 0x5A
+    arch.write_bytes(bytes(data))
+    os.utime(arch, ns=(st.st_atime_ns, st.st_mtime_ns))
+    server = PeerServer(archives_dir(first), token=TOKEN)
+    thread = PeerServerThread(server)
+    port = thread.start("127.0.0.1", 0)
+    try:
+        second = EngineCacheConfig(
+            url, tmp_path / "second", peers=(f"127.0.0.1:{port}",), peer_token=TOKEN
+        )
+        out = _run(restore(second, key))
+    finally:
+        thread.close()
+    assert server.bytes_served > 0  # the peer was asked, and answered with its bytes
+    assert out.status in ("hit", "failed"), out
+    if out.status == "hit":
+        assert _caches(second.root) == written
+    else:
+        assert "sha256" in out.reason
+        assert _empty(second.root)
