@@ -369,3 +369,33 @@ def test_a_peer_that_serves_other_bytes_never_gets_them_extracted(
     else:
         assert "sha256" in out.reason
         assert _empty(second.root)
+
+
+def test_a_root_beneath_the_users_link_works_and_a_root_that_is_a_link_is_refused(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "bucket").mkdir()
+    (tmp_path / "disk").mkdir()
+    (tmp_path / "nvme").symlink_to(tmp_path / "disk")  # /nvme -> /mnt/disk1: the user's choice
+    url = f"file://{tmp_path}/bucket"
+    key = _key()
+    pub = EngineCacheConfig(url, tmp_path / "nvme" / "cache")
+    written = _fill(pub)
+    assert _run(publish(pub, key)).status == "published"
+    r = EngineCacheConfig(url, tmp_path / "nvme" / "cache2")
+    assert _run(restore(r, key)).status == "hit"
+    assert _caches(tmp_path / "disk" / "cache2") == written
+    (tmp_path / "disk" / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "disk" / "cache3").symlink_to(tmp_path / "disk" / "elsewhere")
+    out = _run(restore(EngineCacheConfig(url, tmp_path / "nvme" / "cache3"), key))
+    assert out.status == "failed" and "symlink" in out.reason
+    assert list((tmp_path / "disk" / "elsewhere").iterdir()) == []
+
+
+def test_a_root_someone_else_may_write_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "bucket").mkdir()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    out = _run(restore(EngineCacheConfig(f"file://{tmp_path}/bucket", shared), _key()))
+    assert out.status == "failed" and "writable by group or others" in out.reason

@@ -74,8 +74,9 @@ def engine_env(config: EngineCacheConfig, argv: Sequence[str]) -> dict[str, str]
 
 
 def prepare(config: EngineCacheConfig) -> Path:
-    """Create root and every cache directory (0700, ours, not a link); the root's path."""
-    root = safefs.private_dir(config.root)
+    """Create root and every cache directory (0700, ours, not a link); the root's real path
+    (the root itself may be the user's link: resolved once here)."""
+    root = Path(os.path.realpath(safefs.private_dir(config.root)))
     for name in [*CACHE_DIRS.values(), TMP_DIR, tmp_inductor(), ARCHIVES_DIR, PACKED_DIR]:
         os.close(safefs.private_dir_fd(root, name))
     return root

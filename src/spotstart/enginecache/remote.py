@@ -128,25 +128,30 @@ async def restore(config: EngineCacheConfig, key: CacheKey) -> Outcome:
         if outcome.status != "hit": log.info("engine starts cold: %s", outcome.reason)
     """
     wall0, t0 = time.time(), time.monotonic()
-    done = False
-    root: Path | None = None
     try:
         root = await asyncio.to_thread(prepare, config)
-        await asyncio.to_thread(empty_cache_dirs, root)
-        outcome = await _restore(config, key, root, t0)
-        done = outcome.status == "hit"
-    except (SpotstartError, OSError, ValueError) as exc:
-        outcome = Outcome("failed", _reason(exc), seconds=time.monotonic() - t0)
-    finally:
-        if not done and root is not None:
-            with contextlib.suppress(SpotstartError, OSError):
+        # root held open for the whole restore: its parent swapped for a link meanwhile
+        # redirects nothing that safefs opens beneath it
+        with safefs.pinned_root(root):
+            done = False
+            try:
                 await asyncio.to_thread(empty_cache_dirs, root)
+                outcome = await _restore(config, key, root, t0)
+                done = outcome.status == "hit"
+            finally:
+                if not done:
+                    with contextlib.suppress(Exception):
+                        await asyncio.to_thread(empty_cache_dirs, root)
+    except Exception as exc:  # never raises for remote (or local) trouble: the outcome says
+        outcome = Outcome("failed", _reason(exc), seconds=time.monotonic() - t0)
     return _record(RESTORE_EVENT, wall0, outcome, key)
 
 
 def _reason(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]
+    text = (str(exc).strip() or type(exc).__name__).splitlines()[0]
+    if not isinstance(exc, SpotstartError):
+        text = f"{type(exc).__name__}: {text}"  # not one of ours: say what it was
+    return text[:500]
 
 
 async def _restore(config: EngineCacheConfig, key: CacheKey, root: Path, t0: float) -> Outcome:
@@ -240,7 +245,7 @@ async def publish(config: EngineCacheConfig, key: CacheKey) -> Outcome:
     wall0, t0 = time.time(), time.monotonic()
     try:
         outcome = await _publish(config, key, t0)
-    except (SpotstartError, OSError, ValueError) as exc:
+    except Exception as exc:  # never raises: the outcome says
         outcome = Outcome("failed", _reason(exc), seconds=time.monotonic() - t0)
     return _record(PUBLISH_EVENT, wall0, outcome, key)
 
@@ -259,9 +264,10 @@ async def _publish(config: EngineCacheConfig, key: CacheKey, t0: float) -> Outco
         if await _exists(source, manifest_key):
             return Outcome("exists", f"a cache for key {key.digest[:16]} is published already")
         root = await asyncio.to_thread(prepare, config)
-        packed = await asyncio.to_thread(
-            pack, root, max_bytes=config.max_bytes, max_files=config.max_files
-        )
+        with safefs.pinned_root(root):
+            packed = await asyncio.to_thread(
+                pack, root, max_bytes=config.max_bytes, max_files=config.max_files
+            )
         try:
             if not packed.files:
                 return Outcome("skipped", "the engine wrote nothing to its caches")
