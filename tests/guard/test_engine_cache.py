@@ -7,12 +7,15 @@ guard writes are read back by `spotstart timeline`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 import signal
 import sys
+import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import pytest
 from spotstart import timeline
 from spotstart.emulate.link import FaultRule
 from spotstart.emulate.storage import StorageEmulator, _http, s3_signed_headers
+from spotstart.guard.notice import NoticeKind, PreemptionNotice
 from tests.conftest import BUCKET
 from tests.guard.test_proxy import Proc, free_ports, start_guard, wait_until_ready
 
@@ -219,6 +223,90 @@ def test_a_publish_still_uploading_never_holds_up_the_drain_and_leaves_nothing_v
     assert "drain" in [e["phase"] for e in event_list(run.events)]
     clean_cloud.clear_faults()
     assert [k for k in s3_keys(clean_cloud, prefix) if k.endswith("manifest.json")] == []
+
+
+class NoticeOnCue:
+    """A watcher that sends one preemption notice when the test says so."""
+
+    name = "test"
+
+    def __init__(self) -> None:
+        self.cue = asyncio.Event()
+
+    async def watch(self) -> AsyncIterator[PreemptionNotice]:
+        await self.cue.wait()
+        now = time.monotonic()
+        yield PreemptionNotice(NoticeKind.PREEMPTION, "test", now, now + 30)
+        await asyncio.Event().wait()
+
+
+async def test_the_python_api_starts_cold_publishes_then_drains_on_a_notice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from spotstart.enginecache import EngineCacheConfig
+    from spotstart.errors import UsageError
+    from spotstart.guard.drain import DrainConfig
+    from spotstart.guard.proxy import ProxyConfig
+    from spotstart.guard.run import GuardConfig, run_guard
+
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    cache = EngineCacheConfig(url=f"file://{bucket}", root=tmp_path / "cache")
+    port, listen = free_ports(2)
+    proxy = ProxyConfig(f"http://127.0.0.1:{port}", listen_port=listen, health_interval_s=0.1)
+    with pytest.raises(UsageError, match="needs server_argv"):
+        GuardConfig(proxy, engine_cache=cache)
+    monkeypatch.setenv("FAKE_PORT", str(port))
+    monkeypatch.setenv("FAKE_REPORT", str(tmp_path / "report.json"))
+    config = GuardConfig(
+        proxy,
+        DrainConfig(supervising=True, min_grace_s=0.5),
+        server_argv=tuple(ENGINE_CMD),
+        engine_cache=cache,
+    )
+    watcher = NoticeOnCue()
+    guard = asyncio.create_task(run_guard(config, [watcher]))
+    for _ in range(1200):  # the publish lands within 60 s
+        if list(bucket.rglob("manifest.json")) or guard.done():
+            break
+        await asyncio.sleep(0.05)
+    assert not guard.done(), guard.result()
+    watcher.cue.set()
+    assert await asyncio.wait_for(guard, 30) == 0
+    assert json.loads((tmp_path / "report.json").read_text())["restored"] is False
+    assert len(list(bucket.rglob("manifest.json"))) == 1
+
+
+LEFT_BEHIND = """
+import asyncio, logging, sys, threading
+from spotstart.cli import guard_cmd
+
+logging.basicConfig(level=logging.INFO)
+started = threading.Event()
+
+def pack():  # stands for a pack or an extraction: a thread cannot be cancelled
+    started.set()
+    threading.Event().wait(300)
+
+async def guard():
+    work = asyncio.create_task(asyncio.to_thread(pack))
+    await asyncio.to_thread(started.wait)
+    work.cancel()  # what the notice does to the publish
+    await asyncio.gather(work, return_exceptions=True)
+    return 0
+
+sys.exit(guard_cmd._run_leaving_busy_threads(guard()))
+"""
+
+
+def test_a_pack_thread_a_notice_left_running_does_not_hold_the_guards_exit() -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", LEFT_BEHIND], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "1 pack/extract call(s) still running; exiting without them" in done.stderr
 
 
 @pytest.mark.parametrize(

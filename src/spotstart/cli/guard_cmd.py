@@ -10,9 +10,12 @@ import os
 import signal
 import stat
 import sys
+import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from spotstart.cli.peers_cmd import (
@@ -538,4 +541,58 @@ def run(args: argparse.Namespace) -> int:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False
-    return asyncio.run(_main(args, config))
+    if config.engine_cache is None:
+        return asyncio.run(_main(args, config))
+    return _run_leaving_busy_threads(_main(args, config))
+
+
+T = TypeVar("T")
+
+
+class _LeavingExecutor(ThreadPoolExecutor):
+    """The loop's default executor: counts the calls still running, and its shutdown at the
+    end of asyncio.run does not wait for them."""
+
+    def __init__(self) -> None:
+        super().__init__(thread_name_prefix="spotstart-guard")
+        self.busy = 0
+        self._lock = threading.Lock()
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        with self._lock:
+            self.busy += 1
+        future = super().submit(fn, *args, **kwargs)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _: object) -> None:
+        with self._lock:
+            self.busy -= 1
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        super().shutdown(wait=False, cancel_futures=True)
+
+
+def _run_leaving_busy_threads(main: Any) -> int:
+    """asyncio.run(main), except that a worker thread still busy at the end does not hold
+    the exit: an engine cache pack or extraction a notice cut short (the coroutine waiting
+    for it is cancelled at once, the thread cannot be) would keep the guard's process alive,
+    its drain done, until it finished or the kubelet's SIGKILL. What it leaves is staging
+    beneath the cache root, never a visible manifest."""
+    executor = _LeavingExecutor()
+
+    async def with_executor() -> int:
+        asyncio.get_running_loop().set_default_executor(executor)
+        return int(await main)
+
+    code = asyncio.run(with_executor())
+    if executor.busy:
+        log.warning(
+            "engine cache: %d pack/extract call(s) still running; exiting without them "
+            "(their staging is left beneath the cache root, nothing was made visible)",
+            executor.busy,
+        )
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(code)
+    return code

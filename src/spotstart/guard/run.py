@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import aiohttp
 
 from spotstart import events
+from spotstart.errors import UsageError
 from spotstart.guard.drain import Clock, Command, DrainConfig, DrainController, Phase
 from spotstart.guard.kube import PodRef, mark_pod, notice_patch
 from spotstart.guard.metrics import GuardMetrics
@@ -57,6 +58,13 @@ class GuardConfig:
     # restore the engine's compile caches before the server starts, publish them after its
     # first ready (needs server_argv): see spotstart.guard.warmstart
     engine_cache: EngineCacheConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.engine_cache is not None and not self.server_argv:
+            raise UsageError(
+                "GuardConfig.engine_cache needs server_argv: the guard starts the server with "
+                "its cache directories pointed into the cache"
+            )
 
 
 def notice_env(notice: PreemptionNotice, now: float) -> dict[str, str]:
