@@ -39,7 +39,12 @@ def fake_engine(port: int, report: str) -> None:
             if path.is_file():
                 rel = f"{var}/{path.relative_to(base)}"
                 files[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    doc = {"restored": restored, "files": files, "env": {v: os.environ[v] for v in CACHE_VARS}}
+    doc = {
+        "restored": restored,
+        "files": files,
+        "env": {v: os.environ[v] for v in CACHE_VARS},
+        "secret_seen": any("ENGINE_CACHE_SECRET" in k for k in os.environ),
+    }
     Path(report).write_text(json.dumps(doc))
 
     class Health(http.server.BaseHTTPRequestHandler):

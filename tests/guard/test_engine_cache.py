@@ -166,6 +166,41 @@ def test_file_bucket_cold_publishes_then_warm_restores_the_same_files_and_a_new_
     )
 
 
+def test_a_tampered_archive_or_a_wrong_key_starts_cold_and_never_replaces_the_manifest(
+    tmp_path: Path,
+) -> None:
+    bucket = tmp_path / "bucket"
+    bucket.mkdir()
+    url = f"file://{bucket}"
+    key = tmp_path / "cache.secret"
+    key.write_text("a" * 64)
+    key.chmod(0o600)
+    first = start(tmp_path / "n1", url, "--engine-cache-secret-file", str(key))
+    first.proc.wait_for_line("engine cache: published", timeout_s=60)
+    assert first.stop() == 0
+    assert first.report["secret_seen"] is False
+    (manifest,) = bucket.rglob("manifest.json")
+    signed = manifest.read_bytes()
+    assert b'"hmac"' in signed
+    # the same cache, checked with another key (from the environment): refused, cold
+    other = {"SPOTSTART_ENGINE_CACHE_SECRET": "b" * 64}
+    second = start(tmp_path / "n2", url, env=other)
+    assert second.report["restored"] is False and second.report["secret_seen"] is False
+    second.proc.wait_for_line("another replica published this key first", timeout_s=60)
+    assert second.stop() == 0
+    assert "restore failed for key" in second.proc.text and "starting cold" in second.proc.text
+    # the right key, but the archive's bytes changed in the bucket: refused, cold
+    (archive,) = bucket.rglob("*.tar.zst")
+    size = archive.stat().st_size
+    archive.write_bytes(b"\0" * size)
+    third = start(tmp_path / "n3", url, "--engine-cache-secret-file", str(key))
+    assert third.report["restored"] is False
+    third.proc.wait_for_line("another replica published this key first", timeout_s=60)
+    assert third.stop() == 0
+    assert "restore failed for key" in third.proc.text
+    assert manifest.read_bytes() == signed  # create-only: never replaced
+
+
 def s3_keys(cloud: StorageEmulator, prefix: str) -> list[str]:
     url = f"{cloud.s3.direct}/{BUCKET}?list-type=2&prefix={prefix}%2F"
     status, text = _http("GET", url, headers=s3_signed_headers("GET", url))

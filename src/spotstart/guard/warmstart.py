@@ -19,6 +19,7 @@ from spotstart.enginecache import (
     publish,
     restore,
 )
+from spotstart.errors import SpotstartError
 from spotstart.guard.metrics import GuardMetrics
 
 log = logging.getLogger("spotstart.guard")
@@ -67,11 +68,11 @@ class WarmStart:
             raise
         except Exception as exc:  # a cache never stops a start: cold, and say why
             log.error(
-                "engine cache: %s before the restore: %s: %s",
-                "key" if self.key is None else "restore",
+                "engine cache: %s failed: %s: %s",
+                "the cache key" if self.key is None else "the restore",
                 type(exc).__name__,
                 exc,
-                exc_info=not isinstance(exc, OSError),
+                exc_info=not isinstance(exc, (OSError, SpotstartError)),  # a bug: its trace
             )
             outcome = Outcome("failed", f"{type(exc).__name__}: {exc}", 0, 0, 0.0)
         seconds = outcome.seconds or (time.monotonic() - began)
@@ -127,7 +128,7 @@ class WarmStart:
                 "engine cache: publish failed: %s: %s",
                 type(exc).__name__,
                 exc,
-                exc_info=not isinstance(exc, OSError),
+                exc_info=not isinstance(exc, (OSError, SpotstartError)),
             )
             self.metrics.engine_cache_publishes.labels("failed").inc()
             return
