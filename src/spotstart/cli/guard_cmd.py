@@ -235,8 +235,9 @@ def add_engine_cache_flags(p: argparse.ArgumentParser) -> None:
         "--engine-cache-dir",
         type=Path,
         metavar="DIR",
-        help="the local cache root the server's cache env points into, created 0700 "
-        "(default: $XDG_CACHE_HOME or ~/.cache, /spotstart/engine-cache)",
+        help="the local cache root the server's cache env points into, created 0700; the "
+        "same path on every replica (the key holds it) (default: $XDG_CACHE_HOME or ~/.cache, "
+        "/spotstart/engine-cache)",
     )
     g.add_argument(
         "--engine-cache-peers",
