@@ -7,9 +7,9 @@ IGNORES and its behaviour asserted as it is (``xfail(strict=True)`` on the creat
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -24,7 +24,14 @@ from spotstart.emulate.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, azurite_dir
 from spotstart.emulate.crosscheck import GcsEmulator, MotoS3, S3rver
 from spotstart.emulate.storage import StorageEmulator
 from spotstart.errors import IntegrityError, UnsafePath, UsageError
-from spotstart.store import HttpOptions, ObjectCreator, RangeSource, open_source, parse_url
+from spotstart.store import (
+    HttpOptions,
+    ObjectCreator,
+    ObjectInfo,
+    RangeSource,
+    open_source,
+    parse_url,
+)
 from spotstart.store.local import LocalSource
 from tests.conftest import BUCKET
 
@@ -136,12 +143,32 @@ def _file(tmp_path: Path, name: str, data: bytes) -> Path:
 
 
 def _key(target: Target, name: str) -> str:
-    # a fresh prefix per test: the session's servers are shared with other tests
-    return f"create/{target.name}/{os.getpid()}/{name}"
+    # a fresh prefix per call: the session's servers are shared with other tests
+    return f"create/{target.name}/{secrets.token_hex(6)}/{name}"
+
+
+async def _settled_listing(source: RangeSource, key: str) -> list[ObjectInfo]:
+    """The objects beside ``key`` once a server that finishes an aborted request after we saw
+    it fail (s3rver writes the truncated body a moment later) has done so: listed up to 40
+    times, 50 ms apart, until something appears (no time is asserted)."""
+    prefix = key.rsplit("/", 1)[0] + "/"
+    found: list[ObjectInfo] = []
+    for _ in range(40):
+        found = await source.list(prefix)
+        if found:
+            break
+        await asyncio.sleep(0.05)
+    return found
 
 
 # The create-only contract on every server; on one that ignores the condition it fails
 # (strict: should it start honouring it, the XPASS fails the run and IGNORES must change).
+# s3rver stores the bytes of an upload whose connection was dropped short of its
+# Content-Length (measured: 2 MiB of a 3 MiB body, visible a moment after the client failed).
+KEEPS_TRUNCATED = {"s3rver"}
+# s3rver writes concurrent PUTs of one key into the same file at once: the object left holds
+# pieces of several bodies (measured with four 1 MiB bodies, three runs out of three).
+BLENDS = {"s3rver"}
 CREATE_ONLY = [
     pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=IGNORES[n])) if n in IGNORES else n
     for n in SERVERS
@@ -182,7 +209,8 @@ def test_four_concurrent_creates_exactly_one_wins(target: Target, tmp_path: Path
 @pytest.mark.parametrize("target", sorted(IGNORES), indirect=True)
 def test_what_a_server_that_ignores_the_condition_does(target: Target, tmp_path: Path) -> None:
     """Documents IGNORES: every create answers True and the last body written is kept, so on
-    these servers a manifest already published can be replaced by a later one."""
+    these servers a manifest already published can be replaced by a later one (and on
+    s3rver, racing creates leave a blend of their bodies)."""
     files = [_file(tmp_path, f"{i}.bin", os.urandom(MiB + i)) for i in range(4)]
     key = _key(target, "ignored/manifest.json")
 
@@ -197,7 +225,12 @@ def test_what_a_server_that_ignores_the_condition_does(target: Target, tmp_path:
 
     made, again, kept, won, raced = _run(target, body)
     assert (made, again, kept) == (True, True, files[1].read_bytes())
-    assert won == [True] * 4 and raced in [f.read_bytes() for f in files]
+    assert won == [True] * 4
+    if target.name in BLENDS:
+        # measured: a blend of the racing bodies, e.g. bytes of bodies 2, 0 and 1 in turn
+        assert len(raced) in [f.stat().st_size for f in files]
+    else:
+        assert raced in [f.read_bytes() for f in files]
 
 
 def test_an_empty_file_and_a_content_type(target: Target, tmp_path: Path) -> None:
@@ -300,36 +333,75 @@ def test_azure_large_creates_are_staged_race_and_leave_nothing_behind(
 # ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("server", ["moto", "fake-gcs"])
+@pytest.mark.parametrize(
+    ("target", "size"),
+    [*((n, 3 * MiB) for n in SERVERS), ("azurite", 9 * MiB)],  # 9 MiB: Azure's staged path
+    indirect=["target"],
+)
 def test_a_file_changed_after_its_digest_is_never_published(
-    server: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    target: Target, size: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
+    """The bytes are read twice (digests, then the body): a file rewritten in between is
+    caught on the second read before its last piece is sent, and the request never
+    completes, so even a server that checks nothing keeps nothing."""
     from spotstart.store import _http
 
-    url, env = _store(request, server)
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    target = Target(server, url, env)
-    path = _file(tmp_path, "w.bin", os.urandom(3 * MiB))
+    path = _file(tmp_path, "w.bin", os.urandom(size))
     key = _key(target, "changed.bin")
     real_digest = _http.digest_file
 
     def digest_then_change(p: os.PathLike[str] | str, what: str) -> _http.FileDigests:
         sums = real_digest(p, what)
         with open(p, "r+b") as f:  # someone rewrites one byte after the digest was taken
-            f.seek(2 * MiB)
-            f.write(b"\0")
+            f.seek(size - MiB)
+            f.write(b"\0" if f.read(1) != b"\0" else b"\1")
         return sums
 
     monkeypatch.setattr(_http, "digest_file", digest_then_change)
 
-    async def body(source: RangeSource) -> None:
+    async def body(source: RangeSource) -> list[ObjectInfo]:
         assert isinstance(source, ObjectCreator)
-        with pytest.raises(IntegrityError, match="changed while being uploaded"):
+        with pytest.raises(IntegrityError, match="changed while being"):
             await source.create(key, path, "application/octet-stream")
-        assert await source.list(key) == []
+        return await _settled_listing(source, key)
 
-    _run(target, body)
+    left = _run(target, body)
+    if target.name in KEEPS_TRUNCATED:
+        # documented: the request never completed, yet the server keeps what it received
+        assert [o.key for o in left] == [key] and 0 < left[0].size < size
+    else:
+        assert left == []
+
+
+@pytest.mark.parametrize("target", [n for n in CLOUD if n != "azurite"], indirect=True)
+def test_checksums_the_body_does_not_match_publish_nothing(
+    target: Target, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Damage on the way, played by declaring an MD5 and a CRC-32C the bytes do not have (the
+    SHA-256 left right, so our own re-read passes): the store refuses the body (measured:
+    seaweedfs BadDigest on Content-MD5, gcp-storage-emulator on crc32c), or, where it checks
+    neither (moto, s3rver, fake-gcs), the object it answers with does not match and is
+    deleted. Either way an IntegrityError, and no object."""
+    from spotstart.store import _http
+
+    path = _file(tmp_path, "w.bin", os.urandom(MiB + 3))
+    key = _key(target, "damaged.bin")
+    real_digest = _http.digest_file
+
+    def wrong_md5(p: os.PathLike[str] | str, what: str) -> _http.FileDigests:
+        sums = real_digest(p, what)
+        return _http.FileDigests(sums.size, sums.sha256, bytes(16), sums.crc32c ^ 1)
+
+    monkeypatch.setattr(_http, "digest_file", wrong_md5)
+
+    async def body(source: RangeSource) -> str:
+        assert isinstance(source, ObjectCreator)
+        with pytest.raises(IntegrityError) as caught:
+            await source.create(key, path, "application/octet-stream")
+        assert await _settled_listing(source, key) == []
+        return f"{type(caught.value).__name__}: {caught.value}"
+
+    print(target.name, _run(target, body))
 
 
 # ------------------------------------------------------------------------------------------
@@ -364,4 +436,11 @@ def test_file_create_refuses_names_outside_its_root_and_links(tmp_path: Path) ->
     assert _local_create(root, "k1/k2/manifest.json", src) is True
     assert (root / "k1/k2/manifest.json").read_bytes() == src.read_bytes()
     assert [p.name for p in (root / "k1/k2").iterdir()] == ["manifest.json"]
-    assert hashlib.sha256(src.read_bytes()).digest()  # the source is untouched
+
+    # through a file:// URL the source's root is "/" and the key the whole path
+    async def via_url() -> bool:
+        source = open_source(parse_url(f"file://{root}/"), HttpOptions())
+        assert isinstance(source, ObjectCreator)
+        return await source.create(f"{str(root)[1:]}/k1/via-url.json", src, "application/json")
+
+    assert asyncio.run(via_url()) is True and (root / "k1/via-url.json").read_bytes() == b'{"m": 1}'

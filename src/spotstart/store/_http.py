@@ -317,6 +317,11 @@ MAX_CREATE_BYTES = 5 << 30
 # 1 MiB file reads: memory per upload is two pieces (one held back, see file_body) plus
 # aiohttp's socket buffer, whatever the file's size.
 UPLOAD_PIECE_BYTES = 1 << 20
+# A 400 that says the body did not match the checksums sent with it (S3 BadDigest,
+# XAmzContentSHA256Mismatch, checksum errors; GCS "Provided MD5/CRC32C ... doesn't match").
+_DIGEST_REFUSED = re.compile(
+    r"BadDigest|InvalidDigest|SHA256Mismatch|Provided (MD5|CRC32C)|checksum", re.IGNORECASE
+)
 
 
 @dataclass(frozen=True)
@@ -439,6 +444,15 @@ async def upload(
         async with session.request(
             method, wire_url(url), headers=hdrs, data=body.__aiter__()
         ) as resp:
+            if resp.status == 400:
+                answer = (await resp.content.read(2048)).decode("utf-8", "replace")
+                if _DIGEST_REFUSED.search(answer):
+                    raise IntegrityError(
+                        f"{what}: the store refused the body: it does not match the checksums "
+                        f"sent with it ({_error_detail(answer)}); damaged on the way? Nothing "
+                        "was written; rerun"
+                    )
+                raise error_for_status(400, resp.reason or "", resp.headers, answer, what)
             if resp.status not in answered:
                 await raise_for_status(resp, what, hint=hint)
             return resp.status, resp.headers, await resp.content.read(64 << 10)

@@ -266,9 +266,10 @@ class GCSSource:
                 await _http.request_json_or_text(
                     self._session, "DELETE", delete, await self._write_auth(), what
                 )
+            md5 = base64.b64encode(got.md5 or b"").decode() or "none"
             raise IntegrityError(
-                f"{what}: the store kept other bytes than were sent ({made.key}, "
-                f"{made.size} bytes, md5 {got.md5!r}); deleted it"
+                f"{what}: the store kept other bytes than were sent ({made.size} bytes, md5 "
+                f"{md5}; sent {sums.size} bytes, md5 {metadata['md5Hash']}); deleted it"
             )
         return True
 
