@@ -1,5 +1,5 @@
 """Restore and publish against real servers on 127.0.0.1 (file://, the S3 and GCS emulators of
-the shared cloud, gcp-storage-emulator): round trips, create-only publishing under a race,
+the shared cloud, gcp-storage-emulator, Azurite): round trips, create-only publishing under a race,
 manifests that name another key or fail their HMAC, archives that do not hash to the
 manifest, a peer serving a restored archive to a second replica, and the events they record."""
 
@@ -10,10 +10,13 @@ import hashlib
 import json
 import os
 import secrets
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from spotstart.emulate.azurite import ACCOUNT, ACCOUNT_KEY, Azurite, azurite_dir
 from spotstart.emulate.crosscheck import GcsEmulator
 from spotstart.emulate.storage import StorageEmulator
 from spotstart.enginecache import (
@@ -76,10 +79,29 @@ def _run(coro: object) -> Outcome:
     return asyncio.run(coro)  # type: ignore[arg-type]
 
 
-@pytest.fixture(params=["file", "seaweedfs-s3", "fake-gcs", "gcp-storage-emulator"])
+@pytest.fixture(scope="module")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Azurite]:
+    installed = (azurite_dir() / "node_modules/.bin/azurite-blob").is_file()
+    if shutil.which("node") is None or (not installed and shutil.which("npm") is None):
+        pytest.fail("Azurite needs Node.js and npm (node/npm not found on PATH)")
+    with Azurite(tmp_path_factory.mktemp("azurite")) as az:
+        az.create_container(BUCKET)
+        yield az
+
+
+@pytest.fixture(params=["file", "seaweedfs-s3", "fake-gcs", "gcp-storage-emulator", "azurite"])
 def url(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh prefix on each store."""
     prefix = f"ec-{secrets.token_hex(6)}"
+    if request.param == "azurite":
+        az: Azurite = request.getfixturevalue("azurite")
+        for k in list(os.environ):
+            if k.startswith(("AZURE_", "AZURITE_")):
+                monkeypatch.delenv(k)
+        monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_NAME", ACCOUNT)
+        monkeypatch.setenv("AZURE_STORAGE_ACCOUNT_KEY", ACCOUNT_KEY)
+        monkeypatch.setenv("AZURE_STORAGE_ENDPOINT", az.endpoint)
+        return f"az://{BUCKET}/{prefix}"
     if request.param == "file":
         (tmp_path / "bucket").mkdir()
         return f"file://{tmp_path}/bucket/{prefix}"
