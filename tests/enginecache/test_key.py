@@ -353,3 +353,12 @@ def test_a_wrapper_is_keyed_with_the_python_on_the_engines_path(
     assert a.parts["interpreter"]["path"] == str(py)  # type: ignore[index]
     _fake_python(tmp_path / "venv" / "bin", vllm="0.40.0")
     assert _key(cfg, argv, env).digest != a.digest
+
+
+def test_the_cli_module_with_its_serve_subcommand(cfg: EngineCacheConfig, tmp_path: Path) -> None:
+    py = _fake_python(tmp_path / "bin")
+    m1, m2 = _model(tmp_path / "m1", 1024), _model(tmp_path / "m2", 4096)
+    a = _key(cfg, [str(py), "-m", "vllm.entrypoints.cli.main", "serve", str(m1), "--port", "1"])
+    b = _key(cfg, [str(py), "-m", "vllm.entrypoints.cli.main", "serve", str(m2), "--port", "1"])
+    assert a.parts["engine"] == "vllm" and "config_sha256" in a.parts["model"]  # type: ignore[operator]
+    assert a.digest != b.digest

@@ -348,7 +348,9 @@ def vllm_args(argv: Sequence[str]) -> list[str] | None:
     """The arguments after vLLM's entry point, or None when argv does not start vLLM."""
     for i, tok in enumerate(argv):
         if tok == "-m" and i + 1 < len(argv) and argv[i + 1].startswith("vllm."):
-            return list(argv[i + 2 :])
+            rest = list(argv[i + 2 :])
+            # ``python -m vllm.entrypoints.cli.main serve MODEL``: the subcommand is no model
+            return rest[1:] if rest[:1] == ["serve"] else rest
         if os.path.basename(tok) == "vllm" and i + 1 < len(argv) and argv[i + 1] == "serve":
             return list(argv[i + 2 :])
     return None
