@@ -260,31 +260,38 @@ def test_over_5_gib_is_refused_before_sending(target: Target, tmp_path: Path) ->
 
 
 _MEASURE = """
-import asyncio, json, resource, sys
+import asyncio, json, sys
 from pathlib import Path
 from spotstart.store import HttpOptions, open_source, parse_url
 from spotstart.store.local import LocalSource
 url, endpoint, root, key, path = json.loads(sys.argv[1])
+
+def kib(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
 
 async def go():
     if root:
         source = LocalSource(root)
     else:
         source = open_source(parse_url(url), HttpOptions(), endpoint=endpoint)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: the peak (VmHWM) starts again from what is resident now
+    before = kib("VmRSS:")
     made = await source.create(key, Path(path), "application/octet-stream")
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    grown = (kib("VmHWM:") - before) * 1024
     info = await source.stat(key)
     await source.close()
-    print(json.dumps([made, info.size, (after - before) * 1024]))
+    print(json.dumps([made, info.size, grown]))
 
 asyncio.run(go())
 """
 
 
 def test_a_64_mib_file_is_streamed_with_memory_bounded(target: Target, tmp_path: Path) -> None:
-    """Peak RSS of a fresh process grows by far less than the file: the body is never whole
-    in memory (a 64 MiB sparse file; the bound is half of it)."""
+    """The peak RSS of a fresh process (Linux VmHWM, reset just before) grows by far less
+    than the file: the body is never whole in memory (a 64 MiB sparse file, a 24 MiB bound;
+    measured 3-7 MiB for file, s3 and gs, more for Azure's staged blocks)."""
     size = 64 * MiB
     big = tmp_path / "sparse.bin"
     with big.open("wb") as f:
@@ -301,7 +308,7 @@ def test_a_64_mib_file_is_streamed_with_memory_bounded(target: Target, tmp_path:
     assert done.returncode == 0, done.stderr[-3000:]
     made, stored, grown = json.loads(done.stdout)
     assert (made, stored) == (True, size)
-    assert grown < size // 2, f"peak RSS grew by {grown} bytes for a {size}-byte upload"
+    assert grown < 24 * MiB, f"peak RSS grew by {grown} bytes for a {size}-byte upload"
 
 
 @pytest.mark.parametrize("target", ["azurite"], indirect=True)
