@@ -311,8 +311,8 @@ def check_range_answer(
 # streamed from the file with the same bytes checked again on the way.
 # --------------------------------------------------------------------------------------------
 
-# One request of S3 PutObject takes at most 5 GiB; GCS and Azure are held to the same bound so
-# every source behaves alike (one request, no multipart state left behind on failure).
+# One request of S3 PutObject takes at most 5 GiB; GCS, Azure and local files are held to the
+# same bound so every source behaves alike (what publishes to a directory publishes to a bucket).
 MAX_CREATE_BYTES = 5 << 30
 # 1 MiB file reads: memory per upload is two pieces (one held back, see file_body) plus
 # aiohttp's socket buffer, whatever the file's size.
