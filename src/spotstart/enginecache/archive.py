@@ -45,6 +45,14 @@ ZSTD_LEVEL = 3
 # name) and padding; what a decompressed archive may hold beyond the files' sizes.
 TAR_OVERHEAD_PER_FILE = 3 * 512 + MAX_PATH + 512
 TAR_OVERHEAD = 1 << 20
+# The most a pax header's or GNU long name's data may hold (a 4096-byte path and a few
+# records fit many times over): tarfile reads such data whole into memory before any member
+# is seen, so the decompression bound (the manifest's total) is no bound for it.
+MAX_META_BYTES = 64 << 10
+_META_TYPES = frozenset(
+    {tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.SOLARIS_XHDTYPE, tarfile.GNUTYPE_LONGNAME}
+)
+_REGTYPES = (tarfile.REGTYPE, tarfile.AREGTYPE)
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Inductor writes "<name>.tmp" beside a file then renames it; Triton "<name>.tmp.pid_<pid>_<n>";
 # locks are filelock's "*.lock". None of them is a cache entry.
@@ -272,6 +280,25 @@ class _BoundedReader:
         return data
 
 
+class _CheckedInfo(tarfile.TarInfo):
+    """A tar header checked before tarfile reads the data that follows it: a pax header or
+    GNU long name of at most MAX_META_BYTES; nothing but those and regular files (a GNU long
+    link name, an old GNU sparse file's extension headers, ... are refused unread)."""
+
+    def _proc_member(self, tar: tarfile.TarFile) -> tarfile.TarInfo:
+        if self.type in _META_TYPES:
+            if self.size > MAX_META_BYTES:
+                raise ArchiveRefused(
+                    f"a tar header of {self.size:,} bytes (type {self.type!r}), more than "
+                    f"{MAX_META_BYTES:,}: refused unread (a zip bomb?)"
+                )
+        elif self.type not in _REGTYPES:
+            shown = ascii(self.name)[:120]
+            raise ArchiveRefused(f"{shown}: not a regular file (tar type {self.type!r})")
+        out: tarfile.TarInfo = super()._proc_member(tar)  # type: ignore[misc]
+        return out
+
+
 def extract(
     archive: BinaryIO, manifest_files: Mapping[str, FileEntry], root: Path, staging: str
 ) -> tuple[int, int]:
@@ -295,7 +322,7 @@ def extract(
         with dctx.stream_reader(archive, read_across_frames=True, closefd=False) as zr:
             bounded = _BoundedReader(zr, limit)
             try:
-                tar = tarfile.open(fileobj=bounded, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115
+                tar = tarfile.open(fileobj=bounded, mode="r|", tarinfo=_CheckedInfo)  # type: ignore[call-overload]  # noqa: SIM115
             except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
                 raise ArchiveRefused(f"not a tar archive ({exc})") from None
             with tar:
@@ -324,8 +351,10 @@ def _extract_member(
 ) -> int:
     name = check_name(member.name)
     shown = ascii(name)[:120]
-    if member.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+    if member.type not in _REGTYPES:
         raise ArchiveRefused(f"{shown}: not a regular file (tar type {member.type!r})")
+    if member.sparse is not None:  # holes tarfile fills with zeros nobody decompressed
+        raise ArchiveRefused(f"{shown}: a sparse file (pack never writes one)")
     entry = manifest_files.get(name)
     if entry is None:
         raise ArchiveRefused(f"{shown}: in the archive, not in the manifest")

@@ -1,0 +1,222 @@
+"""Red team of the engine cache: each test names its attacker and what they tried.
+
+- A bucket writer without the secret: a tar member's header data (a pax extended header, a
+  GNU long name) as large as the manifest's declared sizes allow, which tarfile reads whole
+  into memory before a single member is checked.
+- A bucket writer when the Python API was given an empty (or short) secret: an HMAC under a
+  key anyone can guess.
+- Anyone who can read the bucket: secrets the engine was started with (``--hf-token``,
+  ``--api_key`` spelt with an underscore as vLLM accepts it, a generic engine's ``--token``)
+  published in the manifest's ``key_parts``.
+- A key that lies: vLLM's ``--config file.yaml`` whose contents change compilation while the
+  key only holds its path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import json
+import tarfile
+import tracemalloc
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from spotstart.enginecache import CacheKey, EngineCacheConfig, publish, restore
+from spotstart.enginecache.archive import ArchiveRefused, FileEntry, extract
+from spotstart.enginecache.key import canonical, engine_args, key_of
+from spotstart.enginecache.manifest import sign
+
+MIB = 1 << 20
+
+
+def _block_pad(n: int) -> bytes:
+    return b"\0" * (-n % 512)
+
+
+def _header(name: str, size: int, typeflag: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.mode = size, typeflag, 0o644
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+def _meta_bomb(typeflag: bytes, size: int) -> bytes:
+    """A tar.zst whose first header (of ``typeflag``) carries ``size`` bytes of data, then one
+    small regular member ``vllm/a``: a few KiB compressed."""
+    out = io.BytesIO()
+    with zstandard.ZstdCompressor(level=1).stream_writer(out, closefd=False) as zw:
+        zw.write(_header("././@LongLink" if typeflag in b"LK" else "pax", size, typeflag))
+        if typeflag in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+            head = f"{size} comment=".encode()
+            body_len = size - len(head) - 1
+            zw.write(head)
+            left = body_len
+        else:
+            left = size
+        chunk = b"a" * MIB
+        while left > 0:
+            zw.write(chunk[: min(left, MIB)])
+            left -= min(left, MIB)
+        if typeflag in (tarfile.XHDTYPE, tarfile.XGLTYPE):
+            zw.write(b"\n")
+        zw.write(_block_pad(size))
+        zw.write(_header("vllm/a", 4, tarfile.REGTYPE) + b"abcd" + _block_pad(4))
+        zw.write(b"\0" * 1024)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize(
+    "typeflag", [tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME], ids=["x", "g", "L"]
+)
+def test_a_huge_tar_header_is_refused_without_reading_it_into_memory(
+    tmp_path: Path, typeflag: bytes
+) -> None:
+    """Bucket writer without the secret: the manifest declares one 200 MiB file (within
+    max_bytes), so decompression may run to 200 MiB; the archive opens with a 64 MiB pax
+    header (or GNU long name) instead. tarfile would read all of it into one bytes object
+    (twice, joined): memory, not the disk, is what the bound must protect."""
+    archive = _meta_bomb(typeflag, 64 * MIB)
+    assert len(archive) < 64 * 1024  # a few KiB in the bucket
+    files = {"vllm/a": FileEntry("vllm/a", 200 * MIB, "0" * 64, 0o644)}
+    dest = tmp_path / "dest"
+    dest.mkdir(mode=0o700)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ArchiveRefused):
+            extract(io.BytesIO(archive), files, dest, "stage")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * MIB, f"peak {peak / MIB:.0f} MiB held while refusing a header"
+
+
+def _sparse_archive() -> tuple[bytes, FileEntry]:
+    """A pax GNU sparse 1.0 member: 1 MiB real size, 4 bytes of data, the rest holes."""
+    real = 1 * MIB
+    sparse_map = b"1\n0\n4\n"  # one region: offset 0, 4 bytes
+    data = sparse_map + _block_pad(len(sparse_map)) + b"abcd"
+    pax = {
+        "GNU.sparse.major": "1",
+        "GNU.sparse.minor": "0",
+        "GNU.sparse.name": "vllm/s",
+        "GNU.sparse.realsize": str(real),
+    }
+    info = tarfile.TarInfo("vllm/GNUSparseFile.0/s")
+    info.size, info.type, info.mode = len(data), tarfile.REGTYPE, 0o644
+    info.pax_headers = pax
+    raw = info.tobuf(format=tarfile.PAX_FORMAT) + data + _block_pad(len(data)) + b"\0" * 1024
+    content = b"abcd" + b"\0" * (real - 4)
+    entry = FileEntry("vllm/s", real, hashlib.sha256(content).hexdigest(), 0o644)
+    return zstandard.ZstdCompressor().compress(raw), entry
+
+
+def test_a_sparse_member_is_refused(tmp_path: Path) -> None:
+    """Bucket writer without the secret: a pax sparse member is a REGTYPE whose holes tarfile
+    fills with zeros never decompressed (bytes written beyond what the bound counts). Pack
+    never writes one; extract must not accept one."""
+    archive, entry = _sparse_archive()
+    dest = tmp_path / "dest"
+    dest.mkdir(mode=0o700)
+    with pytest.raises(ArchiveRefused, match="sparse"):
+        extract(io.BytesIO(archive), {entry.path: entry}, dest, "stage")
+
+
+# --- the secret -----------------------------------------------------------------------------
+
+
+def _fill(cfg: EngineCacheConfig) -> None:
+    from spotstart.enginecache import engine_env
+
+    engine_env(cfg, [])
+    p = cfg.root / "vllm" / "torch_compile_cache" / "k" / "model.py"
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(b"code" * 100)
+
+
+@pytest.mark.parametrize("weak", [b"", b"short"])
+def test_an_empty_or_short_secret_is_refused_not_used(tmp_path: Path, weak: bytes) -> None:
+    """Bucket writer without the secret, when a caller of the Python API configured b"" (an
+    unset env var read as empty) or a few bytes: they sign their manifest with the same guess.
+    The guard's CLI refuses such keys; EngineCacheConfig's users must not get a check that
+    anyone passes."""
+    (tmp_path / "bucket").mkdir()
+    parts: dict[str, object] = {"format": 1, "t": "weak"}
+    key = CacheKey(key_of(parts), parts)
+    pub = EngineCacheConfig(f"file://{tmp_path}/bucket", tmp_path / "pub")
+    _fill(pub)
+    assert asyncio.run(publish(pub, key)).status == "published"
+    where = tmp_path / "bucket" / key.digest / "manifest.json"
+    doc = json.loads(where.read_bytes())
+    doc["hmac"] = sign(doc, weak)  # the attacker's guess
+    where.chmod(0o644)
+    where.write_bytes(canonical(doc))
+    r = EngineCacheConfig(pub.url, tmp_path / "r", secret=weak)
+    out = asyncio.run(restore(r, key))
+    assert out.status == "failed" and "secret" in out.reason
+    # nor does a publish sign with it
+    p2 = EngineCacheConfig(f"file://{tmp_path}/bucket2", tmp_path / "pub2", secret=weak)
+    (tmp_path / "bucket2").mkdir()
+    _fill(p2)
+    out = asyncio.run(publish(p2, key))
+    assert out.status == "failed" and "secret" in out.reason
+
+
+# --- the key ----------------------------------------------------------------------------------
+
+SECRET = "hf_SeCrEtVaLuE0123456789"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["vllm", "serve", "/m", "--hf-token", SECRET],
+        ["vllm", "serve", "/m", f"--hf-token={SECRET}"],
+        ["vllm", "serve", "/m", "--api_key", SECRET],  # vLLM turns '_' into '-' in names
+        ["vllm", "serve", "/m", f"--api_key={SECRET}", "--port", "1"],
+        ["python", "-m", "vllm.entrypoints.openai.api_server", "--hf_token", SECRET],
+        ["python", "server.py", "--api-key", SECRET, "--compile"],
+        ["python", "server.py", f"--token={SECRET}"],
+        ["./engine", "--auth-token", SECRET],
+    ],
+)
+def test_secrets_in_argv_are_never_published_in_key_parts(argv: list[str]) -> None:
+    """Anyone who can READ the bucket reads every manifest's key_parts: a token the engine
+    was started with must not be there."""
+    parts = engine_args(argv)
+    assert SECRET not in canonical(parts).decode()
+
+
+def test_options_that_merely_contain_token_or_key_stay_in_the_key() -> None:
+    a = engine_args(["vllm", "serve", "/m", "--max-num-batched-tokens", "8192"])
+    b = engine_args(["vllm", "serve", "/m", "--max-num-batched-tokens", "512"])
+    assert a != b
+    g1 = engine_args(["python", "s.py", "--max-tokens", "8"])
+    g2 = engine_args(["python", "s.py", "--max-tokens", "9"])
+    assert g1 != g2
+
+
+def test_vllm_option_spellings_with_underscores_are_the_same_key() -> None:
+    """vLLM reads --max_model_len as --max-model-len and drops --uvicorn_log_level as it
+    drops --uvicorn-log-level: same engine, same key (no needless miss)."""
+    assert engine_args(["vllm", "serve", "/m", "--max_model_len", "4096"]) == engine_args(
+        ["vllm", "serve", "/m", "--max-model-len", "4096"]
+    )
+    assert engine_args(["vllm", "serve", "/m", "--uvicorn_log_level", "debug"]) == engine_args(
+        ["vllm", "serve", "/m"]
+    )
+
+
+def test_a_vllm_config_file_is_keyed_by_its_contents(tmp_path: Path) -> None:
+    """A key that lies: `vllm serve --config c.yaml` reads max_model_len (and the rest) from
+    the file; the same path with other contents is another compilation."""
+    c = tmp_path / "c.yaml"
+    c.write_text("max_model_len: 1024\n")
+    one = engine_args(["vllm", "serve", "/m", "--config", str(c)])
+    c.write_text("max_model_len: 4096\n")
+    two = engine_args(["vllm", "serve", "/m", "--config", str(c)])
+    three = engine_args(["vllm", "serve", "/m", f"--config={c}"])
+    assert one != two
+    assert two == three
