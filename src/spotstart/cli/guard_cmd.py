@@ -311,9 +311,27 @@ def _secret(raw: bytes, where: str) -> bytes:
 
 
 def default_engine_cache_dir(environ: dict[str, str] | os._Environ[str] = os.environ) -> Path:
-    """$XDG_CACHE_HOME/spotstart/engine-cache, else ~/.cache/spotstart/engine-cache."""
-    base = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "spotstart" / "engine-cache"
+    """$XDG_CACHE_HOME/spotstart/engine-cache, else ~/.cache/spotstart/engine-cache. Only
+    absolute bases (the XDG spec ignores a relative $XDG_CACHE_HOME): a relative one would put
+    the cache, and the key that holds its path, wherever the guard happened to start; $HOME
+    unset or relative: the passwd entry's home; none: UsageError (give --engine-cache-dir)."""
+    xdg = environ.get("XDG_CACHE_HOME", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "spotstart" / "engine-cache"
+    home = environ.get("HOME", "")
+    if not os.path.isabs(home):
+        import pwd
+
+        try:
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except KeyError:
+            home = ""
+    if not os.path.isabs(home):
+        raise UsageError(
+            "--engine-cache: no absolute $XDG_CACHE_HOME or home directory to keep the cache "
+            "in; give --engine-cache-dir DIR (the same path on every replica)"
+        )
+    return Path(home) / ".cache" / "spotstart" / "engine-cache"
 
 
 def engine_cache_from_args(args: argparse.Namespace, has_server: bool) -> EngineCacheConfig | None:
