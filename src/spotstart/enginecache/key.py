@@ -94,6 +94,7 @@ VLLM_ONE_NOT_IN_KEY = frozenset(
         "--model-loader-extra-config",
         "--download-dir",
         "--shutdown-timeout",
+        "--hf-token",  # nargs='?': a bare flag (the cached login) or the token itself
     }
 )
 VLLM_MANY_NOT_IN_KEY = frozenset(
@@ -135,6 +136,14 @@ ENV_NOT_IN_KEY = frozenset(
     }
 )
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL", re.IGNORECASE)
+# An option whose value is a secret (its name ENDS in one of these words): the value never
+# enters the key, which every manifest publishes to whoever can read the bucket. Not
+# --max-num-batched-tokens, --max-tokens, --tokenizer, --ssl-keyfile.
+_SECRET_OPTION = re.compile(
+    r"(^|[-_])(api[-_]?key|access[-_]?key|secret([-_]?key)?|token|password|passwd|"
+    r"credentials?|auth)$",
+    re.IGNORECASE,
+)
 _PYTHON = re.compile(r"python(\d+(\.\d+)*)?")
 _NUMBER = re.compile(r"-[0-9.]+([eE][-+]?[0-9]+)?")
 
@@ -344,6 +353,15 @@ def _is_option(tok: str) -> bool:
     return tok.startswith("-") and len(tok) > 1 and not _NUMBER.fullmatch(tok)
 
 
+def vllm_option_name(name: str) -> str:
+    """An option as vLLM's parser reads it: '_' is '-' between ``--`` and the first ``.``
+    (``--max_model_len`` is ``--max-model-len``; ``--x_y.a_b`` is ``--x-y.a_b``)."""
+    if not name.startswith("--"):
+        return name
+    head, dot, tail = name[2:].partition(".")
+    return "--" + head.replace("_", "-") + dot + tail
+
+
 def vllm_args(argv: Sequence[str]) -> list[str] | None:
     """The arguments after vLLM's entry point, or None when argv does not start vLLM."""
     for i, tok in enumerate(argv):
@@ -415,6 +433,10 @@ def engine_args(argv: Sequence[str]) -> dict[str, object]:
                 out.append(name)
                 skip = not eq
                 continue
+            if _is_option(name) and _SECRET_OPTION.search(name.lstrip("-")):
+                out.append(name)  # a token or key: not its value (published in the manifest)
+                skip = not eq
+                continue
             out.append(tok)
         return {"engine": "generic", "args": out, "script": _script_digest(argv)}
     model: str | None = None
@@ -430,7 +452,13 @@ def engine_args(argv: Sequence[str]) -> dict[str, object]:
                 kept.append(["(positional)", tok])
             continue
         name, eq, value = tok.partition("=")
+        name = vllm_option_name(name)
         values = [value] if eq else []
+        if _SECRET_OPTION.search(name.lstrip("-")) and name not in VLLM_NOT_IN_KEY:
+            # a secret vLLM may add some day: dropped with every value it may take
+            while not eq and i < len(args) and not _is_option(args[i]):
+                i += 1
+            continue
         # how many following tokens are this option's: none for a flag we drop or an
         # option written with '=', one for a single-valued one we drop, else all up to
         # the next option (they stay in the key with it, whatever they are)
@@ -446,6 +474,9 @@ def engine_args(argv: Sequence[str]) -> dict[str, object]:
         while not eq and i < len(args) and not _is_option(args[i]):
             values.append(args[i])
             i += 1
+        if name == "--config" and values:
+            # vLLM reads more arguments from this YAML file: its bytes are in the key
+            values = [*values, f"sha256:{file_digest(values[0])}"]
         if name not in VLLM_MANY_NOT_IN_KEY:
             kept.append([name, *values])
     return {

@@ -14,16 +14,29 @@ from spotstart import untrusted_json
 from spotstart.enginecache.archive import ArchiveRefused, FileEntry, Packed, check_name, is_sha256
 from spotstart.enginecache.config import CacheKey, EngineCacheConfig
 from spotstart.enginecache.key import canonical
+from spotstart.errors import UsageError
 
 FORMAT = "spotstart-engine-cache/1"
 MAX_MANIFEST_BYTES = 16 << 20
 MANIFEST_NAME = "manifest.json"
+# The shortest HMAC key taken (the guard's CLI asks the same): b"" or a few bytes would be a
+# check that whoever writes the bucket passes by guessing.
+MIN_SECRET_BYTES = 16
+
+
+def _usable(secret: bytes) -> bytes:
+    if len(secret) < MIN_SECRET_BYTES:
+        raise UsageError(
+            f"the engine cache secret is {len(secret)} bytes; at least {MIN_SECRET_BYTES} "
+            "are needed (a short one is a guess away from a signed cache)"
+        )
+    return secret
 
 
 def sign(doc: dict[str, Any], secret: bytes) -> str:
     """HMAC-SHA256 (hex) of the canonical manifest without its ``hmac``."""
     body = {k: v for k, v in doc.items() if k != "hmac"}
-    return hmac.new(secret, canonical(body), hashlib.sha256).hexdigest()
+    return hmac.new(_usable(secret), canonical(body), hashlib.sha256).hexdigest()
 
 
 def build(key: CacheKey, packed: Packed, secret: bytes | None) -> bytes:
