@@ -221,3 +221,36 @@ def test_a_vllm_config_file_is_keyed_by_its_contents(tmp_path: Path) -> None:
     three = engine_args(["vllm", "serve", "/m", f"--config={c}"])
     assert one != two
     assert two == three
+
+
+# --- directories --------------------------------------------------------------------------
+
+
+def test_a_manifest_whose_files_need_more_directories_than_max_files_is_refused() -> None:
+    """Bucket writer without the secret: every file at depth 60 in its own chain of
+    directories. Files, bytes and the manifest's size are in bounds, but each file costs ~60
+    directories (an inode and a 4 KiB block each): 60,000 files in a 16 MiB manifest would
+    make ~3.6 million directories, ~14 GiB, that max_bytes never counted."""
+    from spotstart.enginecache.manifest import FORMAT, check
+
+    parts: dict[str, object] = {"format": 1, "t": "dirs"}
+    key = CacheKey(key_of(parts), parts)
+    cfg = EngineCacheConfig("file:///x", Path("/nowhere"), max_files=100)
+    empty = hashlib.sha256(b"").hexdigest()
+    files = [
+        {"path": "vllm/" + "/".join([f"d{i}"] * 60) + "/f", "size": 0, "sha256": empty, "mode": 420}
+        for i in range(50)
+    ]
+    doc = {
+        "format": FORMAT,
+        "key": key.digest,
+        "archive": {"name": f"{empty}.tar.zst", "size": 10, "sha256": empty},
+        "files": files,
+    }
+    with pytest.raises(ArchiveRefused, match="directories"):
+        check(canonical(doc), key, cfg)
+    # the same 50 files in one directory are fine
+    for i, f in enumerate(files):
+        f["path"] = f"vllm/d/f{i}"
+    _, got = check(canonical(doc), key, cfg)
+    assert len(got) == 50

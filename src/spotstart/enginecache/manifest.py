@@ -110,6 +110,7 @@ def check(
     if not isinstance(files, list) or len(files) > config.max_files:
         raise ArchiveRefused(f"manifest: files missing or more than max_files {config.max_files:,}")
     out: dict[str, FileEntry] = {}
+    dirs: set[str] = set()
     total = 0
     for f in files:
         if not isinstance(f, dict):
@@ -117,6 +118,16 @@ def check(
         path = check_name(f.get("path"))
         if path in out:
             raise ArchiveRefused(f"manifest: {ascii(path)[:120]} listed twice")
+        # every directory a restore makes costs an inode and a block that max_bytes does not
+        # count: no more of them than max_files (a file per directory 60 deep is refused)
+        parent = path.rpartition("/")[0]
+        while parent and parent not in dirs:
+            dirs.add(parent)
+            parent = parent.rpartition("/")[0]
+        if len(dirs) > config.max_files:
+            raise ArchiveRefused(
+                f"manifest: its files need more than max_files {config.max_files:,} directories"
+            )
         fsize = _int(f.get("size"), f"{ascii(path)[:120]} size", config.max_bytes)
         total += fsize
         if total > config.max_bytes:
