@@ -254,3 +254,30 @@ def test_a_manifest_whose_files_need_more_directories_than_max_files_is_refused(
         f["path"] = f"vllm/d/f{i}"
     _, got = check(canonical(doc), key, cfg)
     assert len(got) == 50
+
+
+def _model_dir(d: Path, layers: int) -> str:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+    return str(d)
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        ["--middleware", "my.Mw"],  # single-valued in vLLM 0.32 (append), not nargs='+'
+        ["--allowed-origins", '["*"]'],  # json.loads, nargs removed
+        ["--max-model-len", "4096"],  # kept, one value: the model after it is the model
+        ["--enforce-eager"],
+    ],
+)
+def test_the_model_after_an_option_is_keyed_by_its_config(
+    tmp_path: Path, before: list[str]
+) -> None:
+    """A key that lies: `vllm serve OPTION VALUE /models/m` with /models/m replaced by another
+    model (a new revision mounted at the same path): vLLM serves the new model, the key must
+    change."""
+    m = tmp_path / "m"
+    one = engine_args(["vllm", "serve", *before, _model_dir(m, 2)])
+    two = engine_args(["vllm", "serve", *before, _model_dir(m, 32)])
+    assert canonical(one) != canonical(two)

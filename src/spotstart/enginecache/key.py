@@ -95,16 +95,18 @@ VLLM_ONE_NOT_IN_KEY = frozenset(
         "--download-dir",
         "--shutdown-timeout",
         "--hf-token",  # nargs='?': a bare flag (the cached login) or the token itself
+        # single-valued in vLLM 0.32 (launchers/cli_args.py removes their nargs; middleware
+        # appends one per flag): a model after one of them is the model
+        "--allowed-origins",
+        "--allowed-methods",
+        "--allowed-headers",
+        "--middleware",
     }
 )
 VLLM_MANY_NOT_IN_KEY = frozenset(
     {
         "--served-model-name",
         "--api-key",
-        "--allowed-origins",
-        "--allowed-methods",
-        "--allowed-headers",
-        "--middleware",
     }
 )
 VLLM_NOT_IN_KEY = VLLM_FLAGS_NOT_IN_KEY | VLLM_ONE_NOT_IN_KEY | VLLM_MANY_NOT_IN_KEY
@@ -418,6 +420,15 @@ def _script_digest(argv: Sequence[str]) -> str | None:
     return None
 
 
+def _value(tok: str) -> object:
+    """An option's value as the key holds it: a local directory (a model, a tokenizer: also
+    ``vllm serve --enforce-eager /models/m``, where we cannot tell a flag from an option and
+    take the model as its value) by its config files' digest beside its path; else the text."""
+    if "://" not in tok and os.path.isdir(tok):
+        return {"path": tok, **model_digest(tok)}
+    return tok
+
+
 def engine_args(argv: Sequence[str]) -> dict[str, object]:
     """The part of argv that shapes compilation (see the module docstring)."""
     args = vllm_args(argv)
@@ -440,7 +451,7 @@ def engine_args(argv: Sequence[str]) -> dict[str, object]:
             out.append(tok)
         return {"engine": "generic", "args": out, "script": _script_digest(argv)}
     model: str | None = None
-    kept: list[list[str]] = []
+    kept: list[list[object]] = []
     i = 0
     while i < len(args):
         tok = args[i]
@@ -449,7 +460,7 @@ def engine_args(argv: Sequence[str]) -> dict[str, object]:
             if model is None:
                 model = tok  # ``vllm serve MODEL``, or a model after a flag we dropped
             else:
-                kept.append(["(positional)", tok])
+                kept.append(["(positional)", _value(tok)])
             continue
         name, eq, value = tok.partition("=")
         name = vllm_option_name(name)
@@ -478,7 +489,7 @@ def engine_args(argv: Sequence[str]) -> dict[str, object]:
             # vLLM reads more arguments from this YAML file: its bytes are in the key
             values = [*values, f"sha256:{file_digest(values[0])}"]
         if name not in VLLM_MANY_NOT_IN_KEY:
-            kept.append([name, *values])
+            kept.append([name, *(_value(v) for v in values)])
     return {
         "engine": "vllm",
         "args": kept,
