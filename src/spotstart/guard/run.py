@@ -279,15 +279,16 @@ class _Guard:
         tasks = [asyncio.create_task(self._watch(w, f)) for w, f in self.faults]
         reap: asyncio.Task[None] | None = None
         try:
-            if self.supervisor is not None:
+            if self.supervisor is not None and await self._restore_engine_cache():
                 # Orphans of the server's processes come to us (as they would to PID 1): reap
-                # them, leaving our own children (server, hooks) to their waiters.
+                # them, leaving our own children (server, hooks) to their waiters. Started
+                # after the engine cache's restore: its key probes the engine's python in
+                # children asyncio waits for, whose exit status a reaper could take first.
                 if become_subreaper() or os.getpid() == 1:
                     tasks.append(asyncio.create_task(OrphanReaper(self._own).run()))
-                if await self._restore_engine_cache():
-                    await self.supervisor.start()
-                    self.server_started_wall = time.time()
-                    reap = asyncio.create_task(self._reap())
+                await self.supervisor.start()
+                self.server_started_wall = time.time()
+                reap = asyncio.create_task(self._reap())
             await self._loop()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
