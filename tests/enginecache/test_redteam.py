@@ -281,3 +281,28 @@ def test_the_model_after_an_option_is_keyed_by_its_config(
     one = engine_args(["vllm", "serve", *before, _model_dir(m, 2)])
     two = engine_args(["vllm", "serve", *before, _model_dir(m, 32)])
     assert canonical(one) != canonical(two)
+
+
+def test_flashinfer_and_deepgemm_jit_settings_are_in_the_key() -> None:
+    """A key that lies: FLASHINFER_CUDA_ARCH_LIST / DG_JIT_* change what those JITs build
+    (into directories we cache); the cache paths we set ourselves stay out."""
+    from spotstart.enginecache.key import env_parts
+
+    a = env_parts({"FLASHINFER_CUDA_ARCH_LIST": "8.0", "FLASHINFER_WORKSPACE_BASE": "/r/fi"})
+    b = env_parts({"FLASHINFER_CUDA_ARCH_LIST": "9.0a", "FLASHINFER_WORKSPACE_BASE": "/x/fi"})
+    assert a != b
+    assert "FLASHINFER_WORKSPACE_BASE" not in a
+    c = env_parts({"DG_JIT_USE_NVRTC": "1", "DG_JIT_CACHE_DIR": "/r/dg"})
+    assert c == {"DG_JIT_USE_NVRTC": "1"}
+
+
+def test_a_generic_engines_model_directory_is_keyed_by_its_config(tmp_path: Path) -> None:
+    """A key that lies: `python server.py --model /models/m` (the example server) with another
+    model mounted at the same path."""
+    m = tmp_path / "m"
+    for form in (["--model", str(m)], [f"--model={m}"]):
+        _model_dir(m, 2)
+        one = engine_args(["python", "/nonexistent/server.py", *form, "--compile"])
+        _model_dir(m, 32)
+        two = engine_args(["python", "/nonexistent/server.py", *form, "--compile"])
+        assert canonical(one) != canonical(two), form

@@ -111,7 +111,9 @@ VLLM_MANY_NOT_IN_KEY = frozenset(
 )
 VLLM_NOT_IN_KEY = VLLM_FLAGS_NOT_IN_KEY | VLLM_ONE_NOT_IN_KEY | VLLM_MANY_NOT_IN_KEY
 GENERIC_NOT_IN_KEY = frozenset({"--host", "--port", "--listen"})
-ENV_PREFIXES = ("VLLM_", "TORCH_", "TORCHINDUCTOR_", "TRITON_")
+# FLASHINFER_ (FLASHINFER_CUDA_ARCH_LIST ...) and DG_ (DeepGEMM's DG_JIT_*) shape what those
+# JITs build into directories we cache.
+ENV_PREFIXES = ("VLLM_", "TORCH_", "TORCHINDUCTOR_", "TRITON_", "FLASHINFER_", "DG_")
 # Set per pod or per run, or secrets: in the key they would make every pod miss (or publish a
 # secret in a manifest anyone with read access sees).
 ENV_NOT_IN_KEY = frozenset(
@@ -121,6 +123,8 @@ ENV_NOT_IN_KEY = frozenset(
         "TRITON_CACHE_DIR",
         "TORCH_EXTENSIONS_DIR",
         "TRITON_HOME",
+        "FLASHINFER_WORKSPACE_BASE",
+        "DG_JIT_CACHE_DIR",
         "VLLM_HOST_IP",
         "VLLM_PORT",
         "VLLM_RPC_BASE_PATH",
@@ -433,7 +437,7 @@ def engine_args(argv: Sequence[str]) -> dict[str, object]:
     """The part of argv that shapes compilation (see the module docstring)."""
     args = vllm_args(argv)
     if args is None:
-        out: list[str] = []
+        out: list[object] = []
         skip = False
         for tok in argv:
             if skip:
@@ -448,7 +452,10 @@ def engine_args(argv: Sequence[str]) -> dict[str, object]:
                 out.append(name)  # a token or key: not its value (published in the manifest)
                 skip = not eq
                 continue
-            out.append(tok)
+            if eq and _is_option(name):
+                out.append([name, _value(tok[len(name) + 1 :])])
+                continue
+            out.append(_value(tok))
         return {"engine": "generic", "args": out, "script": _script_digest(argv)}
     model: str | None = None
     kept: list[list[object]] = []
