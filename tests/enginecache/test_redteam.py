@@ -306,3 +306,22 @@ def test_a_generic_engines_model_directory_is_keyed_by_its_config(tmp_path: Path
         _model_dir(m, 32)
         two = engine_args(["python", "/nonexistent/server.py", *form, "--compile"])
         assert canonical(one) != canonical(two), form
+
+
+def test_a_file_name_that_is_not_utf8_does_not_poison_the_key(tmp_path: Path) -> None:
+    """The engine (or anything it loads) writes a file whose name is not UTF-8: pack used to
+    publish it as a lone surrogate, which the manifest's JSON reader turns into '?', so every
+    restore of that key failed (member not in the manifest) and, create-only, the manifest is
+    never replaced: cold starts for good. Such a name is skipped when packing."""
+    import os
+
+    (tmp_path / "bucket").mkdir()
+    parts: dict[str, object] = {"format": 1, "t": "utf8"}
+    key = CacheKey(key_of(parts), parts)
+    pub = EngineCacheConfig(f"file://{tmp_path}/bucket", tmp_path / "pub")
+    _fill(pub)
+    os.close(os.open(os.fsencode(pub.root / "vllm") + b"/bad\xffname", os.O_CREAT | os.O_WRONLY))
+    out = asyncio.run(publish(pub, key))
+    assert out.status == "published" and "bad_name" in out.reason
+    got = asyncio.run(restore(EngineCacheConfig(pub.url, tmp_path / "r"), key))
+    assert got.status == "hit", got.reason

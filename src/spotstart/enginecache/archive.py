@@ -93,7 +93,12 @@ def check_name(name: object) -> str:
     shown = ascii(name)[:120]
     if "\0" in name or "\\" in name or name.startswith("/"):
         raise ArchiveRefused(f"{shown}: absolute, or holds a NUL or backslash")
-    if len(name.encode("utf-8", "surrogateescape")) > MAX_PATH:
+    try:
+        encoded = name.encode("utf-8")
+    except UnicodeEncodeError:
+        # a name that is not UTF-8 (a lone surrogate): a manifest's JSON could not carry it
+        raise ArchiveRefused(f"{shown}: not UTF-8") from None
+    if len(encoded) > MAX_PATH:
         raise ArchiveRefused(f"{shown}: longer than {MAX_PATH} bytes")
     parts = name.split("/")
     if len(parts) > MAX_DEPTH:
@@ -101,7 +106,7 @@ def check_name(name: object) -> str:
     for p in parts:
         if p in ("", ".", ".."):
             raise ArchiveRefused(f"{shown}: not a normalized relative path ('..', '.', '//')")
-        if len(p.encode("utf-8", "surrogateescape")) > MAX_NAME:
+        if len(p.encode("utf-8")) > MAX_NAME:
             raise ArchiveRefused(f"{shown}: a name longer than {MAX_NAME} bytes")
     if not any(name.startswith(arch + "/") for _, arch in packed_dirs()):
         raise ArchiveRefused(f"{shown}: not beneath a cache directory")
