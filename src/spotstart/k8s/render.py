@@ -304,7 +304,8 @@ def engine_cache_flags(cfg: DeployConfig) -> list[str]:
     if not ec.publish:
         flags.append("--engine-cache-no-publish")
     for extra in ec.key_extra:
-        flags += ["--engine-cache-key-extra", extra]
+        # one token: an extra that looks like an option ("--enforce-eager") stays a value
+        flags.append(f"--engine-cache-key-extra={extra}")
     if ec.peers and cfg.peers is not None:
         flags += [
             "--engine-cache-serve",
