@@ -325,3 +325,15 @@ def test_a_file_name_that_is_not_utf8_does_not_poison_the_key(tmp_path: Path) ->
     assert out.status == "published" and "bad_name" in out.reason
     got = asyncio.run(restore(EngineCacheConfig(pub.url, tmp_path / "r"), key))
     assert got.status == "hit", got.reason
+
+
+def test_plain_http_from_another_host_without_a_secret_is_refused(tmp_path: Path) -> None:
+    """Anyone on the network path of a plain http:// origin answers as the bucket: without a
+    secret they would choose the code our engine runs. Refused before any request (https, a
+    secret, or a loopback origin are taken)."""
+    parts: dict[str, object] = {"format": 1, "t": "http"}
+    key = CacheKey(key_of(parts), parts)
+    cfg = EngineCacheConfig("http://192.0.2.1:9/cache", tmp_path / "r")  # TEST-NET: no answer
+    out = asyncio.run(restore(cfg, key))
+    assert out.status == "failed"
+    assert "https" in out.reason and "secret" in out.reason

@@ -28,11 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import secrets
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from spotstart import events, safefs
 from spotstart.enginecache.archive import ArchiveRefused, FileEntry, extract, file_sha256, pack
@@ -154,7 +156,28 @@ def _reason(exc: BaseException) -> str:
     return text[:500]
 
 
+def _plain_http_refused(config: EngineCacheConfig) -> str | None:
+    """Why a plain http:// origin from another host is not read without a secret: anyone on
+    the network path answers as the bucket, and a cache is code our engine runs."""
+    parsed = urlsplit(config.url)
+    if parsed.scheme != "http" or config.secret is not None:
+        return None
+    host = (parsed.hostname or "").strip("[]")
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        if host == "localhost":
+            return None
+    return (
+        f"{_base(config)}: plain http from another host, and no secret: anyone on the path "
+        "could serve code to the engine; use https or an engine cache secret"
+    )
+
+
 async def _restore(config: EngineCacheConfig, key: CacheKey, root: Path, t0: float) -> Outcome:
+    if (why := _plain_http_refused(config)) is not None:
+        return Outcome("failed", why, seconds=time.monotonic() - t0)
     base = f"{_base(config)}/{key.digest}"
     raw = await _read_manifest(f"{base}/{MANIFEST_NAME}")
     if raw is None:
