@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import io
 import json
+import os
 import tarfile
 import tracemalloc
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from spotstart.enginecache import CacheKey, EngineCacheConfig, publish, restore
+from spotstart.enginecache import CacheKey, EngineCacheConfig, engine_env, publish, restore
 from spotstart.enginecache.archive import ArchiveRefused, FileEntry, extract
 from spotstart.enginecache.key import canonical, engine_args, key_of
 
@@ -337,3 +338,22 @@ def test_plain_http_from_another_host_without_a_secret_is_refused(tmp_path: Path
     out = asyncio.run(restore(cfg, key))
     assert out.status == "failed"
     assert "https" in out.reason and "secret" in out.reason
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_root_refuses_a_cache_root_beneath_another_users_directory(tmp_path: Path) -> None:
+    """A local user, the caller is root: --engine-cache-dir beneath a directory another user
+    owns. The restore itself is pinned, but the engine is given path strings: the owner
+    renames the root away and puts a link to their own files in its place, and root's engine
+    runs their code. Refused up front."""
+    alice = tmp_path / "alice"
+    alice.mkdir(mode=0o755)
+    os.chown(alice, 65534, 65534)
+    cfg = EngineCacheConfig("file:///nowhere", alice / "cache")
+    from spotstart.errors import UnsafePath
+
+    with pytest.raises(UnsafePath, match="owned by uid 65534"):
+        engine_env(cfg, [])
+    parts: dict[str, object] = {"format": 1, "t": "alice"}
+    out = asyncio.run(restore(cfg, CacheKey(key_of(parts), parts)))
+    assert out.status == "failed" and "65534" in out.reason

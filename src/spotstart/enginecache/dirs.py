@@ -29,6 +29,7 @@ from pathlib import Path
 from spotstart import safefs
 from spotstart.enginecache.config import EngineCacheConfig
 from spotstart.enginecache.key import inductor_user
+from spotstart.errors import UnsafePath
 
 # env var -> directory beneath root
 CACHE_DIRS: dict[str, str] = {
@@ -77,9 +78,25 @@ def prepare(config: EngineCacheConfig) -> Path:
     """Create root and every cache directory (0700, ours, not a link); the root's real path
     (the root itself may be the user's link: resolved once here)."""
     root = Path(os.path.realpath(safefs.private_dir(config.root)))
+    _check_ancestors(root)
     for name in [*CACHE_DIRS.values(), TMP_DIR, tmp_inductor(), ARCHIVES_DIR, PACKED_DIR]:
         os.close(safefs.private_dir_fd(root, name))
     return root
+
+
+def _check_ancestors(root: Path) -> None:
+    """Every directory above ``root`` is ours or root's: the engine is given path strings
+    beneath root (not the fds a restore pins), so whoever owns a directory above could
+    rename root away and put their own files (code the engine runs) in its place."""
+    uid = os.geteuid()
+    for d in root.parents:
+        st = os.lstat(d)
+        if st.st_uid not in (0, uid):
+            raise UnsafePath(
+                f"{d}: owned by uid {st.st_uid}, above the engine cache dir {root}: its owner "
+                "could swap the cache for their own files, which the engine would run; put "
+                "the engine cache dir beneath directories only you or root own"
+            )
 
 
 def archives_dir(config: EngineCacheConfig) -> Path:
