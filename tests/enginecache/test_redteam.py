@@ -357,3 +357,10 @@ def test_root_refuses_a_cache_root_beneath_another_users_directory(tmp_path: Pat
     parts: dict[str, object] = {"format": 1, "t": "alice"}
     out = asyncio.run(restore(cfg, CacheKey(key_of(parts), parts)))
     assert out.status == "failed" and "65534" in out.reason
+
+
+def test_a_config_that_is_a_fifo_does_not_hang_the_key(tmp_path: Path) -> None:
+    fifo = tmp_path / "c.yaml"
+    os.mkfifo(fifo)
+    parts = engine_args(["vllm", "serve", "/m", "--config", str(fifo)])
+    assert "not a file" in canonical(parts).decode()

@@ -494,7 +494,9 @@ def engine_args(argv: Sequence[str]) -> dict[str, object]:
             i += 1
         if name == "--config" and values:
             # vLLM reads more arguments from this YAML file: its bytes are in the key
-            values = [*values, f"sha256:{file_digest(values[0])}"]
+            # (a regular file only: a FIFO would block the key, and the loop, forever)
+            got = file_digest(values[0]) if os.path.isfile(values[0]) else "not a file"
+            values = [*values, f"sha256:{got}"]
         if name not in VLLM_MANY_NOT_IN_KEY:
             kept.append([name, *(_value(v) for v in values)])
     return {
