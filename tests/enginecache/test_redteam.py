@@ -364,3 +364,31 @@ def test_a_config_that_is_a_fifo_does_not_hang_the_key(tmp_path: Path) -> None:
     os.mkfifo(fifo)
     parts = engine_args(["vllm", "serve", "/m", "--config", str(fifo)])
     assert "not a file" in canonical(parts).decode()
+
+
+def test_an_archive_that_fails_its_sha256_is_not_kept_to_fail_every_later_restore(
+    tmp_path: Path,
+) -> None:
+    """A lying peer (or a damaged disk) leaves other bytes under the archive's name in
+    archives_dir, same size and mtime: the restore refuses them, but they stayed there, indexed
+    as fetched: every later restore on this node failed without fetching again, and the
+    node's PeerServer kept serving them to its peers. Refused bytes are removed; the next
+    restore fetches the true archive from the origin."""
+    (tmp_path / "bucket").mkdir()
+    parts: dict[str, object] = {"format": 1, "t": "poison"}
+    key = CacheKey(key_of(parts), parts)
+    pub = EngineCacheConfig(f"file://{tmp_path}/bucket", tmp_path / "pub")
+    _fill(pub)
+    assert asyncio.run(publish(pub, key)).status == "published"
+    r = EngineCacheConfig(pub.url, tmp_path / "r")
+    assert asyncio.run(restore(r, key)).status == "hit"
+    (arch,) = (tmp_path / "r" / "archives").glob("*.tar.zst")
+    st = arch.stat()
+    data = bytearray(arch.read_bytes())
+    data[-5] ^= 1
+    arch.write_bytes(bytes(data))
+    os.utime(arch, ns=(st.st_atime_ns, st.st_mtime_ns))
+    bad = asyncio.run(restore(r, key))
+    assert bad.status == "failed" and "sha256" in bad.reason
+    again = asyncio.run(restore(r, key))
+    assert again.status == "hit", again.reason

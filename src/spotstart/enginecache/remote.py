@@ -226,6 +226,14 @@ def _verify_and_extract(
     with os.fdopen(fd, "rb") as f:
         got = file_sha256(dest / name, f.fileno())
         if got != sha256:
+            # not kept: fetch would take it as fetched next time (every later restore failing
+            # without a download) and this node's PeerServer would serve it to its peers
+            with contextlib.suppress(OSError):
+                dfd = safefs.open_root_dir(dest)
+                try:
+                    os.unlink(name, dir_fd=dfd)
+                finally:
+                    os.close(dfd)
             raise ArchiveRefused(
                 f"{dest / name}: sha256 {got[:16]}... differs from the manifest's "
                 f"{sha256[:16]}...; not extracted (a bad peer or a changed object)"
