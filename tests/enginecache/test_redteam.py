@@ -9,7 +9,11 @@
   ``--api_key`` spelt with an underscore as vLLM accepts it, a generic engine's ``--token``)
   published in the manifest's ``key_parts``.
 - A key that lies: vLLM's ``--config file.yaml`` whose contents change compilation while the
-  key only holds its path.
+  key only holds its path; a model directory after an option; FLASHINFER_/DG_ variables.
+- A bucket writer without the secret: files in millions of directories (inodes, blocks).
+- The engine writing a file name that is not UTF-8 (a key whose restores fail for good).
+- A network attacker on a plain http:// origin; a local user owning a directory above the
+  cache root of a root-run guard; a lying peer whose refused bytes stayed in archives_dir.
 """
 
 from __future__ import annotations
