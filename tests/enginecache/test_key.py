@@ -9,8 +9,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import stat
 import sys
+import tempfile
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
@@ -53,8 +56,11 @@ def _key(cfg: EngineCacheConfig, argv: list[str], env: dict[str, str] | None = N
 
 
 @pytest.fixture
-def cfg(tmp_path: Path) -> EngineCacheConfig:
-    return EngineCacheConfig(url="file:///nowhere", root=tmp_path / "cache")
+def cfg(tmp_path: Path) -> Iterator[EngineCacheConfig]:
+    # short: vLLM's unix sockets go beneath root/tmp (engine_env refuses a root over 66 bytes)
+    root = Path(tempfile.mkdtemp(prefix="ec-", dir="/tmp"))
+    yield EngineCacheConfig(url="file:///nowhere", root=root / "cache")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _vllm(py: Path, model: Path, *more: str) -> list[str]:

