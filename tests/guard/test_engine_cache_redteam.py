@@ -9,7 +9,10 @@ from pathlib import Path
 import pytest
 
 from spotstart.cli.guard_cmd import default_engine_cache_dir
+from spotstart.emulate.link import FaultRule
+from spotstart.emulate.storage import StorageEmulator
 from spotstart.errors import UsageError
+from tests.conftest import BUCKET
 
 TAIL = Path("spotstart") / "engine-cache"
 
@@ -114,3 +117,66 @@ async def test_no_orphan_reaper_runs_while_the_cache_key_probes_the_engines_pyth
     watcher.cue.set()
     assert await asyncio.wait_for(guard, 30) == 0
     assert reaped_while_probing == 0
+
+
+def test_a_bucket_that_stalls_the_archive_delays_the_start_by_the_restore_timeout_only(
+    clean_cloud: StorageEmulator, tmp_path: Path
+) -> None:
+    """Whoever slows the bucket (an incident, a proxy on the path, a throttled prefix) held the
+    server's start for as long as the archive fetch kept trying: each read may go 20 s
+    without a byte, 8 attempts with backoff, and a trickle never counts as a stall. Measured
+    here before the fix, this very stall: the server started cold after 183 s. A spot
+    replacement is needed NOW: --engine-cache-restore-timeout bounds the restore (default
+    600 s), then the server starts cold and says why."""
+    import uuid
+
+    from tests.guard.test_engine_cache import start
+
+    prefix = f"ec-{uuid.uuid4().hex[:8]}"
+    url = f"s3://{BUCKET}/{prefix}"
+    first = start(tmp_path / "a", url, env=clean_cloud.env_for_s3())
+    first.proc.wait_for_line("engine cache: published", timeout_s=120)
+    assert first.stop() == 0
+    # the manifest answers; the archive's bytes never come
+    clean_cloud.set_faults(
+        [FaultRule("stall", count=10000, method="GET", path_regex=r"\.tar\.zst", seconds=600)]
+    )
+    run = start(
+        tmp_path / "b",
+        url,
+        "--engine-cache-restore-timeout",
+        "2",
+        env=clean_cloud.env_for_s3(),
+        ready=False,
+    )
+    run.proc.wait_for_line("starting cold", timeout_s=60)  # the fetch alone: minutes
+    assert "restore failed" in run.proc.text and "2 s" in run.proc.text, run.proc.text
+    from tests.guard.test_proxy import wait_until_ready
+
+    wait_until_ready(run.url, timeout_s=60, proc=run.proc)
+    assert run.report["restored"] is False  # cold, the cache dirs as a miss leaves them
+    assert run.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["--engine-cache-restore-timeout", "5", "--", "true"], "needs --engine-cache URL"),
+        (
+            ["--engine-cache", "file:///nonexistent/b", "--engine-cache-restore-timeout", "0"],
+            "over 0",
+        ),
+        (
+            ["--engine-cache", "file:///nonexistent/b", "--engine-cache-restore-timeout", "nan"],
+            "over 0",
+        ),
+    ],
+)
+def test_restore_timeout_flag_errors(argv: list[str], needle: str, tmp_path: Path) -> None:
+    from tests.conftest import error_line, run_cli
+
+    if "--" not in argv:
+        argv = [*argv, "--engine-cache-dir", str(tmp_path / "c"), "--", "true"]
+    res = run_cli(["guard", "--upstream", "http://127.0.0.1:9", "--listen", "127.0.0.1:0", *argv])
+    assert res.code == 2, res.stderr
+    assert needle in error_line(res.stderr)

@@ -265,6 +265,12 @@ def add_engine_cache_flags(p: argparse.ArgumentParser) -> None:
         help="restore only; never write to URL",
     )
     g.add_argument(
+        "--engine-cache-restore-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="the most the restore may delay the server's start; then it starts cold (default 600)",
+    )
+    g.add_argument(
         "--engine-cache-key-extra",
         action="append",
         default=[],
@@ -346,6 +352,7 @@ def engine_cache_from_args(args: argparse.Namespace, has_server: bool) -> Engine
             ("--engine-cache-secret-file", args.engine_cache_secret_file),
             ("--engine-cache-no-publish", args.engine_cache_no_publish),
             ("--engine-cache-key-extra", args.engine_cache_key_extra),
+            ("--engine-cache-restore-timeout", args.engine_cache_restore_timeout is not None),
         )
         if value
     ]
@@ -395,6 +402,16 @@ def engine_cache_from_args(args: argparse.Namespace, has_server: bool) -> Engine
         peer_token=token,
         secret=secret,
     )
+
+
+def restore_timeout(args: argparse.Namespace) -> float:
+    """--engine-cache-restore-timeout: seconds, > 0 (default 600)."""
+    value = args.engine_cache_restore_timeout
+    if value is None:
+        return 600.0
+    if not 0 < value <= 86400:
+        raise UsageError(f"--engine-cache-restore-timeout {value:g}: seconds, over 0")
+    return float(value)
 
 
 def config_from_args(args: argparse.Namespace) -> GuardConfig:
@@ -460,6 +477,7 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
         hook_timeout_s=args.hook_timeout,
         mark_pod=pod,
         engine_cache=engine_cache_from_args(args, bool(server)),
+        engine_cache_restore_timeout_s=restore_timeout(args),
     )
 
 

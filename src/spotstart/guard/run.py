@@ -58,6 +58,8 @@ class GuardConfig:
     # restore the engine's compile caches before the server starts, publish them after its
     # first ready (needs server_argv): see spotstart.guard.warmstart
     engine_cache: EngineCacheConfig | None = None
+    # the most the restore may delay the server's start (None: no bound); then it starts cold
+    engine_cache_restore_timeout_s: float | None = 600.0
 
     def __post_init__(self) -> None:
         if self.engine_cache is not None and not self.server_argv:
@@ -109,7 +111,12 @@ class _Guard:
         if config.engine_cache is not None and config.server_argv:
             from spotstart.guard.warmstart import WarmStart
 
-            self.warmstart = WarmStart(config.engine_cache, config.server_argv, self.metrics)
+            self.warmstart = WarmStart(
+                config.engine_cache,
+                config.server_argv,
+                self.metrics,
+                config.engine_cache_restore_timeout_s,
+            )
         self.server_started_wall: float | None = None
         # the zone this node is in, for `spotstart plan record` (the phase events say it)
         zone = os.environ.get("SPOTSTART_ZONE", "")

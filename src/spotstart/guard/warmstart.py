@@ -25,6 +25,11 @@ from spotstart.guard.metrics import GuardMetrics
 log = logging.getLogger("spotstart.guard")
 
 MB = 1e6
+# The most the restore may hold the server's start: the fetch alone has no overall bound (a
+# read may go 20 s without a byte, 8 attempts with backoff; a trickle never stalls), and a
+# spot replacement is needed now. Vendors' cold engine starts are 33-327 s: a restore
+# slower than 10 minutes is never worth waiting for.
+RESTORE_TIMEOUT_S = 600.0
 
 
 class WarmStart:
@@ -34,9 +39,14 @@ class WarmStart:
     anywhere leaves nothing a restore would take)."""
 
     def __init__(
-        self, config: EngineCacheConfig, argv: Sequence[str], metrics: GuardMetrics
+        self,
+        config: EngineCacheConfig,
+        argv: Sequence[str],
+        metrics: GuardMetrics,
+        restore_timeout_s: float | None = RESTORE_TIMEOUT_S,
     ) -> None:
         self.config = config
+        self.restore_timeout_s = restore_timeout_s
         self.argv = tuple(argv)
         self.metrics = metrics
         self.key: CacheKey | None = None
@@ -63,9 +73,18 @@ class WarmStart:
         log.info("engine cache: restoring from %s before the server starts", self.config.url)
         try:
             self.key = await compute_key(self.config, self.argv, env)
-            outcome = await restore(self.config, self.key)
+            outcome = await asyncio.wait_for(restore(self.config, self.key), self.restore_timeout_s)
         except asyncio.CancelledError:
             raise
+        except TimeoutError:  # restore's own cleanup ran: the cache dirs are left empty
+            outcome = Outcome(
+                "failed",
+                f"not restored within {self.restore_timeout_s:g} s "
+                "(--engine-cache-restore-timeout)",
+                0,
+                0,
+                time.monotonic() - began,
+            )
         except Exception as exc:  # a cache never stops a start: cold, and say why
             log.error(
                 "engine cache: %s failed: %s: %s",
