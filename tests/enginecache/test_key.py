@@ -368,3 +368,28 @@ def test_the_cli_module_with_its_serve_subcommand(cfg: EngineCacheConfig, tmp_pa
     b = _key(cfg, [str(py), "-m", "vllm.entrypoints.cli.main", "serve", str(m2), "--port", "1"])
     assert a.parts["engine"] == "vllm" and "config_sha256" in a.parts["model"]  # type: ignore[operator]
     assert a.digest != b.digest
+
+
+def test_a_cancelled_probe_kills_the_engines_python(tmp_path: Path) -> None:
+    # a notice during the restore cancels compute_key: the probe it started must not outlive it
+    from spotstart.enginecache.key import _run_bounded
+
+    pidfile = tmp_path / "pid"
+    script = f"import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+
+    async def go() -> None:
+        task = asyncio.create_task(
+            _run_bounded([sys.executable, "-c", script], dict(os.environ), None, 30.0)
+        )
+        for _ in range(200):
+            if pidfile.exists() and pidfile.read_text():
+                break
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -39,6 +39,7 @@ timeout and a bound on what it may print. A probe that fails gives no key
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import getpass
 import hashlib
 import json
@@ -266,6 +267,13 @@ async def _run_bounded(
         proc.kill()
         await proc.wait()
         return -1, bytes(out)
+    except BaseException:  # cancelled (a notice during the restore): the probe goes too
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(proc.wait())
+        raise
     return proc.returncode or 0, bytes(out)
 
 
