@@ -393,3 +393,10 @@ def test_a_cancelled_probe_kills_the_engines_python(tmp_path: Path) -> None:
     pid = int(pidfile.read_text())
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_the_configs_printed_form_holds_neither_the_token_nor_the_secret() -> None:
+    cfg = EngineCacheConfig(
+        url="file:///x", root=Path("/tmp/r"), peer_token="tok-3d6f1e", secret=b"s" * 32
+    )
+    assert "tok-3d6f1e" not in repr(cfg) and "sss" not in repr(cfg)

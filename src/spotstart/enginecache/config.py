@@ -35,7 +35,7 @@ class EngineCacheConfig:
     publish: bool = True
     key_extra: tuple[str, ...] = ()
     peers: tuple[str, ...] = ()
-    peer_token: str | None = None
+    peer_token: str | None = field(default=None, repr=False)
     secret: bytes | None = field(default=None, repr=False)
     max_bytes: int = 32 * GIB
     max_files: int = 200_000
