@@ -4,6 +4,8 @@ neighbour hands it. Findings with a fix are asserted here; see /tmp/team/redteam
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -180,3 +182,22 @@ def test_restore_timeout_flag_errors(argv: list[str], needle: str, tmp_path: Pat
     res = run_cli(["guard", "--upstream", "http://127.0.0.1:9", "--listen", "127.0.0.1:0", *argv])
     assert res.code == 2, res.stderr
     assert needle in error_line(res.stderr)
+
+
+def test_a_cache_dir_too_long_for_vllms_sockets_is_exit_2_before_anything_is_made(
+    tmp_path: Path,
+) -> None:
+    # vLLM makes its ZMQ IPC sockets in $TMPDIR = <root>/tmp: 107 bytes at most for the path
+    root = tmp_path.resolve() / ("r" * 70)
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "spotstart", "guard",
+            "--upstream", "http://127.0.0.1:9", "--listen", "127.0.0.1:0", "--cloud", "none",
+            "--engine-cache", f"file://{tmp_path}/bucket/", "--engine-cache-dir", str(root),
+            "--", sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", "/m",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert "107 bytes" in proc.stderr and "--engine-cache-dir" in proc.stderr
+    assert not root.exists()

@@ -12,7 +12,7 @@ import stat
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -340,7 +340,9 @@ def default_engine_cache_dir(environ: dict[str, str] | os._Environ[str] = os.env
     return Path(home) / ".cache" / "spotstart" / "engine-cache"
 
 
-def engine_cache_from_args(args: argparse.Namespace, has_server: bool) -> EngineCacheConfig | None:
+def engine_cache_from_args(
+    args: argparse.Namespace, has_server: bool, server: Sequence[str] = ()
+) -> EngineCacheConfig | None:
     """EngineCacheConfig of the --engine-cache flags; UsageError for a flag without
     --engine-cache, or --engine-cache without a server command."""
     given = [
@@ -374,6 +376,9 @@ def engine_cache_from_args(args: argparse.Namespace, has_server: bool) -> Engine
     from spotstart.fetch.peers import PeerSpec
 
     root = args.engine_cache_dir or default_engine_cache_dir()
+    from spotstart.enginecache.dirs import check_root_length
+
+    check_root_length(root, server)  # vLLM's unix sockets go beneath it: before anything is made
     # The engine runs what it finds here: ours alone (0700, not writable by others)
     root = safefs.private_dir(root)
     token = token_from_args(args)
@@ -476,7 +481,7 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
         webhook_url=args.webhook,
         hook_timeout_s=args.hook_timeout,
         mark_pod=pod,
-        engine_cache=engine_cache_from_args(args, bool(server)),
+        engine_cache=engine_cache_from_args(args, bool(server), server),
         engine_cache_restore_timeout_s=restore_timeout(args),
     )
 
