@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import signal
 import stat
 import sys
@@ -186,6 +187,23 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         metavar="PATH",
         help="the guard's own Prometheus metrics; /metrics is left to the server (vLLM, TGI "
         "serve theirs there) (/spotstart/metrics)",
+    )
+    p.add_argument(
+        "--continue-grace",
+        type=float,
+        default=None,
+        metavar="S",
+        help="with `spotstart route` in front: streams of requests it sent "
+        "(X-Spotstart-Continue: 1) are cut S seconds after a notice instead of at the drain "
+        "deadline, so the router continues them on another replica in time; other requests "
+        "keep the full drain (off)",
+    )
+    p.add_argument(
+        "--replica-id",
+        default=None,
+        metavar="ID",
+        help="this replica's name in the X-Spotstart-Replica header on answers to the router's "
+        "requests (the host name: the pod's name in Kubernetes)",
     )
     p.add_argument(
         "--on-notice",
@@ -419,6 +437,9 @@ def restore_timeout(args: argparse.Namespace) -> float:
     return float(value)
 
 
+_REPLICA_ID = re.compile(r"[A-Za-z0-9._-]{1,253}")
+
+
 def config_from_args(args: argparse.Namespace) -> GuardConfig:
     from spotstart.guard.drain import DrainConfig
     from spotstart.guard.proxy import ProxyConfig
@@ -441,6 +462,13 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
     ):
         if value < 0:
             raise UsageError(f"{flag} must be >= 0")
+    if args.continue_grace is not None and not 0 <= args.continue_grace < 86400:
+        raise UsageError(f"--continue-grace {args.continue_grace}: expected 0 <= S < 86400")
+    if args.replica_id is not None and not _REPLICA_ID.fullmatch(args.replica_id):
+        raise UsageError(
+            f"--replica-id {args.replica_id[:80]!r}: expected 1-253 of A-Z a-z 0-9 . _ - "
+            "(it goes into a response header)"
+        )
     host, port = args.listen
     pod = None
     if args.mark_pod != "off":
@@ -464,6 +492,8 @@ def config_from_args(args: argparse.Namespace) -> GuardConfig:
             metrics_path=args.metrics_path,
             health_path=args.health_path or None,
             health_interval_s=args.health_interval,
+            replica_id=args.replica_id,
+            continue_grace_s=args.continue_grace,
         ),
         drain=DrainConfig(
             safety_margin_s=args.safety_margin,

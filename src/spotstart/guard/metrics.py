@@ -188,6 +188,18 @@ class GuardMetrics:
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.streams_announced = Counter(
+            "spotstart_guard_streams_announced",
+            "streams of requests carrying X-Spotstart-Continue (a router in front) told of a "
+            "drain by an SSE comment (': spotstart-drain deadline_ms=...')",
+            registry=self.registry,
+        )
+        self.streams_cut_early = Counter(
+            "spotstart_guard_streams_cut_early",
+            "such streams cut --continue-grace after a notice, before the drain deadline, so "
+            "that the router continues them elsewhere in time (counted dropped too)",
+            registry=self.registry,
+        )
         self.upstream_health_checks = Counter(
             "spotstart_guard_upstream_health_checks",
             "upstream health polls by result",

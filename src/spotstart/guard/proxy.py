@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -30,6 +31,13 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from spotstart.errors import UsageError
+from spotstart.guard.announce import (
+    CONTINUE_HEADER,
+    REPLICA_HEADER,
+    EventBoundary,
+    drain_comment,
+    wants_continue,
+)
 from spotstart.guard.answers import (
     REFUSAL_PEEK_BYTES,
     AbortScanner,
@@ -100,6 +108,11 @@ class ProxyConfig:
     # one into a 503 the client retries. 1 MiB covers n=16 with logprobs.
     json_buffer_bytes: int = 1 << 20
     json_buffer_budget_bytes: int = 64 << 20
+    # For requests carrying ``X-Spotstart-Continue: 1`` (a router that continues cut streams
+    # elsewhere): the ``X-Spotstart-Replica`` header's value (None: the host name), and how
+    # long after a notice their streams are cut (None: at the drain deadline, like any other).
+    replica_id: str | None = None
+    continue_grace_s: float | None = None
 
 
 def proxy_limits(max_connections: int | None = None) -> ListenLimits:
@@ -151,11 +164,25 @@ def request_target(raw: str) -> str | None:
 class _Exchange:
     """One forwarded request's fate as the forwarding learns it."""
 
-    __slots__ = ("outcome", "responding")
+    __slots__ = ("continued", "outcome", "responding")
 
     def __init__(self) -> None:
         self.outcome: Outcome = "ok"
         self.responding = False  # the client has the status line: a cut can only close it
+        self.continued = False  # sent by a router that continues a cut stream elsewhere
+
+
+class _AnnouncedStream:
+    """An SSE stream whose request carried ``X-Spotstart-Continue: 1``: told of the drain by
+    one comment, and cut early under ``continue_grace_s``."""
+
+    __slots__ = ("cut_at", "noticed", "task", "timer")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.noticed = asyncio.Event()
+        self.cut_at = 0.0  # clock time the guard cuts it; set with ``noticed``
+        self.timer: asyncio.TimerHandle | None = None
 
 
 async def _read_upto(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
@@ -199,6 +226,9 @@ class GuardProxy:
         self._health_task: asyncio.Task[None] | None = None
         self._poll_now = asyncio.Event()
         self._json_buffered = 0  # bytes reserved for JSON answers held whole, all requests
+        self._announced: set[_AnnouncedStream] = set()
+        self._noticed_at: float | None = None  # clock time the drain began
+        self.replica_id = config.replica_id or socket.gethostname()
         self.limits = config.limits or proxy_limits()
         self.listener: BoundedListener | None = None
         self.bound_port: int = config.listen_port
@@ -260,6 +290,40 @@ class GuardProxy:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=wait_s)
+
+    def announce_drain(self) -> None:
+        """A drain began: each stream of a request that carried ``X-Spotstart-Continue: 1``
+        gets its comment at its next event boundary, and with ``continue_grace_s`` is cut
+        that long from now (never later than the drain deadline). Streams that begin their
+        answer later in the drain (accepted before the notice) get the same at their start."""
+        if self._noticed_at is not None:
+            return
+        self._noticed_at = self._clock()
+        for stream in self._announced:
+            self._notify(stream)
+
+    def _stream_cut_at(self) -> float:
+        assert self._noticed_at is not None
+        until = self.controller.drain_until
+        cut_at = self._noticed_at if until is None else until
+        grace = self.config.continue_grace_s
+        if grace is not None:
+            cut_at = min(cut_at, self._noticed_at + grace)
+        return cut_at
+
+    def _notify(self, stream: _AnnouncedStream) -> None:
+        stream.cut_at = self._stream_cut_at()
+        stream.noticed.set()
+        until = self.controller.drain_until
+        if self.config.continue_grace_s is not None and (until is None or stream.cut_at < until):
+            delay = max(0.0, stream.cut_at - self._clock())
+            stream.timer = asyncio.get_running_loop().call_later(delay, self._cut_early, stream)
+
+    def _cut_early(self, stream: _AnnouncedStream) -> None:
+        if stream.task in self._tasks and not stream.task.done():
+            self.metrics.streams_cut_early.inc()
+            self._cut.add(stream.task)
+            stream.task.cancel()
 
     # -- the guard's own endpoints ---------------------------------------------------------------
 
@@ -363,6 +427,9 @@ class GuardProxy:
             return web.Response(status=400, text="bad request target\n")
         headers = _forwardable(request.headers)
         headers.popall("Host", None)
+        # the router's word to this guard alone: the server never sees it
+        exchange.continued = wants_continue(request.headers.get(CONTINUE_HEADER))
+        headers.popall(CONTINUE_HEADER, None)
         peer = request.remote
         if peer:
             prior = headers.get("X-Forwarded-For")
@@ -414,6 +481,8 @@ class GuardProxy:
         """The upstream's answer to the client: read whole where its verdict must come before
         the status line (a refusal, an aborted JSON completion), streamed otherwise."""
         headers = _forwardable(upstream.headers)
+        if exchange.continued:
+            headers[REPLICA_HEADER] = self.replica_id
         length = upstream.content_length
         ctype = upstream.headers.get("Content-Type", "")
         readable = request.method != "HEAD" and _identity(upstream.headers)
@@ -492,6 +561,9 @@ class GuardProxy:
         resp.headers.extend(headers)
         if not self.controller.ready:
             resp.force_close()  # draining: no keep-alive for the next request
+        announce = (
+            exchange.continued and readable and upstream.status == 200 and is_event_stream(ctype)
+        )
         exchange.responding = True
         await resp.prepare(request)
         try:
@@ -499,11 +571,14 @@ class GuardProxy:
                 if scan is not None:
                     scan.feed(head)
                 await resp.write(head)
-            # iter_any: each chunk as it arrives (SSE tokens must not wait for a buffer)
-            async for chunk in upstream.content.iter_any():
-                if scan is not None:
-                    scan.feed(chunk)
-                await resp.write(chunk)
+            if announce:
+                await self._pass_announcing(resp, upstream, scan, head)
+            else:
+                # iter_any: each chunk as it arrives (SSE tokens must not wait for a buffer)
+                async for chunk in upstream.content.iter_any():
+                    if scan is not None:
+                        scan.feed(chunk)
+                    await resp.write(chunk)
             await resp.write_eof()
         except (aiohttp.ClientError, OSError) as exc:
             # The upstream broke off mid-body, or the client left: end the client's
@@ -519,6 +594,70 @@ class GuardProxy:
         elif (scan is not None and scan.errored) or upstream.status >= 500:
             exchange.outcome = "failed"  # passed on as sent, but not served
         return resp
+
+    async def _pass_announcing(
+        self,
+        resp: web.StreamResponse,
+        upstream: aiohttp.ClientResponse,
+        scan: AbortScanner | None,
+        head: bytes,
+    ) -> None:
+        """The stream as it comes, plus the drain comment once, at the first event boundary
+        after the notice: waits on the notice as well as on the upstream, so that a stream
+        idle between two tokens gets it at once, not with the next token."""
+        task = asyncio.current_task()
+        assert task is not None
+        stream = _AnnouncedStream(task)
+        self._announced.add(stream)
+        if self._noticed_at is not None:
+            self._notify(stream)
+        boundary = EventBoundary()
+        boundary.feed(head)
+        told = False
+        reading: asyncio.Task[bytes] | None = None
+        noticing: asyncio.Task[bool] | None = None
+        try:
+            while True:
+                if not told and stream.noticed.is_set() and boundary.at_boundary:
+                    await self._tell(resp, stream)
+                    told = True
+                if reading is None:
+                    reading = asyncio.create_task(upstream.content.readany())
+                if not told and not stream.noticed.is_set():
+                    if noticing is None:
+                        noticing = asyncio.create_task(stream.noticed.wait())
+                    waiting: set[asyncio.Task[bytes] | asyncio.Task[bool]] = {reading, noticing}
+                    await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    if not reading.done():
+                        continue  # the notice: a comment now if between events
+                chunk = await reading
+                reading = None
+                if not chunk:
+                    return
+                if scan is not None:
+                    scan.feed(chunk)
+                at = boundary.feed(chunk)
+                if told or not stream.noticed.is_set() or at is None:
+                    await resp.write(chunk)
+                    continue
+                if at:
+                    await resp.write(chunk[:at])
+                await self._tell(resp, stream)
+                told = True
+                if at < len(chunk):
+                    await resp.write(chunk[at:])
+        finally:
+            for waiter in (reading, noticing):
+                if waiter is not None:
+                    waiter.cancel()
+            if stream.timer is not None:
+                stream.timer.cancel()
+            self._announced.discard(stream)
+
+    async def _tell(self, resp: web.StreamResponse, stream: _AnnouncedStream) -> None:
+        left_ms = int((stream.cut_at - self._clock()) * 1000)
+        await resp.write(drain_comment(left_ms))
+        self.metrics.streams_announced.inc()
 
     def _cut_before_answer(
         self, request: web.Request, target: str, exchange: _Exchange, exc: Exception

@@ -135,6 +135,7 @@ class _Guard:
                 self.notice_wall = time.time()
                 self.first_drain = notice
             m.notice_to_unready.observe(decision.unready_after_s)
+            self.proxy.announce_drain()
             log.warning(
                 "%s notice from %s: unready now; in-flight requests may run %.1fs, "
                 "deadline in %.1fs",
