@@ -23,6 +23,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "load a safetensors checkpoint into torch tensors while the bytes arrive",
     ),
     "guard": ("guard_cmd", "proxy an inference server and drain it before a preemption"),
+    "route": (
+        "route_cmd",
+        "route requests to ready replicas; continue streams a preemption cuts",
+    ),
     "plan": ("plan_cmd", "cost and availability of spot fleet policies, replayed on real traces"),
     "k8s": ("k8s_cmd", "Kubernetes manifests for GKE, EKS, AKS"),
     "image": ("image_cmd", "what slows a serving image's pull; startup profiles for lazy pulling"),
