@@ -503,6 +503,7 @@ class Router:
         )
         client: web.StreamResponse | None = None
         exclude: set[str] = set()
+        cut_by: set[str] = set()
         cut_at: float | None = None
         legs = 0
         headers["Content-Type"] = "application/json"
@@ -577,7 +578,10 @@ class Router:
                 await client.write_eof()
                 return client
             cut_at = self.clock()
-            exclude = {replica.address}
+            # avoid every replica that cut this stream while another is ready
+            cut_by.add(replica.address)
+            others = any(r.address not in cut_by for r in self.replicas.ready())
+            exclude = set(cut_by) if others else {replica.address}
 
     async def _relay(
         self,

@@ -1,0 +1,173 @@
+"""Streams cut on one replica (the guard's drain comment, a lost connection, finish_reason
+abort, an end without [DONE]) are continued on another and spliced: the client's text and
+token ids equal an uninterrupted greedy run's, under one id, with one finish and [DONE]."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.route.conftest import MakeReplicas, MakeRouter, metric, sse, text_of
+from tests.route.replica import BOS, reference, tokenize
+
+PROMPT = "The quick brown fox"
+
+
+def assert_spliced(events: list[Any], kind: str, max_tokens: int, body: dict[str, Any]) -> None:
+    assert events[-1] == "[DONE]"
+    chunks = [e for e in events if isinstance(e, dict)]
+    assert all("error" not in c for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert len({c["created"] for c in chunks}) == 1
+    assert {c["model"] for c in chunks} == {"tiny-greedy"}
+    finishes = [
+        ch["finish_reason"] for c in chunks for ch in c["choices"] if ch.get("finish_reason")
+    ]
+    assert finishes == ["length"]
+    assert all(ch["index"] == 0 for c in chunks for ch in c["choices"])
+    text, _ = reference(kind, body, max_tokens)
+    assert text_of(events, kind) == text
+
+
+@pytest.mark.parametrize(
+    "fault", ["drain", "cut", "abort", "end", "huge_event", "huge_line", "garbage", "wrong_index"]
+)
+async def test_completion_continued_exactly(
+    make_replicas: MakeReplicas, make_router: MakeRouter, fault: str
+) -> None:
+    first, second = await make_replicas(2)
+    first.drain_deadline_ms = 60_000  # the comment, not the cut, moves it
+    setting = {
+        "drain": "drain_after",
+        "cut": "cut_after",
+        "abort": "abort_after",
+        "end": "end_after",
+    }.get(fault)
+    if setting is not None:
+        setattr(first, setting, 37)
+    else:
+        first.hostile, first.hostile_after = fault, 37
+    router = await make_router([first, second])
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 120, "stream": True}
+    status, events, _ = await sse(router, "/v1/completions", body)
+    assert status == 200
+    assert_spliced(events, "completions", 120, body)
+    # no token ids reach a client that did not ask for them
+    assert all(
+        "token_ids" not in ch and "prompt_token_ids" not in ch
+        for e in events
+        if isinstance(e, dict)
+        for ch in e["choices"]
+    )
+    # the first leg asked for token ids; the continuation is the exact token splice
+    ((_, h1, b1),) = [r for r in first.requests if r[0] == "/v1/completions"]
+    assert h1["X-Spotstart-Continue"] == "1" and b1["return_token_ids"] is True
+    ((_, _, b2),) = [r for r in second.requests if r[0] == "/v1/completions"]
+    _, ref_ids = reference("completions", body, 120)
+    sent = len(b2["prompt"]) - 1 - len(tokenize(PROMPT))
+    assert b2["prompt"] == [BOS, *tokenize(PROMPT), *ref_ids[:sent]]
+    assert b2["max_tokens"] == 120 - sent and sent >= 37
+    assert metric(router, "spotstart_route_continued_total") == 1
+    assert metric(router, "spotstart_route_extra_prefill_tokens_total") == sent
+    assert metric(router, "spotstart_route_lost_total") == 0
+    assert metric(router, "spotstart_route_time_to_continue_seconds_count") == 1
+
+
+async def test_token_ids_and_usage_for_the_whole_request(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    first, second = await make_replicas(2)
+    first.cut_after = 50
+    router = await make_router([first, second])
+    body = {
+        "model": "m",
+        "prompt": PROMPT,
+        "max_tokens": 90,
+        "stream": True,
+        "return_token_ids": True,
+        "stream_options": {"include_usage": True},
+    }
+    _, events, _ = await sse(router, "/v1/completions", body)
+    assert_spliced(events, "completions", 90, body)
+    chunks = [e for e in events if isinstance(e, dict)]
+    ids = [t for c in chunks for ch in c["choices"] for t in (ch.get("token_ids") or [])]
+    assert ids == reference("completions", body, 90)[1]
+    prompts = [
+        ch["prompt_token_ids"] for c in chunks for ch in c["choices"] if ch.get("prompt_token_ids")
+    ]
+    assert prompts == [[BOS, *tokenize(PROMPT)]]
+    usages = [c["usage"] for c in chunks if c.get("usage")]
+    n_prompt = 1 + len(tokenize(PROMPT))
+    assert usages == [
+        {"prompt_tokens": n_prompt, "completion_tokens": 90, "total_tokens": n_prompt + 90}
+    ]
+    assert chunks[-1]["choices"] == []
+
+
+async def test_chat_continued_as_the_partial_assistant_message(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    first, second = await make_replicas(2)
+    first.drain_after = 25
+    first.drain_deadline_ms = 60_000
+    router = await make_router([first, second])
+    body = {
+        "model": "m",
+        "stream": True,
+        "max_completion_tokens": 80,
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "count for me"},
+        ],
+    }
+    _, events, _ = await sse(router, "/v1/chat/completions", body)
+    assert_spliced(events, "chat", 80, body)
+    roles = [
+        ch["delta"]["role"]
+        for e in events
+        if isinstance(e, dict)
+        for ch in e["choices"]
+        if "role" in ch["delta"]
+    ]
+    assert roles == ["assistant"]
+    ((_, _, b2),) = [r for r in second.requests if r[0] == "/v1/chat/completions"]
+    assert b2["continue_final_message"] is True and b2["add_generation_prompt"] is False
+    assert b2["messages"][:2] == body["messages"]
+    partial = b2["messages"][2]
+    assert partial["role"] == "assistant"
+    full, _ = reference("chat", body, 80)
+    assert full.startswith(partial["content"]) and partial["content"]
+    assert b2["max_completion_tokens"] == 80 - len(tokenize(partial["content"]))
+
+
+async def test_text_continuation_without_token_ids(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    """--engine openai: the prompt text with the generated text appended (exact here because
+    this tokenizer splits the splice the same way; see router.md for where real ones do not)."""
+    first, second = await make_replicas(2)
+    first.cut_after = 33
+    router = await make_router([first, second], token_ids=False)
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 70, "stream": True}
+    _, events, _ = await sse(router, "/v1/completions", body)
+    assert_spliced(events, "completions", 70, body)
+    ((_, _, b1),) = [r for r in first.requests if r[0] == "/v1/completions"]
+    assert "return_token_ids" not in b1
+    ((_, _, b2),) = [r for r in second.requests if r[0] == "/v1/completions"]
+    assert (
+        b2["prompt"]
+        == PROMPT + reference("completions", body, 70)[0][: len(b2["prompt"]) - len(PROMPT)]
+    )
+    assert b2["max_tokens"] == 70 - 33
+
+
+async def test_several_cuts_in_a_row(make_replicas: MakeReplicas, make_router: MakeRouter) -> None:
+    replicas = await make_replicas(3)
+    replicas[0].cut_after = 10
+    replicas[1].abort_after = 10
+    router = await make_router(replicas)
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 60, "stream": True}
+    _, events, _ = await sse(router, "/v1/completions", body)
+    assert_spliced(events, "completions", 60, body)
+    assert metric(router, "spotstart_route_continued_total") == 2
