@@ -56,6 +56,7 @@ _TOP = {
     "peers",
     "controller",
     "engine_cache",
+    "route",
 }
 _SERVER = {"command", "health_path", "engine", "load_format", "args", "served_model_name", "python"}
 ENGINES = ("vllm",)
@@ -78,6 +79,12 @@ _PEERS = {"token", "token_secret"}
 _CONTROLLER = {"record_trace"}
 _RECORD_TRACE = {"volume", "gap_seconds"}
 _ENGINE_CACHE = {"url", "secret_name", "publish", "peers", "key_extra"}
+_ROUTE = {"enabled", "replicas", "resources", "port", "continue_grace_seconds"}
+_RESOURCES = {"requests", "limits"}
+_RESOURCE_NAMES = {"cpu", "memory", "ephemeral-storage"}
+# a Kubernetes quantity: 500m, 1, 1.5, 256Mi, 1G, 1e3
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei|e[0-9]+)?")
+ROUTE_PORT = 8090
 # The uid and gid of the spotstart image's user (container/build.sh): its containers run as
 # it, and the volumes they write (weights, the controller's recording) are given its group.
 SPOTSTART_UID = 65532
@@ -148,6 +155,28 @@ class EngineCache:
 
 
 @dataclass(frozen=True)
+class RouteConfig:
+    """`route: {enabled: true, replicas: 2, port: 8090, resources: {...},
+    continue_grace_seconds: S}`: `spotstart route` as its own Deployment on on-demand nodes
+    (it must outlive the spot replicas it continues streams for), with a PodDisruptionBudget;
+    the serving Service points at it, and it reaches the guards through a headless Service.
+
+    ``replicas``: 1 to 100 (2: one can be drained or rescheduled while the other serves).
+    ``resources``: the router container's requests and limits (cpu, memory,
+    ephemeral-storage). ``continue_grace_seconds``: the guards' --continue-grace (None: off,
+    the router's streams get the full drain like any other).
+    """
+
+    replicas: int = 2
+    port: int = ROUTE_PORT
+    resources: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = (
+        ("requests", (("cpu", "500m"), ("memory", "256Mi"))),
+        ("limits", (("memory", "1Gi"),)),
+    )
+    continue_grace_s: float | None = None
+
+
+@dataclass(frozen=True)
 class VllmServer:
     """`server: {engine: vllm, ...}`: the render writes vLLM's command (the module form,
     `python3 -m vllm.entrypoints.openai.api_server`, which works in every vLLM build; the
@@ -207,6 +236,7 @@ class DeployConfig:
     spotstart_image: str = SPOTSTART_IMAGE
     record_trace: RecordTrace | None = None
     engine_cache: EngineCache | None = None
+    route: RouteConfig | None = None  # `route: {enabled: true, ...}`: the router in front
 
 
 def _fail(key: str, why: str) -> DeployConfigError:
@@ -314,6 +344,7 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
         taken[ENGINE_CACHE_PORT] = "the engine cache peers'"
     if port in taken:
         raise _fail("port", f"{port} is {taken[port]} port in the same pod; pick another")
+    route = _route(data.get("route"), window)
     eks = data.get("eks", {})
     if not isinstance(eks, Mapping):
         raise _fail("eks", "a mapping: {cluster_name: ..., node_role: ...}")
@@ -342,7 +373,73 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
         vllm=vllm,
         record_trace=_controller(data.get("controller")),
         engine_cache=engine_cache,
+        route=route,
     )
+
+
+def _route(value: Any, window_s: int) -> RouteConfig | None:
+    """`route: true|false` or `route: {enabled, replicas, port, resources,
+    continue_grace_seconds}`."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        value = {}
+    if not isinstance(value, Mapping):
+        raise _fail("route", f"{str(value)[:40]!r}: true, false or {{enabled: true, ...}}")
+    _unknown(value, _ROUTE, "route")
+    enabled = value.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise _fail("route.enabled", f"{str(enabled)[:40]!r}: true or false")
+    try:
+        replicas = _int(value, "replicas", 2, 1, 100)
+        port = _int(value, "port", ROUTE_PORT, 1, 65535)
+    except DeployConfigError as exc:
+        raise DeployConfigError(
+            str(exc).replace("deploy config: ", "deploy config: route.")
+        ) from None
+    grace = value.get("continue_grace_seconds")
+    if grace is not None and (
+        isinstance(grace, bool) or not isinstance(grace, (int, float)) or not 0 <= grace < window_s
+    ):
+        raise _fail(
+            "route.continue_grace_seconds",
+            f"{str(grace)[:40]!r}: seconds from 0 to below notice_window_seconds ({window_s})",
+        )
+    resources = RouteConfig.resources
+    if "resources" in value:
+        resources = _resources(value["resources"], "route.resources")
+    if not enabled:
+        return None
+    return RouteConfig(
+        replicas=replicas,
+        port=port,
+        resources=resources,
+        continue_grace_s=None if grace is None else float(grace),
+    )
+
+
+def _resources(value: Any, where: str) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    """`{requests: {cpu: 500m, memory: 256Mi}, limits: {memory: 1Gi}}`, checked."""
+    if not isinstance(value, Mapping):
+        raise _fail(where, "a mapping: {requests: {cpu: ..., memory: ...}, limits: {...}}")
+    _unknown(value, _RESOURCES, where)
+    out = []
+    for part in ("requests", "limits"):
+        entries = value.get(part, {})
+        if not isinstance(entries, Mapping):
+            raise _fail(f"{where}.{part}", "a mapping of cpu, memory, ephemeral-storage")
+        _unknown(entries, _RESOURCE_NAMES, f"{where}.{part}")
+        items = []
+        for name, qty in entries.items():
+            text = str(qty) if isinstance(qty, (int, float)) and not isinstance(qty, bool) else qty
+            if not isinstance(text, str) or not _QUANTITY.fullmatch(text):
+                raise _fail(
+                    f"{where}.{part}.{name}", f"{str(qty)[:40]!r}: a quantity like 500m, 1Gi"
+                )
+            items.append((str(name), text))
+        if items:
+            out.append((part, tuple(items)))
+    return tuple(out)
 
 
 def _engine_cache(value: Any, peers: PeerConfig | None) -> EngineCache | None:

@@ -24,6 +24,7 @@ from spotstart.k8s.config import (
     SPOTSTART_UID,
     Cloud,
     DeployConfig,
+    RouteConfig,
 )
 from spotstart.k8s.gpus import GPUS
 
@@ -143,6 +144,7 @@ def _pod(cfg: DeployConfig, cloud: Cloud, kind: str) -> Obj:
         "--health-path",
         cfg.health_path,
         *engine_cache_flags(cfg),
+        *_continue_grace_flags(cfg),
         "--",
         *server_argv(cfg),
     ]
@@ -553,17 +555,16 @@ def _own_pods(cfg: DeployConfig) -> Obj:
 def _peer_network_policy(cfg: DeployConfig, cloud: Cloud) -> Manifest:
     """Only the deployment's own pods reach the peer port. A policy that selects a pod denies
     every ingress no rule allows, so the serving ports are listed too, open to every source as
-    they were without the policy (the Service, a router, a gateway, Prometheus)."""
-    serving = sorted({GUARD_PORT, cfg.port})
+    they were without the policy (the Service, a router, a gateway, Prometheus); with the
+    router (``route``), the guard's port is the router's alone (see _serving_ingress)."""
     comment = (
         f"The serve-peers port ({PEER_PORT}) of the model's pods accepts connections only from "
         "the model's own pods (same namespace, same labels): no other pod of the cluster can "
-        f"download the weights. The guard's port ({GUARD_PORT}, the Service's target) and the "
-        f"server's port ({cfg.port}) stay open to every source, as without this policy. Kubelet "
-        "probes come from the node, which most CNIs let through whatever the policies say; "
-        "the probes' port is open to every source here anyway. "
-        "Egress is not restricted. " + _POLICY_ENFORCED_BY[cloud] + " Where it is not "
-        "enforced, the peer token is the only lock."
+        "download the weights. "
+        + _serving_note(cfg)
+        + " Kubelet probes come from the node, which most CNIs let through whatever the "
+        "policies say. Egress is not restricted. " + _POLICY_ENFORCED_BY[cloud] + " Where it "
+        "is not enforced, the peer token is the only lock."
     )
     return Manifest(
         "networkpolicy-peers.yaml",
@@ -576,8 +577,7 @@ def _peer_network_policy(cfg: DeployConfig, cloud: Cloud) -> Manifest:
                 "podSelector": _own_pods(cfg),
                 "policyTypes": ["Ingress"],
                 "ingress": [
-                    # numeric ports: a named port is resolved per pod, and not by every CNI
-                    {"ports": [{"protocol": "TCP", "port": p} for p in serving]},
+                    *_serving_ingress(cfg),
                     {
                         "from": [{"podSelector": _own_pods(cfg)}],
                         "ports": [
@@ -592,6 +592,272 @@ def _peer_network_policy(cfg: DeployConfig, cloud: Cloud) -> Manifest:
             },
         },
     )
+
+
+def _serving_ingress(cfg: DeployConfig) -> list[Obj]:
+    """Ingress rules of the serving ports. Without the router: the guard's and the server's
+    ports open to every source. With it: the guard's port from the router's pods only (so
+    X-Spotstart-Continue comes from the router, and no client gets past the router's bounds
+    to a replica); the server's own port stays as it was (vLLM as the render starts it listens
+    on loopback only)."""
+    # numeric ports: a named port is resolved per pod, and not by every CNI
+    if cfg.route is None:
+        return [{"ports": [{"protocol": "TCP", "port": p} for p in sorted({GUARD_PORT, cfg.port})]}]
+    return [
+        {
+            "from": [{"podSelector": {"matchLabels": _route_labels(cfg)}}],
+            "ports": [{"protocol": "TCP", "port": GUARD_PORT}],
+        },
+        {"ports": [{"protocol": "TCP", "port": cfg.port}]},
+    ]
+
+
+def _serving_note(cfg: DeployConfig) -> str:
+    if cfg.route is None:
+        return (
+            f"The guard's port ({GUARD_PORT}, the Service's target) and the server's port "
+            f"({cfg.port}) stay open to every source, as without this policy."
+        )
+    return (
+        f"The guard's port ({GUARD_PORT}) accepts only the router's pods ({cfg.name}-route): "
+        "clients go through the router. Prometheus scraping the guards' /spotstart/metrics "
+        "(that port) needs a rule of its own: a second NetworkPolicy selecting these pods "
+        f"that admits its namespace on port {GUARD_PORT}. The server's port ({cfg.port}) stays "
+        "open as without this policy (vLLM as rendered listens on loopback only)."
+    )
+
+
+def _serving_network_policy(cfg: DeployConfig, cloud: Cloud) -> Manifest:
+    """With the router and without peers: the policy of the serving ports alone."""
+    return Manifest(
+        "networkpolicy-serving.yaml",
+        _serving_note(cfg)
+        + " Kubelet probes come from the node, which most CNIs let through whatever the "
+        "policies say. Egress is not restricted. " + _POLICY_ENFORCED_BY[cloud] + " Where it "
+        "is not enforced, any pod can reach the guards directly (and send them "
+        "X-Spotstart-Continue: it changes only that client's own stream).",
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "NetworkPolicy",
+            "metadata": _meta(cfg, f"{cfg.name}-serving", "serving"),
+            "spec": {
+                "podSelector": _own_pods(cfg),
+                "policyTypes": ["Ingress"],
+                "ingress": _serving_ingress(cfg),
+            },
+        },
+    )
+
+
+# -- the router ----------------------------------------------------------------------------------
+
+ROUTE_METRICS_PATH = "/metrics"  # `spotstart route`'s default --metrics-path
+# its drain on SIGTERM: --shutdown-delay (Endpoints catch up), then streams in flight finish
+# within --shutdown-timeout, all inside the pod's grace period
+ROUTE_SHUTDOWN_DELAY_S = 5
+ROUTE_GRACE_S = 300
+
+# each cloud's on-demand (non-spot) nodes, as alternative node selector terms: the router
+# must outlive the spot replicas it continues streams for. Not on the model's GPU pools.
+_ON_DEMAND_TERMS: dict[Cloud, list[list[Obj]]] = {
+    "gke": [
+        [
+            {"key": "cloud.google.com/gke-spot", "operator": "NotIn", "values": ["true"]},
+            {"key": "cloud.google.com/gke-preemptible", "operator": "NotIn", "values": ["true"]},
+        ]
+    ],
+    # Karpenter's on-demand nodes, or an EKS managed node group's
+    "eks": [
+        [{"key": "karpenter.sh/capacity-type", "operator": "In", "values": ["on-demand"]}],
+        [{"key": "eks.amazonaws.com/capacityType", "operator": "In", "values": ["ON_DEMAND"]}],
+    ],
+    "aks": [
+        [
+            {
+                "key": "kubernetes.azure.com/scalesetpriority",
+                "operator": "NotIn",
+                "values": ["spot"],
+            }
+        ]
+    ],
+}
+
+
+def _route_labels(cfg: DeployConfig) -> dict[str, str]:
+    # not the model's name label: the PDB, spread and peers of the serving pods skip it
+    return {"app.kubernetes.io/name": f"{cfg.name}-route"}
+
+
+def _replicas_dns(cfg: DeployConfig) -> str:
+    return f"dns:{cfg.name}-replicas.{cfg.namespace}.svc.cluster.local:{GUARD_PORT}"
+
+
+def _continue_grace_flags(cfg: DeployConfig) -> list[str]:
+    if cfg.route is None or cfg.route.continue_grace_s is None:
+        return []
+    return ["--continue-grace", f"{cfg.route.continue_grace_s:g}"]
+
+
+def route_argv(cfg: DeployConfig) -> list[str]:
+    """The router's command: every replica's guard through the headless Service's DNS name."""
+    route = cfg.route
+    assert route is not None
+    return [
+        "spotstart",
+        "route",
+        "--listen",
+        f"0.0.0.0:{route.port}",
+        "--replicas",
+        _replicas_dns(cfg),
+        "--shutdown-delay",
+        str(ROUTE_SHUTDOWN_DELAY_S),
+        "--shutdown-timeout",
+        str(ROUTE_GRACE_S - ROUTE_SHUTDOWN_DELAY_S - 5),
+    ]
+
+
+def _route_resources(route: RouteConfig) -> Obj:
+    return {part: dict(items) for part, items in route.resources}
+
+
+def _route(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
+    """`spotstart route` in front of the replicas: its Deployment on on-demand nodes, a
+    PodDisruptionBudget, and the headless Service through which it finds the guards."""
+    route = cfg.route
+    assert route is not None
+    name = f"{cfg.name}-route"
+    labels = _route_labels(cfg)
+    container: Obj = {
+        "name": "route",
+        "image": cfg.spotstart_image,
+        "command": route_argv(cfg),
+        "ports": [{"name": "http", "containerPort": route.port, "protocol": "TCP"}],
+        "readinessProbe": {
+            "httpGet": {"path": "/readyz", "port": "http"},
+            "periodSeconds": 2,
+            "failureThreshold": 1,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/livez", "port": "http"},
+            "periodSeconds": 10,
+            "failureThreshold": 3,
+        },
+        "resources": _route_resources(route),
+        "volumeMounts": [{"name": TMP_VOLUME, "mountPath": TMP_DIR}],
+        "securityContext": spotstart_security(),
+    }
+    pod: Obj = {
+        "automountServiceAccountToken": False,  # it finds the replicas by DNS, not the API
+        "terminationGracePeriodSeconds": ROUTE_GRACE_S,
+        "securityContext": _pod_security(),
+        "containers": [container],
+        "volumes": [_tmp_volume()],
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                *terms,
+                                {"key": "spotstart.dev/pool", "operator": "DoesNotExist"},
+                            ]
+                        }
+                        for terms in _ON_DEMAND_TERMS[cloud]
+                    ]
+                }
+            },
+            # two routers on one node would go together
+            "podAntiAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {
+                        "weight": 100,
+                        "podAffinityTerm": {
+                            "labelSelector": {"matchLabels": labels},
+                            "topologyKey": "kubernetes.io/hostname",
+                        },
+                    }
+                ]
+            },
+        },
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": ZONE_LABEL,
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": labels},
+            }
+        ],
+    }
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _meta(cfg, name, "route"),
+        "spec": {
+            "replicas": route.replicas,
+            "selector": {"matchLabels": labels},
+            "strategy": {
+                "type": "RollingUpdate",
+                "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+            },
+            "template": {
+                "metadata": {
+                    "labels": labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(route.port),
+                        "prometheus.io/path": ROUTE_METRICS_PATH,
+                    },
+                },
+                "spec": pod,
+            },
+        },
+    }
+    replicas_service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _meta(cfg, f"{cfg.name}-replicas", "replicas"),
+        "spec": {
+            "clusterIP": "None",
+            "selector": _selector(cfg),
+            "ports": [
+                {"name": "guard", "port": GUARD_PORT, "targetPort": "http", "protocol": "TCP"}
+            ],
+        },
+    }
+    pdb = {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": _meta(cfg, name, "route"),
+        "spec": {"minAvailable": 1, "selector": {"matchLabels": labels}},
+    }
+    grace = (
+        f" The guards cut the router's streams {route.continue_grace_s:g} s after a notice "
+        "(--continue-grace), the rest keep the full drain."
+        if route.continue_grace_s is not None
+        else ""
+    )
+    return [
+        Manifest(
+            "route-deployment.yaml",
+            f"`spotstart route`: {route.replicas} replicas on on-demand nodes (not spot: it "
+            "outlives the replicas whose streams it continues), spread over nodes and zones. "
+            "Each request goes to a ready replica's guard; a stream a draining replica cuts "
+            "is continued on another and spliced into the client's stream. The guards tell "
+            "it which streams they will cut and when (an SSE comment)." + grace,
+            deployment,
+        ),
+        Manifest(
+            "route-poddisruptionbudget.yaml",
+            "At least one router stays up through node drains and upgrades.",
+            pdb,
+        ),
+        Manifest(
+            "service-replicas.yaml",
+            "Headless Service over the serving pods' guards: the router resolves it (one "
+            "address per ready pod) and polls each guard's /readyz itself.",
+            replicas_service,
+        ),
+    ]
 
 
 def _capacity_terms(cfg: DeployConfig, cloud: Cloud, kind: str) -> list[Obj]:
@@ -666,7 +932,8 @@ def _common(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
         "kind": "Service",
         "metadata": _meta(cfg, cfg.name, "service"),
         "spec": {
-            "selector": _selector(cfg),
+            # with the router: clients reach it, and it the guards (service-replicas.yaml)
+            "selector": _route_labels(cfg) if cfg.route is not None else _selector(cfg),
             "ports": [{"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}],
         },
     }
@@ -694,8 +961,11 @@ def _common(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
         ),
         Manifest(
             "service.yaml",
-            "One Service over both Deployments: readiness (the guard's /readyz) decides who "
-            "gets traffic.",
+            "The serving endpoint: `spotstart route` (route-deployment.yaml), which sends each "
+            "request to a ready replica and continues a stream a preemption cuts."
+            if cfg.route is not None
+            else "One Service over both Deployments: readiness (the guard's /readyz) decides "
+            "who gets traffic.",
             service,
         ),
         Manifest(
@@ -1196,7 +1466,12 @@ def render(cfg: DeployConfig, cloud: Cloud) -> list[Manifest]:
     # No policy without peers: the pods' only listeners are then the serving ports, open to
     # all; a policy could only restate that (or break a port a user relies on).
     peers = [_peer_service(cfg), _peer_network_policy(cfg, cloud)] if cfg.peers else []
-    return [*_common(cfg, cloud), *peers, *extra]
+    route: list[Manifest] = []
+    if cfg.route is not None:
+        route = _route(cfg, cloud)
+        if not cfg.peers:  # with peers, the peers' policy carries the serving rules too
+            route.append(_serving_network_policy(cfg, cloud))
+    return [*_common(cfg, cloud), *peers, *route, *extra]
 
 
 def to_yaml(m: Manifest) -> str:
