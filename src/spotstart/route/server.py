@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import logging
 import time
@@ -400,7 +401,8 @@ class Router:
                     method,
                     URL(replica.base_url + target, encoded=True),
                     headers=headers,
-                    data=body or None,
+                    # a BytesIO: aiohttp sends one over 1 MiB without holding the loop
+                    data=io.BytesIO(body) if body else None,
                     allow_redirects=False,
                 )
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
