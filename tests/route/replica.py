@@ -86,6 +86,7 @@ class Replica:
     hostile_after: int = 3
     status: int | None = None  # answer every generation with this status
     requests: list[tuple[str, dict[str, str], Any]] = field(default_factory=list)
+    drained: asyncio.Event = field(default_factory=asyncio.Event)
     port: int = 0
     _deadline: float = 0.0
     _runner: web.AppRunner | None = None
@@ -94,6 +95,7 @@ class Replica:
         self.ready = False
         self.draining = True
         self._deadline = time.monotonic() + self.drain_deadline_ms / 1000
+        self.drained.set()
 
     async def start(self, port: int = 0) -> None:
         app = web.Application(client_max_size=64 << 20)

@@ -4,11 +4,13 @@ token ids equal an uninterrupted greedy run's, under one id, with one finish and
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import aiohttp
 import pytest
 
-from tests.route.conftest import MakeReplicas, MakeRouter, metric, sse, text_of
+from tests.route.conftest import MakeReplicas, MakeRouter, metric, sse, text_of, url
 from tests.route.replica import BOS, reference, tokenize
 
 PROMPT = "The quick brown fox"
@@ -171,3 +173,62 @@ async def test_several_cuts_in_a_row(make_replicas: MakeReplicas, make_router: M
     _, events, _ = await sse(router, "/v1/completions", body)
     assert_spliced(events, "completions", 60, body)
     assert metric(router, "spotstart_route_continued_total") == 2
+
+
+async def test_a_lone_draining_replica_is_read_until_its_cut_then_the_next_ready_continues(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    """The drain comment with no other replica ready: the stream goes on from the draining one
+    (it may finish), and after the cut waits (within --continue-timeout) for a ready one."""
+    first, second = await make_replicas(2)
+    second.ready = False
+    first.drain_after, first.drain_deadline_ms = 20, 50
+    first.token_delay_s = 0.002
+    router = await make_router([first, second], continue_timeout_s=30)
+
+    async def bring_up() -> None:
+        await first.drained.wait()
+        await asyncio.sleep(0.1)  # past the deadline: the cut comes first
+        second.ready = True
+
+    helper = asyncio.create_task(bring_up())
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 200, "stream": True}
+    _, events, _ = await sse(router, "/v1/completions", body)
+    await helper
+    assert_spliced(events, "completions", 200, body)
+    ((_, _, b2),) = [r for r in second.requests if r[0] == "/v1/completions"]
+    # more than the 20 tokens at the notice came from the draining replica
+    assert len(b2["prompt"]) - 1 - len(tokenize(PROMPT)) > 20
+
+
+async def test_a_refused_continuation_is_lost_with_its_reason(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    first, second = await make_replicas(2)
+    first.cut_after = 5
+    router = await make_router([first, second])
+    second.status = 400
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 30, "stream": True}
+    _, events, _ = await sse(router, "/v1/completions", body)
+    assert events[-1] == "[DONE]"
+    assert "continuation refused: 400" in events[-2]["error"]["message"]
+    assert metric(router, "spotstart_route_lost_total") == 1
+
+
+async def test_a_client_that_leaves_frees_its_replica(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    (replica,) = await make_replicas(1, token_delay_s=0.01)
+    router = await make_router([replica])
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 3000, "stream": True}
+    async with aiohttp.ClientSession() as s:
+        resp = await s.post(url(router, "/v1/completions"), json=body)
+        await resp.content.readuntil(b"\n\n")
+        (held,) = router.replicas.replicas.values()
+        assert held.outstanding == 1
+        resp.close()
+    for _ in range(500):
+        if held.outstanding == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert held.outstanding == 0

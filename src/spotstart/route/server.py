@@ -553,12 +553,12 @@ class Router:
                         return web.Response(
                             status=resp.status, body=answer, headers=_forwardable(resp.headers)
                         )
+                    # a 4xx to a continuation (the prompt and what was generated over the
+                    # model's length...) is the same on every replica: lost, with its reason
                     msg = (await resp.content.read(4096)).decode("utf-8", "replace")
-                    log.warning(
-                        "%s: continuation refused: %s %s", replica.address, resp.status, msg
+                    return await self._lost(
+                        request, client, f"continuation refused: {resp.status} {msg[:500]}"
                     )
-                    exclude = {replica.address}
-                    continue
                 if client is None:
                     client = web.StreamResponse(status=200)
                     client.headers.update(_forwardable(resp.headers))

@@ -116,6 +116,8 @@ class Splice:
             return "n > 1 or best_of > 1 (several choices are not continued)"
         if body.get("use_beam_search") is True:
             return "beam search"
+        if body.get("echo") is True:
+            return "echo (the prompt comes back as generated text)"
         if self.kind == "completions":
             prompt = body.get("prompt")
             if not (isinstance(prompt, str) or _int_list(prompt) is not None):
