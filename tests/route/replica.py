@@ -84,6 +84,7 @@ class Replica:
     end_after: int | None = None  # end the body after N tokens: no finish, no [DONE]
     hostile: str | None = None  # "huge_event", "huge_line", "garbage", "not_sse"
     hostile_after: int = 3
+    hold_back: bool = True  # tokens k % 10 == 0 come with an empty text (held-back bytes)
     status: int | None = None  # answer every generation with this status
     requests: list[tuple[str, dict[str, str], Any]] = field(default_factory=list)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
@@ -206,6 +207,7 @@ class Replica:
                     )
                 )
         seqs = [list(prompt_ids) + ([i] if i else []) for i in range(n)]
+        held = [""] * n
         commented = False
         transport = request.transport
         for gen in range(1, max_tokens + 1):
@@ -239,6 +241,12 @@ class Replica:
             for i in range(n):
                 tok = next_token(seqs[i])
                 seqs[i].append(tok)
+                # like vLLM's detokenizer on a token that ends inside a UTF-8 character: this
+                # chunk's text is empty, its text comes with the next token's
+                text = held[i] + detok(tok)
+                held[i] = ""
+                if self.hold_back and tok % 10 == 0 and finish is None:
+                    held[i], text = text, ""
                 first_ids = (
                     prompt_ids if (kind == "completions" and gen == 1 and ids_wanted) else None
                 )
@@ -248,7 +256,7 @@ class Replica:
                             _choice(
                                 kind,
                                 i,
-                                detok(tok),
+                                text,
                                 finish,
                                 [tok] if ids_wanted else None,
                                 first_ids,

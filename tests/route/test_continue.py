@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from tests.route.conftest import MakeReplicas, MakeRouter, metric, sse, text_of, url
-from tests.route.replica import BOS, reference, tokenize
+from tests.route.replica import BOS, chat_prompt, reference, tokenize
 
 PROMPT = "The quick brown fox"
 
@@ -107,22 +107,58 @@ async def test_token_ids_and_usage_for_the_whole_request(
     assert chunks[-1]["choices"] == []
 
 
-async def test_chat_continued_as_the_partial_assistant_message(
+CHAT = {
+    "model": "m",
+    "stream": True,
+    "max_completion_tokens": 80,
+    "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "count for me"},
+    ],
+}
+
+
+async def test_chat_with_token_ids_is_continued_exactly_through_completions(
     make_replicas: MakeReplicas, make_router: MakeRouter
 ) -> None:
+    """vLLM's chat takes no token ids: the continuation goes to /v1/completions with the chat's
+    templated prompt ids + the generated ids, and its chunks come back as chat chunks."""
     first, second = await make_replicas(2)
     first.drain_after = 25
     first.drain_deadline_ms = 60_000
     router = await make_router([first, second])
-    body = {
-        "model": "m",
-        "stream": True,
-        "max_completion_tokens": 80,
-        "messages": [
-            {"role": "system", "content": "be brief"},
-            {"role": "user", "content": "count for me"},
-        ],
-    }
+    body = {**CHAT, "return_token_ids": True}
+    _, events, _ = await sse(router, "/v1/chat/completions", body)
+    assert_spliced(events, "chat", 80, body)
+    chunks = [e for e in events if isinstance(e, dict)]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    roles = [ch["delta"]["role"] for c in chunks for ch in c["choices"] if "role" in ch["delta"]]
+    assert roles == ["assistant"]
+    ids = [t for c in chunks for ch in c["choices"] for t in (ch.get("token_ids") or [])]
+    _ref_text, ref_ids = reference("chat", body, 80)
+    assert ids == ref_ids
+    assert [c["prompt_token_ids"] for c in chunks if c.get("prompt_token_ids")] == [
+        chat_prompt(body)
+    ]
+    assert not [r for r in second.requests if r[0] == "/v1/chat/completions"]
+    ((_, _, b2),) = [r for r in second.requests if r[0] == "/v1/completions"]
+    sent = len(b2["prompt"]) - len(chat_prompt(body))
+    assert b2["prompt"] == chat_prompt(body) + ref_ids[:sent]
+    assert b2["max_tokens"] == 80 - sent and "messages" not in b2
+
+
+@pytest.mark.parametrize("why", ["openai engine", "logprobs"])
+async def test_chat_continued_as_the_partial_assistant_message(
+    make_replicas: MakeReplicas, make_router: MakeRouter, why: str
+) -> None:
+    """Without token ids (or with a field /v1/completions does not take alike), the messages plus
+    the partial assistant message with continue_final_message. Exact here because this
+    tokenizer re-tokenizes generated text the same; real ones may not (router.md)."""
+    first, second = await make_replicas(2, hold_back=False)
+    first.drain_after = 25
+    first.drain_deadline_ms = 60_000
+    router = await make_router([first, second], token_ids=why != "openai engine")
+    body = {**CHAT, "logprobs": True} if why == "logprobs" else dict(CHAT)
     _, events, _ = await sse(router, "/v1/chat/completions", body)
     assert_spliced(events, "chat", 80, body)
     roles = [
@@ -141,6 +177,29 @@ async def test_chat_continued_as_the_partial_assistant_message(
     full, _ = reference("chat", body, 80)
     assert full.startswith(partial["content"]) and partial["content"]
     assert b2["max_completion_tokens"] == 80 - len(tokenize(partial["content"]))
+
+
+async def test_a_cut_after_held_back_bytes_splices_at_the_last_token_with_text(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    """A chunk with empty text and a token id holds bytes the engine sends later: cut right
+    after it, the held id is not spliced (a continuation would never send its bytes) but
+    generated again."""
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 100, "stream": True,
+            "return_token_ids": True}  # fmt: skip
+    _, ref_ids = reference("completions", body, 100)
+    k = next(i + 1 for i, t in enumerate(ref_ids[:-1]) if t % 10 == 0 and i > 2)
+    first, second = await make_replicas(2)
+    first.cut_after = k  # the k-th token is held back: its chunk's text is empty
+    router = await make_router([first, second])
+    _, events, _ = await sse(router, "/v1/completions", body)
+    assert_spliced(events, "completions", 100, body)
+    ids = [t for e in events if isinstance(e, dict) for ch in e["choices"]
+           for t in (ch.get("token_ids") or [])]  # fmt: skip
+    assert ids == ref_ids
+    ((_, _, b2),) = [r for r in second.requests if r[0] == "/v1/completions"]
+    assert b2["prompt"][-1] == ref_ids[k - 2]  # spliced before the held token
+    assert b2["max_tokens"] == 100 - (k - 1)
 
 
 async def test_text_continuation_without_token_ids(

@@ -527,10 +527,11 @@ class Router:
             except NotContinuable as exc:
                 return await self._lost(request, client, str(exc))
             data = json.dumps(up_body).encode()
+            leg_target = target if splice.leg_path == request.path else splice.leg_path
             try:
                 replica, resp = await self._open(
                     "POST",
-                    target,
+                    leg_target,
                     headers,
                     data,
                     key if legs == 0 else None,

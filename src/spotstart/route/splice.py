@@ -4,8 +4,14 @@ index, one final ``finish_reason``, one usage). No sockets: the server feeds it 
 
 Exact splices need token ids: vLLM returns them with ``return_token_ids: true`` (the
 completion's ``prompt_token_ids`` and each chunk's ``token_ids``) and takes a prompt as a list
-of ids on ``/v1/completions``. Chat takes no token ids as input in vLLM 0.32, so a chat stream
-is continued as text (the partial assistant message, ``continue_final_message``)."""
+of ids on ``/v1/completions``. Chat takes no token ids as input in vLLM 0.32: a chat stream with
+token ids is continued on ``/v1/completions`` (the chat's templated prompt ids + the generated
+ids) and its chunks turned back into chat chunks; without ids, as text (the partial assistant
+message, ``continue_final_message``), which re-tokenizes and is not exact (see router.md).
+
+A chunk whose text is empty while it carries token ids holds bytes of an incomplete UTF-8
+character (vLLM sends them with a later token's text): the splice is made at the last token
+whose text was sent, the held ids are dropped and generated again."""
 
 from __future__ import annotations
 
@@ -51,6 +57,35 @@ class LegOutcome(Enum):
     MORE = "more"  # keep reading this upstream
     FINISHED = "finished"  # a finish_reason other than abort was passed on
     CUT = "cut"  # finish_reason abort: continue elsewhere
+
+
+_STRUCTURED = (
+    "structured_outputs",
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+)
+# Chat request fields /v1/completions takes alike (vLLM sampling parameters), and those that
+# only shape the templated prompt (already rendered in the prompt ids). A chat request with any
+# other field set is continued as text.
+_CHAT_TO_COMPLETIONS = frozenset(
+    {
+        "model", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+        "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+        "ignore_eos", "min_tokens", "skip_special_tokens", "spaces_between_special_tokens",
+        "include_stop_str_in_output", "bad_words", "allowed_token_ids", "length_penalty",
+        "user", "priority", "stream", "stream_options", "return_token_ids", "max_tokens",
+        "max_completion_tokens", "n", "best_of",
+    }
+)  # fmt: skip
+_CHAT_PROMPT_ONLY = frozenset(
+    {
+        "messages", "add_generation_prompt", "continue_final_message", "chat_template",
+        "chat_template_kwargs", "documents", "add_special_tokens", "echo", "logprobs",
+        "parallel_tool_calls", "tool_choice",
+    }
+)  # fmt: skip
 
 
 def _int_list(value: Any) -> list[int] | None:
@@ -99,7 +134,12 @@ class Splice:
         self.text_parts: list[str] = []
         self.text_bytes = 0
         self.gen_ids: list[int] | None = [] if self.token_ids_upstream else None
+        self.pending_ids: list[int] = []  # ids whose text the engine still holds back
+        self.pending_chunks = 0  # the same without ids: chunks with an empty text
         self.prompt_ids: list[int] | None = None
+        self.prompt_ids_sent = False
+        self.leg_kind: Kind = kind  # the endpoint of the current leg
+        self.leg_path = "/v1/completions" if kind == "completions" else "/v1/chat/completions"
         self.tokens_sent = 0  # generated tokens passed to the client, all legs
         self.leg = -1
         self.leg_base_tokens = 0  # tokens sent before the current leg
@@ -118,6 +158,11 @@ class Splice:
             return "beam search"
         if body.get("echo") is True:
             return "echo (the prompt comes back as generated text)"
+        fmt = body.get("response_format")
+        if (isinstance(fmt, dict) and fmt.get("type") not in (None, "text")) or any(
+            body.get(k) for k in _STRUCTURED
+        ):
+            return "structured output (its grammar would start again mid-answer)"
         if self.kind == "completions":
             prompt = body.get("prompt")
             if not (isinstance(prompt, str) or _int_list(prompt) is not None):
@@ -145,8 +190,11 @@ class Splice:
         """The body for the next upstream leg: the original on the first (or while nothing was
         generated), else the continuation. Call only while :attr:`continuable` or on leg 0."""
         self.leg += 1
+        self.pending_ids = []  # held-back ids are generated again
+        self.pending_chunks = 0
         self.leg_base_tokens = self.tokens_sent
         self.leg_prompt_tokens = None
+        self.leg_kind = self.kind
         body = copy.deepcopy(self.body)
         body["stream"] = True
         if self.token_ids_upstream:
@@ -160,15 +208,28 @@ class Splice:
         min_tokens = _positive_int(body.get("min_tokens"))
         if min_tokens is not None:
             body["min_tokens"] = max(0, min_tokens - self.tokens_sent)
+        exact = self.prompt_ids is not None and self.gen_ids is not None
         if self.kind == "completions":
             body["echo"] = False
-            if self.prompt_ids is not None and self.gen_ids is not None:
+            if exact:
+                assert self.prompt_ids is not None and self.gen_ids is not None
                 body["prompt"] = self.prompt_ids + self.gen_ids
             else:
                 prompt = self.body["prompt"]
                 if not isinstance(prompt, str):
                     raise NotContinuable("a token-id prompt without the generated token ids")
                 body["prompt"] = prompt + self.text
+        elif exact and self._chat_as_completions():
+            assert self.prompt_ids is not None and self.gen_ids is not None
+            out = {k: v for k, v in body.items() if k in _CHAT_TO_COMPLETIONS}
+            limit = out.pop("max_completion_tokens", None)
+            if limit is not None:
+                out["max_tokens"] = min(limit, out.get("max_tokens", limit))
+            out["prompt"] = self.prompt_ids + self.gen_ids
+            self.leg_kind = "completions"
+            self.leg_path = "/v1/completions"
+            self.extra_prefill_tokens += self.tokens_sent
+            return out
         else:
             messages = list(body["messages"])
             last = messages[-1] if messages else None
@@ -185,8 +246,16 @@ class Splice:
             body["continue_final_message"] = True
             body["add_generation_prompt"] = False
             body["echo"] = False
+        self.leg_path = "/v1/completions" if self.kind == "completions" else "/v1/chat/completions"
         self.extra_prefill_tokens += self.tokens_sent
         return body
+
+    def _chat_as_completions(self) -> bool:
+        return not any(
+            value not in (None, False, [], {})
+            for key, value in self.body.items()
+            if key not in _CHAT_TO_COMPLETIONS and key not in _CHAT_PROMPT_ONLY
+        ) and self.body.get("logprobs") in (None, False)
 
     def remaining_tokens(self) -> int | None:
         """Tokens still allowed by the request's limit, None without a limit."""
@@ -243,21 +312,34 @@ class Splice:
         finish = choice.get("finish_reason")
         if finish is not None and not isinstance(finish, str):
             raise UpstreamViolation("a finish_reason that is not a string")
-        # the generated part
+        # the generated part; ids whose chunk has no text are held back until text comes
         if text:
             self.text_parts.append(text)
         self.text_bytes += len(text.encode("utf-8", "surrogatepass"))
         if self.text_bytes > self.max_kept_bytes and self.why_not_continuable is None:
             self.why_not_continuable = f"more than {self.max_kept_bytes} bytes generated"
+        client_ids: list[int] | None = None
         if ids is not None and self.gen_ids is not None:
-            self.gen_ids.extend(ids)
-            self.tokens_sent += len(ids)
-        elif self.gen_ids is not None and (text or finish is None):
+            if text or (finish is not None and finish != "abort"):
+                client_ids = self.pending_ids + ids
+                self.pending_ids = []
+                self.gen_ids.extend(client_ids)
+                self.tokens_sent += len(client_ids)
+            else:
+                self.pending_ids.extend(ids)
+        elif self.gen_ids is not None and text:
             # an engine that said it returns ids and sent a chunk without them: no exact splice
             self.gen_ids = None
-            self.tokens_sent += 1 if text else 0
-        elif text:
-            self.tokens_sent += 1  # one token a chunk: an estimate where ids are not returned
+            self.tokens_sent += len(self.pending_ids) + 1
+            self.pending_ids = []
+        elif self.gen_ids is None and not self._is_role_chunk(choice, text, ids):
+            # no ids: one token a chunk (what vLLM and TGI send; an estimate elsewhere), the
+            # chunks without text counted when text follows
+            if text or (finish is not None and finish != "abort"):
+                self.tokens_sent += self.pending_chunks + 1
+                self.pending_chunks = 0
+            elif finish is None:
+                self.pending_chunks += 1
         outcome = LegOutcome.MORE
         if finish == "abort":
             finish = None
@@ -269,12 +351,31 @@ class Splice:
             outcome = LegOutcome.FINISHED
         if self.leg > 0 and self._is_role_chunk(choice, text, ids):
             return b"", outcome
-        if outcome is LegOutcome.CUT and not text and not ids:
-            return b"", outcome
-        return self._client_bytes(chunk, choice), outcome
+        if not text and finish is None and not self._is_role_chunk(choice, text, ids):
+            return b"", outcome  # held back (or nothing to say)
+        if self.leg_kind != self.kind:
+            chunk, choice = self._as_chat(chunk, choice, text)
+        return self._client_bytes(chunk, choice, client_ids), outcome
+
+    def _as_chat(
+        self, chunk: dict[str, Any], choice: dict[str, Any], text: str
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """A /v1/completions chunk of a chat continued by token ids, as a chat chunk."""
+        out: dict[str, Any] = {
+            "index": 0,
+            "delta": {"content": text} if text else {},
+            "logprobs": None,
+            "finish_reason": choice.get("finish_reason"),
+        }
+        if choice.get("finish_reason") is not None:
+            out["stop_reason"] = choice.get("stop_reason")
+        new = {k: v for k, v in chunk.items() if k not in ("choices", "object")}
+        new["object"] = "chat.completion.chunk"
+        new["choices"] = [out]
+        return new, out
 
     def _choice_text(self, choice: dict[str, Any]) -> tuple[str, bool]:
-        if self.kind == "completions":
+        if self.leg_kind == "completions":
             text = choice.get("text")
             if text is None:
                 return "", False
@@ -304,18 +405,27 @@ class Splice:
             and choice.get("finish_reason") is None
         )
 
-    def _client_bytes(self, chunk: dict[str, Any], choice: dict[str, Any]) -> bytes:
+    def _client_bytes(
+        self, chunk: dict[str, Any], choice: dict[str, Any], client_ids: list[int] | None
+    ) -> bytes:
         assert self.meta is not None
         chunk["id"], chunk["created"], chunk["model"] = (
             self.meta.id,
             self.meta.created,
             self.meta.model,
         )
-        if not self.client_wants_ids or self.leg > 0:
-            chunk.pop("prompt_token_ids", None)
-            choice.pop("prompt_token_ids", None)
-        if not self.client_wants_ids:
-            choice.pop("token_ids", None)
+        chunk.pop("prompt_token_ids", None)
+        choice.pop("prompt_token_ids", None)
+        choice.pop("token_ids", None)
+        if self.client_wants_ids:
+            if not self.prompt_ids_sent and self.leg == 0 and self.prompt_ids is not None:
+                where = choice if self.kind == "completions" else chunk
+                where["prompt_token_ids"] = self.prompt_ids
+                self.prompt_ids_sent = True
+            if client_ids is not None:
+                choice["token_ids"] = client_ids
+            elif self.kind == "completions" or "role" not in choice.get("delta", {}):
+                choice["token_ids"] = None
         if self.leg > 0 and self.kind == "chat":
             delta = choice.get("delta")
             if isinstance(delta, dict):
@@ -382,7 +492,7 @@ class Splice:
         else:
             choice["delta"] = {}
         chunk = {"choices": [choice]}
-        return self._client_bytes(chunk, choice)
+        return self._client_bytes(chunk, choice, [] if self.gen_ids is not None else None)
 
 
 def error_event(message: str) -> bytes:
