@@ -81,6 +81,7 @@ class Replica:
     drain_after: int | None = None  # drain (like a notice) once a stream reached N tokens
     cut_after: int | None = None  # abort the connection after N tokens
     abort_after: int | None = None  # finish_reason "abort" after N tokens
+    stall_after: int | None = None  # go silent after N tokens, the connection held open
     end_after: int | None = None  # end the body after N tokens: no finish, no [DONE]
     hostile: str | None = None  # "huge_event", "huge_line", "garbage", "not_sse"
     hostile_after: int = 3
@@ -226,6 +227,8 @@ class Replica:
                 assert transport is not None
                 transport.abort()
                 return resp
+            if self.stall_after is not None and gen > self.stall_after:
+                await asyncio.sleep(3600)  # silent, the connection held open
             if self.end_after is not None and gen > self.end_after:
                 await resp.write_eof()
                 return resp

@@ -291,3 +291,15 @@ async def test_a_client_that_leaves_frees_its_replica(
             break
         await asyncio.sleep(0.01)
     assert held.outstanding == 0
+
+
+async def test_a_silent_stream_is_cut_and_continued(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    first, second = await make_replicas(2)
+    first.stall_after = 12
+    router = await make_router([first, second], stream_idle_timeout_s=0.2)
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 50, "stream": True}
+    _, events, _ = await sse(router, "/v1/completions", body)
+    assert_spliced(events, "completions", 50, body)
+    assert metric(router, "spotstart_route_continued_total") == 1

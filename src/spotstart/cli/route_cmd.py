@@ -77,6 +77,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "(an SSE error event, or 502)",
     )
     p.add_argument(
+        "--stream-idle-timeout",
+        type=_positive,
+        default=60.0,
+        metavar="S",
+        help="a stream that sent nothing for this long after its first byte is cut and "
+        "continued elsewhere (a stalled or silently stopped engine)",
+    )
+    p.add_argument(
         "--max-attempts",
         type=int,
         default=5,
@@ -133,6 +141,7 @@ def config_from_args(args: argparse.Namespace) -> RouterConfig:
         poll_interval_s=args.poll_interval,
         dns_interval_s=args.dns_interval,
         continue_timeout_s=args.continue_timeout,
+        stream_idle_timeout_s=args.stream_idle_timeout,
         max_attempts=args.max_attempts,
         token_ids=args.engine == "vllm",
         max_body_bytes=args.max_body_bytes,

@@ -114,6 +114,7 @@ class RouterConfig:
     dns_interval_s: float = 5.0
     connect_timeout_s: float = 5.0
     upstream_idle_timeout_s: float = 300.0  # no byte from a replica for this long: a cut
+    stream_idle_timeout_s: float = 60.0  # after a stream's first byte: no byte this long is a cut
     max_attempts: int = 5  # per request, attempts that no replica started
     backoff_s: float = 0.05  # doubled after each such attempt, at most 1 s
     continue_timeout_s: float = 30.0  # how long a cut request may wait for a ready replica
@@ -599,7 +600,21 @@ class Router:
         ready, an abort, an end without a finish, what no engine sends)."""
         reader = SSEReader(self.config.max_line_bytes, self.config.max_event_bytes)
         finished = False
-        async for chunk in resp.content.iter_any():
+        started = False
+        while True:
+            # silence once the stream has begun is a cut (vLLM on SIGTERM without --shutdown-
+            # timeout held a stream open, silent, until the client gave up: engines24)
+            idle = self.config.stream_idle_timeout_s if started else None
+            try:
+                async with asyncio.timeout(idle):
+                    chunk = await resp.content.readany()
+            except TimeoutError:
+                log.warning("%s: no byte for %.0f s; continuing elsewhere", replica.address, idle)
+                self.replicas.mark(replica, False)
+                return LegOutcome.CUT
+            if not chunk:
+                break
+            started = True
             for item in reader.feed(chunk):
                 if isinstance(item, Comment):
                     if item.text.startswith(DRAIN_COMMENT):
