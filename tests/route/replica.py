@@ -125,7 +125,8 @@ class Replica:
 
     async def _other(self, request: web.Request) -> web.Response:
         body = await request.read()
-        self.requests.append((request.path_qs, dict(request.headers), body))
+        # raw_path: aiohttp's path_qs shows a target "//x" as "////x"
+        self.requests.append((request.raw_path, dict(request.headers), body))
         return web.json_response({"path": request.path_qs, "method": request.method})
 
     def _refuse(self) -> web.Response | None:

@@ -178,6 +178,10 @@ async def test_hostile_clients(make_replicas: MakeReplicas, make_router: MakeRou
     assert b" 400 " in head
     writer.close()
     assert all("169.254" not in p for p, _, _ in replica.requests)
+    # a path that looks like a network-path reference stays a path on the replica
+    status, _, _ = await post(router, "//169.254.169.254/latest", {})
+    assert status == 200
+    assert replica.requests[-1][0] == "//169.254.169.254/latest"
     # slowloris: a head that never ends is closed by the listener, not held
     reader, writer = await asyncio.open_connection("127.0.0.1", router.bound_port)
     writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n")

@@ -574,7 +574,10 @@ class Router:
                 log.info("%s: stream cut (%s)", replica.address, exc)
                 self.replicas.mark(replica, False)
             finally:
-                resp.release()
+                if outcome is LegOutcome.FINISHED:
+                    resp.release()
+                else:
+                    resp.close()  # the guard sees us leave and frees the engine's slot
                 self.replicas.release(replica)
             if outcome is LegOutcome.FINISHED:
                 assert client is not None
