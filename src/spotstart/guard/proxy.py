@@ -13,7 +13,12 @@ What the engine's answers say is read on the way through (guard/answers.py): a c
 aborted (``finish_reason`` "abort") is counted lost, and a non-streaming one reaches the client
 as 503 + Retry-After instead of a truncated 200; a request it refused because it is shutting
 down, or a connection it refused, is answered 503 + Retry-After (it never started it, so the
-client may retry elsewhere) and turns the guard unready."""
+client may retry elsewhere) and turns the guard unready.
+
+A router in front (`spotstart route`) sends ``X-Spotstart-Continue: 1`` (guard/announce.py): the
+guard strips it before the server, names itself in ``X-Spotstart-Replica`` on the answer, and
+when a drain starts writes one SSE comment into each such stream, between two events, saying
+when it will cut it (``--continue-grace``: early), so that the router continues it elsewhere."""
 
 from __future__ import annotations
 

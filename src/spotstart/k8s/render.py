@@ -3,7 +3,9 @@ of `Manifest` (file name, leading comment, object as plain data). No cluster, no
 the files is `write_manifests`. Spot first, on-demand second, weights on local SSD, the guard
 as the entrypoint with its readiness wired into the probes, the grace period inside the
 cloud's notice. With peers, the weights are served to the deployment's own pods only: a token
-from a Secret the manifests name but never hold, and a NetworkPolicy on the peer port."""
+from a Secret the manifests name but never hold, and a NetworkPolicy on the peer port. With
+``route``, `spotstart route` on on-demand nodes in front of the guards (the Service's target),
+the guards' port open to it alone."""
 
 from __future__ import annotations
 
