@@ -38,9 +38,13 @@ async def make_replicas() -> AsyncIterator[MakeReplicas]:
 async def make_router() -> AsyncIterator[MakeRouter]:
     started: list[Router] = []
 
-    async def make(replicas: list[Replica], **settings: Any) -> Router:
+    async def make(
+        replicas: list[Replica], addresses: list[tuple[str, int]] | None = None, **settings: Any
+    ) -> Router:
+        if addresses is None:
+            addresses = [("127.0.0.1", r.port) for r in replicas]
         config = RouterConfig(
-            source=ReplicaSource(addresses=tuple(("127.0.0.1", r.port) for r in replicas)),
+            source=ReplicaSource(addresses=tuple(addresses)),
             listen_port=0,
             poll_interval_s=0.02,
             continue_timeout_s=settings.pop("continue_timeout_s", 2.0),

@@ -89,6 +89,8 @@ class Replica:
     status: int | None = None  # answer every generation with this status
     requests: list[tuple[str, dict[str, str], Any]] = field(default_factory=list)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
+    streamed: asyncio.Event = field(default_factory=asyncio.Event)  # a stream sent tokens
+    streamed_tokens: int = 0
     port: int = 0
     _deadline: float = 0.0
     _runner: web.AppRunner | None = None
@@ -268,6 +270,9 @@ class Replica:
                         ]
                     )
                 )
+            self.streamed_tokens += 1
+            if self.streamed_tokens >= 20:
+                self.streamed.set()
             if self.drain_after is not None and gen == self.drain_after and not self.draining:
                 self.drain()
         options = body.get("stream_options") or {}
