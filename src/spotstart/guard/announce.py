@@ -35,9 +35,13 @@ class EventBoundary:
 
     Example::
 
-        b = EventBoundary()
-        b.feed(b"data: 1\\n\\ndata: 2")   # -> 9: the first point in the chunk after an event
-        b.at_boundary                     # False: mid-event
+        >>> b = EventBoundary()
+        >>> b.feed(b"data: 1")  # the stream's start is a boundary
+        0
+        >>> b.feed(b"\\n\\ndata: 2")  # right after the event's blank line
+        2
+        >>> b.at_boundary  # mid-event
+        False
     """
 
     __slots__ = ("_blank", "_cr", "_line_start")
