@@ -6,6 +6,7 @@ process in front of a real upstream process whose streams the test writes byte b
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import signal
 import socket
@@ -15,6 +16,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spotstart.guard.announce import EventBoundary, drain_comment
 from tests.guard.test_proxy import Proc, spawn, start_guard, wait_until_ready
@@ -354,6 +357,36 @@ def test_every_split_of_a_stream_finds_the_first_boundary_after_the_split(stream
             if want == len(stream) and stream.endswith(b"\r"):
                 want = None  # can't tell yet
             assert offset == want, (stream, split, inner)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    stream=st.binary(max_size=40).map(lambda b: bytes(b"ab:\r\n"[x % 5] for x in b)),
+    cuts=st.lists(st.integers(0, 40), max_size=4),
+)
+def test_any_stream_in_any_chunks_gets_the_comment_at_the_first_safe_point_after_the_notice(
+    stream: bytes, cuts: list[int]
+) -> None:
+    """The proxy's use: chunk 0 passed before the notice; then the comment at once if the
+    stream is at a boundary, else at the first point a later chunk's feed returns."""
+    edges = sorted({0, len(stream), *(min(c, len(stream)) for c in cuts)})
+    chunks = [stream[x:y] for x, y in itertools.pairwise(edges)] or [b""]
+    b = EventBoundary()
+    b.feed(chunks[0])
+    start = len(chunks[0])
+    found = start if b.at_boundary else None
+    offset = start
+    for chunk in chunks[1:]:
+        if found is not None:
+            break
+        at = b.feed(chunk)
+        if at is not None:
+            found = offset + at
+        offset += len(chunk)
+    safe = sorted(p for p in _safe_points(stream) if p >= start)
+    if stream.endswith(b"\r"):  # the byte after it is not known yet
+        safe = [p for p in safe if p != len(stream)]
+    assert found == (safe[0] if safe else None), (stream, chunks)
 
 
 def test_the_comment_is_one_sse_comment_and_a_blank_line() -> None:
