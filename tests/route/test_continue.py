@@ -303,3 +303,15 @@ async def test_a_silent_stream_is_cut_and_continued(
     _, events, _ = await sse(router, "/v1/completions", body)
     assert_spliced(events, "completions", 50, body)
     assert metric(router, "spotstart_route_continued_total") == 1
+
+
+async def test_a_lone_replica_that_cut_a_connection_but_is_ready_continues_it(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    (replica,) = await make_replicas(1)
+    replica.cut_after = 30
+    router = await make_router([replica], continue_timeout_s=60)
+    body = {"model": "m", "prompt": PROMPT, "max_tokens": 80, "stream": True}
+    _, events, _ = await sse(router, "/v1/completions", body)
+    assert_spliced(events, "completions", 80, body)  # 30 + 30 + 20 tokens
+    assert metric(router, "spotstart_route_continued_total") == 2

@@ -91,7 +91,7 @@ async def test_a_stream_no_replica_can_continue_ends_with_an_error_event(
     make_replicas: MakeReplicas, make_router: MakeRouter
 ) -> None:
     first, second = await make_replicas(2)
-    first.cut_after = 10
+    first.drain_after, first.drain_deadline_ms = 10, 20  # draining: never ready again
     router = await make_router([first, second], continue_timeout_s=0.2)
     await second.stop()
     await router.poll_once()

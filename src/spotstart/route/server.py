@@ -475,7 +475,7 @@ class Router:
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.info("%s: answer cut (%s); running it again", replica.address, exc)
                 self.replicas.mark(replica, False)
-                exclude = {replica.address}
+                exclude = self._avoid({replica.address})
                 self.metrics.rerun.inc()
                 continue
             finally:
@@ -484,7 +484,7 @@ class Router:
             if status == 200 and _aborted(answer):
                 log.info("%s: answer aborted; running it again", replica.address)
                 self.replicas.mark(replica, False)
-                exclude = {replica.address}
+                exclude = self._avoid({replica.address})
                 self.metrics.rerun.inc()
                 continue
             return web.Response(status=status, body=answer, headers=out_headers)
@@ -587,8 +587,7 @@ class Router:
             cut_at = self.clock()
             # avoid every replica that cut this stream while another is ready
             cut_by.add(replica.address)
-            others = any(r.address not in cut_by for r in self.replicas.ready())
-            exclude = set(cut_by) if others else {replica.address}
+            exclude = self._avoid(cut_by)
 
     async def _relay(
         self,
@@ -646,6 +645,14 @@ class Router:
                 elif outcome is LegOutcome.CUT:
                     return LegOutcome.CUT
         return LegOutcome.FINISHED if finished else LegOutcome.CUT
+
+    def _avoid(self, addresses: set[str]) -> set[str]:
+        """Replicas to keep a request away from: those that cut it, while another is ready (a
+        lone replica that cut a connection but is still ready may take it again; a draining
+        one is unready and never chosen)."""
+        if any(r.address not in addresses for r in self.replicas.ready()):
+            return set(addresses)
+        return set()
 
     async def _lost(
         self, request: web.Request, client: web.StreamResponse | None, why: str
