@@ -87,6 +87,13 @@ def test_the_router_is_its_own_deployment_on_on_demand_nodes_and_every_object_va
     args = build_parser().parse_args(c["command"][1:])
     assert c["command"][:2] == ["spotstart", "route"] and args.listen == ("0.0.0.0", 8090)
     assert args.replicas == f"dns:m-replicas.serving.svc.cluster.local:{GUARD_PORT}"
+    from spotstart.cli.route_cmd import config_from_args
+
+    source = config_from_args(args).source  # type: ignore[attr-defined]
+    assert (source.dns_name, source.dns_port) == (
+        "m-replicas.serving.svc.cluster.local",
+        GUARD_PORT,
+    )
     assert args.shutdown_delay + args.shutdown_timeout < pod["terminationGracePeriodSeconds"]
     headless = one(objs, "Service", "m-replicas")
     assert headless["spec"]["clusterIP"] == "None"
