@@ -87,6 +87,7 @@ class Replica:
     hostile_after: int = 3
     hold_back: bool = True  # tokens k % 10 == 0 come with an empty text (held-back bytes)
     status: int | None = None  # answer every generation with this status
+    pad_bytes: int = 0  # non-streaming answers carry this much padding
     requests: list[tuple[str, dict[str, str], Any]] = field(default_factory=list)
     drained: asyncio.Event = field(default_factory=asyncio.Event)
     streamed: asyncio.Event = field(default_factory=asyncio.Event)  # a stream sent tokens
@@ -106,6 +107,7 @@ class Replica:
         app.router.add_get("/readyz", self._readyz)
         app.router.add_post("/v1/completions", self._completions)
         app.router.add_post("/v1/chat/completions", self._chat)
+        app.router.add_get("/big", self._big)
         app.router.add_route("*", "/{tail:.*}", self._other)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
         await self._runner.setup()
@@ -124,6 +126,19 @@ class Replica:
 
     async def _readyz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok") if self.ready else web.Response(status=503, text="no")
+
+    async def _big(self, request: web.Request) -> web.StreamResponse:
+        """3 MiB in 64 KiB writes; with ?cut=1 the connection is aborted after 1 MiB."""
+        resp = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+        await resp.prepare(request)
+        for i in range(48):
+            if request.query.get("cut") and i == 16:
+                assert request.transport is not None
+                request.transport.abort()
+                return resp
+            await resp.write(b"b" * (64 << 10))
+        await resp.write_eof()
+        return resp
 
     async def _other(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -318,16 +333,17 @@ class Replica:
             "completion_tokens": len(toks),
             "total_tokens": len(prompt_ids) + len(toks),
         }
-        return web.json_response(
-            {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": MODEL,
-                "choices": [choice],
-                "usage": usage,
-            }
-        )
+        doc: dict[str, Any] = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": MODEL,
+            "choices": [choice],
+            "usage": usage,
+        }
+        if self.pad_bytes:
+            doc["pad"] = "p" * self.pad_bytes
+        return web.json_response(doc)
 
 
 def _choice(

@@ -255,3 +255,19 @@ async def test_dns_set_is_re_resolved_and_a_failed_lookup_keeps_it() -> None:
     await asyncio.sleep(0.01)
     task.cancel()
     assert sorted(rs.replicas) == ["10.0.0.2:80"]
+
+
+async def test_large_answers_whole_and_a_cut_one_never_passed_as_whole(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    (replica,) = await make_replicas(1, pad_bytes=3 << 20)
+    router = await make_router([replica])
+    status, raw, _ = await post(router, "/v1/completions", BODY)
+    assert status == 200
+    assert len(json.loads(raw)["pad"]) == 3 << 20
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url(router, "/big")) as resp:
+            assert len(await resp.read()) == 3 << 20
+        async with s.get(url(router, "/big?cut=1")) as resp:
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()

@@ -438,8 +438,14 @@ class Router:
             out = web.StreamResponse(status=resp.status, reason=resp.reason)
             out.headers.update(_forwardable(resp.headers))
             await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
+            try:
+                async for chunk in resp.content.iter_any():
+                    await out.write(chunk)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # cut mid-answer: the client's connection is closed without the end of the
+                # body (an ended body would pass a truncated answer as whole)
+                log.info("%s %s: answer cut (%s)", request.method, request.path[:200], exc)
+                raise asyncio.CancelledError from exc
             await out.write_eof()
             return out
         finally:
@@ -466,11 +472,9 @@ class Router:
             except _NoReplica:
                 break
             try:
-                answer = await resp.content.read(self.config.max_answer_bytes + 1)
-                if len(answer) > self.config.max_answer_bytes:
+                answer = await _read_bounded(resp, self.config.max_answer_bytes)
+                if answer is None:
                     return web.Response(status=502, text="the replica's answer is too large\n")
-                if not resp.content.at_eof():
-                    raise aiohttp.ClientPayloadError("answer not complete")
                 status, out_headers = resp.status, _forwardable(resp.headers)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.info("%s: answer cut (%s); running it again", replica.address, exc)
@@ -510,6 +514,7 @@ class Router:
         cut_at: float | None = None
         legs = 0
         headers["Content-Type"] = "application/json"
+        headers.popall("Content-Encoding", None)  # the body is ours, re-encoded
         while True:
             if legs > 0:
                 remaining = splice.remaining_tokens()
@@ -551,7 +556,11 @@ class Router:
                 ctype = resp.headers.get("Content-Type", "")
                 if resp.status != 200 or not ctype.startswith("text/event-stream"):
                     if client is None:
-                        answer = await resp.content.read(cfg.max_answer_bytes)
+                        answer = await _read_bounded(resp, cfg.max_answer_bytes)
+                        if answer is None:
+                            return web.Response(
+                                status=502, text="the replica's answer is too large\n"
+                            )
                         return web.Response(
                             status=resp.status, body=answer, headers=_forwardable(resp.headers)
                         )
@@ -664,6 +673,16 @@ class Router:
         await client.write(error_event(f"the stream was cut and not continued: {why}"))
         await client.write_eof()
         return client
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body (ClientPayloadError when it is cut), or None past ``limit`` bytes."""
+    buf = bytearray()
+    async for chunk in resp.content.iter_any():
+        buf += chunk
+        if len(buf) > limit:
+            return None
+    return bytes(buf)
 
 
 def _aborted(answer: bytes) -> bool:
