@@ -12,7 +12,13 @@ import aiohttp
 import pytest
 
 from spotstart.listen import ListenLimits
-from spotstart.route.replicas import ReplicaSet, ReplicaSource, keep_resolving, parse_replicas
+from spotstart.route.replicas import (
+    PrefixAffinity,
+    ReplicaSet,
+    ReplicaSource,
+    keep_resolving,
+    parse_replicas,
+)
 from tests.route.conftest import MakeReplicas, MakeRouter, metric, sse, text_of, url
 from tests.route.replica import reference
 
@@ -118,6 +124,20 @@ async def test_n_above_one_is_passed_on_and_never_spliced(
         if ch.get("finish_reason") == "length"
     )
     assert finishes == [0, 1] and events[-1] == "[DONE]"
+    # the engine's own usage chunk, once
+    _, events, _ = await sse(
+        router, "/v1/completions", {**body, "stream_options": {"include_usage": True}}
+    )
+    usages = [e["usage"] for e in events if isinstance(e, dict) and e.get("usage")]
+    assert [u["completion_tokens"] for u in usages] == [80]
+    # cut before any event: run again whole
+    first.cut_after = 0
+    router.replicas.affinity = PrefixAffinity()  # the first of two idle replicas is chosen
+    before = len(first.requests)
+    _, events, _ = await sse(router, "/v1/completions", body)
+    assert len(first.requests) > before and len(second.requests) > 0
+    assert events[-1] == "[DONE]" and "error" not in events[-2]
+    assert len([e for e in events if isinstance(e, dict)]) == 80
     first.cut_after = second.cut_after = 5
     _, events, _ = await sse(router, "/v1/completions", body)
     assert events[-2]["error"]["message"].endswith(

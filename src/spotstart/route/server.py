@@ -524,9 +524,8 @@ class Router:
                     return client
                 if legs > cfg.max_continuations:
                     return await self._lost(request, client, "too many continuations")
-                if splice.passthrough and client is not None:
-                    return await self._lost(request, client, splice.why_not_continuable or "")
-                if not splice.continuable:
+                # not continued (n > 1...): run again only while no event reached the client
+                if not splice.continuable and splice.sent_any:
                     return await self._lost(request, client, splice.why_not_continuable or "")
             try:
                 up_body = splice.start_leg()

@@ -136,6 +136,7 @@ class Splice:
         self.gen_ids: list[int] | None = [] if self.token_ids_upstream else None
         self.pending_ids: list[int] = []  # ids whose text the engine still holds back
         self.pending_chunks = 0  # the same without ids: chunks with an empty text
+        self.sent_any = False  # an event reached the client
         self.prompt_ids: list[int] | None = None
         self.prompt_ids_sent = False
         self.leg_kind: Kind = kind  # the endpoint of the current leg
@@ -291,10 +292,10 @@ class Splice:
             self.leg_prompt_tokens = usage["prompt_tokens"]
             if self.leg == 0 and self.first_prompt_tokens is None:
                 self.first_prompt_tokens = usage["prompt_tokens"]
-        if not choices:
-            return b"", LegOutcome.MORE  # the usage chunk: one of ours is sent at the end
         if self.passthrough:
             return self._pass_through(chunk)
+        if not choices:
+            return b"", LegOutcome.MORE  # the usage chunk: one of ours is sent at the end
         if len(choices) != 1 or not isinstance(choices[0], dict) or choices[0].get("index") != 0:
             raise UpstreamViolation("a chunk with other than one choice of index 0")
         choice: dict[str, Any] = choices[0]
@@ -433,6 +434,7 @@ class Splice:
         usage = chunk.get("usage")
         if isinstance(usage, dict) and self.leg > 0:
             chunk["usage"] = self.usage()
+        self.sent_any = True
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
     def _pass_through(self, chunk: dict[str, Any]) -> tuple[bytes, LegOutcome]:
@@ -449,6 +451,7 @@ class Splice:
                     finished = False
         if not self.client_wants_ids:
             chunk.pop("prompt_token_ids", None)
+        self.sent_any = True
         data = b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
         return data, LegOutcome.MORE if finished else LegOutcome.CUT
 
@@ -469,7 +472,7 @@ class Splice:
     def closing_bytes(self) -> bytes:
         """After the final chunk: the usage chunk when the client asked for it, then [DONE]."""
         out = b""
-        if self.client_wants_usage and self.meta is not None:
+        if self.client_wants_usage and self.meta is not None and not self.passthrough:
             chunk = {
                 "id": self.meta.id,
                 "object": "text_completion"
