@@ -291,3 +291,17 @@ async def test_large_answers_whole_and_a_cut_one_never_passed_as_whole(
         async with s.get(url(router, "/big?cut=1")) as resp:
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.read()
+
+
+async def test_while_draining_readyz_is_503_and_connections_close_after_their_request(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    (replica,) = await make_replicas(1)
+    router = await make_router([replica])
+    router.draining = True
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url(router, "/readyz")) as resp:
+            assert resp.status == 503
+        async with s.post(url(router, "/v1/completions"), json=BODY) as resp:
+            assert resp.status == 200
+            assert resp.headers.get("Connection", "").lower() == "close"

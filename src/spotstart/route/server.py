@@ -306,6 +306,8 @@ class Router:
         self._idle.clear()
         try:
             resp = await self._answer(request)
+            if self.draining:
+                resp.force_close()  # keep-alive connections end with their request
             if not resp.prepared:
                 with contextlib.suppress(aiohttp.ClientError, OSError):
                     await resp.prepare(request)
