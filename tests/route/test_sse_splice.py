@@ -81,3 +81,14 @@ def test_kept_text_is_bounded() -> None:
     s.start_leg()
     s.absorb(_chunk("x" * 11, None))
     assert not s.continuable
+
+
+def test_a_reasoning_delta_reaches_the_client_and_ends_continuation() -> None:
+    s = Splice("chat", {"messages": [{"role": "user", "content": "q"}]}, token_ids_upstream=True)
+    s.start_leg()
+    chunk = {"id": "c", "created": 1, "model": "m", "choices": [
+        {"index": 0, "delta": {"reasoning_content": "hmm"}, "finish_reason": None,
+         "token_ids": [5]}]}  # fmt: skip
+    out, oc = s.absorb(json.dumps(chunk))
+    assert b"hmm" in out and oc is LegOutcome.MORE
+    assert not s.continuable

@@ -352,7 +352,12 @@ class Splice:
             outcome = LegOutcome.FINISHED
         if self.leg > 0 and self._is_role_chunk(choice, text, ids):
             return b"", outcome
-        if not text and finish is None and not self._is_role_chunk(choice, text, ids):
+        if (
+            not text
+            and finish is None
+            and not tool_or_reasoning
+            and not self._is_role_chunk(choice, text, ids)
+        ):
             return b"", outcome  # held back (or nothing to say)
         if self.leg_kind != self.kind:
             chunk, choice = self._as_chat(chunk, choice, text)
