@@ -312,8 +312,8 @@ def _router_figures(text: str) -> dict[str, Any]:
             continue
         name, _, value = line.rpartition(" ")
         if name.startswith("spotstart_route_time_to_continue_seconds_bucket"):
-            le = name.split('le="')[1].split('"')[0]
-            buckets.append((math.inf if le == "+Inf" else float(le), float(value)))
+            bound = name.split('le="')[1].split('"')[0]
+            buckets.append((math.inf if bound == "+Inf" else float(bound), float(value)))
         elif name.endswith("_total") and name.startswith("spotstart_route_"):
             out[name] = float(value)
     total = buckets[-1][1] if buckets else 0

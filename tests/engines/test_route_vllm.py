@@ -304,6 +304,7 @@ def test_a_preempted_replicas_generations_are_continued_on_the_other_one_exactly
                             for name in (
                                 "spotstart_route_continued_total",
                                 "spotstart_route_rerun_total",
+                                "spotstart_route_retried_total",
                                 "spotstart_route_lost_total",
                             )
                         }
@@ -333,11 +334,14 @@ def test_a_preempted_replicas_generations_are_continued_on_the_other_one_exactly
             assert got.done_markers == 1, context
         assert got.text == ref.text, (name, _first_difference(got.text, ref.text))
     assert results["stream"].ids == reference["stream"].ids  # exact ids, 1,000 of them
-    # the continuation happened (not a lucky run on A): both streams continued, both whole
-    # answers run again, none lost
+    # the continuation happened (not a lucky run on A): both streams continued; the whole
+    # completion (1,000 tokens) cannot finish in A's ~3 s window: A's guard cut it, as a 503 +
+    # Retry-After before its answer began (the router sends it again: retried) or as a cut
+    # answer (run again: rerun); the whole chat may finish on A inside the window
     assert metrics["stream_tokens_at_notice"] < LONG, metrics
     assert metrics["spotstart_route_continued_total"] >= 2, (metrics, log_r[-3000:])
-    assert metrics["spotstart_route_rerun_total"] >= 1, (metrics, log_r[-3000:])
+    again = metrics["spotstart_route_rerun_total"] + metrics["spotstart_route_retried_total"]
+    assert again >= 1, (metrics, log_r[-3000:])
     assert metrics["spotstart_route_lost_total"] == 0, (metrics, log_r[-3000:])
 
 
