@@ -137,6 +137,8 @@ class Splice:
         self.pending_ids: list[int] = []  # ids whose text the engine still holds back
         self.pending_chunks = 0  # the same without ids: chunks with an empty text
         self.sent_any = False  # an event reached the client
+        self.role_sent = False  # chat: the role chunk reached the client
+        self.leg_original = True  # the current leg is the original request (nothing generated)
         self.prompt_ids: list[int] | None = None
         self.prompt_ids_sent = False
         self.leg_kind: Kind = kind  # the endpoint of the current leg
@@ -200,7 +202,11 @@ class Splice:
         body["stream"] = True
         if self.token_ids_upstream:
             body["return_token_ids"] = True
-        if self.tokens_sent == 0 and not self.text_parts:
+        self.leg_original = self.tokens_sent == 0 and not self.text_parts
+        if self.leg_original:
+            self.leg_path = (
+                "/v1/completions" if self.kind == "completions" else "/v1/chat/completions"
+            )
             return body
         for key in ("max_tokens", "max_completion_tokens"):
             limit = _positive_int(body.get(key))
@@ -290,7 +296,7 @@ class Splice:
         usage = chunk.get("usage")
         if isinstance(usage, dict) and type(usage.get("prompt_tokens")) is int:
             self.leg_prompt_tokens = usage["prompt_tokens"]
-            if self.leg == 0 and self.first_prompt_tokens is None:
+            if self.leg_original and self.first_prompt_tokens is None:
                 self.first_prompt_tokens = usage["prompt_tokens"]
         if self.passthrough:
             return self._pass_through(chunk)
@@ -303,7 +309,7 @@ class Splice:
         ids = _int_list(choice.get("token_ids")) if self.token_ids_upstream else None
         if self.token_ids_upstream and choice.get("token_ids") is not None and ids is None:
             raise UpstreamViolation("token_ids that are not a list of ids")
-        if self.leg == 0 and self.prompt_ids is None:
+        if self.leg_original and self.prompt_ids is None:
             where = choice if self.kind == "completions" else chunk
             self.prompt_ids = _int_list(where.get("prompt_token_ids"))
             if self.prompt_ids is not None and self.first_prompt_tokens is None:
@@ -350,7 +356,7 @@ class Splice:
         elif finish is not None:
             self.finish_reason = finish
             outcome = LegOutcome.FINISHED
-        if self.leg > 0 and self._is_role_chunk(choice, text, ids):
+        if self.role_sent and self._is_role_chunk(choice, text, ids):
             return b"", outcome
         if (
             not text
@@ -424,7 +430,7 @@ class Splice:
         choice.pop("prompt_token_ids", None)
         choice.pop("token_ids", None)
         if self.client_wants_ids:
-            if not self.prompt_ids_sent and self.leg == 0 and self.prompt_ids is not None:
+            if not self.prompt_ids_sent and self.prompt_ids is not None:
                 where = choice if self.kind == "completions" else chunk
                 where["prompt_token_ids"] = self.prompt_ids
                 self.prompt_ids_sent = True
@@ -432,12 +438,13 @@ class Splice:
                 choice["token_ids"] = client_ids
             elif self.kind == "completions" or "role" not in choice.get("delta", {}):
                 choice["token_ids"] = None
-        if self.leg > 0 and self.kind == "chat":
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                delta.pop("role", None)
+        delta = choice.get("delta")
+        if self.kind == "chat" and isinstance(delta, dict) and "role" in delta:
+            if self.role_sent:
+                delta.pop("role")
+            self.role_sent = True
         usage = chunk.get("usage")
-        if isinstance(usage, dict) and self.leg > 0:
+        if isinstance(usage, dict) and not self.leg_original:
             chunk["usage"] = self.usage()
         self.sent_any = True
         return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
