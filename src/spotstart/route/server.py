@@ -588,6 +588,10 @@ class Router:
                     resp.release()
                 else:
                     resp.close()  # the guard sees us leave and frees the engine's slot
+                    if splice.finish_reason is not None:
+                        # cut after the final chunk (before the usage chunk or [DONE]): the
+                        # answer is whole; a continuation would add text after its end
+                        outcome = LegOutcome.FINISHED
                 self.replicas.release(replica)
             if outcome is LegOutcome.FINISHED:
                 assert client is not None
@@ -623,7 +627,7 @@ class Router:
             except TimeoutError:
                 log.warning("%s: no byte for %.0f s; continuing elsewhere", replica.address, idle)
                 self.replicas.mark(replica, False)
-                return LegOutcome.CUT
+                return LegOutcome.FINISHED if finished else LegOutcome.CUT
             if not chunk:
                 break
             started = True
@@ -644,7 +648,7 @@ class Router:
                 except UpstreamViolation as exc:
                     log.warning("%s: %s; continuing elsewhere", replica.address, exc)
                     self.replicas.mark(replica, False)
-                    return LegOutcome.CUT
+                    return LegOutcome.FINISHED if finished else LegOutcome.CUT
                 if out:
                     await _write(client, out)
                     if cut_at is not None:
