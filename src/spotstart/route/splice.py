@@ -88,6 +88,11 @@ _CHAT_PROMPT_ONLY = frozenset(
 )  # fmt: skip
 
 
+MAX_HELD_IDS = 1024  # ids held back without text (vLLM: the few of one split UTF-8 character)
+_PART_COST = 56  # bytes Python spends on a kept str besides its text, and its list slot
+_ID_COST = 36  # a kept token id: an int object and its list slot
+
+
 def _int_list(value: Any) -> list[int] | None:
     if isinstance(value, list) and all(type(v) is int and v >= 0 for v in value):
         return value
@@ -108,8 +113,11 @@ class _Meta:
 class Splice:
     """One client request's stream across one or more upstream legs.
 
-    Memory: the generated text once (bounded by ``max_kept_bytes``; past it the stream is
-    passed on but no longer continuable) and its token ids (a Python int each).
+    Memory: the generated text once and its token ids, bounded together by ``max_kept_bytes``
+    (counted with what Python spends on them: a string object per chunk, an int per id); past
+    it the stream is passed on but no longer continuable, and what was kept is let go. Ids
+    held back without text (a split UTF-8 character, a few at most) are bounded by
+    ``MAX_HELD_IDS``: more is an upstream violation.
     """
 
     def __init__(
@@ -132,7 +140,8 @@ class Splice:
         self.passthrough = self.why_not_continuable is not None
         self.meta: _Meta | None = None
         self.text_parts: list[str] = []
-        self.text_bytes = 0
+        self.text_bytes = 0  # what is kept: the text's bytes plus the objects that hold it
+        self.keeping = True  # False past max_kept_bytes: nothing more is kept
         self.gen_ids: list[int] | None = [] if self.token_ids_upstream else None
         self.pending_ids: list[int] = []  # ids whose text the engine still holds back
         self.pending_chunks = 0  # the same without ids: chunks with an empty text
@@ -157,6 +166,11 @@ class Splice:
         body = self.body
         if body.get("n") not in (None, 1) or body.get("best_of") not in (None, 1):
             return "n > 1 or best_of > 1 (several choices are not continued)"
+        for key in ("max_tokens", "max_completion_tokens", "min_tokens"):
+            # the engine may take "30" or 30.0 as 30 (pydantic, lax): a limit the router
+            # cannot reduce is never continued (the continuation would ask for all of it again)
+            if body.get(key) is not None and type(body.get(key)) is not int:
+                return f"a {key} that is not an integer"
         if body.get("use_beam_search") is True:
             return "beam search"
         if body.get("echo") is True:
@@ -321,18 +335,28 @@ class Splice:
             raise UpstreamViolation("a finish_reason that is not a string")
         # the generated part; ids whose chunk has no text are held back until text comes
         if text:
-            self.text_parts.append(text)
-        self.text_bytes += len(text.encode("utf-8", "surrogatepass"))
-        if self.text_bytes > self.max_kept_bytes and self.why_not_continuable is None:
-            self.why_not_continuable = f"more than {self.max_kept_bytes} bytes generated"
+            if self.keeping:
+                self.text_parts.append(text)
+            self.text_bytes += len(text.encode("utf-8", "surrogatepass")) + _PART_COST
+        self.text_bytes += _ID_COST * len(ids or ())
+        if self.text_bytes > self.max_kept_bytes and self.keeping:
+            self.keeping = False
+            self.text_parts = []
+            if self.gen_ids is not None:
+                self.gen_ids = []
+            if self.why_not_continuable is None:
+                self.why_not_continuable = f"more than {self.max_kept_bytes} bytes generated"
         client_ids: list[int] | None = None
         if ids is not None and self.gen_ids is not None:
             if text or (finish is not None and finish != "abort"):
                 client_ids = self.pending_ids + ids
                 self.pending_ids = []
-                self.gen_ids.extend(client_ids)
+                if self.keeping:
+                    self.gen_ids.extend(client_ids)
                 self.tokens_sent += len(client_ids)
             else:
+                if len(self.pending_ids) + len(ids) > MAX_HELD_IDS:
+                    raise UpstreamViolation(f"more than {MAX_HELD_IDS} ids without text")
                 self.pending_ids.extend(ids)
         elif self.gen_ids is not None and text:
             # an engine that said it returns ids and sent a chunk without them: no exact splice
