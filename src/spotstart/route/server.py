@@ -61,6 +61,7 @@ log = logging.getLogger("spotstart.route")
 
 CONTINUE_HEADER = "X-Spotstart-Continue"
 DRAIN_COMMENT = "spotstart-drain"
+REPLICA_HEADER = "X-Spotstart-Replica"
 
 HOP_BY_HOP = frozenset(
     {
@@ -161,6 +162,14 @@ def _forwardable(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDi
         lower = key.lower()
         if lower not in HOP_BY_HOP and lower not in named:
             out.add(key, value)
+    return out
+
+
+def _answer_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """A replica's answer headers for the client: end-to-end ones, less the guard's
+    ``X-Spotstart-Replica`` (the pod's name: for the router, not for the public)."""
+    out = _forwardable(headers)
+    out.popall(REPLICA_HEADER, None)
     return out
 
 
@@ -438,7 +447,7 @@ class Router:
             return web.Response(status=502, text="no replica could take the request\n")
         try:
             out = web.StreamResponse(status=resp.status, reason=resp.reason)
-            out.headers.update(_forwardable(resp.headers))
+            out.headers.update(_answer_headers(resp.headers))
             await out.prepare(request)
             try:
                 async for chunk in resp.content.iter_any():
@@ -477,7 +486,7 @@ class Router:
                 answer = await _read_bounded(resp, self.config.max_answer_bytes)
                 if answer is None:
                     return web.Response(status=502, text="the replica's answer is too large\n")
-                status, out_headers = resp.status, _forwardable(resp.headers)
+                status, out_headers = resp.status, _answer_headers(resp.headers)
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                 log.info("%s: answer cut (%s); running it again", replica.address, exc)
                 self.replicas.mark(replica, False)
@@ -563,7 +572,7 @@ class Router:
                                 status=502, text="the replica's answer is too large\n"
                             )
                         return web.Response(
-                            status=resp.status, body=answer, headers=_forwardable(resp.headers)
+                            status=resp.status, body=answer, headers=_answer_headers(resp.headers)
                         )
                     # a 4xx to a continuation (the prompt and what was generated over the
                     # model's length...) is the same on every replica: lost, with its reason
@@ -573,7 +582,7 @@ class Router:
                     )
                 if client is None:
                     client = web.StreamResponse(status=200)
-                    client.headers.update(_forwardable(resp.headers))
+                    client.headers.update(_answer_headers(resp.headers))
                     client.headers.popall("Content-Encoding", None)
                     await client.prepare(request)
                 outcome = await self._relay(replica, resp, splice, client, cut_at)
