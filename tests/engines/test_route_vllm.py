@@ -306,12 +306,16 @@ def test_a_preempted_replicas_generations_are_continued_on_the_other_one_exactly
                                 "spotstart_route_rerun_total",
                                 "spotstart_route_retried_total",
                                 "spotstart_route_lost_total",
+                                "spotstart_route_time_to_continue_seconds_sum",
+                                "spotstart_route_time_to_continue_seconds_count",
+                                "spotstart_route_extra_prefill_tokens_total",
                             )
                         }
                         metrics["stream_tokens_at_notice"] = before
                     return reference, results, metrics
 
             reference, results, metrics = asyncio.run(scenario())
+            print("router figures:", json.dumps(metrics))  # a figure for the docs, not asserted
             # A's guard stops its vLLM and exits; its exit status is the guard's business
             # (test_guard_vllm.py): under this machine's load vLLM has outlived the stop grace
             g_a.wait(60)
