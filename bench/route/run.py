@@ -47,6 +47,7 @@ from upstream import next_id, prompt_ids, word  # noqa: E402
 from spotstart.emulate.metadata import MetadataEmulator  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
+MODEL = "tiny"  # tests/engines/kit.py's served name; the stand-in takes any
 PY = sys.executable
 
 
@@ -99,9 +100,20 @@ class Replica:
         ]  # fmt: skip
         if continue_grace:
             argv += ["--continue-grace", "1"]
-        argv += ["--", PY, str(Path(__file__).with_name("upstream.py")), "--port", str(self.uport)]
-        argv += ["--tps", str(self.tps)]
         env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        if self.a.vllm_model:  # real vLLM (the engines venv), the kit's environment
+            sys.path.insert(0, str(ROOT))
+            from tests.engines import kit
+
+            python, why = kit.engine_python_or_reason()
+            if python is None:
+                raise SystemExit(f"--vllm-model: {why}")
+            argv += ["--", *kit.vllm_argv(python, self.a.vllm_model, self.uport, "--enforce-eager")]
+            cache = kit.cache_env(Path(self.a.vllm_cache))
+            env = kit.engine_env(cache) | {"PYTHONPATH": env["PYTHONPATH"]}
+        else:
+            argv += ["--", PY, str(Path(__file__).with_name("upstream.py"))]
+            argv += ["--port", str(self.uport), "--tps", str(self.tps)]
         log = open(self.logdir / f"guard{self.i}.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -142,12 +154,15 @@ class Outcome:
     ttft_s: float | None = None
     max_gap_s: float = 0.0
     total_s: float = 0.0
+    usage_tokens: int | None = None  # the usage chunk's completion_tokens (vLLM holds back
+    # the text of a split UTF-8 character: chunks are not tokens there)
 
     @property
     def complete(self) -> bool:
+        tokens = self.tokens if self.usage_tokens is None else self.usage_tokens
         return (
             self.error is None and self.done and self.finish == ["length"]
-            and self.tokens == self.asked
+            and tokens == self.asked
         )  # fmt: skip
 
 
@@ -155,8 +170,8 @@ async def one_stream(
     session: aiohttp.ClientSession, urls: list[str], prompt: str, n: int
 ) -> Outcome:
     out = Outcome(asked=n)
-    body = {"model": "m", "prompt": prompt, "max_tokens": n, "stream": True, "temperature": 0,
-            "ignore_eos": True}  # fmt: skip
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": n, "stream": True, "temperature": 0,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
     t0 = time.monotonic()
     for url in urls:
         try:
@@ -182,8 +197,11 @@ async def one_stream(
                             if "error" in doc:
                                 out.error = "error event"
                                 continue
+                            usage = doc.get("usage")
+                            if isinstance(usage, dict):
+                                out.usage_tokens = usage.get("completion_tokens")
                             for ch in doc.get("choices", []):
-                                if ch.get("text"):
+                                if ch.get("text") or ch.get("token_ids"):
                                     now = time.monotonic()
                                     if out.ttft_s is None:
                                         out.ttft_s = now - t0
@@ -220,7 +238,7 @@ async def load_phase(
     timeout = aiohttp.ClientTimeout(total=600, sock_connect=2)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         for r in replicas:
-            await wait_ready(s, f"http://{r.address}/readyz")
+            await wait_ready(s, f"http://{r.address}/readyz", a.ready_timeout)
         if router_url:
             for _ in range(100):
                 async with s.get(router_url + "/metrics") as resp:
@@ -245,7 +263,7 @@ async def load_phase(
                     urls = [f"http://{r.address}" for r in replicas[k:] + replicas[:k]]
                 o = await one_stream(s, urls, prompt, n)
                 outcomes.append(o)
-                if o.complete and o.text != expected_text(prompt, n):
+                if o.complete and not a.vllm_model and o.text != expected_text(prompt, n):
                     wrong += 1
                 if not o.started:
                     await asyncio.sleep(0.2)
@@ -266,7 +284,7 @@ async def load_phase(
                 r.stop()
                 await asyncio.sleep(a.replace_s)
                 r.start(continue_grace=router_url is not None)
-                await wait_ready(s, f"http://{r.address}/readyz")
+                await wait_ready(s, f"http://{r.address}/readyz", a.ready_timeout)
                 events.append({"replica": r.i, "guard_exit_s": round(gone, 2),
                                "back_s": round(time.monotonic() - t0, 2)})  # fmt: skip
             return events
@@ -450,6 +468,15 @@ def main() -> None:
     p.add_argument("--overhead-tokens", type=int, default=500)
     p.add_argument("--overhead-repeats", type=int, default=10)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument(
+        "--vllm-model",
+        default=None,
+        metavar="DIR",
+        help="real vLLM replicas (the engines venv, --enforce-eager) serving DIR, e.g. a model of "
+        "tests/engines/make_model.py; --tps is then the engine's; texts are not checked",
+    )
+    p.add_argument("--vllm-cache", default="/tmp/bench-route-vllm-cache", metavar="DIR")
+    p.add_argument("--ready-timeout", type=float, default=60.0, help="a replica's start (S)")
     p.add_argument("--logs", default=None)
     a = p.parse_args()
     asyncio.run(amain(a))
