@@ -200,3 +200,49 @@ async def test_the_replica_name_does_not_reach_the_client(
                 await resp.read()
                 assert resp.status == 200
                 assert "X-Spotstart-Replica" not in resp.headers
+
+
+async def test_a_body_sent_slowly_is_not_held_forever(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    """Slowloris on the body: the listener times heads only, and the router read a body
+    without a deadline (a byte a minute held a connection and its buffer for ever)."""
+    replicas = await make_replicas(1)
+    router = await make_router(replicas, body_timeout_s=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", router.bound_port)
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 1000\r\n\r\n{"
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    assert answer.startswith(b"HTTP/1.1 408")
+    writer.close()
+    assert not any(r[0] == "/v1/completions" for r in replicas[0].requests)
+
+
+async def test_request_memory_in_flight_is_bounded(
+    make_replicas: MakeReplicas, make_router: MakeRouter
+) -> None:
+    """Each body was bounded (16 MiB) but not their sum: a few clients with large prompts of
+    token ids (a parsed id costs ~36 bytes, kept for the stream's life, copied per leg) ran the
+    router (1 GiB in k8s render) out of memory. Past ``max_request_memory_bytes`` in flight a
+    request gets 503 + Retry-After (one request is always taken)."""
+    (replica,) = await make_replicas(1, token_delay_s=0.05)
+    router = await make_router([replica], max_request_memory_bytes=700_000)
+    prompt = list(range(300, 4300))  # ~24 KB of JSON, ~200 KB estimated parsed
+    body = {"model": "m", "prompt": prompt, "max_tokens": 40, "stream": True}
+    one = {"model": "m", "prompt": prompt, "max_tokens": 1, "stream": False}
+    async with aiohttp.ClientSession() as session:
+        held = [asyncio.create_task(sse(router, "/v1/completions", body)) for _ in range(2)]
+        await asyncio.sleep(0.5)  # both streams in flight
+        async with session.post(url(router, "/v1/completions"), json=one) as resp:
+            await resp.read()
+            refused = (resp.status, resp.headers.get("Retry-After"))
+        results = await asyncio.gather(*held)
+        # once the streams are done, the same request is taken
+        async with session.post(url(router, "/v1/completions"), json=one) as resp:
+            await resp.read()
+            assert resp.status == 200
+    assert all(status == 200 for status, _, _ in results)
+    assert refused == (503, "1")

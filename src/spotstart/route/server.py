@@ -122,6 +122,11 @@ class RouterConfig:
     max_continuations: int = 8
     token_ids: bool = True  # the replicas are vLLM: ask for token ids, splice exactly
     max_body_bytes: int = 16 << 20
+    body_timeout_s: float = 120.0  # a request body not whole this long after its head: 408
+    # what requests in flight may hold together: their bodies, and their parsed documents
+    # (estimated, :func:`_parse_cost`); past it a request gets 503 + Retry-After (one request
+    # is always taken, whatever its size)
+    max_request_memory_bytes: int = 256 << 20
     max_answer_bytes: int = 16 << 20
     max_line_bytes: int = 1 << 20
     max_event_bytes: int = 4 << 20
@@ -138,6 +143,44 @@ class RouterConfig:
 
 class _NoReplica(Exception):
     pass
+
+
+class _Busy(Exception):
+    """The requests in flight hold ``max_request_memory_bytes``: this one is refused."""
+
+
+class _Grant:
+    """The bytes one request holds of the router's ``max_request_memory_bytes``."""
+
+    def __init__(self, router: Router) -> None:
+        self.router = router
+        self.held = 0
+
+    def add(self, n: int) -> None:
+        others = self.router.request_bytes - self.held
+        if (
+            others > 0
+            and self.router.request_bytes + n > self.router.config.max_request_memory_bytes
+        ):
+            raise _Busy
+        self.held += n
+        self.router.request_bytes += n
+
+    def release(self) -> None:
+        self.router.request_bytes -= self.held
+        self.held = 0
+
+
+# what parsing a JSON body costs beyond its text, per value (an int object and a list slot,
+# a dict entry...; a value takes as little as 2 bytes of text: ``1,``)
+_VALUE_COST = 48
+
+
+def _parse_cost(body: bytes) -> int:
+    """An upper estimate of what the parsed body and its copies hold: each ``,``, ``[`` or
+    ``{`` (inside strings too: an over-estimate) counted as a value."""
+    values = body.count(b",") + body.count(b"[") + body.count(b"{")
+    return 2 * len(body) + _VALUE_COST * values
 
 
 class _ClientGone(Exception):
@@ -203,6 +246,7 @@ class Router:
         self.metrics = RouteMetrics(self.replicas)
         self.limits = config.limits or router_limits()
         self.draining = False
+        self.request_bytes = 0  # held by requests in flight (bodies, parsed documents)
         self.bound_port = config.listen_port
         self.listener: BoundedListener | None = None
         self._runner: web.AppRunner | None = None
@@ -236,6 +280,9 @@ class Router:
             shutdown_timeout=1,
             handler_cancellation=True,
             keepalive_timeout=self.limits.idle_timeout_s,
+            # an answer given before its body was read (413, 408, 503 busy): the rest of the
+            # body is read (so the answer is not lost to a reset) for at most this long
+            lingering_time=2.0,
             logger=request_error_log(log),
         )
         await self._runner.setup()
@@ -342,16 +389,39 @@ class Router:
         target = _target(request.raw_path)
         if target is None:
             return web.Response(status=400, text="a request target must be a path\n")
-        body = await self._read_body(request)
+        grant = _Grant(self)
+        try:
+            return await self._answer_held(request, target, grant)
+        except _Busy:
+            resp = web.Response(
+                status=503, text="the router is busy; try again\n", headers={"Retry-After": "1"}
+            )
+            resp.force_close()  # the body may be unread
+            return resp
+        finally:
+            grant.release()
+
+    async def _answer_held(
+        self, request: web.Request, target: str, grant: _Grant
+    ) -> web.StreamResponse:
+        try:
+            async with asyncio.timeout(self.config.body_timeout_s):
+                body = await self._read_body(request, grant)
+        except TimeoutError:
+            resp = web.Response(status=408, text="the request body came too slowly\n")
+            resp.force_close()
+            return resp
         if body is None:
             return web.Response(
                 status=413, text=f"request body over {self.config.max_body_bytes} bytes\n"
             )
         headers = _forwardable(request.headers)
         headers[CONTINUE_HEADER] = "1"
+        path = request.path
         kind = kind_of(path) if request.method == "POST" else None
         doc: Any = None
         if kind is not None:
+            grant.add(_parse_cost(body))
             try:
                 doc = parse(body, what="request body")
             except JSONRejected:
@@ -368,12 +438,13 @@ class Router:
         self.metrics.requests.labels(kind).inc()
         return await self._whole(request, target, headers, body, key)
 
-    async def _read_body(self, request: web.Request) -> bytes | None:
+    async def _read_body(self, request: web.Request, grant: _Grant) -> bytes | None:
         limit = self.config.max_body_bytes
         if request.content_length is not None and request.content_length > limit:
             return None
         buf = bytearray()
         async for chunk in request.content.iter_chunked(1 << 16):
+            grant.add(len(chunk))
             buf += chunk
             if len(buf) > limit:
                 return None
