@@ -225,12 +225,27 @@ def _target(raw: str) -> str | None:
 
 
 def _prefix_of(kind: Kind, body: dict[str, Any], limit: int) -> bytes | None:
-    if kind == "completions":
-        prompt = body.get("prompt")
-        raw = prompt if isinstance(prompt, str) else json.dumps(prompt)
-    else:
-        raw = json.dumps(body.get("messages"), sort_keys=True)
+    """The first ``limit`` bytes of the model and the prompt (or messages) as JSON: only what
+    those bytes need is serialized (a body of 400,000 messages serialized whole held the
+    router's one event loop for 0.3 s)."""
     model = str(body.get("model"))
+    value = body.get("prompt") if kind == "completions" else body.get("messages")
+    if kind == "completions" and isinstance(value, str):
+        raw = value[:limit]
+    elif isinstance(value, list):
+        parts = ["["]
+        size = 1
+        for i, item in enumerate(value):
+            if size > limit:
+                break
+            piece = (", " if i else "") + json.dumps(item, sort_keys=True)
+            parts.append(piece)
+            size += len(piece)
+        else:
+            parts.append("]")
+        raw = "".join(parts)
+    else:
+        raw = json.dumps(value, sort_keys=True)
     return (model + "\0" + raw).encode("utf-8", "replace")[:limit]
 
 
