@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import statistics
 import subprocess
@@ -88,6 +89,7 @@ class Replica:
         self.emu = MetadataEmulator("gce")
         self.emu.__enter__()
         self.lives += 1
+        self.uport = free_port()  # a new node: the old server may still hold its port
         argv = [
             PY, "-m", "spotstart", "guard",
             "--upstream", f"http://127.0.0.1:{self.uport}",
@@ -122,9 +124,15 @@ class Replica:
         self.emu.preempt()
 
     def stop(self) -> None:
+        """The guard and the server it started (in a session of its own: killing the guard
+        alone left it running)."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+        log = (self.logdir / f"guard{self.i}.log").read_text(errors="replace")
+        for pid in re.findall(r"started server pid (\d+)", log)[-1:]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(pid), signal.SIGKILL)
         if self.emu is not None:
             self.emu.__exit__(None, None, None)
             self.emu = None
