@@ -429,18 +429,24 @@ async def amain(a: argparse.Namespace) -> dict[str, Any]:
         results["overhead"] = await overhead(a, logdir)
         print(json.dumps(results["overhead"]), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"route-{stamp}.json").write_text(json.dumps(results, indent=1))
-    (RESULTS / "route-latest.md").write_text(markdown(results))
+    name = "route-vllm" if a.vllm_model else "route"
+    (RESULTS / f"{name}-{stamp}.json").write_text(json.dumps(results, indent=1))
+    (RESULTS / f"{name}-latest.md").write_text(markdown(results))
     return results
 
 
 def markdown(res: dict[str, Any]) -> str:
     a = res["args"]
+    engine = (
+        f"real vLLM ({a['vllm_model']})"
+        if a["vllm_model"]
+        else f"the stand-in at {a['tps']} tokens/s per stream"
+    )
     lines = [
         f"# bench/route ({time.strftime('%Y-%m-%d %H:%M')})",
         "",
         f"{a['clients']} clients, {a['seconds']} s per mode, a preemption every {a['every']} s "
-        f"(replaced {a['replace_s']} s after its guard exits), {a['tps']} tokens/s per stream, "
+        f"(replaced {a['replace_s']} s after its guard exits), {engine}, "
         f"lengths lognormal median {a['median_tokens']} sigma {a['sigma']} clipped 50..1500.",
         "",
         "| mode | requests | started | lost | wrong text | refusals retried | tokens served |"
