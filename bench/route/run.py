@@ -242,7 +242,7 @@ async def load_phase(
     rng = random.Random(a.seed)
     outcomes: list[Outcome] = []
     wrong = 0
-    stop_at = time.monotonic() + a.seconds
+    stop_at = math.inf  # set once every replica is ready (vLLM takes a minute to start)
     timeout = aiohttp.ClientTimeout(total=600, sock_connect=2)
     async with aiohttp.ClientSession(timeout=timeout) as s:
         for r in replicas:
@@ -257,6 +257,7 @@ async def load_phase(
                     break
                 await asyncio.sleep(0.1)
         counter = [0]
+        stop_at = time.monotonic() + a.seconds
 
         async def client(c: int) -> None:
             nonlocal wrong
