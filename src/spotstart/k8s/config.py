@@ -35,6 +35,10 @@ ENGINE_CACHE_PORT = 8472  # the guard's --engine-cache-serve (with engine_cache.
 SPOTSTART_IMAGE = f"ghcr.io/spotstart/spotstart:{__version__}"
 VLLM_SPOTSTART_IMAGE = f"ghcr.io/spotstart/vllm-spotstart:{__version__}"
 
+# names the render gives a deployment's own objects: NAME-route (the router's Deployment and
+# PodDisruptionBudget), NAME-replicas and NAME-peers (Services), NAME-controller (its
+# Deployment, ServiceAccount, Role): a deployment named so would share them with another's
+_RESERVED_SUFFIXES = ("-route", "-replicas", "-peers", "-controller")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 # a Secret's name: a DNS-1123 subdomain (and so nothing a shell would read specially)
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
@@ -278,6 +282,14 @@ def parse_config(data: Any, cloud: Cloud) -> DeployConfig:
     # objects are named NAME-spot, NAME-ondemand-... : keep room within the 63-char labels
     if not _DNS_LABEL.fullmatch(name) or len(name) > 40:
         raise _fail("name", f"{name!r}: lowercase letters, digits and '-', at most 40 chars")
+    for suffix in _RESERVED_SUFFIXES:
+        if name.endswith(suffix):
+            raise _fail(
+                "name",
+                f"{name!r} ends in {suffix!r}: the render names another deployment's objects "
+                f"so ({name.removesuffix(suffix)!r}'s {suffix[1:]}), and one would overwrite "
+                "the other's in a shared namespace; choose another name",
+            )
     namespace = _str(data, "namespace", "default")
     if not _DNS_LABEL.fullmatch(namespace):
         raise _fail("namespace", f"{namespace!r} is not a valid namespace name")

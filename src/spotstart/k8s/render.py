@@ -686,8 +686,10 @@ _ON_DEMAND_TERMS: dict[Cloud, list[list[Obj]]] = {
 
 
 def _route_labels(cfg: DeployConfig) -> dict[str, str]:
-    # not the model's name label: the PDB, spread and peers of the serving pods skip it
-    return {"app.kubernetes.io/name": f"{cfg.name}-route"}
+    # not the model's name label: the PDB, spread and peers of the serving pods skip it; and
+    # a component label no serving pod carries (a deployment named NAME-route is refused,
+    # this keeps the selection apart whatever else carries the name)
+    return {"app.kubernetes.io/name": f"{cfg.name}-route", "app.kubernetes.io/component": "route"}
 
 
 def _replicas_dns(cfg: DeployConfig) -> str:
