@@ -301,3 +301,38 @@ def test_a_leg_does_not_deep_copy_the_request(monkeypatch: pytest.MonkeyPatch) -
     assert leg["messages"][-1] == {"role": "assistant", "content": "a b c"}
     assert leg["max_tokens"] == 8
     assert body == original
+
+
+async def test_a_readiness_poll_does_not_follow_a_redirect(make_router: MakeRouter) -> None:
+    """A replica's /readyz answering 307 to another address made the router GET it (a blind
+    request from the router's pod to wherever a replica, or whoever holds its address, says:
+    the cloud's metadata server...), and that answer's 200 made the replica ready."""
+    hits: list[str] = []
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        hits.append(request.path)
+        return web.Response(text="ok")
+
+    async def redirect(request: web.Request) -> web.Response:
+        raise web.HTTPTemporaryRedirect(f"http://127.0.0.1:{other_port}/latest/meta-data")
+
+    runners = []
+    ports = []
+    for handler in (elsewhere, redirect):
+        app = web.Application()
+        app.router.add_get("/{tail:.*}", handler)
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.1)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        runners.append(runner)
+        ports.append(site._server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+    other_port = ports[0]
+    try:
+        router = await make_router([], addresses=[("127.0.0.1", ports[1])])
+        await router.poll_once()
+        assert hits == []
+        assert not router.replicas.ready()
+    finally:
+        for runner in runners:
+            await runner.cleanup()

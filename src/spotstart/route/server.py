@@ -357,7 +357,9 @@ class Router:
         url = URL(replica.base_url + self.config.readyz_path, encoded=True)
         try:
             async with self._session.get(
-                url, timeout=aiohttp.ClientTimeout(total=self.config.poll_timeout_s)
+                url,
+                timeout=aiohttp.ClientTimeout(total=self.config.poll_timeout_s),
+                allow_redirects=False,  # a redirect is not ready, and not followed anywhere
             ) as resp:
                 await resp.content.read(4096)
                 ready = resp.status == 200
