@@ -41,7 +41,7 @@ from tests.engines.guard_load import guard_argv, server_group_killed
 EAGER = "--enforce-eager"
 LONG = 1000  # the main stream: ~1,000 greedy tokens
 WHOLE = 1000  # the non-streaming completion: far longer than the drain window leaves it
-CHAT = 600
+CHAT = 1000  # long enough to be in flight on A at the notice on an idle machine
 TIMEOUT = aiohttp.ClientTimeout(total=600)
 PROMPT = "spot node zone guard drain the replica"
 MESSAGES = [{"role": "user", "content": "tell me about the spot node"}]
@@ -267,18 +267,22 @@ def test_a_preempted_replicas_generations_are_continued_on_the_other_one_exactly
                         asyncio.create_task(generate(s, router, path, body, results[name]))
                         for name, (path, body) in requests().items()
                     ]
-                    # mid-stream: a quarter of the long stream out, everything in flight on A
+                    # all four in flight on A (B's guard is not up), then B's guard starts at
+                    # once: on an idle machine vLLM generates fast, and a guard started later
+                    # (it was started at a quarter of the stream) came up after the chat
+                    # answers had finished on A (CI, idle 2 cores)
                     deadline = time.monotonic() + 300
-                    while results["stream"].tokens_so_far < LONG // 4:
+                    while True:
                         assert time.monotonic() < deadline, results
                         assert not any(t.done() for t in tasks), results
+                        in_flight = await metric_value(
+                            s,
+                            f"http://127.0.0.1:{guard_a}/spotstart/metrics",
+                            "spotstart_guard_in_flight",
+                        )
+                        if in_flight == 4:
+                            break
                         await asyncio.sleep(0.05)
-                    in_flight = await metric_value(
-                        s,
-                        f"http://127.0.0.1:{guard_a}/spotstart/metrics",
-                        "spotstart_guard_in_flight",
-                    )
-                    assert in_flight == 4, in_flight
                     with kit.Engine(
                         guard_argv(
                             f"http://127.0.0.1:{vllm_b}",
@@ -295,6 +299,10 @@ def test_a_preempted_replicas_generations_are_continued_on_the_other_one_exactly
                             assert time.monotonic() < deadline, g_b.log()[-2000:]
                             assert g_b.proc is not None and g_b.proc.poll() is None, g_b.log()
                             await asyncio.sleep(0.1)
+                        # mid-stream: an eighth of the long stream out
+                        while results["stream"].tokens_so_far < LONG // 8:
+                            assert time.monotonic() < deadline, results
+                            await asyncio.sleep(0.05)
                         assert not any(t.done() for t in tasks), results  # still on A
                         before = results["stream"].tokens_so_far
                         gce.preempt()
