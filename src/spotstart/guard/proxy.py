@@ -55,6 +55,7 @@ from spotstart.guard.answers import (
 )
 from spotstart.guard.drain import Clock, DrainController, Outcome, Phase
 from spotstart.guard.metrics import CONTENT_TYPE, GuardMetrics
+from spotstart.hopbyhop import forwardable
 from spotstart.listen import (
     BoundedListener,
     ListenLimits,
@@ -140,17 +141,7 @@ def proxy_limits(max_connections: int | None = None) -> ListenLimits:
 
 
 def _forwardable(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", [])
-        for token in value.split(",")
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers.items():
-        lower = key.lower()
-        if lower not in HOP_BY_HOP and lower not in named:
-            out.add(key, value)
-    return out
+    return forwardable(headers, HOP_BY_HOP)
 
 
 def request_target(raw: str) -> str | None:

@@ -29,6 +29,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from spotstart.errors import UsageError
+from spotstart.hopbyhop import forwardable
 from spotstart.listen import (
     BoundedListener,
     ListenLimits,
@@ -195,17 +196,7 @@ async def _write(client: web.StreamResponse, data: bytes) -> None:
 
 
 def _forwardable(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> CIMultiDict[str]:
-    named = {
-        token.strip().lower()
-        for value in headers.getall("Connection", [])
-        for token in value.split(",")
-    }
-    out: CIMultiDict[str] = CIMultiDict()
-    for key, value in headers.items():
-        lower = key.lower()
-        if lower not in HOP_BY_HOP and lower not in named:
-            out.add(key, value)
-    return out
+    return forwardable(headers, HOP_BY_HOP)
 
 
 def _answer_headers(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
