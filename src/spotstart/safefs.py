@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from spotstart.errors import DiskFull, LocalIOError, UnsafePath
+from spotstart.errors import DiskFull, LocalIOError, UnsafePath, UsageError
 
 __all__ = [
     "check_private",
@@ -460,3 +460,26 @@ def _refused(where: str, exc: OSError, doing: str = "cannot create it") -> Local
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFull(f"{where}: no space left on device; free space and rerun")
     return LocalIOError(f"{where}: {doing} ({exc.strerror or exc})")
+
+
+def read_owner_only(path: Path, where: str, limit: int, make: str, exposed: str) -> bytes:
+    """The bytes of a secret file (a token, a key): a regular file only its owner may read,
+    at most ``limit`` bytes. Links are followed (a Kubernetes Secret volume is a chain of
+    them); O_NONBLOCK: a FIFO given by mistake does not hang the start. Each refusal is a
+    UsageError naming ``where``; ``make`` is the command that makes one, ``exposed`` what a
+    reader of a file others may read could do (``"read the token (anyone who...)"``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise UsageError(f"{where}: {exc.strerror}; make one with: {make}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UsageError(f"{where}: not a regular file")
+        if st.st_mode & 0o077:
+            raise UsageError(
+                f"{where}: mode {stat.S_IMODE(st.st_mode):o} lets other users {exposed}"
+            )
+        return os.read(fd, limit + 1)
+    finally:
+        os.close(fd)

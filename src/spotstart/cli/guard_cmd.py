@@ -9,7 +9,6 @@ import logging
 import os
 import re
 import signal
-import stat
 import sys
 import threading
 import time
@@ -301,24 +300,15 @@ def add_engine_cache_flags(p: argparse.ArgumentParser) -> None:
 def read_secret_file(path: Path, where: str) -> bytes:
     """The HMAC key in ``path``: a regular file only its owner may read, at most
     MAX_SECRET_BYTES, at least MIN_SECRET_BYTES once surrounding whitespace is stripped."""
-    try:
-        # links followed (a Kubernetes Secret volume is a chain of them); O_NONBLOCK: a FIFO
-        # does not hang the start
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise UsageError(f"{where}: {exc.strerror}; make one with: {MAKE_SECRET}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{where}: not a regular file")
-        if st.st_mode & 0o077:
-            raise UsageError(
-                f"{where}: mode {stat.S_IMODE(st.st_mode):o} lets other users read the key "
-                "(anyone who has it can sign a cache this server would run): chmod 600 it"
-            )
-        raw = os.read(fd, MAX_SECRET_BYTES + 1)
-    finally:
-        os.close(fd)
+    from spotstart import safefs
+
+    raw = safefs.read_owner_only(
+        path,
+        where,
+        MAX_SECRET_BYTES,
+        MAKE_SECRET,
+        "read the key (anyone who has it can sign a cache this server would run): chmod 600 it",
+    )
     if len(raw) > MAX_SECRET_BYTES:
         raise UsageError(f"{where}: longer than {MAX_SECRET_BYTES} bytes; not a key file")
     return _secret(raw.strip(), where)

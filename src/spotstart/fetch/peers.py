@@ -27,7 +27,6 @@ import ipaddress
 import json
 import os
 import re
-import stat
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any
 
 import aiohttp
 
+from spotstart import safefs
 from spotstart.errors import NotFound, ObjectChanged, TransientError, UsageError
 from spotstart.store import DirectUnsupported
 from spotstart.units import parse_host_port
@@ -82,25 +82,14 @@ def read_token_file(path: Path, where: str) -> str:
     ``MAX_TOKEN_BYTES``, UTF-8, at least ``MIN_TOKEN_BYTES`` once stripped, visible ASCII.
     ``where`` names the file in errors (``--peer-token-file PATH``); each is a UsageError
     that says the fix."""
-    try:
-        # Links are followed: a Kubernetes Secret volume is a chain of them. O_NONBLOCK: a
-        # FIFO given by mistake does not hang the start.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise UsageError(f"{where}: {exc.strerror}; make one with: {MAKE_TOKEN}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UsageError(f"{where}: not a regular file")
-        if st.st_mode & 0o077:
-            raise UsageError(
-                f"{where}: mode {stat.S_IMODE(st.st_mode):o} lets other users read the token "
-                "(anyone who has it can read every object served): chmod 600 it (a Kubernetes "
-                "Secret volume: defaultMode: 0400)"
-            )
-        raw = os.read(fd, MAX_TOKEN_BYTES + 1)
-    finally:
-        os.close(fd)
+    raw = safefs.read_owner_only(
+        path,
+        where,
+        MAX_TOKEN_BYTES,
+        MAKE_TOKEN,
+        "read the token (anyone who has it can read every object served): chmod 600 it (a "
+        "Kubernetes Secret volume: defaultMode: 0400)",
+    )
     if len(raw) > MAX_TOKEN_BYTES:
         raise UsageError(f"{where}: longer than {MAX_TOKEN_BYTES} bytes; not a token file")
     try:
