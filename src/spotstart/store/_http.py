@@ -8,7 +8,7 @@ import asyncio
 import os
 import re
 import ssl
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
@@ -43,6 +43,9 @@ class HttpOptions:
 
     stall_timeout_s: float = 20.0
     connect_timeout_s: float = 10.0
+    # An upload's answer: how long the store may take to answer once the last byte has been
+    # handed to the kernel (bytes still in socket buffers, then the store's own commit).
+    answer_timeout_s: float = 60.0
     ca_bundle: str | None = None
     # Ranged bodies received straight into the destination's memory from threads where the
     # store and the target allow it (store/_direct.py); False keeps every read on aiohttp.
@@ -167,22 +170,40 @@ async def request_json_or_text(
     *,
     hint: str = "",
     data: bytes | None = None,
+    stall_timeout_s: float = HttpOptions.stall_timeout_s,
 ) -> tuple[int, Mapping[str, str], bytes]:
     """A small request whose whole body is wanted (listing, stat; ``data``: an upload's
-    body). Raises our errors."""
+    body). Raises our errors; a server that sends nothing for ``stall_timeout_s`` (before
+    its answer's head or between two pieces of its body) is a StallDetected."""
+    loop = asyncio.get_running_loop()
     try:
-        async with session.request(method, wire_url(url), headers=dict(headers), data=data) as resp:
-            await raise_for_status(resp, what, hint=hint)
-            body = await resp.read()
-            return resp.status, resp.headers, body
+        async with asyncio.timeout(stall_timeout_s) as deadline:
+            async with session.request(
+                method, wire_url(url), headers=dict(headers), data=data
+            ) as resp:
+                await raise_for_status(resp, what, hint=hint)
+                pieces: list[bytes] = []
+                while piece := await resp.content.readany():
+                    deadline.reschedule(loop.time() + stall_timeout_s)
+                    pieces.append(piece)
+                return resp.status, resp.headers, b"".join(pieces)
+    except TimeoutError as exc:
+        if isinstance(exc, aiohttp.ClientError):  # aiohttp's own (connect) timeouts
+            raise translate_client_error(exc, what) from exc
+        raise StallDetected(f"{what}: no answer for {stall_timeout_s:g}s") from exc
     except SpotstartError:
         raise
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+    except (aiohttp.ClientError, OSError) as exc:
         raise translate_client_error(exc, what) from exc
 
 
 async def probe_range(
-    session: aiohttp.ClientSession, url: str, what: str, validator: str = ""
+    session: aiohttp.ClientSession,
+    url: str,
+    what: str,
+    validator: str = "",
+    *,
+    stall_timeout_s: float = HttpOptions.stall_timeout_s,
 ) -> tuple[int, Mapping[str, str]]:
     """GET the first byte with a Range header (pinned with If-Range to ``validator`` when
     given): (status, headers). 206 means the server honours ranges; a 200 is the whole body,
@@ -191,14 +212,19 @@ async def probe_range(
     if validator:
         headers["If-Range"] = validator
     try:
-        async with session.get(wire_url(url), headers=headers) as resp:
-            await raise_for_status(resp, what)
-            if resp.status == 206:
-                await resp.content.read(16)
-            return resp.status, resp.headers
+        async with asyncio.timeout(stall_timeout_s):
+            async with session.get(wire_url(url), headers=headers) as resp:
+                await raise_for_status(resp, what)
+                if resp.status == 206:
+                    await resp.content.read(16)
+                return resp.status, resp.headers
+    except TimeoutError as exc:
+        if isinstance(exc, aiohttp.ClientError):  # aiohttp's own (connect) timeouts
+            raise translate_client_error(exc, what) from exc
+        raise StallDetected(f"{what}: no answer for {stall_timeout_s:g}s") from exc
     except SpotstartError:
         raise
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+    except (aiohttp.ClientError, OSError) as exc:
         raise translate_client_error(exc, what) from exc
 
 
@@ -386,12 +412,22 @@ class FileBody:
         self.prefix = prefix
         self.suffix = suffix
         self.failure: IntegrityError | None = None
+        # bytes the transport has taken, and a call each time it takes the next piece
+        self.sent = 0
+        self.on_progress: Callable[[], None] = lambda: None
 
     @property
     def length(self) -> int:
         return len(self.prefix) + self.expected.size + len(self.suffix)
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for piece in self._pieces():
+            yield piece
+            # the transport asks for the next piece once this one is written (and drained)
+            self.sent += len(piece)
+            self.on_progress()
+
+    async def _pieces(self) -> AsyncIterator[bytes]:
         import hashlib
 
         if self.prefix:
@@ -434,33 +470,64 @@ async def upload(
     *,
     hint: str = "",
     answered: frozenset[int] = frozenset(),
+    options: HttpOptions,
 ) -> tuple[int, Mapping[str, str], bytes]:
     """Send ``body`` (its exact length declared: no chunked encoding, which S3 refuses) and
     return (status, headers, at most 64 KiB of the answer). A status in ``answered`` (a
-    failed precondition) is returned, not raised; other non-2xx answers are our errors."""
+    failed precondition) is returned, not raised; other non-2xx answers are our errors.
+    A store that takes no piece of the body for ``options.stall_timeout_s``, or has not
+    answered ``options.answer_timeout_s`` after the last piece, is a StallDetected: the
+    connection is dropped (short of its Content-Length while the body is being sent, so the
+    store keeps nothing)."""
     hdrs = dict(headers)
     hdrs["Content-Length"] = str(body.length)
+    loop = asyncio.get_running_loop()
+    stall, answer_s = options.stall_timeout_s, options.answer_timeout_s
+    sent = False
+
+    def progress() -> None:
+        nonlocal sent
+        sent = body.sent >= body.length
+        deadline.reschedule(loop.time() + (answer_s if sent else stall))
+
     try:
-        async with session.request(
-            method, wire_url(url), headers=hdrs, data=body.__aiter__()
-        ) as resp:
-            if resp.status == 400:
-                answer = (await resp.content.read(2048)).decode("utf-8", "replace")
-                if _DIGEST_REFUSED.search(answer):
-                    raise IntegrityError(
-                        f"{what}: the store refused the body: it does not match the checksums "
-                        f"sent with it ({_error_detail(answer)}); damaged on the way? Nothing "
-                        "was written; rerun"
-                    )
-                raise error_for_status(400, resp.reason or "", resp.headers, answer, what)
-            if resp.status not in answered:
-                await raise_for_status(resp, what, hint=hint)
-            return resp.status, resp.headers, await resp.content.read(64 << 10)
+        async with asyncio.timeout(stall) as deadline:
+            body.on_progress = progress
+            async with session.request(
+                method, wire_url(url), headers=hdrs, data=body.__aiter__()
+            ) as resp:
+                deadline.reschedule(loop.time() + stall)
+                if resp.status == 400:
+                    answer = (await resp.content.read(2048)).decode("utf-8", "replace")
+                    if _DIGEST_REFUSED.search(answer):
+                        raise IntegrityError(
+                            f"{what}: the store refused the body: it does not match the "
+                            f"checksums sent with it ({_error_detail(answer)}); damaged on the "
+                            "way? Nothing was written; rerun"
+                        )
+                    raise error_for_status(400, resp.reason or "", resp.headers, answer, what)
+                if resp.status not in answered:
+                    await raise_for_status(resp, what, hint=hint)
+                return resp.status, resp.headers, await resp.content.read(64 << 10)
     except SpotstartError:
         if body.failure is not None:
             raise body.failure from None
         raise
-    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+    except TimeoutError as exc:
+        if body.failure is not None:
+            raise body.failure from exc
+        if isinstance(exc, aiohttp.ClientError):  # aiohttp's own (connect) timeouts
+            raise translate_client_error(exc, what) from exc
+        if sent:
+            raise StallDetected(
+                f"{what}: the store did not answer within {answer_s:g}s of the body's last "
+                "byte; retry"
+            ) from exc
+        raise StallDetected(
+            f"{what}: the store took no byte of the body for {stall:g}s; the upload was "
+            "dropped short of its length, so nothing was written; retry"
+        ) from exc
+    except (aiohttp.ClientError, OSError) as exc:
         if body.failure is not None:
             raise body.failure from exc
         raise translate_client_error(exc, what) from exc

@@ -138,6 +138,7 @@ class GCSSource:
             await self._auth(),
             what,
             hint=self._hint(),
+            stall_timeout_s=self._options.stall_timeout_s,
         )
         return _object_info(json.loads(body))
 
@@ -156,7 +157,13 @@ class GCSSource:
             url = f"{self._base}/storage/v1/b/{quote(self.bucket, safe='')}/o?{urlencode(params)}"
             try:
                 _, _, body = await _http.request_json_or_text(
-                    self._session, "GET", url, await self._auth(), what, hint=self._hint()
+                    self._session,
+                    "GET",
+                    url,
+                    await self._auth(),
+                    what,
+                    hint=self._hint(),
+                    stall_timeout_s=self._options.stall_timeout_s,
                 )
             except NotFound as exc:
                 raise NotFound(f"gs://{self.bucket}: bucket not found") from exc
@@ -210,7 +217,13 @@ class GCSSource:
         headers = {"Content-Type": content_type, **(await self._write_auth())}
         url = self._upload_url({"uploadType": "media", "name": key})
         await _http.request_json_or_text(
-            self._session, "POST", url, headers, f"gs://{self.bucket}/{key}", data=data
+            self._session,
+            "POST",
+            url,
+            headers,
+            f"gs://{self.bucket}/{key}",
+            data=data,
+            stall_timeout_s=self._options.stall_timeout_s,
         )
 
     async def create(self, key: str, path: Path, content_type: str) -> bool:
@@ -247,6 +260,7 @@ class GCSSource:
             what,
             hint=self._hint(),
             answered=frozenset({412}),
+            options=self._options,
         )
         if status == 412:
             return False
@@ -264,7 +278,12 @@ class GCSSource:
             delete = f"{self._object_url(made.key)}?ifGenerationMatch={made.version}"
             with contextlib.suppress(SpotstartError):
                 await _http.request_json_or_text(
-                    self._session, "DELETE", delete, await self._write_auth(), what
+                    self._session,
+                    "DELETE",
+                    delete,
+                    await self._write_auth(),
+                    what,
+                    stall_timeout_s=self._options.stall_timeout_s,
                 )
             md5 = base64.b64encode(got.md5 or b"").decode() or "none"
             raise IntegrityError(

@@ -31,7 +31,12 @@ class HttpSource:
         head: Mapping[str, str] | None = None
         try:
             _, head, _ = await _http.request_json_or_text(
-                self._session, "HEAD", key, {"Accept-Encoding": "identity"}, key
+                self._session,
+                "HEAD",
+                key,
+                {"Accept-Encoding": "identity"},
+                key,
+                stall_timeout_s=self._options.stall_timeout_s,
             )
         except (NotFound, AccessDenied, TransientError):
             raise  # transient: the caller retries the whole stat (HEAD carries the checksums)
@@ -41,7 +46,9 @@ class HttpSource:
         # CDNs and proxies): only a 206 to a real ranged GET shows that ranges work.
         pinned = _validator(head) if head is not None else ""
         try:
-            status, probe = await _http.probe_range(self._session, key, key, pinned)
+            status, probe = await _http.probe_range(
+                self._session, key, key, pinned, stall_timeout_s=self._options.stall_timeout_s
+            )
         except (NotFound, AccessDenied, TransientError):
             raise  # a transient failure: the caller retries the whole stat
         except SpotstartError:

@@ -139,7 +139,14 @@ class S3Source:
         headers = await self._signed(method, url, extra, digest)
         try:
             return await _http.request_json_or_text(
-                self._session, method, url, headers, what, hint=self._hint(), data=data
+                self._session,
+                method,
+                url,
+                headers,
+                what,
+                hint=self._hint(),
+                data=data,
+                stall_timeout_s=self._options.stall_timeout_s,
             )
         except SpotstartError as exc:
             if self._credentials is None and not self._anonymous and "access denied" in str(exc):
@@ -278,6 +285,7 @@ class S3Source:
             what,
             hint=self._hint(),
             answered=frozenset({409, 412}),
+            options=self._options,
         )
         if status == 412:
             return False
