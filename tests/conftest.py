@@ -18,6 +18,7 @@ from hypothesis import settings
 from spotstart.emulate.crosscheck import GcsEmulator, MotoS3, Nginx, S3rver
 from spotstart.emulate.link import LinkConfig
 from spotstart.emulate.storage import StorageEmulator, StorageEmulatorOptions
+from tests.safe_report import make_report
 
 BUCKET = "models"
 
@@ -264,3 +265,10 @@ def store(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> St
     for key, value in st.env.items():
         monkeypatch.setenv(key, value)
     return st
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> pytest.TestReport:
+    """pytest's own report, or one that survives a traceback pytest cannot format (see
+    tests/safe_report.py): a hung test's timeout must not end the whole run."""
+    return make_report(item, call)
