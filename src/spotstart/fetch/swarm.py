@@ -1,0 +1,231 @@
+"""How a fleet of nodes shares one model: the decisions of peer fetch, with no I/O and no
+clock of their own (time is passed in), so that the real fetch (:mod:`spotstart.fetch.peers`,
+:mod:`spotstart.fetch.scheduler`, :mod:`spotstart.fetch.peer_server`) and the fleet
+simulation (``bench/peers/sim.py``) run the same code.
+
+- :class:`PollBackoff`: how long until a peer's inventory is asked for again (doubling while
+  it does not change, back to the base when it does).
+- :func:`sample_peers`: the bounded set of peers one node polls, out of every address the
+  fleet's name resolves to: the ones still useful kept, the rest drawn at random, so that
+  control traffic per node does not grow with the fleet.
+- :class:`HashRing`: which node of the fleet fetches a chunk from the origin first
+  (single-flight): consistent hashing of chunk keys onto node addresses, each node placed at
+  ``vnodes`` points, so a node joining or leaving moves only its share of chunks.
+- :class:`ChunkPicker`: which chunk a free stream takes next and from where: chunks some
+  known peer holds first, the rarest first (BitTorrent's rarest-first: the fleet gains new
+  holders of scarce chunks fastest); then the chunks this node owns on the ring, from the
+  origin; a chunk owned by another node is left to it for up to ``wait_s`` and taken from
+  the origin after that (an owner that is slow, dead or unknown costs a bounded wait).
+- :class:`TokenBucket`: the pace of what a peer serves (its uplink is shared with its own
+  fetch and with every node asking it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import random
+from collections.abc import Callable, Collection, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
+
+K = TypeVar("K", bound=Hashable)
+
+
+@dataclass
+class PollBackoff:
+    """Seconds until the next inventory request to one peer: ``base_s`` after a change,
+    doubled after each answer that changed nothing, at most ``max_s``.
+
+    >>> b = PollBackoff(1.0, 8.0)
+    >>> [b.next(changed) for changed in (True, False, False, False, False, True)]
+    [1.0, 2.0, 4.0, 8.0, 8.0, 1.0]
+    """
+
+    base_s: float = 1.0
+    max_s: float = 8.0
+    current_s: float = 0.0
+
+    def next(self, changed: bool) -> float:
+        if changed or self.current_s <= 0:
+            self.current_s = self.base_s
+        else:
+            self.current_s = min(self.max_s, self.current_s * 2)
+        return self.current_s
+
+
+def sample_peers(
+    addresses: Sequence[str],
+    keep: Collection[str],
+    k: int,
+    rng: random.Random,
+    exclude: Collection[str] = (),
+) -> list[str]:
+    """At most ``k`` peers to poll: those of ``keep`` still among ``addresses`` (and not in
+    ``exclude``: dropped, ourselves), then others drawn uniformly at random. Each node draws
+    its own, so the fleet's polls spread over every node instead of all landing on the first
+    addresses a name resolves to.
+
+    >>> sample_peers(["a", "b", "c", "d"], keep=["c"], k=2, rng=random.Random(1))[0]
+    'c'
+    """
+    out = [a for a in dict.fromkeys(keep) if a in set(addresses) and a not in exclude][:k]
+    chosen = set(out)
+    rest = [a for a in dict.fromkeys(addresses) if a not in chosen and a not in exclude]
+    out.extend(rng.sample(rest, min(len(rest), k - len(out))))
+    return out
+
+
+def _point(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
+
+
+class HashRing:
+    """Consistent hashing of keys onto ``nodes`` (addresses), ``vnodes`` points per node.
+
+    >>> ring = HashRing(["10.0.0.1:8471", "10.0.0.2:8471"])
+    >>> ring.owner("a\\x000") in ("10.0.0.1:8471", "10.0.0.2:8471")
+    True
+    >>> HashRing([]).owner("x") is None
+    True
+    """
+
+    def __init__(self, nodes: Iterable[str], vnodes: int = 32) -> None:
+        self.nodes = frozenset(nodes)
+        points = sorted((_point(f"{n}#{v}"), n) for n in self.nodes for v in range(vnodes))
+        self._keys = [p for p, _ in points]
+        self._owners = [n for _, n in points]
+
+    def owner(self, key: str) -> str | None:
+        if not self._keys:
+            return None
+        i = bisect.bisect(self._keys, _point(key)) % len(self._keys)
+        return self._owners[i]
+
+
+Source = Literal["peer", "origin"]
+
+
+@dataclass(frozen=True)
+class Pick(Generic[K]):
+    """Take chunk ``key`` from ``source``."""
+
+    key: K
+    source: Source
+
+
+class ChunkPicker(Generic[K]):
+    """The order of one node's chunks. ``keys``: every chunk still to fetch, in file order;
+    ``ring_key(key)``: the chunk's name on the ring (the same on every node: object id and
+    chunk index). A stream asks :meth:`next`; a chunk handed out is the caller's until it
+    calls :meth:`done` (landed) or :meth:`put_back` (failed: offered again).
+
+    ``window``: how many remaining chunks (from the front, in file order) one pick looks at:
+    bounds the cost of a pick (each looks up its holders) whatever the model's size."""
+
+    def __init__(
+        self,
+        me: str,
+        keys: Iterable[K],
+        ring_key: Callable[[K], str],
+        *,
+        wait_s: float = 10.0,
+        window: int = 256,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.me = me
+        self.ring_key = ring_key
+        self.wait_s = wait_s
+        self.window = window
+        self.rng = rng or random.Random()
+        self._todo: dict[K, None] = dict.fromkeys(keys)  # insertion order: file order
+        self._deferred: dict[K, float] = {}  # chunk -> when it was first left to its owner
+        self._ring = HashRing([me])
+        self._owned: dict[K, bool] = {}
+
+    def __len__(self) -> int:
+        return len(self._todo)
+
+    def set_fleet(self, nodes: Iterable[str]) -> None:
+        """The nodes that share the origin's work (every address the fleet's name resolves
+        to, ourselves included); unchanged sets keep the cached owners."""
+        fleet = frozenset(nodes) | {self.me}
+        if fleet != self._ring.nodes:
+            self._ring = HashRing(fleet)
+            self._owned = {}
+
+    def owns(self, key: K) -> bool:
+        owned = self._owned.get(key)
+        if owned is None:
+            owned = self._owned[key] = self._ring.owner(self.ring_key(key)) == self.me
+        return owned
+
+    def next(self, now: float, holders: Callable[[K], int]) -> Pick[K] | float | None:
+        """The next chunk and its source; else the time (``now`` + some seconds) at which a
+        chunk left to its owner falls to us, or None when nothing is left to hand out."""
+        if not self._todo:
+            return None
+        front = []
+        for i, key in enumerate(self._todo):
+            if i >= self.window:
+                break
+            front.append(key)
+        rarest: list[K] = []
+        fewest = 0
+        for key in front:
+            n = holders(key)
+            if n <= 0:
+                continue
+            if not rarest or n < fewest:
+                rarest, fewest = [key], n
+            elif n == fewest:
+                rarest.append(key)
+        if rarest:
+            return self._take(self.rng.choice(rarest), "peer")
+        wake: float | None = None
+        for key in front:
+            if self.owns(key):
+                return self._take(key, "origin")
+            since = self._deferred.setdefault(key, now)
+            due = since + self.wait_s
+            if now >= due:
+                return self._take(key, "origin")
+            wake = due if wake is None else min(wake, due)
+        return wake
+
+    def _take(self, key: K, source: Source) -> Pick[K]:
+        del self._todo[key]
+        self._deferred.pop(key, None)
+        return Pick(key, source)
+
+    def put_back(self, key: K) -> None:
+        """A chunk whose fetch failed: offered again (at the front: it is late already)."""
+        self._todo = {key: None, **self._todo}
+
+    def done(self, key: K) -> None:
+        """A chunk that landed (for symmetry with put_back: nothing to do)."""
+
+
+class TokenBucket:
+    """``rate`` bytes per second with bursts of ``burst`` bytes; the caller passes the time.
+
+    >>> b = TokenBucket(rate=100.0, burst=100.0, now=0.0)
+    >>> b.take(100, now=0.0), b.take(50, now=0.0), b.take(50, now=1.0)
+    (0.0, 0.5, 0.0)
+    """
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        if rate <= 0 or burst <= 0:
+            raise ValueError("rate and burst must be positive")
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.at = now
+
+    def take(self, n: int, now: float) -> float:
+        """Take ``n`` bytes' worth; the seconds to wait before sending them (tokens may go
+        negative: the debt is what later senders wait behind)."""
+        self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+        self.at = now
+        self.tokens -= n
+        return 0.0 if self.tokens >= 0 else -self.tokens / self.rate
