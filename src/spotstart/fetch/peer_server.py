@@ -4,9 +4,15 @@ the guard on a thread of its own (``guard --serve-peers``).
 
 Read-only HTTP/1.1, two routes:
 
-- ``GET /v1/inventory``: ``{"version": 1, "objects": [{"id", "size", "ranges", "complete"}]}``
-  for every complete file of DIR's cache index (size and mtime as recorded) and every file
-  still arriving (the chunks its journal lists as written, nothing else).
+- ``GET /v1/inventory[?since=<epoch>.<seq>]``: ``{"version": 1, "epoch", "seq", "full",
+  "objects": [{"id", "size", "ranges", "complete", "chunks"}], "removed": [id...]}`` for every
+  complete file of DIR's cache index (size and mtime as recorded) and every file still
+  arriving (the chunks its journal lists as written, nothing else); header ``ETag:
+  "<epoch>.<seq>"``. ``seq`` counts the rescans that changed anything (``epoch``: random per
+  start). With a ``since`` of this epoch no older than :data:`MAX_HISTORY` changes, a delta
+  (``full`` false): the objects changed after it (whole ranges, only the chunk CRCs added
+  after it) and the ids gone since; any other ``since`` (absent, malformed, foreign, too old)
+  gets everything. ``If-None-Match`` equal to the ETag: ``304``, no body.
 - ``GET /v1/objects/<id>`` with one ``Range: bytes=a-b``: ``206`` with those bytes when they
   lie inside what the inventory says; ``416`` otherwise; ``404`` for an id we do not hold.
 
@@ -21,7 +27,9 @@ scan that found it, so a file renamed into place mid-serving keeps being served 
 inode until the cache index lists it. With a token, every request must carry ``Authorization:
 Bearer <token>`` (compared in constant time). At most ``max_active`` requests at once (beyond
 that ``503`` with ``Retry-After``); connections, head deadlines and accept errors are bounded by
-:class:`spotstart.listen.BoundedListener`."""
+:class:`spotstart.listen.BoundedListener`. With ``max_rate``, every object body served shares one
+:class:`spotstart.fetch.swarm.TokenBucket` (the uplink is shared with this node's own fetch
+and every peer asking it)."""
 
 from __future__ import annotations
 
@@ -34,11 +42,12 @@ import json
 import logging
 import os
 import re
+import secrets
 import stat
 import threading
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from aiohttp import web
@@ -49,6 +58,7 @@ from spotstart.fetch.cache import INDEX_NAME, CacheEntry
 from spotstart.fetch.journal import read_journal
 from spotstart.fetch.layout import JOURNAL_SUFFIX, PART_SUFFIX, PARTS_DIR, STATE_DIR, normalize
 from spotstart.fetch.peers import ID_RE, INVENTORY_PATH, OBJECTS_PATH, object_id
+from spotstart.fetch.swarm import TokenBucket
 from spotstart.listen import BoundedListener, ListenLimits, request_error_log
 from spotstart.safefs import open_beneath, stat_beneath
 from spotstart.units import parse_host_port
@@ -61,6 +71,18 @@ RETAIN_S = 300.0
 # ASCII digits only: \d alone takes any Unicode digit, which int() reads ("٣" is 3).
 _RANGE = re.compile(r"bytes=([0-9]{1,19})-([0-9]{0,19})")
 _FILE_FLAGS = os.O_RDONLY | os.O_NONBLOCK  # NONBLOCK: a FIFO planted under DIR cannot hang us
+# Inventory versions. A ``since`` more than MAX_HISTORY changes old gets the full document; at
+# most MAX_REMOVED removed ids are remembered (forgetting one makes every ``since`` before its
+# removal get the full document). Neither grows with what peers send.
+MAX_HISTORY = 1024
+MAX_REMOVED = 4096
+MAX_QUERY = 256  # a longer query string is not one of ours: the full document
+MAX_CACHED_DOCUMENTS = 8  # inventory bodies kept for the current seq (full, and deltas)
+# ``<16 lowercase hex>.<seq>``, ASCII only, at most 18 digits (no int() of a huge number)
+_SINCE = re.compile(r"([0-9a-f]{16})\.(0|[1-9][0-9]{0,17})")
+# A paced server writes pieces of about an eighth of a second of its rate (a peer reading a
+# slow server sees bytes often, not a second-long silence), at least this many bytes.
+MIN_PACED_PIECE = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -93,6 +115,157 @@ class _Part:
     inode: tuple[int, int]
     holding: Holding
     gone_at: float | None = None
+
+
+def parse_since(query: str) -> tuple[str, int] | None:
+    """``(epoch, seq)`` from an inventory request's raw query string, or None (the full
+    document) for anything but exactly one well-formed ``since``: what a stranger sends here
+    is read with one bounded regex, never int() of an unbounded or non-ASCII number.
+
+    >>> parse_since("since=0123456789abcdef.42"), parse_since("since=0123456789abcdef.٤٢")
+    (('0123456789abcdef', 42), None)
+    """
+    if not query or len(query) > MAX_QUERY:
+        return None
+    values = [p[6:] for p in query.split("&") if p.startswith("since=")]
+    if len(values) != 1:
+        return None
+    m = _SINCE.fullmatch(values[0])
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def _plan_of(h: Holding) -> tuple[int, str, tuple[int, ...]]:
+    return h.chunk_bytes, h.crc, h.parts
+
+
+def _same(a: Holding, b: Holding) -> bool:
+    """Whether a peer's view of ``a`` and ``b`` (what the inventory says of them) is equal."""
+    return (a.size, a.ranges, a.complete, _plan_of(a), a.crcs) == (
+        b.size,
+        b.ranges,
+        b.complete,
+        _plan_of(b),
+        b.crcs,
+    )
+
+
+@dataclass(frozen=True)
+class Versions:
+    """The versions of one index's holdings: ``seq`` counts the rescans that changed anything;
+    per holding, the seq of its last change (``changed``) and of each chunk CRC's arrival
+    (``chunks``); the ids removed and when (at most :data:`MAX_REMOVED`). Never mutated: a
+    rescan makes the next one (:meth:`advance`), sharing what did not change.
+
+    Memory: one int per holding and per chunk CRC held (about 8,750 for a 140 GB model in
+    16 MiB chunks), plus at most MAX_REMOVED ids; nothing a request sends adds to it."""
+
+    epoch: str
+    seq: int = 0
+    floor: int = 0  # a since below this (its removals forgotten) gets the full document
+    changed: Mapping[str, int] = field(default_factory=dict)
+    chunks: Mapping[str, Mapping[int, int]] = field(default_factory=dict)
+    removed: Mapping[str, int] = field(default_factory=dict)
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.epoch}.{self.seq}"'
+
+    def base(self, since: tuple[str, int] | None) -> int | None:
+        """The seq a delta is computed from, or None: the full document (no since, another
+        epoch, a seq this server never had, or older than what it remembers)."""
+        if since is None or since[0] != self.epoch:
+            return None
+        seq = since[1]
+        if seq > self.seq or seq < self.floor or seq < self.seq - MAX_HISTORY:
+            return None
+        return seq
+
+    def advance(self, old: Mapping[str, Holding], new: Mapping[str, Holding]) -> Versions:
+        """The versions after a rescan turned table ``old`` into ``new`` (``self`` when
+        nothing a peer sees changed). O(holdings + chunk CRCs of the holdings that changed)."""
+        seq = self.seq + 1
+        changed = dict(self.changed)
+        chunks = dict(self.chunks)
+        removed = dict(self.removed)
+        moved = False
+        for oid, h in new.items():
+            was = old.get(oid)
+            if was is not None and (was is h or _same(was, h)):
+                continue
+            moved = True
+            changed[oid] = seq
+            removed.pop(oid, None)
+            prev = chunks.get(oid) if was is not None and _plan_of(was) == _plan_of(h) else None
+            if prev is None:  # new, or another plan: every CRC is new (the client replaces)
+                chunks[oid] = {i: seq for i, _ in h.crcs}
+            else:
+                had = dict(was.crcs) if was is not None else {}
+                chunks[oid] = {i: prev.get(i, seq) if had.get(i) == c else seq for i, c in h.crcs}
+        for oid in old.keys() - new.keys():
+            moved = True
+            changed.pop(oid, None)
+            chunks.pop(oid, None)
+            removed.pop(oid, None)
+            removed[oid] = seq  # insertion order is seq order
+        if not moved:
+            return self
+        floor = self.floor
+        for oid, at in list(removed.items()):
+            if len(removed) <= MAX_REMOVED and at >= seq - MAX_HISTORY:
+                break
+            del removed[oid]
+            floor = max(floor, at)
+        return Versions(self.epoch, seq, floor, changed, chunks, removed)
+
+
+def _entry(oid: str, h: Holding, crcs: Iterable[tuple[int, int]]) -> dict[str, object]:
+    return {
+        "id": oid,
+        "size": h.size,
+        "ranges": [list(r) for r in h.ranges],
+        "complete": h.complete,
+        "chunks": {
+            "bytes": h.chunk_bytes,
+            "crc": h.crc,
+            "parts": list(h.parts),
+            "crcs": {str(i): f"{c:x}" for i, c in crcs},
+        },
+    }
+
+
+def inventory_document(
+    table: Mapping[str, Holding], v: Versions, base: int | None
+) -> dict[str, object]:
+    """The inventory: every holding when ``base`` is None, else the delta after seq
+    ``base`` (see the module docstring)."""
+    objects: list[dict[str, object]] = []
+    for oid, h in sorted(table.items()):
+        if base is None:
+            objects.append(_entry(oid, h, h.crcs))
+            continue
+        if v.changed.get(oid, v.seq + 1) <= base:
+            continue
+        added = v.chunks.get(oid, {})
+        objects.append(
+            _entry(oid, h, ((i, c) for i, c in h.crcs if added.get(i, v.seq + 1) > base))
+        )
+    removed = (
+        []
+        if base is None
+        else sorted(o for o, at in v.removed.items() if at > base and o not in table)
+    )
+    return {
+        "version": 1,
+        "epoch": v.epoch,
+        "seq": v.seq,
+        "full": base is None,
+        "objects": objects,
+        "removed": removed,
+    }
+
+
+def _dumps(table: Mapping[str, Holding], v: Versions, base: int | None) -> bytes:
+    return json.dumps(inventory_document(table, v, base)).encode()
 
 
 def _merge(ranges: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
@@ -151,6 +324,9 @@ class PeerIndex:
         self._parts: dict[str, _Part] = {}
         self._scan_task: asyncio.Task[None] | None = None
         self.scans = 0
+        self.versions = Versions(secrets.token_hex(8))
+        # inventory bodies of the current seq by delta base (None: full), built once each
+        self._documents: dict[tuple[int, int | None], asyncio.Future[bytes]] = {}
 
     async def table(self, max_age_s: float | None = None) -> dict[str, Holding]:
         """The holdings, rescanned first when older than ``max_age_s`` (default ``ttl_s``)."""
@@ -163,8 +339,14 @@ class PeerIndex:
 
     async def _refresh(self) -> None:
         started = self.clock()
-        table, parts, unused = await asyncio.to_thread(self._scan, dict(self._parts), started)
+        old, versions = self._table, self.versions
+        table, parts, unused, versions = await asyncio.to_thread(
+            self._scan_versions, dict(self._parts), started, old, versions
+        )
         self._table, self._parts, self._at = table, parts, started
+        if versions is not self.versions:
+            self.versions = versions
+            self._documents = {}
         self.scans += 1
         for fd in unused:
             os.close(fd)
@@ -172,6 +354,8 @@ class PeerIndex:
     async def close(self) -> None:
         if self._scan_task is not None:
             await asyncio.gather(self._scan_task, return_exceptions=True)
+        await asyncio.gather(*self._documents.values(), return_exceptions=True)
+        self._documents = {}
         for part in self._parts.values():
             with contextlib.suppress(OSError):
                 os.close(part.fd)
@@ -179,6 +363,12 @@ class PeerIndex:
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1
+
+    def _scan_versions(
+        self, held: dict[str, _Part], now: float, old: dict[str, Holding], versions: Versions
+    ) -> tuple[dict[str, Holding], dict[str, _Part], list[int], Versions]:
+        table, parts, unused = self._scan(held, now)
+        return table, parts, unused, versions.advance(old, table)
 
     def _scan(
         self, held: dict[str, _Part], now: float
@@ -306,26 +496,33 @@ class PeerIndex:
             return old.fd, inode
         return fd, inode
 
-    async def inventory(self) -> dict[str, object]:
+    async def inventory(self, since: tuple[str, int] | None = None) -> dict[str, object]:
+        """The inventory document (the delta after ``since`` when it is one we can answer)."""
         table = await self.table()
-        return {
-            "version": 1,
-            "objects": [
-                {
-                    "id": oid,
-                    "size": h.size,
-                    "ranges": [list(r) for r in h.ranges],
-                    "complete": h.complete,
-                    "chunks": {
-                        "bytes": h.chunk_bytes,
-                        "crc": h.crc,
-                        "parts": list(h.parts),
-                        "crcs": {str(i): f"{c:x}" for i, c in h.crcs},
-                    },
-                }
-                for oid, h in sorted(table.items())
-            ],
-        }
+        versions = self.versions
+        return inventory_document(table, versions, versions.base(since))
+
+    async def document(self, since: tuple[str, int] | None = None) -> tuple[str, bytes]:
+        """(ETag, JSON body) of the inventory as :meth:`inventory`, from the current table
+        without a rescan; each body is built once per seq (off the loop) and kept, at most
+        :data:`MAX_CACHED_DOCUMENTS` of them: many peers asking for the same thing cost one
+        build."""
+        table, versions = self._table, self.versions
+        base = versions.base(since)
+        key = (versions.seq, base)
+        built = self._documents.get(key)
+        if built is None:
+            while len(self._documents) >= MAX_CACHED_DOCUMENTS:
+                del self._documents[next(iter(self._documents))]
+            built = self._documents[key] = asyncio.ensure_future(
+                asyncio.to_thread(_dumps, table, versions, base)
+            )
+        try:
+            return versions.etag, await asyncio.shield(built)
+        except Exception:
+            if self._documents.get(key) is built:
+                del self._documents[key]  # not kept: the next request builds it again
+            raise
 
     async def open(self, oid: str) -> tuple[Holding, int] | None:
         """(holding, a descriptor of its bytes for the caller to close), or None when we do not
@@ -365,7 +562,12 @@ class PeerServer:
         limits: ListenLimits | None = None,
         send_stall_s: float = 30.0,
         log: logging.Logger | None = None,
+        max_rate: float | None = None,
     ) -> None:
+        """``max_rate``: bytes per second of object bodies, every request together (None:
+        as fast as the peers read)."""
+        if max_rate is not None and not max_rate > 0:
+            raise ValueError("max_rate must be > 0")
         self.root = root
         self.token = token
         self.max_active = max_active
@@ -380,6 +582,14 @@ class PeerServer:
         self.bytes_served = 0
         self.requests = 0
         self.refused_token = 0
+        self.not_modified = 0  # inventory requests answered 304
+        self.max_rate = max_rate
+        # pieces of an eighth of a second of the rate (at most PIECE): the wait before each is
+        # short, and a peer reading us sees bytes often
+        self.piece = (
+            PIECE if max_rate is None else int(min(PIECE, max(MIN_PACED_PIECE, max_rate / 8)))
+        )
+        self.bucket: TokenBucket | None = None  # made by start, on the loop's clock
         self.listener: BoundedListener | None = None
         self._runner: web.AppRunner | None = None
         self.port = 0
@@ -393,6 +603,9 @@ class PeerServer:
     async def start(self, host: str, port: int) -> int:
         """Bind ``host:port`` (port 0: any free) and serve; returns the port."""
         self.index = PeerIndex(self.root)
+        if self.max_rate is not None:
+            now = asyncio.get_running_loop().time()
+            self.bucket = TokenBucket(self.max_rate, burst=self.piece, now=now)
         self._runner = web.AppRunner(
             self.app(),
             access_log=None,
@@ -459,9 +672,16 @@ class PeerServer:
 
     async def _inventory(self, request: web.Request) -> web.Response:
         assert self.index is not None
-        doc = await self.index.inventory()
-        body = await asyncio.to_thread(json.dumps, doc)
-        return web.Response(text=body, content_type="application/json")
+        # A stranger's query string: one bounded parse; anything else is the full document.
+        since = parse_since(request.rel_url.raw_query_string)
+        await self.index.table()
+        etag = self.index.versions.etag
+        # compared as sent (a head field is at most 4 kB: max_field_size)
+        if request.headers.get("If-None-Match", "").strip() == etag:
+            self.not_modified += 1
+            return web.Response(status=304, headers={"ETag": etag})
+        etag, body = await self.index.document(since)
+        return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
     async def _object(self, request: web.Request) -> web.StreamResponse:
         assert self.index is not None
@@ -499,7 +719,9 @@ class PeerServer:
         await resp.prepare(request)
         at = start
         while at < end:
-            data = await asyncio.to_thread(os.pread, fd, min(PIECE, end - at), at)
+            n = min(self.piece, end - at)
+            await self._pace(n)
+            data = await asyncio.to_thread(os.pread, fd, n, at)
             if not data:
                 break  # the file shrank under us: the client sees a short body
             # A reader that stops reading must not hold a slot for ever.
@@ -508,6 +730,21 @@ class PeerServer:
             self.bytes_served += len(data)
         await resp.write_eof()
         return resp
+
+    async def _pace(self, n: int) -> None:
+        """Wait for ``n`` bytes' worth of the shared bucket (nothing without max_rate). A
+        request that leaves while it waits gives its share back: opening requests and
+        leaving cannot run the bucket into a debt that starves the others."""
+        if self.bucket is None:
+            return
+        wait = self.bucket.take(n, asyncio.get_running_loop().time())
+        if wait <= 0:
+            return
+        try:
+            await asyncio.sleep(wait)
+        except asyncio.CancelledError:
+            self.bucket.tokens = min(self.bucket.burst, self.bucket.tokens + n)
+            raise
 
 
 class PeerServerThread:
