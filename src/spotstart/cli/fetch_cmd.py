@@ -10,7 +10,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from spotstart import events, units
-from spotstart.cli.peers_cmd import add_token_flags, configure_log, serving_token, token_from_args
+from spotstart.cli.peers_cmd import (
+    add_serve_rate_flag,
+    add_token_flags,
+    configure_log,
+    serve_max_rate,
+    serving_token,
+    token_from_args,
+)
 from spotstart.errors import SpotstartError, UsageError
 from spotstart.fetch import (
     Concurrency,
@@ -147,6 +154,7 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
         "address other hosts can reach: with a token, or --no-token)",
     )
     add_token_flags(p, serving=True)
+    add_serve_rate_flag(p)
     p.add_argument(
         "--page-cache",
         action="store_true",
@@ -181,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> FetchConfig:
         exclude=tuple(args.exclude),
         peers=peers_from_args(args),
         serve_peers=args.serve_peers,
+        serve_max_rate=serve_max_rate(args, args.serve_peers),
         wait=not getattr(args, "no_wait", False),  # fetch's flag; load waits
     )
 

@@ -1,7 +1,7 @@
 """`spotstart serve-peers DIR --listen HOST:PORT`: serve what DIR holds to other nodes'
 fetches (see spotstart.fetch.peer_server), until SIGTERM or SIGINT. Also the peer token's
-flags (its rules: spotstart.fetch.peers.read_token_file) and the one "no token on a reachable
-address" check, for serve-peers, fetch and guard."""
+flags (its rules: spotstart.fetch.peers.read_token_file), the one "no token on a reachable
+address" check and --serve-max-rate, for serve-peers, fetch and guard."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from spotstart.fetch.peers import (
     visible_token,
 )
 from spotstart.listen import ListenLimits, is_loopback
+from spotstart.units import parse_size
 
 DEFAULT_PORT = 8471
 DEFAULT_MAX_CONNECTIONS = ListenLimits.max_connections
@@ -60,8 +61,39 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         help="a request head not complete this long after the connection (or its first byte) "
         f"closes the connection: slowloris ({ListenLimits.head_timeout_s:g})",
     )
+    add_serve_rate_flag(p)
     p.add_argument("--json", action="store_true", help="print the bound address as JSON")
     p.set_defaults(run=run)
+
+
+def _rate(text: str) -> int:
+    try:
+        rate = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a rate must be more than 0 bytes a second")
+    return rate
+
+
+def add_serve_rate_flag(p: argparse.ArgumentParser) -> None:
+    """--serve-max-rate SIZE (bytes a second), for the commands that serve peers."""
+    p.add_argument(
+        "--serve-max-rate",
+        type=_rate,
+        metavar="SIZE",
+        help="serve peers at most SIZE bytes a second, every peer together (units of 1024: "
+        "100M is 100 MiB/s): the uplink is shared with this node's own traffic and every "
+        "peer asking it; leave room for the rest (default: no limit)",
+    )
+
+
+def serve_max_rate(args: argparse.Namespace, serving: object) -> float | None:
+    """--serve-max-rate, which needs something to serve (``serving``: the serve flag's value)."""
+    rate: int | None = getattr(args, "serve_max_rate", None)
+    if rate is not None and not serving:
+        raise UsageError("--serve-max-rate needs --serve-peers")
+    return None if rate is None else float(rate)
 
 
 def add_token_flags(p: argparse.ArgumentParser, *, serving: bool) -> None:
@@ -175,7 +207,14 @@ async def _serve(
     from spotstart.fetch.peer_server import PeerServer
 
     log = configure_log("spotstart.peers", "spotstart serve-peers")
-    server = PeerServer(root, token=token, max_active=args.max_active, limits=limits, log=log)
+    server = PeerServer(
+        root,
+        token=token,
+        max_active=args.max_active,
+        limits=limits,
+        log=log,
+        max_rate=serve_max_rate(args, True),
+    )
     try:
         bound = await server.start(host, port)
     except OSError as exc:
@@ -184,7 +223,12 @@ async def _serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    line = {"listen": f"{host}:{bound}", "dir": str(root), "token": token is not None}
+    line = {
+        "listen": f"{host}:{bound}",
+        "dir": str(root),
+        "token": token is not None,
+        "max_rate": server.max_rate,
+    }
     print(json.dumps(line) if args.json else f"serving {root} to peers on {host}:{bound}")
     sys.stdout.flush()
     await stop.wait()

@@ -113,6 +113,7 @@ class FetchConfig:
     use_cache: bool = True
     peers: PeerSpec | None = None
     serve_peers: str | None = None  # HOST:PORT: serve DEST to peers while this runs
+    serve_max_rate: float | None = None  # bytes/s served to peers, all together (None: no pace)
     max_bytes: int | None = None
     max_objects: int | None = None
     wait: bool = True  # another fetch writing one of DEST's files: wait (False: exit 17)

@@ -96,7 +96,9 @@ class Fetcher:
             spec = self.config.peers or PeerSpec()
             # a quarter of the open files at most: the fetch's own streams and files come first
             limits = ListenLimits.for_process(share=4)
-            server = PeerServer(self.dest, token=spec.token, limits=limits)
+            server = PeerServer(
+                self.dest, token=spec.token, limits=limits, max_rate=self.config.serve_max_rate
+            )
             try:
                 await server.start(host, port)
             except OSError as exc:
