@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from spotstart.cli.peers_cmd import (
+    add_serve_rate_flag,
     add_token_flags,
     listen_limits,
+    serve_max_rate,
     serving_token,
     token_from_args,
 )
@@ -100,6 +102,7 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "token ($SPOTSTART_PEER_TOKEN or --peer-token-file), or --no-token",
     )
     add_token_flags(p, serving=True)
+    add_serve_rate_flag(p)
     p.add_argument(
         "--cloud",
         choices=("auto", "gce", "aws", "azure", "none"),
@@ -532,7 +535,12 @@ async def _main(args: argparse.Namespace, config: GuardConfig) -> int:
     from spotstart.guard.run import run_guard
 
     servers = [
-        await asyncio.to_thread(_peer_server, *serving, flag=flag)
+        await asyncio.to_thread(
+            _peer_server,
+            *serving,
+            flag=flag,
+            max_rate=args.serve_max_rate if flag == "--serve-peers" else None,
+        )
         for flag, serving in (
             ("--serve-peers", args.peer_serving),
             ("--engine-cache-serve", args.cache_serving),
@@ -556,12 +564,19 @@ def parse_serve_peers(spec: str) -> tuple[Path, str, int]:
 
 
 def _peer_server(
-    root: Path, host: str, port: int, token: str | None, *, flag: str
+    root: Path,
+    host: str,
+    port: int,
+    token: str | None,
+    *,
+    flag: str,
+    max_rate: float | None = None,
 ) -> PeerServerThread:
     """The peer server on its own thread and event loop, with at most a quarter of the open
     files: a flood or a slowloris on the peer port cannot take the guard's proxy, probes or
     descriptors with it."""
-    server = PeerServer(root, token=token, limits=listen_limits(None, share=4), log=log)
+    limits = listen_limits(None, share=4)
+    server = PeerServer(root, token=token, limits=limits, log=log, max_rate=max_rate)
     thread = PeerServerThread(server)
     try:
         bound = thread.start(host, port)
@@ -583,6 +598,7 @@ def run(args: argparse.Namespace) -> int:
     # the 1024 of many systems (asyncio uses epoll; the soft limit is for select's sake).
     raise_open_files_limit()
     args.peer_serving = None
+    args.serve_max_rate = serve_max_rate(args, args.serve_peers)
     if args.serve_peers:
         root, host, port = parse_serve_peers(args.serve_peers)
         token = serving_token(args, "--serve-peers", host, port)
