@@ -26,6 +26,7 @@ import hashlib
 import ipaddress
 import json
 import os
+import random
 import re
 import time
 from collections.abc import Callable, Collection, Iterable
@@ -37,6 +38,7 @@ import aiohttp
 
 from spotstart import safefs
 from spotstart.errors import NotFound, ObjectChanged, TransientError, UsageError
+from spotstart.fetch.swarm import PollBackoff, sample_peers
 from spotstart.store import DirectUnsupported
 from spotstart.units import parse_host_port
 
@@ -62,6 +64,15 @@ MAX_PEERS = 64
 # one chunk at a time: honest peers rarely fail, and then take every stream at once.
 PROBATION_AFTER = 2
 INVENTORY_CPU_SHARE = 10  # parsing inventories: at most 1/10 of a CPU, all peers together
+MAX_FLEET = 4096  # addresses remembered from discovery (the hash ring's nodes)
+# Object ids remembered from one peer when the run wants any (``wanted=None``): deltas add ids
+# one document at a time, so a peer inventing new ones would otherwise grow it for ever.
+MAX_HOLDINGS = 1 << 16
+# Deltas in a row that do not follow what we hold of a peer (another epoch, a seq going back,
+# a document that does not parse) before it is dropped; each one costs a full inventory.
+MAX_BAD_DELTAS = 3
+EPOCH_RE = re.compile(r"^[0-9a-f]{16}$")
+MAX_SEQ = 1 << 62
 
 
 def visible_token(token: str, where: str) -> str:
@@ -130,6 +141,17 @@ class PeerSpec:
     deadline_factor: float = 4.0
     deadline_floor_s: float = 5.0
     unmeasured_bytes_per_s: float = 10e6
+    # At fleet scale: ``sample`` peers' inventories are polled at once, whatever the fleet's
+    # size (control traffic per node bounded); every ``resample_s`` the least useful of them
+    # is swapped for another drawn at random. A peer whose inventory did not change is asked
+    # again after ``refresh_s``, doubled each time up to ``poll_max_s``.
+    sample: int = 8
+    resample_s: float = 15.0
+    poll_max_s: float = 8.0
+    # How long a chunk another node owns on the hash ring is left to it (single-flight).
+    single_flight_wait_s: float = 10.0
+    # Our own host:port as peers see it (our place on the ring); default ``exclude[0]``.
+    me: str | None = None
 
     def chunk_deadline_s(self, length: int, origin_bytes_per_s: float) -> float:
         """Seconds a peer gets for a chunk of ``length`` bytes.
@@ -230,6 +252,12 @@ class Peer:
     in_flight: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    # Where its inventory stands: the epoch and seq of the last one applied (None: ask for a
+    # full one), how soon to ask again, deltas in a row that did not follow.
+    epoch: str | None = None
+    seq: int = 0
+    backoff: PollBackoff = field(default_factory=PollBackoff)
+    bad_deltas: int = 0
 
     @property
     def base(self) -> str:
@@ -258,20 +286,69 @@ def _disjoint(ranges: tuple[tuple[int, int], ...], size: int) -> bool:
     return True
 
 
-def parse_inventory(raw: bytes, wanted: Collection[str] | None = None) -> dict[str, PeerObject]:
-    """``{id: PeerObject}`` from an inventory document, only the ids in ``wanted`` (all when
-    None); entries that break the format (bad id, ranges out of order, overlapping or past the
-    size, numbers that are not integers) are left out, not trusted; chunk CRCs that do not
-    parse are dropped (the whole-object check still stands). ValueError for a document that
-    is not one (not JSON, NaN or Infinity, nested past the parser's depth): a peer's
-    inventory may be anything, and nothing in it may raise anything else."""
+@dataclass(frozen=True)
+class Inventory:
+    """One inventory document as :func:`parse_inventory_doc` read it. ``objects``: the valid
+    entries of the ids asked for; ``touched``: every id asked for that the document has an
+    entry for, valid or not (a delta's invalid entry makes what we held of it stale);
+    ``epoch``/``seq``: its version (None: a server of before deltas, whose every document is
+    full); ``full``: replaces what we hold (else: a delta on top of it); ``removed``: ids it
+    held at the ``since`` we sent and no longer holds (a delta's only)."""
+
+    objects: dict[str, PeerObject]
+    touched: frozenset[str] = frozenset()
+    epoch: str | None = None
+    seq: int | None = None
+    full: bool = True
+    removed: tuple[str, ...] = ()
+
+
+def _crc_bound(size: int, chunk_bytes: int, parts: tuple[int, ...]) -> int:
+    """At least the number of chunks any plan of ``size`` has (each part boundary adds one at
+    most): chunk indexes at or past it are not chunks, and not kept."""
+    return -(-size // chunk_bytes) + len(parts) if chunk_bytes > 0 else 0
+
+
+def parse_inventory_doc(raw: bytes, wanted: Collection[str] | None = None) -> Inventory:
+    """An inventory document, full or delta, validated: entries that break the format (bad
+    id, ranges out of order, overlapping or past the size, numbers that are not integers) are
+    left out, not trusted; chunk CRCs that do not parse, or whose index no chunk of the object
+    can have, are dropped (the whole-object check still stands). Only the ids in ``wanted``
+    (all when None) are walked. ValueError for a document that is not one (not JSON, NaN or
+    Infinity, nested past the parser's depth, a version that is not ``epoch`` 16 hex digits
+    and ``seq`` an integer >= 0, a delta without one): a peer's inventory may be anything,
+    and nothing in it may raise anything else."""
     try:
         doc = json.loads(raw, parse_constant=_not_json)
     except RecursionError:
         raise ValueError("nested too deeply") from None
     out: dict[str, PeerObject] = {}
+    touched: set[str] = set()
     if not isinstance(doc, dict) or not isinstance(doc.get("objects"), list):
         raise ValueError("no objects list")
+    epoch, seq, full = doc.get("epoch"), doc.get("seq"), doc.get("full", True)
+    if epoch is None and seq is None:
+        if full is not True:
+            raise ValueError("a delta without a version")
+    elif not (
+        isinstance(epoch, str)
+        and EPOCH_RE.fullmatch(epoch)
+        and type(seq) is int
+        and 0 <= seq < MAX_SEQ
+    ):
+        raise ValueError("a version that is not epoch (16 hex digits) and seq (an integer)")
+    if not isinstance(full, bool):
+        raise ValueError("full is not true or false")
+    removed: tuple[str, ...] = ()
+    if not full:
+        gone = doc.get("removed", [])
+        if not isinstance(gone, list):
+            raise ValueError("removed is not a list")
+        removed = tuple(
+            i
+            for i in gone
+            if isinstance(i, str) and ID_RE.fullmatch(i) and (wanted is None or i in wanted)
+        )
     for o in doc["objects"]:
         try:
             oid = o["id"]
@@ -279,6 +356,7 @@ def parse_inventory(raw: bytes, wanted: Collection[str] | None = None) -> dict[s
                 continue
             if wanted is not None and oid not in wanted:
                 continue  # not ours to fetch: never walked
+            touched.add(oid)
             size = int(o["size"])
             ranges = tuple((int(a), int(b)) for a, b in o["ranges"])
         except (KeyError, TypeError, ValueError, ArithmeticError):
@@ -287,17 +365,84 @@ def parse_inventory(raw: bytes, wanted: Collection[str] | None = None) -> dict[s
             continue
         try:
             ch = o.get("chunks") or {}
+            chunk_bytes = int(ch.get("bytes", 0))
+            parts = tuple(int(p) for p in ch.get("parts", ()))
+            bound = _crc_bound(size, chunk_bytes, parts)
+            crcs = {int(i): int(c, 16) for i, c in (ch.get("crcs") or {}).items()}
             obj = PeerObject(
                 ranges,
-                int(ch.get("bytes", 0)),
+                chunk_bytes,
                 str(ch.get("crc", "")),
-                tuple(int(p) for p in ch.get("parts", ())),
-                {int(i): int(c, 16) for i, c in (ch.get("crcs") or {}).items()},
+                parts,
+                {i: c for i, c in crcs.items() if 0 <= i < bound and 0 <= c < 1 << 64},
             )
         except (AttributeError, TypeError, ValueError, ArithmeticError):
             obj = PeerObject(ranges)
         out[oid] = obj
+    return Inventory(
+        out,
+        frozenset(touched),
+        epoch if isinstance(epoch, str) else None,
+        seq if type(seq) is int else None,
+        full,
+        removed,
+    )
+
+
+def parse_inventory(raw: bytes, wanted: Collection[str] | None = None) -> dict[str, PeerObject]:
+    """``{id: PeerObject}`` from an inventory document, only the ids in ``wanted`` (all when
+    None); see :func:`parse_inventory_doc` for what is left out and what raises."""
+    return parse_inventory_doc(raw, wanted).objects
+
+
+def apply_delta(
+    held: dict[str, PeerObject], delta: Inventory, limit: int = MAX_HOLDINGS
+) -> dict[str, PeerObject]:
+    """What a peer holds after ``delta``: its objects replace ours (ranges as sent; chunk
+    CRCs added to those we had when the plan is unchanged, else replaced), ids it lists but
+    that did not validate and ids it removed are forgotten; at most ``limit`` ids.
+
+    >>> a = "a" * 64
+    >>> old = {a: PeerObject(((0, 4),), 2, "crc32c", (), {0: 7})}
+    >>> new = Inventory({a: PeerObject(((0, 8),), 2, "crc32c", (), {2: 9})}, frozenset([a]))
+    >>> apply_delta(old, new)[a].crcs
+    {0: 7, 2: 9}
+    """
+    out = dict(held)
+    for oid in delta.removed:
+        out.pop(oid, None)
+    for oid in delta.touched - delta.objects.keys():
+        out.pop(oid, None)
+    for oid, obj in delta.objects.items():
+        before = out.get(oid)
+        if before is not None and (before.chunk_bytes, before.crc, before.parts) == (
+            obj.chunk_bytes,
+            obj.crc,
+            obj.parts,
+        ):
+            obj = PeerObject(
+                obj.ranges, obj.chunk_bytes, obj.crc, obj.parts, {**before.crcs, **obj.crcs}
+            )
+        if before is None and len(out) >= limit:
+            continue
+        out[oid] = obj
     return out
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body, to its end, or ValueError past ``limit`` bytes (a declared length
+    over it is refused before a byte is read). One ``read(n)`` returns only what has arrived
+    (64-128 kB): a larger inventory would be cut and fail to parse."""
+    if resp.content_length is not None and resp.content_length > limit:
+        raise ValueError("inventory too large")
+    got: list[bytes] = []
+    size = 0
+    while data := await resp.content.read(min(1 << 20, limit + 1 - size)):
+        got.append(data)
+        size += len(data)
+        if size > limit:
+            raise ValueError("inventory too large")
+    return b"".join(got)
 
 
 def _retrieve(lookup: asyncio.Future[Any]) -> None:
@@ -309,13 +454,25 @@ def _retrieve(lookup: asyncio.Future[Any]) -> None:
 class PeerSet:
     """The peers of one run: discovery, inventories (refreshed while the run lasts: peers
     still fetching hold more each second), choice of a peer for a byte range, and the
-    record of what each gave or why it was dropped."""
+    record of what each gave or why it was dropped.
+
+    At fleet scale: :meth:`fleet` is every address discovery found (at most ``MAX_FLEET``);
+    at most ``MAX_PEERS`` of them (drawn at random when there are more) are peers this run
+    may ask, and of those ``spec.sample`` at a time are polled (:func:`swarm.sample_peers
+    <spotstart.fetch.swarm.sample_peers>`): the useful ones kept, the least useful swapped
+    every ``spec.resample_s``. Each polled peer is asked for what changed since the last
+    inventory it sent (``?since=epoch.seq``), no sooner than its :class:`PollBackoff
+    <spotstart.fetch.swarm.PollBackoff>` and its parse cost allow. ``clock`` and ``rng``
+    are injected for tests."""
 
     def __init__(
         self,
         spec: PeerSpec,
         on_message: Callable[[str], None] | None = None,
         wanted: Collection[str] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.spec = spec
         self.on_message = on_message or (lambda text: None)
@@ -329,6 +486,27 @@ class PeerSet:
         self._task: asyncio.Task[None] | None = None
         self.origin_rate = 0.0  # bytes/s of one origin stream (EWMA), set by the scheduler
         self.unproven_failures = 0  # peers dropped for a failed read before giving a byte
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._fleet: list[str] = []
+        self.polled: list[str] = []  # the addresses whose inventories are asked for now
+        self._resample_at: float | None = None
+        self.control_bytes = 0  # inventory answers received: bodies, and heads roughly
+        self.inventories = 0  # inventory documents applied (full or delta)
+        self.not_modified = 0  # inventory answers 304: nothing changed
+
+    @property
+    def me(self) -> str:
+        """Our own ``host:port`` as peers see it (our node on the hash ring)."""
+        if self.spec.me:
+            return self.spec.me
+        return self.spec.exclude[0] if self.spec.exclude else ""
+
+    def fleet(self) -> list[str]:
+        """Every address discovery found (ourselves left out; at most ``MAX_FLEET``), less
+        the peers dropped for the run: the nodes that share the origin's work with us on the
+        hash ring (a dropped peer's share falls to the others, not to a wait for it)."""
+        return [a for a in self._fleet if (p := self.peers.get(a)) is None or p.dropped is None]
 
     def headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.spec.token}"} if self.spec.token else {}
@@ -369,7 +547,8 @@ class PeerSet:
         return [a for a in dict.fromkeys(found) if a not in excluded]
 
     async def refresh(self) -> None:
-        """Discover again and ask every live peer for its inventory, all at once."""
+        """Discover again, choose the peers to poll, and ask each of them whose time has
+        come for its inventory (what changed since its last one), all at once."""
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(
@@ -377,25 +556,69 @@ class PeerSet:
                 )
             )
         found = await self.discover()
-        for address in found:
-            if len(self.peers) >= MAX_PEERS and address not in self.peers:
-                if "too many" not in self.told:
-                    self.told.add("too many")
-                    self.on_message(
-                        f"peers: {len(found)} addresses; asking the first {MAX_PEERS} only"
-                    )
-                break
-            self.peers.setdefault(address, Peer(address))
-        now = time.monotonic()
-        live = [p for p in self.peers.values() if p.dropped is None and p.ask_at <= now]
-        await asyncio.gather(*(self._inventory(p) for p in live))
+        self._fleet = found[:MAX_FLEET]
+        new = [a for a in self._fleet if a not in self.peers]
+        room = MAX_PEERS - len(self.peers)
+        if len(new) > room:
+            if "too many" not in self.told:
+                self.told.add("too many")
+                self.on_message(
+                    f"peers: {len(found)} addresses; asking the first {MAX_PEERS} drawn at "
+                    f"random only, {self.spec.sample} at a time"
+                )
+            # At random, not the first ones: each node of a fleet then meets other peers.
+            new = self.rng.sample(new, max(0, room))
+        for address in new:
+            self.peers[address] = Peer(
+                address, backoff=PollBackoff(self.spec.refresh_s, self.spec.poll_max_s)
+            )
+        now = self.clock()
+        self._choose_polled(now)
+        live = [self.peers[a] for a in self.polled]
+        await asyncio.gather(*(self._inventory(p) for p in live if p.ask_at <= now))
+
+    def _usefulness(self, peer: Peer) -> tuple[int, int, int, int]:
+        return (
+            peer.bytes > 0,
+            peer.bytes,
+            len(peer.holdings) > 0,
+            peer.unreachable is None,
+        )
+
+    def _choose_polled(self, now: float) -> None:
+        """Who is polled: those polled before (not dropped), topped up at random to
+        ``spec.sample``; every ``spec.resample_s`` the least useful one (gave nothing, holds
+        nothing we want, unreachable) is left out first, so that a node meets new peers."""
+        k = max(1, self.spec.sample)
+        dropped = {a for a, p in self.peers.items() if p.dropped is not None}
+        keep = [a for a in self.polled if a not in dropped]
+        if self._resample_at is None:
+            self._resample_at = now + self.spec.resample_s
+        elif now >= self._resample_at:
+            self._resample_at = now + self.spec.resample_s
+            others = len(self.peers) - len(dropped) - len(keep)
+            if keep and len(keep) >= k and others > 0:
+                keep.remove(min(keep, key=lambda a: self._usefulness(self.peers[a])))
+        chosen = sample_peers(list(self.peers), keep, k, self.rng, exclude=dropped)
+        for a in set(self.polled) - set(chosen):
+            left = self.peers[a]
+            # Not polled, so not current: nothing asked of it until it is polled again, and
+            # then its whole inventory.
+            left.holdings = {}
+            left.epoch, left.seq, left.ask_at = None, 0, 0.0
+        self.polled = chosen
 
     async def _inventory(self, peer: Peer) -> None:
         assert self._session is not None
+        since = f"{peer.epoch}.{peer.seq}" if peer.epoch is not None else None
+        headers = self.headers()
+        url = peer.base + INVENTORY_PATH
+        if since is not None:
+            headers["If-None-Match"] = f'"{since}"'
+            url += f"?since={since}"
         try:
-            async with self._session.get(
-                peer.base + INVENTORY_PATH, headers=self.headers(), allow_redirects=False
-            ) as resp:
+            async with self._session.get(url, headers=headers, allow_redirects=False) as resp:
+                self.control_bytes += 16 + sum(len(k) + len(v) + 4 for k, v in resp.raw_headers)
                 if resp.status in (401, 403):
                     self._drop_and_say(peer, f"refused our token (HTTP {resp.status})")
                     return
@@ -403,19 +626,34 @@ class PeerSet:
                     # busy or starting: ask again next round
                     self._unreachable(peer, f"inventory answered HTTP {resp.status}")
                     return
+                if resp.status == 304 and since is not None:
+                    self.not_modified += 1
+                    peer.unreachable = None
+                    peer.ask_at = self.clock() + peer.backoff.next(False)
+                    return
                 if resp.status != 200:  # a redirect, 404: not a peer server
                     self._drop_and_say(peer, f"answered its inventory with HTTP {resp.status}")
                     return
-                raw = await resp.content.read(MAX_INVENTORY_BYTES + 1)
-            if len(raw) > MAX_INVENTORY_BYTES:
-                raise ValueError("inventory too large")
+                raw = await _read_bounded(resp, MAX_INVENTORY_BYTES)
+            self.control_bytes += len(raw)
             # Parsed off the loop; what it cost spaces the next ask, so that inventories take
             # at most ~1/INVENTORY_CPU_SHARE of a CPU whatever size and however many peers.
-            t0 = time.monotonic()
-            peer.holdings = await asyncio.to_thread(parse_inventory, raw, self.wanted)
-            spent = time.monotonic() - t0
-            live = sum(p.dropped is None for p in self.peers.values())
-            peer.ask_at = t0 + spent * INVENTORY_CPU_SHARE * max(1, live)
+            t0 = self.clock()
+            try:
+                doc = await asyncio.to_thread(parse_inventory_doc, raw, self.wanted)
+            except ValueError:
+                if since is None:
+                    raise
+                doc = None
+            spent = self.clock() - t0
+            changed = self._apply(peer, doc, since)
+            if peer.dropped is not None:
+                return
+            polled = sum(self.peers[a].dropped is None for a in self.polled)
+            peer.ask_at = max(
+                t0 + spent * INVENTORY_CPU_SHARE * max(1, polled),
+                self.clock() + peer.backoff.next(changed),
+            )
             peer.unreachable = None
         except (aiohttp.ClientConnectionError, OSError, TimeoutError) as exc:
             # unreachable now (not started yet, gone): nothing from it until it answers
@@ -424,6 +662,40 @@ class PeerSet:
             self._drop_and_say(peer, f"broke the protocol ({type(exc).__name__}: {exc})")
         except ValueError as exc:
             self._drop_and_say(peer, f"sent an invalid inventory ({exc})")
+
+    def _apply(self, peer: Peer, doc: Inventory | None, since: str | None) -> bool:
+        """Apply an inventory answer to ``peer``; whether what it holds changed. A full one
+        replaces; a delta must follow what we hold (the epoch we asked from, a seq not going
+        back), else its state is forgotten and the next ask is for a full one (after
+        ``MAX_BAD_DELTAS`` in a row, the peer is dropped)."""
+        if doc is not None and doc.full:
+            before = peer.holdings
+            peer.holdings = doc.objects
+            peer.epoch, peer.seq = doc.epoch, doc.seq or 0
+            peer.bad_deltas = 0
+            self.inventories += 1
+            return peer.holdings != before
+        if (
+            doc is not None
+            and since is not None
+            and doc.epoch == peer.epoch
+            and doc.seq is not None
+            and doc.seq >= peer.seq
+        ):
+            changed = bool(doc.touched) or any(i in peer.holdings for i in doc.removed)
+            limit = len(self.wanted) if self.wanted is not None else MAX_HOLDINGS
+            peer.holdings = apply_delta(peer.holdings, doc, limit)
+            peer.seq = doc.seq
+            peer.bad_deltas = 0
+            self.inventories += 1
+            return changed
+        peer.bad_deltas += 1
+        if peer.bad_deltas >= MAX_BAD_DELTAS:
+            self._drop_and_say(
+                peer, f"sent {peer.bad_deltas} inventory deltas in a row that do not follow"
+            )
+        peer.holdings, peer.epoch, peer.seq = {}, None, 0
+        return True  # ask (for a full one) again soon
 
     def _unreachable(self, peer: Peer, reason: str) -> None:
         peer.holdings = {}
@@ -455,6 +727,17 @@ class PeerSet:
             await self._session.close()
             self._session = None
 
+    def holders(self, oid: str, start: int, end: int) -> int:
+        """How many polled peers, not dropped nor busy, hold ``[start, end)`` of ``oid`` (how
+        rare a chunk is, for :class:`swarm.ChunkPicker <spotstart.fetch.swarm.ChunkPicker>`)."""
+        now = self.clock()
+        n = 0
+        for a in self.polled:
+            p = self.peers[a]
+            if p.dropped is None and p.busy_until <= now and p.has(oid, start, end):
+                n += 1
+        return n
+
     def pick(self, oid: str, start: int, end: int) -> Peer | None:
         """The peer to ask for ``[start, end)`` of ``oid``: one that holds it, is not
         dropped or busy, and (once measured) is not slower than an origin stream; the
@@ -463,8 +746,9 @@ class PeerSet:
         at a time, all of them together: each hostile peer then costs at most a chunk
         deadline on one stream (the others carry on from the origin), so a name resolving to
         many of them costs the fetch a stream, not a deadline per peer on every stream."""
-        now = time.monotonic()
+        now = self.clock()
         best: Peer | None = None
+        ties = 0
         probation = self.unproven_failures >= PROBATION_AFTER
         trying = sum(p.in_flight for p in self.peers.values() if not p.bytes) if probation else 0
         for p in self.peers.values():
@@ -474,8 +758,14 @@ class PeerSet:
                 continue
             if p.seconds > 1.0 and self.origin_rate and p.rate() < 0.5 * self.origin_rate:
                 continue  # measured slower than the origin: the origin serves it
-            if best is None or (p.in_flight, -p.rate()) < (best.in_flight, -best.rate()):
-                best = p
+            # The least loaded; among equals one at random (reservoir sampling), so that the
+            # nodes of a fleet asking for the same chunk spread over its holders.
+            if best is None or p.in_flight < best.in_flight:
+                best, ties = p, 1
+            elif p.in_flight == best.in_flight:
+                ties += 1
+                if self.rng.randrange(ties) == 0:
+                    best = p
         return best
 
     def drop(self, peer: Peer, reason: str) -> bool:
@@ -495,6 +785,7 @@ class PeerSet:
         from this peer until a new inventory lists it again."""
         peer.holdings.pop(oid, None)
         peer.misses[oid] = reason
+        peer.epoch = None  # its next inventory a full one: lists it again if it still holds it
         if "miss" not in peer.told:
             peer.told.add("miss")
             self.on_message(f"peer {peer.address}: {reason}; left to the origin")
@@ -523,7 +814,7 @@ class PeerSet:
         peer.misses.pop(oid, None)
 
     def busy(self, peer: Peer, seconds: float) -> None:
-        peer.busy_until = time.monotonic() + seconds
+        peer.busy_until = self.clock() + seconds
 
     def dropped(self) -> dict[str, str]:
         """Each peer this run stopped asking, for all or for some objects, and why; peers
