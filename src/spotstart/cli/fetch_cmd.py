@@ -148,6 +148,26 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
         f"(default: ${PEERS_ENV})",
     )
     p.add_argument(
+        "--peer-sample",
+        type=int,
+        default=PeerSpec.sample,
+        metavar="N",
+        help="peers whose inventories are polled at once, however many the fleet has (the "
+        "least useful swapped for another now and then): bounds the control traffic "
+        f"({PeerSpec.sample})",
+    )
+    p.add_argument(
+        "--peer-wait",
+        type=float,
+        default=PeerSpec.single_flight_wait_s,
+        metavar="SECONDS",
+        help="single-flight: each chunk is read from the origin by one node of the fleet "
+        "(a hash ring over the peers' addresses); the others wait for it from a peer at most "
+        "this long, then read it from the origin; a node that lets a wait run out has its "
+        f"share read from the origin from then on; 0: no waiting "
+        f"({PeerSpec.single_flight_wait_s:g})",
+    )
+    p.add_argument(
         "--serve-peers",
         metavar="HOST:PORT",
         help="serve DEST to peers while this runs, chunks included as they arrive (on an "
@@ -199,17 +219,25 @@ def peers_from_args(args: argparse.Namespace) -> PeerSpec | None:
     address, and $POD_IP at that port (a headless Service lists this pod too). With
     --serve-peers on an address other hosts can reach, a token or --no-token is required."""
     text = args.peers if args.peers is not None else os.environ.get(PEERS_ENV)
+    sample, wait_s = args.peer_sample, args.peer_wait
+    if sample < 1:
+        raise UsageError("--peer-sample must be >= 1")
+    if not 0 <= wait_s < float("inf"):  # NaN fails too
+        raise UsageError("--peer-wait must be a number of seconds >= 0")
+    swarm = {"sample": sample, "single_flight_wait_s": wait_s}
     if not args.serve_peers:
-        return PeerSpec.parse(text, token_from_args(args)) if text else None
+        return PeerSpec.parse(text, token_from_args(args), **swarm) if text else None
     from spotstart.fetch.peer_server import split_listen  # aiohttp.web: only when serving
 
     host, port = split_listen(args.serve_peers)
     token = serving_token(args, "--serve-peers", host, port)
     configure_log("spotstart.peers", "spotstart fetch")
     exclude = [f"{host}:{port}"]
+    me = None  # our place on the ring: the address peers reach us at (default exclude[0])
     if os.environ.get("POD_IP"):
-        exclude.append(f"{os.environ['POD_IP']}:{port}")
-    return PeerSpec.parse(text or "", token, exclude=tuple(exclude))
+        me = f"{os.environ['POD_IP']}:{port}"
+        exclude.append(me)
+    return PeerSpec.parse(text or "", token, exclude=tuple(exclude), me=me, **swarm)
 
 
 class _Reported(Protocol):
