@@ -107,12 +107,16 @@ def by_id(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {o["id"]: o for o in doc["objects"]}
 
 
+def plan(entry: dict[str, Any]) -> tuple[Any, ...]:
+    chunks = entry["chunks"]
+    return chunks["bytes"], chunks["crc"], chunks["parts"]
+
+
 def merge(held: dict[str, dict[str, Any]], delta: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What a client holds after applying ``delta`` (the protocol's rules)."""
     out = {k: json.loads(json.dumps(v)) for k, v in held.items() if k not in delta["removed"]}
     for o in delta["objects"]:
         old = out.get(o["id"])
-        plan = lambda e: (e["chunks"]["bytes"], e["chunks"]["crc"], e["chunks"]["parts"])  # noqa: E731
         if old is not None and plan(old) == plan(o):
             o = {
                 **o,
