@@ -13,6 +13,12 @@ table states.
 
     python bench/peers/run.py                  # 256 MB model, N = 1, 4, 8
     python bench/peers/run.py --model-mb 64 --nodes 1 4   # smoke
+
+In network namespaces (real hosts, uplinks and downlinks paced with tc, today's design beside
+the new one; needs root; see bench/peers/ns.py):
+
+    python bench/peers/run.py --netns          # 64 MB model, N = 4, 8, 16, 2 reps
+    python bench/peers/run.py --netns --quick  # smoke: N = 4, 32 MB
 """
 
 from __future__ import annotations
@@ -28,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+import ns  # bench/peers/ns.py (this directory is sys.path[0])
 
 from spotstart.emulate.link import LinkConfig
 from spotstart.emulate.proxy import LinkEmulator
@@ -132,12 +140,19 @@ def run_fleet(
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model-mb", type=int, default=256)
-    ap.add_argument("--nodes", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--model-mb", type=int, help="256 (--netns: 64)")
+    ap.add_argument("--nodes", type=int, nargs="+", help="1 4 8 (--netns: 4 8 16)")
     ap.add_argument("--stagger-s", type=float, default=2.0)
     ap.add_argument("--origin-mbps", type=float, default=100, help="origin's cap, all nodes")
     ap.add_argument("--nic-mbps", type=float, default=200, help="each node's downlink")
+    ap.add_argument("--netns", action="store_true", help="hosts in network namespaces")
+    ns.add_args(ap)
     args = ap.parse_args()
+    args.nodes_given, args.model_mb_given = args.nodes is not None, args.model_mb is not None
+    if args.netns:
+        return ns.main(args)
+    args.nodes = args.nodes or [1, 4, 8]
+    args.model_mb = args.model_mb or 256
     origin = LinkConfig(
         per_conn_bytes_per_s=50e6,
         aggregate_bytes_per_s=args.origin_mbps * 1e6,
