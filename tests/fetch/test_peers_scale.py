@@ -153,6 +153,63 @@ def test_an_inventory_of_a_140gb_model_is_read_whole_and_its_last_chunks_are_use
     assert peer.holdings[arriving].crc_of(CHUNK, "crc32c", (), last - 3) == int(_crc(last - 3), 16)
 
 
+def test_the_project_s_peer_server_sends_a_140gb_model_s_changes_not_its_whole_inventory(
+    tmp_path: Path,
+) -> None:
+    """Against the real PeerServer (rescanning at every request): a full first inventory, 304
+    while nothing lands, a delta of a few chunks' size when some do (their CRCs added to those
+    kept), and the object's removal."""
+    root = tmp_path / "peer"
+    held = range(0, CHUNKS_140GB // 2)
+    oid, _ = add_sparse_arriving(root, "m/b.safetensors", CHUNKS_140GB, CHUNK, held)
+    part, journal = work_paths(root, "m/b.safetensors")
+    server = PeerServer(root)
+    thread = PeerServerThread(server)
+    port = thread.start("127.0.0.1", 0)
+    assert server.index is not None
+    server.index.ttl_s = 0.0  # every request rescans: what landed is seen at once
+    address = f"127.0.0.1:{port}"
+    clock = FakeClock()
+
+    async def go() -> None:
+        peers = PeerSet(PeerSpec((address,)), wanted={oid}, clock=clock, rng=random.Random(0))
+        p = None
+        try:
+            await peers.refresh()
+            full = peers.control_bytes
+            p = peers.peers[address]
+            assert p.epoch is not None and full > 50_000
+            assert peers.holders(oid, *_chunk(CHUNKS_140GB // 2 - 1)) == 1
+            assert peers.holders(oid, *_chunk(CHUNKS_140GB // 2)) == 0
+            clock.now = 1.0
+            await peers.refresh()
+            assert peers.not_modified == 1
+            new = range(CHUNKS_140GB // 2, CHUNKS_140GB // 2 + 10)
+            with journal.open("a") as f:
+                f.write("".join(f"{i} {_crc(i)}\n" for i in new))
+            clock.now = 3.0
+            before = peers.control_bytes
+            await peers.refresh()
+            assert peers.inventories == 2 and peers.control_bytes - before < 2_000
+            assert peers.holders(oid, *_chunk(new[-1])) == 1
+            obj = p.holdings[oid]
+            assert len(obj.crcs) == CHUNKS_140GB // 2 + 10
+            assert obj.crc_of(CHUNK, "crc32c", (), 0) == int(_crc(0), 16)  # kept
+            assert obj.crc_of(CHUNK, "crc32c", (), new[-1]) == int(_crc(new[-1]), 16)
+            journal.unlink()
+            part.unlink()
+            clock.now = 4.0
+            await peers.refresh()
+            assert p.holdings == {} and p.dropped is None and peers.inventories == 3
+        finally:
+            await peers.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        thread.close()
+
+
 def _config(addresses: list[str]) -> FetchConfig:
     return FetchConfig(
         chunk_bytes=MiB,
