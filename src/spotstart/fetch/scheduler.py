@@ -10,8 +10,9 @@ import asyncio
 import contextlib
 import hashlib
 import random
+import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +44,7 @@ from spotstart.fetch.manifest import (
     parse_manifest,
 )
 from spotstart.fetch.peers import OBJECTS_PATH, PeerSet, object_id
+from spotstart.fetch.swarm import ChunkPicker
 from spotstart.fetch.target import FileTarget, Window
 from spotstart.fetch.verify import ALGORITHMS, CRC32C, CrcAlgorithm, combine_chunk_crcs
 from spotstart.fetch.writer import DiskWriter
@@ -172,6 +174,10 @@ class _Counters:
     refetched_chunks: int = 0
     direct_chunks: int = 0  # chunks received straight into the target by the direct reader
     bytes_from_peers: int = 0
+    # Swarm order (peers active): chunks this node's ring share sent to the origin first,
+    # and chunks left to another node's share that came from the origin after the wait.
+    origin_owned: int = 0
+    origin_after_wait: int = 0
 
 
 class _OrderedMd5:
@@ -573,19 +579,41 @@ class TransferScheduler:
         finishing: set[asyncio.Task[Any]] = set()
         pending = self._pending(files)
         lookahead: deque[tuple[TransferFile, planning.Chunk]] = deque()
+        # With peers and files they may give, chunks go out in the swarm's order (rarest
+        # first from peers, this node's ring share from the origin, the rest waited for);
+        # else in file order, each file opened as reached.
+        swarm = (
+            _Swarm(self, files, self.peers)
+            if self.peers is not None and any(f.peer_id is not None for f in files)
+            else None
+        )
         exhausted = False
         committer = asyncio.create_task(self._commit_loop(files))
         try:
             while True:
+                wake: float | None = None
+                if swarm is not None:
+                    swarm.tick(loop.time())
                 while not exhausted and len(running) < self.controller.target:
-                    if not lookahead:
-                        try:
-                            lookahead.append(next(pending))
-                        except StopIteration:
+                    origin_first = False
+                    if swarm is not None:
+                        got = swarm.take(loop.time(), len(running))
+                        if got is None:
                             exhausted = True
                             break
-                    f, ch = lookahead.popleft()
-                    task = asyncio.create_task(self._fetch_chunk(f, ch))
+                        if isinstance(got, float):
+                            wake = got  # nothing to hand out before then
+                            break
+                        f, ch, origin_first = got
+                    else:
+                        if not lookahead:
+                            try:
+                                lookahead.append(next(pending))
+                            except StopIteration:
+                                exhausted = True
+                                break
+                        f, ch = lookahead.popleft()
+                    task = asyncio.create_task(self._fetch_chunk(f, ch, origin_first=origin_first))
                     running[task] = (f, ch)
                 # Files fully resumed from their journal have nothing to fetch.
                 for f in files:
@@ -595,11 +623,16 @@ class TransferScheduler:
                 if not running and exhausted and not finishing:
                     break
                 waitables: set[asyncio.Task[Any]] = set(running) | finishing
-                done, _ = await asyncio.wait(
-                    waitables,
-                    timeout=self.config.concurrency.probe_interval_s,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+                timeout = self.config.concurrency.probe_interval_s
+                if wake is not None:  # or sooner: a chunk left to its owner falls to us
+                    timeout = max(0.01, min(timeout, wake - loop.time()))
+                if not waitables:  # waiting for other nodes only: ask the picker again
+                    await asyncio.sleep(timeout)
+                    done: set[asyncio.Task[Any]] = set()
+                else:
+                    done, _ = await asyncio.wait(
+                        waitables, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                    )
                 for t in done:
                     if t in finishing:
                         finishing.discard(t)
@@ -738,18 +771,24 @@ class TransferScheduler:
             )
         return self._pool
 
-    async def _fetch_chunk(self, f: TransferFile, ch: planning.Chunk) -> int:
-        """Fetch one chunk with bounded retries; returns its CRC."""
+    async def _fetch_chunk(
+        self, f: TransferFile, ch: planning.Chunk, *, origin_first: bool = False
+    ) -> int:
+        """Fetch one chunk with bounded retries; returns its CRC. ``origin_first``: its
+        first attempt goes to the origin without asking a peer (this node's single-flight
+        share); a retry asks peers as any other (one may hold it by then)."""
         target = f.target
         assert target is not None
         if f.hooks is not None:
             await f.hooks.admit(ch)
         chunk = _ChunkWriter(self, f, target, ch.start)
+        skip_peer = origin_first
 
         async def attempt() -> int:
-            nonlocal chunk
+            nonlocal chunk, skip_peer
             chunk = _ChunkWriter(self, f, target, ch.start)
-            if self.peers is not None and f.peer_id is not None and not f.origin_only:
+            skip, skip_peer = skip_peer, False
+            if self.peers is not None and f.peer_id is not None and not f.origin_only and not skip:
                 crc = await self._from_peer(f, ch)
                 if crc is not None:
                     return crc
@@ -1021,6 +1060,202 @@ class TransferScheduler:
             _landed(f, ch.index, crc)
 
         await asyncio.gather(*(one(ch) for ch in chunks))
+
+
+_Key = tuple[int, int]  # (index of the file in the run, index of the chunk in the file)
+
+
+class _Picker(ChunkPicker[_Key]):
+    """The swarm's :class:`ChunkPicker`, its chunks added as their files are opened.
+    ``plain(key)``: a chunk the swarm does not order (its file has no peer identity, a
+    consumer takes its bytes in order, or a check sent it to the origin only): counted as
+    ours on the ring, so it goes out in file order, never waited for, with no holders.
+    ``no_wait(owner, key)``: the chunk's owner on the ring is not worth waiting for (see
+    :meth:`_Swarm._no_wait`): ours too."""
+
+    def __init__(
+        self,
+        me: str,
+        ring_key: Callable[[_Key], str],
+        plain: Callable[[_Key], bool],
+        no_wait: Callable[[str, _Key], bool],
+        *,
+        wait_s: float,
+        rng: random.Random,
+    ) -> None:
+        super().__init__(me, (), ring_key, wait_s=wait_s, rng=rng)
+        self.plain = plain
+        self.no_wait = no_wait
+        self._owners: dict[_Key, str | None] = {}
+
+    def add(self, keys: list[_Key]) -> None:
+        self._todo.update(dict.fromkeys(keys))  # behind the rest: file order
+
+    def set_fleet(self, nodes: Iterable[str]) -> None:
+        ring = self._ring
+        super().set_fleet(nodes)
+        if self._ring is not ring:
+            self._owners = {}
+
+    def owner(self, key: _Key) -> str | None:
+        """The node whose share ``key`` is (None: no ring)."""
+        if key not in self._owners:
+            self._owners[key] = self._ring.owner(self.ring_key(key))
+        return self._owners[key]
+
+    def owns(self, key: _Key) -> bool:
+        if self.plain(key) or super().owns(key):
+            return True
+        owner = self.owner(key)
+        return owner is not None and self.no_wait(owner, key)
+
+
+class _Swarm:
+    """Which chunk a free stream of a run with peers takes next, and from where (see
+    :class:`spotstart.fetch.swarm.ChunkPicker`): chunks some peer holds first, the rarest
+    first; then this node's share of the hash ring over the fleet from the origin (one node
+    per chunk asks the origin: single-flight); another node's share is waited for, at most
+    ``single_flight_wait_s``, then taken from the origin. Files are opened (resumed from
+    their journals) when the picker's window reaches them, no more than the streams + 1 at
+    a time with chunks left, as in file order."""
+
+    def __init__(self, sched: TransferScheduler, files: list[TransferFile], peers: PeerSet):
+        self.sched = sched
+        self.files = files
+        self.peers = peers
+        spec = peers.spec
+        me = getattr(peers, "me", None) or (spec.exclude[0] if spec.exclude else "") or "self"
+        self.picker = _Picker(
+            me,
+            self._ring_key,
+            self._plain,
+            self._no_wait,
+            wait_s=float(getattr(spec, "single_flight_wait_s", 10.0)),
+            rng=sched.rng,
+        )
+        self.opened = 0  # files[:opened] are open (or finished)
+        self.open: list[TransferFile] = []  # opened with chunks left (pruned as they land)
+        self._holders: dict[_Key, int] = {}
+        self.late: set[str] = set()  # nodes that let a chunk's wait run out
+        self._fresh_until = float("-inf")
+        self._inventories: int | None = None
+
+    def _plain(self, key: _Key) -> bool:
+        f = self.files[key[0]]
+        return f.peer_id is None or f.hooks is not None or f.origin_only
+
+    def _no_wait(self, owner: str, key: _Key) -> bool:
+        """Whether a chunk of ``owner``'s share is taken from the origin at once: the owner
+        let one chunk's wait run out already this run (dead, cut off, slow, or not fetching
+        this model: one wait per such node, not one per window of chunks), or it holds the
+        chunk but is busy (it answered 503: it is not fetching it, and the origin serves
+        while a holder is busy, as before the swarm)."""
+        if owner in self.late:
+            return True
+        peer = self.peers.peers.get(owner)
+        if peer is None or peer.dropped is not None or peer.busy_until <= self._now():
+            return False
+        f = self.files[key[0]]
+        ch = f.chunks[key[1]]
+        assert f.peer_id is not None
+        return peer.has(f.peer_id, ch.start, ch.start + ch.length)
+
+    def _now(self) -> float:
+        clock: Callable[[], float] = getattr(self.peers, "clock", time.monotonic)
+        return clock()  # the PeerSet's clock (busy_until)
+
+    def _ring_key(self, key: _Key) -> str:
+        return f"{self.files[key[0]].peer_id}:{key[1]}"
+
+    # How long holder counts and the fleet are kept while no inventory changes: a round of
+    # the scheduler comes with every chunk that lands, and asking each chunk of the window
+    # its holders (window x polled peers) every round would cost the loop seconds of CPU
+    # over a large model. A peer gone busy or dropped meanwhile costs nothing: its "peer"
+    # pick finds no peer and the origin serves.
+    FRESH_S = 0.5
+
+    def tick(self, now: float) -> None:
+        """Once per round of the scheduler: the fleet as discovery last saw it and holders
+        asked anew, when an inventory changed or ``FRESH_S`` passed."""
+        inventories = getattr(self.peers, "inventories", None)
+        if now < self._fresh_until and inventories == self._inventories:
+            return
+        self._fresh_until, self._inventories = now + self.FRESH_S, inventories
+        fleet = getattr(self.peers, "fleet", None)
+        self.picker.set_fleet(fleet() if fleet is not None else list(self.peers.peers))
+        self._holders = {}
+
+    def holders(self, key: _Key) -> int:
+        n = self._holders.get(key)
+        if n is None:
+            f = self.files[key[0]]
+            if self._plain(key):
+                n = 0
+            else:
+                assert f.peer_id is not None
+                ch = f.chunks[key[1]]
+                n = self._count(f.peer_id, ch.start, ch.start + ch.length)
+            self._holders[key] = n
+        return n
+
+    def _count(self, oid: str, start: int, end: int) -> int:
+        holders = getattr(self.peers, "holders", None)
+        if holders is not None:
+            return int(holders(oid, start, end))
+        now = self._now()
+        return sum(
+            p.dropped is None and p.busy_until <= now and p.has(oid, start, end)
+            for p in self.peers.peers.values()
+        )
+
+    def _fill(self, running: int) -> None:
+        """Open files until the picker's window is full, within the bound on open files."""
+        bound = self.sched.controller.target + 1
+        while self.opened < len(self.files) and len(self.picker) < self.picker.window:
+            self.open = [f for f in self.open if f.remaining > 0]
+            if len(self.open) >= bound and (len(self.picker) or running):
+                return
+            i = self.opened
+            f = self.files[i]
+            self.sched._open(f)
+            self.opened += 1
+            keys = [(i, ch.index) for ch in f.chunks if ch.index not in f.crcs]
+            if keys:
+                self.open.append(f)
+                self.picker.add(keys)
+
+    def take(
+        self, now: float, running: int
+    ) -> tuple[TransferFile, planning.Chunk, bool] | float | None:
+        """The next chunk and whether it goes to the origin first; else the time a chunk
+        left to its owner falls to us; None when every chunk has been handed out."""
+        self._fill(running)
+        got = self.picker.next(now, self.holders)
+        if got is None:
+            if self.opened == len(self.files):
+                return None
+            # the open files' chunks are all in flight: more open as those land
+            return now + self.sched.config.concurrency.probe_interval_s
+        if isinstance(got, float):
+            return got
+        f = self.files[got.key[0]]
+        ch = f.chunks[got.key[1]]
+        if got.source == "peer" or self._plain(got.key):
+            return f, ch, False
+        if self.picker.owns(got.key):
+            self.sched.counters.origin_owned += 1
+            return f, ch, True
+        self.sched.counters.origin_after_wait += 1
+        owner = self.picker.owner(got.key)
+        if owner is not None and owner not in self.late:
+            self.late.add(owner)
+            if len(self.late) == 1:  # once: the peer's own troubles are told by PeerSet
+                self.sched.progress.on_message(
+                    f"{f.rel}: chunk {ch.index} was left to another node's single-flight share "
+                    f"for {self.picker.wait_s:g} s and no peer holds it yet: fetching it from "
+                    "the origin, and that node's share from now on (so for any other such node)"
+                )
+        return f, ch, True
 
 
 class _CheckedWindow:
