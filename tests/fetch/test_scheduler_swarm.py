@@ -218,3 +218,102 @@ def test_serving_on_every_address_a_node_is_on_the_ring_at_its_pod_ip(
     spec = config_from_args(args).peers
     assert spec is not None and spec.me == "10.0.0.9:8471"
     assert "10.0.0.9:8471" in spec.exclude
+
+
+class MemTarget:
+    """A file target in memory that records, at each open, how many opened targets still
+    lack bytes (files open with chunks left)."""
+
+    def __init__(self, size: int, opened: list[MemTarget], peaks: list[int]) -> None:
+        self.buf = bytearray(size)
+        self.written = 0
+        self.size = size
+        self.opened, self.peaks = opened, peaks
+        self.is_open = False
+        self.done = False
+
+    def open(self) -> dict[int, int]:
+        self.is_open = True
+        self.opened.append(self)
+        self.peaks.append(sum(t.written < t.size for t in self.opened))
+        return {}
+
+    async def write(self, offset: int, pieces: list[bytes]) -> asyncio.Future[None]:
+        for p in pieces:
+            self.buf[offset : offset + len(p)] = p
+            offset += len(p)
+            self.written += len(p)
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done.set_result(None)
+        return done
+
+    def read(self, offset: int, length: int) -> bytes:
+        return bytes(self.buf[offset : offset + length])
+
+    def stored_size(self) -> int:
+        return self.size
+
+    def commit(self, chunks: dict[int, int]) -> None:
+        return None
+
+    def finish(self) -> None:
+        self.done, self.is_open = True, False
+
+    def discard(self) -> None:
+        self.is_open = False
+
+    def close(self) -> None:
+        self.is_open = False
+
+
+def test_in_swarm_order_files_open_as_the_window_reaches_them_no_more_than_streams_plus_one() -> (
+    None
+):
+    # Forty small files (1-3 chunks) from memory; the only peer is dead, so half the chunks
+    # are its share and wait (briefly) before the origin serves them. However the picker
+    # orders chunks, files with chunks left never number more than streams + 1.
+    from spotstart.fetch.peers import PeerSet
+    from spotstart.fetch.scheduler import TransferScheduler
+    from spotstart.store.memory import MemorySource
+    from spotstart.store.url import parse_url
+
+    objects = {f"m/{i:02}.bin": os.urandom(1000 * (1 + i % 3)) for i in range(40)}
+    source = MemorySource(objects)
+    streams = 2
+    config = FetchConfig(
+        chunk_bytes=1000,
+        concurrency=Concurrency(streams=streams),
+        peers=PeerSpec((f"127.0.0.1:{free_port()}",), me="127.0.0.1:1", single_flight_wait_s=0.05),
+    )
+    sched = TransferScheduler(source, parse_url("gs://mem/m/"), config, Recorder())
+    opened: list[MemTarget] = []
+    peaks: list[int] = []
+    targets: dict[str, MemTarget] = {}
+
+    def make(f: object) -> MemTarget:
+        rel = f.rel  # type: ignore[attr-defined]
+        targets[rel] = MemTarget(len(objects["m/" + rel]), opened, peaks)
+        return targets[rel]
+
+    async def run() -> None:
+        assert config.peers is not None
+        infos = await source.list("m/")
+        files = [sched.plan_file(i, i.key[2:], make) for i in infos]
+        assert all(f.peer_id is not None for f in files)
+        sched.peers = PeerSet(config.peers)
+        await sched.peers.refresh()  # the dead peer is in the fleet: half the ring is its
+        await sched.transfer(files)
+
+    try:
+        asyncio.run(run())
+    finally:
+        sched.close()
+    assert len(opened) == 40 and all(t.done for t in opened)
+    for key, data in objects.items():
+        assert bytes(targets[key[2:]].buf) == data, key
+    assert max(peaks) <= streams + 1, peaks
+    assert sched.counters.origin_after_wait >= 1  # the dead node's share waited, then came
+    assert sched.counters.origin_owned >= 1
+    # every chunk read once
+    assert sorted(source.reads) == sorted(set(source.reads))
+    assert len(source.reads) == sum(1 + i % 3 for i in range(40))
