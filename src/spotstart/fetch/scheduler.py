@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import hashlib
 import random
-import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -1124,13 +1123,15 @@ class _Swarm:
         self.files = files
         self.peers = peers
         spec = peers.spec
-        me = getattr(peers, "me", None) or (spec.exclude[0] if spec.exclude else "") or "self"
+        # Our node on the ring: the address peers know us by (--serve-peers, $POD_IP); a
+        # fetch that serves nothing is no peer's owner, but still takes a share of its own.
+        me = peers.me or "self"
         self.picker = _Picker(
             me,
             self._ring_key,
             self._plain,
             self._no_wait,
-            wait_s=float(getattr(spec, "single_flight_wait_s", 10.0)),
+            wait_s=spec.single_flight_wait_s,
             rng=sched.rng,
         )
         self.opened = 0  # files[:opened] are open (or finished)
@@ -1161,8 +1162,7 @@ class _Swarm:
         return peer.has(f.peer_id, ch.start, ch.start + ch.length)
 
     def _now(self) -> float:
-        clock: Callable[[], float] = getattr(self.peers, "clock", time.monotonic)
-        return clock()  # the PeerSet's clock (busy_until)
+        return self.peers.clock()  # the PeerSet's clock (busy_until)
 
     def _ring_key(self, key: _Key) -> str:
         return f"{self.files[key[0]].peer_id}:{key[1]}"
@@ -1177,12 +1177,11 @@ class _Swarm:
     def tick(self, now: float) -> None:
         """Once per round of the scheduler: the fleet as discovery last saw it and holders
         asked anew, when an inventory changed or ``FRESH_S`` passed."""
-        inventories = getattr(self.peers, "inventories", None)
+        inventories = self.peers.inventories
         if now < self._fresh_until and inventories == self._inventories:
             return
         self._fresh_until, self._inventories = now + self.FRESH_S, inventories
-        fleet = getattr(self.peers, "fleet", None)
-        self.picker.set_fleet(fleet() if fleet is not None else list(self.peers.peers))
+        self.picker.set_fleet(self.peers.fleet())
         self._holders = {}
 
     def holders(self, key: _Key) -> int:
@@ -1194,19 +1193,9 @@ class _Swarm:
             else:
                 assert f.peer_id is not None
                 ch = f.chunks[key[1]]
-                n = self._count(f.peer_id, ch.start, ch.start + ch.length)
+                n = self.peers.holders(f.peer_id, ch.start, ch.start + ch.length)
             self._holders[key] = n
         return n
-
-    def _count(self, oid: str, start: int, end: int) -> int:
-        holders = getattr(self.peers, "holders", None)
-        if holders is not None:
-            return int(holders(oid, start, end))
-        now = self._now()
-        return sum(
-            p.dropped is None and p.busy_until <= now and p.has(oid, start, end)
-            for p in self.peers.peers.values()
-        )
 
     def _fill(self, running: int) -> None:
         """Open files until the picker's window is full, within the bound on open files."""
