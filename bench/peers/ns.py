@@ -2,8 +2,12 @@
 namespace with its own address and tc-paced uplink and downlink (spotstart.emulate.netns),
 the origin (the storage emulator) on the bridge behind its own paced uplink. Each host runs
 what `spotstart k8s render` gives a pod with `peers: true`: a `serve-peers` sidecar on its
-weights dir and `spotstart fetch --peers <every other host>`, both started at its arrival;
-hosts arrive evenly over the spread.
+weights dir and `spotstart fetch --peers <every other host>`. The sidecars are all up before
+the first arrival (a sidecar of a host not yet arrived serves an empty directory): on a real
+fleet each node has its own CPUs, here 2 cores carry every host, and a Python process costs
+~0.65 CPU-s to start. The fetches arrive --arrival-gap-s apart (spread = gap x (N - 1)).
+Each run also records how busy this machine's CPUs were while it lasted (/proc/stat): a run
+near 100% measures the 2 cores more than the design.
 
 Two designs in the same run, on the same links and model: "new" = this checkout's code at
 --new-rev (a git worktree, so half-edited files of the shared checkout are not measured), and
@@ -23,6 +27,7 @@ import itertools
 import json
 import os
 import platform
+import resource
 import signal
 import statistics
 import subprocess
@@ -92,7 +97,7 @@ def run_fleet(
     n: int,
     design: str,
     src: Path,
-    spread_s: float,
+    gap_s: float,
     link_bytes_per_s: float,
     digests: dict[str, str],
 ) -> dict[str, Any]:
@@ -113,26 +118,30 @@ def run_fleet(
     env.pop("SPOTSTART_PEERS", None)
     nodes = [Node(h, work / f"node{i}") for i, h in enumerate(hosts)]
     waiters: list[threading.Thread] = []
-    emu.reset_stats()
-    t0 = time.monotonic()
     try:
-        for i, node in enumerate(nodes):
+        for node in nodes:
             node.dest.mkdir()
-            at = t0 + (i * spread_s / (n - 1) if n > 1 else 0.0)
-            delay = at - time.monotonic()
+            if n > 1:
+                serve = [sys.executable, "-P", "-m", "spotstart", "serve-peers", str(node.dest)]
+                serve += ["--listen", f"{node.host.address}:{PEER_PORT}", "--json"]
+                node.server = node.host.popen([*serve, "--peer-token-file", str(token)], env=env)
+        for node in nodes:  # each sidecar prints its address once it listens
+            if node.server is not None:
+                assert node.server.stdout is not None
+                if not node.server.stdout.readline():
+                    raise RuntimeError(f"serve-peers on {node.host.name} did not start")
+        emu.reset_stats()
+        cpu0 = _cpu_times()
+        ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.monotonic()
+        for i, node in enumerate(nodes):
+            delay = t0 + i * gap_s - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             node.started = time.monotonic()
             argv = [sys.executable, "-P", str(HERE / "counted.py"), "fetch"]
             argv += [f"gs://{BUCKET}/{PREFIX}", str(node.dest), "--json"]
             if n > 1:
-                serve = [sys.executable, "-P", "-m", "spotstart", "serve-peers", str(node.dest)]
-                serve += ["--listen", f"{node.host.address}:{PEER_PORT}"]
-                node.server = node.host.popen(
-                    [*serve, "--peer-token-file", str(token)],
-                    env=env,
-                    stdout=subprocess.DEVNULL,
-                )
                 others = [f"{h.address}:{PEER_PORT}" for h in hosts if h is not node.host]
                 argv += ["--peers", ",".join(others), "--peer-token-file", str(token)]
             node.fetch = node.host.popen(
@@ -150,6 +159,8 @@ def run_fleet(
         ]
         if failed:
             raise RuntimeError(f"{design} N={n}: " + "; ".join(failed))
+        cpu1 = _cpu_times()
+        ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         origin = int(emu.stats()["body_bytes_down"])
         reports = [json.loads(node.out) for node in nodes]
         control = [json.loads((work / f"control{i}.json").read_text()) for i in range(n)]
@@ -166,6 +177,7 @@ def run_fleet(
                     node.server.kill()
         for host in hosts:
             net.remove_host(host.name)
+    ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
     for node in nodes:  # every node holds the origin's bytes
         for key, digest in digests.items():
             got = hashlib.sha256((node.dest / key).read_bytes()).hexdigest()
@@ -181,9 +193,15 @@ def run_fleet(
         "ready_s": ready,
         "last_ready_s": max(ready),
         "arrivals_s": [round(node.started - t0, 2) for node in nodes],
+        "spread_s": round(gap_s * (n - 1), 2),
+        "fetch_cpu_s": round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 1),
+        "sidecar_cpu_s": round(ru2.ru_utime + ru2.ru_stime - ru1.ru_utime - ru1.ru_stime, 1),
+        "machine_cpu_s": round((cpu1[0] - cpu0[0]) / os.sysconf("SC_CLK_TCK"), 1),
+        "cpu_busy": round(1 - (cpu1[1] - cpu0[1]) / max(1, cpu1[0] - cpu0[0]), 2),
         "bytes_from_peers": [int(r.get("bytes_from_peers", 0)) for r in reports],
         "peers_dropped": [r.get("peers_dropped", {}) for r in reports],
         "chunk_bytes": reports[0].get("chunk_bytes"),
+        "streams": reports[0].get("concurrency_final"),
         "control_bytes": control_bytes,
         "inventory_answers": sum(c["inventory_answers"] for c in control),
         "inventory_not_modified": sum(c["inventory_not_modified"] for c in control),
@@ -200,10 +218,18 @@ def run_fleet(
     }
 
 
+def _cpu_times() -> tuple[int, int]:
+    """(all, idle + iowait) jiffies of this machine's CPUs so far."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return sum(fields), fields[3] + fields[4]
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke: N = 4, 32 MB, 1 rep")
-    ap.add_argument("--link-mbps", type=float, default=25, help="each host's up and down, MB/s")
-    ap.add_argument("--spread-s", type=float, default=4.0, help="arrivals spread over this")
+    ap.add_argument(
+        "--link-mbps", type=float, default=10, help="each host's up and down, MB/s (10)"
+    )
+    ap.add_argument("--arrival-gap-s", type=float, default=0.5, help="between two arrivals (0.5)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--new-rev", default="HEAD", help="the new design's commit (HEAD)")
     ap.add_argument("--designs", nargs="+", default=["new", "today"])
@@ -231,6 +257,7 @@ def main(args: argparse.Namespace) -> int:
         for d, p in srcs.items()
     }
     link = args.link_mbps * 1e6
+    args.origin_mbps = args.origin_mbps or 20.0
     origin_rate = args.origin_mbps * 1e6
     shard = (model_mb << 20) // 2
     rows: list[dict[str, Any]] = []
@@ -273,7 +300,7 @@ def main(args: argparse.Namespace) -> int:
                             n=n,
                             design=design if n > 1 else "alone",
                             src=srcs[design],
-                            spread_s=args.spread_s,
+                            gap_s=args.arrival_gap_s,
                             link_bytes_per_s=link,
                             digests=digests,
                         )
@@ -283,7 +310,8 @@ def main(args: argparse.Namespace) -> int:
                         print(
                             f"rep {rep} N={n} {row['design']}: origin {row['origin_x_model']}x "
                             f"the model, last ready {row['last_ready_s']} s, control/data "
-                            f"{row['control_x_data']}",
+                            f"{row['control_x_data']}, CPU-s fetches {row['fetch_cpu_s']} "
+                            f"sidecars {row['sidecar_cpu_s']} machine busy {row['cpu_busy']}",
                             flush=True,
                         )
                         subprocess.run(["rm", "-rf", str(run_dir)], check=False)
@@ -292,15 +320,15 @@ def main(args: argparse.Namespace) -> int:
         "cpus": os.cpu_count(),
         "model_bytes": model,
         "model_mb": round(model / 1e6, 1),
-        "arrival_spread_s": args.spread_s,
+        "arrival_gap_s": args.arrival_gap_s,
         "origin_up_mb_s": args.origin_mbps,
         "host_up_mb_s": args.link_mbps,
         "host_down_mb_s": args.link_mbps,
         "origin_first_byte_s": 0.03,
         "links": "veth pairs in network namespaces, tc tbf on both ends (kernel "
         f"{platform.release()}); the origin's uplink a tbf on the bridge",
-        "shape": "each host: serve-peers sidecar + fetch --peers <all others>, both started "
-        "at its arrival; arrivals evenly spread",
+        "shape": "each host: a serve-peers sidecar (all up before the first arrival) + fetch "
+        "--peers <all others> at its arrival; arrivals arrival_gap_s apart",
         "designs": {
             "new": f"{srcs['new']} at {revs['new']}",
             "today": f"{srcs['today']} at {revs['today']} (the code before issue 25)",
@@ -342,7 +370,9 @@ def summarize(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[dict[str,
                 "last_ready_s_median": last,
                 "single_node_s": single,
                 "last_ready_x_single": round(last / single, 2) if single else None,
-                "goal_s": round(1.5 * single + env["arrival_spread_s"], 2) if single else None,
+                "spread_s": group[0]["spread_s"],
+                "goal_s": round(1.5 * single + group[0]["spread_s"], 2) if single else None,
+                "cpu_busy": [r["cpu_busy"] for r in group],
                 "control_x_data": [r["control_x_data"] for r in group],
                 "control_x_data_median": statistics.median(r["control_x_data"] for r in group),
                 "from_peers_x_model": round(
@@ -360,23 +390,23 @@ def markdown(summary: list[dict[str, Any]], env: dict[str, Any]) -> str:
     lines = [
         f"# bench/peers --netns ({env['model_mb']} MB model; hosts in network namespaces, "
         f"{env['host_up_mb_s']:g} MB/s up and down each (tc tbf), origin {env['origin_up_mb_s']:g} "
-        f"MB/s up; arrivals over {env['arrival_spread_s']:g} s; {env['cpus']} CPUs shared by "
+        f"MB/s up; arrivals {env['arrival_gap_s']:g} s apart; {env['cpus']} CPUs shared by "
         "every host)",
         "",
         f"One node alone (origin only): {single} s (median). Goal: last ready <= 1.5 x that + "
         "the spread; origin <= 1.2x the model; control < 1% of data.",
         "",
         "| nodes | design | origin bytes / model | last node ready s | last / one alone "
-        "| goal s | control / data | from peers / model |",
-        "|---|---|---|---|---|---|---|---|",
+        "| spread s | goal s | control / data | from peers / model | CPUs busy |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         lines.append(
             f"| {s['nodes']} | {s['design']} | {s['origin_x_model_median']} "
             f"({', '.join(map(str, s['origin_x_model']))}) | {s['last_ready_s_median']} "
             f"({', '.join(map(str, s['last_ready_s']))}) | {s['last_ready_x_single']} | "
-            f"{s['goal_s']} | {s['control_x_data_median'] * 100:.3f}% | "
-            f"{s['from_peers_x_model']} |"
+            f"{s['spread_s']} | {s['goal_s']} | {s['control_x_data_median'] * 100:.3f}% | "
+            f"{s['from_peers_x_model']} | {', '.join(f'{c:.0%}' for c in s['cpu_busy'])} |"
         )
     lines += [
         "",
@@ -393,10 +423,43 @@ def markdown(summary: list[dict[str, Any]], env: dict[str, Any]) -> str:
 def handoff(
     summary: list[dict[str, Any]], rows: list[dict[str, Any]], env: dict[str, Any]
 ) -> dict[str, Any]:
+    """The real runs in the shape bench/peers/sim.py --calibrate replays (medians per N and
+    design; the runs themselves under "runs")."""
+    out = []
+    for s in summary:
+        group = [r for r in rows if r["nodes"] == s["nodes"] and r["design"] == s["design"]]
+        out.append(
+            {
+                "nodes": s["nodes"],
+                "design": "swarm" if s["design"] == "new" else "today",
+                "model_bytes": env["model_bytes"],
+                "objects": 3,
+                "chunk_bytes": group[0]["chunk_bytes"],
+                "streams": group[0].get("streams"),
+                "spread_s": s["spread_s"],
+                "origin_rate": env["origin_up_mb_s"] * 1e6,
+                "origin_conn_rate": None,
+                "origin_rtt_s": env["origin_first_byte_s"],
+                "downlink": env["host_down_mb_s"] * 1e6,
+                "uplink": env["host_up_mb_s"] * 1e6,
+                "serve_rate": None,
+                "origin_x_model": s["origin_x_model_median"],
+                "last_ready_s": s["last_ready_s_median"],
+                "single_s": s["single_node_s"],
+                "control_x_data": s["control_x_data_median"],
+                "cpu_busy": s["cpu_busy"],
+                "runs": len(group),
+            }
+        )
     return {
-        "source": "bench/peers/run.py --netns (engineer netns), real processes in namespaces",
+        "source": "bench/peers/run.py --netns (engineer netns): real fetch processes in "
+        "network namespaces, tc-paced uplinks and downlinks; ready = from the first arrival "
+        "until a node's fetch process exited (Python start-up included); single_s: one node "
+        "alone on the same links, same measure",
         "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "env": env,
-        "summary": [s for s in summary if s["nodes"] in (8, 16)],
-        "rows": [r for r in rows if r["nodes"] in (1, 8, 16)],
+        "cpu_busy": "share of this machine's 2 CPUs busy during each run (/proc/stat); near "
+        "100% the run measures CPU contention (every host shares 2 cores) more than the design",
+        "rows": out,
+        "runs": [r for r in rows if r["nodes"] in (1, 8, 16)],
     }

@@ -143,7 +143,7 @@ def main() -> int:
     ap.add_argument("--model-mb", type=int, help="256 (--netns: 64)")
     ap.add_argument("--nodes", type=int, nargs="+", help="1 4 8 (--netns: 4 8 16)")
     ap.add_argument("--stagger-s", type=float, default=2.0)
-    ap.add_argument("--origin-mbps", type=float, default=100, help="origin's cap, all nodes")
+    ap.add_argument("--origin-mbps", type=float, help="origin's cap, all nodes (100; --netns 20)")
     ap.add_argument("--nic-mbps", type=float, default=200, help="each node's downlink")
     ap.add_argument("--netns", action="store_true", help="hosts in network namespaces")
     ns.add_args(ap)
@@ -153,6 +153,7 @@ def main() -> int:
         return ns.main(args)
     args.nodes = args.nodes or [1, 4, 8]
     args.model_mb = args.model_mb or 256
+    args.origin_mbps = args.origin_mbps or 100.0
     origin = LinkConfig(
         per_conn_bytes_per_s=50e6,
         aggregate_bytes_per_s=args.origin_mbps * 1e6,
