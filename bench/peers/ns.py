@@ -375,6 +375,11 @@ def summarize(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[dict[str,
                 "cpu_busy": [r["cpu_busy"] for r in group],
                 "control_x_data": [r["control_x_data"] for r in group],
                 "control_x_data_median": statistics.median(r["control_x_data"] for r in group),
+                "peerset_control_x_data_median": (
+                    statistics.median(r["peerset_control_bytes"] / r["data_bytes"] for r in group)
+                    if all(r["peerset_control_bytes"] is not None for r in group)
+                    else None
+                ),
                 "from_peers_x_model": round(
                     statistics.median(sum(r["bytes_from_peers"]) for r in group)
                     / env["model_bytes"],
@@ -397,8 +402,9 @@ def markdown(summary: list[dict[str, Any]], env: dict[str, Any]) -> str:
         "the spread; origin <= 1.2x the model; control < 1% of data.",
         "",
         "| nodes | design | origin bytes / model | last node ready s | last / one alone "
-        "| spread s | goal s | control / data | from peers / model | CPUs busy |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| spread s | goal s | control / data | (PeerSet.control_bytes) | from peers / model "
+        "| CPUs busy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
         lines.append(
@@ -406,18 +412,24 @@ def markdown(summary: list[dict[str, Any]], env: dict[str, Any]) -> str:
             f"({', '.join(map(str, s['origin_x_model']))}) | {s['last_ready_s_median']} "
             f"({', '.join(map(str, s['last_ready_s']))}) | {s['last_ready_x_single']} | "
             f"{s['spread_s']} | {s['goal_s']} | {s['control_x_data_median'] * 100:.3f}% | "
+            f"{_pct(s['peerset_control_x_data_median'])} | "
             f"{s['from_peers_x_model']} | {', '.join(f'{c:.0%}' for c in s['cpu_busy'])} |"
         )
     lines += [
         "",
         f"- new: {env['designs']['new']}",
         f"- today: {env['designs']['today']}",
-        f"- control: {env['control_bytes']}",
+        f"- control: {env['control_bytes']}; in brackets the new client's own "
+        "PeerSet.control_bytes (inventory bytes received) where the version has it",
         f"- ready: {env['ready']}",
         f"- shape: {env['shape']}",
         "- medians of the runs, each run in brackets",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.3f}%"
 
 
 def handoff(

@@ -94,3 +94,14 @@ def test_without_root_the_error_says_what_is_missing() -> None:
     )
     assert proc.returncode != 0
     assert "NamespaceUnavailable" in proc.stderr and "need root" in proc.stderr, proc.stderr
+
+
+def test_a_delay_needs_netem_and_says_so_where_the_kernel_lacks_it() -> None:
+    with HostNetwork() as net:
+        try:
+            host = net.add_host("d", up_bytes_per_s=5e6, down_bytes_per_s=5e6, delay_s=0.005)
+        except NamespaceUnavailable as exc:
+            assert "netem" in str(exc)  # this kernel has no sch_netem (as here)
+        else:
+            shown = host.run(["tc", "qdisc", "show", "dev", host.veth_host]).stdout
+            assert "netem" in shown and "tbf" in shown, shown
