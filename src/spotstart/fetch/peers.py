@@ -71,6 +71,10 @@ MAX_HOLDINGS = 1 << 16
 # Deltas in a row that do not follow what we hold of a peer (another epoch, a seq going back,
 # a document that does not parse) before it is dropped; each one costs a full inventory.
 MAX_BAD_DELTAS = 3
+# Chunk CRCs remembered from one peer, all objects together, as deltas add them: about what one
+# inventory of MAX_INVENTORY_BYTES can carry. Each delta is bounded by that size, but merging
+# them is not: a peer listing new indexes under a plan of tiny chunks would grow it each poll.
+MAX_CRCS = MAX_INVENTORY_BYTES // 16
 EPOCH_RE = re.compile(r"^[0-9a-f]{16}$")
 MAX_SEQ = 1 << 62
 
@@ -400,7 +404,8 @@ def apply_delta(
 ) -> dict[str, PeerObject]:
     """What a peer holds after ``delta``: its objects replace ours (ranges as sent; chunk
     CRCs added to those we had when the plan is unchanged, else replaced), ids it lists but
-    that did not validate and ids it removed are forgotten; at most ``limit`` ids.
+    that did not validate and ids it removed are forgotten; at most ``limit`` ids, and an
+    object whose CRCs would take those kept past :data:`MAX_CRCS` keeps none.
 
     >>> a = "a" * 64
     >>> old = {a: PeerObject(((0, 4),), 2, "crc32c", (), {0: 7})}
@@ -413,19 +418,26 @@ def apply_delta(
         out.pop(oid, None)
     for oid in delta.touched - delta.objects.keys():
         out.pop(oid, None)
+    crc_limit = MAX_CRCS
+    total = sum(len(o.crcs) for o in out.values())
     for oid, obj in delta.objects.items():
         before = out.get(oid)
+        if before is None and len(out) >= limit:
+            continue
+        crcs = obj.crcs
         if before is not None and (before.chunk_bytes, before.crc, before.parts) == (
             obj.chunk_bytes,
             obj.crc,
             obj.parts,
         ):
-            obj = PeerObject(
-                obj.ranges, obj.chunk_bytes, obj.crc, obj.parts, {**before.crcs, **obj.crcs}
-            )
-        if before is None and len(out) >= limit:
-            continue
-        out[oid] = obj
+            crcs = {**before.crcs, **obj.crcs}
+        had = len(before.crcs) if before is not None else 0
+        if total - had + len(crcs) > crc_limit:
+            # More CRCs than one inventory may carry, piled up by deltas: none kept for it
+            # (a CRC is a hint; the manifest or the origin's MD5 still checks its bytes).
+            crcs = {}
+        total += len(crcs) - had
+        out[oid] = PeerObject(obj.ranges, obj.chunk_bytes, obj.crc, obj.parts, crcs)
     return out
 
 
@@ -645,8 +657,8 @@ class PeerSet:
                 if since is None:
                     raise
                 doc = None
+            changed = self._apply(peer, doc, since)  # on the loop: merging costs too
             spent = self.clock() - t0
-            changed = self._apply(peer, doc, since)
             if peer.dropped is not None:
                 return
             polled = sum(self.peers[a].dropped is None for a in self.polled)

@@ -1,0 +1,291 @@
+"""Red team of peer fetch at cluster scale (issue 25): a hostile peer server speaking the
+inventory delta protocol, and a fleet of addresses that never answer. Real aiohttp servers
+on 127.0.0.1; time is a fake clock passed in (no assertion reads the wall clock)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from spotstart import Concurrency, FetchConfig, Retry
+from spotstart.fetch import peers as peers_mod
+from spotstart.fetch import plan as planning
+from spotstart.fetch.engine import Fetcher
+from spotstart.fetch.peers import MAX_INVENTORY_BYTES, PeerSet, PeerSpec, object_id
+from spotstart.fetch.scheduler import NullProgress
+from spotstart.fetch.swarm import ChunkPicker
+from spotstart.fetch.verify import crc32c
+from spotstart.store import parse_url
+from spotstart.store.memory import MemorySource
+from tests.guard.test_proxy import free_port
+
+MiB = 1 << 20
+
+pytestmark = pytest.mark.timeout(120)
+
+OID = "a" * 64
+EPOCH = "0123456789abcdef"
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _serve(handler: Callable[[web.Request], object]) -> tuple[web.AppRunner, str]:
+    app = web.Application()
+    app.router.add_get("/v1/inventory", handler)  # type: ignore[arg-type]
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"127.0.0.1:{port}"
+
+
+def _entry(crcs: dict[str, str]) -> dict[str, object]:
+    # a plan of 1-byte chunks over a huge size: every index below 2**60 is "a chunk"
+    size = 1 << 60
+    return {
+        "id": OID,
+        "size": size,
+        "ranges": [[0, 1]],
+        "complete": False,
+        "chunks": {"bytes": 1, "crc": "crc32c", "parts": [], "crcs": crcs},
+    }
+
+
+def test_deltas_cannot_grow_the_crcs_held_of_a_peer_past_what_one_inventory_may_carry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each delta adds new chunk CRCs to an object whose plan is unchanged; the merge kept
+    them all, so a peer could grow what we hold of it by ~1 M entries per poll for ever
+    (one document is bounded at MAX_INVENTORY_BYTES; their sum was not)."""
+    # the real bound is about what one 16 MiB document carries; a smaller one keeps this fast
+    one_document = MAX_INVENTORY_BYTES // len('"0":"1",')
+    real_limit = peers_mod.MAX_CRCS
+    assert real_limit <= one_document
+    monkeypatch.setattr(peers_mod, "MAX_CRCS", 50_000)
+    per_delta = 20_000
+    rounds = 6
+    clock = FakeClock()
+    seq = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal seq
+        full = "since" not in request.rel_url.query
+        base = seq * per_delta
+        seq += 1
+        crcs = {str(base + i): "1" for i in range(per_delta)}
+        doc = {
+            "version": 1,
+            "epoch": EPOCH,
+            "seq": seq,
+            "full": full,
+            "objects": [_entry(crcs)],
+            "removed": [],
+        }
+        return web.Response(body=json.dumps(doc).encode(), content_type="application/json")
+
+    async def go() -> int:
+        runner, address = await _serve(handler)
+        peers = PeerSet(PeerSpec((address,)), wanted={OID}, clock=clock, rng=random.Random(0))
+        try:
+            most = 0
+            p = None
+            for _ in range(rounds):
+                clock.now += 1000.0  # past any backoff or parse-cost spacing
+                await peers.refresh()
+                p = peers.peers[address]
+                most = max(most, sum(len(o.crcs) for o in p.holdings.values()))
+            assert p is not None and p.dropped is None
+            assert peers.inventories == rounds  # every delta was applied
+            return most
+        finally:
+            await peers.close()
+            await runner.cleanup()
+
+    held = asyncio.run(go())
+    assert per_delta <= held <= 50_000  # without the bound: 120,000, growing with every poll
+
+
+def test_a_fleet_of_addresses_that_never_answer_costs_a_bounded_wait_not_one_per_window() -> None:
+    """A DNS name resolving to thousands of hosts that never fetch: every chunk of the model
+    belongs to another node on the ring. Each chunk's wait started when it entered the
+    picker's window, so the waits ran one window after another: (chunks / window) x wait in
+    all, however fast the origin. Simulated time: streams land instantly."""
+    wait = 10.0
+    fleet = [f"10.1.{i // 256}.{i % 256}:8471" for i in range(4096)]
+    keys = list(range(3000))
+    picker: ChunkPicker[int] = ChunkPicker(
+        "me:8471", keys, lambda k: f"{OID}:{k}", wait_s=wait, rng=random.Random(1)
+    )
+    picker.set_fleet(fleet)
+    now = 0.0
+    taken = 0
+    while True:
+        got = picker.next(now, lambda k: 0)
+        if got is None:
+            break
+        if isinstance(got, float):
+            assert got > now
+            now = got
+            continue
+        taken += 1
+    assert taken == len(keys)
+    # the one wait runs for every dead owner at once: a bounded number of them in all
+    assert now <= 2 * wait
+
+
+def test_the_cost_of_merging_a_delta_on_the_loop_spaces_the_next_ask(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer holding many CRCs of an object that sends a tiny delta touching it every poll
+    makes the client copy them all on the event loop (~80 ms per million, each second per
+    such peer); only the parse, off the loop, was counted in the CPU share that spaces the
+    next ask. The merge is timed with it now: a merge that costs 1 s (the fake clock moved
+    by it) puts the next ask INVENTORY_CPU_SHARE seconds later, not after the 1 s backoff."""
+    clock = FakeClock()
+    seq = 0
+
+    async def handler(request: web.Request) -> web.Response:
+        nonlocal seq
+        seq += 1
+        doc = {
+            "version": 1,
+            "epoch": EPOCH,
+            "seq": seq,
+            "full": "since" not in request.rel_url.query,
+            "objects": [_entry({str(seq): "1"})],
+            "removed": [],
+        }
+        return web.Response(body=json.dumps(doc).encode(), content_type="application/json")
+
+    real = peers_mod.apply_delta
+
+    def costly(*args: object, **kw: object) -> object:
+        clock.now += 1.0  # what merging a big holding costs the loop
+        return real(*args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(peers_mod, "apply_delta", costly)
+
+    async def go() -> None:
+        runner, address = await _serve(handler)
+        peers = PeerSet(PeerSpec((address,)), wanted={OID}, clock=clock, rng=random.Random(0))
+        try:
+            await peers.refresh()  # full: no merge
+            clock.now = 100.0
+            await peers.refresh()  # a delta: merged at a cost of 1 s
+            p = peers.peers[address]
+            assert peers.inventories == 2 and p.dropped is None
+            assert p.ask_at >= 100.0 + 1.0 * peers_mod.INVENTORY_CPU_SHARE
+        finally:
+            await peers.close()
+            await runner.cleanup()
+
+    asyncio.run(go())
+
+
+# -- a hostile peer speaking deltas, in a real fetch: the origin still gives correct bytes --
+
+
+def test_a_delta_peer_claiming_everything_and_serving_forged_bytes_among_dead_fleet_nodes(
+    tmp_path: Path,
+) -> None:
+    """A peer whose every inventory answer (a full one, then deltas, its epoch kept) claims
+    every chunk, publishes the CRCs of the bytes it forges (so only the origin's MD5 at the
+    end can tell), and serves them; beside it 40 fleet addresses nothing listens on (dead
+    ring owners). The fetch ends with the origin's bytes, no chunk read from the origin more
+    than a bounded number of times."""
+    data = os.urandom(6 * MiB + 17)
+    forged = bytes(b ^ 0x5A for b in data)
+    source = MemorySource({"m/w.bin": data})
+    info = source._info("m/w.bin")
+    oid = object_id("gs://mem/m/w.bin", info.version, info.size)
+    plan = planning.plan_chunks(len(data), MiB)
+    crcs = {str(c.index): f"{crc32c(forged[c.start : c.start + c.length]):x}" for c in plan}
+    seq = 0
+    object_reads = 0
+
+    async def inventory(request: web.Request) -> web.Response:
+        nonlocal seq
+        seq += 1
+        doc = {
+            "version": 1,
+            "epoch": EPOCH,
+            "seq": seq,
+            "full": "since" not in request.rel_url.query,
+            "objects": [
+                {
+                    "id": oid,
+                    "size": len(data),
+                    "ranges": [[0, len(data)]],
+                    "complete": True,
+                    "chunks": {"bytes": MiB, "crc": "crc32c", "parts": [], "crcs": crcs},
+                }
+            ],
+            "removed": [],
+        }
+        return web.Response(body=json.dumps(doc).encode(), content_type="application/json")
+
+    async def obj(request: web.Request) -> web.Response:
+        nonlocal object_reads
+        object_reads += 1
+        lo, hi = request.headers["Range"].removeprefix("bytes=").split("-")
+        a, b = int(lo), int(hi)
+        return web.Response(
+            status=206,
+            body=forged[a : b + 1],
+            headers={"Content-Range": f"bytes {a}-{b}/{len(forged)}"},
+        )
+
+    dead = [f"127.0.0.1:{free_port()}" for _ in range(40)]
+    me = f"127.0.0.1:{free_port()}"
+
+    async def go() -> object:
+        app = web.Application()
+        app.router.add_get("/v1/inventory", inventory)
+        app.router.add_get("/v1/objects/{oid}", obj)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        cfg = FetchConfig(
+            chunk_bytes=MiB,
+            concurrency=Concurrency(streams=4),
+            retry=Retry(backoff_base_s=0.01, backoff_cap_s=0.05),
+            peers=PeerSpec(
+                (f"127.0.0.1:{port}", *dead),
+                exclude=(me,),
+                me=me,
+                sample=64,
+                single_flight_wait_s=0.3,
+            ),
+        )
+        try:
+            url = parse_url("gs://mem/m/")
+            return await Fetcher(source, url, tmp_path / "d", cfg, NullProgress()).run()
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(go())
+    assert (tmp_path / "d" / "w.bin").read_bytes() == data
+    assert object_reads >= 1  # it was asked: rarest first sent chunks its way
+    per_chunk: dict[int, int] = {}
+    for _, start, length in source.reads:
+        for c in plan:
+            if start <= c.start < start + length:
+                per_chunk[c.index] = per_chunk.get(c.index, 0) + 1
+    assert set(per_chunk) == {c.index for c in plan}
+    assert max(per_chunk.values()) <= 3, per_chunk
