@@ -289,3 +289,64 @@ def test_a_delta_peer_claiming_everything_and_serving_forged_bytes_among_dead_fl
                 per_chunk[c.index] = per_chunk.get(c.index, 0) + 1
     assert set(per_chunk) == {c.index for c in plan}
     assert max(per_chunk.values()) <= 3, per_chunk
+
+
+def test_a_peer_whose_inventory_was_busy_once_is_asked_for_all_of_it_again() -> None:
+    """An honest peer answers one poll 503 (its slots full: inventory polls share them with
+    object reads) or times out once. What we held of it was forgotten, but its version kept:
+    the next poll sent ``since`` and If-None-Match, the peer, unchanged, answered 304, and
+    the node never took a byte of it again for the run (only objects that change later come
+    back, in deltas). Its next ask must be for the whole inventory."""
+    clock = FakeClock()
+    busy = False
+    doc = {
+        "version": 1,
+        "epoch": EPOCH,
+        "seq": 1,
+        "full": True,
+        "objects": [
+            {
+                "id": OID,
+                "size": 4 * MiB,
+                "ranges": [[0, 4 * MiB]],
+                "complete": True,
+                "chunks": {"bytes": MiB, "crc": "crc32c", "parts": [], "crcs": {}},
+            }
+        ],
+        "removed": [],
+    }
+    etag = f'"{EPOCH}.1"'
+
+    async def handler(request: web.Request) -> web.Response:
+        if busy:
+            return web.Response(status=503)
+        if request.headers.get("If-None-Match") == etag:
+            return web.Response(status=304, headers={"ETag": etag})
+        body = dict(doc)
+        if "since" in request.rel_url.query:  # nothing changed since: an empty delta
+            body.update(full=False, objects=[])
+        return web.Response(
+            body=json.dumps(body).encode(), content_type="application/json", headers={"ETag": etag}
+        )
+
+    async def go() -> None:
+        nonlocal busy
+        runner, address = await _serve(handler)
+        peers = PeerSet(PeerSpec((address,)), wanted={OID}, clock=clock, rng=random.Random(0))
+        try:
+            await peers.refresh()
+            assert peers.holders(OID, 0, MiB) == 1
+            busy = True
+            clock.now += 100.0
+            await peers.refresh()
+            assert peers.holders(OID, 0, MiB) == 0  # unreachable now: nothing from it
+            busy = False
+            clock.now += 100.0
+            await peers.refresh()
+            assert peers.peers[address].dropped is None
+            assert peers.holders(OID, 0, MiB) == 1
+        finally:
+            await peers.close()
+            await runner.cleanup()
+
+    asyncio.run(go())

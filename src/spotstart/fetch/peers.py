@@ -710,7 +710,9 @@ class PeerSet:
         return True  # ask (for a full one) again soon
 
     def _unreachable(self, peer: Peer, reason: str) -> None:
-        peer.holdings = {}
+        # What we held of it is forgotten, so its version too: the next ask is for all of it
+        # (a ``since`` would get a 304 or a delta, and what did not change never came back).
+        peer.holdings, peer.epoch, peer.seq = {}, None, 0
         peer.unreachable = reason
         if "unreachable" not in peer.told:
             peer.told.add("unreachable")
