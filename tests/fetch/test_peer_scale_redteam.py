@@ -18,6 +18,7 @@ from spotstart import Concurrency, FetchConfig, Retry
 from spotstart.fetch import peers as peers_mod
 from spotstart.fetch import plan as planning
 from spotstart.fetch.engine import Fetcher
+from spotstart.fetch.peer_server import PeerServer
 from spotstart.fetch.peers import MAX_INVENTORY_BYTES, PeerSet, PeerSpec, object_id
 from spotstart.fetch.scheduler import NullProgress
 from spotstart.fetch.swarm import ChunkPicker
@@ -350,3 +351,41 @@ def test_a_peer_whose_inventory_was_busy_once_is_asked_for_all_of_it_again() -> 
             await runner.cleanup()
 
     asyncio.run(go())
+
+
+# -- a hostile peer client against PeerServer's pace --------------------------------------
+
+
+def test_a_reader_queued_behind_abandoned_waits_is_not_held_for_their_shares(
+    tmp_path: Path,
+) -> None:
+    """A peer opens requests, each takes a piece of the shared bucket and sleeps, and leaves
+    them: their shares are given back, but an honest reader that took its piece behind them
+    had computed its sleep behind all of them and slept it out while the uplink stood idle
+    (with 63 slots, 1/64 of the rate for the honest; here 400 abandoned waits, so 401 pieces'
+    time). It must go once the bucket has paid what is still owed: about one piece's time.
+    The bound below is 16 pieces' time of the loop's clock (a guard against the hang, not a
+    measure)."""
+    rate = 4 * MiB  # pieces of 512 KiB: an eighth of a second each
+
+    async def go() -> bool:
+        server = PeerServer(tmp_path, max_rate=rate)
+        await server.start("127.0.0.1", 0)
+        try:
+            assert server.bucket is not None
+            piece_s = server.piece / rate
+            await server._pace(server.piece)  # the burst: no wait, the bucket empty
+            hostile = [asyncio.ensure_future(server._pace(server.piece)) for _ in range(400)]
+            await asyncio.sleep(0)  # each has taken its share and sleeps
+            honest = asyncio.ensure_future(server._pace(server.piece))
+            await asyncio.sleep(0)
+            for h in hostile:
+                h.cancel()
+            await asyncio.gather(*hostile, return_exceptions=True)
+            done, _ = await asyncio.wait([honest], timeout=16 * piece_s)
+            honest.cancel()
+            return honest in done
+        finally:
+            await server.close()
+
+    assert asyncio.run(go())

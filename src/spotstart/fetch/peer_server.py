@@ -735,15 +735,23 @@ class PeerServer:
         """Wait for ``n`` bytes' worth of the shared bucket (nothing without max_rate). A
         request that leaves while it waits gives its share back: opening requests and
         leaving cannot run the bucket into a debt that starves the others."""
-        if self.bucket is None:
+        bucket = self.bucket
+        if bucket is None:
             return
-        wait = self.bucket.take(n, asyncio.get_running_loop().time())
-        if wait <= 0:
-            return
+        loop = asyncio.get_running_loop()
+        until = loop.time() + bucket.take(n, loop.time())
         try:
-            await asyncio.sleep(wait)
+            # The wait was computed behind every share taken before ours; shares given back
+            # meanwhile (their requests left) are no longer owed: we go as soon as the bucket
+            # has paid off everything taken (ours included), not later than computed. Else
+            # a peer opening requests and abandoning them would make a reader queued behind
+            # them sleep for their shares while the uplink stands idle.
+            while (now := loop.time()) < until:
+                if bucket.tokens + (now - bucket.at) * bucket.rate >= 0:
+                    return
+                await asyncio.sleep(min(until - now, bucket.burst / bucket.rate))
         except asyncio.CancelledError:
-            self.bucket.tokens = min(self.bucket.burst, self.bucket.tokens + n)
+            bucket.tokens = min(bucket.burst, bucket.tokens + n)
             raise
 
 
