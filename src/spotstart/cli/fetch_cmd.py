@@ -157,6 +157,16 @@ def add_transfer_flags(p: argparse.ArgumentParser) -> None:
         f"({PeerSpec.sample})",
     )
     p.add_argument(
+        "--peer-self",
+        metavar="HOST:PORT",
+        help="this node's address as its peers reach it (where its serve-peers listens): its "
+        "place on the single-flight ring, and left out of the peers asked. Default: "
+        "$POD_IP at the --serve-peers port, or at the port of the first --peers entry (a "
+        "serve-peers sidecar on that port, as `k8s render` makes); else the --serve-peers "
+        "address; else none (a node no other "
+        "node knows: it reads a share of its own from the origin)",
+    )
+    p.add_argument(
         "--peer-wait",
         type=float,
         default=PeerSpec.single_flight_wait_s,
@@ -226,7 +236,11 @@ def peers_from_args(args: argparse.Namespace) -> PeerSpec | None:
         raise UsageError("--peer-wait must be a number of seconds >= 0")
     swarm = {"sample": sample, "single_flight_wait_s": wait_s}
     if not args.serve_peers:
-        return PeerSpec.parse(text, token_from_args(args), **swarm) if text else None
+        if not text:
+            return None
+        me = _peer_self(args.peer_self)
+        mine = {"me": me, "exclude": (me,)} if me else {}  # else $POD_IP (PeerSpec.parse)
+        return PeerSpec.parse(text, token_from_args(args), **swarm, **mine)
     from spotstart.fetch.peer_server import split_listen  # aiohttp.web: only when serving
 
     host, port = split_listen(args.serve_peers)
@@ -234,10 +248,26 @@ def peers_from_args(args: argparse.Namespace) -> PeerSpec | None:
     configure_log("spotstart.peers", "spotstart fetch")
     exclude = [f"{host}:{port}"]
     me = None  # our place on the ring: the address peers reach us at (default exclude[0])
-    if os.environ.get("POD_IP"):
+    if me := _peer_self(args.peer_self):
+        exclude.append(me)
+    elif os.environ.get("POD_IP"):
         me = f"{os.environ['POD_IP']}:{port}"
         exclude.append(me)
     return PeerSpec.parse(text or "", token, exclude=tuple(exclude), me=me, **swarm)
+
+
+def _peer_self(flag: str | None) -> str | None:
+    """--peer-self as ``host:port``, checked as a peer entry is (a name or an address)."""
+    if not flag:
+        return None
+    if flag.startswith("dns:"):
+        raise UsageError(f"--peer-self {flag!r}: expected HOST:PORT (the address peers reach)")
+    try:
+        return PeerSpec.parse([flag]).entries[0]
+    except UsageError:
+        raise UsageError(
+            f"--peer-self {flag!r}: expected HOST:PORT (the address peers reach)"
+        ) from None
 
 
 class _Reported(Protocol):

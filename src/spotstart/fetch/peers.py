@@ -47,6 +47,7 @@ ENV = "SPOTSTART_PEERS"
 INVENTORY_PATH = "/v1/inventory"
 OBJECTS_PATH = "/v1/objects/"
 TOKEN_ENV = "SPOTSTART_PEER_TOKEN"
+POD_IP_ENV = "POD_IP"  # the Kubernetes downward API's status.podIP, as `k8s render` sets it
 MIN_TOKEN_BYTES = 16  # 128 bits of a random token; shorter is a password, not a key
 MAX_TOKEN_BYTES = 4096
 MAKE_TOKEN = "(umask 077; openssl rand -hex 32 > peer.token)"
@@ -171,13 +172,21 @@ class PeerSpec:
         cls, text: str | Iterable[str] | None, token: str | None = None, **kw: object
     ) -> PeerSpec:
         """From ``--peers`` (or ``SPOTSTART_PEERS`` when ``text`` is None); raises
-        UsageError for an entry that is neither form."""
+        UsageError for an entry that is neither form. Without ``me`` (and no ``exclude`` to
+        take it from), ``$POD_IP`` at the first entry's port is our place on the ring and left
+        out of the peers asked: in Kubernetes the pod's serve-peers sidecar listens there
+        (``k8s render``), and every other node knows us by that address."""
         if text is None:
             text = os.environ.get(ENV, "")
         items = text.split(",") if isinstance(text, str) else list(text)
         entries = tuple(e.strip() for e in items if e.strip())
         for e in entries:
             _split_entry(e)
+        pod_ip = os.environ.get(POD_IP_ENV, "")
+        if entries and pod_ip and not kw.get("me") and not kw.get("exclude"):
+            me = _addr(pod_ip, _split_entry(entries[0])[2])
+            _split_entry(me)  # $POD_IP is an address, or this is a UsageError like any entry
+            kw = {**kw, "me": me, "exclude": (me,)}
         return cls(entries, token or os.environ.get(TOKEN_ENV) or None, **kw)  # type: ignore[arg-type]
 
 
