@@ -89,6 +89,9 @@ def _node_points(node: str, vnodes: int) -> tuple[int, ...]:
     return tuple(_point(f"{node}#{v}") for v in range(vnodes))
 
 
+MAX_RING_POINTS = 1 << 14  # 64 points per node up to 256 nodes, fewer beyond
+
+
 class HashRing:
     """Consistent hashing of keys onto ``nodes`` (addresses), ``vnodes`` points per node.
 
@@ -101,6 +104,11 @@ class HashRing:
 
     def __init__(self, nodes: Iterable[str], vnodes: int = 64) -> None:
         self.nodes = frozenset(nodes)
+        # At most MAX_RING_POINTS points whatever the fleet's size: the ring is built on the
+        # fetch's event loop each time the fleet changes (a peer dropped, a name resolving
+        # anew), and 4,096 nodes x 64 points cost ~1-1.6 s of CPU a build. Past 256 nodes
+        # each node's share is a few chunks of a model, so fewer points per node do.
+        vnodes = max(1, min(vnodes, MAX_RING_POINTS // max(1, len(self.nodes))))
         points = sorted((p, n) for n in self.nodes for p in _node_points(n, vnodes))
         self._keys = [p for p, _ in points]
         self._owners = [n for _, n in points]
