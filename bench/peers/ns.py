@@ -144,9 +144,11 @@ def run_fleet(
             if n > 1:
                 others = [f"{h.address}:{PEER_PORT}" for h in hosts if h is not node.host]
                 argv += ["--peers", ",".join(others), "--peer-token-file", str(token)]
-            node.fetch = node.host.popen(
-                argv, env={**env, "BENCH_CONTROL_OUT": str(work / f"control{i}.json")}
-            )
+            # as `k8s render` gives the fetch container: $POD_IP (the downward API), by which
+            # the other nodes know this one (its sidecar listens there)
+            node_env = {**env, "POD_IP": node.host.address}
+            node_env["BENCH_CONTROL_OUT"] = str(work / f"control{i}.json")
+            node.fetch = node.host.popen(argv, env=node_env)
             waiter = threading.Thread(target=node.wait, daemon=True)
             waiter.start()
             waiters.append(waiter)
@@ -328,7 +330,8 @@ def main(args: argparse.Namespace) -> int:
         "links": "veth pairs in network namespaces, tc tbf on both ends (kernel "
         f"{platform.release()}); the origin's uplink a tbf on the bridge",
         "shape": "each host: a serve-peers sidecar (all up before the first arrival) + fetch "
-        "--peers <all others> at its arrival; arrivals arrival_gap_s apart",
+        "--peers <all others> with $POD_IP = its address (as k8s render) at its arrival; "
+        "arrivals arrival_gap_s apart",
         "designs": {
             "new": f"{srcs['new']} at {revs['new']}",
             "today": f"{srcs['today']} at {revs['today']} (the code before issue 25)",
@@ -358,14 +361,16 @@ def summarize(rows: list[dict[str, Any]], env: dict[str, Any]) -> list[dict[str,
     keys = sorted({(r["nodes"], r["design"]) for r in rows if r["design"] != "alone"})
     for n, design in keys:
         group = [r for r in rows if r["nodes"] == n and r["design"] == design]
-        last = statistics.median(r["last_ready_s"] for r in group)
+        last = round(statistics.median(r["last_ready_s"] for r in group), 2)
         out.append(
             {
                 "nodes": n,
                 "design": design,
                 "runs": len(group),
                 "origin_x_model": [r["origin_x_model"] for r in group],
-                "origin_x_model_median": statistics.median(r["origin_x_model"] for r in group),
+                "origin_x_model_median": round(
+                    statistics.median(r["origin_x_model"] for r in group), 2
+                ),
                 "last_ready_s": [r["last_ready_s"] for r in group],
                 "last_ready_s_median": last,
                 "single_node_s": single,
