@@ -404,3 +404,34 @@ def test_a_ring_over_thousands_of_addresses_stays_a_bounded_size() -> None:
     # every node still owns something, and owners are the fleet's
     owners = {ring.owner(f"{OID}:{i}") for i in range(2000)}
     assert owners <= set(fleet) and len(owners) > 1000
+
+
+def test_stalls_that_end_with_a_peer_holding_the_chunk_do_not_use_up_the_wait_budget() -> None:
+    """The bound on waiting counts only stalls that ended with a wait running out (owners
+    that never delivered): a node that waits, again and again, for shares that do arrive
+    from peers (the swarm working, as in a rollout of many live nodes) keeps waiting for
+    them instead of falling back to the origin for the rest of the model."""
+    wait = 10.0
+    fleet = [f"10.3.0.{i}:8471" for i in range(1, 200)]
+    keys = list(range(3000))
+    picker: ChunkPicker[int] = ChunkPicker(
+        "me:8471", keys, lambda k: f"{OID}:{k}", wait_s=wait, rng=random.Random(2)
+    )
+    picker.set_fleet(fleet)
+    held: set[int] = set()
+    now = 0.0
+    sources: dict[str, int] = {}
+    while True:
+        got = picker.next(now, lambda k: 1 if k in held else 0)
+        if got is None:
+            break
+        if isinstance(got, float):
+            # each stall ends when peers come to hold every chunk left to the others so
+            # far, 0.9 x the wait on (their owners fetched them and peers got them)
+            now += 0.9 * wait
+            held.update(picker._deferred)
+            continue
+        sources[got.source] = sources.get(got.source, 0) + 1
+    assert picker.stalled_s == 0.0
+    assert sources.get("peer", 0) > 2500  # the others' shares came from peers
+    assert now > 2 * picker.max_stall_s  # stalls past the budget, none of them wasted

@@ -140,11 +140,13 @@ class ChunkPicker(Generic[K]):
     ``window``: how many remaining chunks (from the front, in file order) one pick looks at:
     bounds the cost of a pick (each looks up its holders) whatever the model's size.
 
-    ``max_stall_s`` (default twice ``wait_s``): the most time, all waits of the run
-    together, that :meth:`next` has nothing to hand out while chunks are left to their
-    owners; after that nothing more is left to anyone. Each chunk's wait starts when it
-    enters the window, so a fleet of many owners that never fetch (a name resolving to
-    thousands of hosts) would otherwise cost a wait per window of chunks, one after another."""
+    ``max_stall_s`` (default twice ``wait_s``): the most time, all such stalls of the run
+    together, that :meth:`next` has nothing to hand out and then hands out a chunk whose
+    wait ran out (its owner never delivered: the stall was wasted); after that nothing more
+    is left to anyone. A stall that ends with a chunk some peer came to hold is the swarm
+    working, and costs nothing. Each chunk's wait starts when it enters the window, so a
+    fleet of many owners that never fetch (a name resolving to thousands of hosts) would
+    otherwise cost a wait per window of chunks, one after another."""
 
     def __init__(
         self,
@@ -161,7 +163,7 @@ class ChunkPicker(Generic[K]):
         self.ring_key = ring_key
         self.wait_s = wait_s
         self.max_stall_s = 2 * wait_s if max_stall_s is None else max_stall_s
-        self.stalled_s = 0.0  # time spent with nothing to hand out, ended stalls together
+        self.stalled_s = 0.0  # wasted stalls: ended by a wait that ran out, together
         self._stalled_at: float | None = None  # when the current stall began
         self.window = window
         self.rng = rng or random.Random()
@@ -211,7 +213,7 @@ class ChunkPicker(Generic[K]):
             return self._take(self.rng.choice(rarest), "peer", now)
         stalled = self.stalled_s + (now - self._stalled_at if self._stalled_at is not None else 0)
         if stalled >= self.max_stall_s:  # waited enough this run: nothing is left to others
-            return self._take(front[0], "origin", now)
+            return self._take(front[0], "origin", now, wasted=True)
         wake = now + self.max_stall_s - stalled
         for key in front:
             if self.owns(key):
@@ -219,17 +221,20 @@ class ChunkPicker(Generic[K]):
             since = self._deferred.setdefault(key, now)
             due = since + self.wait_s
             if now >= due:
-                return self._take(key, "origin", now)
+                return self._take(key, "origin", now, wasted=True)
             wake = min(wake, due)
         if self._stalled_at is None:
             self._stalled_at = now
         return wake
 
-    def _take(self, key: K, source: Source, now: float | None = None) -> Pick[K]:
+    def _take(
+        self, key: K, source: Source, now: float | None = None, wasted: bool = False
+    ) -> Pick[K]:
         del self._todo[key]
         self._deferred.pop(key, None)
         if self._stalled_at is not None and now is not None:  # a stall ends
-            self.stalled_s += max(0.0, now - self._stalled_at)
+            if wasted:
+                self.stalled_s += max(0.0, now - self._stalled_at)
             self._stalled_at = None
         return Pick(key, source)
 
