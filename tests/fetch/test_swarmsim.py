@@ -91,3 +91,20 @@ def test_a_saturated_peer_answers_busy_and_the_chunk_comes_from_the_origin() -> 
 def test_bad_configs_are_refused() -> None:
     with pytest.raises(ValueError):
         simulate(dataclasses.replace(SMALL, nodes=0))
+
+
+def test_single_flight_wait_keeps_chunks_off_the_origin() -> None:
+    # wait_s=0: a chunk owned by another node is taken from the origin at once
+    kept = simulate(dataclasses.replace(SMALL, nodes=16))
+    none = simulate(dataclasses.replace(SMALL, nodes=16, wait_s=0.0))
+    assert none.why.get("waited", 0) > 10 * kept.why.get("waited", 0)
+    assert none.origin_bytes > 2 * kept.origin_bytes
+
+
+def test_proposed_retry_on_busy_takes_nothing_from_the_origin_for_a_503() -> None:
+    today = simulate(dataclasses.replace(SMALL, nodes=16))
+    proposed = simulate(dataclasses.replace(SMALL, nodes=16, on_busy="retry", owner_first=True))
+    assert today.why.get("busy", 0) > 0
+    assert "busy" not in proposed.why
+    assert proposed.origin_bytes < today.origin_bytes
+    assert proposed.finished == 16

@@ -75,7 +75,7 @@ class SimConfig:
     uplink: float = 2.5e9
     origin_rate: float = 10e9  # the zone's egress from the origin, all nodes together
     origin_conn_rate: float | None = None  # one origin connection's cap
-    serve_rate: float | None = 1.25e9  # a peer's TokenBucket pace (new design)
+    serve_rate: float | None = None  # a peer's TokenBucket pace (--serve-max-rate; new design)
     serve_burst: float = 4 << 20
     spread_s: float = 60.0
     design: Design = "swarm"
@@ -88,6 +88,12 @@ class SimConfig:
     dns_s: float = 1.0
     peer_max_active: int = 64  # PeerServer's max_active: beyond it 503, Retry-After 1
     busy_s: float = 1.0
+    # Proposed changes, not today's code (off by default): "retry": a chunk a peer refused
+    # (503) is offered again (another holder, its owner, or the wait) instead of taken from
+    # the origin; owner_first: a node takes the chunks it owns on the ring that no peer
+    # holds before peer chunks (the fleet is waiting for them).
+    on_busy: Literal["origin", "retry"] = "origin"
+    owner_first: bool = False
     rtt_s: float = 0.001
     origin_rtt_s: float = 0.03
     node_overhead_s: float = 0.0  # a node's fixed cost beside its bytes (start, checks)
@@ -118,6 +124,9 @@ class SimResult:
     not_modified: int = 0
     refused: int = 0  # peer requests answered 503 (taken from the origin instead)
     events: int = 0
+    # chunk requests by reason: "peer", the origin as the chunk's "owner" on the ring, the
+    # origin after "waited" wait_s for its owner, the origin after a peer answered "busy"
+    why: dict[str, int] = field(default_factory=dict)
 
     @property
     def origin_x_model(self) -> float:
@@ -143,7 +152,9 @@ class SimResult:
     @property
     def control_ratio(self) -> float:
         data = self.origin_bytes + self.peer_bytes
-        return sum(self.control_bytes) / data if data else 0.0
+        if not data:
+            return math.inf if sum(self.control_bytes) else 0.0  # nothing landed yet
+        return sum(self.control_bytes) / data
 
     def row(self) -> dict[str, object]:
         return {
@@ -159,6 +170,7 @@ class SimResult:
             "not_modified": self.not_modified,
             "refused": self.refused,
             "finished": self.finished,
+            "requests": dict(sorted(self.why.items())),
         }
 
 
@@ -169,6 +181,19 @@ class _Picker(ChunkPicker[int]):
         if ring is not self._ring and ring.nodes != self._ring.nodes:
             self._ring = ring
             self._owned = {}
+
+
+class _OwnerFirstPicker(_Picker):
+    """The proposed order: chunks we own that no known peer holds first, then as
+    :meth:`ChunkPicker.next`."""
+
+    def next(self, now: float, holders: Callable[[int], int]) -> Pick[int] | float | None:
+        for i, key in enumerate(self._todo):
+            if i >= self.window:
+                break
+            if self.owns(key) and holders(key) <= 0:
+                return self._take(key, "origin")
+        return super().next(now, holders)
 
 
 class _Flow:
@@ -227,7 +252,8 @@ class Sim:
         today = cfg.design == "today"
         self.nodes: list[_Node] = []
         for i in range(n):
-            picker = _Picker(
+            kind = _OwnerFirstPicker if cfg.owner_first and not today else _Picker
+            picker = kind(
                 self.addrs[i],
                 range(self.C),
                 self._ring_key,
@@ -252,6 +278,7 @@ class Sim:
         self.inventories = 0
         self.not_modified = 0
         self.refused = 0
+        self.why: dict[str, int] = {}  # chunk requests by reason: peer, owner, waited, busy
         self.left = n
         # today's design: the fleet-wide snapshot of holders, taken once a second
         self.glog: list[tuple[int, int]] = []
@@ -299,6 +326,7 @@ class Sim:
             self.not_modified,
             self.refused,
             events,
+            dict(self.why),
         )
 
     # discovery and inventories
@@ -480,7 +508,18 @@ class Sim:
                 node.busy_until[src] = t + self.cfg.busy_s
                 self.refused += 1
                 holders = self._holders(node, t)
+                if self.cfg.on_busy == "retry":
+                    node.picker.put_back(key)
+                    continue
                 src = None
+                why = "busy"
+            elif pick.source == "peer":
+                why = "peer"
+            elif self.cfg.design == "today" or node.picker.owns(key):
+                why = "owner"  # today: every node is its own ring
+            else:
+                why = "waited"
+            self.why[why] = self.why.get(why, 0) + 1
             node.busy += 1
             node.control += REQUEST_BYTES * self.entries[key]
             if src is None:
