@@ -1138,6 +1138,7 @@ class _Swarm:
         self.open: list[TransferFile] = []  # opened with chunks left (pruned as they land)
         self._holders: dict[_Key, int] = {}
         self.late: set[str] = set()  # nodes that let a chunk's wait run out
+        self.seen: set[str] = set()  # polled nodes whose inventory was read this run
         self._fresh_until = float("-inf")
         self._inventories: int | None = None
 
@@ -1148,18 +1149,37 @@ class _Swarm:
     def _no_wait(self, owner: str, key: _Key) -> bool:
         """Whether a chunk of ``owner``'s share is taken from the origin at once: the owner
         let one chunk's wait run out already this run (dead, cut off, slow, or not fetching
-        this model: one wait per such node, not one per window of chunks), or it holds the
-        chunk but is busy (it answered 503: it is not fetching it, and the origin serves
-        while a holder is busy, as before the swarm)."""
+        this model: one wait per such node, not one per window of chunks); its inventory was
+        read before and now it cannot be reached (its fetch ended, and its server with it;
+        waited for again once it answers); or it holds the chunk but is busy (it answered
+        503: it is not fetching it, and the origin serves while a holder is busy, as before
+        the swarm). An owner never reached yet (a node still starting) is waited for."""
         if owner in self.late:
             return True
         peer = self.peers.peers.get(owner)
-        if peer is None or peer.dropped is not None or peer.busy_until <= self._now():
+        if peer is None or peer.dropped is not None:
+            return False
+        if owner in self.seen and peer.unreachable is not None:
+            return True  # it answered before and refuses now: gone (a fetch that ended)
+        if peer.busy_until <= self._now():
             return False
         f = self.files[key[0]]
         ch = f.chunks[key[1]]
         assert f.peer_id is not None
         return peer.has(f.peer_id, ch.start, ch.start + ch.length)
+
+    def _hurry(self) -> None:
+        """Waiting on other nodes' shares: poll the sampled peers at the base interval (each
+        peer's poll backs off to ``poll_max_s`` while its inventory does not change, or while
+        it cannot be reached, as a node not yet started cannot: a share read meanwhile would
+        be seen only after the wait ran out). Bounded as polling is: ``sample`` peers, once
+        per ``refresh_s`` at most, each answer a delta or a 304."""
+        due = self._now() + self.peers.spec.refresh_s
+        for a in self.peers.polled:
+            p = self.peers.peers.get(a)
+            if p is not None and p.dropped is None and p.ask_at > due:
+                p.ask_at = due
+                p.backoff.current_s = 0.0  # the next unchanged answer backs off from the base
 
     def _now(self) -> float:
         return self.peers.clock()  # the PeerSet's clock (busy_until)
@@ -1183,6 +1203,10 @@ class _Swarm:
         self._fresh_until, self._inventories = now + self.FRESH_S, inventories
         self.picker.set_fleet(self.peers.fleet())
         self._holders = {}
+        for a in self.peers.polled:
+            p = self.peers.peers.get(a)
+            if p is not None and p.unreachable is None and p.epoch is not None:
+                self.seen.add(a)
 
     def holders(self, key: _Key) -> int:
         n = self._holders.get(key)
@@ -1220,6 +1244,8 @@ class _Swarm:
         left to its owner falls to us; None when every chunk has been handed out."""
         self._fill(running)
         got = self.picker.next(now, self.holders)
+        if isinstance(got, float):
+            self._hurry()
         if got is None:
             if self.opened == len(self.files):
                 return None
