@@ -523,6 +523,19 @@ class PeerSet:
             return self.spec.me
         return self.spec.exclude[0] if self.spec.exclude else ""
 
+    def hurry(self) -> None:
+        """Poll the sampled peers at the base interval again: a caller waits on what they
+        will hold (each peer's poll backs off to ``poll_max_s`` while its inventory does not
+        change, or while it cannot be reached, as a node not yet started cannot). Bounded as
+        polling is: ``sample`` peers, once per ``refresh_s`` at most, each answer a delta or
+        a 304."""
+        due = self.clock() + self.spec.refresh_s
+        for a in self.polled:
+            p = self.peers.get(a)
+            if p is not None and p.dropped is None and p.ask_at > due:
+                p.ask_at = due
+                p.backoff.current_s = 0.0  # the next unchanged answer backs off from the base
+
     def fleet(self) -> list[str]:
         """Every address discovery found (ourselves left out; at most ``MAX_FLEET``), less
         the peers dropped for the run: the nodes that share the origin's work with us on the

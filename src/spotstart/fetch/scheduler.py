@@ -11,7 +11,7 @@ import contextlib
 import hashlib
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1085,22 +1085,6 @@ class _Picker(ChunkPicker[_Key]):
         super().__init__(me, (), ring_key, wait_s=wait_s, rng=rng)
         self.plain = plain
         self.no_wait = no_wait
-        self._owners: dict[_Key, str | None] = {}
-
-    def add(self, keys: list[_Key]) -> None:
-        self._todo.update(dict.fromkeys(keys))  # behind the rest: file order
-
-    def set_fleet(self, nodes: Iterable[str]) -> None:
-        ring = self._ring
-        super().set_fleet(nodes)
-        if self._ring is not ring:
-            self._owners = {}
-
-    def owner(self, key: _Key) -> str | None:
-        """The node whose share ``key`` is (None: no ring)."""
-        if key not in self._owners:
-            self._owners[key] = self._ring.owner(self.ring_key(key))
-        return self._owners[key]
 
     def owns(self, key: _Key) -> bool:
         if self.plain(key) or super().owns(key):
@@ -1169,17 +1153,10 @@ class _Swarm:
         return peer.has(f.peer_id, ch.start, ch.start + ch.length)
 
     def _hurry(self) -> None:
-        """Waiting on other nodes' shares: poll the sampled peers at the base interval (each
-        peer's poll backs off to ``poll_max_s`` while its inventory does not change, or while
-        it cannot be reached, as a node not yet started cannot: a share read meanwhile would
-        be seen only after the wait ran out). Bounded as polling is: ``sample`` peers, once
-        per ``refresh_s`` at most, each answer a delta or a 304."""
-        due = self._now() + self.peers.spec.refresh_s
-        for a in self.peers.polled:
-            p = self.peers.peers.get(a)
-            if p is not None and p.dropped is None and p.ask_at > due:
-                p.ask_at = due
-                p.backoff.current_s = 0.0  # the next unchanged answer backs off from the base
+        """Waiting on other nodes' shares: poll the sampled peers at the base interval (see
+        :meth:`PeerSet.hurry`: a share read meanwhile would otherwise be seen only after the
+        wait ran out)."""
+        self.peers.hurry()
 
     def _now(self) -> float:
         return self.peers.clock()  # the PeerSet's clock (busy_until)

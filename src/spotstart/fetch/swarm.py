@@ -170,24 +170,41 @@ class ChunkPicker(Generic[K]):
         self._todo: dict[K, None] = dict.fromkeys(keys)  # insertion order: file order
         self._deferred: dict[K, float] = {}  # chunk -> when it was first left to its owner
         self._ring = HashRing([me])
-        self._owned: dict[K, bool] = {}
+        self._owners: dict[K, str | None] = {}
 
     def __len__(self) -> int:
         return len(self._todo)
 
-    def set_fleet(self, nodes: Iterable[str]) -> None:
+    def add(self, keys: Iterable[K]) -> None:
+        """More chunks to fetch, behind those already there (file order)."""
+        self._todo.update(dict.fromkeys(keys))
+
+    def set_fleet(self, nodes: Iterable[str]) -> bool:
         """The nodes that share the origin's work (every address the fleet's name resolves
-        to, ourselves included); unchanged sets keep the cached owners."""
+        to, ourselves included); True when that changed the ring (an unchanged set keeps the
+        cached owners)."""
         fleet = frozenset(nodes) | {self.me}
-        if fleet != self._ring.nodes:
-            self._ring = HashRing(fleet)
-            self._owned = {}
+        return fleet != self._ring.nodes and self.set_ring(HashRing(fleet))
+
+    def set_ring(self, ring: HashRing) -> bool:
+        """A ring built elsewhere (one shared by many pickers: the simulation); True when its
+        nodes differ from the current ring's (the cached owners are then dropped)."""
+        if ring is self._ring or ring.nodes == self._ring.nodes:
+            return False
+        self._ring = ring
+        self._owners = {}
+        return True
+
+    def owner(self, key: K) -> str | None:
+        """The node whose share of the origin's reads ``key`` is (cached per ring)."""
+        if key not in self._owners:
+            self._owners[key] = self._ring.owner(self.ring_key(key))
+        return self._owners[key]
 
     def owns(self, key: K) -> bool:
-        owned = self._owned.get(key)
-        if owned is None:
-            owned = self._owned[key] = self._ring.owner(self.ring_key(key)) == self.me
-        return owned
+        """Whether ``key`` is ours to read from the origin without waiting (a subclass may
+        widen this: chunks the swarm does not order, owners not worth waiting for)."""
+        return self.owner(key) == self.me
 
     def next(self, now: float, holders: Callable[[K], int]) -> Pick[K] | float | None:
         """The next chunk and its source; else the time (``now`` + some seconds) at which a
