@@ -257,9 +257,9 @@ def markdown(out: dict[str, Any]) -> str:
         ]
         for r in c["rows"]:
             lines.append(
-                f"| {r['nodes']} | {r['design']} | {r['real_origin_x_model']} | "
-                f"{r['sim_origin_x_model']} | {r['real_last_ready_s']} | "
-                f"{r['sim_last_ready_s']} | {100 * r['last_ready_error']:+.0f}% | "
+                f"| {r['nodes']} | {r['design']} | {r['real_origin_x_model']:.2f} | "
+                f"{r['sim_origin_x_model']:.2f} | {r['real_last_ready_s']:.2f} | "
+                f"{r['sim_last_ready_s']:.2f} | {100 * r['last_ready_error']:+.0f}% | "
                 f"{_pct(r['real_control_over_data'])} | {_pct(r['sim_control_over_data'])} |"
             )
     return "\n".join(lines) + "\n"

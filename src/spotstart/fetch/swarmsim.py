@@ -175,12 +175,8 @@ class SimResult:
 
 
 class _Picker(ChunkPicker[int]):
-    def set_ring(self, ring: HashRing) -> None:
-        """set_fleet with a ring built once for the whole fleet (building one per node
-        costs ``vnodes x N`` hashes each: quadratic at N = 1,024)."""
-        if ring is not self._ring and ring.nodes != self._ring.nodes:
-            self._ring = ring
-            self._owned = {}
+    """A node's picker; :meth:`ChunkPicker.set_ring` takes the ring built once for the whole
+    fleet (building one per node costs ``vnodes x N`` hashes each: quadratic at N = 1,024)."""
 
 
 class _OwnerFirstPicker(_Picker):
