@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import sys
@@ -26,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from spotstart.fetch import swarm
 from spotstart.fetch.swarmsim import SimConfig, SimResult, simulate
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
@@ -262,6 +264,12 @@ def markdown(out: dict[str, Any]) -> str:
                 f"{r['sim_last_ready_s']:.2f} | {100 * r['last_ready_error']:+.0f}% | "
                 f"{_pct(r['real_control_over_data'])} | {_pct(r['sim_control_over_data'])} |"
             )
+    if "swarm_py_sha256" in out:
+        lines += [
+            "",
+            f"Run {out['written']} with src/spotstart/fetch/swarm.py sha256 "
+            f"{out['swarm_py_sha256']}... (the decisions simulated).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -282,7 +290,11 @@ def main() -> None:
     ap.add_argument("--md-only", action="store_true", help="rewrite OUT.md from OUT.json")
     ap.add_argument("--out", default="peers-sim", help="results file stem")
     args = ap.parse_args()
-    out: dict[str, Any] = {}
+    # which decisions ran: swarm.py changes under the simulation (the point of it)
+    out: dict[str, Any] = {
+        "swarm_py_sha256": hashlib.sha256(Path(swarm.__file__).read_bytes()).hexdigest()[:16],
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
     RESULTS.mkdir(exist_ok=True)
     if args.md_only:
         (RESULTS / f"{args.out}.md").write_text(

@@ -188,7 +188,7 @@ class _OwnerFirstPicker(_Picker):
             if i >= self.window:
                 break
             if self.owns(key) and holders(key) <= 0:
-                return self._take(key, "origin")
+                return self._take(key, "origin", now)
         return super().next(now, holders)
 
 
