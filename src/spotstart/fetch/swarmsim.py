@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from spotstart.fetch.swarm import (
+    MAX_RING_POINTS,
     ChunkPicker,
     HashRing,
     Pick,
@@ -341,7 +342,9 @@ class Sim:
         if mine is None:
             # the fleet's ring and our own points merged: the same ring as
             # HashRing(fleet + [me]) without hashing the fleet again
-            me = HashRing([node.addr])
+            # as many points as HashRing(fleet + [me]) gives each node (fewer past 256)
+            vnodes = max(1, min(64, MAX_RING_POINTS // (len(ring.nodes) + 1)))
+            me = HashRing([node.addr], vnodes=vnodes)
             mine = HashRing.__new__(HashRing)
             mine.nodes = ring.nodes | me.nodes
             points = sorted(
