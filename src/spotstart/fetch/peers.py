@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 
 from spotstart import safefs
-from spotstart.errors import NotFound, ObjectChanged, TransientError, UsageError
+from spotstart.errors import NotFound, ObjectChanged, StallDetected, TransientError, UsageError
 from spotstart.fetch.swarm import PollBackoff, sample_peers
 from spotstart.store import DirectUnsupported
 from spotstart.units import parse_host_port
@@ -58,6 +58,10 @@ _HOST_RE = re.compile(
     r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?"
 )
 MAX_BUSY_S = 30.0  # the longest a peer's Retry-After keeps us away
+# A proven peer (it gave checked bytes) that misses a chunk's deadline is paused this long;
+# MAX_SLOW misses in a row drop it for the run.
+SLOW_PAUSE_S = 5.0
+MAX_SLOW = 3
 # Peers one run asks (a name may resolve to hundreds of addresses, some hostile: each costs
 # an inventory a second and, at worst, one chunk deadline before it is dropped).
 MAX_PEERS = 64
@@ -261,6 +265,7 @@ class Peer:
     unreachable: str | None = None  # why its inventory could not be read, while it can't
     told: set[str] = field(default_factory=set)  # what was reported once: miss, unreachable
     busy_until: float = 0.0  # it answered 503: not before then
+    slow: int = 0  # chunk deadlines missed in a row since its last checked chunk
     ask_at: float = 0.0  # its inventory is asked for again no sooner (monotonic)
     in_flight: int = 0
     bytes: int = 0
@@ -831,13 +836,25 @@ class PeerSet:
         (its Retry-After, at most ``MAX_BUSY_S``); an object it does not hold after all (404;
         412, 416: not those bytes) that object, until its inventory lists it again; anything
         else (auth refused, a redirect, a wrong range or size, a short, slow or endless
-        answer, a broken head, a 5xx, a failed connection) the rest of the run."""
+        answer, a broken head, a 5xx, a failed connection) the rest of the run, except a
+        missed deadline or a stall from a peer that has given checked bytes: a pause of
+        ``SLOW_PAUSE_S`` (its uplink is shared by many nodes), ``MAX_SLOW`` in a row drop it."""
         if isinstance(exc, TransientError) and exc.throttled:
             self.busy(peer, min(MAX_BUSY_S, exc.retry_after_s or 1.0))
         elif isinstance(exc, NotFound | ObjectChanged):
             self.miss(peer, oid, str(exc))
         elif isinstance(exc, DirectUnsupported):
             self._drop_and_say(peer, "sent a body without a length (chunked or until close)")
+        elif isinstance(exc, StallDetected) and peer.bytes and peer.slow + 1 < MAX_SLOW:
+            # A peer that has given checked bytes and is now too slow for a chunk's deadline
+            # is most likely a holder whose uplink many nodes share (a rollout): paused, not
+            # dropped; MAX_SLOW such misses in a row without a chunk between drop it (a
+            # peer that turns into a trickle costs at most that many deadlines).
+            peer.slow += 1
+            self.busy(peer, SLOW_PAUSE_S)
+            if "slow" not in peer.told:
+                peer.told.add("slow")
+                self.on_message(f"peer {peer.address} too slow for a chunk ({exc}); paused")
         else:
             if not peer.bytes and peer.dropped is None:
                 self.unproven_failures += 1
@@ -847,6 +864,7 @@ class PeerSet:
         """``peer`` gave ``length`` bytes of ``oid`` (checked) in ``seconds``."""
         peer.bytes += length
         peer.seconds += seconds
+        peer.slow = 0
         peer.misses.pop(oid, None)
 
     def busy(self, peer: Peer, seconds: float) -> None:
