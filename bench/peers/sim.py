@@ -33,8 +33,8 @@ from spotstart.fetch.swarmsim import SimConfig, SimResult, simulate
 RESULTS = Path(__file__).resolve().parent.parent / "results"
 NETNS = Path("/tmp/team/netns-results.json")
 # "swarm": the new design as committed (swarm.py, PeerSet, scheduler), its defaults;
-# "proposed": that plus two changes the simulation suggests (SimConfig.on_busy="retry",
-# owner_first=True); "today": every inventory whole from every peer every second.
+# "proposed": that plus the change the simulation suggests (SimConfig.on_busy="retry");
+# "today": every inventory whole from every peer every second.
 DESIGNS: dict[str, Literal["swarm", "today"]] = {
     "swarm": "swarm",
     "proposed": "swarm",
@@ -94,7 +94,7 @@ def table(
             if design != "today":
                 cfg = dataclasses.replace(cfg, **tuned)
             if design == "proposed":
-                cfg = dataclasses.replace(cfg, on_busy="retry", owner_first=True)
+                cfg = dataclasses.replace(cfg, on_busy="retry")
             t0 = time.perf_counter()
             r = simulate(cfg)
             row = r.row()

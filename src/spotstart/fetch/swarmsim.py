@@ -89,12 +89,10 @@ class SimConfig:
     dns_s: float = 1.0
     peer_max_active: int = 64  # PeerServer's max_active: beyond it 503, Retry-After 1
     busy_s: float = 1.0
-    # Proposed changes, not today's code (off by default): "retry": a chunk a peer refused
+    # A proposed change, not today's code (off by default): "retry": a chunk a peer refused
     # (503) is offered again (another holder, its owner, or the wait) instead of taken from
-    # the origin; owner_first: a node takes the chunks it owns on the ring that no peer
-    # holds before peer chunks (the fleet is waiting for them).
+    # the origin. (Owner first, the other proposal, is now ChunkPicker's own order.)
     on_busy: Literal["origin", "retry"] = "origin"
-    owner_first: bool = False
     rtt_s: float = 0.001
     origin_rtt_s: float = 0.03
     node_overhead_s: float = 0.0  # a node's fixed cost beside its bytes (start, checks)
@@ -180,19 +178,6 @@ class _Picker(ChunkPicker[int]):
     fleet (building one per node costs ``vnodes x N`` hashes each: quadratic at N = 1,024)."""
 
 
-class _OwnerFirstPicker(_Picker):
-    """The proposed order: chunks we own that no known peer holds first, then as
-    :meth:`ChunkPicker.next`."""
-
-    def next(self, now: float, holders: Callable[[int], int]) -> Pick[int] | float | None:
-        for i, key in enumerate(self._todo):
-            if i >= self.window:
-                break
-            if self.owns(key) and holders(key) <= 0:
-                return self._take(key, "origin", now)
-        return super().next(now, holders)
-
-
 class _Flow:
     __slots__ = ("dst", "key", "last", "left", "size", "src")
 
@@ -249,8 +234,7 @@ class Sim:
         today = cfg.design == "today"
         self.nodes: list[_Node] = []
         for i in range(n):
-            kind = _OwnerFirstPicker if cfg.owner_first and not today else _Picker
-            picker = kind(
+            picker = _Picker(
                 self.addrs[i],
                 range(self.C),
                 self._ring_key,
